@@ -1,0 +1,1 @@
+"""Code shared by the gateway and the model services (see README.md for the import rules)."""

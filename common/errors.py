@@ -1,0 +1,84 @@
+"""One error hierarchy for the whole fleet; every error renders as the same JSON shape.
+
+Shape: ``{"error": {"code": "...", "message": "...", "request_id": "..."}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base error: an HTTP status, a stable machine-readable code and a safe message."""
+
+    status: int = 500
+    code: str = "internal_error"
+    retry_after: int | None = None
+
+    def __init__(self, message: str = "internal error", *, code: str | None = None,
+                 status: int | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+    def to_dict(self, request_id: str | None = None) -> dict[str, Any]:
+        """The ``error`` object of the JSON body."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if request_id:
+            body["request_id"] = request_id
+        return body
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class InvalidImage(ServiceError):
+    status, code = 400, "invalid_image"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status, code = 413, "image_too_large"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class UnknownModel(ServiceError):
+    status, code = 404, "unknown_model"
+
+
+class ModelNotReady(ServiceError):
+    status, code, retry_after = 503, "model_not_ready", 5
+
+
+class ModelUnavailable(ServiceError):
+    status, code, retry_after = 503, "model_unavailable", 2
+
+
+class UpstreamTimeout(ServiceError):
+    status, code = 504, "upstream_timeout"
+
+
+class BadUpstreamResponse(ServiceError):
+    status, code, retry_after = 502, "bad_upstream_response", 2
+
+
+class WeightsUnavailable(ServiceError):
+    """Raised at start-up when the requested weights cannot be found or fetched."""
+
+    status, code = 500, "weights_unavailable"

@@ -1,0 +1,38 @@
+"""What a model service is: a small spec on top of the shared service factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.labels import IMAGENET_INDEX
+
+KERAS_WEIGHTS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that differs between model services."""
+
+    name: str
+    """Name clients use (``?model=resnet50``)."""
+    input_size: int
+    """Square input side in pixels."""
+    preprocessing: str
+    """``common.preprocessing`` mode: ``caffe`` or ``tf``."""
+    builder: str | None = None
+    """``keras.applications`` constructor; ``None`` for a custom model saved as a ``.keras`` file."""
+    imagenet_file: str | None = None
+    """File name of the ImageNet weights in the Keras cache (``$KERAS_HOME/models``)."""
+    imagenet_url: str | None = None
+    """Where Keras downloads that file from (for ``make weights`` and error messages)."""
+    labels_path: Path = IMAGENET_INDEX
+    """Labels file; the shipped ImageNet index by default."""
+
+
+def keras_application(name: str, builder: str, input_size: int, preprocessing: str,
+                      weights_path: str) -> ModelSpec:
+    """Spec of a ``keras.applications`` ImageNet classifier."""
+    return ModelSpec(name=name, input_size=input_size, preprocessing=preprocessing, builder=builder,
+                     imagenet_file=weights_path.rsplit("/", 1)[-1],
+                     imagenet_url=KERAS_WEIGHTS_BASE + weights_path)

@@ -1,0 +1,105 @@
+"""Model runtimes: one protocol, so services never care which backend runs.
+
+TensorFlow is imported inside methods only: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.errors import WeightsUnavailable
+from common.models import ModelSpec
+from common.weights import WeightsPlan, missing_imagenet_message, keras_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What a loaded runtime reports in ``/v1/model`` and every response."""
+
+    backend: str
+    weights: str
+    weights_source: str
+    weights_hash: str
+    num_classes: int
+    load_seconds: float
+
+
+class Runtime(Protocol):
+    """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities."""
+
+    def load(self) -> RuntimeInfo: ...
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def weights_digest(arrays: list[np.ndarray]) -> str:
+    """Short hash of the actual numbers, so two replicas can be compared at a glance."""
+    digest = hashlib.blake2b(digest_size=8)
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def build_keras_model(spec: ModelSpec, plan: WeightsPlan) -> Any:
+    """Build the Keras model the plan describes (the reference path the parity tests use too)."""
+    import keras
+
+    if plan.kind == "file" and plan.path is not None and plan.path.suffix == ".keras":
+        return keras.models.load_model(plan.path, compile=False)
+    if spec.builder is None:
+        raise WeightsUnavailable(f"{spec.name} needs a .keras model file")
+    builder = getattr(keras.applications, spec.builder)
+    if plan.kind == "random":
+        keras.utils.set_random_seed(plan.seed)
+        return builder(weights=None)
+    if plan.kind == "imagenet":
+        try:
+            return builder(weights=str(plan.path) if plan.path else "imagenet")
+        except Exception as exc:
+            expected = keras_cache_dir() / (spec.imagenet_file or "")
+            raise WeightsUnavailable(f"{missing_imagenet_message(spec, expected)} ({exc})") from exc
+    model = builder(weights=None)
+    model.load_weights(plan.path)
+    return model
+
+
+class KerasRuntime:
+    """Keras model behind a compiled direct call (never ``model.predict``, which is slow per call)."""
+
+    def __init__(self, spec: ModelSpec, plan: WeightsPlan, *, intra_op_threads: int = 0,
+                 inter_op_threads: int = 0) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self._call: Any = None
+
+    def load(self) -> RuntimeInfo:
+        started = time.perf_counter()
+        import tensorflow as tf
+
+        if self.intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(self.intra_op_threads)
+        if self.inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(self.inter_op_threads)
+        model = build_keras_model(self.spec, self.plan)
+        size = self.spec.input_size
+        signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+        self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
+        self.predict(np.zeros((1, size, size, 3), np.float32))  # trace + warm up before "ready"
+        source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
+        return RuntimeInfo(
+            backend=f"keras-{tf.__version__}", weights=self.plan.kind, weights_source=source,
+            weights_hash=weights_digest(model.get_weights()),
+            num_classes=int(model.output_shape[-1]), load_seconds=time.perf_counter() - started)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._call(batch))

@@ -1,0 +1,206 @@
+"""The one model-service factory: every service is ``create_app(spec)`` with its own spec.
+
+The model is loaded in a background thread of the Gunicorn worker (never the master), warmed with
+one inference, and only then does ``/health/ready`` answer 200.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flask import Flask, Response, request
+
+from common import imaging, labels as labels_mod, preprocessing, web
+from common.errors import BadRequest, ModelNotReady, ServiceError
+from common.models import ModelSpec
+from common.runtime import KerasRuntime, Runtime, RuntimeInfo
+from common.settings import load, setting
+from common.weights import resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Model-service settings: ``<FIELD>`` for every service, ``<MODEL>_<FIELD>`` for one."""
+
+    weights: str = setting("auto", "imagenet | random | auto | path to a .keras or weights file")
+    weights_seed: int = setting(0, "seed used when the weights are random")
+    weights_download: bool = setting(False, "let Keras download missing ImageNet weights (needs internet)")
+    keras_home: str = setting("", "Keras cache root (weights in $KERAS_HOME/models); default ~/.keras")
+    max_body_bytes: int = setting(16 * 1024 * 1024, "largest request body the service reads (413 above)")
+    max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image (413 above)")
+    max_image_pixels: int = setting(40_000_000, "largest declared width x height, checked before decoding")
+    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
+    center_crop: float = setting(0.875, "fraction of the shorter side kept by the centre crop")
+    default_top_k: int = setting(5, "predictions returned when top_k is not given")
+    intra_op_threads: int = setting(0, "TensorFlow intra-op threads (0: TensorFlow decides)")
+    inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
+
+    @classmethod
+    def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        return load(cls, ("", f"{model.upper()}_"), environ)
+
+
+class LoadedModel:
+    """A runtime plus its loading state, labels and preprocessing."""
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime, labels: labels_mod.Labels) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.labels = labels
+        self.preprocess = preprocessing.get(spec.preprocessing)
+        self.state = "loading"
+        self.error = ""
+        self.info: RuntimeInfo | None = None
+
+    def load(self) -> None:
+        try:
+            info = self.runtime.load()
+            if info.num_classes != len(self.labels):
+                raise ValueError(f"model has {info.num_classes} outputs but {len(self.labels)} labels")
+        except Exception as exc:
+            log.exception("loading %s failed", self.spec.name)
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        self.info, self.state = info, "ready"
+        log.info("%s ready: weights=%s (%s) hash=%s backend=%s in %.1fs", self.spec.name,
+                 info.weights, info.weights_source, info.weights_hash, info.backend, info.load_seconds)
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            threading.Thread(target=self.load, name=f"load-{self.spec.name}", daemon=True).start()
+        else:
+            self.load()
+
+    def require_ready(self) -> RuntimeInfo:
+        if self.info is None:
+            raise ModelNotReady(f"{self.spec.name} is {self.state}"
+                                + (f": {self.error}" if self.error else ""))
+        return self.info
+
+    def metadata(self) -> dict[str, object]:
+        info = self.info
+        return {
+            "name": self.spec.name, "state": self.state, "ready": info is not None,
+            "input_size": self.spec.input_size, "preprocessing": self.spec.preprocessing,
+            "weights": info.weights if info else None,
+            "weights_source": info.weights_source if info else None,
+            "weights_hash": info.weights_hash if info else None,
+            "backend": info.backend if info else None,
+            "classes": len(self.labels), "labels_hash": self.labels.digest,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+def _request_images() -> tuple[list[bytes], bool]:
+    """Images from multipart ``file``/``files`` or a raw body; the flag says "batch answer"."""
+    if request.mimetype == "multipart/form-data":
+        parts = request.files.getlist("files")
+        batch = bool(parts)
+        parts = parts or request.files.getlist("file")
+        if not parts:
+            raise BadRequest("multipart request has no 'file' or 'files' part")
+        return [part.read() for part in parts], batch
+    return [request.get_data(cache=False)], False
+
+
+def encode_probabilities(probabilities: np.ndarray) -> dict[str, str]:
+    """Full probability vector, compactly: little-endian float32, base64."""
+    return {"dtype": "float32", "data": base64.b64encode(probabilities.astype("<f4").tobytes()).decode()}
+
+
+def create_app(spec: ModelSpec, settings: ServiceSettings | None = None,
+               runtime: Runtime | None = None, *, background_load: bool = True) -> Flask:
+    """Build a model service. Tests pass a fake ``runtime`` and ``background_load=False``."""
+    settings = settings or ServiceSettings.from_env(spec.name)
+    if runtime is None:
+        plan = resolve(spec, settings.weights, seed=settings.weights_seed,
+                       keras_home=settings.keras_home, allow_download=settings.weights_download)
+        runtime = KerasRuntime(spec, plan, intra_op_threads=settings.intra_op_threads,
+                               inter_op_threads=settings.inter_op_threads)
+    model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path))
+    limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+
+    app = Flask(spec.name)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["model"] = model
+    web.install(app)
+
+    @app.get("/health/live")
+    def live() -> Response:
+        if model.state == "failed":
+            raise ServiceError(f"model failed to load: {model.error}", code="load_failed", status=503)
+        return web.json_ok({"status": "alive"})
+
+    @app.get("/health/ready")
+    def ready() -> Response:
+        model.require_ready()
+        return web.json_ok({"status": "ready"})
+
+    @app.get("/v1/model")
+    def metadata() -> Response:
+        return web.json_ok(model.metadata())
+
+    @app.get("/v1/labels")
+    def labels() -> Response:
+        return web.json_ok({"labels_hash": model.labels.digest, "labels": model.labels.to_json()})
+
+    @app.post("/v1/predict")
+    def predict() -> Response:
+        started = time.perf_counter()
+        info = model.require_ready()
+        top_k = web.query_int("top_k", settings.default_top_k, 1, len(model.labels))
+        with_probabilities = web.query_flag("probabilities")
+        images, batch = _request_images()
+        if len(images) > settings.max_batch_images:
+            raise BadRequest(f"{len(images)} images in one request; the limit is "
+                             f"{settings.max_batch_images}", code="too_many_images")
+
+        results: list[dict[str, object]] = [{"index": i} for i in range(len(images))]
+        pixels, decoded = [], []
+        for i, data in enumerate(images):
+            try:
+                pixels.append(imaging.load_pixels(data, spec.input_size, limits, settings.center_crop))
+                decoded.append(i)
+            except ServiceError as exc:
+                if not batch:
+                    raise
+                results[i]["error"] = {**exc.to_dict(), "status": exc.status}
+        decoded_at = time.perf_counter()
+        probabilities = np.empty((0, len(model.labels)), np.float32)
+        if pixels:
+            inputs = model.preprocess(np.stack(pixels))
+            preprocessed_at = time.perf_counter()
+            probabilities = model.runtime.predict(inputs)
+        else:
+            preprocessed_at = decoded_at
+        finished = time.perf_counter()
+        for i, row in zip(decoded, probabilities, strict=True):
+            results[i]["predictions"] = model.labels.top_k(row, top_k)
+            if with_probabilities:
+                results[i]["probabilities"] = encode_probabilities(row)
+
+        body: dict[str, object] = {
+            "request_id": web.request_id(), "model": spec.name, "weights": info.weights,
+            "weights_hash": info.weights_hash, "backend": info.backend,
+            "labels_hash": model.labels.digest}
+        if batch:
+            body["results"] = results
+        else:
+            body.update({k: v for k, v in results[0].items() if k != "index"})
+        body["timing_ms"] = {
+            "decode": round((decoded_at - started) * 1000, 2),
+            "preprocess": round((preprocessed_at - decoded_at) * 1000, 2),
+            "inference": round((finished - preprocessed_at) * 1000, 2),
+            "total": round((time.perf_counter() - started) * 1000, 2)}
+        return web.json_ok(body)
+
+    model.start(background=background_load)
+    return app

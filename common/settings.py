@@ -1,0 +1,60 @@
+"""Typed, frozen settings parsed once from the environment at start-up.
+
+A settings class is a frozen dataclass whose fields are declared with :func:`setting`.
+:func:`load` reads ``<PREFIX><FIELD>`` for each prefix in turn (later prefixes win), so a fleet-wide
+``WEIGHTS=random`` can be overridden for one service with ``RESNET50_WEIGHTS=auto``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, get_type_hints
+
+T = TypeVar("T")
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """Declare a settings field with its default and a one-line description."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_value(raw: str, kind: Any, name: str) -> Any:
+    """Convert one environment string to the field's type, with a message naming the variable."""
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in {"1", "true", "yes", "on"}:
+            return True
+        if value in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"{name}: expected true/false, got {raw!r}")
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+    if kind == tuple[str, ...]:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def load(cls: type[T], prefixes: Sequence[str], environ: Mapping[str, str] | None = None,
+         **overrides: Any) -> T:
+    """Build ``cls`` from the environment; keyword ``overrides`` win over everything."""
+    env = os.environ if environ is None else environ
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for prefix in prefixes:
+            key = prefix + field.name.upper()
+            if key in env:
+                values[field.name] = parse_value(env[key], hints[field.name], key)
+    values.update(overrides)
+    return cls(**values)
+
+
+def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+    """(variable, default, help) rows, for the README's settings table."""
+    return [(prefix + f.name.upper(), repr(f.default), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls)]

@@ -1,0 +1,84 @@
+"""Flask glue shared by the gateway and the services: request ids and the one JSON error shape."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from common.errors import ServiceError
+
+log = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id() -> str:
+    """The current request's id: the caller's ``X-Request-ID`` when sane, else a fresh one."""
+    if "request_id" not in g:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return str(g.request_id)
+
+
+def error_response(error: ServiceError) -> Response:
+    response = jsonify({"error": error.to_dict(request_id())})
+    response.status_code = error.status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = (exc.name or "error").lower().replace(" ", "_")
+    status = exc.code or 500
+    return error_response(ServiceError(exc.description or exc.name, code=code, status=status))
+
+
+def _unexpected(exc: Exception) -> Response:
+    # NOTE: never leak internals in a 5xx body; the log has the traceback and the request id.
+    log.exception("unhandled error (request_id=%s)", request_id())
+    return error_response(ServiceError("internal error; see the server log for this request id"))
+
+
+def install(app: Flask) -> None:
+    """Register request-id propagation and JSON error handlers on ``app``."""
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.register_error_handler(ServiceError, error_response)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = request_id()
+        return response
+
+
+def query_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within ``[low, high]``, or a 400 naming it."""
+    from common.errors import BadRequest
+
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def query_flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in {"1", "true", "yes"}
+
+
+def json_ok(payload: dict[str, Any], status: int = 200) -> Response:
+    response = jsonify(payload)
+    response.status_code = status
+    return response

@@ -1,0 +1,1 @@
+"""One package per model service; each is a ``ModelSpec`` on top of ``common.service``."""

@@ -1,0 +1,13 @@
+"""The ResNet50 service: ImageNet classifier, 224x224 input, 'caffe' preprocessing."""
+
+from flask import Flask
+
+from common import service
+from common.models import keras_application
+
+SPEC = keras_application("resnet50", "ResNet50", 224, "caffe", "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5")
+
+
+def create_app(settings: service.ServiceSettings | None = None) -> Flask:
+    """WSGI factory for Gunicorn: ``services.resnet50:create_app()``."""
+    return service.create_app(SPEC, settings)
