@@ -1,0 +1,177 @@
+"""The local fleet: Nginx, the gateway and the model services as processes under supervisord.
+
+``python -m deploy.local.fleet`` renders every config into the run folder and runs supervisord in
+the foreground (Ctrl-C stops everything). supervisord restarts a crashed process without touching
+the others. Nothing needs root: pid files, sockets, temp files and logs all live in the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.settings import load, setting
+
+ROOT = Path(__file__).resolve().parents[2]
+NGINX_TEMPLATES = ROOT / "deploy" / "nginx"
+MODEL_SERVICES = ("vgg16", "resnet50", "inceptionv3")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """Local fleet layout (``FLEET_<FIELD>``); model and gateway settings pass through unchanged."""
+
+    run_dir: str = setting(str(ROOT / "run"), "folder for configs, pid files, sockets and logs")
+    host: str = setting("127.0.0.1", "address every process binds to")
+    nginx_port: int = setting(8080, "public port (Nginx)")
+    gateway_port: int = setting(8000, "gateway port")
+    vgg16_port: int = setting(8501, "VGG16 service port")
+    resnet50_port: int = setting(8502, "ResNet50 service port")
+    inceptionv3_port: int = setting(8503, "InceptionV3 service port")
+    models: tuple[str, ...] = setting(MODEL_SERVICES, "model services to start")
+    service_threads: int = setting(4, "Gunicorn threads per model service (one worker: one model copy)")
+    gateway_workers: int = setting(2, "gateway Gunicorn workers")
+    gateway_threads: int = setting(16, "threads per gateway worker")
+    nginx_workers: int = setting(1, "Nginx worker processes")
+    nginx_max_body_size: str = setting("10m", "largest request body Nginx accepts (413 above)")
+    nginx_body_buffer_size: str = setting("1m", "request bodies up to this size stay in memory")
+    nginx_client_timeout: str = setting("30s", "client header/body/send timeout at Nginx")
+    nginx_proxy_connect_timeout: str = setting("5s", "Nginx -> gateway connect timeout")
+    nginx_proxy_read_timeout: str = setting("60s", "Nginx -> gateway read timeout")
+    logs_to_console: bool = setting(True, "stream every process's log to the terminal")
+
+
+@dataclass(frozen=True)
+class ExtraService:
+    """A custom model (``services.custom``) started beside the three ImageNet services."""
+
+    name: str
+    port: int
+    model_path: str
+    labels_path: str
+    input_size: int
+    preprocessing: str = "tf"
+
+
+@dataclass
+class Fleet:
+    settings: FleetSettings
+    extra: list[ExtraService] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.settings.run_dir)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.nginx_port}"
+
+    def service_ports(self) -> dict[str, int]:
+        ports = {name: getattr(self.settings, f"{name}_port") for name in self.settings.models}
+        return ports | {extra.name: extra.port for extra in self.extra}
+
+    def environment(self) -> dict[str, str]:
+        """What every process sees on top of the caller's environment: where the replicas are."""
+        host = self.settings.host
+        env = {f"{name.upper()}_URLS": f"http://{host}:{port}" for name, port in self.service_ports().items()}
+        env["GATEWAY_MODELS"] = ",".join(self.service_ports())
+        env.setdefault("GATEWAY_ENSEMBLE_MODELS", ",".join(self.settings.models))
+        return env
+
+    def programs(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """supervisord programs: name -> (command, extra environment)."""
+        s = self.settings
+        gunicorn = f"{sys.executable} -m gunicorn --config {ROOT}/deploy/gunicorn.conf.py"
+        programs = {
+            name: (f"{gunicorn} --chdir {ROOT} --bind {s.host}:{port} --workers 1 --threads "
+                   f"{s.service_threads} 'services.{name}:create_app()'", {})
+            for name, port in self.service_ports().items() if name in s.models}
+        for extra in self.extra:
+            programs[extra.name] = (
+                f"{gunicorn} --chdir {ROOT} --bind {s.host}:{extra.port} --workers 1 --threads "
+                f"{s.service_threads} 'services.custom:create_app()'",
+                {"CUSTOM_NAME": extra.name, "CUSTOM_LABELS": extra.labels_path,
+                 "CUSTOM_INPUT_SIZE": str(extra.input_size), "CUSTOM_PREPROCESSING": extra.preprocessing,
+                 f"{extra.name.upper()}_WEIGHTS": extra.model_path})
+        programs["gateway"] = (
+            f"{gunicorn} --chdir {ROOT} --bind {s.host}:{s.gateway_port} --workers {s.gateway_workers} "
+            f"--threads {s.gateway_threads} 'gateway.app:create_app()'", {})
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        programs["nginx"] = (f"{nginx} -p {self.run_dir}/nginx -c {self.run_dir}/nginx/nginx.conf "
+                             f"-g 'daemon off;'", {})
+        return programs
+
+    def render(self) -> Path:
+        """Write the Nginx and supervisord configs; returns the supervisord config's path."""
+        s = self.settings
+        nginx_dir, log_dir = self.run_dir / "nginx", self.run_dir / "logs"
+        for folder in (nginx_dir, log_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        temp_dir, user = nginx_dir / "tmp", ""
+        if os.geteuid() == 0:
+            # NOTE: as root, Nginx workers drop to nobody, who may not traverse the run folder.
+            temp_dir = Path(tempfile.mkdtemp(prefix="imagerec-nginx-"))
+            temp_dir.chmod(0o755)
+            user = "user nobody nogroup;"
+        values = {
+            "NGINX_PORT": f"{s.host}:{s.nginx_port}", "GATEWAY_UPSTREAM": f"{s.host}:{s.gateway_port}",
+            "NGINX_MAX_BODY_SIZE": s.nginx_max_body_size, "NGINX_BODY_BUFFER_SIZE": s.nginx_body_buffer_size,
+            "NGINX_CLIENT_TIMEOUT": s.nginx_client_timeout,
+            "NGINX_PROXY_CONNECT_TIMEOUT": s.nginx_proxy_connect_timeout,
+            "NGINX_PROXY_READ_TIMEOUT": s.nginx_proxy_read_timeout, "NGINX_WORKERS": str(s.nginx_workers),
+            "NGINX_DIR": str(nginx_dir), "LOG_DIR": str(log_dir), "NGINX_TEMP_DIR": str(temp_dir),
+            "NGINX_USER_DIRECTIVE": user}
+        for template, target in (("imagerec.conf.template", "imagerec.conf"),
+                                 ("nginx.local.conf.template", "nginx.conf")):
+            text = (NGINX_TEMPLATES / template).read_text()
+            (nginx_dir / target).write_text(string.Template(text).safe_substitute(values))
+        conf = self.run_dir / "supervisord.conf"
+        conf.write_text(self._supervisord_conf(log_dir))
+        return conf
+
+    def _supervisord_conf(self, log_dir: Path) -> str:
+        run = self.run_dir
+        lines = [
+            "[supervisord]", "nodaemon=true", f"logfile={log_dir}/supervisord.log",
+            f"pidfile={run}/supervisord.pid", f"childlogdir={log_dir}", "",
+            "[unix_http_server]", f"file={run}/supervisor.sock", "chmod=0700", "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+            "[supervisorctl]", f"serverurl=unix://{run}/supervisor.sock", ""]
+        for name, (command, env) in self.programs().items():
+            lines += [f"[program:{name}]", f"command={command.replace('%', '%%')}", f"directory={ROOT}",
+                      "autostart=true", "autorestart=true", "startsecs=1", "startretries=10",
+                      "stopsignal=" + ("QUIT" if name == "nginx" else "TERM"), "stopwaitsecs=35",
+                      "stopasgroup=true", "killasgroup=true", "redirect_stderr=true"]
+            if env:
+                quoted = ",".join(f'{k}="{v}"'.replace("%", "%%") for k, v in env.items())
+                lines.append(f"environment={quoted}")
+            if self.settings.logs_to_console:
+                lines += ["stdout_logfile=/dev/stdout", "stdout_logfile_maxbytes=0"]
+            else:
+                lines += [f"stdout_logfile={log_dir}/{name}.log", "stdout_logfile_maxbytes=20MB"]
+            lines.append("")
+        return "\n".join(lines)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.render())]
+
+
+def main() -> None:
+    settings = load(FleetSettings, ("FLEET_",))
+    fleet = Fleet(settings)
+    command = fleet.command()
+    os.environ.update(fleet.environment())
+    print(f"imagerec fleet: {fleet.url}  (models load in ~30-60 s; watch {fleet.url}/v1/models)\n"
+          f"  try: curl -F file=@tests/fixtures/chelsea.jpg '{fleet.url}/v1/predict?model=resnet50'\n"
+          f"  configs and logs: {fleet.run_dir}   stop: Ctrl-C", flush=True)
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The gateway: routing by model name, ensembles, batches, ingestion. Never imports TensorFlow."""

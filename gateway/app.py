@@ -1,0 +1,133 @@
+"""The gateway: one public API in front of every model service. Never imports TensorFlow."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Flask, Response, request
+
+from common import web
+from common.errors import ServiceError
+from gateway.client import ModelClient, new_session
+from gateway.fetch import UrlFetcher
+from gateway.inputs import ImageInput, InputReader
+from gateway.predict import Predictor, Selection, select
+from gateway.registry import Registry
+from gateway.settings import GatewaySettings
+
+
+def _raise_item_error(item: dict[str, Any]) -> None:
+    error = item["error"]
+    raise ServiceError(str(error.get("message", "invalid image")), code=str(error.get("code")),
+                       status=int(error.get("status", 400)))
+
+
+def create_app(settings: GatewaySettings | None = None, client: ModelClient | None = None,
+               fetcher: UrlFetcher | None = None, *, poll_health: bool = True) -> Flask:
+    """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
+    settings = settings or GatewaySettings.from_env()
+    if client is None:
+        session = new_session(settings.fanout_threads)
+        registry = Registry(settings.replicas, session, probe_timeout_s=settings.connect_timeout_s)
+        client = ModelClient(registry, session, connect_timeout_s=settings.connect_timeout_s,
+                             read_timeout_s=settings.member_timeout_s)
+    fetcher = fetcher or UrlFetcher(
+        timeout_s=settings.fetch_timeout_s, max_bytes=settings.fetch_max_bytes,
+        max_redirects=settings.fetch_max_redirects, allow_networks=settings.fetch_allow_networks)
+    reader = InputReader(max_images=settings.max_batch_images,
+                         max_image_bytes=settings.max_image_bytes, fetch=fetcher.fetch)
+    predictor = Predictor(client, settings)
+    registry = client.registry
+
+    app = Flask("gateway")
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes,
+                      MAX_FORM_MEMORY_SIZE=settings.max_body_bytes)
+    web.install(app)
+
+    def read_images() -> tuple[list[ImageInput], bool, float]:
+        started = time.perf_counter()
+        items, batch = reader.read(request)
+        if not batch and items[0].error:
+            raise items[0].error
+        predictor.validate(items)
+        if not batch and items[0].error:
+            raise items[0].error
+        return items, batch, (time.perf_counter() - started) * 1000
+
+    def classify(selection: Selection, top_k: int) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+        started = time.perf_counter()
+        items, batch, ingest_ms = read_images()
+        result = predictor.run(selection, items, top_k=top_k, request_id=web.request_id())
+        body: dict[str, Any] = {"request_id": web.request_id(), "model": selection.name}
+        replies = result["replies"]
+        if selection.vote is None:
+            reply = replies.get(selection.name, {})
+            body.update({key: reply.get(key) for key in ("weights", "weights_hash", "backend")})
+        else:
+            body.update(members=list(selection.members), vote=selection.vote,
+                        weights={m: replies[m].get("weights") if m in replies else None
+                                 for m in selection.members})
+            if selection.vote != "soft":
+                body["member_weights"] = selection.weights
+            body["degraded"] = bool(result["failures"])
+            body["failed_members"] = [{"model": m, "code": e.code, "reason": e.message}
+                                      for m, e in result["failures"].items()]
+        body["timing_ms"] = {"ingest": round(ingest_ms, 2), **result["timing_ms"],
+                             "total": round((time.perf_counter() - started) * 1000, 2)}
+        return body, result["outcomes"], batch
+
+    @app.get("/health/live")
+    def live() -> Response:
+        return web.json_ok({"status": "alive"})
+
+    @app.get("/health/ready")
+    def ready() -> Response:
+        return web.json_ok({"status": "ready"})
+
+    @app.get("/v1/models")
+    def models() -> Response:
+        registry.refresh()
+        return web.json_ok({
+            "models": [registry.describe(name) for name in registry.models],
+            "ensemble": {"name": "ensemble", "members": list(settings.ensemble_members),
+                         "votes": ["soft", "hard", "weighted"], "quorum": settings.ensemble_quorum}})
+
+    @app.post("/v1/predict")
+    def predict() -> Response:
+        selection = select(request.args, settings, client)
+        top_k = web.query_int("top_k", settings.default_top_k, 1, settings.max_top_k)
+        body, outcomes, batch = classify(selection, top_k)
+        if batch:
+            body["results"] = outcomes
+        elif "error" in outcomes[0]:
+            _raise_item_error(outcomes[0])
+        else:
+            body.update({k: v for k, v in outcomes[0].items() if k not in ("index", "name")})
+        body["timing_ms"] = body.pop("timing_ms")  # keep timings last, after the predictions
+        return web.json_ok(body)
+
+    def legacy_predictions(outcome: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"label": p["label"], "prob": p["score"]} for p in outcome["predictions"]]
+
+    @app.post("/predict")
+    def seed_predict() -> Response:
+        """The seed article's route: ``file`` or form ``image`` (base64) -> top 3 ``label``/``prob``."""
+        _, outcomes, _ = classify(Selection(settings.legacy_model, (settings.legacy_model,)),
+                                  settings.legacy_top_k)
+        if "error" in outcomes[0]:
+            _raise_item_error(outcomes[0])
+        return web.json_ok({"predictions": legacy_predictions(outcomes[0])})
+
+    @app.post("/batch_predict")
+    def seed_batch_predict() -> Response:
+        """The seed article's batch route: repeated ``files`` -> one entry per file, in order."""
+        _, outcomes, _ = classify(Selection(settings.legacy_model, (settings.legacy_model,)),
+                                  settings.legacy_top_k)
+        return web.json_ok({"results": [
+            {"filename": o["name"], "predictions": legacy_predictions(o)} if "predictions" in o
+            else {"filename": o["name"], "error": o["error"]} for o in outcomes]})
+
+    if poll_health:
+        registry.start_polling(settings.health_interval_s)
+    return app

@@ -1,0 +1,133 @@
+"""Every way a client can hand us images, normalised to a list of byte strings.
+
+Accepted: multipart ``file`` (one) or repeated ``files`` (batch); a form field ``image`` (base64)
+or ``url``; JSON ``{"image": "<base64 or data: URI>"}``, ``{"url": "..."}`` or
+``{"images": [<base64> | {"image": ...} | {"url": ...}, ...]}``; a raw body with an ``image/*``
+(or ``application/octet-stream``) Content-Type. Counts are capped before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Request
+
+from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMediaType
+
+_DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass
+class ImageInput:
+    """One image of a request: its bytes, or why it could not be read."""
+
+    name: str
+    data: bytes = b""
+    error: ServiceError | None = None
+
+
+def decode_base64(text: object, max_bytes: int) -> bytes:
+    """Strict base64 (optional ``data:`` prefix, whitespace ignored), length capped first."""
+    if not isinstance(text, str):
+        raise BadRequest("image must be a base64 string")
+    text = _WHITESPACE.sub("", _DATA_URI.sub("", text.strip(), count=1))
+    if text.startswith("data:"):
+        raise BadRequest("data: URIs must be base64-encoded (data:image/...;base64,...)")
+    if len(text) > (max_bytes // 3 + 1) * 4:
+        raise ImageTooLarge(f"base64 image decodes to more than {max_bytes} bytes")
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")  # URL-safe alphabet
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image is not valid base64", code="invalid_base64") from None
+
+
+class InputReader:
+    """Reads a Flask request into ``ImageInput`` items (``fetch`` downloads ``url`` items)."""
+
+    def __init__(self, *, max_images: int, max_image_bytes: int, fetch: Callable[[str], bytes]) -> None:
+        self.max_images = max_images
+        self.max_image_bytes = max_image_bytes
+        self.fetch = fetch
+
+    def read(self, request: Request) -> tuple[list[ImageInput], bool]:
+        """The request's images and whether the client asked for a batch answer."""
+        mimetype = request.mimetype
+        if mimetype == "multipart/form-data" or mimetype == "application/x-www-form-urlencoded":
+            return self._form(request)
+        if mimetype == "application/json":
+            return self._json(request.get_data(cache=False))
+        if mimetype.startswith("image/") or mimetype == "application/octet-stream":
+            return [ImageInput("body", request.get_data(cache=False))], False
+        if not mimetype and not request.content_length:
+            raise BadRequest("send an image: multipart 'file', JSON {'image'|'url'|'images'}, "
+                             "a form field 'image', or a raw image/* body")
+        raise UnsupportedMediaType(f"Content-Type {mimetype or 'missing'} is not accepted; use "
+                                   "multipart/form-data, application/json or image/*")
+
+    def _check_count(self, count: int) -> None:
+        if count > self.max_images:
+            raise BadRequest(f"{count} images in one request; the limit is {self.max_images}",
+                             code="too_many_images")
+
+    def _form(self, request: Request) -> tuple[list[ImageInput], bool]:
+        batch_files = request.files.getlist("files")
+        if batch_files:
+            self._check_count(len(batch_files))
+            return [ImageInput(f.filename or f"files[{i}]", f.read()) for i, f in enumerate(batch_files)], True
+        single = request.files.get("file")
+        if single is not None:
+            return [ImageInput(single.filename or "file", single.read())], False
+        if "image" in request.form:
+            return [self._item("image", lambda: decode_base64(request.form["image"], self.max_image_bytes))], False
+        if "url" in request.form:
+            return [self._item("url", lambda: self.fetch(request.form["url"]))], False
+        raise BadRequest("form has no image: send a 'file' or 'files' part, or an 'image' or 'url' field")
+
+    def _json(self, raw: bytes) -> tuple[list[ImageInput], bool]:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest("body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest("JSON body must be an object with 'image', 'url' or 'images'")
+        if "images" in body:
+            items = body["images"]
+            if not isinstance(items, list) or not items:
+                raise BadRequest("'images' must be a non-empty list")
+            self._check_count(len(items))
+            return [self._item(f"images[{i}]", lambda v=v: self._json_image(v, bare_string=True))
+                    for i, v in enumerate(items)], True
+        if "image" in body or "url" in body:
+            return [self._item("image", lambda: self._json_image(body, bare_string=False))], False
+        raise BadRequest("JSON body needs 'image' (base64), 'url', or 'images' (a list)")
+
+    def _json_image(self, value: object, *, bare_string: bool) -> bytes:
+        if isinstance(value, dict) and "url" in value:
+            if not isinstance(value["url"], str):
+                raise BadRequest("'url' must be a string")
+            data = self.fetch(value["url"])
+        elif isinstance(value, dict) and "image" in value:
+            data = decode_base64(value["image"], self.max_image_bytes)
+        elif isinstance(value, str) and bare_string:
+            data = decode_base64(value, self.max_image_bytes)
+        else:
+            raise BadRequest("each image must be a base64 string or an object with 'image' or 'url'")
+        return data
+
+    @staticmethod
+    def _item(name: str, read: Callable[[], object]) -> ImageInput:
+        """Run one item's reader, keeping its error on the item (one bad image spares the rest)."""
+        try:
+            data = read()
+        except ServiceError as exc:
+            return ImageInput(name, error=exc)
+        assert isinstance(data, bytes)
+        return ImageInput(name, data)

@@ -1,0 +1,164 @@
+"""Routing a request to one model or an ensemble, and shaping the merged answer."""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from werkzeug.datastructures import MultiDict
+
+from common import imaging
+from common.errors import BadRequest, BadUpstreamResponse, ServiceError, UpstreamTimeout
+from gateway import ensemble
+from gateway.client import ModelClient
+from gateway.inputs import ImageInput
+from gateway.settings import GatewaySettings
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which models answer: one (``vote`` is None) or an ensemble."""
+
+    name: str
+    members: tuple[str, ...]
+    vote: str | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def select(args: MultiDict[str, str], settings: GatewaySettings, client: ModelClient) -> Selection:
+    """Parse ``model``/``models``/``vote``/``member_weights``; unknown names are a 404."""
+    if args.get("models"):
+        members = tuple(dict.fromkeys(m.strip() for m in args["models"].split(",") if m.strip()))
+        name = "ensemble"
+    elif args.get("model") == "ensemble":
+        members, name = settings.ensemble_members, "ensemble"
+    elif args.get("model"):
+        members = (args["model"],)
+        name = members[0]
+    else:
+        raise BadRequest(f"choose a model: ?model=<{'|'.join(settings.models)}|ensemble> "
+                         "or ?models=a,b")
+    for member in members:
+        client.registry.replicas(member)  # raises UnknownModel listing what exists
+    if name != "ensemble":
+        return Selection(name, members)
+    vote = args.get("vote", "soft")
+    if vote not in ensemble.VOTES:
+        raise BadRequest(f"vote must be one of {', '.join(ensemble.VOTES)}, got {vote!r}")
+    if args.get("member_weights") and vote == "soft":
+        raise BadRequest("member_weights needs vote=weighted or vote=hard")
+    weights = ensemble.parse_member_weights(args.get("member_weights", ""), list(members))
+    return Selection(name, members, vote, weights)
+
+
+def _probabilities(result: dict[str, Any], model: str, classes: int) -> np.ndarray:
+    try:
+        vector = np.frombuffer(base64.b64decode(result["probabilities"]["data"]), "<f4")
+    except (KeyError, TypeError, ValueError):
+        raise BadUpstreamResponse(f"{model} sent no usable probability vector") from None
+    if vector.shape != (classes,) or not np.all(np.isfinite(vector)):
+        raise BadUpstreamResponse(f"{model} sent a malformed probability vector")
+    return vector
+
+
+class Predictor:
+    def __init__(self, client: ModelClient, settings: GatewaySettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.pool = ThreadPoolExecutor(settings.fanout_threads, thread_name_prefix="fanout")
+
+    def validate(self, items: list[ImageInput]) -> None:
+        """Reject non-images and oversized images from their headers, before any member sees them."""
+        for item in items:
+            if item.error is None:
+                try:
+                    imaging.probe(item.data, self.limits)
+                except ServiceError as exc:
+                    item.error = exc
+
+    def _call_members(self, selection: Selection, images: list[bytes], top_k: int,
+                      request_id: str) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
+        futures = {m: self.pool.submit(self.client.predict, m, images, top_k=top_k,
+                                       probabilities=selection.vote is not None, request_id=request_id)
+                   for m in selection.members}
+        budget = self.settings.connect_timeout_s * 2 + self.settings.member_timeout_s
+        wait(futures.values(), timeout=budget)
+        replies, failures = {}, {}
+        for member, future in futures.items():
+            if not future.done():
+                future.cancel()
+                failures[member] = UpstreamTimeout(f"{member} did not answer within {budget:g}s")
+            elif isinstance(future.exception(), ServiceError):
+                failures[member] = future.exception()  # type: ignore[assignment]
+            elif future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+            else:
+                replies[member] = future.result()
+        return replies, failures
+
+    def _check_quorum(self, selection: Selection, replies: dict[str, Any],
+                      failures: dict[str, ServiceError]) -> None:
+        client_errors = [f for f in failures.values() if 400 <= f.status < 500]
+        if client_errors:
+            raise client_errors[0]  # the request itself is wrong: every member would say so
+        if selection.vote is None:
+            if failures:
+                raise next(iter(failures.values()))
+            return
+        needed = max(1, math.ceil(self.settings.ensemble_quorum * len(selection.members)))
+        if len(replies) < needed:
+            reasons = "; ".join(f"{m}: {e.message}" for m, e in failures.items())
+            raise ServiceError(f"only {len(replies)} of {len(selection.members)} members answered "
+                               f"(quorum {needed}): {reasons}", code="ensemble_quorum_not_met",
+                               status=503, retry_after=2)
+
+    def run(self, selection: Selection, items: list[ImageInput], *, top_k: int,
+            request_id: str) -> dict[str, Any]:
+        """Call the members for every valid item and merge; item errors stay on their items."""
+        started = time.perf_counter()
+        valid = [i for i, item in enumerate(items) if item.error is None]
+        replies, failures = self._call_members(
+            selection, [items[i].data for i in valid], top_k, request_id) if valid else ({}, {})
+        upstream_ms = (time.perf_counter() - started) * 1000
+        self._check_quorum(selection, replies, failures)
+
+        labels = None
+        if selection.vote is not None and replies:
+            hashes = {reply.get("labels_hash") for reply in replies.values()}
+            if len(hashes) != 1:
+                raise BadRequest("these models have different label sets and cannot vote together",
+                                 code="incompatible_members")
+            first = next(iter(replies))
+            labels = self.client.labels(first, str(hashes.pop()))
+
+        outcomes: list[dict[str, Any]] = [
+            {"index": i, "name": item.name, "error": {**item.error.to_dict(), "status": item.error.status}}
+            if item.error else {"index": i, "name": item.name} for i, item in enumerate(items)]
+        for position, index in enumerate(valid):
+            answers = {m: reply["results"][position] for m, reply in replies.items()}
+            answered = {m: a for m, a in answers.items() if "predictions" in a}
+            if not answered:
+                outcomes[index]["error"] = next(iter(answers.values())).get("error", {})
+            elif labels is None:
+                outcomes[index]["predictions"] = next(iter(answered.values()))["predictions"]
+            else:
+                vote = selection.vote or "soft"
+                vectors = [_probabilities(a, m, len(labels)) for m, a in answered.items()]
+                outcomes[index]["predictions"] = ensemble.merge(
+                    vote, vectors, [selection.weights[m] for m in answered], labels, top_k)
+                outcomes[index]["member_predictions"] = {m: a["predictions"] for m, a in answered.items()}
+
+        return {
+            "outcomes": outcomes, "replies": replies, "failures": failures,
+            "timing_ms": {
+                "decode": max((r.get("timing_ms", {}).get("decode", 0) for r in replies.values()), default=0),
+                "inference": max((r.get("timing_ms", {}).get("inference", 0) for r in replies.values()),
+                                 default=0),
+                "upstream": round(upstream_ms, 2)},
+        }

@@ -1,0 +1,56 @@
+"""Gateway settings: ``GATEWAY_<FIELD>``, plus ``<MODEL>_URLS`` for each model's replicas."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from common.settings import load, setting
+
+DEFAULT_URLS = {
+    "vgg16": "http://127.0.0.1:8501",
+    "resnet50": "http://127.0.0.1:8502",
+    "inceptionv3": "http://127.0.0.1:8503",
+}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    models: tuple[str, ...] = setting(("vgg16", "resnet50", "inceptionv3"), "models routed by name")
+    ensemble_models: tuple[str, ...] = setting((), "members of model=ensemble (empty: all models)")
+    ensemble_quorum: float = setting(0.5, "fraction of members (rounded up) that must answer, else 503")
+    default_top_k: int = setting(5, "predictions returned when top_k is not given")
+    max_top_k: int = setting(1000, "largest top_k accepted")
+    max_body_bytes: int = setting(10 * 1024 * 1024, "largest request body, form fields included (413)")
+    max_image_bytes: int = setting(10 * 1024 * 1024, "largest single encoded image (413)")
+    max_image_pixels: int = setting(40_000_000, "largest declared width x height (413), checked before decoding")
+    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
+    connect_timeout_s: float = setting(1.0, "connect timeout to a model replica")
+    member_timeout_s: float = setting(30.0, "time a model replica has to answer")
+    health_interval_s: float = setting(2.0, "seconds between readiness probes of every replica")
+    fanout_threads: int = setting(32, "threads calling members in parallel (per gateway worker)")
+    fetch_timeout_s: float = setting(10.0, "total time for fetching an image URL, redirects included")
+    fetch_max_bytes: int = setting(10 * 1024 * 1024, "largest image fetched from a URL")
+    fetch_max_redirects: int = setting(3, "redirect hops followed (each one re-checked)")
+    fetch_allow_networks: tuple[str, ...] = setting((), "CIDRs the URL fetcher may reach besides public addresses (off)")
+    legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
+    legacy_top_k: int = setting(3, "predictions returned by the seed routes")
+    replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Replica base URLs per model, from ``<MODEL>_URLS`` (comma-separated)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = os.environ if environ is None else environ
+        base = load(cls, ("GATEWAY_",), env)
+        replicas = {}
+        for name in base.models:
+            raw = env.get(f"{name.upper()}_URLS") or DEFAULT_URLS.get(name)
+            if not raw:
+                raise ValueError(f"model {name!r} has no replicas: set {name.upper()}_URLS")
+            replicas[name] = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
+        return load(cls, ("GATEWAY_",), env, replicas=replicas)
+
+    @property
+    def ensemble_members(self) -> tuple[str, ...]:
+        return self.ensemble_models or self.models
