@@ -15,8 +15,14 @@ class ServiceError(Exception):
     code: str = "internal_error"
     retry_after: int | None = None
 
-    def __init__(self, message: str = "internal error", *, code: str | None = None,
-                 status: int | None = None, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "internal error",
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -52,7 +52,8 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
-            f"not a supported image; send one of {', '.join(ALLOWED_FORMATS)}") from None
+            f"not a supported image; send one of {', '.join(ALLOWED_FORMATS)}"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(f"image declares more than {limits.max_pixels} pixels") from None
     except Exception as exc:  # Pillow's parsers raise many types on malformed headers
@@ -62,7 +63,8 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InvalidImage("image has no pixels")
     if width * height > limits.max_pixels:
         raise ImageTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
     return image
 
 
@@ -128,12 +130,10 @@ def fit(image: Image.Image, size: int, crop_fraction: float = 0.875) -> np.ndarr
     width, height = image.size
     side = min(width, height) * crop_fraction
     left, top = (width - side) / 2, (height - side) / 2
-    resized = image.resize((size, size), Image.Resampling.BILINEAR,
-                           box=(left, top, left + side, top + side))
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
     return np.asarray(resized, dtype=np.uint8)
 
 
-def load_pixels(data: bytes, size: int, limits: ImageLimits,
-                crop_fraction: float = 0.875) -> np.ndarray:
+def load_pixels(data: bytes, size: int, limits: ImageLimits, crop_fraction: float = 0.875) -> np.ndarray:
     """Bytes -> ``(size, size, 3)`` uint8 RGB pixels, with every guard applied."""
     return fit(decode(data, limits), size, crop_fraction)

@@ -35,8 +35,15 @@ class Labels:
         """Top ``k`` predictions, highest first (ties keep the lower index first, like Keras)."""
         k = min(k, len(probabilities))
         order = np.argsort(-probabilities, kind="stable")[:k]
-        return [{"label": self.names[i], "class_id": self.class_ids[i], "index": int(i),
-                 "score": float(probabilities[i])} for i in order]
+        return [
+            {
+                "label": self.names[i],
+                "class_id": self.class_ids[i],
+                "index": int(i),
+                "score": float(probabilities[i]),
+            }
+            for i in order
+        ]
 
 
 def from_json(data: object) -> Labels:

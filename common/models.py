@@ -30,9 +30,15 @@ class ModelSpec:
     """Labels file; the shipped ImageNet index by default."""
 
 
-def keras_application(name: str, builder: str, input_size: int, preprocessing: str,
-                      weights_path: str) -> ModelSpec:
+def keras_application(
+    name: str, builder: str, input_size: int, preprocessing: str, weights_path: str
+) -> ModelSpec:
     """Spec of a ``keras.applications`` ImageNet classifier."""
-    return ModelSpec(name=name, input_size=input_size, preprocessing=preprocessing, builder=builder,
-                     imagenet_file=weights_path.rsplit("/", 1)[-1],
-                     imagenet_url=KERAS_WEIGHTS_BASE + weights_path)
+    return ModelSpec(
+        name=name,
+        input_size=input_size,
+        preprocessing=preprocessing,
+        builder=builder,
+        imagenet_file=weights_path.rsplit("/", 1)[-1],
+        imagenet_url=KERAS_WEIGHTS_BASE + weights_path,
+    )

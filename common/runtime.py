@@ -15,7 +15,7 @@ import numpy as np
 
 from common.errors import WeightsUnavailable
 from common.models import ModelSpec
-from common.weights import WeightsPlan, missing_imagenet_message, keras_cache_dir
+from common.weights import WeightsPlan, keras_cache_dir, missing_imagenet_message
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ def build_keras_model(spec: ModelSpec, plan: WeightsPlan) -> Any:
 class KerasRuntime:
     """Keras model behind a compiled direct call (never ``model.predict``, which is slow per call)."""
 
-    def __init__(self, spec: ModelSpec, plan: WeightsPlan, *, intra_op_threads: int = 0,
-                 inter_op_threads: int = 0) -> None:
+    def __init__(
+        self, spec: ModelSpec, plan: WeightsPlan, *, intra_op_threads: int = 0, inter_op_threads: int = 0
+    ) -> None:
         self.spec = spec
         self.plan = plan
         self.intra_op_threads = intra_op_threads
@@ -97,9 +98,13 @@ class KerasRuntime:
         self.predict(np.zeros((1, size, size, 3), np.float32))  # trace + warm up before "ready"
         source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
         return RuntimeInfo(
-            backend=f"keras-{tf.__version__}", weights=self.plan.kind, weights_source=source,
+            backend=f"keras-{tf.__version__}",
+            weights=self.plan.kind,
+            weights_source=source,
             weights_hash=weights_digest(model.get_weights()),
-            num_classes=int(model.output_shape[-1]), load_seconds=time.perf_counter() - started)
+            num_classes=int(model.output_shape[-1]),
+            load_seconds=time.perf_counter() - started,
+        )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._call(batch))

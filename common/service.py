@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from flask import Flask, Response, request
 
-from common import imaging, labels as labels_mod, preprocessing, web
+from common import imaging, preprocessing, web
+from common import labels as labels_mod
 from common.errors import BadRequest, ModelNotReady, ServiceError
 from common.models import ModelSpec
 from common.runtime import KerasRuntime, Runtime, RuntimeInfo
@@ -70,8 +71,15 @@ class LoadedModel:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             return
         self.info, self.state = info, "ready"
-        log.info("%s ready: weights=%s (%s) hash=%s backend=%s in %.1fs", self.spec.name,
-                 info.weights, info.weights_source, info.weights_hash, info.backend, info.load_seconds)
+        log.info(
+            "%s ready: weights=%s (%s) hash=%s backend=%s in %.1fs",
+            self.spec.name,
+            info.weights,
+            info.weights_source,
+            info.weights_hash,
+            info.backend,
+            info.load_seconds,
+        )
 
     def start(self, background: bool = True) -> None:
         if background:
@@ -81,20 +89,25 @@ class LoadedModel:
 
     def require_ready(self) -> RuntimeInfo:
         if self.info is None:
-            raise ModelNotReady(f"{self.spec.name} is {self.state}"
-                                + (f": {self.error}" if self.error else ""))
+            raise ModelNotReady(
+                f"{self.spec.name} is {self.state}" + (f": {self.error}" if self.error else "")
+            )
         return self.info
 
     def metadata(self) -> dict[str, object]:
         info = self.info
         return {
-            "name": self.spec.name, "state": self.state, "ready": info is not None,
-            "input_size": self.spec.input_size, "preprocessing": self.spec.preprocessing,
+            "name": self.spec.name,
+            "state": self.state,
+            "ready": info is not None,
+            "input_size": self.spec.input_size,
+            "preprocessing": self.spec.preprocessing,
             "weights": info.weights if info else None,
             "weights_source": info.weights_source if info else None,
             "weights_hash": info.weights_hash if info else None,
             "backend": info.backend if info else None,
-            "classes": len(self.labels), "labels_hash": self.labels.digest,
+            "classes": len(self.labels),
+            "labels_hash": self.labels.digest,
             **({"error": self.error} if self.error else {}),
         }
 
@@ -116,15 +129,26 @@ def encode_probabilities(probabilities: np.ndarray) -> dict[str, str]:
     return {"dtype": "float32", "data": base64.b64encode(probabilities.astype("<f4").tobytes()).decode()}
 
 
-def create_app(spec: ModelSpec, settings: ServiceSettings | None = None,
-               runtime: Runtime | None = None, *, background_load: bool = True) -> Flask:
+def create_app(
+    spec: ModelSpec,
+    settings: ServiceSettings | None = None,
+    runtime: Runtime | None = None,
+    *,
+    background_load: bool = True,
+) -> Flask:
     """Build a model service. Tests pass a fake ``runtime`` and ``background_load=False``."""
     settings = settings or ServiceSettings.from_env(spec.name)
     if runtime is None:
-        plan = resolve(spec, settings.weights, seed=settings.weights_seed,
-                       keras_home=settings.keras_home, allow_download=settings.weights_download)
-        runtime = KerasRuntime(spec, plan, intra_op_threads=settings.intra_op_threads,
-                               inter_op_threads=settings.inter_op_threads)
+        plan = resolve(
+            spec,
+            settings.weights,
+            seed=settings.weights_seed,
+            keras_home=settings.keras_home,
+            allow_download=settings.weights_download,
+        )
+        runtime = KerasRuntime(
+            spec, plan, intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads
+        )
     model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path))
     limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
 
@@ -160,8 +184,10 @@ def create_app(spec: ModelSpec, settings: ServiceSettings | None = None,
         with_probabilities = web.query_flag("probabilities")
         images, batch = _request_images()
         if len(images) > settings.max_batch_images:
-            raise BadRequest(f"{len(images)} images in one request; the limit is "
-                             f"{settings.max_batch_images}", code="too_many_images")
+            raise BadRequest(
+                f"{len(images)} images in one request; the limit is {settings.max_batch_images}",
+                code="too_many_images",
+            )
 
         results: list[dict[str, object]] = [{"index": i} for i in range(len(images))]
         pixels, decoded = [], []
@@ -188,9 +214,13 @@ def create_app(spec: ModelSpec, settings: ServiceSettings | None = None,
                 results[i]["probabilities"] = encode_probabilities(row)
 
         body: dict[str, object] = {
-            "request_id": web.request_id(), "model": spec.name, "weights": info.weights,
-            "weights_hash": info.weights_hash, "backend": info.backend,
-            "labels_hash": model.labels.digest}
+            "request_id": web.request_id(),
+            "model": spec.name,
+            "weights": info.weights,
+            "weights_hash": info.weights_hash,
+            "backend": info.backend,
+            "labels_hash": model.labels.digest,
+        }
         if batch:
             body["results"] = results
         else:
@@ -199,7 +229,8 @@ def create_app(spec: ModelSpec, settings: ServiceSettings | None = None,
             "decode": round((decoded_at - started) * 1000, 2),
             "preprocess": round((preprocessed_at - decoded_at) * 1000, 2),
             "inference": round((finished - preprocessed_at) * 1000, 2),
-            "total": round((time.perf_counter() - started) * 1000, 2)}
+            "total": round((time.perf_counter() - started) * 1000, 2),
+        }
         return web.json_ok(body)
 
     model.start(background=background_load)

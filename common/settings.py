@@ -39,8 +39,9 @@ def parse_value(raw: str, kind: Any, name: str) -> Any:
     return raw
 
 
-def load(cls: type[T], prefixes: Sequence[str], environ: Mapping[str, str] | None = None,
-         **overrides: Any) -> T:
+def load(
+    cls: type[T], prefixes: Sequence[str], environ: Mapping[str, str] | None = None, **overrides: Any
+) -> T:
     """Build ``cls`` from the environment; keyword ``overrides`` win over everything."""
     env = os.environ if environ is None else environ
     hints = get_type_hints(cls)
@@ -56,5 +57,7 @@ def load(cls: type[T], prefixes: Sequence[str], environ: Mapping[str, str] | Non
 
 def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
     """(variable, default, help) rows, for the README's settings table."""
-    return [(prefix + f.name.upper(), repr(f.default), f.metadata.get("help", ""))
-            for f in dataclasses.fields(cls)]
+    return [
+        (prefix + f.name.upper(), repr(f.default), f.metadata.get("help", ""))
+        for f in dataclasses.fields(cls)
+    ]

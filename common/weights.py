@@ -42,16 +42,19 @@ def missing_imagenet_message(spec: ModelSpec, expected: Path) -> str:
         f"ImageNet weights for {spec.name} are not available: expected {expected}. "
         f"Put {spec.imagenet_file} there (or point KERAS_HOME at a folder whose models/ holds it); "
         f"on a machine with internet, `make weights` fetches all three into the Keras cache "
-        f"(source: {spec.imagenet_url}). To run without them, set WEIGHTS=auto or WEIGHTS=random.")
+        f"(source: {spec.imagenet_url}). To run without them, set WEIGHTS=auto or WEIGHTS=random."
+    )
 
 
-def resolve(spec: ModelSpec, mode: str, *, seed: int = 0, keras_home: str = "",
-            allow_download: bool = False) -> WeightsPlan:
+def resolve(
+    spec: ModelSpec, mode: str, *, seed: int = 0, keras_home: str = "", allow_download: bool = False
+) -> WeightsPlan:
     """Turn the ``WEIGHTS`` setting into a plan, failing early with an actionable message."""
     mode = mode.strip()
     if mode in ("imagenet", "auto", "random") and spec.builder is None:
         raise WeightsUnavailable(
-            f"{spec.name} is a custom model: set WEIGHTS to its .keras file, not {mode!r}")
+            f"{spec.name} is a custom model: set WEIGHTS to its .keras file, not {mode!r}"
+        )
     if mode == "random":
         return WeightsPlan("random", seed=seed)
     if mode in ("imagenet", "auto"):
@@ -63,9 +66,13 @@ def resolve(spec: ModelSpec, mode: str, *, seed: int = 0, keras_home: str = "",
             if allow_download:
                 return WeightsPlan("imagenet", None)
             raise WeightsUnavailable(missing_imagenet_message(spec, cached))
-        log.warning("!" * 72 + "\n%s: NO IMAGENET WEIGHTS at %s - serving SEEDED RANDOM WEIGHTS "
-                    "(seed %d). Predictions are meaningless; every response says weights=random.\n"
-                    + "!" * 72, spec.name, cached, seed)
+        log.warning(
+            "!" * 72 + "\n%s: NO IMAGENET WEIGHTS at %s - serving SEEDED RANDOM WEIGHTS "
+            "(seed %d). Predictions are meaningless; every response says weights=random.\n" + "!" * 72,
+            spec.name,
+            cached,
+            seed,
+        )
         return WeightsPlan("random", seed=seed)
     path = Path(mode).expanduser()
     if not path.is_file():

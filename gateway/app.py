@@ -19,30 +19,47 @@ from gateway.settings import GatewaySettings
 
 def _raise_item_error(item: dict[str, Any]) -> None:
     error = item["error"]
-    raise ServiceError(str(error.get("message", "invalid image")), code=str(error.get("code")),
-                       status=int(error.get("status", 400)))
+    raise ServiceError(
+        str(error.get("message", "invalid image")),
+        code=str(error.get("code")),
+        status=int(error.get("status", 400)),
+    )
 
 
-def create_app(settings: GatewaySettings | None = None, client: ModelClient | None = None,
-               fetcher: UrlFetcher | None = None, *, poll_health: bool = True) -> Flask:
+def create_app(
+    settings: GatewaySettings | None = None,
+    client: ModelClient | None = None,
+    fetcher: UrlFetcher | None = None,
+    *,
+    poll_health: bool = True,
+) -> Flask:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
     if client is None:
         session = new_session(settings.fanout_threads)
         registry = Registry(settings.replicas, session, probe_timeout_s=settings.connect_timeout_s)
-        client = ModelClient(registry, session, connect_timeout_s=settings.connect_timeout_s,
-                             read_timeout_s=settings.member_timeout_s)
+        client = ModelClient(
+            registry,
+            session,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.member_timeout_s,
+        )
     fetcher = fetcher or UrlFetcher(
-        timeout_s=settings.fetch_timeout_s, max_bytes=settings.fetch_max_bytes,
-        max_redirects=settings.fetch_max_redirects, allow_networks=settings.fetch_allow_networks)
-    reader = InputReader(max_images=settings.max_batch_images,
-                         max_image_bytes=settings.max_image_bytes, fetch=fetcher.fetch)
+        timeout_s=settings.fetch_timeout_s,
+        max_bytes=settings.fetch_max_bytes,
+        max_redirects=settings.fetch_max_redirects,
+        allow_networks=settings.fetch_allow_networks,
+    )
+    reader = InputReader(
+        max_images=settings.max_batch_images, max_image_bytes=settings.max_image_bytes, fetch=fetcher.fetch
+    )
     predictor = Predictor(client, settings)
     registry = client.registry
 
     app = Flask("gateway")
-    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes,
-                      MAX_FORM_MEMORY_SIZE=settings.max_body_bytes)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes
+    )
     web.install(app)
 
     def read_images() -> tuple[list[ImageInput], bool, float]:
@@ -65,16 +82,22 @@ def create_app(settings: GatewaySettings | None = None, client: ModelClient | No
             reply = replies.get(selection.name, {})
             body.update({key: reply.get(key) for key in ("weights", "weights_hash", "backend")})
         else:
-            body.update(members=list(selection.members), vote=selection.vote,
-                        weights={m: replies[m].get("weights") if m in replies else None
-                                 for m in selection.members})
+            body.update(
+                members=list(selection.members),
+                vote=selection.vote,
+                weights={m: replies[m].get("weights") if m in replies else None for m in selection.members},
+            )
             if selection.vote != "soft":
                 body["member_weights"] = selection.weights
             body["degraded"] = bool(result["failures"])
-            body["failed_members"] = [{"model": m, "code": e.code, "reason": e.message}
-                                      for m, e in result["failures"].items()]
-        body["timing_ms"] = {"ingest": round(ingest_ms, 2), **result["timing_ms"],
-                             "total": round((time.perf_counter() - started) * 1000, 2)}
+            body["failed_members"] = [
+                {"model": m, "code": e.code, "reason": e.message} for m, e in result["failures"].items()
+            ]
+        body["timing_ms"] = {
+            "ingest": round(ingest_ms, 2),
+            **result["timing_ms"],
+            "total": round((time.perf_counter() - started) * 1000, 2),
+        }
         return body, result["outcomes"], batch
 
     @app.get("/health/live")
@@ -88,10 +111,17 @@ def create_app(settings: GatewaySettings | None = None, client: ModelClient | No
     @app.get("/v1/models")
     def models() -> Response:
         registry.refresh()
-        return web.json_ok({
-            "models": [registry.describe(name) for name in registry.models],
-            "ensemble": {"name": "ensemble", "members": list(settings.ensemble_members),
-                         "votes": ["soft", "hard", "weighted"], "quorum": settings.ensemble_quorum}})
+        return web.json_ok(
+            {
+                "models": [registry.describe(name) for name in registry.models],
+                "ensemble": {
+                    "name": "ensemble",
+                    "members": list(settings.ensemble_members),
+                    "votes": ["soft", "hard", "weighted"],
+                    "quorum": settings.ensemble_quorum,
+                },
+            }
+        )
 
     @app.post("/v1/predict")
     def predict() -> Response:
@@ -113,8 +143,9 @@ def create_app(settings: GatewaySettings | None = None, client: ModelClient | No
     @app.post("/predict")
     def seed_predict() -> Response:
         """The seed article's route: ``file`` or form ``image`` (base64) -> top 3 ``label``/``prob``."""
-        _, outcomes, _ = classify(Selection(settings.legacy_model, (settings.legacy_model,)),
-                                  settings.legacy_top_k)
+        _, outcomes, _ = classify(
+            Selection(settings.legacy_model, (settings.legacy_model,)), settings.legacy_top_k
+        )
         if "error" in outcomes[0]:
             _raise_item_error(outcomes[0])
         return web.json_ok({"predictions": legacy_predictions(outcomes[0])})
@@ -122,11 +153,19 @@ def create_app(settings: GatewaySettings | None = None, client: ModelClient | No
     @app.post("/batch_predict")
     def seed_batch_predict() -> Response:
         """The seed article's batch route: repeated ``files`` -> one entry per file, in order."""
-        _, outcomes, _ = classify(Selection(settings.legacy_model, (settings.legacy_model,)),
-                                  settings.legacy_top_k)
-        return web.json_ok({"results": [
-            {"filename": o["name"], "predictions": legacy_predictions(o)} if "predictions" in o
-            else {"filename": o["name"], "error": o["error"]} for o in outcomes]})
+        _, outcomes, _ = classify(
+            Selection(settings.legacy_model, (settings.legacy_model,)), settings.legacy_top_k
+        )
+        return web.json_ok(
+            {
+                "results": [
+                    {"filename": o["name"], "predictions": legacy_predictions(o)}
+                    if "predictions" in o
+                    else {"filename": o["name"], "error": o["error"]}
+                    for o in outcomes
+                ]
+            }
+        )
 
     if poll_health:
         registry.start_polling(settings.health_interval_s)

@@ -7,8 +7,7 @@ from typing import Any
 
 import requests
 
-from common.errors import (BadUpstreamResponse, ModelUnavailable, ServiceError,
-                           UpstreamTimeout)
+from common.errors import BadUpstreamResponse, ModelUnavailable, ServiceError, UpstreamTimeout
 from common.labels import Labels, from_json
 from common.web import REQUEST_ID_HEADER
 from gateway.registry import Registry
@@ -17,8 +16,7 @@ from gateway.registry import Registry
 def new_session(pool_size: int) -> requests.Session:
     """A keep-alive session with a connection pool sized for the fan-out threads."""
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size,
-                                            max_retries=0)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -27,26 +25,42 @@ def new_session(pool_size: int) -> requests.Session:
 class ModelClient:
     """Calls ``POST /v1/predict`` on one replica of a model and returns its per-image results."""
 
-    def __init__(self, registry: Registry, session: requests.Session, *,
-                 connect_timeout_s: float = 1.0, read_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        session: requests.Session,
+        *,
+        connect_timeout_s: float = 1.0,
+        read_timeout_s: float = 30.0,
+    ) -> None:
         self.registry = registry
         self.session = session
         self.timeout = (connect_timeout_s, read_timeout_s)
         self._labels: dict[str, Labels] = {}
         self._labels_lock = threading.Lock()
 
-    def predict(self, model: str, images: list[bytes], *, top_k: int,
-                probabilities: bool = False, request_id: str = "") -> dict[str, Any]:
+    def predict(
+        self,
+        model: str,
+        images: list[bytes],
+        *,
+        top_k: int,
+        probabilities: bool = False,
+        request_id: str = "",
+    ) -> dict[str, Any]:
         """One batch call. Connect failures move on to the next replica (nothing was sent)."""
-        files = [("files", (f"image{i}", data, "application/octet-stream"))
-                 for i, data in enumerate(images)]
-        params = {"top_k": top_k, **({"probabilities": "true"} if probabilities else {})}
+        files = [("files", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+        params = {"top_k": str(top_k), **({"probabilities": "true"} if probabilities else {})}
         reason = "no replicas configured"
         for replica in self.registry.candidates(model):
             try:
                 response = self.session.post(
-                    f"{replica.url}/v1/predict", files=files, params=params, timeout=self.timeout,
-                    headers={REQUEST_ID_HEADER: request_id} if request_id else {})
+                    f"{replica.url}/v1/predict",
+                    files=files,
+                    params=params,
+                    timeout=self.timeout,
+                    headers={REQUEST_ID_HEADER: request_id} if request_id else {},
+                )
             except requests.ConnectionError as exc:  # includes ConnectTimeout
                 self.registry.mark_down(replica)
                 reason = f"{replica.url} unreachable ({type(exc).__name__})"
@@ -70,8 +84,11 @@ class ModelClient:
             raise BadUpstreamResponse(f"{model} answered {response.status_code} without a JSON object")
         if 400 <= response.status_code < 500 and isinstance(body.get("error"), dict):
             error = body["error"]  # the member judged the request itself: pass its verdict on
-            raise ServiceError(str(error.get("message", "rejected")), status=response.status_code,
-                               code=str(error.get("code", "bad_request")))
+            raise ServiceError(
+                str(error.get("message", "rejected")),
+                status=response.status_code,
+                code=str(error.get("code", "bad_request")),
+            )
         results = body.get("results")
         if response.status_code != 200 or not isinstance(results, list) or len(results) != count:
             raise BadUpstreamResponse(f"{model} answered {response.status_code} with an unexpected body")

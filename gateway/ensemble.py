@@ -16,8 +16,10 @@ def parse_member_weights(raw: str, members: list[str]) -> dict[str, float]:
     for item in filter(None, (part.strip() for part in raw.split(","))):
         name, sep, value = item.partition(":")
         if not sep or name not in weights:
-            raise BadRequest(f"member_weights entry {item!r} must be <member>:<weight> with a member "
-                             f"of this ensemble ({', '.join(members)})")
+            raise BadRequest(
+                f"member_weights entry {item!r} must be <member>:<weight> with a member "
+                f"of this ensemble ({', '.join(members)})"
+            )
         try:
             weights[name] = float(value)
         except ValueError:
@@ -29,8 +31,9 @@ def parse_member_weights(raw: str, members: list[str]) -> dict[str, float]:
     return weights
 
 
-def merge(vote: str, probabilities: list[np.ndarray], weights: list[float], labels: Labels,
-          top_k: int) -> list[dict[str, object]]:
+def merge(
+    vote: str, probabilities: list[np.ndarray], weights: list[float], labels: Labels, top_k: int
+) -> list[dict[str, object]]:
     """Merged top-k predictions of one image from each member's full probability vector."""
     stacked = np.stack(probabilities).astype(np.float64)
     w = np.asarray(weights if vote != "soft" else [1.0] * len(probabilities), np.float64)
@@ -40,7 +43,15 @@ def merge(vote: str, probabilities: list[np.ndarray], weights: list[float], labe
     votes = np.zeros(stacked.shape[1])
     np.add.at(votes, stacked.argmax(axis=1), w)
     # Most votes first; ties broken by the mean probability, then by the lower index.
-    order = np.lexsort((np.arange(len(votes)), -mean, -votes))[:min(top_k, len(votes))]
-    return [{"label": labels.names[i], "class_id": labels.class_ids[i], "index": int(i),
-             "score": float(votes[i] / w.sum()), "votes": float(votes[i]),
-             "mean_probability": float(mean[i])} for i in order]
+    order = np.lexsort((np.arange(len(votes)), -mean, -votes))[: min(top_k, len(votes))]
+    return [
+        {
+            "label": labels.names[i],
+            "class_id": labels.class_ids[i],
+            "index": int(i),
+            "score": float(votes[i] / w.sum()),
+            "votes": float(votes[i]),
+            "mean_probability": float(mean[i]),
+        }
+        for i in order
+    ]

@@ -35,8 +35,14 @@ class UrlFetchTimeout(ServiceError):
 
 
 class UrlFetcher:
-    def __init__(self, *, timeout_s: float = 10.0, max_bytes: int = 10 * 1024 * 1024,
-                 max_redirects: int = 3, allow_networks: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 10.0,
+        max_bytes: int = 10 * 1024 * 1024,
+        max_redirects: int = 3,
+        allow_networks: tuple[str, ...] = (),
+    ) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
@@ -94,17 +100,30 @@ class UrlFetcher:
         timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
         pool: urllib3.HTTPConnectionPool
         if parts.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(address, port, server_hostname=host, assert_hostname=host,
-                                               cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
-                                               maxsize=1, retries=False)
+            pool = urllib3.HTTPSConnectionPool(
+                address,
+                port,
+                server_hostname=host,
+                assert_hostname=host,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=certifi.where(),
+                maxsize=1,
+                retries=False,
+            )
         else:
             pool = urllib3.HTTPConnectionPool(address, port, maxsize=1, retries=False)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = parts.netloc.rsplit("@", 1)[-1]
         try:
-            return pool.urlopen("GET", path, headers={"Host": host_header, "Accept": "image/*",
-                                                      "User-Agent": "imagerec-gateway/1"},
-                                redirect=False, retries=False, preload_content=False, timeout=timeout)
+            return pool.urlopen(
+                "GET",
+                path,
+                headers={"Host": host_header, "Accept": "image/*", "User-Agent": "imagerec-gateway/1"},
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                timeout=timeout,
+            )
         except urllib3.exceptions.TimeoutError:
             raise UrlFetchTimeout(f"{host} did not answer within {self.timeout_s:g}s") from None
         except urllib3.exceptions.HTTPError as exc:
@@ -115,8 +134,7 @@ class UrlFetcher:
             raise UrlFetchFailed(f"the image URL answered HTTP {response.status}")
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not content_type.startswith("image/"):
-            raise UnsupportedMediaType(f"the URL's content type is {content_type or 'missing'}, "
-                                       "not image/*")
+            raise UnsupportedMediaType(f"the URL's content type is {content_type or 'missing'}, not image/*")
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise ImageTooLarge(f"the image at the URL is {declared} bytes; the limit is {self.max_bytes}")

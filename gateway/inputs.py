@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -67,26 +68,35 @@ class InputReader:
         if mimetype.startswith("image/") or mimetype == "application/octet-stream":
             return [ImageInput("body", request.get_data(cache=False))], False
         if not mimetype and not request.content_length:
-            raise BadRequest("send an image: multipart 'file', JSON {'image'|'url'|'images'}, "
-                             "a form field 'image', or a raw image/* body")
-        raise UnsupportedMediaType(f"Content-Type {mimetype or 'missing'} is not accepted; use "
-                                   "multipart/form-data, application/json or image/*")
+            raise BadRequest(
+                "send an image: multipart 'file', JSON {'image'|'url'|'images'}, "
+                "a form field 'image', or a raw image/* body"
+            )
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype or 'missing'} is not accepted; use "
+            "multipart/form-data, application/json or image/*"
+        )
 
     def _check_count(self, count: int) -> None:
         if count > self.max_images:
-            raise BadRequest(f"{count} images in one request; the limit is {self.max_images}",
-                             code="too_many_images")
+            raise BadRequest(
+                f"{count} images in one request; the limit is {self.max_images}", code="too_many_images"
+            )
 
     def _form(self, request: Request) -> tuple[list[ImageInput], bool]:
         batch_files = request.files.getlist("files")
         if batch_files:
             self._check_count(len(batch_files))
-            return [ImageInput(f.filename or f"files[{i}]", f.read()) for i, f in enumerate(batch_files)], True
+            return [
+                ImageInput(f.filename or f"files[{i}]", f.read()) for i, f in enumerate(batch_files)
+            ], True
         single = request.files.get("file")
         if single is not None:
             return [ImageInput(single.filename or "file", single.read())], False
         if "image" in request.form:
-            return [self._item("image", lambda: decode_base64(request.form["image"], self.max_image_bytes))], False
+            return [
+                self._item("image", lambda: decode_base64(request.form["image"], self.max_image_bytes))
+            ], False
         if "url" in request.form:
             return [self._item("url", lambda: self.fetch(request.form["url"]))], False
         raise BadRequest("form has no image: send a 'file' or 'files' part, or an 'image' or 'url' field")
@@ -103,8 +113,10 @@ class InputReader:
             if not isinstance(items, list) or not items:
                 raise BadRequest("'images' must be a non-empty list")
             self._check_count(len(items))
-            return [self._item(f"images[{i}]", lambda v=v: self._json_image(v, bare_string=True))
-                    for i, v in enumerate(items)], True
+            return [
+                self._item(f"images[{i}]", functools.partial(self._json_image, v, bare_string=True))
+                for i, v in enumerate(items)
+            ], True
         if "image" in body or "url" in body:
             return [self._item("image", lambda: self._json_image(body, bare_string=False))], False
         raise BadRequest("JSON body needs 'image' (base64), 'url', or 'images' (a list)")

@@ -41,8 +41,7 @@ def select(args: MultiDict[str, str], settings: GatewaySettings, client: ModelCl
         members = (args["model"],)
         name = members[0]
     else:
-        raise BadRequest(f"choose a model: ?model=<{'|'.join(settings.models)}|ensemble> "
-                         "or ?models=a,b")
+        raise BadRequest(f"choose a model: ?model=<{'|'.join(settings.models)}|ensemble> or ?models=a,b")
     for member in members:
         client.registry.replicas(member)  # raises UnknownModel listing what exists
     if name != "ensemble":
@@ -82,14 +81,24 @@ class Predictor:
                 except ServiceError as exc:
                     item.error = exc
 
-    def _call_members(self, selection: Selection, images: list[bytes], top_k: int,
-                      request_id: str) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
-        futures = {m: self.pool.submit(self.client.predict, m, images, top_k=top_k,
-                                       probabilities=selection.vote is not None, request_id=request_id)
-                   for m in selection.members}
+    def _call_members(
+        self, selection: Selection, images: list[bytes], top_k: int, request_id: str
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
+        futures = {
+            m: self.pool.submit(
+                self.client.predict,
+                m,
+                images,
+                top_k=top_k,
+                probabilities=selection.vote is not None,
+                request_id=request_id,
+            )
+            for m in selection.members
+        }
         budget = self.settings.connect_timeout_s * 2 + self.settings.member_timeout_s
         wait(futures.values(), timeout=budget)
-        replies, failures = {}, {}
+        replies: dict[str, dict[str, Any]] = {}
+        failures: dict[str, ServiceError] = {}
         for member, future in futures.items():
             if not future.done():
                 future.cancel()
@@ -102,8 +111,9 @@ class Predictor:
                 replies[member] = future.result()
         return replies, failures
 
-    def _check_quorum(self, selection: Selection, replies: dict[str, Any],
-                      failures: dict[str, ServiceError]) -> None:
+    def _check_quorum(
+        self, selection: Selection, replies: dict[str, Any], failures: dict[str, ServiceError]
+    ) -> None:
         client_errors = [f for f in failures.values() if 400 <= f.status < 500]
         if client_errors:
             raise client_errors[0]  # the request itself is wrong: every member would say so
@@ -114,17 +124,25 @@ class Predictor:
         needed = max(1, math.ceil(self.settings.ensemble_quorum * len(selection.members)))
         if len(replies) < needed:
             reasons = "; ".join(f"{m}: {e.message}" for m, e in failures.items())
-            raise ServiceError(f"only {len(replies)} of {len(selection.members)} members answered "
-                               f"(quorum {needed}): {reasons}", code="ensemble_quorum_not_met",
-                               status=503, retry_after=2)
+            raise ServiceError(
+                f"only {len(replies)} of {len(selection.members)} members answered "
+                f"(quorum {needed}): {reasons}",
+                code="ensemble_quorum_not_met",
+                status=503,
+                retry_after=2,
+            )
 
-    def run(self, selection: Selection, items: list[ImageInput], *, top_k: int,
-            request_id: str) -> dict[str, Any]:
+    def run(
+        self, selection: Selection, items: list[ImageInput], *, top_k: int, request_id: str
+    ) -> dict[str, Any]:
         """Call the members for every valid item and merge; item errors stay on their items."""
         started = time.perf_counter()
         valid = [i for i, item in enumerate(items) if item.error is None]
-        replies, failures = self._call_members(
-            selection, [items[i].data for i in valid], top_k, request_id) if valid else ({}, {})
+        replies, failures = (
+            self._call_members(selection, [items[i].data for i in valid], top_k, request_id)
+            if valid
+            else ({}, {})
+        )
         upstream_ms = (time.perf_counter() - started) * 1000
         self._check_quorum(selection, replies, failures)
 
@@ -132,14 +150,19 @@ class Predictor:
         if selection.vote is not None and replies:
             hashes = {reply.get("labels_hash") for reply in replies.values()}
             if len(hashes) != 1:
-                raise BadRequest("these models have different label sets and cannot vote together",
-                                 code="incompatible_members")
+                raise BadRequest(
+                    "these models have different label sets and cannot vote together",
+                    code="incompatible_members",
+                )
             first = next(iter(replies))
             labels = self.client.labels(first, str(hashes.pop()))
 
         outcomes: list[dict[str, Any]] = [
             {"index": i, "name": item.name, "error": {**item.error.to_dict(), "status": item.error.status}}
-            if item.error else {"index": i, "name": item.name} for i, item in enumerate(items)]
+            if item.error
+            else {"index": i, "name": item.name}
+            for i, item in enumerate(items)
+        ]
         for position, index in enumerate(valid):
             answers = {m: reply["results"][position] for m, reply in replies.items()}
             answered = {m: a for m, a in answers.items() if "predictions" in a}
@@ -151,14 +174,19 @@ class Predictor:
                 vote = selection.vote or "soft"
                 vectors = [_probabilities(a, m, len(labels)) for m, a in answered.items()]
                 outcomes[index]["predictions"] = ensemble.merge(
-                    vote, vectors, [selection.weights[m] for m in answered], labels, top_k)
+                    vote, vectors, [selection.weights[m] for m in answered], labels, top_k
+                )
                 outcomes[index]["member_predictions"] = {m: a["predictions"] for m, a in answered.items()}
 
         return {
-            "outcomes": outcomes, "replies": replies, "failures": failures,
+            "outcomes": outcomes,
+            "replies": replies,
+            "failures": failures,
             "timing_ms": {
                 "decode": max((r.get("timing_ms", {}).get("decode", 0) for r in replies.values()), default=0),
-                "inference": max((r.get("timing_ms", {}).get("inference", 0) for r in replies.values()),
-                                 default=0),
-                "upstream": round(upstream_ms, 2)},
+                "inference": max(
+                    (r.get("timing_ms", {}).get("inference", 0) for r in replies.values()), default=0
+                ),
+                "upstream": round(upstream_ms, 2),
+            },
         }

@@ -29,8 +29,9 @@ class Replica:
 class Registry:
     """Replicas per model; a poller keeps ``ready`` fresh, callers report failures in between."""
 
-    def __init__(self, replicas: Mapping[str, Sequence[str]], session: requests.Session,
-                 probe_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, replicas: Mapping[str, Sequence[str]], session: requests.Session, probe_timeout_s: float = 1.0
+    ) -> None:
         self._replicas = {name: [Replica(url) for url in urls] for name, urls in replicas.items()}
         self._session = session
         self._probe_timeout_s = probe_timeout_s
@@ -46,15 +47,16 @@ class Registry:
         try:
             return self._replicas[model]
         except KeyError:
-            raise UnknownModel(f"unknown model {model!r}; available: "
-                               f"{', '.join(self._replicas)}, ensemble") from None
+            raise UnknownModel(
+                f"unknown model {model!r}; available: {', '.join(self._replicas)}, ensemble"
+            ) from None
 
     def candidates(self, model: str) -> list[Replica]:
         """Ready replicas in round-robin order, then the rest (their state may be stale)."""
         replicas = self.replicas(model)
         with self._lock:
             turn = next(self._turns[model])
-        rotated = replicas[turn % len(replicas):] + replicas[:turn % len(replicas)]
+        rotated = replicas[turn % len(replicas) :] + replicas[: turn % len(replicas)]
         return [r for r in rotated if r.ready] + [r for r in rotated if not r.ready]
 
     def mark_down(self, replica: Replica) -> None:
@@ -94,8 +96,17 @@ class Registry:
         return {
             "name": model,
             "status": "ready" if first else "unavailable",
-            **{key: first.get(key) for key in
-               ("input_size", "preprocessing", "weights", "weights_hash", "backend", "classes")},
-            "replicas": [{"url": r.url, "ready": r.ready, "weights": r.metadata.get("weights"),
-                          "state": r.metadata.get("state", "unreachable")} for r in replicas],
+            **{
+                key: first.get(key)
+                for key in ("input_size", "preprocessing", "weights", "weights_hash", "backend", "classes")
+            },
+            "replicas": [
+                {
+                    "url": r.url,
+                    "ready": r.ready,
+                    "weights": r.metadata.get("weights"),
+                    "state": r.metadata.get("state", "unreachable"),
+                }
+                for r in replicas
+            ],
         }

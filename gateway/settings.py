@@ -24,7 +24,9 @@ class GatewaySettings:
     max_top_k: int = setting(1000, "largest top_k accepted")
     max_body_bytes: int = setting(10 * 1024 * 1024, "largest request body, form fields included (413)")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest single encoded image (413)")
-    max_image_pixels: int = setting(40_000_000, "largest declared width x height (413), checked before decoding")
+    max_image_pixels: int = setting(
+        40_000_000, "largest declared width x height (413), checked before decoding"
+    )
     max_batch_images: int = setting(32, "most images in one request, checked before decoding")
     connect_timeout_s: float = setting(1.0, "connect timeout to a model replica")
     member_timeout_s: float = setting(30.0, "time a model replica has to answer")
@@ -33,7 +35,9 @@ class GatewaySettings:
     fetch_timeout_s: float = setting(10.0, "total time for fetching an image URL, redirects included")
     fetch_max_bytes: int = setting(10 * 1024 * 1024, "largest image fetched from a URL")
     fetch_max_redirects: int = setting(3, "redirect hops followed (each one re-checked)")
-    fetch_allow_networks: tuple[str, ...] = setting((), "CIDRs the URL fetcher may reach besides public addresses (off)")
+    fetch_allow_networks: tuple[str, ...] = setting(
+        (), "CIDRs the URL fetcher may reach besides public addresses (off)"
+    )
     legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
     legacy_top_k: int = setting(3, "predictions returned by the seed routes")
     replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

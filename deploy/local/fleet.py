@@ -88,22 +88,36 @@ class Fleet:
         s = self.settings
         gunicorn = f"{sys.executable} -m gunicorn --config {ROOT}/deploy/gunicorn.conf.py"
         programs = {
-            name: (f"{gunicorn} --chdir {ROOT} --bind {s.host}:{port} --workers 1 --threads "
-                   f"{s.service_threads} 'services.{name}:create_app()'", {})
-            for name, port in self.service_ports().items() if name in s.models}
+            name: (
+                f"{gunicorn} --chdir {ROOT} --bind {s.host}:{port} --workers 1 --threads "
+                f"{s.service_threads} 'services.{name}:create_app()'",
+                {},
+            )
+            for name, port in self.service_ports().items()
+            if name in s.models
+        }
         for extra in self.extra:
             programs[extra.name] = (
                 f"{gunicorn} --chdir {ROOT} --bind {s.host}:{extra.port} --workers 1 --threads "
                 f"{s.service_threads} 'services.custom:create_app()'",
-                {"CUSTOM_NAME": extra.name, "CUSTOM_LABELS": extra.labels_path,
-                 "CUSTOM_INPUT_SIZE": str(extra.input_size), "CUSTOM_PREPROCESSING": extra.preprocessing,
-                 f"{extra.name.upper()}_WEIGHTS": extra.model_path})
+                {
+                    "CUSTOM_NAME": extra.name,
+                    "CUSTOM_LABELS": extra.labels_path,
+                    "CUSTOM_INPUT_SIZE": str(extra.input_size),
+                    "CUSTOM_PREPROCESSING": extra.preprocessing,
+                    f"{extra.name.upper()}_WEIGHTS": extra.model_path,
+                },
+            )
         programs["gateway"] = (
             f"{gunicorn} --chdir {ROOT} --bind {s.host}:{s.gateway_port} --workers {s.gateway_workers} "
-            f"--threads {s.gateway_threads} 'gateway.app:create_app()'", {})
+            f"--threads {s.gateway_threads} 'gateway.app:create_app()'",
+            {},
+        )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        programs["nginx"] = (f"{nginx} -p {self.run_dir}/nginx -c {self.run_dir}/nginx/nginx.conf "
-                             f"-g 'daemon off;'", {})
+        programs["nginx"] = (
+            f"{nginx} -p {self.run_dir}/nginx -c {self.run_dir}/nginx/nginx.conf -g 'daemon off;'",
+            {},
+        )
         return programs
 
     def render(self) -> Path:
@@ -119,15 +133,23 @@ class Fleet:
             temp_dir.chmod(0o755)
             user = "user nobody nogroup;"
         values = {
-            "NGINX_PORT": f"{s.host}:{s.nginx_port}", "GATEWAY_UPSTREAM": f"{s.host}:{s.gateway_port}",
-            "NGINX_MAX_BODY_SIZE": s.nginx_max_body_size, "NGINX_BODY_BUFFER_SIZE": s.nginx_body_buffer_size,
+            "NGINX_PORT": f"{s.host}:{s.nginx_port}",
+            "GATEWAY_UPSTREAM": f"{s.host}:{s.gateway_port}",
+            "NGINX_MAX_BODY_SIZE": s.nginx_max_body_size,
+            "NGINX_BODY_BUFFER_SIZE": s.nginx_body_buffer_size,
             "NGINX_CLIENT_TIMEOUT": s.nginx_client_timeout,
             "NGINX_PROXY_CONNECT_TIMEOUT": s.nginx_proxy_connect_timeout,
-            "NGINX_PROXY_READ_TIMEOUT": s.nginx_proxy_read_timeout, "NGINX_WORKERS": str(s.nginx_workers),
-            "NGINX_DIR": str(nginx_dir), "LOG_DIR": str(log_dir), "NGINX_TEMP_DIR": str(temp_dir),
-            "NGINX_USER_DIRECTIVE": user}
-        for template, target in (("imagerec.conf.template", "imagerec.conf"),
-                                 ("nginx.local.conf.template", "nginx.conf")):
+            "NGINX_PROXY_READ_TIMEOUT": s.nginx_proxy_read_timeout,
+            "NGINX_WORKERS": str(s.nginx_workers),
+            "NGINX_DIR": str(nginx_dir),
+            "LOG_DIR": str(log_dir),
+            "NGINX_TEMP_DIR": str(temp_dir),
+            "NGINX_USER_DIRECTIVE": user,
+        }
+        for template, target in (
+            ("imagerec.conf.template", "imagerec.conf"),
+            ("nginx.local.conf.template", "nginx.conf"),
+        ):
             text = (NGINX_TEMPLATES / template).read_text()
             (nginx_dir / target).write_text(string.Template(text).safe_substitute(values))
         conf = self.run_dir / "supervisord.conf"
@@ -137,17 +159,38 @@ class Fleet:
     def _supervisord_conf(self, log_dir: Path) -> str:
         run = self.run_dir
         lines = [
-            "[supervisord]", "nodaemon=true", f"logfile={log_dir}/supervisord.log",
-            f"pidfile={run}/supervisord.pid", f"childlogdir={log_dir}", "",
-            "[unix_http_server]", f"file={run}/supervisor.sock", "chmod=0700", "",
+            "[supervisord]",
+            "nodaemon=true",
+            f"logfile={log_dir}/supervisord.log",
+            f"pidfile={run}/supervisord.pid",
+            f"childlogdir={log_dir}",
+            "",
+            "[unix_http_server]",
+            f"file={run}/supervisor.sock",
+            "chmod=0700",
+            "",
             "[rpcinterface:supervisor]",
-            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-            "[supervisorctl]", f"serverurl=unix://{run}/supervisor.sock", ""]
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisorctl]",
+            f"serverurl=unix://{run}/supervisor.sock",
+            "",
+        ]
         for name, (command, env) in self.programs().items():
-            lines += [f"[program:{name}]", f"command={command.replace('%', '%%')}", f"directory={ROOT}",
-                      "autostart=true", "autorestart=true", "startsecs=1", "startretries=10",
-                      "stopsignal=" + ("QUIT" if name == "nginx" else "TERM"), "stopwaitsecs=35",
-                      "stopasgroup=true", "killasgroup=true", "redirect_stderr=true"]
+            lines += [
+                f"[program:{name}]",
+                f"command={command.replace('%', '%%')}",
+                f"directory={ROOT}",
+                "autostart=true",
+                "autorestart=true",
+                "startsecs=1",
+                "startretries=10",
+                "stopsignal=" + ("QUIT" if name == "nginx" else "TERM"),
+                "stopwaitsecs=35",
+                "stopasgroup=true",
+                "killasgroup=true",
+                "redirect_stderr=true",
+            ]
             if env:
                 quoted = ",".join(f'{k}="{v}"'.replace("%", "%%") for k, v in env.items())
                 lines.append(f"environment={quoted}")
@@ -167,9 +210,12 @@ def main() -> None:
     fleet = Fleet(settings)
     command = fleet.command()
     os.environ.update(fleet.environment())
-    print(f"imagerec fleet: {fleet.url}  (models load in ~30-60 s; watch {fleet.url}/v1/models)\n"
-          f"  try: curl -F file=@tests/fixtures/chelsea.jpg '{fleet.url}/v1/predict?model=resnet50'\n"
-          f"  configs and logs: {fleet.run_dir}   stop: Ctrl-C", flush=True)
+    print(
+        f"imagerec fleet: {fleet.url}  (models load in ~30-60 s; watch {fleet.url}/v1/models)\n"
+        f"  try: curl -F file=@tests/fixtures/chelsea.jpg '{fleet.url}/v1/predict?model=resnet50'\n"
+        f"  configs and logs: {fleet.run_dir}   stop: Ctrl-C",
+        flush=True,
+    )
     os.execv(command[0], command)
 
 

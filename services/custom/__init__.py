@@ -27,8 +27,12 @@ class CustomModelSettings:
 def spec_from_settings(settings: CustomModelSettings) -> ModelSpec:
     if not settings.labels:
         raise ValueError("CUSTOM_LABELS must name the labels file of a custom model")
-    return ModelSpec(name=settings.name, input_size=settings.input_size,
-                     preprocessing=settings.preprocessing, labels_path=Path(settings.labels))
+    return ModelSpec(
+        name=settings.name,
+        input_size=settings.input_size,
+        preprocessing=settings.preprocessing,
+        labels_path=Path(settings.labels),
+    )
 
 
 def create_app() -> Flask:

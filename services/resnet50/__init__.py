@@ -5,7 +5,9 @@ from flask import Flask
 from common import service
 from common.models import keras_application
 
-SPEC = keras_application("resnet50", "ResNet50", 224, "caffe", "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5")
+SPEC = keras_application(
+    "resnet50", "ResNet50", 224, "caffe", "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+)
 
 
 def create_app(settings: service.ServiceSettings | None = None) -> Flask:

@@ -1,0 +1,48 @@
+# Two commands for a newcomer: `make run` (the whole fleet) and `make test` (the whole suite).
+# Each sets up what it needs: a virtualenv with the project's packages, and Nginx.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast lint weights nginx clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Nginx from Debian's packages when missing and we are root; otherwise say what to do.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
+	  else \
+	    echo "Nginx is missing: run 'sudo apt-get install nginx-light' (or your system's nginx package)" >&2; exit 1; \
+	  fi; }
+
+## The whole fleet in the foreground: Nginx :8080 -> gateway :8000 -> vgg16/resnet50/inceptionv3.
+run: $(STAMP) nginx
+	$(PY) -m deploy.local.fleet
+
+## The whole suite, end-to-end tests included (~10 minutes on 2 cores).
+test: $(STAMP) nginx
+	$(PY) -m pytest
+
+## Unit tests only (no fleet, no full-size models).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e and not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy common gateway
+
+## On a machine with internet: the three ImageNet weight files into the Keras cache.
+weights: $(STAMP)
+	$(PY) -m common.fetch_weights
+
+clean:
+	rm -rf run .pytest_cache

@@ -1,0 +1,47 @@
+"""Shared fixtures: a clean environment for every test, photos, and small image factories."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from common.service import ServiceSettings
+from gateway.settings import GatewaySettings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")
+_SERVICE_FIELDS = {f.name.upper() for f in dataclasses.fields(ServiceSettings)}
+_PREFIXES = ("GATEWAY_", "FLEET_", "CUSTOM_", "VGG16_", "RESNET50_", "INCEPTIONV3_", "SHAPES_")
+
+
+def _is_project_variable(name: str) -> bool:
+    return name in _SERVICE_FIELDS or name.startswith(_PREFIXES) or name.endswith("_URLS")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's WEIGHTS, GATEWAY_*, <MODEL>_URLS, ... settings."""
+    for name in list(os.environ):
+        if _is_project_variable(name):
+            monkeypatch.delenv(name)
+
+
+def photo(name: str = "chelsea.jpg") -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def gateway_settings(**overrides: object) -> GatewaySettings:
+    replicas = {"vgg16": ("http://vgg16:8501",), "resnet50": ("http://r1:8502", "http://r2:8502"),
+                "inceptionv3": ("http://inceptionv3:8503",)}
+    return GatewaySettings(**{"replicas": replicas, **overrides})  # type: ignore[arg-type]

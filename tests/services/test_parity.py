@@ -1,0 +1,78 @@
+"""Each service answers exactly what the Keras reference path answers for the same weights.
+
+Reference: the Keras application built independently with the same seed, fed by Keras'
+own ``preprocess_input`` and called through ``model.predict`` - the path the Keras docs show.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from common import imaging
+from common.runtime import weights_digest
+from common.service import ServiceSettings, create_app
+from services import inceptionv3, resnet50, vgg16
+from tests.common.test_preprocessing import KERAS_MODULES
+from tests.conftest import PHOTOS, photo
+
+SEED = 1234
+MAX_ABS_DIFF = 1e-5
+RTOL, ATOL = 1e-4, 1e-8  # tight enough to tell the preprocessing modes apart (see the control)
+
+pytestmark = pytest.mark.slow
+
+
+def probabilities(body: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(body["probabilities"]["data"]), "<f4")
+
+
+@pytest.mark.parametrize("spec", [vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC], ids=lambda s: s.name)
+def test_service_probabilities_equal_keras_reference(spec) -> None:
+    app = create_app(spec, ServiceSettings(weights="random", weights_seed=SEED), background_load=False)
+    client = app.test_client()
+    keras.utils.set_random_seed(SEED)
+    reference_model = getattr(keras.applications, spec.builder)(weights=None)
+    assert app.extensions["model"].info.weights_hash == weights_digest(reference_model.get_weights())
+
+    module = KERAS_MODULES[spec.name]
+    wrong_mode = "tf" if spec.preprocessing == "caffe" else "caffe"
+    for name in PHOTOS:
+        response = client.post("/v1/predict?probabilities=true&top_k=5", data=photo(name),
+                               content_type="image/jpeg")
+        body = response.get_json()
+        assert response.status_code == 200, body
+        ours = probabilities(body)
+        pixels = imaging.load_pixels(photo(name), spec.input_size, imaging.ImageLimits())[None]
+        reference = reference_model.predict(module.preprocess_input(pixels.copy()), verbose=0)[0]
+
+        assert np.abs(ours - reference).max() <= MAX_ABS_DIFF
+        np.testing.assert_allclose(ours, reference, rtol=RTOL, atol=ATOL)
+        assert [p["index"] for p in body["predictions"]] == list(np.argsort(-reference, kind="stable")[:5])
+
+        # Control: the same comparison notices a wrong preprocessing mode, so it can fail.
+        wrong = reference_model.predict(
+            keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode=wrong_mode), verbose=0)[0]
+        assert not np.allclose(ours, wrong, rtol=RTOL, atol=ATOL)
+
+
+def test_random_weights_are_identical_across_restarts() -> None:
+    """Same seed, same numbers, in a fresh process (what a restarted service does)."""
+    code = (
+        "from common.runtime import build_keras_model, weights_digest\n"
+        "from common.weights import WeightsPlan\nfrom services import resnet50\n"
+        f"m = build_keras_model(resnet50.SPEC, WeightsPlan('random', seed={SEED}))\n"
+        "print(weights_digest(m.get_weights()))\n"
+    )
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+               .stdout.strip().splitlines()[-1] for _ in range(2)}
+    keras.utils.set_random_seed(SEED)
+    in_process = weights_digest(keras.applications.ResNet50(weights=None).get_weights())
+    assert digests == {in_process}
+    keras.utils.set_random_seed(SEED + 1)
+    assert weights_digest(keras.applications.ResNet50(weights=None).get_weights()) != in_process
