@@ -44,6 +44,8 @@ def decode_base64(text: object, max_bytes: int) -> bytes:
         raise ImageTooLarge(f"base64 image decodes to more than {max_bytes} bytes")
     if "-" in text or "_" in text:
         text = text.replace("-", "+").replace("_", "/")  # URL-safe alphabet
+    if len(text) % 4:
+        raise BadRequest("image is not valid base64: bad padding", code="invalid_base64")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -42,6 +42,9 @@ def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
 
 
 def gateway_settings(**overrides: object) -> GatewaySettings:
-    replicas = {"vgg16": ("http://vgg16:8501",), "resnet50": ("http://r1:8502", "http://r2:8502"),
-                "inceptionv3": ("http://inceptionv3:8503",)}
+    replicas = {
+        "vgg16": ("http://vgg16:8501",),
+        "resnet50": ("http://r1:8502", "http://r2:8502"),
+        "inceptionv3": ("http://inceptionv3:8503",),
+    }
     return GatewaySettings(**{"replicas": replicas, **overrides})  # type: ignore[arg-type]

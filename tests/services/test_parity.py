@@ -43,8 +43,9 @@ def test_service_probabilities_equal_keras_reference(spec) -> None:
     module = KERAS_MODULES[spec.name]
     wrong_mode = "tf" if spec.preprocessing == "caffe" else "caffe"
     for name in PHOTOS:
-        response = client.post("/v1/predict?probabilities=true&top_k=5", data=photo(name),
-                               content_type="image/jpeg")
+        response = client.post(
+            "/v1/predict?probabilities=true&top_k=5", data=photo(name), content_type="image/jpeg"
+        )
         body = response.get_json()
         assert response.status_code == 200, body
         ours = probabilities(body)
@@ -57,7 +58,8 @@ def test_service_probabilities_equal_keras_reference(spec) -> None:
 
         # Control: the same comparison notices a wrong preprocessing mode, so it can fail.
         wrong = reference_model.predict(
-            keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode=wrong_mode), verbose=0)[0]
+            keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode=wrong_mode), verbose=0
+        )[0]
         assert not np.allclose(ours, wrong, rtol=RTOL, atol=ATOL)
 
 
@@ -69,8 +71,12 @@ def test_random_weights_are_identical_across_restarts() -> None:
         f"m = build_keras_model(resnet50.SPEC, WeightsPlan('random', seed={SEED}))\n"
         "print(weights_digest(m.get_weights()))\n"
     )
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-               .stdout.strip().splitlines()[-1] for _ in range(2)}
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+        for _ in range(2)
+    }
     keras.utils.set_random_seed(SEED)
     in_process = weights_digest(keras.applications.ResNet50(weights=None).get_weights())
     assert digests == {in_process}

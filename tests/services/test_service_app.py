@@ -17,6 +17,7 @@ from common.service import ServiceSettings, create_app
 from services import resnet50
 from tests.conftest import encode, photo
 
+
 def upload(data: bytes, name: str) -> tuple[io.BytesIO, str]:
     return io.BytesIO(data), name
 
@@ -105,8 +106,9 @@ def test_predict_single_image(client: FlaskClient, how: str) -> None:
     body = response.get_json()
     assert response.status_code == 200, body
     assert body["model"] == "resnet50" and body["weights"] == "random"
-    assert [p["score"] for p in body["predictions"]] == sorted((p["score"] for p in body["predictions"]),
-                                                               reverse=True)
+    assert [p["score"] for p in body["predictions"]] == sorted(
+        (p["score"] for p in body["predictions"]), reverse=True
+    )
     assert len(body["predictions"]) == 3
     assert set(body["predictions"][0]) == {"label", "class_id", "index", "score"}
     assert set(body["timing_ms"]) == {"decode", "preprocess", "inference", "total"}
@@ -143,10 +145,12 @@ def test_probabilities_are_returned_compactly(client: FlaskClient) -> None:
         ("", b"\xff" * 2_100_000, 413, "request_entity_too_large"),
     ],
 )
-def test_bad_requests_get_json_errors(client: FlaskClient, query: str, data: bytes | None, status: int,
-                                      code: str) -> None:
-    response = client.post(f"/v1/predict{query}", data=photo() if data is None else data,
-                           content_type="image/jpeg")
+def test_bad_requests_get_json_errors(
+    client: FlaskClient, query: str, data: bytes | None, status: int, code: str
+) -> None:
+    response = client.post(
+        f"/v1/predict{query}", data=photo() if data is None else data, content_type="image/jpeg"
+    )
     assert_error(response, status, code)
 
 

@@ -38,11 +38,14 @@ def test_imagenet_missing_with_downloads_allowed_defers_to_keras(tmp_path: Path)
 def test_cached_imagenet_file_is_used(tmp_path: Path, mode: str) -> None:
     home = cache_with(tmp_path, inceptionv3.SPEC)
     plan = resolve(inceptionv3.SPEC, mode, keras_home=home)
-    assert plan.kind == "imagenet" and plan.path == Path(home) / "models" / str(inceptionv3.SPEC.imagenet_file)
+    assert plan.kind == "imagenet" and plan.path == Path(home) / "models" / str(
+        inceptionv3.SPEC.imagenet_file
+    )
 
 
-def test_auto_without_weights_falls_back_to_random_loudly(tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_without_weights_falls_back_to_random_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         plan = resolve(resnet50.SPEC, "auto", seed=3, keras_home=str(tmp_path))
     assert plan == WeightsPlan("random", seed=3)

@@ -1,0 +1,282 @@
+"""The gateway's routes with a fake model client: inputs, routing, ensembles, batches, seed routes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from flask.testing import FlaskClient
+from PIL import Image
+
+from common.errors import ModelUnavailable, UpstreamTimeout
+from gateway.app import create_app
+from tests.conftest import encode, gateway_settings, photo
+from tests.gateway.fakes import FakeModelClient, fake_vector
+from tests.services.test_service_app import assert_error
+
+CAT = photo("chelsea.jpg")
+COFFEE = photo("coffee.jpg")
+
+
+class StubFetcher:
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def fetch(self, url: str) -> bytes:
+        self.urls.append(url)
+        return COFFEE
+
+
+@pytest.fixture
+def fake() -> FakeModelClient:
+    return FakeModelClient(gateway_settings())
+
+
+@pytest.fixture
+def fetcher() -> StubFetcher:
+    return StubFetcher()
+
+
+@pytest.fixture
+def client(fake: FakeModelClient, fetcher: StubFetcher) -> FlaskClient:
+    app = create_app(
+        gateway_settings(max_batch_images=4),
+        client=fake,
+        fetcher=fetcher,  # type: ignore[arg-type]
+        poll_health=False,
+    )
+    return app.test_client()
+
+
+def top(model: str, data: bytes, k: int = 5) -> list[int]:
+    return list(np.argsort(-fake_vector(model, data), kind="stable")[:k])
+
+
+def indices(predictions: list[dict]) -> list[int]:
+    return [p["index"] for p in predictions]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        lambda c: c.post("/v1/predict?model=resnet50", data={"file": (io.BytesIO(CAT), "cat.jpg")}),
+        lambda c: c.post("/v1/predict?model=resnet50", json={"image": b64(CAT)}),
+        lambda c: c.post("/v1/predict?model=resnet50", json={"image": "data:image/jpeg;base64," + b64(CAT)}),
+        lambda c: c.post("/v1/predict?model=resnet50", data={"image": b64(CAT)}),
+        lambda c: c.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg"),
+        lambda c: c.post(
+            "/v1/predict?model=resnet50",
+            json={"image": "\n".join(b64(CAT)[i : i + 76] for i in range(0, len(b64(CAT)), 76))},
+        ),
+    ],
+    ids=["multipart", "json-base64", "json-data-uri", "form-base64", "raw-body", "json-base64-wrapped"],
+)
+def test_every_input_kind_reaches_the_model_unchanged(client: FlaskClient, send) -> None:
+    response = send(client)
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["model"] == "resnet50" and body["weights"] == "random"
+    assert indices(body["predictions"]) == top("resnet50", CAT)
+    assert set(body["timing_ms"]) >= {"ingest", "decode", "inference", "total"}
+    assert list(body)[-1] == "timing_ms"
+
+
+def test_url_input_is_fetched(client: FlaskClient, fetcher: StubFetcher) -> None:
+    body = client.post("/v1/predict?model=vgg16", json={"url": "https://example.com/c.jpg"}).get_json()
+    assert fetcher.urls == ["https://example.com/c.jpg"]
+    assert indices(body["predictions"]) == top("vgg16", COFFEE)
+
+
+def test_large_base64_form_field_is_accepted(client: FlaskClient) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "PNG")
+    assert len(b64(data)) > 500_000  # over Werkzeug's default form-field limit
+    response = client.post("/v1/predict?model=resnet50", data={"image": b64(data)})
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": []}, 400, "bad_request"),
+        ({"json": "x"}, 400, "bad_request"),
+        ({"json": None, "data": "null", "content_type": "application/json"}, 400, "bad_request"),
+        ({"data": "1", "content_type": "application/json"}, 400, "bad_request"),
+        ({"data": "[" * 100_000, "content_type": "application/json"}, 400, "invalid_json"),
+        ({"data": "{not json", "content_type": "application/json"}, 400, "invalid_json"),
+        ({"json": {"picture": "x"}}, 400, "bad_request"),
+        ({"json": {"image": 5}}, 400, "bad_request"),
+        ({"json": {"image": "@@@not-base64@@@"}}, 400, "invalid_base64"),
+        ({"json": {"image": "QUJD="}}, 400, "invalid_base64"),
+        ({"json": {"image": "data:image/png,rawdata"}}, 400, "bad_request"),
+        ({"json": {"image": b64(b"just some text")}}, 415, "unsupported_media_type"),
+        ({"data": b"GIF89a-truncated", "content_type": "image/gif"}, 415, "unsupported_media_type"),
+        ({"data": b"", "content_type": "image/jpeg"}, 400, "invalid_image"),
+        ({"data": "hello", "content_type": "text/plain"}, 415, "unsupported_media_type"),
+        ({}, 400, "bad_request"),
+        ({"data": {"nothing": "here"}, "content_type": "multipart/form-data"}, 400, "bad_request"),
+        ({"data": {"file": (io.BytesIO(b"%PDF-1.4"), "\u6587\u4ef6.pdf")}}, 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_inputs_get_a_json_error_and_never_reach_a_model(
+    client: FlaskClient, fake: FakeModelClient, kwargs: dict, status: int, code: str
+) -> None:
+    assert_error(client.post("/v1/predict?model=resnet50", **kwargs), status, code)
+    assert fake.calls == []
+
+
+def test_model_selection_errors(client: FlaskClient) -> None:
+    assert_error(client.post("/v1/predict", data=CAT, content_type="image/jpeg"), 400, "bad_request")
+    response = client.post("/v1/predict?model=alexnet", data=CAT, content_type="image/jpeg")
+    assert_error(response, 404, "unknown_model")
+    assert all(name in response.get_json()["error"]["message"] for name in ("vgg16", "resnet50", "ensemble"))
+    assert_error(
+        client.post("/v1/predict?models=vgg16,alexnet", data=CAT, content_type="image/jpeg"),
+        404,
+        "unknown_model",
+    )
+    assert_error(
+        client.post("/v1/predict?model=ensemble&vote=plurality", data=CAT, content_type="image/jpeg"),
+        400,
+        "bad_request",
+    )
+    assert_error(
+        client.post("/v1/predict?model=ensemble&member_weights=vgg16:2", data=CAT, content_type="image/jpeg"),
+        400,
+        "bad_request",
+    )
+    assert_error(
+        client.post("/v1/predict?model=resnet50&top_k=0", data=CAT, content_type="image/jpeg"),
+        400,
+        "bad_request",
+    )
+
+
+def test_soft_ensemble_merges_every_member(client: FlaskClient, fake: FakeModelClient) -> None:
+    body = client.post("/v1/predict?model=ensemble&top_k=3", data=CAT, content_type="image/jpeg").get_json()
+    members = ["vgg16", "resnet50", "inceptionv3"]
+    assert body["members"] == members and body["vote"] == "soft" and body["degraded"] is False
+    assert body["weights"] == dict.fromkeys(members, "random")
+    mean = np.mean([fake_vector(m, CAT) for m in members], axis=0)
+    assert indices(body["predictions"]) == list(np.argsort(-mean, kind="stable")[:3])
+    assert body["predictions"][0]["score"] == pytest.approx(float(mean.max()), rel=1e-6)
+    assert {m: indices(p) for m, p in body["member_predictions"].items()} == {
+        m: top(m, CAT, 3) for m in members
+    }
+    assert sorted(call[0] for call in fake.calls) == sorted(members)
+    assert all(call[2] for call in fake.calls)  # probabilities were requested
+
+
+def test_weighted_and_hard_votes_on_a_subset(client: FlaskClient) -> None:
+    url = "/v1/predict?models=vgg16,resnet50&vote=weighted&member_weights=resnet50:3"
+    body = client.post(url, data=CAT, content_type="image/jpeg").get_json()
+    merged = (fake_vector("vgg16", CAT) + 3 * fake_vector("resnet50", CAT)) / 4
+    assert body["members"] == ["vgg16", "resnet50"]
+    assert body["member_weights"] == {"vgg16": 1.0, "resnet50": 3.0}
+    assert indices(body["predictions"]) == list(np.argsort(-merged, kind="stable")[:5])
+    hard = client.post("/v1/predict?model=ensemble&vote=hard", data=CAT, content_type="image/jpeg").get_json()
+    winners = {int(fake_vector(m, CAT).argmax()) for m in ("vgg16", "resnet50", "inceptionv3")}
+    assert hard["predictions"][0]["index"] in winners and hard["predictions"][0]["votes"] >= 1
+
+
+def test_ensemble_degrades_when_a_member_fails(client: FlaskClient, fake: FakeModelClient) -> None:
+    fake.failures["vgg16"] = ModelUnavailable("vgg16 is unavailable: connection refused")
+    response = client.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+    body = response.get_json()
+    assert response.status_code == 200
+    assert body["degraded"] is True
+    assert body["failed_members"] == [
+        {"model": "vgg16", "code": "model_unavailable", "reason": "vgg16 is unavailable: connection refused"}
+    ]
+    assert set(body["member_predictions"]) == {"resnet50", "inceptionv3"}
+    assert body["weights"]["vgg16"] is None
+
+
+def test_ensemble_below_quorum_is_503(client: FlaskClient, fake: FakeModelClient) -> None:
+    fake.failures["vgg16"] = ModelUnavailable("down")
+    fake.failures["inceptionv3"] = UpstreamTimeout("slow")
+    response = client.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+    assert_error(response, 503, "ensemble_quorum_not_met")
+    assert response.headers["Retry-After"]
+
+
+def test_single_model_failure_is_passed_on(client: FlaskClient, fake: FakeModelClient) -> None:
+    fake.failures["resnet50"] = ModelUnavailable("resnet50 is unavailable")
+    response = client.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
+    assert_error(response, 503, "model_unavailable")
+    assert response.headers["Retry-After"]
+
+
+def test_batch_keeps_order_and_one_bad_image_spares_the_rest(
+    client: FlaskClient, fake: FakeModelClient
+) -> None:
+    files = [
+        (io.BytesIO(CAT), "cat.jpg"),
+        (io.BytesIO(b"not an image"), "bad.txt"),
+        (io.BytesIO(COFFEE), "c.jpg"),
+    ]
+    body = client.post("/v1/predict?model=inceptionv3", data={"files": files}).get_json()
+    results = body["results"]
+    assert [r["name"] for r in results] == ["cat.jpg", "bad.txt", "c.jpg"]
+    assert indices(results[0]["predictions"]) == top("inceptionv3", CAT)
+    assert results[1]["error"]["code"] == "unsupported_media_type" and "predictions" not in results[1]
+    assert indices(results[2]["predictions"]) == top("inceptionv3", COFFEE)
+    assert fake.calls == [("inceptionv3", 2, False)]  # the bad image never left the gateway
+
+
+def test_json_batch_mixes_base64_and_urls(client: FlaskClient, fetcher: StubFetcher) -> None:
+    images = [b64(CAT), {"url": "https://example.com/c.jpg"}, "!!!", {"image": b64(COFFEE)}]
+    body = client.post("/v1/predict?model=ensemble&top_k=1", json={"images": images}).get_json()
+    results = body["results"]
+    assert [("error" in r) for r in results] == [False, False, True, False]
+    assert results[2]["error"]["code"] == "invalid_base64"
+    assert set(results[0]["member_predictions"]) == {"vgg16", "resnet50", "inceptionv3"}
+
+
+def test_batch_cap_is_checked_before_reading_any_image(client: FlaskClient, fake: FakeModelClient) -> None:
+    files = [(io.BytesIO(CAT), f"{i}.jpg") for i in range(5)]
+    assert_error(client.post("/v1/predict?model=vgg16", data={"files": files}), 400, "too_many_images")
+    assert_error(client.post("/v1/predict?model=vgg16", json={"images": ["x"] * 5}), 400, "too_many_images")
+    assert fake.calls == []
+
+
+def test_seed_routes_keep_their_shape(client: FlaskClient) -> None:
+    body = client.post("/predict", data={"file": (io.BytesIO(CAT), "cat.jpg")}).get_json()
+    assert list(body) == ["predictions"] and len(body["predictions"]) == 3
+    assert set(body["predictions"][0]) == {"label", "prob"}
+    for prefix in ("", "data:image/jpeg;base64,"):
+        again = client.post("/predict", data={"image": prefix + b64(CAT)}).get_json()
+        assert again == body
+    files = [(io.BytesIO(CAT), "a.jpg"), (io.BytesIO(b"zzz"), "b.jpg")]
+    batch = client.post("/batch_predict", data={"files": files}).get_json()
+    assert batch["results"][0] == {"filename": "a.jpg", "predictions": body["predictions"]}
+    assert batch["results"][1]["filename"] == "b.jpg" and "error" in batch["results"][1]
+
+
+def test_models_listing(client: FlaskClient) -> None:
+    body = client.get("/v1/models").get_json()
+    assert [m["name"] for m in body["models"]] == ["vgg16", "resnet50", "inceptionv3"]
+    resnet = body["models"][1]
+    assert [r["url"] for r in resnet["replicas"]] == ["http://r1:8502", "http://r2:8502"]
+    assert body["ensemble"]["members"] == ["vgg16", "resnet50", "inceptionv3"]
+
+
+def test_health(client: FlaskClient) -> None:
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/health/ready").status_code == 200
+    assert_error(client.get("/nowhere"), 404, "not_found")
+    assert_error(client.get("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_body_cap_is_413_json(fake: FakeModelClient) -> None:
+    app = create_app(gateway_settings(max_body_bytes=1000), client=fake, poll_health=False)  # type: ignore[arg-type]
+    response = app.test_client().post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg")
+    assert_error(response, 413, "request_entity_too_large")
+    assert json.loads(response.get_data())["error"]["message"]
