@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common gateway
+	$(VENV)/bin/mypy common gateway deploy
 
 ## On a machine with internet: the three ImageNet weight files into the Keras cache.
 weights: $(STAMP)

@@ -25,6 +25,7 @@ from common.settings import load, setting
 from common.weights import resolve
 
 log = logging.getLogger(__name__)
+MAX_TOP_K = 1000
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,8 @@ def create_app(
     def predict() -> Response:
         started = time.perf_counter()
         info = model.require_ready()
-        top_k = web.query_int("top_k", settings.default_top_k, 1, len(model.labels))
+        # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
+        top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
         with_probabilities = web.query_flag("probabilities")
         images, batch = _request_images()
         if len(images) > settings.max_batch_images:

@@ -63,13 +63,13 @@ class ModelClient:
                 )
             except requests.ConnectionError as exc:  # includes ConnectTimeout
                 self.registry.mark_down(replica)
-                reason = f"{replica.url} unreachable ({type(exc).__name__})"
+                reason = f"replica unreachable ({type(exc).__name__})"
                 continue
             except requests.Timeout:
                 raise UpstreamTimeout(f"{model} did not answer within {self.timeout[1]:g}s") from None
             if response.status_code == 503:  # loading or shutting down: try another replica
                 self.registry.mark_down(replica)
-                reason = f"{replica.url} not ready"
+                reason = "replica not ready"
                 continue
             return self._parse(model, response, len(images))
         raise ModelUnavailable(f"{model} is unavailable: {reason}")

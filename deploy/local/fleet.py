@@ -7,6 +7,7 @@ the others. Nothing needs root: pid files, sockets, temp files and logs all live
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import string
@@ -71,6 +72,15 @@ class Fleet:
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.nginx_port}"
 
+    @property
+    def nginx_temp_dir(self) -> Path:
+        """Nginx's temp files. As root its workers run as nobody, who may not be able to traverse
+        the run folder, so they get a world-traversable folder of their own under /tmp."""
+        if os.geteuid() != 0:
+            return self.run_dir / "nginx" / "tmp"
+        digest = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"imagerec-nginx-{digest}"
+
     def service_ports(self) -> dict[str, int]:
         ports = {name: getattr(self.settings, f"{name}_port") for name in self.settings.models}
         return ports | {extra.name: extra.port for extra in self.extra}
@@ -83,23 +93,24 @@ class Fleet:
         env.setdefault("GATEWAY_ENSEMBLE_MODELS", ",".join(self.settings.models))
         return env
 
+    def _gunicorn(self, app: str, port: int, workers: int, threads: int) -> str:
+        return (
+            f"{sys.executable} -m gunicorn --config {ROOT}/deploy/gunicorn.conf.py --chdir {ROOT} "
+            f"--bind {self.settings.host}:{port} --workers {workers} --threads {threads} '{app}'"
+        )
+
     def programs(self) -> dict[str, tuple[str, dict[str, str]]]:
         """supervisord programs: name -> (command, extra environment)."""
         s = self.settings
-        gunicorn = f"{sys.executable} -m gunicorn --config {ROOT}/deploy/gunicorn.conf.py"
-        programs = {
-            name: (
-                f"{gunicorn} --chdir {ROOT} --bind {s.host}:{port} --workers 1 --threads "
-                f"{s.service_threads} 'services.{name}:create_app()'",
-                {},
-            )
-            for name, port in self.service_ports().items()
-            if name in s.models
-        }
+        programs: dict[str, tuple[str, dict[str, str]]] = {}
+        for name in s.models:
+            # One worker per model service: one model copy per process; threads feed it.
+            port = self.service_ports()[name]
+            programs[name] = (self._gunicorn(f"services.{name}:create_app()", port, 1, s.service_threads), {})
         for extra in self.extra:
+            command = self._gunicorn("services.custom:create_app()", extra.port, 1, s.service_threads)
             programs[extra.name] = (
-                f"{gunicorn} --chdir {ROOT} --bind {s.host}:{extra.port} --workers 1 --threads "
-                f"{s.service_threads} 'services.custom:create_app()'",
+                command,
                 {
                     "CUSTOM_NAME": extra.name,
                     "CUSTOM_LABELS": extra.labels_path,
@@ -109,8 +120,7 @@ class Fleet:
                 },
             )
         programs["gateway"] = (
-            f"{gunicorn} --chdir {ROOT} --bind {s.host}:{s.gateway_port} --workers {s.gateway_workers} "
-            f"--threads {s.gateway_threads} 'gateway.app:create_app()'",
+            self._gunicorn("gateway.app:create_app()", s.gateway_port, s.gateway_workers, s.gateway_threads),
             {},
         )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -126,10 +136,10 @@ class Fleet:
         nginx_dir, log_dir = self.run_dir / "nginx", self.run_dir / "logs"
         for folder in (nginx_dir, log_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        temp_dir, user = nginx_dir / "tmp", ""
+        temp_dir = self.nginx_temp_dir
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        user = ""
         if os.geteuid() == 0:
-            # NOTE: as root, Nginx workers drop to nobody, who may not traverse the run folder.
-            temp_dir = Path(tempfile.mkdtemp(prefix="imagerec-nginx-"))
             temp_dir.chmod(0o755)
             user = "user nobody nogroup;"
         values = {

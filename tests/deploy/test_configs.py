@@ -1,0 +1,78 @@
+"""Deployment files: the rendered Nginx config passes `nginx -t`; compose matches the topology."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    extra = ExtraService("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
+    return Fleet(FleetSettings(run_dir=str(tmp_path / "run"), nginx_port=18080), [extra])
+
+
+@pytest.mark.skipif(not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()), reason="needs nginx")
+def test_rendered_nginx_config_is_valid(fleet: Fleet) -> None:
+    fleet.render()
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    conf = fleet.run_dir / "nginx" / "nginx.conf"
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
+    assert "${" not in rendered and "client_max_body_size 10m;" in rendered
+
+
+def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
+    text = fleet.render().read_text()
+    programs = re.findall(r"^\[program:(\w+)\]", text, re.MULTILINE)
+    assert programs == ["vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "nginx"]
+    assert text.count("autorestart=true") == len(programs)
+    assert "'services.resnet50:create_app()'" in text and "--workers 1" in text
+    assert 'SHAPES_WEIGHTS="/m/shapes.keras"' in text
+    assert fleet.environment()["RESNET50_URLS"] == "http://127.0.0.1:8502"
+    assert fleet.environment()["GATEWAY_MODELS"] == "vgg16,resnet50,inceptionv3,shapes"
+
+
+def test_compose_has_the_same_topology() -> None:
+    services = COMPOSE["services"]
+    assert set(services) == {*MODEL_PORTS, "gateway", "nginx"}
+    assert [p for s in services.values() for p in s.get("ports", [])] == [
+        "${NGINX_PUBLISHED_PORT:-8080}:8080"
+    ]
+    gateway_env = services["gateway"]["environment"]
+    for model, port in MODEL_PORTS.items():
+        service = services[model]
+        assert service["build"]["target"] == "model" and service["environment"]["MODEL"] == model
+        assert service["environment"]["PORT"] == str(port)
+        assert f"127.0.0.1:{port}/health/ready" in " ".join(service["healthcheck"]["test"])
+        assert "keras-cache:/keras" in service["volumes"]
+        assert f"http://{model}:{port}" in gateway_env[f"{model.upper()}_URLS"]
+        assert "container_name" not in service  # would forbid --scale
+    assert services["nginx"]["depends_on"]["gateway"]["condition"] == "service_healthy"
+    assert "keras-cache" in COMPOSE["volumes"]
+
+
+def test_compose_references_files_that_exist() -> None:
+    dockerfile = ROOT / "deploy" / "docker" / "Dockerfile"
+    stages = re.findall(r"^FROM \S+ AS (\w+)", dockerfile.read_text(), re.MULTILINE)
+    for service in COMPOSE["services"].values():
+        if "build" in service:
+            assert (ROOT / service["build"]["dockerfile"]) == dockerfile
+            assert service["build"]["target"] in stages
+    template = COMPOSE["services"]["nginx"]["volumes"][0].split(":")[0]
+    assert (ROOT / template).is_file()
+    needed = set(re.findall(r"\$\{(\w+)\}", (ROOT / template).read_text()))
+    assert needed <= set(COMPOSE["services"]["nginx"]["environment"])

@@ -1,0 +1,256 @@
+"""The whole stack, for real: Nginx -> gateway (Gunicorn) -> model services (Gunicorn + Keras)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import encode, photo
+from tests.e2e.conftest import RunningFleet, wait_until
+
+pytestmark = pytest.mark.e2e
+CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
+IMAGENET_MODELS = ("vgg16", "resnet50", "inceptionv3")
+
+
+def post(fleet: RunningFleet, query: str, **kwargs) -> requests.Response:
+    return requests.post(f"{fleet.url}/v1/predict?{query}", timeout=60, **kwargs)
+
+
+def assert_json_error(response: requests.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code
+    assert body["error"]["message"] and body["error"]["request_id"]
+    return body
+
+
+def probabilities(fleet: RunningFleet, model: str, data: bytes) -> np.ndarray:
+    body = requests.post(
+        f"{fleet.service_url(model)}/v1/predict?probabilities=true",
+        data=data,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    ).json()
+    return np.frombuffer(base64.b64decode(body["probabilities"]["data"]), "<f4")
+
+
+def test_models_are_listed_with_honest_weights(fleet: RunningFleet) -> None:
+    body = requests.get(f"{fleet.url}/v1/models", timeout=10).json()
+    models = {m["name"]: m for m in body["models"]}
+    assert set(models) == {*IMAGENET_MODELS, "shapes"}
+    for name in IMAGENET_MODELS:
+        assert models[name]["status"] == "ready" and models[name]["weights"] == "random"
+        assert models[name]["replicas"] == [
+            {"url": fleet.service_url(name), "ready": True, "weights": "random", "state": "ready"}
+        ]
+    assert [models[m]["input_size"] for m in ("vgg16", "resnet50", "inceptionv3", "shapes")] == [
+        224,
+        224,
+        299,
+        64,
+    ]
+    assert models["shapes"]["weights"] == "file" and models["shapes"]["classes"] == 4
+    assert body["ensemble"]["members"] == list(IMAGENET_MODELS)
+
+
+def test_every_input_kind_gives_the_same_answer(fleet: RunningFleet) -> None:
+    b64 = base64.b64encode(CAT).decode()
+    answers = {
+        "multipart": post(fleet, "model=resnet50", files={"file": ("cat.jpg", CAT, "image/jpeg")}),
+        "json-base64": post(fleet, "model=resnet50", json={"image": b64}),
+        "json-data-uri": post(fleet, "model=resnet50", json={"image": f"data:image/jpeg;base64,{b64}"}),
+        "json-url": post(fleet, "model=resnet50", json={"url": f"{fleet.image_server}/cat.jpg"}),
+        "form-base64": post(fleet, "model=resnet50", data={"image": b64}),
+        "raw-body": post(fleet, "model=resnet50", data=CAT, headers={"Content-Type": "image/jpeg"}),
+    }
+    bodies = {kind: response.json() for kind, response in answers.items()}
+    assert {kind: r.status_code for kind, r in answers.items()} == dict.fromkeys(answers, 200), bodies
+    reference = bodies["multipart"]
+    assert reference["model"] == "resnet50" and reference["weights"] == "random"
+    assert len(reference["predictions"]) == 5
+    for kind, body in bodies.items():
+        assert body["predictions"] == reference["predictions"], kind
+
+
+@pytest.mark.parametrize("model", IMAGENET_MODELS)
+def test_each_model_answers_through_the_edge_as_it_does_directly(fleet: RunningFleet, model: str) -> None:
+    edge = post(fleet, f"model={model}&top_k=5", data=COFFEE, headers={"Content-Type": "image/jpeg"}).json()
+    direct = requests.post(
+        f"{fleet.service_url(model)}/v1/predict",
+        data=COFFEE,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    ).json()
+    assert edge["model"] == model and edge["weights"] == "random"
+    assert edge["predictions"] == direct["predictions"]
+    scores = [p["score"] for p in edge["predictions"]]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
+    assert set(edge["timing_ms"]) >= {"decode", "inference", "total"}
+
+
+def test_soft_ensemble_is_the_mean_of_member_probabilities(fleet: RunningFleet) -> None:
+    body = post(
+        fleet, "model=ensemble&vote=soft&top_k=5", data=CAT, headers={"Content-Type": "image/jpeg"}
+    ).json()
+    assert body["degraded"] is False and body["members"] == list(IMAGENET_MODELS)
+    mean = np.mean([probabilities(fleet, m, CAT) for m in IMAGENET_MODELS], axis=0)
+    assert [p["index"] for p in body["predictions"]] == list(np.argsort(-mean, kind="stable")[:5])
+    assert [p["score"] for p in body["predictions"]] == pytest.approx(np.sort(mean)[::-1][:5], abs=1e-6)
+    assert set(body["member_predictions"]) == set(IMAGENET_MODELS)
+
+
+def test_hard_ensemble_counts_member_votes(fleet: RunningFleet) -> None:
+    body = post(
+        fleet,
+        "models=vgg16,resnet50,inceptionv3&vote=hard",
+        data=COFFEE,
+        headers={"Content-Type": "image/jpeg"},
+    ).json()
+    top1 = [body["member_predictions"][m][0]["index"] for m in IMAGENET_MODELS]
+    best = body["predictions"][0]
+    assert best["votes"] == max(top1.count(i) for i in top1)
+    assert best["index"] in top1 and best["score"] == pytest.approx(best["votes"] / 3)
+
+
+def test_batch_with_bad_items_answers_the_good_ones_in_order(fleet: RunningFleet) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    truncated = encode(Image.fromarray(noise), "JPEG")[:600]
+    files = [
+        ("files", ("cat.jpg", CAT, "image/jpeg")),
+        ("files", ("notes.txt", b"hello", "text/plain")),
+        ("files", ("coffee.jpg", COFFEE, "image/jpeg")),
+        ("files", ("cut.jpg", truncated, "image/jpeg")),
+    ]
+    response = post(fleet, "model=vgg16&top_k=3", files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["name"] for r in results] == ["cat.jpg", "notes.txt", "coffee.jpg", "cut.jpg"]
+    assert results[1]["error"]["code"] == "unsupported_media_type"  # refused by the gateway
+    assert results[3]["error"]["code"] == "invalid_image"  # refused by the service's full decode
+    single = post(fleet, "model=vgg16&top_k=3", data=COFFEE, headers={"Content-Type": "image/jpeg"}).json()
+    # Batched and single inference may differ in the last float bits (different kernels).
+    assert [p["index"] for p in results[2]["predictions"]] == [p["index"] for p in single["predictions"]]
+    assert [p["score"] for p in results[2]["predictions"]] == pytest.approx(
+        [p["score"] for p in single["predictions"]], rel=1e-4
+    )
+
+
+def test_seed_routes(fleet: RunningFleet) -> None:
+    upload = requests.post(f"{fleet.url}/predict", files={"file": ("cat.jpg", CAT)}, timeout=60).json()
+    b64 = base64.b64encode(CAT).decode()
+    plain = requests.post(f"{fleet.url}/predict", data={"image": b64}, timeout=60).json()
+    prefixed = requests.post(
+        f"{fleet.url}/predict", data={"image": f"data:image/jpeg;base64,{b64}"}, timeout=60
+    ).json()
+    assert upload == plain == prefixed
+    assert len(upload["predictions"]) == 3 and set(upload["predictions"][0]) == {"label", "prob"}
+    batch = requests.post(
+        f"{fleet.url}/batch_predict",
+        timeout=60,
+        files=[("files", ("a.jpg", CAT)), ("files", ("b.jpg", COFFEE))],
+    ).json()
+    assert [r["filename"] for r in batch["results"]] == ["a.jpg", "b.jpg"]
+    batched = batch["results"][0]["predictions"]  # a batch of two: equal up to float rounding
+    assert [p["label"] for p in batched] == [p["label"] for p in upload["predictions"]]
+    assert [p["prob"] for p in batched] == pytest.approx([p["prob"] for p in upload["predictions"]], rel=1e-4)
+
+
+def test_unknown_model_is_404_listing_the_models(fleet: RunningFleet) -> None:
+    body = assert_json_error(
+        post(fleet, "model=alexnet", data=CAT, headers={"Content-Type": "image/jpeg"}), 404, "unknown_model"
+    )
+    assert all(name in body["error"]["message"] for name in (*IMAGENET_MODELS, "shapes", "ensemble"))
+
+
+def test_oversized_body_is_413_json_from_nginx(fleet: RunningFleet) -> None:
+    response = post(
+        fleet, "model=vgg16", data=b"\xff" * (11 * 1024 * 1024), headers={"Content-Type": "image/jpeg"}
+    )
+    body = assert_json_error(response, 413, "payload_too_large")
+    assert response.headers["Server"] == "nginx" and "10m" in body["error"]["message"]
+    assert response.headers["X-Request-ID"] == body["error"]["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        (
+            {"data": b"this is not an image", "headers": {"Content-Type": "image/jpeg"}},
+            415,
+            "unsupported_media_type",
+        ),
+        ({"data": b"[]", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+    ],
+)
+def test_non_images_get_4xx_json(fleet: RunningFleet, kwargs: dict, status: int, code: str) -> None:
+    assert_json_error(post(fleet, "model=resnet50", **kwargs), status, code)
+
+
+def test_request_id_travels_end_to_end(fleet: RunningFleet) -> None:
+    response = post(
+        fleet, "model=resnet50", data=CAT, headers={"Content-Type": "image/jpeg", "X-Request-ID": "trace-42"}
+    )
+    assert response.json()["request_id"] == "trace-42" and response.headers["X-Request-ID"] == "trace-42"
+
+
+def test_ensemble_degrades_with_a_member_stopped_and_recovers(fleet: RunningFleet) -> None:
+    fleet.ctl("stop", "vgg16")
+    try:
+        response = post(fleet, "model=ensemble", data=CAT, headers={"Content-Type": "image/jpeg"})
+        body = response.json()
+        assert response.status_code == 200, body
+        assert body["degraded"] is True and [f["model"] for f in body["failed_members"]] == ["vgg16"]
+        assert set(body["member_predictions"]) == {"resnet50", "inceptionv3"}
+        single = post(fleet, "model=vgg16", data=CAT, headers={"Content-Type": "image/jpeg"})
+        assert_json_error(single, 503, "model_unavailable")
+        assert single.headers["Retry-After"]
+        assert (
+            post(fleet, "model=resnet50", data=CAT, headers={"Content-Type": "image/jpeg"}).status_code == 200
+        )
+    finally:
+        fleet.ctl("start", "vgg16")
+        fleet.wait_ready()
+    body = post(fleet, "model=ensemble", data=CAT, headers={"Content-Type": "image/jpeg"}).json()
+    assert body["degraded"] is False
+
+
+def test_a_crashed_service_is_restarted_alone(fleet: RunningFleet) -> None:
+    before = fleet.pids()
+    os.kill(before["inceptionv3"], signal.SIGKILL)
+    wait_until(
+        lambda: fleet.pids().get("inceptionv3") not in (None, before["inceptionv3"]),
+        60,
+        "supervisord to restart inceptionv3",
+    )
+    fleet.wait_ready()
+    after = fleet.pids()
+    assert {k: v for k, v in after.items() if k != "inceptionv3"} == {
+        k: v for k, v in before.items() if k != "inceptionv3"
+    }
+    assert (
+        post(fleet, "model=inceptionv3", data=CAT, headers={"Content-Type": "image/jpeg"}).status_code == 200
+    )
+
+
+def test_gateway_down_is_a_json_502_from_nginx(fleet: RunningFleet) -> None:
+    fleet.ctl("stop", "gateway")
+    try:
+        response = post(fleet, "model=resnet50", data=CAT, headers={"Content-Type": "image/jpeg"})
+        assert_json_error(response, 502, "bad_gateway")
+        assert response.headers["Retry-After"]
+    finally:
+        fleet.ctl("start", "gateway")
+        wait_until(
+            lambda: requests.get(f"{fleet.url}/health/ready", timeout=5).status_code == 200,
+            60,
+            "the gateway to come back",
+        )

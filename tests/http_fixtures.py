@@ -1,0 +1,79 @@
+"""A small HTTP server on loopback that serves images and misbehaves on purpose."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.conftest import photo
+
+CAT = photo("chelsea.jpg")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if "Transfer-Encoding" not in (headers or {}):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path, _, query = self.path.partition("?")
+        if path == "/cat.jpg":
+            assert self.headers["Host"].startswith("127.0.0.1")
+            self._send(200, CAT, {"Content-Type": "image/jpeg"})
+        elif path == "/redirect":
+            self._send(302, headers={"Location": query})
+        elif path.startswith("/loop"):
+            self._send(302, headers={"Location": "/loop"})
+        elif path == "/text":
+            self._send(200, b"<html>hi</html>", {"Content-Type": "text/html"})
+        elif path == "/missing":
+            self._send(404, b"nope", {"Content-Type": "text/plain"})
+        elif path == "/declared-huge":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+        elif path == "/endless":  # chunked, no Content-Length: the cap must hold while streaming
+            self._send(200, headers={"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"})
+            chunk = b"\xff" * 65536
+            try:
+                for _ in range(200):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        elif path == "/drip":  # a byte every 0.2 s: each read is quick, the whole is too slow
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+
+@contextmanager
+def serve_images() -> Iterator[str]:
+    """Serve :class:`Handler` on a free loopback port; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
