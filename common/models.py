@@ -26,12 +26,14 @@ class ModelSpec:
     """File name of the ImageNet weights in the Keras cache (``$KERAS_HOME/models``)."""
     imagenet_url: str | None = None
     """Where Keras downloads that file from (for ``make weights`` and error messages)."""
+    imagenet_md5: str | None = None
+    """The file's hash as Keras checks it after downloading."""
     labels_path: Path = IMAGENET_INDEX
     """Labels file; the shipped ImageNet index by default."""
 
 
 def keras_application(
-    name: str, builder: str, input_size: int, preprocessing: str, weights_path: str
+    name: str, builder: str, input_size: int, preprocessing: str, weights_path: str, md5: str
 ) -> ModelSpec:
     """Spec of a ``keras.applications`` ImageNet classifier."""
     return ModelSpec(
@@ -41,4 +43,5 @@ def keras_application(
         builder=builder,
         imagenet_file=weights_path.rsplit("/", 1)[-1],
         imagenet_url=KERAS_WEIGHTS_BASE + weights_path,
+        imagenet_md5=md5,
     )

@@ -15,7 +15,7 @@ import numpy as np
 
 from common.errors import WeightsUnavailable
 from common.models import ModelSpec
-from common.weights import WeightsPlan, keras_cache_dir, missing_imagenet_message
+from common.weights import WeightsPlan
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,9 @@ def build_keras_model(spec: ModelSpec, plan: WeightsPlan) -> Any:
         return builder(weights=None)
     if plan.kind == "imagenet":
         try:
-            return builder(weights=str(plan.path) if plan.path else "imagenet")
-        except Exception as exc:
-            expected = keras_cache_dir() / (spec.imagenet_file or "")
-            raise WeightsUnavailable(f"{missing_imagenet_message(spec, expected)} ({exc})") from exc
+            return builder(weights=str(plan.path))
+        except Exception as exc:  # e.g. a truncated or foreign file in the cache
+            raise WeightsUnavailable(f"cannot load {plan.path} into {spec.name}: {exc}") from exc
     model = builder(weights=None)
     model.load_weights(plan.path)
     return model

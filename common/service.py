@@ -34,7 +34,7 @@ class ServiceSettings:
 
     weights: str = setting("auto", "imagenet | random | auto | path to a .keras or weights file")
     weights_seed: int = setting(0, "seed used when the weights are random")
-    weights_download: bool = setting(False, "let Keras download missing ImageNet weights (needs internet)")
+    weights_download: bool = setting(True, "with WEIGHTS=imagenet, let Keras download a missing file")
     keras_home: str = setting("", "Keras cache root (weights in $KERAS_HOME/models); default ~/.keras")
     max_body_bytes: int = setting(16 * 1024 * 1024, "largest request body the service reads (413 above)")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image (413 above)")

@@ -3,7 +3,8 @@
 ``WEIGHTS`` (or ``<MODEL>_WEIGHTS``) is one of:
 
 * ``imagenet`` - the Keras ImageNet file from ``$KERAS_HOME/models`` (default ``~/.keras/models``),
-  or downloaded by Keras when ``WEIGHTS_DOWNLOAD`` is on; otherwise start-up fails naming the file.
+  else downloaded there by Keras (hash-checked) unless ``WEIGHTS_DOWNLOAD`` is off; if neither
+  works, start-up fails with a message naming the file, where to put it and how to fetch it.
 * ``random``   - seeded random initialisation (same seed, same numbers, every restart).
 * ``auto``     - ``imagenet`` when the file is in the cache, else ``random`` with a loud warning.
 * a path       - a ``.keras`` model file, or a weights file (``.h5`` / ``.weights.h5``).
@@ -27,7 +28,7 @@ class WeightsPlan:
     """The resolved decision: ``kind`` is what every response reports as ``weights``."""
 
     kind: str  # "imagenet" | "random" | "file"
-    path: Path | None = None  # None with kind="imagenet" means: let Keras download it
+    path: Path | None = None  # the file to load; None for random weights
     seed: int = 0
 
 
@@ -44,6 +45,24 @@ def missing_imagenet_message(spec: ModelSpec, expected: Path) -> str:
         f"on a machine with internet, `make weights` fetches all three into the Keras cache "
         f"(source: {spec.imagenet_url}). To run without them, set WEIGHTS=auto or WEIGHTS=random."
     )
+
+
+def download(spec: ModelSpec, target: Path) -> Path:
+    """Let Keras fetch (and hash-check) the ImageNet file into the cache; needs internet."""
+    import keras
+
+    log.info("%s: downloading %s into %s", spec.name, spec.imagenet_url, target.parent)
+    try:
+        path = keras.utils.get_file(
+            spec.imagenet_file,
+            spec.imagenet_url,
+            cache_dir=str(target.parent.parent),
+            cache_subdir=target.parent.name,
+            file_hash=spec.imagenet_md5,
+        )
+    except Exception as exc:
+        raise WeightsUnavailable(f"{missing_imagenet_message(spec, target)} Download failed: {exc}") from exc
+    return Path(path)
 
 
 def resolve(
@@ -64,7 +83,7 @@ def resolve(
             return WeightsPlan("imagenet", cached)
         if mode == "imagenet":
             if allow_download:
-                return WeightsPlan("imagenet", None)
+                return WeightsPlan("imagenet", download(spec, cached))
             raise WeightsUnavailable(missing_imagenet_message(spec, cached))
         log.warning(
             "!" * 72 + "\n%s: NO IMAGENET WEIGHTS at %s - serving SEEDED RANDOM WEIGHTS "

@@ -144,7 +144,8 @@ class Predictor:
             else ({}, {})
         )
         upstream_ms = (time.perf_counter() - started) * 1000
-        self._check_quorum(selection, replies, failures)
+        if valid:  # a batch of only bad images asks nobody, so it cannot miss a quorum
+            self._check_quorum(selection, replies, failures)
 
         labels = None
         if selection.vote is not None and replies:

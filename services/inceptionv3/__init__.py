@@ -6,7 +6,12 @@ from common import service
 from common.models import keras_application
 
 SPEC = keras_application(
-    "inceptionv3", "InceptionV3", 299, "tf", "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
+    name="inceptionv3",
+    builder="InceptionV3",
+    input_size=299,
+    preprocessing="tf",
+    weights_path="inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+    md5="9a0d58056eeedaa3f26cb7ebd46da564",
 )
 
 

@@ -6,7 +6,12 @@ from common import service
 from common.models import keras_application
 
 SPEC = keras_application(
-    "resnet50", "ResNet50", 224, "caffe", "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+    name="resnet50",
+    builder="ResNet50",
+    input_size=224,
+    preprocessing="caffe",
+    weights_path="resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+    md5="2cb95161c43110f7111970584f804107",
 )
 
 

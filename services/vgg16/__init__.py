@@ -5,7 +5,14 @@ from flask import Flask
 from common import service
 from common.models import keras_application
 
-SPEC = keras_application("vgg16", "VGG16", 224, "caffe", "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+SPEC = keras_application(
+    name="vgg16",
+    builder="VGG16",
+    input_size=224,
+    preprocessing="caffe",
+    weights_path="vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+    md5="64373286793e3c8b2b4e3219cbf3544b",
+)
 
 
 def create_app(settings: service.ServiceSettings | None = None) -> Flask:

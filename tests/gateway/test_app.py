@@ -240,6 +240,14 @@ def test_json_batch_mixes_base64_and_urls(client: FlaskClient, fetcher: StubFetc
     assert set(results[0]["member_predictions"]) == {"vgg16", "resnet50", "inceptionv3"}
 
 
+def test_batch_of_only_bad_images_answers_each_error(client: FlaskClient, fake: FakeModelClient) -> None:
+    response = client.post("/v1/predict?model=ensemble", json={"images": ["!!!", b64(b"text")]})
+    assert response.status_code == 200, response.get_json()
+    codes = [r["error"]["code"] for r in response.get_json()["results"]]
+    assert codes == ["invalid_base64", "unsupported_media_type"]
+    assert fake.calls == []
+
+
 def test_batch_cap_is_checked_before_reading_any_image(client: FlaskClient, fake: FakeModelClient) -> None:
     files = [(io.BytesIO(CAT), f"{i}.jpg") for i in range(5)]
     assert_error(client.post("/v1/predict?model=vgg16", data={"files": files}), 400, "too_many_images")

@@ -29,9 +29,46 @@ def test_imagenet_missing_fails_with_an_actionable_message(tmp_path: Path) -> No
     assert "storage.googleapis.com/tensorflow/keras-applications/vgg16/" in message
 
 
-def test_imagenet_missing_with_downloads_allowed_defers_to_keras(tmp_path: Path) -> None:
+def test_imagenet_missing_is_downloaded_by_keras_with_its_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    calls = []
+
+    def get_file(fname: str, origin: str, cache_dir: str, cache_subdir: str, file_hash: str) -> str:
+        calls.append((fname, origin, file_hash))  # stands in for the network: nothing is fetched
+        target = Path(cache_dir) / cache_subdir / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"weights")
+        return str(target)
+
+    monkeypatch.setattr(keras.utils, "get_file", get_file)
     plan = resolve(resnet50.SPEC, "imagenet", keras_home=str(tmp_path), allow_download=True)
-    assert plan == WeightsPlan("imagenet", None)
+    assert plan == WeightsPlan(
+        "imagenet", tmp_path / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+    )
+    assert calls == [
+        (
+            "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+            resnet50.SPEC.imagenet_url,
+            "2cb95161c43110f7111970584f804107",
+        )
+    ]
+
+
+def test_failed_download_fails_start_up_with_the_instructions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    def offline(*args: object, **kwargs: object) -> str:
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(WeightsUnavailable) as info:
+        resolve(vgg16.SPEC, "imagenet", keras_home=str(tmp_path), allow_download=True)
+    assert "Download failed" in info.value.message and "make weights" in info.value.message
 
 
 @pytest.mark.parametrize("mode", ["imagenet", "auto"])
