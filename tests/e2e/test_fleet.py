@@ -170,6 +170,16 @@ def test_unknown_model_is_404_listing_the_models(fleet: RunningFleet) -> None:
     assert all(name in body["error"]["message"] for name in (*IMAGENET_MODELS, "shapes", "ensemble"))
 
 
+def test_a_multi_megabyte_photo_goes_through(fleet: RunningFleet) -> None:
+    """Bodies over Nginx's in-memory buffer (1 MB) spill to its temp folder and still arrive."""
+    noise = np.random.default_rng(3).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    big = encode(Image.fromarray(noise), "JPEG", quality=90)
+    assert len(big) > 2 * 1024 * 1024
+    response = post(fleet, "model=resnet50&top_k=1", data=big, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 1
+
+
 def test_oversized_body_is_413_json_from_nginx(fleet: RunningFleet) -> None:
     response = post(
         fleet, "model=vgg16", data=b"\xff" * (11 * 1024 * 1024), headers={"Content-Type": "image/jpeg"}
