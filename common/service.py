@@ -7,20 +7,25 @@ one inference, and only then does ``/health/ready`` answer 200.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from flask import Flask, Response, request
 
 from common import imaging, preprocessing, web
 from common import labels as labels_mod
+from common.backends import default_cache_dir, make_runtime
+from common.batching import Batcher
 from common.errors import BadRequest, ModelNotReady, ServiceError
 from common.models import ModelSpec
-from common.runtime import KerasRuntime, Runtime, RuntimeInfo
+from common.runtime import Runtime, RuntimeInfo
 from common.settings import load, setting
 from common.weights import resolve
 
@@ -42,7 +47,13 @@ class ServiceSettings:
     max_batch_images: int = setting(32, "most images in one request, checked before decoding")
     center_crop: float = setting(0.875, "fraction of the shorter side kept by the centre crop")
     default_top_k: int = setting(5, "predictions returned when top_k is not given")
-    intra_op_threads: int = setting(0, "TensorFlow intra-op threads (0: TensorFlow decides)")
+    backend: str = setting("auto", "auto | keras | openvino (auto: the fastest that loads and passes parity)")
+    model_cache: str = setting("", "folder for converted backends (default ~/.cache/imagerec/converted)")
+    max_batch_size: int = setting(8, "most images the batcher puts in one model call")
+    max_batch_wait_ms: float = setting(5.0, "longest a batch waits to fill, and only under concurrent load")
+    max_queue: int = setting(64, "requests waiting for the model before new ones get 503 + Retry-After")
+    inference_timeout_s: float = setting(30.0, "longest a request waits for its batch (504 after)")
+    intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
     inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
 
     @classmethod
@@ -147,15 +158,29 @@ def create_app(
             keras_home=settings.keras_home,
             allow_download=settings.weights_download,
         )
-        runtime = KerasRuntime(
-            spec, plan, intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads
+        runtime = make_runtime(
+            spec,
+            plan,
+            settings.backend,
+            cache_dir=Path(settings.model_cache) if settings.model_cache else default_cache_dir(),
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
         )
     model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path))
     limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    # One model copy per process: every Gunicorn thread feeds this one batcher.
+    batcher = Batcher(
+        runtime.predict,
+        max_batch=settings.max_batch_size,
+        max_wait_ms=settings.max_batch_wait_ms,
+        max_queue=settings.max_queue,
+        name=spec.name,
+    )
 
     app = Flask(spec.name)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["model"] = model
+    app.extensions["batcher"] = batcher
     web.install(app)
 
     @app.get("/health/live")
@@ -171,7 +196,12 @@ def create_app(
 
     @app.get("/v1/model")
     def metadata() -> Response:
-        return web.json_ok(model.metadata())
+        batching = {
+            "max_batch_size": batcher.max_batch,
+            "max_wait_ms": batcher.max_wait_s * 1000,
+            **dataclasses.asdict(batcher.stats),
+        }
+        return web.json_ok({**model.metadata(), "batching": batching})
 
     @app.get("/v1/labels")
     def labels() -> Response:
@@ -203,12 +233,18 @@ def create_app(
                 results[i]["error"] = {**exc.to_dict(), "status": exc.status}
         decoded_at = time.perf_counter()
         probabilities = np.empty((0, len(model.labels)), np.float32)
+        queue_ms = 0.0
         if pixels:
-            inputs = model.preprocess(np.stack(pixels))
-            preprocessed_at = time.perf_counter()
-            probabilities = model.runtime.predict(inputs)
-        else:
-            preprocessed_at = decoded_at
+            job = batcher.submit(model.preprocess(np.stack(pixels)))
+            try:
+                probabilities = job.future.result(timeout=settings.inference_timeout_s)
+            except FutureTimeout:
+                raise ServiceError(
+                    f"inference did not finish within {settings.inference_timeout_s:g}s",
+                    code="inference_timeout",
+                    status=504,
+                ) from None
+            queue_ms = job.queue_ms
         finished = time.perf_counter()
         for i, row in zip(decoded, probabilities, strict=True):
             results[i]["predictions"] = model.labels.top_k(row, top_k)
@@ -229,8 +265,8 @@ def create_app(
             body.update({k: v for k, v in results[0].items() if k != "index"})
         body["timing_ms"] = {
             "decode": round((decoded_at - started) * 1000, 2),
-            "preprocess": round((preprocessed_at - decoded_at) * 1000, 2),
-            "inference": round((finished - preprocessed_at) * 1000, 2),
+            "queue": round(queue_ms, 2),
+            "inference": round((finished - decoded_at) * 1000 - queue_ms, 2),
             "total": round((time.perf_counter() - started) * 1000, 2),
         }
         return web.json_ok(body)

@@ -48,6 +48,7 @@ def test_models_are_listed_with_honest_weights(fleet: RunningFleet) -> None:
     assert set(models) == {*IMAGENET_MODELS, "shapes"}
     for name in IMAGENET_MODELS:
         assert models[name]["status"] == "ready" and models[name]["weights"] == "random"
+        assert models[name]["backend"].startswith("openvino-")  # auto: converted, parity-checked
         assert models[name]["replicas"] == [
             {"url": fleet.service_url(name), "ready": True, "weights": "random", "state": "ready"}
         ]

@@ -32,9 +32,19 @@ def probabilities(body: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(body["probabilities"]["data"]), "<f4")
 
 
+@pytest.fixture(scope="session")
+def converted_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("converted"))
+
+
+@pytest.mark.parametrize("backend", ["keras", "openvino"])
 @pytest.mark.parametrize("spec", [vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC], ids=lambda s: s.name)
-def test_service_probabilities_equal_keras_reference(spec) -> None:
-    app = create_app(spec, ServiceSettings(weights="random", weights_seed=SEED), background_load=False)
+def test_service_probabilities_equal_keras_reference(spec, backend: str, converted_cache: str) -> None:
+    settings = ServiceSettings(
+        weights="random", weights_seed=SEED, backend=backend, model_cache=converted_cache
+    )
+    app = create_app(spec, settings, background_load=False)
+    assert app.extensions["model"].info.backend.startswith(backend)
     client = app.test_client()
     keras.utils.set_random_seed(SEED)
     reference_model = getattr(keras.applications, spec.builder)(weights=None)

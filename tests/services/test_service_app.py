@@ -111,7 +111,7 @@ def test_predict_single_image(client: FlaskClient, how: str) -> None:
     )
     assert len(body["predictions"]) == 3
     assert set(body["predictions"][0]) == {"label", "class_id", "index", "score"}
-    assert set(body["timing_ms"]) == {"decode", "preprocess", "inference", "total"}
+    assert set(body["timing_ms"]) == {"decode", "queue", "inference", "total"}
 
 
 def test_batch_keeps_order_and_isolates_a_bad_image(client: FlaskClient, runtime: EchoRuntime) -> None:

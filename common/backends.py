@@ -1,0 +1,195 @@
+"""Runtime backends and the choice between them (``BACKEND`` / ``<MODEL>_BACKEND``).
+
+* ``keras``    - the Keras model behind a compiled call (imports TensorFlow in the service).
+* ``openvino`` - the same weights converted to OpenVINO IR (fp32) in a child process, cached on
+  disk under a key made of the weights' fingerprint and the library versions, and refused unless
+  it passed parity with Keras. The serving process then never imports TensorFlow.
+* ``auto``     - the fastest installed backend that loads and passes parity: openvino, else keras.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.convert import to_json
+from common.errors import ServiceError
+from common.models import ModelSpec
+from common.runtime import KerasRuntime, Runtime, RuntimeInfo
+from common.weights import WeightsPlan
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "keras", "openvino")
+
+
+class BackendUnavailable(ServiceError):
+    status, code = 503, "backend_unavailable"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imagerec" / "converted"
+
+
+def _version(*packages: str) -> str:
+    for package in packages:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def fingerprint(plan: WeightsPlan) -> str:
+    """Identifies the weights without importing TensorFlow: the seed, or a hash of the file."""
+    if plan.kind == "random" or plan.path is None:
+        return f"random{plan.seed}"
+    digest = hashlib.blake2b(digest_size=8)
+    with open(plan.path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return f"{plan.kind}-{digest.hexdigest()}"
+
+
+class OpenVINORuntime:
+    """OpenVINO IR on the CPU, latency hint, fp32 precision (parity with Keras depends on it)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan: WeightsPlan,
+        *,
+        cache_dir: Path,
+        threads: int = 0,
+        convert_timeout_s: float = 1800,
+    ) -> None:
+        self.spec, self.plan, self.cache_dir = spec, plan, cache_dir
+        self.threads = threads
+        self.convert_timeout_s = convert_timeout_s
+        self._compiled: Any = None
+
+    def cache_path(self) -> Path:
+        versions = (
+            f"keras{_version('keras')}-tf{_version('tensorflow-cpu', 'tensorflow')}-ov{_version('openvino')}"
+        )
+        return self.cache_dir / f"{self.spec.name}-{fingerprint(self.plan)}-{versions}"
+
+    def ensure_converted(self) -> dict[str, Any]:
+        """The conversion record, converting first (in a child process) when none is cached."""
+        path = self.cache_path()
+        if not (path / "record.json").is_file():
+            log.info("%s: converting to OpenVINO into %s (once per weights)", self.spec.name, path)
+            command = [
+                sys.executable,
+                "-m",
+                "common.convert",
+                "--spec",
+                to_json(self.spec),
+                "--plan",
+                to_json(self.plan),
+                "--out",
+                str(path),
+            ]
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=self.convert_timeout_s,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+            if not (path / "record.json").is_file():
+                raise BackendUnavailable(
+                    f"OpenVINO conversion of {self.spec.name} failed "
+                    f"(exit {done.returncode}): {done.stderr[-2000:]}"
+                )
+        record: dict[str, Any] = json.loads((path / "record.json").read_text())
+        return record
+
+    def load(self) -> RuntimeInfo:
+        started = time.perf_counter()
+        record = self.ensure_converted()
+        parity = record["parity"]
+        if not parity["passed"]:
+            raise BackendUnavailable(
+                f"OpenVINO {self.spec.name} failed parity with Keras (max |dp| {parity['max_abs_diff']:.2e}, "
+                f"top-5 match {parity['top5_match']}); refusing to serve it"
+            )
+        import openvino as ov
+
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        self._compiled = ov.Core().compile_model(self.cache_path() / "model.xml", "CPU", config)
+        size = self.spec.input_size
+        self.predict(np.zeros((1, size, size, 3), np.float32))
+        source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
+        return RuntimeInfo(
+            backend=record["backend"],
+            weights=self.plan.kind,
+            weights_source=source,
+            weights_hash=record["weights_hash"],
+            num_classes=record["classes"],
+            load_seconds=time.perf_counter() - started,
+        )
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        # NOTE: the result views the infer request's buffer, which the next call overwrites.
+        return np.array(self._compiled(batch)[0], copy=True)
+
+
+class FirstWorking:
+    """``auto``: load the candidates in order and serve with the first that loads."""
+
+    def __init__(self, candidates: list[Runtime]) -> None:
+        self.candidates = candidates
+        self.active: Runtime | None = None
+
+    def load(self) -> RuntimeInfo:
+        error: Exception | None = None
+        for candidate in self.candidates:
+            try:
+                info = candidate.load()
+            except Exception as exc:
+                log.warning("backend %s unavailable (%s); trying the next one", type(candidate).__name__, exc)
+                error = exc
+                continue
+            self.active = candidate
+            return info
+        raise error or BackendUnavailable("no backend could be loaded")
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        assert self.active is not None, "predict() before load()"
+        return self.active.predict(batch)
+
+
+def make_runtime(
+    spec: ModelSpec,
+    plan: WeightsPlan,
+    backend: str,
+    *,
+    cache_dir: Path,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+) -> Runtime:
+    """The runtime the ``BACKEND`` setting asks for."""
+    if backend not in BACKENDS:
+        raise ValueError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    keras = KerasRuntime(spec, plan, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    openvino = OpenVINORuntime(spec, plan, cache_dir=cache_dir, threads=intra_op_threads)
+    if backend == "keras":
+        return keras
+    if backend == "openvino":
+        return openvino
+    installed = importlib.util.find_spec("openvino") is not None
+    return FirstWorking([openvino, keras] if installed else [keras])

@@ -1,0 +1,131 @@
+"""Adaptive batching: many request threads, one model call per batch.
+
+Requests (each one or more images) go into a bounded queue; one worker thread takes the first,
+drains whatever else is already waiting (up to ``max_batch`` images), and - only when traffic is
+concurrent - waits up to ``max_wait_ms`` after the first arrival for more, a budget that shrinks as
+time passes and ends as soon as the batch is full. Light traffic therefore pays no batching tax,
+heavy traffic gets full batches. Each request gets its own future; a failed batch fails every
+waiter with the same error; a full queue is refused at once (503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(ServiceError):
+    status, code, retry_after = 503, "overloaded", 1
+
+
+@dataclass
+class Job:
+    """One request's place in the queue: its inputs, its future, and when it waited."""
+
+    inputs: np.ndarray
+    future: Future[np.ndarray] = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+
+    @property
+    def queue_ms(self) -> float:
+        return max(0.0, self.started_at - self.enqueued_at) * 1000
+
+
+@dataclass
+class BatchStats:
+    """Counters in the spirit of Triton's inference_count / exec_count."""
+
+    requests: int = 0
+    images: int = 0
+    batches: int = 0
+    rejected: int = 0
+    largest_batch: int = 0
+
+
+class Batcher:
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 64,
+        name: str = "model",
+    ) -> None:
+        self._predict = predict
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._carry: Job | None = None  # taken from the queue but did not fit the last batch
+        self._concurrent = False
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, inputs: np.ndarray) -> Job:
+        """Queue ``inputs`` (one or more preprocessed images); ``job.future`` resolves to their outputs."""
+        request = Job(inputs)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"the model queue is full ({self._queue.maxsize} requests waiting); retry shortly"
+            ) from None
+        return request
+
+    def _collect(self) -> list[Job]:
+        first = self._carry or self._queue.get()
+        self._carry = None
+        batch, size = [first], len(first.inputs)
+        deadline = first.enqueued_at + self.max_wait_s
+        while size < self.max_batch:
+            try:
+                if not self._queue.empty() or not self._concurrent:
+                    request = self._queue.get_nowait()
+                else:
+                    request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if size + len(request.inputs) > self.max_batch:
+                self._carry = request  # first in line for the next batch
+                break
+            batch.append(request)
+            size += len(request.inputs)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            self._concurrent = len(batch) > 1 or self._carry is not None or not self._queue.empty()
+            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+            started = time.monotonic()
+            for request in batch:
+                request.started_at = started
+            try:
+                outputs = self._predict(inputs)
+            except BaseException as exc:  # deliver the failure to every waiter, keep serving
+                log.exception("batch of %d images failed", len(inputs))
+                for request in batch:
+                    request.future.set_exception(exc)
+                continue
+            self.stats.requests += len(batch)
+            self.stats.images += len(inputs)
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(inputs))
+            offset = 0
+            for request in batch:
+                request.future.set_result(outputs[offset : offset + len(request.inputs)])
+                offset += len(request.inputs)

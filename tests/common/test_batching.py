@@ -1,0 +1,153 @@
+"""The batcher as a unit: fills, waits only under load, fails every waiter, sheds, keeps results apart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from common.batching import Batcher, Overloaded
+
+
+class GatedModel:
+    """Records batch sizes; the first call blocks until released, so requests pile up behind it."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        self.started.set()
+        self.release.wait(10)
+        return batch.sum(axis=(1, 2, 3), keepdims=False)[:, None] * 2
+
+
+def images(n: int, value: float = 1.0) -> np.ndarray:
+    return np.full((n, 2, 2, 1), value, np.float32)
+
+
+def test_batcher_fills_to_max_batch_size() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=0, max_queue=32)
+    first = batcher.submit(images(1)).future
+    assert model.started.wait(5)
+    waiting = [batcher.submit(images(1, i)).future for i in range(10)]
+    model.release.set()
+    first.result(5)
+    for future in waiting:
+        future.result(5)
+    assert model.sizes == [1, 8, 2]
+    assert batcher.stats.batches == 3 and batcher.stats.images == 11 and batcher.stats.largest_batch == 8
+
+
+def test_multi_image_requests_are_never_split_across_batches() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=4, max_wait_ms=0)
+    batcher.submit(images(1))
+    assert model.started.wait(5)
+    futures = [
+        batcher.submit(images(3)).future,
+        batcher.submit(images(3)).future,
+        batcher.submit(images(1)).future,
+    ]
+    model.release.set()
+    assert [len(f.result(5)) for f in futures] == [3, 3, 1]
+    assert model.sizes == [1, 3, 4]  # the second 3 did not fit beside the first; the 1 joined it
+
+
+def test_batcher_waits_for_more_only_under_concurrent_load() -> None:
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=2000)
+    started = time.monotonic()
+    batcher.submit(images(1)).future.result(5)
+    assert time.monotonic() - started < 1.5  # light traffic: no 2 s batching wait
+    assert model.sizes == [1]
+
+    model.release.clear()
+    model.started.clear()
+    blocker = batcher.submit(images(1)).future
+    assert model.started.wait(5)
+    pile = [batcher.submit(images(1)).future for _ in range(3)]  # concurrent traffic behind the blocker
+    model.release.set()
+    blocker.result(5)
+    [f.result(5) for f in pile]
+    # Traffic is now concurrent: the next request waits (up to 2 s) and one arriving later joins it.
+    early = batcher.submit(images(1)).future
+    time.sleep(0.2)
+    late = batcher.submit(images(1)).future
+    early.result(5), late.result(5)
+    assert model.sizes[-1] == 2
+
+
+def test_batcher_times_out_with_a_partial_batch() -> None:
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=50)
+    batcher._concurrent = True  # as after a busy spell
+    assert len(batcher.submit(images(1)).future.result(5)) == 1  # no second request ever comes
+    assert model.sizes == [1]
+
+
+def test_batcher_delivers_failure_to_every_waiter_and_keeps_serving() -> None:
+    calls = []
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        started.set()
+        gate.wait(5)
+        return batch[:, 0, 0, :]
+
+    gate, started = threading.Event(), threading.Event()
+    batcher = Batcher(flaky, max_batch=8, max_wait_ms=0)
+    blocker = batcher.submit(images(1)).future
+    assert started.wait(5)
+    futures = [batcher.submit(images(1)).future for _ in range(3)]
+    gate.set()
+    blocker.result(5)
+    for future in futures:
+        with pytest.raises(RuntimeError, match="device lost"):
+            future.result(5)
+    assert batcher.submit(images(1)).future.result(5).shape == (1, 1)  # the next batch is served
+    assert calls == [1, 3, 1]
+
+
+def test_batcher_rejects_at_once_when_the_queue_is_full() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=1, max_wait_ms=0, max_queue=2)
+    batcher.submit(images(1))
+    assert model.started.wait(5)
+    batcher.submit(images(1))
+    batcher.submit(images(1))
+    with pytest.raises(Overloaded) as info:
+        batcher.submit(images(1))
+    assert info.value.status == 503 and info.value.retry_after
+    assert batcher.stats.rejected == 1
+    model.release.set()
+
+
+def test_batcher_preserves_per_request_results_under_concurrency() -> None:
+    batcher = Batcher(
+        lambda batch: batch.reshape(len(batch), -1).sum(axis=1, keepdims=True),
+        max_batch=8,
+        max_wait_ms=2,
+        max_queue=512,
+    )
+
+    def ask(i: int) -> tuple[int, np.ndarray]:
+        return i, batcher.submit(images(1 + i % 3, float(i))).future.result(10)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(200)))
+    for i, output in answers:
+        assert output.shape == (1 + i % 3, 1)
+        assert np.all(output == 4 * i)  # 2x2 pixels of value i each
+    assert batcher.stats.images == sum(1 + i % 3 for i in range(200))
+    assert batcher.stats.largest_batch > 1
