@@ -12,6 +12,7 @@ the usual ImageNet evaluation crop (resize to 256, centre-crop 224) done in a si
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -112,10 +113,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise UnsupportedMediaType(f"unsupported image mode {image.mode}: {exc}") from None
 
 
-def decode(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Fully decode the first frame into an oriented RGB image, or raise a ``ServiceError``."""
+def keep_side(size: int, crop_fraction: float) -> int:
+    """The shorter side an image needs for a ``size`` crop: smaller is upscaling, larger is waste."""
+    return math.ceil(size / crop_fraction)
+
+
+def _reduce_while_decoding(image: Image.Image, shorter_side: int) -> None:
+    """JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when that still leaves
+    at least ``shorter_side`` pixels. A 12 MP photo for a 224 crop decodes at 1/8: ~8x faster."""
+    if image.format == "JPEG" and min(image.size) >= 2 * shorter_side:
+        scale = shorter_side / min(image.size)
+        image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+
+
+def decode(data: bytes, limits: ImageLimits, shorter_side: int = 0) -> Image.Image:
+    """Decode the first frame into an oriented RGB image, or raise a ``ServiceError``.
+
+    With ``shorter_side``, JPEGs may decode at reduced scale, never below that side.
+    """
     image = _open(data, limits)
     try:
+        if shorter_side:
+            _reduce_while_decoding(image, shorter_side)
         image.load()  # NOTE: open() is lazy; truncation and corrupt data surface here
         image = to_rgb(_apply_orientation(image))
     except ServiceError:
@@ -136,4 +155,20 @@ def fit(image: Image.Image, size: int, crop_fraction: float = 0.875) -> np.ndarr
 
 def load_pixels(data: bytes, size: int, limits: ImageLimits, crop_fraction: float = 0.875) -> np.ndarray:
     """Bytes -> ``(size, size, 3)`` uint8 RGB pixels, with every guard applied."""
-    return fit(decode(data, limits), size, crop_fraction)
+    return fit(decode(data, limits, keep_side(size, crop_fraction)), size, crop_fraction)
+
+
+def canonical(data: bytes, limits: ImageLimits, shorter_side: int) -> bytes:
+    """A validated, oriented RGB copy no larger than needed (shorter side ``shorter_side``), as PNG.
+
+    The gateway sends this to every ensemble member instead of the client's photo, so a 12 MP
+    JPEG is decoded once, not once per member. Members still validate it like any upload.
+    """
+    image = decode(data, limits, shorter_side)
+    if min(image.size) > shorter_side:
+        scale = shorter_side / min(image.size)
+        size = (round(image.width * scale), round(image.height * scale))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

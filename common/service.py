@@ -201,7 +201,7 @@ def create_app(
             "max_wait_ms": batcher.max_wait_s * 1000,
             **dataclasses.asdict(batcher.stats),
         }
-        return web.json_ok({**model.metadata(), "batching": batching})
+        return web.json_ok({**model.metadata(), "center_crop": settings.center_crop, "batching": batching})
 
     @app.get("/v1/labels")
     def labels() -> Response:

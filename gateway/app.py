@@ -62,19 +62,20 @@ def create_app(
     )
     web.install(app)
 
-    def read_images() -> tuple[list[ImageInput], bool, float]:
+    def read_images(selection: Selection) -> tuple[list[ImageInput], bool, float]:
         started = time.perf_counter()
         items, batch = reader.read(request)
         if not batch and items[0].error:
             raise items[0].error
         predictor.validate(items)
+        predictor.canonicalize(selection, items)
         if not batch and items[0].error:
             raise items[0].error
         return items, batch, (time.perf_counter() - started) * 1000
 
     def classify(selection: Selection, top_k: int) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
         started = time.perf_counter()
-        items, batch, ingest_ms = read_images()
+        items, batch, ingest_ms = read_images(selection)
         result = predictor.run(selection, items, top_k=top_k, request_id=web.request_id())
         body: dict[str, Any] = {"request_id": web.request_id(), "model": selection.name}
         replies = result["replies"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from flask import Request
 
 from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMediaType
+from common.imaging import ImageInfo
 
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -31,6 +32,7 @@ class ImageInput:
     name: str
     data: bytes = b""
     error: ServiceError | None = None
+    info: ImageInfo | None = None  # format and size, once the header has been checked
 
 
 def decode_base64(text: object, max_bytes: int) -> bytes:

@@ -77,7 +77,29 @@ class Predictor:
         for item in items:
             if item.error is None:
                 try:
-                    imaging.probe(item.data, self.limits)
+                    item.info = imaging.probe(item.data, self.limits)
+                except ServiceError as exc:
+                    item.error = exc
+
+    def canonicalize(self, selection: Selection, items: list[ImageInput]) -> None:
+        """For ensembles: decode each large photo once and send members a small canonical PNG.
+
+        Only when every member's input size is known and the photo is over twice the size the
+        largest of them needs; members still validate what they get.
+        """
+        if len(selection.members) < 2:
+            return
+        needs = []
+        for member in selection.members:
+            meta = self.client.registry.metadata(member)
+            if not meta.get("input_size") or not meta.get("center_crop"):
+                return
+            needs.append(imaging.keep_side(int(meta["input_size"]), float(meta["center_crop"])))
+        side = max(needs)
+        for item in items:
+            if item.error is None and item.info and min(item.info.width, item.info.height) > 2 * side:
+                try:
+                    item.data = imaging.canonical(item.data, self.limits, side)
                 except ServiceError as exc:
                     item.error = exc
 

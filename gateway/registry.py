@@ -89,10 +89,14 @@ class Registry:
     def stop(self) -> None:
         self._stop.set()
 
+    def metadata(self, model: str) -> dict[str, Any]:
+        """What a ready replica of ``model`` says about itself (empty when none is ready)."""
+        return next((r.metadata for r in self.replicas(model) if r.ready), {})
+
     def describe(self, model: str) -> dict[str, Any]:
         """The ``/v1/models`` entry for one model."""
         replicas = self.replicas(model)
-        first = next((r.metadata for r in replicas if r.ready), {})
+        first = self.metadata(model)
         return {
             "name": model,
             "status": "ready" if first else "unavailable",

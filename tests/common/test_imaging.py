@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -140,3 +141,36 @@ def test_fit_crop_fraction_trims_the_border() -> None:
     image.paste((255, 255, 255), (10, 10, 90, 90))  # black 10% frame
     assert imaging.fit(image, 20, crop_fraction=0.7).min() > 240
     assert imaging.fit(image, 20, crop_fraction=1.0).min() < 15
+
+
+def large_photo(width: int = 4000, height: int = 3000) -> bytes:
+    """A 12 MP JPEG made from a real photo (upscaled), like a phone camera's."""
+    image = Image.open(io.BytesIO(photo("chelsea.jpg"))).resize((width, height), Image.Resampling.BICUBIC)
+    return encode(image, "JPEG", quality=90)
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_bounded_pixel_difference() -> None:
+    data = large_photo()
+    limits = imaging.ImageLimits(max_bytes=20_000_000)
+    needed = imaging.keep_side(224, 0.875)
+    reduced = imaging.decode(data, limits, needed)
+    assert needed <= min(reduced.size) < 2 * needed  # 1/8 scale: 500x375
+    fast = imaging.load_pixels(data, 224, limits).astype(int)
+    slow = imaging.fit(imaging.decode(data, limits), 224).astype(int)
+    assert np.abs(fast - slow).mean() < 1.5 and np.abs(fast - slow).max() < 32
+
+
+def test_reduced_decoding_never_goes_below_the_needed_side() -> None:
+    data = encode(Image.new("RGB", (600, 400), (1, 2, 3)), "JPEG")
+    assert imaging.decode(data, LIMITS, 256).size == (600, 400)  # 1/2 would leave 200 < 256
+    assert imaging.decode(data, LIMITS, 150).size == (300, 200)
+
+
+def test_canonical_copy_is_a_small_validated_png() -> None:
+    limits = imaging.ImageLimits(max_bytes=20_000_000)
+    data = imaging.canonical(large_photo(), limits, 342)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.mode == "RGB" and min(image.size) == 342
+    assert len(data) < 600_000
+    with pytest.raises(InvalidImage):
+        imaging.canonical(large_photo()[:200_000], limits, 342)

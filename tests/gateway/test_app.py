@@ -288,3 +288,31 @@ def test_body_cap_is_413_json(fake: FakeModelClient) -> None:
     response = app.test_client().post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg")
     assert_error(response, 413, "request_entity_too_large")
     assert json.loads(response.get_data())["error"]["message"]
+
+
+def test_ensembles_send_members_one_small_canonical_copy_of_a_large_photo(fake: FakeModelClient) -> None:
+    for name, size in (("vgg16", 224), ("resnet50", 224), ("inceptionv3", 299)):
+        for replica in fake.registry.replicas(name):
+            replica.ready, replica.metadata = True, {"ready": True, "input_size": size, "center_crop": 0.875}
+    app = create_app(gateway_settings(), client=fake, poll_health=False)  # type: ignore[arg-type]
+    big = encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)),
+        "JPEG",
+        quality=90,
+    )
+    seen: list[bytes] = []
+    original_predict = fake.predict
+
+    def recording_predict(model: str, images: list[bytes], **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(images)
+        return original_predict(model, images, **kwargs)
+
+    fake.predict = recording_predict  # type: ignore[method-assign]
+    client = app.test_client()
+    assert client.post("/v1/predict?model=ensemble", data=big, content_type="image/jpeg").status_code == 200
+    assert len(seen) == 3 and len(set(seen)) == 1  # one canonical copy for every member
+    canonical = Image.open(io.BytesIO(seen[0]))
+    assert canonical.format == "PNG" and min(canonical.size) == 342  # 299 / 0.875, rounded up
+    seen.clear()
+    assert client.post("/v1/predict?model=resnet50", data=big, content_type="image/jpeg").status_code == 200
+    assert seen == [big]  # a single model decodes the original itself

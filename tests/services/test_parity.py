@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -92,3 +93,30 @@ def test_random_weights_are_identical_across_restarts() -> None:
     assert digests == {in_process}
     keras.utils.set_random_seed(SEED + 1)
     assert weights_digest(keras.applications.ResNet50(weights=None).get_weights()) != in_process
+
+
+def test_reduced_scale_decoding_keeps_the_top1(converted_cache: str) -> None:
+    """12 MP versions of the fixtures: DCT-scaled decoding answers like a full decode."""
+    import io
+
+    from PIL import Image
+
+    from common.backends import OpenVINORuntime
+    from common.weights import WeightsPlan
+
+    runtime = OpenVINORuntime(
+        resnet50.SPEC, WeightsPlan("random", seed=SEED), cache_dir=Path(converted_cache)
+    )
+    runtime.load()
+    limits = imaging.ImageLimits(max_bytes=50_000_000)
+    preprocess = KERAS_MODULES["resnet50"].preprocess_input
+    for name in PHOTOS:
+        source = Image.open(io.BytesIO(photo(name)))
+        large = source.resize((4000, round(4000 * source.height / source.width)), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        large.save(buffer, "JPEG", quality=90)
+        data = buffer.getvalue()
+        fast = imaging.load_pixels(data, 224, limits)
+        full = imaging.fit(imaging.decode(data, limits), 224)
+        answers = runtime.predict(preprocess(np.stack([fast, full]).astype(np.float32)))
+        assert answers[0].argmax() == answers[1].argmax(), name
