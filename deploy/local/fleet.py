@@ -49,14 +49,36 @@ class FleetSettings:
 
 @dataclass(frozen=True)
 class ExtraService:
-    """A custom model (``services.custom``) started beside the three ImageNet services."""
+    """Another model service started beside the ImageNet ones: any WSGI factory, its own settings."""
 
     name: str
     port: int
-    model_path: str
-    labels_path: str
-    input_size: int
-    preprocessing: str = "tf"
+    app: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def custom(
+        cls,
+        name: str,
+        port: int,
+        model_path: str,
+        labels_path: str,
+        input_size: int,
+        preprocessing: str = "tf",
+    ) -> ExtraService:
+        """A ``.keras`` model with a labels file, served by ``services.custom``."""
+        return cls(
+            name,
+            port,
+            "services.custom:create_app()",
+            {
+                "CUSTOM_NAME": name,
+                "CUSTOM_LABELS": labels_path,
+                "CUSTOM_INPUT_SIZE": str(input_size),
+                "CUSTOM_PREPROCESSING": preprocessing,
+                f"{name.upper()}_WEIGHTS": model_path,
+            },
+        )
 
 
 @dataclass
@@ -108,17 +130,7 @@ class Fleet:
             port = self.service_ports()[name]
             programs[name] = (self._gunicorn(f"services.{name}:create_app()", port, 1, s.service_threads), {})
         for extra in self.extra:
-            command = self._gunicorn("services.custom:create_app()", extra.port, 1, s.service_threads)
-            programs[extra.name] = (
-                command,
-                {
-                    "CUSTOM_NAME": extra.name,
-                    "CUSTOM_LABELS": extra.labels_path,
-                    "CUSTOM_INPUT_SIZE": str(extra.input_size),
-                    "CUSTOM_PREPROCESSING": extra.preprocessing,
-                    f"{extra.name.upper()}_WEIGHTS": extra.model_path,
-                },
-            )
+            programs[extra.name] = (self._gunicorn(extra.app, extra.port, 1, s.service_threads), extra.env)
         programs["gateway"] = (
             self._gunicorn("gateway.app:create_app()", s.gateway_port, s.gateway_workers, s.gateway_threads),
             {},

@@ -18,7 +18,7 @@ MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Fleet:
-    extra = ExtraService("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
+    extra = ExtraService.custom("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
     return Fleet(FleetSettings(run_dir=str(tmp_path / "run"), nginx_port=18080), [extra])
 
 

@@ -11,15 +11,16 @@ import pytest
 import requests
 from PIL import Image
 
+from deploy.local.running import wait_until
 from tests.conftest import encode, photo
-from tests.e2e.conftest import RunningFleet, wait_until
+from tests.e2e.conftest import E2EFleet
 
 pytestmark = pytest.mark.e2e
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 IMAGENET_MODELS = ("vgg16", "resnet50", "inceptionv3")
 
 
-def post(fleet: RunningFleet, query: str, **kwargs) -> requests.Response:
+def post(fleet: E2EFleet, query: str, **kwargs) -> requests.Response:
     return requests.post(f"{fleet.url}/v1/predict?{query}", timeout=60, **kwargs)
 
 
@@ -32,7 +33,7 @@ def assert_json_error(response: requests.Response, status: int, code: str) -> di
     return body
 
 
-def probabilities(fleet: RunningFleet, model: str, data: bytes) -> np.ndarray:
+def probabilities(fleet: E2EFleet, model: str, data: bytes) -> np.ndarray:
     body = requests.post(
         f"{fleet.service_url(model)}/v1/predict?probabilities=true",
         data=data,
@@ -42,7 +43,7 @@ def probabilities(fleet: RunningFleet, model: str, data: bytes) -> np.ndarray:
     return np.frombuffer(base64.b64decode(body["probabilities"]["data"]), "<f4")
 
 
-def test_models_are_listed_with_honest_weights(fleet: RunningFleet) -> None:
+def test_models_are_listed_with_honest_weights(fleet: E2EFleet) -> None:
     body = requests.get(f"{fleet.url}/v1/models", timeout=10).json()
     models = {m["name"]: m for m in body["models"]}
     assert set(models) == {*IMAGENET_MODELS, "shapes"}
@@ -62,7 +63,7 @@ def test_models_are_listed_with_honest_weights(fleet: RunningFleet) -> None:
     assert body["ensemble"]["members"] == list(IMAGENET_MODELS)
 
 
-def test_every_input_kind_gives_the_same_answer(fleet: RunningFleet) -> None:
+def test_every_input_kind_gives_the_same_answer(fleet: E2EFleet) -> None:
     b64 = base64.b64encode(CAT).decode()
     answers = {
         "multipart": post(fleet, "model=resnet50", files={"file": ("cat.jpg", CAT, "image/jpeg")}),
@@ -82,7 +83,7 @@ def test_every_input_kind_gives_the_same_answer(fleet: RunningFleet) -> None:
 
 
 @pytest.mark.parametrize("model", IMAGENET_MODELS)
-def test_each_model_answers_through_the_edge_as_it_does_directly(fleet: RunningFleet, model: str) -> None:
+def test_each_model_answers_through_the_edge_as_it_does_directly(fleet: E2EFleet, model: str) -> None:
     edge = post(fleet, f"model={model}&top_k=5", data=COFFEE, headers={"Content-Type": "image/jpeg"}).json()
     direct = requests.post(
         f"{fleet.service_url(model)}/v1/predict",
@@ -97,7 +98,7 @@ def test_each_model_answers_through_the_edge_as_it_does_directly(fleet: RunningF
     assert set(edge["timing_ms"]) >= {"decode", "inference", "total"}
 
 
-def test_soft_ensemble_is_the_mean_of_member_probabilities(fleet: RunningFleet) -> None:
+def test_soft_ensemble_is_the_mean_of_member_probabilities(fleet: E2EFleet) -> None:
     body = post(
         fleet, "model=ensemble&vote=soft&top_k=5", data=CAT, headers={"Content-Type": "image/jpeg"}
     ).json()
@@ -108,7 +109,7 @@ def test_soft_ensemble_is_the_mean_of_member_probabilities(fleet: RunningFleet) 
     assert set(body["member_predictions"]) == set(IMAGENET_MODELS)
 
 
-def test_hard_ensemble_counts_member_votes(fleet: RunningFleet) -> None:
+def test_hard_ensemble_counts_member_votes(fleet: E2EFleet) -> None:
     body = post(
         fleet,
         "models=vgg16,resnet50,inceptionv3&vote=hard",
@@ -121,7 +122,7 @@ def test_hard_ensemble_counts_member_votes(fleet: RunningFleet) -> None:
     assert best["index"] in top1 and best["score"] == pytest.approx(best["votes"] / 3)
 
 
-def test_batch_with_bad_items_answers_the_good_ones_in_order(fleet: RunningFleet) -> None:
+def test_batch_with_bad_items_answers_the_good_ones_in_order(fleet: E2EFleet) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     truncated = encode(Image.fromarray(noise), "JPEG")[:600]
     files = [
@@ -144,7 +145,7 @@ def test_batch_with_bad_items_answers_the_good_ones_in_order(fleet: RunningFleet
     )
 
 
-def test_seed_routes(fleet: RunningFleet) -> None:
+def test_seed_routes(fleet: E2EFleet) -> None:
     upload = requests.post(f"{fleet.url}/predict", files={"file": ("cat.jpg", CAT)}, timeout=60).json()
     b64 = base64.b64encode(CAT).decode()
     plain = requests.post(f"{fleet.url}/predict", data={"image": b64}, timeout=60).json()
@@ -164,14 +165,14 @@ def test_seed_routes(fleet: RunningFleet) -> None:
     assert [p["prob"] for p in batched] == pytest.approx([p["prob"] for p in upload["predictions"]], rel=1e-4)
 
 
-def test_unknown_model_is_404_listing_the_models(fleet: RunningFleet) -> None:
+def test_unknown_model_is_404_listing_the_models(fleet: E2EFleet) -> None:
     body = assert_json_error(
         post(fleet, "model=alexnet", data=CAT, headers={"Content-Type": "image/jpeg"}), 404, "unknown_model"
     )
     assert all(name in body["error"]["message"] for name in (*IMAGENET_MODELS, "shapes", "ensemble"))
 
 
-def test_a_multi_megabyte_photo_goes_through(fleet: RunningFleet) -> None:
+def test_a_multi_megabyte_photo_goes_through(fleet: E2EFleet) -> None:
     """Bodies over Nginx's in-memory buffer (1 MB) spill to its temp folder and still arrive."""
     noise = np.random.default_rng(3).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
     big = encode(Image.fromarray(noise), "JPEG", quality=90)
@@ -181,7 +182,7 @@ def test_a_multi_megabyte_photo_goes_through(fleet: RunningFleet) -> None:
     assert len(response.json()["predictions"]) == 1
 
 
-def test_oversized_body_is_413_json_from_nginx(fleet: RunningFleet) -> None:
+def test_oversized_body_is_413_json_from_nginx(fleet: E2EFleet) -> None:
     response = post(
         fleet, "model=vgg16", data=b"\xff" * (11 * 1024 * 1024), headers={"Content-Type": "image/jpeg"}
     )
@@ -202,18 +203,18 @@ def test_oversized_body_is_413_json_from_nginx(fleet: RunningFleet) -> None:
         ({"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
     ],
 )
-def test_non_images_get_4xx_json(fleet: RunningFleet, kwargs: dict, status: int, code: str) -> None:
+def test_non_images_get_4xx_json(fleet: E2EFleet, kwargs: dict, status: int, code: str) -> None:
     assert_json_error(post(fleet, "model=resnet50", **kwargs), status, code)
 
 
-def test_request_id_travels_end_to_end(fleet: RunningFleet) -> None:
+def test_request_id_travels_end_to_end(fleet: E2EFleet) -> None:
     response = post(
         fleet, "model=resnet50", data=CAT, headers={"Content-Type": "image/jpeg", "X-Request-ID": "trace-42"}
     )
     assert response.json()["request_id"] == "trace-42" and response.headers["X-Request-ID"] == "trace-42"
 
 
-def test_ensemble_degrades_with_a_member_stopped_and_recovers(fleet: RunningFleet) -> None:
+def test_ensemble_degrades_with_a_member_stopped_and_recovers(fleet: E2EFleet) -> None:
     fleet.ctl("stop", "vgg16")
     try:
         response = post(fleet, "model=ensemble", data=CAT, headers={"Content-Type": "image/jpeg"})
@@ -234,7 +235,7 @@ def test_ensemble_degrades_with_a_member_stopped_and_recovers(fleet: RunningFlee
     assert body["degraded"] is False
 
 
-def test_a_crashed_service_is_restarted_alone(fleet: RunningFleet) -> None:
+def test_a_crashed_service_is_restarted_alone(fleet: E2EFleet) -> None:
     before = fleet.pids()
     os.kill(before["inceptionv3"], signal.SIGKILL)
     wait_until(
@@ -252,7 +253,7 @@ def test_a_crashed_service_is_restarted_alone(fleet: RunningFleet) -> None:
     )
 
 
-def test_gateway_down_is_a_json_502_from_nginx(fleet: RunningFleet) -> None:
+def test_gateway_down_is_a_json_502_from_nginx(fleet: E2EFleet) -> None:
     fleet.ctl("stop", "gateway")
     try:
         response = post(fleet, "model=resnet50", data=CAT, headers={"Content-Type": "image/jpeg"})

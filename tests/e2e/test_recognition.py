@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.e2e import shapes
-from tests.e2e.conftest import RunningFleet
+from tests.e2e.conftest import E2EFleet
 
 pytestmark = pytest.mark.e2e
 FRESH_IMAGES = 100
@@ -15,7 +15,7 @@ BATCH = 25
 
 
 def test_trained_model_recognises_fresh_shapes_through_nginx(
-    fleet: RunningFleet, trained_shapes: shapes.TrainedModel
+    fleet: E2EFleet, trained_shapes: shapes.TrainedModel
 ) -> None:
     images, labels = shapes.dataset(FRESH_IMAGES, seed=2026)  # never seen in training
     answers: list[str] = []
@@ -35,7 +35,7 @@ def test_trained_model_recognises_fresh_shapes_through_nginx(
     )
 
 
-def test_single_shape_request_names_its_weights(fleet: RunningFleet) -> None:
+def test_single_shape_request_names_its_weights(fleet: E2EFleet) -> None:
     images, labels = shapes.dataset(4, seed=77)
     for data, label in zip(images, labels, strict=True):
         body = requests.post(

@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): measurements, never assertions. Results land in bench/results/."""

@@ -1,0 +1,70 @@
+"""A model service with no model: the same HTTP surface, a canned answer. Measures the gateway and
+Nginx on their own (``make bench``, part 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flask import Flask, Response, request
+
+from common import labels, web
+from common.service import encode_probabilities
+
+INDEX = labels.load()
+VECTOR = np.full(len(INDEX), 1 / len(INDEX), np.float32)
+
+
+def create_app() -> Flask:
+    app = Flask("stub")
+    web.install(app)
+    meta = {
+        "name": "stub",
+        "ready": True,
+        "state": "ready",
+        "input_size": 224,
+        "preprocessing": "caffe",
+        "weights": "none",
+        "weights_hash": "0",
+        "backend": "stub",
+        "classes": len(INDEX),
+        "labels_hash": INDEX.digest,
+        "center_crop": 0.875,
+    }
+
+    @app.get("/v1/model")
+    def model() -> Response:
+        return web.json_ok(meta)
+
+    @app.get("/health/ready")
+    def ready() -> Response:
+        return web.json_ok({"status": "ready"})
+
+    @app.post("/v1/predict")
+    def predict() -> Response:
+        parts = request.files.getlist("files") or request.files.getlist("file")
+        count = len(parts) or 1
+        top = INDEX.top_k(VECTOR, 5)
+        results = [
+            {
+                "index": i,
+                "predictions": top,
+                **(
+                    {"probabilities": encode_probabilities(VECTOR)} if web.query_flag("probabilities") else {}
+                ),
+            }
+            for i in range(count)
+        ]
+        body = {
+            "model": "stub",
+            "weights": "none",
+            "weights_hash": "0",
+            "backend": "stub",
+            "labels_hash": INDEX.digest,
+            "timing_ms": {"decode": 0, "queue": 0, "inference": 0, "total": 0},
+        }
+        if request.files.getlist("files"):
+            body["results"] = results
+        else:
+            body.update(results[0])
+        return web.json_ok(body)
+
+    return app

@@ -1,0 +1,145 @@
+"""Start a local fleet in the background, poll it until ready, and stop it: for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from deploy.local.fleet import Fleet
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``check`` until it is true; raise ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process and all its descendants, in MB."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        stack += children.get(current, [])
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return round(total / 1024, 1)
+
+
+@dataclass
+class RunningFleet:
+    fleet: Fleet
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return self.fleet.url
+
+    def service_url(self, name: str) -> str:
+        return f"http://{self.fleet.settings.host}:{self.fleet.service_ports()[name]}"
+
+    def ctl(self, *args: str) -> str:
+        command = [
+            sys.executable,
+            "-m",
+            "supervisor.supervisorctl",
+            "-c",
+            str(self.fleet.run_dir / "supervisord.conf"),
+            *args,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+
+    def pids(self) -> dict[str, int]:
+        pids = {}
+        for line in self.ctl("status").splitlines():
+            parts = line.split()
+            if "pid" in parts:
+                pids[parts[0]] = int(parts[parts.index("pid") + 1].rstrip(","))
+        return pids
+
+    def memory_mb(self) -> dict[str, float]:
+        """Resident memory per supervised program (workers included)."""
+        return {name: rss_mb(pid) for name, pid in self.pids().items()}
+
+    def statuses(self) -> dict[str, str]:
+        response = requests.get(f"{self.url}/v1/models", timeout=10)
+        if response.status_code != 200:  # e.g. Nginx's 502 while the gateway starts
+            return {}
+        return {model["name"]: model["status"] for model in response.json()["models"]}
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        names = set(self.fleet.service_ports())
+        wait_until(
+            lambda: self.statuses() == dict.fromkeys(names, "ready"),
+            timeout_s,
+            f"models {sorted(names)} to be ready",
+        )
+
+    def logs(self) -> str:
+        folder = self.fleet.run_dir / "logs"
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(folder.glob("*.log"))
+        )
+
+
+@contextmanager
+def running(fleet: Fleet, env: Mapping[str, str], timeout_s: float = 300) -> Iterator[RunningFleet]:
+    """Run ``fleet`` under supervisord with ``env``; yields once every model is ready; always stops it."""
+    process = subprocess.Popen(
+        fleet.command(),
+        env={**env, **fleet.environment()},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    handle = RunningFleet(fleet, process)
+    try:
+        try:
+            handle.wait_ready(timeout_s)
+        except TimeoutError:
+            print(handle.logs(), file=sys.stderr)
+            raise
+        yield handle
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(fleet.nginx_temp_dir, ignore_errors=True)
