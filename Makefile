@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint weights nginx clean
+.PHONY: run test test-fast lint bench convert weights nginx clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy common gateway deploy
+
+## Speed and memory, measured (not asserted): results in bench/results/ (~15 minutes).
+bench: $(STAMP) nginx
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || { echo "make bench needs wrk (apt-get install wrk)" >&2; exit 1; }
+	$(PY) -m bench.run
+
+## Convert the three models to OpenVINO ahead of serving (same weights setting as the fleet).
+convert: $(STAMP)
+	$(PY) -m common.convert_all
 
 ## On a machine with internet: the three ImageNet weight files into the Keras cache.
 weights: $(STAMP)

@@ -34,6 +34,10 @@ def create_app() -> Flask:
     def model() -> Response:
         return web.json_ok(meta)
 
+    @app.get("/v1/labels")
+    def labels_() -> Response:
+        return web.json_ok({"labels_hash": INDEX.digest, "labels": INDEX.to_json()})
+
     @app.get("/health/ready")
     def ready() -> Response:
         return web.json_ok({"status": "ready"})

@@ -16,6 +16,7 @@ import requests
 from common.errors import UnknownModel
 
 log = logging.getLogger(__name__)
+MISSED_PROBES_DOWN = 3  # consecutive probe time-outs before a replica counts as down
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Replica:
     ready: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     checked_at: float = 0.0
+    missed_probes: int = 0
 
 
 class Registry:
@@ -66,8 +68,16 @@ class Registry:
         try:
             response = self._session.get(f"{replica.url}/v1/model", timeout=self._probe_timeout_s)
             metadata = response.json() if response.ok else {}
+        except requests.Timeout:
+            # NOTE: a replica busy with a backlog answers probes late; that is not "down". Only
+            # repeated silence is (a refused connection or a 503 says so at once).
+            replica.missed_probes += 1
+            if replica.missed_probes >= MISSED_PROBES_DOWN:
+                replica.ready = False
+            return
         except (requests.RequestException, ValueError):
             metadata = {}
+        replica.missed_probes = 0
         replica.metadata = metadata if isinstance(metadata, dict) else {}
         replica.ready = bool(replica.metadata.get("ready"))
         replica.checked_at = time.time()

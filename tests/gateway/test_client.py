@@ -149,3 +149,22 @@ def test_probability_payload_roundtrip_is_compact() -> None:
     payload = encode_probabilities(vector)
     assert len(payload["data"]) < 5400  # 4000 bytes of float32, base64
     assert np.array_equal(np.frombuffer(base64.b64decode(payload["data"]), "<f4"), vector)
+
+
+@responses.activate
+def test_a_busy_replica_is_not_marked_down_by_one_slow_probe() -> None:
+    registry = Registry({"resnet50": [R1]}, new_session(2))
+    responses.get(f"{R1}/v1/model", json={"ready": True})
+    registry.refresh()
+    responses.replace(responses.GET, f"{R1}/v1/model", body=requests.ReadTimeout("busy"))
+    registry.refresh()
+    registry.refresh()
+    assert registry.replicas("resnet50")[0].ready  # two slow probes: still in rotation
+    registry.refresh()
+    assert not registry.replicas("resnet50")[0].ready  # the third: out
+    responses.replace(responses.GET, f"{R1}/v1/model", json={"ready": True})
+    registry.refresh()
+    assert registry.replicas("resnet50")[0].ready  # answering again: back in
+    responses.replace(responses.GET, f"{R1}/v1/model", body=requests.ConnectionError("refused"))
+    registry.refresh()
+    assert not registry.replicas("resnet50")[0].ready  # a refused connection: out at once

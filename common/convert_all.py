@@ -1,0 +1,39 @@
+"""``make convert``: convert the three models to OpenVINO ahead of serving, with the fleet's settings.
+
+Uses each service's own ``WEIGHTS``/``MODEL_CACHE`` settings, so the services find the result.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from common.backends import OpenVINORuntime, default_cache_dir
+from common.service import ServiceSettings
+from common.weights import resolve
+
+
+def main() -> int:
+    from services import inceptionv3, resnet50, vgg16
+
+    for spec in (vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC):
+        settings = ServiceSettings.from_env(spec.name)
+        plan = resolve(
+            spec,
+            settings.weights,
+            seed=settings.weights_seed,
+            keras_home=settings.keras_home,
+            allow_download=settings.weights_download,
+        )
+        cache = Path(settings.model_cache) if settings.model_cache else default_cache_dir()
+        record = OpenVINORuntime(spec, plan, cache_dir=cache).ensure_converted()
+        parity = record["parity"]
+        print(
+            f"{spec.name}: {record['backend']} weights={plan.kind} hash={record['weights_hash']} "
+            f"parity {'passed' if parity['passed'] else 'FAILED'} (max |dp| {parity['max_abs_diff']:.1e})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
