@@ -106,6 +106,19 @@ class Predictor:
     def _call_members(
         self, selection: Selection, images: list[bytes], top_k: int, request_id: str
     ) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
+        if len(selection.members) == 1:  # no fan-out: call in this thread, skip the hand-off
+            member = selection.members[0]
+            try:
+                reply = self.client.predict(
+                    member,
+                    images,
+                    top_k=top_k,
+                    probabilities=selection.vote is not None,
+                    request_id=request_id,
+                )
+            except ServiceError as exc:
+                return {}, {member: exc}
+            return {member: reply}, {}
         futures = {
             m: self.pool.submit(
                 self.client.predict,

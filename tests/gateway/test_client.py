@@ -168,3 +168,16 @@ def test_a_busy_replica_is_not_marked_down_by_one_slow_probe() -> None:
     responses.replace(responses.GET, f"{R1}/v1/model", body=requests.ConnectionError("refused"))
     registry.refresh()
     assert not registry.replicas("resnet50")[0].ready  # a refused connection: out at once
+
+
+@responses.activate
+def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(client: ModelClient) -> None:
+    single = {"model": "resnet50", "weights": "random", "predictions": reply()["results"][0]["predictions"]}
+    call = responses.post(
+        f"{R1}/v1/predict",
+        json=single,
+        match=[matchers.header_matcher({"Content-Type": "application/octet-stream"})],
+    )
+    body = client.predict("resnet50", [b"jpeg-bytes"], top_k=1)
+    assert call.calls[0].request.body == b"jpeg-bytes"
+    assert body["results"] == [{"index": 0, "predictions": single["predictions"]}]
