@@ -80,6 +80,11 @@ def end_to_end(cache: Path, seconds: int, concurrencies: tuple[int, ...]) -> dic
         Path(folder).chmod(0o755)
         with running(Fleet(fleet_settings(Path(folder), MODELS)), base_env(cache)) as fleet:
             idle = fleet.memory_mb()
+            for target in (*MODELS, "ensemble"):  # warm every path once, so growth means a leak
+                url = f"{fleet.url}/v1/predict?model={target}"
+                load.run(url, load.Payload.raw(PHOTO), connections=8, seconds=min(seconds, 5))
+                settle(url)
+            warm = fleet.memory_mb()
             runs = []
             for target in (*MODELS, "ensemble"):
                 for connections in concurrencies:
@@ -101,6 +106,7 @@ def end_to_end(cache: Path, seconds: int, concurrencies: tuple[int, ...]) -> dic
             return {
                 "runs": runs,
                 "memory_idle_mb": idle,
+                "memory_warm_mb": warm,
                 "memory_after_mb": fleet.memory_mb(),
                 "backends": backends,
                 "batching": batching,

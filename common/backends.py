@@ -4,7 +4,8 @@
 * ``openvino`` - the same weights converted to OpenVINO IR (fp32) in a child process, cached on
   disk under a key made of the weights' fingerprint and the library versions, and refused unless
   it passed parity with Keras. The serving process then never imports TensorFlow.
-* ``auto``     - the fastest installed backend that loads and passes parity: openvino, else keras.
+* ``auto``     - the fastest installed backend that loads and passes parity: openvino, else keras;
+  on a machine with an NVIDIA GPU, keras first (TensorFlow puts the model on the GPU).
 """
 
 from __future__ import annotations
@@ -191,5 +192,13 @@ def make_runtime(
         return keras
     if backend == "openvino":
         return openvino
+    if gpu_present():  # TensorFlow runs the Keras model on the GPU; OpenVINO here is CPU-only
+        return FirstWorking([keras, openvino])
     installed = importlib.util.find_spec("openvino") is not None
     return FirstWorking([openvino, keras] if installed else [keras])
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process may use, judged without importing TensorFlow."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return os.path.exists("/dev/nvidiactl") and visible not in ("", "-1")

@@ -97,7 +97,7 @@ class KerasRuntime:
         self.predict(np.zeros((1, size, size, 3), np.float32))  # trace + warm up before "ready"
         source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
         return RuntimeInfo(
-            backend=f"keras-{tf.__version__}",
+            backend=f"keras-{tf.__version__}" + ("-gpu" if tf.config.list_logical_devices("GPU") else ""),
             weights=self.plan.kind,
             weights_source=source,
             weights_hash=weights_digest(model.get_weights()),

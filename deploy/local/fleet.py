@@ -35,7 +35,7 @@ class FleetSettings:
     resnet50_port: int = setting(8502, "ResNet50 service port")
     inceptionv3_port: int = setting(8503, "InceptionV3 service port")
     models: tuple[str, ...] = setting(MODEL_SERVICES, "model services to start")
-    service_threads: int = setting(4, "Gunicorn threads per model service (one worker: one model copy)")
+    service_threads: int = setting(8, "Gunicorn threads per model service: they decode and feed its batcher")
     gateway_workers: int = setting(2, "gateway Gunicorn workers")
     gateway_threads: int = setting(16, "threads per gateway worker")
     nginx_workers: int = setting(1, "Nginx worker processes")

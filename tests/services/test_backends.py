@@ -114,3 +114,18 @@ def test_converted_backend_serves_without_importing_tensorflow(tmp_path: Path) -
 
     keras.utils.set_random_seed(5)
     assert out[1] == weights_digest(keras.applications.ResNet50(weights=None).get_weights())
+
+
+def test_auto_prefers_keras_where_a_gpu_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.backends as backends
+
+    monkeypatch.setattr(backends, "gpu_present", lambda: True)
+    auto = make_runtime(resnet50.SPEC, PLAN, "auto", cache_dir=tmp_path)
+    assert isinstance(auto, FirstWorking) and isinstance(auto.candidates[0], KerasRuntime)
+
+
+def test_a_gpu_hidden_by_cuda_visible_devices_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.backends import gpu_present
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not gpu_present()

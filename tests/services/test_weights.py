@@ -122,7 +122,9 @@ def test_service_serves_an_imagenet_file_from_the_keras_cache(tmp_path: Path) ->
     with h5py.File(tmp_path / "models" / str(resnet50.SPEC.imagenet_file), "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, source)
 
-    settings = ServiceSettings(weights="auto", keras_home=str(tmp_path))
+    settings = ServiceSettings(
+        weights="auto", keras_home=str(tmp_path), model_cache=str(tmp_path / "converted")
+    )
     client = create_app(resnet50.SPEC, settings, background_load=False).test_client()
     meta = client.get("/v1/model").get_json()
     assert meta["weights"] == "imagenet" and meta["weights_source"].endswith(str(resnet50.SPEC.imagenet_file))
