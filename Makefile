@@ -41,9 +41,15 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy common gateway deploy
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (~15 minutes).
-bench: $(STAMP) nginx
+bench: $(STAMP) nginx bench/.venv-bento/.installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || { echo "make bench needs wrk (apt-get install wrk)" >&2; exit 1; }
 	$(PY) -m bench.run
+
+# BentoML, the comparison point, in a virtualenv of its own (its pins are not ours); if it does not
+# install, make bench runs without it and says so.
+bench/.venv-bento/.installed:
+	-$(PYTHON) -m venv bench/.venv-bento && bench/.venv-bento/bin/pip install --quiet "bentoml==1.4.*" \
+	  "tensorflow-cpu==2.21.*" pillow && touch $@
 
 ## Convert the three models to OpenVINO ahead of serving (same weights setting as the fleet).
 convert: $(STAMP)

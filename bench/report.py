@@ -21,6 +21,24 @@ def _run(results: dict[str, Any], section: str, target: str, connections: int) -
     )
 
 
+def _bentoml_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    if not results.get("bentoml"):
+        return [("Ahead of BentoML (same model, same machine)", "BentoML not installed: not measured", False)]
+    rows = []
+    for connections in (1, 8):
+        ours = _run(results, "e2e", "resnet50", connections)
+        theirs = next(r for r in results["bentoml"]["runs"] if r["connections"] == connections)
+        rows.append(
+            (
+                f"Ahead of BentoML at c={connections} (img/s, p50)",
+                f"{ours['img_per_s']} vs {theirs['img_per_s']} img/s; "
+                f"p50 {ours['p50_ms']} vs {theirs['p50_ms']} ms",
+                ours["img_per_s"] > theirs["img_per_s"] and ours["p50_ms"] < theirs["p50_ms"],
+            )
+        )
+    return rows
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     best = _raw_best(results, "resnet50", 1)
     c8, c1 = _run(results, "e2e", "resnet50", 8), _run(results, "e2e", "resnet50", 1)
@@ -41,6 +59,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"{c8['img_per_s'] / max(seed8['img_per_s'], 1e-9):.1f}x",
             c8["img_per_s"] >= 3 * seed8["img_per_s"],
         ),
+        *_bentoml_targets(results),
         (
             "ResNet50 e2e c=1 p50 <= best raw batch-1 time + 15 ms",
             f"{c1['p50_ms']} ms vs {batch1_ms:.1f} + 15 ms",
@@ -105,7 +124,9 @@ def markdown(results: dict[str, Any]) -> str:
         "| target | path | concurrency | img/s | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["e2e"]["runs"] + results["seed"]["runs"]:
+    for r in (
+        results["e2e"]["runs"] + results["seed"]["runs"] + (results.get("bentoml") or {}).get("runs", [])
+    ):
         lines.append(
             f"| {r['target']} | {r['path']} | {r['connections']} | {r['img_per_s']} | {r['p50_ms']} | "
             f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} |"
@@ -153,6 +174,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"| seed-style server (4 workers) | | {results['seed']['memory_idle_mb']} | "
         f"{results['seed']['memory_after_mb']} |"
     )
+    if results.get("bentoml"):
+        lines.append(
+            f"| BentoML (1 worker) | | {results['bentoml']['memory_idle_mb']} | "
+            f"{results['bentoml']['memory_after_mb']} |"
+        )
     lines += ["", f"Whole run: {results['duration_s']} s.", ""]
     return "\n".join(lines)
 
@@ -163,7 +189,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["e2e"]["runs"] + results["seed"]["runs"]
+    runs = results["e2e"]["runs"] + results["seed"]["runs"] + (results.get("bentoml") or {}).get("runs", [])
     targets_ = list(dict.fromkeys(r["target"] for r in runs))
     concurrencies = sorted({r["connections"] for r in runs})
     figure, axis = plt.subplots(figsize=(9, 4.5))

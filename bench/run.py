@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,49 @@ def seed_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any
         process.wait(60)
 
 
+BENTOML = ROOT / "bench" / ".venv-bento" / "bin" / "bentoml"
+
+
+def bentoml_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any] | None:
+    """BentoML serving the same ResNet50 (bench/bento_service.py), when its virtualenv exists."""
+    if not BENTOML.exists():
+        log("BentoML is not installed (bench/.venv-bento): skipped")
+        return None
+    port = free_port()
+    command = [
+        str(BENTOML),
+        "serve",
+        "bench.bento_service:ResNet50",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        wait_until(lambda: requests.post(url, files={"images": PHOTO}, timeout=60).ok, 300, "BentoML")
+        idle = rss_mb(process.pid)
+        runs = []
+        for connections in concurrencies:
+            payload = load.Payload.multipart(PHOTO, field="images")
+            result = load.run(url, payload, connections=connections, seconds=seconds)
+            runs.append({"target": "bentoml resnet50", "path": "bentoml serve, adaptive batching", **result})
+            requests.post(url, files={"images": PHOTO}, timeout=300)
+            log(f"bentoml c={connections}: {result['img_per_s']} img/s, p50 {result['p50_ms']} ms")
+        return {"runs": runs, "memory_idle_mb": idle, "memory_after_mb": rss_mb(process.pid)}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+
+
 def overhead(seconds: int) -> dict[str, Any]:
     """Nginx + gateway with stub services: the latency they add and the request rate they sustain."""
     with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as folder:
@@ -209,6 +253,8 @@ def main() -> int:
     results["e2e"] = end_to_end(cache, seconds, concurrencies)
     log("3/6 seed-style baseline")
     results["seed"] = seed_baseline(seconds, concurrencies)
+    log("3b/6 BentoML serving the same model")
+    results["bentoml"] = bentoml_baseline(seconds, concurrencies)
     log("4/6 gateway + Nginx overhead with stub services")
     results["overhead"] = overhead(seconds)
     results["duration_s"] = round(time.time() - started)
