@@ -204,9 +204,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
         )
     best = _raw_best(results, "resnet50", 1)["img_per_s"]
     axis.axhline(best, color="gray", linestyle="--", linewidth=1, label=f"ResNet50 raw batch 1 ({best})")
-    axis.set_xticks([x + width for x in range(len(targets_))], targets_)
+    axis.set_xticks([x + width for x in range(len(targets_))], [t.replace(" ", "\n") for t in targets_])
     axis.set_ylabel("images / second")
-    axis.set_title("End to end through Nginx -> gateway -> service, vs the seed-style server")
+    axis.set_title("Through Nginx -> gateway -> service, vs a seed-style server and BentoML (ResNet50)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -219,10 +219,11 @@ class Predictor:
             "replies": replies,
             "failures": failures,
             "timing_ms": {
-                "decode": max((r.get("timing_ms", {}).get("decode", 0) for r in replies.values()), default=0),
-                "inference": max(
-                    (r.get("timing_ms", {}).get("inference", 0) for r in replies.values()), default=0
-                ),
+                # the slowest member's own figures: the ensemble waits for it
+                **{
+                    key: max((r.get("timing_ms", {}).get(key, 0) for r in replies.values()), default=0)
+                    for key in ("decode", "queue", "inference")
+                },
                 "upstream": round(upstream_ms, 2),
             },
         }
