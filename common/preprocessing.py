@@ -16,8 +16,9 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
 def caffe(pixels: np.ndarray) -> np.ndarray:
     """RGB->BGR, subtract the ImageNet mean per channel, no scaling (VGG16, ResNet50)."""
-    x = pixels.astype(np.float32)[..., ::-1]
-    return x - CAFFE_MEAN_BGR
+    x = pixels[..., ::-1].astype(np.float32)  # the one float copy; the rest is in place
+    x -= CAFFE_MEAN_BGR
+    return x
 
 
 def tf(pixels: np.ndarray) -> np.ndarray:
