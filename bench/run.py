@@ -27,8 +27,8 @@ from typing import Any
 import requests
 
 from bench import ingest, load, report
-from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
-from deploy.local.running import free_port, rss_mb, running, wait_until
+from deploy.local.fleet import ROOT, ExtraService, Fleet
+from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "chelsea.jpg").read_bytes()
@@ -37,19 +37,6 @@ MODELS = ("resnet50", "inceptionv3", "vgg16")
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def fleet_settings(run_dir: Path, models: tuple[str, ...]) -> FleetSettings:
-    return FleetSettings(
-        run_dir=str(run_dir),
-        nginx_port=free_port(),
-        gateway_port=free_port(),
-        vgg16_port=free_port(),
-        resnet50_port=free_port(),
-        inceptionv3_port=free_port(),
-        models=models,
-        logs_to_console=False,
-    )
 
 
 def base_env(cache: Path) -> dict[str, str]:
@@ -79,7 +66,7 @@ def raw_throughput(cache: Path, budget: float) -> list[dict[str, Any]]:
 def end_to_end(cache: Path, seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as folder:
         Path(folder).chmod(0o755)
-        with running(Fleet(fleet_settings(Path(folder), MODELS)), base_env(cache)) as fleet:
+        with running(Fleet(on_free_ports(Path(folder), models=MODELS)), base_env(cache)) as fleet:
             idle = fleet.memory_mb()
             for target in (*MODELS, "ensemble"):  # warm every path once, so growth means a leak
                 url = f"{fleet.url}/v1/predict?model={target}"
@@ -202,7 +189,7 @@ def overhead(seconds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as folder:
         Path(folder).chmod(0o755)
         stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
-        settings = fleet_settings(Path(folder), ())
+        settings = on_free_ports(Path(folder), models=())
         with running(Fleet(settings, stubs), base_env(Path(folder))) as fleet:
             payload = load.Payload.raw(PHOTO)
             direct = load.run(

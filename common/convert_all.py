@@ -6,11 +6,9 @@ Uses each service's own ``WEIGHTS``/``MODEL_CACHE`` settings, so the services fi
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from common.backends import OpenVINORuntime, default_cache_dir
+from common.backends import OpenVINORuntime
 from common.service import ServiceSettings
-from common.weights import resolve
 
 
 def main() -> int:
@@ -18,15 +16,8 @@ def main() -> int:
 
     for spec in (vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC):
         settings = ServiceSettings.from_env(spec.name)
-        plan = resolve(
-            spec,
-            settings.weights,
-            seed=settings.weights_seed,
-            keras_home=settings.keras_home,
-            allow_download=settings.weights_download,
-        )
-        cache = Path(settings.model_cache) if settings.model_cache else default_cache_dir()
-        record = OpenVINORuntime(spec, plan, cache_dir=cache).ensure_converted()
+        plan = settings.weights_plan(spec)
+        record = OpenVINORuntime(spec, plan, cache_dir=settings.cache_dir).ensure_converted()
         parity = record["parity"]
         print(
             f"{spec.name}: {record['backend']} weights={plan.kind} hash={record['weights_hash']} "

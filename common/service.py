@@ -27,7 +27,7 @@ from common.errors import BadRequest, ModelNotReady, ServiceError
 from common.models import ModelSpec
 from common.runtime import Runtime, RuntimeInfo
 from common.settings import load, setting
-from common.weights import resolve
+from common.weights import WeightsPlan, resolve
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
@@ -59,6 +59,20 @@ class ServiceSettings:
     @classmethod
     def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:
         return load(cls, ("", f"{model.upper()}_"), environ)
+
+    def weights_plan(self, spec: ModelSpec) -> WeightsPlan:
+        """Resolve ``WEIGHTS`` for ``spec`` (may download; fails early with instructions)."""
+        return resolve(
+            spec,
+            self.weights,
+            seed=self.weights_seed,
+            keras_home=self.keras_home,
+            allow_download=self.weights_download,
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.model_cache) if self.model_cache else default_cache_dir()
 
 
 class LoadedModel:
@@ -151,18 +165,12 @@ def create_app(
     """Build a model service. Tests pass a fake ``runtime`` and ``background_load=False``."""
     settings = settings or ServiceSettings.from_env(spec.name)
     if runtime is None:
-        plan = resolve(
-            spec,
-            settings.weights,
-            seed=settings.weights_seed,
-            keras_home=settings.keras_home,
-            allow_download=settings.weights_download,
-        )
+        plan = settings.weights_plan(spec)
         runtime = make_runtime(
             spec,
             plan,
             settings.backend,
-            cache_dir=Path(settings.model_cache) if settings.model_cache else default_cache_dir(),
+            cache_dir=settings.cache_dir,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
         )

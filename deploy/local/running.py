@@ -16,13 +16,19 @@ from pathlib import Path
 
 import requests
 
-from deploy.local.fleet import Fleet
+from deploy.local.fleet import Fleet, FleetSettings
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def on_free_ports(run_dir: Path, **overrides: object) -> FleetSettings:
+    """Fleet settings for a throw-away fleet: every port free, logs to files in ``run_dir``."""
+    ports = {f"{name}_port": free_port() for name in ("nginx", "gateway", "vgg16", "resnet50", "inceptionv3")}
+    return FleetSettings(**{"run_dir": str(run_dir), "logs_to_console": False, **ports, **overrides})  # type: ignore[arg-type]
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:

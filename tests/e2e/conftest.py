@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local.fleet import ExtraService, Fleet, FleetSettings
-from deploy.local.running import RunningFleet, free_port, running
+from deploy.local.fleet import ExtraService, Fleet
+from deploy.local.running import RunningFleet, free_port, on_free_ports, running
 from tests.conftest import _is_project_variable
 from tests.e2e import shapes
 from tests.http_fixtures import serve_images
@@ -40,16 +40,7 @@ def trained_shapes(tmp_path_factory: pytest.TempPathFactory) -> shapes.TrainedMo
 def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
     run_dir = Path(tempfile.mkdtemp(prefix="imagerec-e2e-"))
     run_dir.chmod(0o755)
-    settings = FleetSettings(
-        run_dir=str(run_dir),
-        nginx_port=free_port(),
-        gateway_port=free_port(),
-        vgg16_port=free_port(),
-        resnet50_port=free_port(),
-        inceptionv3_port=free_port(),
-        logs_to_console=False,
-        gateway_workers=2,
-    )
+    settings = on_free_ports(run_dir, gateway_workers=2)
     extra = ExtraService.custom(
         "shapes",
         free_port(),
