@@ -43,6 +43,8 @@ def create_app(
             session,
             connect_timeout_s=settings.connect_timeout_s,
             read_timeout_s=settings.member_timeout_s,
+            connect_retries=settings.connect_retries,
+            retry_backoff_s=settings.retry_backoff_s,
         )
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,

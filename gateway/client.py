@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import random
 import threading
+import time
 from typing import Any
 
 import requests
@@ -11,6 +14,29 @@ from common.errors import BadUpstreamResponse, ModelUnavailable, ServiceError, U
 from common.labels import Labels, from_json
 from common.web import REQUEST_ID_HEADER
 from gateway.registry import Registry
+
+
+def _valid_prediction(prediction: object) -> bool:
+    if not isinstance(prediction, dict):
+        return False
+    score, index = prediction.get("score"), prediction.get("index")
+    return (
+        isinstance(score, int | float)
+        and math.isfinite(score)
+        and -1e-6 <= score <= 1 + 1e-6
+        and isinstance(index, int)
+        and isinstance(prediction.get("label"), str)
+    )
+
+
+def _valid_result(result: object) -> bool:
+    """A member's per-image result: an error, or finite, well-formed predictions (never NaN)."""
+    if not isinstance(result, dict):
+        return False
+    if "error" in result:
+        return isinstance(result["error"], dict)
+    predictions = result.get("predictions")
+    return isinstance(predictions, list) and bool(predictions) and all(map(_valid_prediction, predictions))
 
 
 def new_session(pool_size: int) -> requests.Session:
@@ -35,10 +61,14 @@ class ModelClient:
         *,
         connect_timeout_s: float = 1.0,
         read_timeout_s: float = 30.0,
+        connect_retries: int = 1,
+        retry_backoff_s: float = 0.05,
     ) -> None:
         self.registry = registry
         self.session = session
         self.timeout = (connect_timeout_s, read_timeout_s)
+        self.connect_retries = connect_retries
+        self.retry_backoff_s = retry_backoff_s
         self._labels: dict[str, Labels] = {}
         self._labels_lock = threading.Lock()
 
@@ -66,22 +96,25 @@ class ModelClient:
             ]
             body = {"files": files, "headers": headers}
         reason = "no replicas configured"
-        for replica in self.registry.candidates(model):
-            try:
-                response = self.session.post(
-                    f"{replica.url}/v1/predict", params=params, timeout=self.timeout, **body
-                )
-            except requests.ConnectionError as exc:  # includes ConnectTimeout
-                self.registry.mark_down(replica)
-                reason = f"replica unreachable ({type(exc).__name__})"
-                continue
-            except requests.Timeout:
-                raise UpstreamTimeout(f"{model} did not answer within {self.timeout[1]:g}s") from None
-            if response.status_code == 503:  # loading or shutting down: try another replica
-                self.registry.mark_down(replica)
-                reason = "replica not ready"
-                continue
-            return self._parse(model, response, len(images))
+        for attempt in range(self.connect_retries + 1):
+            if attempt:  # every replica refused: back off (jittered, growing), then one more round
+                time.sleep(self.retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            for replica in self.registry.candidates(model):
+                try:
+                    response = self.session.post(
+                        f"{replica.url}/v1/predict", params=params, timeout=self.timeout, **body
+                    )
+                except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
+                    self.registry.mark_down(replica)
+                    reason = f"replica unreachable ({type(exc).__name__})"
+                    continue
+                except requests.Timeout:  # sent and maybe running: never retried
+                    raise UpstreamTimeout(f"{model} did not answer within {self.timeout[1]:g}s") from None
+                if response.status_code == 503:  # loading or shutting down: try another replica
+                    self.registry.mark_down(replica)
+                    reason = "replica not ready"
+                    continue
+                return self._parse(model, response, len(images))
         raise ModelUnavailable(f"{model} is unavailable: {reason}")
 
     @staticmethod
@@ -106,6 +139,8 @@ class ModelClient:
         results = body.get("results")
         if response.status_code != 200 or not isinstance(results, list) or len(results) != count:
             raise BadUpstreamResponse(f"{model} answered {response.status_code} with an unexpected body")
+        if not all(_valid_result(result) for result in results):
+            raise BadUpstreamResponse(f"{model} answered with malformed predictions")
         return body
 
     def labels(self, model: str, labels_hash: str) -> Labels:

@@ -29,7 +29,9 @@ def reply(count: int = 1, **extra: object) -> dict:
 @pytest.fixture
 def client() -> ModelClient:
     session = new_session(4)
-    return ModelClient(Registry({"resnet50": [R1, R2]}, session), session, read_timeout_s=5)
+    return ModelClient(
+        Registry({"resnet50": [R1, R2]}, session), session, read_timeout_s=5, connect_retries=0
+    )
 
 
 @responses.activate
@@ -108,6 +110,14 @@ def test_member_client_errors_pass_through(client: ModelClient) -> None:
         (200, json.dumps({"results": []})),  # wrong length
         (200, json.dumps({"results": "x"})),
         (500, json.dumps({"error": {"code": "internal_error"}})),
+        (
+            200,
+            json.dumps({"results": [{"predictions": [{"label": "cat", "index": 1, "score": float("nan")}]}]}),
+        ),
+        (200, json.dumps({"results": [{"predictions": [{"label": "cat", "index": 1, "score": 7.5}]}]})),
+        (200, json.dumps({"results": [{"predictions": [{"label": 3, "index": 1, "score": 0.5}]}]})),
+        (200, json.dumps({"results": [{"predictions": []}]})),
+        (200, json.dumps({"results": ["tabby"]})),
     ],
 )
 @responses.activate
@@ -181,3 +191,20 @@ def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(
     body = client.predict("resnet50", [b"jpeg-bytes"], top_k=1)
     assert call.calls[0].request.body == b"jpeg-bytes"
     assert body["results"] == [{"index": 0, "predictions": single["predictions"]}]
+
+
+@responses.activate
+def test_connection_failures_are_retried_once_after_a_jittered_backoff() -> None:
+    session = new_session(2)
+    client = ModelClient(
+        Registry({"resnet50": [R1]}, session), session, connect_retries=1, retry_backoff_s=0.01
+    )
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("restarting"))
+    responses.post(f"{R1}/v1/predict", json=reply())
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert len(responses.calls) == 2
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("down"))
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("still down"))
+    with pytest.raises(ModelUnavailable):
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 4  # one retry, capped
