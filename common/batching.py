@@ -20,13 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.errors import ServiceError
+from common.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(ServiceError):
-    status, code, retry_after = 503, "overloaded", 1
 
 
 @dataclass
@@ -37,6 +33,7 @@ class Job:
     future: Future[np.ndarray] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
+    deadline: float = float("inf")  # time.monotonic() after which the answer is useless
 
     @property
     def queue_ms(self) -> float:
@@ -51,6 +48,7 @@ class BatchStats:
     images: int = 0
     batches: int = 0
     rejected: int = 0
+    expired: int = 0
     largest_batch: int = 0
 
 
@@ -74,9 +72,12 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: np.ndarray) -> Job:
-        """Queue ``inputs`` (one or more preprocessed images); ``job.future`` resolves to their outputs."""
-        request = Job(inputs)
+    def submit(self, inputs: np.ndarray, deadline: float = float("inf")) -> Job:
+        """Queue ``inputs`` (one or more preprocessed images); ``job.future`` resolves to their outputs.
+
+        A job still waiting at ``deadline`` (``time.monotonic()``) is dropped, not computed.
+        """
+        request = Job(inputs, deadline=deadline)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -85,6 +86,14 @@ class Batcher:
                 f"the model queue is full ({self._queue.maxsize} requests waiting); retry shortly"
             ) from None
         return request
+
+    def _drop_expired(self, batch: list[Job]) -> list[Job]:
+        now = time.monotonic()
+        for job in batch:
+            if job.deadline <= now:
+                self.stats.expired += 1
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
+        return [job for job in batch if job.deadline > now]
 
     def _collect(self) -> list[Job]:
         first = self._carry or self._queue.get()
@@ -108,7 +117,9 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._collect()
+            batch = self._drop_expired(self._collect())
+            if not batch:
+                continue
             self._concurrent = len(batch) > 1 or self._carry is not None or not self._queue.empty()
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
             started = time.monotonic()

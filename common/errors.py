@@ -76,6 +76,14 @@ class ModelUnavailable(ServiceError):
     status, code, retry_after = 503, "model_unavailable", 2
 
 
+class Overloaded(ServiceError):
+    status, code, retry_after = 503, "overloaded", 1
+
+
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
 class UpstreamTimeout(ServiceError):
     status, code = 504, "upstream_timeout"
 

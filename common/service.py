@@ -217,7 +217,7 @@ def create_app(
 
     @app.post("/v1/predict")
     def predict() -> Response:
-        started = time.perf_counter()
+        started, started_mono = time.perf_counter(), time.monotonic()
         info = model.require_ready()
         # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
         top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
@@ -243,9 +243,12 @@ def create_app(
         probabilities = np.empty((0, len(model.labels)), np.float32)
         queue_ms = 0.0
         if pixels:
-            job = batcher.submit(model.preprocess(np.stack(pixels)))
+            budget_s = min(settings.inference_timeout_s, web.deadline_s() or settings.inference_timeout_s)
+            job = batcher.submit(model.preprocess(np.stack(pixels)), deadline=started_mono + budget_s)
             try:
-                probabilities = job.future.result(timeout=settings.inference_timeout_s)
+                probabilities = job.future.result(
+                    timeout=max(0.0, started_mono + budget_s - time.monotonic())
+                )
             except FutureTimeout:
                 raise ServiceError(
                     f"inference did not finish within {settings.inference_timeout_s:g}s",

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from common.errors import ServiceError
+from common.errors import BadRequest, ServiceError
 
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -60,8 +60,6 @@ def install(app: Flask) -> None:
 
 def query_int(name: str, default: int, low: int, high: int) -> int:
     """An integer query parameter within ``[low, high]``, or a 400 naming it."""
-    from common.errors import BadRequest
-
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
@@ -76,6 +74,24 @@ def query_int(name: str, default: int, low: int, high: int) -> int:
 
 def query_flag(name: str) -> bool:
     return request.args.get(name, "").lower() in {"1", "true", "yes"}
+
+
+DEADLINE_HEADER = "X-Deadline-Ms"
+MAX_DEADLINE_MS = 600_000
+
+
+def deadline_s() -> float | None:
+    """The time this request may still take, from ``X-Deadline-Ms`` or ``?timeout_ms=``, if given."""
+    raw = request.headers.get(DEADLINE_HEADER) or request.args.get("timeout_ms")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{DEADLINE_HEADER} / timeout_ms must be a number of milliseconds") from None
+    if not 0 < value <= MAX_DEADLINE_MS:
+        raise BadRequest(f"{DEADLINE_HEADER} / timeout_ms must be between 0 and {MAX_DEADLINE_MS}")
+    return value / 1000
 
 
 def json_ok(payload: dict[str, Any], status: int = 200) -> Response:

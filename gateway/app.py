@@ -76,9 +76,10 @@ def create_app(
         return items, batch, (time.perf_counter() - started) * 1000
 
     def classify(selection: Selection, top_k: int) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
-        started = time.perf_counter()
+        started, budget_s = time.perf_counter(), web.deadline_s()
+        deadline = time.monotonic() + budget_s if budget_s else float("inf")
         items, batch, ingest_ms = read_images(selection)
-        result = predictor.run(selection, items, top_k=top_k, request_id=web.request_id())
+        result = predictor.run(selection, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
         body: dict[str, Any] = {"request_id": web.request_id(), "model": selection.name}
         replies = result["replies"]
         if selection.vote is None:

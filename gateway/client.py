@@ -10,9 +10,15 @@ from typing import Any
 
 import requests
 
-from common.errors import BadUpstreamResponse, ModelUnavailable, ServiceError, UpstreamTimeout
+from common.errors import (
+    BadUpstreamResponse,
+    DeadlineExceeded,
+    ModelUnavailable,
+    ServiceError,
+    UpstreamTimeout,
+)
 from common.labels import Labels, from_json
-from common.web import REQUEST_ID_HEADER
+from common.web import DEADLINE_HEADER, REQUEST_ID_HEADER
 from gateway.registry import Registry
 
 
@@ -80,6 +86,7 @@ class ModelClient:
         top_k: int,
         probabilities: bool = False,
         request_id: str = "",
+        deadline: float = float("inf"),
     ) -> dict[str, Any]:
         """One call for all ``images``. Connect failures move on to the next replica (nothing was sent).
 
@@ -100,16 +107,26 @@ class ModelClient:
             if attempt:  # every replica refused: back off (jittered, growing), then one more round
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             for replica in self.registry.candidates(model):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"the request's deadline passed before {model} answered")
+                timeout = (self.timeout[0], min(self.timeout[1], remaining))
+                if remaining < float("inf"):  # pass the rest of the budget on: the member drops late work
+                    body["headers"] = {**body["headers"], DEADLINE_HEADER: str(max(1, int(remaining * 1000)))}
                 try:
                     response = self.session.post(
-                        f"{replica.url}/v1/predict", params=params, timeout=self.timeout, **body
+                        f"{replica.url}/v1/predict", params=params, timeout=timeout, **body
                     )
                 except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
                     self.registry.mark_down(replica)
                     reason = f"replica unreachable ({type(exc).__name__})"
                     continue
                 except requests.Timeout:  # sent and maybe running: never retried
-                    raise UpstreamTimeout(f"{model} did not answer within {self.timeout[1]:g}s") from None
+                    if timeout[1] < self.timeout[1]:
+                        raise DeadlineExceeded(
+                            f"{model} did not answer before the request's deadline"
+                        ) from None
+                    raise UpstreamTimeout(f"{model} did not answer within {timeout[1]:g}s") from None
                 if response.status_code == 503:  # loading or shutting down: try another replica
                     self.registry.mark_down(replica)
                     reason = "replica not ready"

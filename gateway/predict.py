@@ -104,7 +104,7 @@ class Predictor:
                     item.error = exc
 
     def _call_members(
-        self, selection: Selection, images: list[bytes], top_k: int, request_id: str
+        self, selection: Selection, images: list[bytes], top_k: int, request_id: str, deadline: float
     ) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
         if len(selection.members) == 1:  # no fan-out: call in this thread, skip the hand-off
             member = selection.members[0]
@@ -115,6 +115,7 @@ class Predictor:
                     top_k=top_k,
                     probabilities=selection.vote is not None,
                     request_id=request_id,
+                    deadline=deadline,
                 )
             except ServiceError as exc:
                 return {}, {member: exc}
@@ -127,10 +128,14 @@ class Predictor:
                 top_k=top_k,
                 probabilities=selection.vote is not None,
                 request_id=request_id,
+                deadline=deadline,
             )
             for m in selection.members
         }
-        budget = self.settings.connect_timeout_s * 2 + self.settings.member_timeout_s
+        budget = min(
+            self.settings.connect_timeout_s * 2 + self.settings.member_timeout_s,
+            max(0.0, deadline - time.monotonic()),
+        )
         wait(futures.values(), timeout=budget)
         replies: dict[str, dict[str, Any]] = {}
         failures: dict[str, ServiceError] = {}
@@ -168,13 +173,22 @@ class Predictor:
             )
 
     def run(
-        self, selection: Selection, items: list[ImageInput], *, top_k: int, request_id: str
+        self,
+        selection: Selection,
+        items: list[ImageInput],
+        *,
+        top_k: int,
+        request_id: str,
+        deadline: float = float("inf"),
     ) -> dict[str, Any]:
-        """Call the members for every valid item and merge; item errors stay on their items."""
+        """Call the members for every valid item and merge; item errors stay on their items.
+
+        ``deadline`` (``time.monotonic()``) is the client's: members get what is left of it.
+        """
         started = time.perf_counter()
         valid = [i for i, item in enumerate(items) if item.error is None]
         replies, failures = (
-            self._call_members(selection, [items[i].data for i in valid], top_k, request_id)
+            self._call_members(selection, [items[i].data for i in valid], top_k, request_id, deadline)
             if valid
             else ({}, {})
         )

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from common.batching import Batcher, Overloaded
+from common.batching import Batcher
+from common.errors import DeadlineExceeded, Overloaded
 
 
 class GatedModel:
@@ -151,3 +152,19 @@ def test_batcher_preserves_per_request_results_under_concurrency() -> None:
         assert np.all(output == 4 * i)  # 2x2 pixels of value i each
     assert batcher.stats.images == sum(1 + i % 3 for i in range(200))
     assert batcher.stats.largest_batch > 1
+
+
+def test_work_whose_deadline_passed_is_dropped_not_computed() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=0)
+    blocker = batcher.submit(images(1)).future
+    assert model.started.wait(5)
+    late = batcher.submit(images(1), deadline=time.monotonic() + 0.05).future
+    on_time = batcher.submit(images(1), deadline=time.monotonic() + 60).future
+    time.sleep(0.1)  # let the first job's deadline pass while the model is busy
+    model.release.set()
+    blocker.result(5)
+    assert len(on_time.result(5)) == 1
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert model.sizes == [1, 1] and batcher.stats.expired == 1

@@ -27,6 +27,7 @@ class FakeModelClient:
         self.index: Labels = load()
         self.failures: dict[str, ServiceError] = {}
         self.calls: list[tuple[str, int, bool]] = []
+        self.deadlines: list[float] = []
 
     def predict(
         self,
@@ -36,8 +37,10 @@ class FakeModelClient:
         top_k: int,
         probabilities: bool = False,
         request_id: str = "",
+        deadline: float = float("inf"),
     ) -> dict[str, Any]:
         self.calls.append((model, len(images), probabilities))
+        self.deadlines.append(deadline)
         if model in self.failures:
             raise self.failures[model]
         results = []

@@ -316,3 +316,29 @@ def test_ensembles_send_members_one_small_canonical_copy_of_a_large_photo(fake: 
     seen.clear()
     assert client.post("/v1/predict?model=resnet50", data=big, content_type="image/jpeg").status_code == 200
     assert seen == [big]  # a single model decodes the original itself
+
+
+def test_client_deadline_reaches_the_members_and_is_validated(
+    client: FlaskClient, fake: FakeModelClient
+) -> None:
+    import time
+
+    before = time.monotonic()
+    assert (
+        client.post(
+            "/v1/predict?model=resnet50&timeout_ms=1500", data=CAT, content_type="image/jpeg"
+        ).status_code
+        == 200
+    )
+    assert before + 1.0 < fake.deadlines[-1] <= time.monotonic() + 1.5
+    client.post(
+        "/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg", headers={"X-Deadline-Ms": "800"}
+    )
+    assert fake.deadlines[-1] <= time.monotonic() + 0.8
+    client.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
+    assert fake.deadlines[-1] == float("inf")
+    assert_error(
+        client.post("/v1/predict?model=resnet50&timeout_ms=later", data=CAT, content_type="image/jpeg"),
+        400,
+        "bad_request",
+    )

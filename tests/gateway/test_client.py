@@ -10,7 +10,13 @@ import requests
 import responses
 from responses import matchers
 
-from common.errors import BadUpstreamResponse, ModelUnavailable, ServiceError, UpstreamTimeout
+from common.errors import (
+    BadUpstreamResponse,
+    DeadlineExceeded,
+    ModelUnavailable,
+    ServiceError,
+    UpstreamTimeout,
+)
 from common.labels import load
 from gateway.client import ModelClient, new_session
 from gateway.registry import Registry
@@ -208,3 +214,16 @@ def test_connection_failures_are_retried_once_after_a_jittered_backoff() -> None
     with pytest.raises(ModelUnavailable):
         client.predict("resnet50", [b"a"], top_k=1)
     assert len(responses.calls) == 4  # one retry, capped
+
+
+@responses.activate
+def test_the_remaining_deadline_travels_to_the_member(client: ModelClient) -> None:
+    import time
+
+    call = responses.post(f"{R1}/v1/predict", json=reply())
+    client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() + 2.0)
+    sent = int(call.calls[0].request.headers["X-Deadline-Ms"])
+    assert 1500 < sent <= 2000
+    with pytest.raises(DeadlineExceeded):
+        client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() - 0.1)
+    assert call.call_count == 1  # an expired request is not sent at all

@@ -175,3 +175,29 @@ def test_request_id_is_echoed(client: FlaskClient) -> None:
     assert response.headers["X-Request-ID"] == "abc-123"
     response = client.get("/v1/model", headers={"X-Request-ID": 'bad"id'})
     assert response.headers["X-Request-ID"] != 'bad"id'
+
+
+class SlowRuntime(EchoRuntime):
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        threading.Event().wait(0.3)
+        return super().predict(batch)
+
+
+def test_a_request_past_its_deadline_gets_504_and_bad_deadlines_400() -> None:
+    client = create_app(resnet50.SPEC, SETTINGS, SlowRuntime(), background_load=False).test_client()
+    response = client.post(
+        "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": "50"}
+    )
+    assert response.status_code == 504 and response.get_json()["error"]["code"] in {
+        "deadline_exceeded",
+        "inference_timeout",
+    }
+    ok = client.post(
+        "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": "5000"}
+    )
+    assert ok.status_code == 200
+    for bad in ("soon", "0", "-5", "999999999"):
+        response = client.post(
+            "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": bad}
+        )
+        assert_error(response, 400, "bad_request")
