@@ -45,6 +45,8 @@ def create_app(
             read_timeout_s=settings.member_timeout_s,
             connect_retries=settings.connect_retries,
             retry_backoff_s=settings.retry_backoff_s,
+            breaker_fail_max=settings.breaker_fail_max,
+            breaker_reset_s=settings.breaker_reset_s,
         )
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,

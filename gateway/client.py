@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import pybreaker
 import requests
 
 from common.errors import (
@@ -69,12 +70,17 @@ class ModelClient:
         read_timeout_s: float = 30.0,
         connect_retries: int = 1,
         retry_backoff_s: float = 0.05,
+        breaker_fail_max: int = 5,
+        breaker_reset_s: float = 5.0,
     ) -> None:
         self.registry = registry
         self.session = session
         self.timeout = (connect_timeout_s, read_timeout_s)
         self.connect_retries = connect_retries
         self.retry_backoff_s = retry_backoff_s
+        self.breaker_fail_max = breaker_fail_max
+        self.breaker_reset_s = breaker_reset_s
+        self._breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self._labels: dict[str, Labels] = {}
         self._labels_lock = threading.Lock()
 
@@ -114,9 +120,12 @@ class ModelClient:
                 if remaining < float("inf"):  # pass the rest of the budget on: the member drops late work
                     body["headers"] = {**body["headers"], DEADLINE_HEADER: str(max(1, int(remaining * 1000)))}
                 try:
-                    response = self.session.post(
-                        f"{replica.url}/v1/predict", params=params, timeout=timeout, **body
+                    result = self._breaker(replica.url).call(
+                        self._exchange, replica.url, model, len(images), params, timeout, body
                     )
+                except pybreaker.CircuitBreakerError:  # open: this replica is skipped, not hammered
+                    reason = "replica failing repeatedly (circuit open)"
+                    continue
                 except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
                     self.registry.mark_down(replica)
                     reason = f"replica unreachable ({type(exc).__name__})"
@@ -127,12 +136,40 @@ class ModelClient:
                             f"{model} did not answer before the request's deadline"
                         ) from None
                     raise UpstreamTimeout(f"{model} did not answer within {timeout[1]:g}s") from None
-                if response.status_code == 503:  # loading or shutting down: try another replica
+                if result is None:  # loading or shutting down: try another replica
                     self.registry.mark_down(replica)
                     reason = "replica not ready"
                     continue
-                return self._parse(model, response, len(images))
+                return result
         raise ModelUnavailable(f"{model} is unavailable: {reason}")
+
+    def _breaker(self, url: str) -> pybreaker.CircuitBreaker:
+        with self._labels_lock:
+            if url not in self._breakers:
+                self._breakers[url] = pybreaker.CircuitBreaker(
+                    fail_max=self.breaker_fail_max,
+                    reset_timeout=self.breaker_reset_s,
+                    # the client's own mistakes (4xx) say nothing about the replica's health
+                    exclude=[lambda exc: isinstance(exc, ServiceError) and exc.status < 500],
+                    throw_new_error_on_trip=False,
+                    name=url,
+                )
+            return self._breakers[url]
+
+    def _exchange(
+        self,
+        url: str,
+        model: str,
+        count: int,
+        params: dict[str, str],
+        timeout: tuple[float, float],
+        body: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        """One call to one replica: its parsed answer, or None when it is not ready (503)."""
+        response = self.session.post(f"{url}/v1/predict", params=params, timeout=timeout, **body)
+        if response.status_code == 503:
+            return None
+        return self._parse(model, response, count)
 
     @staticmethod
     def _parse(model: str, response: requests.Response, count: int) -> dict[str, Any]:

@@ -32,6 +32,10 @@ class GatewaySettings:
     member_timeout_s: float = setting(30.0, "time a model replica has to answer")
     connect_retries: int = setting(1, "extra rounds over a model's replicas when all refuse to connect")
     retry_backoff_s: float = setting(0.05, "first back-off before such a round (doubles, +-50% jitter)")
+    breaker_fail_max: int = setting(
+        5, "consecutive failures (connect, time-out, 5xx, garbage) that open a replica's circuit"
+    )
+    breaker_reset_s: float = setting(5.0, "seconds an open circuit waits before one trial call")
     health_interval_s: float = setting(2.0, "seconds between readiness probes of every replica")
     fanout_threads: int = setting(32, "threads calling members in parallel (per gateway worker)")
     fetch_timeout_s: float = setting(10.0, "total time for fetching an image URL, redirects included")

@@ -227,3 +227,39 @@ def test_the_remaining_deadline_travels_to_the_member(client: ModelClient) -> No
     with pytest.raises(DeadlineExceeded):
         client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() - 0.1)
     assert call.call_count == 1  # an expired request is not sent at all
+
+
+@responses.activate
+def test_a_failing_replica_opens_its_circuit_and_is_probed_back() -> None:
+    import time
+
+    session = new_session(2)
+    client = ModelClient(
+        Registry({"resnet50": [R1]}, session),
+        session,
+        connect_retries=0,
+        breaker_fail_max=3,
+        breaker_reset_s=0.3,
+    )
+    garbage = responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
+    for _ in range(3):
+        with pytest.raises(BadUpstreamResponse):
+            client.predict("resnet50", [b"a"], top_k=1)
+    with pytest.raises(ModelUnavailable, match="circuit open"):
+        client.predict("resnet50", [b"a"], top_k=1)  # answered at once, nothing sent
+    assert garbage.call_count == 3
+    responses.replace(responses.POST, f"{R1}/v1/predict", json=reply())
+    time.sleep(0.35)
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]  # the trial call closes the circuit
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+
+
+@responses.activate
+def test_client_errors_do_not_open_the_circuit(client: ModelClient) -> None:
+    responses.post(
+        f"{R1}/v1/predict", status=400, json={"error": {"code": "too_many_images", "message": "x"}}
+    )
+    for _ in range(8):
+        with pytest.raises(ServiceError):
+            client.predict("resnet50", [b"a"], top_k=1)
+    assert client._breaker(R1).current_state == "closed"
