@@ -41,7 +41,14 @@ def log(message: str) -> None:
 
 def base_env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_"))}
-    env.update(WEIGHTS="random", BACKEND="auto", MODEL_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2")
+    # capacity is what is measured: per-client rate limits off (wrk is one client)
+    env.update(
+        WEIGHTS="random",
+        BACKEND="auto",
+        MODEL_CACHE=str(cache),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        GATEWAY_RATE_LIMIT="",
+    )
     return env
 
 

@@ -9,6 +9,7 @@ from flask import Flask, Response, request
 
 from common import web
 from common.errors import ServiceError
+from gateway import limits
 from gateway.client import ModelClient, new_session
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
@@ -173,6 +174,7 @@ def create_app(
             }
         )
 
+    limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)
     return app

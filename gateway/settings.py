@@ -44,6 +44,12 @@ class GatewaySettings:
     fetch_allow_networks: tuple[str, ...] = setting(
         (), "CIDRs the URL fetcher may reach besides public addresses (off)"
     )
+    rate_limit: str = setting(
+        "100/second", "per-client limit, Flask-Limiter syntax ('100/second;2000/minute'); empty: off"
+    )
+    rate_limit_storage: str = setting(
+        "", "where limits are counted: empty = memory per worker, or redis://host:port"
+    )
     legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
     legacy_top_k: int = setting(3, "predictions returned by the seed routes")
     replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -342,3 +342,25 @@ def test_client_deadline_reaches_the_members_and_is_validated(
         400,
         "bad_request",
     )
+
+
+def test_per_client_rate_limit_is_a_json_429_with_retry_after(fake: FakeModelClient) -> None:
+    app = create_app(gateway_settings(rate_limit="3/minute"), client=fake, poll_health=False)  # type: ignore[arg-type]
+    client = app.test_client()
+    alice, bob = {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "203.0.113.8"}
+    for _ in range(3):
+        assert (
+            client.post(
+                "/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=alice
+            ).status_code
+            == 200
+        )
+    response = client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=alice)
+    assert_error(response, 429, "too_many_requests")
+    assert int(response.headers["Retry-After"]) > 0
+    assert (
+        client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=bob).status_code
+        == 200
+    )
+    assert client.get("/v1/models", headers=alice).status_code == 200  # metadata and health are not limited
+    assert client.get("/health/ready", headers=alice).status_code == 200
