@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,24 +14,11 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import encode, photo
+from tests.conftest import encode, photo, png_declaring
 from tests.e2e.conftest import E2EFleet
 
 pytestmark = pytest.mark.e2e
 CAT = photo("chelsea.jpg")
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def gif_declaring(width: int, height: int) -> bytes:
