@@ -108,7 +108,47 @@ def end_to_end(cache: Path, seconds: int, concurrencies: tuple[int, ...]) -> dic
             }
 
 
+BENTOML = ROOT / "bench" / ".venv-bento" / "bin" / "bentoml"
+
+
+def baseline(
+    target: str,
+    path: str,
+    command: list[str],
+    url: str,
+    field: str,
+    seconds: int,
+    concurrencies: tuple[int, ...],
+) -> dict[str, Any]:
+    """Start another server, warm it, load it like the fleet, and stop it."""
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: requests.post(url, files={field: PHOTO}, timeout=60).ok, 300, target)
+        for _ in range(8):  # several workers each load their model on their first requests
+            requests.post(url, files={field: PHOTO}, timeout=120)
+        idle = rss_mb(process.pid)
+        runs = []
+        for connections in concurrencies:
+            payload = load.Payload.multipart(PHOTO, field=field)
+            result = load.run(url, payload, connections=connections, seconds=seconds)
+            runs.append({"target": target, "path": path, **result})
+            requests.post(url, files={field: PHOTO}, timeout=300)  # settle the backlog
+            log(f"{target} c={connections}: {result['img_per_s']} img/s, p50 {result['p50_ms']} ms")
+        return {"runs": runs, "memory_idle_mb": idle, "memory_after_mb": rss_mb(process.pid)}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+
+
 def seed_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any]:
+    """The article's approach (bench/seed_server.py) under gunicorn -w 4."""
     port = free_port()
     command = [
         sys.executable,
@@ -122,33 +162,15 @@ def seed_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any
         f"127.0.0.1:{port}",
         "bench.seed_server:app",
     ]
-    process = subprocess.Popen(
+    return baseline(
+        "seed-style resnet50",
+        "gunicorn -w 4, model.predict",
         command,
-        cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        f"http://127.0.0.1:{port}/predict",
+        "file",
+        seconds,
+        concurrencies,
     )
-    url = f"http://127.0.0.1:{port}/predict"
-    try:
-        # All four workers must have loaded their model: ask until four different pids could answer.
-        wait_until(lambda: requests.post(url, files={"file": PHOTO}, timeout=60).ok, 300, "the seed server")
-        for _ in range(8):
-            requests.post(url, files={"file": PHOTO}, timeout=120)
-        idle = rss_mb(process.pid)
-        runs = []
-        for connections in concurrencies:
-            result = load.run(url, load.Payload.multipart(PHOTO), connections=connections, seconds=seconds)
-            runs.append({"target": "seed-style resnet50", "path": "gunicorn -w 4, model.predict", **result})
-            requests.post(url, files={"file": PHOTO}, timeout=300)
-            log(f"seed c={connections}: {result['img_per_s']} img/s, p50 {result['p50_ms']} ms")
-        return {"runs": runs, "memory_idle_mb": idle, "memory_after_mb": rss_mb(process.pid)}
-    finally:
-        process.terminate()
-        process.wait(60)
-
-
-BENTOML = ROOT / "bench" / ".venv-bento" / "bin" / "bentoml"
 
 
 def bentoml_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any] | None:
@@ -166,29 +188,15 @@ def bentoml_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, 
         "--host",
         "127.0.0.1",
     ]
-    process = subprocess.Popen(
+    return baseline(
+        "bentoml resnet50",
+        "bentoml serve, adaptive batching",
         command,
-        cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        f"http://127.0.0.1:{port}/predict",
+        "images",
+        seconds,
+        concurrencies,
     )
-    url = f"http://127.0.0.1:{port}/predict"
-    try:
-        wait_until(lambda: requests.post(url, files={"images": PHOTO}, timeout=60).ok, 300, "BentoML")
-        idle = rss_mb(process.pid)
-        runs = []
-        for connections in concurrencies:
-            payload = load.Payload.multipart(PHOTO, field="images")
-            result = load.run(url, payload, connections=connections, seconds=seconds)
-            runs.append({"target": "bentoml resnet50", "path": "bentoml serve, adaptive batching", **result})
-            requests.post(url, files={"images": PHOTO}, timeout=300)
-            log(f"bentoml c={connections}: {result['img_per_s']} img/s, p50 {result['p50_ms']} ms")
-        return {"runs": runs, "memory_idle_mb": idle, "memory_after_mb": rss_mb(process.pid)}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
 
 
 def overhead(seconds: int) -> dict[str, Any]:
