@@ -6,6 +6,12 @@ concurrent - waits up to ``max_wait_ms`` after the first arrival for more, a bud
 time passes and ends as soon as the batch is full. Light traffic therefore pays no batching tax,
 heavy traffic gets full batches. Each request gets its own future; a failed batch fails every
 waiter with the same error; a full queue is refused at once (503 + Retry-After).
+
+Admission (``admit``) sheds load before any work is done: a request is refused when the images
+already admitted ahead of it - decoding, queued or running - would take longer than
+``max_delay_ms`` at the measured speed (seconds per image, a moving average over batches). On a CPU
+that keeps about two batches in the pipeline; on a GPU, where batches are cheap per image, it lets
+many more wait. An idle model always admits, so one huge batch is never refused.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,9 +54,12 @@ class BatchStats:
     requests: int = 0
     images: int = 0
     batches: int = 0
-    rejected: int = 0
+    rejected: int = 0  # queue full
+    shed: int = 0  # refused at admission: too much work ahead
     expired: int = 0
     largest_batch: int = 0
+    admitted_images: int = 0  # in the pipeline now: decoding, queued or running
+    ms_per_image: float = 0.0  # moving average of model time per image
 
 
 class Batcher:
@@ -60,17 +70,39 @@ class Batcher:
         max_batch: int = 8,
         max_wait_ms: float = 5.0,
         max_queue: int = 64,
+        max_delay_ms: float = float("inf"),
         name: str = "model",
     ) -> None:
         self._predict = predict
+        self.name = name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.max_delay_ms = max_delay_ms
+        self._admission = threading.Lock()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._carry: Job | None = None  # taken from the queue but did not fit the last batch
         self._concurrent = False
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[None]:
+        """Hold ``images`` places in the pipeline for the ``with`` block, or raise ``Overloaded``."""
+        with self._admission:
+            ahead_ms = self.stats.admitted_images * self.stats.ms_per_image
+            if self.stats.admitted_images and ahead_ms > self.max_delay_ms:
+                self.stats.shed += 1
+                raise Overloaded(
+                    f"{self.name} is at capacity (~{ahead_ms:.0f} ms of work ahead, "
+                    f"limit {self.max_delay_ms:g} ms); retry shortly"
+                )
+            self.stats.admitted_images += images
+        try:
+            yield
+        finally:
+            with self._admission:
+                self.stats.admitted_images -= images
 
     def submit(self, inputs: np.ndarray, deadline: float = float("inf")) -> Job:
         """Queue ``inputs`` (one or more preprocessed images); ``job.future`` resolves to their outputs.
@@ -136,6 +168,9 @@ class Batcher:
             self.stats.images += len(inputs)
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(inputs))
+            per_image_ms = (time.monotonic() - started) * 1000 / len(inputs)
+            average = self.stats.ms_per_image
+            self.stats.ms_per_image = per_image_ms if not average else 0.8 * average + 0.2 * per_image_ms
             offset = 0
             for request in batch:
                 request.future.set_result(outputs[offset : offset + len(request.inputs)])

@@ -52,6 +52,9 @@ class ServiceSettings:
     max_batch_size: int = setting(8, "most images the batcher puts in one model call")
     max_batch_wait_ms: float = setting(5.0, "longest a batch waits to fill, and only under concurrent load")
     max_queue: int = setting(64, "requests waiting for the model before new ones get 503 + Retry-After")
+    max_queue_delay_ms: float = setting(
+        100.0, "refuse (503 + Retry-After) when the work admitted ahead would take longer than this"
+    )
     inference_timeout_s: float = setting(30.0, "longest a request waits for its batch (504 after)")
     intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
     inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
@@ -182,6 +185,7 @@ def create_app(
         max_batch=settings.max_batch_size,
         max_wait_ms=settings.max_batch_wait_ms,
         max_queue=settings.max_queue,
+        max_delay_ms=settings.max_queue_delay_ms,
         name=spec.name,
     )
 
@@ -207,6 +211,7 @@ def create_app(
         batching = {
             "max_batch_size": batcher.max_batch,
             "max_wait_ms": batcher.max_wait_s * 1000,
+            "max_queue_delay_ms": batcher.max_delay_ms,
             **dataclasses.asdict(batcher.stats),
         }
         return web.json_ok({**model.metadata(), "center_crop": settings.center_crop, "batching": batching})
@@ -229,33 +234,35 @@ def create_app(
                 code="too_many_images",
             )
 
-        results: list[dict[str, object]] = [{"index": i} for i in range(len(images))]
-        pixels, decoded = [], []
-        for i, data in enumerate(images):
-            try:
-                pixels.append(imaging.load_pixels(data, spec.input_size, limits, settings.center_crop))
-                decoded.append(i)
-            except ServiceError as exc:
-                if not batch:
-                    raise
-                results[i]["error"] = {**exc.to_dict(), "status": exc.status}
-        decoded_at = time.perf_counter()
-        probabilities = np.empty((0, len(model.labels)), np.float32)
-        queue_ms = 0.0
-        if pixels:
-            budget_s = min(settings.inference_timeout_s, web.deadline_s() or settings.inference_timeout_s)
-            job = batcher.submit(model.preprocess(np.stack(pixels)), deadline=started_mono + budget_s)
-            try:
-                probabilities = job.future.result(
-                    timeout=max(0.0, started_mono + budget_s - time.monotonic())
-                )
-            except FutureTimeout:
-                raise ServiceError(
-                    f"inference did not finish within {settings.inference_timeout_s:g}s",
-                    code="inference_timeout",
-                    status=504,
-                ) from None
-            queue_ms = job.queue_ms
+        # Shed before decoding: a refusal costs microseconds, not a decode.
+        with batcher.admit(len(images)):
+            results: list[dict[str, object]] = [{"index": i} for i in range(len(images))]
+            pixels, decoded = [], []
+            for i, data in enumerate(images):
+                try:
+                    pixels.append(imaging.load_pixels(data, spec.input_size, limits, settings.center_crop))
+                    decoded.append(i)
+                except ServiceError as exc:
+                    if not batch:
+                        raise
+                    results[i]["error"] = {**exc.to_dict(), "status": exc.status}
+            decoded_at = time.perf_counter()
+            probabilities = np.empty((0, len(model.labels)), np.float32)
+            queue_ms = 0.0
+            if pixels:
+                budget_s = min(settings.inference_timeout_s, web.deadline_s() or settings.inference_timeout_s)
+                job = batcher.submit(model.preprocess(np.stack(pixels)), deadline=started_mono + budget_s)
+                try:
+                    probabilities = job.future.result(
+                        timeout=max(0.0, started_mono + budget_s - time.monotonic())
+                    )
+                except FutureTimeout:
+                    raise ServiceError(
+                        f"inference did not finish within {settings.inference_timeout_s:g}s",
+                        code="inference_timeout",
+                        status=504,
+                    ) from None
+                queue_ms = job.queue_ms
         finished = time.perf_counter()
         for i, row in zip(decoded, probabilities, strict=True):
             results[i]["predictions"] = model.labels.top_k(row, top_k)

@@ -15,6 +15,7 @@ from common.errors import (
     BadUpstreamResponse,
     DeadlineExceeded,
     ModelUnavailable,
+    Overloaded,
     ServiceError,
     UpstreamTimeout,
 )
@@ -44,6 +45,13 @@ def _valid_result(result: object) -> bool:
         return isinstance(result["error"], dict)
     predictions = result.get("predictions")
     return isinstance(predictions, list) and bool(predictions) and all(map(_valid_prediction, predictions))
+
+
+def _error_code(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def new_session(pool_size: int) -> requests.Session:
@@ -97,6 +105,8 @@ class ModelClient:
         """One call for all ``images``. Connect failures move on to the next replica (nothing was sent).
 
         One image travels as the raw body (cheapest for both sides), several as multipart ``files``.
+        A replica at capacity (503 ``overloaded``) passes the call on to the next one; when every
+        replica is, the caller gets that 503 at once - overload is never retried after a back-off.
         """
         params = {"top_k": str(top_k), **({"probabilities": "true"} if probabilities else {})}
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
@@ -109,7 +119,10 @@ class ModelClient:
             ]
             body = {"files": files, "headers": headers}
         reason = "no replicas configured"
+        overloaded = False
         for attempt in range(self.connect_retries + 1):
+            if overloaded:
+                raise Overloaded(f"every replica of {model} is at capacity; retry shortly")
             if attempt:  # every replica refused: back off (jittered, growing), then one more round
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             for replica in self.registry.candidates(model):
@@ -123,6 +136,9 @@ class ModelClient:
                     result = self._breaker(replica.url).call(
                         self._exchange, replica.url, model, len(images), params, timeout, body
                     )
+                except Overloaded:  # busy, not broken: leave it in rotation, try the next one
+                    overloaded = True
+                    continue
                 except pybreaker.CircuitBreakerError:  # open: this replica is skipped, not hammered
                     reason = "replica failing repeatedly (circuit open)"
                     continue
@@ -141,6 +157,8 @@ class ModelClient:
                     reason = "replica not ready"
                     continue
                 return result
+        if overloaded:
+            raise Overloaded(f"every replica of {model} is at capacity; retry shortly")
         raise ModelUnavailable(f"{model} is unavailable: {reason}")
 
     def _breaker(self, url: str) -> pybreaker.CircuitBreaker:
@@ -149,8 +167,13 @@ class ModelClient:
                 self._breakers[url] = pybreaker.CircuitBreaker(
                     fail_max=self.breaker_fail_max,
                     reset_timeout=self.breaker_reset_s,
-                    # the client's own mistakes (4xx) say nothing about the replica's health
-                    exclude=[lambda exc: isinstance(exc, ServiceError) and exc.status < 500],
+                    # the client's own mistakes (4xx) and shed load say nothing about its health
+                    exclude=[
+                        lambda exc: (
+                            isinstance(exc, Overloaded)
+                            or (isinstance(exc, ServiceError) and exc.status < 500)
+                        )
+                    ],
                     throw_new_error_on_trip=False,
                     name=url,
                 )
@@ -168,6 +191,8 @@ class ModelClient:
         """One call to one replica: its parsed answer, or None when it is not ready (503)."""
         response = self.session.post(f"{url}/v1/predict", params=params, timeout=timeout, **body)
         if response.status_code == 503:
+            if _error_code(response) == Overloaded.code:
+                raise Overloaded(f"{model} replica {url} is at capacity")
             return None
         return self._parse(model, response, count)
 

@@ -168,3 +168,32 @@ def test_work_whose_deadline_passed_is_dropped_not_computed() -> None:
     with pytest.raises(DeadlineExceeded):
         late.result(5)
     assert model.sizes == [1, 1] and batcher.stats.expired == 1
+
+
+def test_admission_sheds_when_the_work_ahead_exceeds_the_delay_bound() -> None:
+    def model(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)  # ~50 ms per image: the batcher measures it
+        return batch.reshape(len(batch), -1)
+
+    batcher = Batcher(model, max_batch=1, max_wait_ms=0, max_delay_ms=75)
+    with batcher.admit(1):
+        batcher.submit(images(1)).future.result(5)
+    assert 50 <= batcher.stats.ms_per_image < 75
+    with batcher.admit(1), batcher.admit(1):  # ~50 ms ahead of the second: within the bound
+        with pytest.raises(Overloaded) as info, batcher.admit(1):  # ~100 ms ahead: refused
+            pass
+        assert info.value.status == 503 and info.value.retry_after
+    assert batcher.stats.shed == 1 and batcher.stats.admitted_images == 0
+    with batcher.admit(32):  # an idle model takes any batch, however long it will run
+        pass
+
+
+def test_admission_is_released_when_the_request_fails() -> None:
+    batcher = Batcher(lambda batch: batch, max_delay_ms=0)
+    batcher.stats.ms_per_image = 10.0
+    with pytest.raises(ValueError), batcher.admit(3):
+        raise ValueError("decode failed")
+    assert batcher.stats.admitted_images == 0
+    with batcher.admit(1):
+        with pytest.raises(Overloaded), batcher.admit(1):
+            pass

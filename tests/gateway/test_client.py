@@ -14,6 +14,7 @@ from common.errors import (
     BadUpstreamResponse,
     DeadlineExceeded,
     ModelUnavailable,
+    Overloaded,
     ServiceError,
     UpstreamTimeout,
 )
@@ -263,3 +264,32 @@ def test_client_errors_do_not_open_the_circuit(client: ModelClient) -> None:
         with pytest.raises(ServiceError):
             client.predict("resnet50", [b"a"], top_k=1)
     assert client._breaker(R1).current_state == "closed"
+
+
+def overloaded_reply() -> dict:
+    return {"json": {"error": {"code": "overloaded", "message": "at capacity"}}, "status": 503}
+
+
+@responses.activate
+def test_an_overloaded_replica_passes_the_call_on_and_stays_in_rotation(client: ModelClient) -> None:
+    responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert all(r.ready for r in client.registry.replicas("resnet50"))
+
+
+@responses.activate
+def test_every_replica_overloaded_is_503_at_once_without_retries_or_tripping_the_circuit() -> None:
+    session = new_session(4)
+    client = ModelClient(
+        Registry({"resnet50": [R1, R2]}, session), session, connect_retries=3, breaker_fail_max=1
+    )
+    first = responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    second = responses.post(f"{R2}/v1/predict", **overloaded_reply())
+    for _ in range(3):
+        with pytest.raises(Overloaded) as info:
+            client.predict("resnet50", [b"a"], top_k=1)
+        assert info.value.status == 503 and info.value.retry_after == 1
+    assert first.call_count == second.call_count == 3  # one round per request, circuits closed

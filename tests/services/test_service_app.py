@@ -201,3 +201,25 @@ def test_a_request_past_its_deadline_gets_504_and_bad_deadlines_400() -> None:
             "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": bad}
         )
         assert_error(response, 400, "bad_request")
+
+
+def test_an_overloaded_service_sheds_with_503_before_decoding(runtime: EchoRuntime) -> None:
+    app = create_app(
+        resnet50.SPEC,
+        ServiceSettings(max_queue_delay_ms=50),
+        runtime,
+        background_load=False,
+    )
+    batcher = app.extensions["batcher"]
+    batcher.stats.ms_per_image = 40.0
+    client = app.test_client()
+    image = encode(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG")
+    with batcher.admit(2):  # 80 ms of work ahead of anyone arriving now
+        shed = client.post("/v1/predict", data=image, content_type="image/png")
+        assert_error(shed, 503, "overloaded")
+        assert shed.headers["Retry-After"] == "1"
+        assert runtime.batches == []  # refused: nothing reached the model
+    assert client.post("/v1/predict", data=image, content_type="image/png").status_code == 200
+    batching = client.get("/v1/model").get_json()["batching"]
+    assert batching["shed"] == 1 and batching["admitted_images"] == 0
+    assert batching["max_queue_delay_ms"] == 50
