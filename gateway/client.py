@@ -8,7 +8,6 @@ import threading
 import time
 from typing import Any
 
-import pybreaker
 import requests
 
 from common.errors import (
@@ -21,6 +20,7 @@ from common.errors import (
 )
 from common.labels import Labels, from_json
 from common.web import DEADLINE_HEADER, REQUEST_ID_HEADER
+from gateway.breaker import Breaker
 from gateway.registry import Registry
 
 
@@ -88,7 +88,7 @@ class ModelClient:
         self.retry_backoff_s = retry_backoff_s
         self.breaker_fail_max = breaker_fail_max
         self.breaker_reset_s = breaker_reset_s
-        self._breakers: dict[str, pybreaker.CircuitBreaker] = {}
+        self._breakers: dict[str, Breaker] = {}
         self._labels: dict[str, Labels] = {}
         self._labels_lock = threading.Lock()
 
@@ -132,26 +132,39 @@ class ModelClient:
                 timeout = (self.timeout[0], min(self.timeout[1], remaining))
                 if remaining < float("inf"):  # pass the rest of the budget on: the member drops late work
                     body["headers"] = {**body["headers"], DEADLINE_HEADER: str(max(1, int(remaining * 1000)))}
-                try:
-                    result = self._breaker(replica.url).call(
-                        self._exchange, replica.url, model, len(images), params, timeout, body
-                    )
-                except Overloaded:  # busy, not broken: leave it in rotation, try the next one
-                    overloaded = True
-                    continue
-                except pybreaker.CircuitBreakerError:  # open: this replica is skipped, not hammered
+                breaker = self._breaker(replica.url)
+                if not breaker.allow():  # open: this replica is skipped, not hammered
                     reason = "replica failing repeatedly (circuit open)"
                     continue
+                try:
+                    result = self._exchange(replica.url, model, len(images), params, timeout, body)
+                except Overloaded:  # busy, not broken: leave it in rotation, try the next one
+                    breaker.success()
+                    overloaded = True
+                    continue
                 except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
+                    breaker.failure()
                     self.registry.mark_down(replica)
                     reason = f"replica unreachable ({type(exc).__name__})"
                     continue
                 except requests.Timeout:  # sent and maybe running: never retried
+                    breaker.failure()
                     if timeout[1] < self.timeout[1]:
                         raise DeadlineExceeded(
                             f"{model} did not answer before the request's deadline"
                         ) from None
                     raise UpstreamTimeout(f"{model} did not answer within {timeout[1]:g}s") from None
+                except ServiceError as exc:
+                    # the client's own mistakes (4xx) say nothing about the replica's health
+                    if exc.status < 500:
+                        breaker.success()
+                    else:
+                        breaker.failure()
+                    raise
+                except BaseException:
+                    breaker.failure()
+                    raise
+                breaker.success()
                 if result is None:  # loading or shutting down: try another replica
                     self.registry.mark_down(replica)
                     reason = "replica not ready"
@@ -161,22 +174,10 @@ class ModelClient:
             raise Overloaded(f"every replica of {model} is at capacity; retry shortly")
         raise ModelUnavailable(f"{model} is unavailable: {reason}")
 
-    def _breaker(self, url: str) -> pybreaker.CircuitBreaker:
+    def _breaker(self, url: str) -> Breaker:
         with self._labels_lock:
             if url not in self._breakers:
-                self._breakers[url] = pybreaker.CircuitBreaker(
-                    fail_max=self.breaker_fail_max,
-                    reset_timeout=self.breaker_reset_s,
-                    # the client's own mistakes (4xx) and shed load say nothing about its health
-                    exclude=[
-                        lambda exc: (
-                            isinstance(exc, Overloaded)
-                            or (isinstance(exc, ServiceError) and exc.status < 500)
-                        )
-                    ],
-                    throw_new_error_on_trip=False,
-                    name=url,
-                )
+                self._breakers[url] = Breaker(self.breaker_fail_max, self.breaker_reset_s)
             return self._breakers[url]
 
     def _exchange(

@@ -263,7 +263,7 @@ def test_client_errors_do_not_open_the_circuit(client: ModelClient) -> None:
     for _ in range(8):
         with pytest.raises(ServiceError):
             client.predict("resnet50", [b"a"], top_k=1)
-    assert client._breaker(R1).current_state == "closed"
+    assert client._breaker(R1).state == "closed"
 
 
 def overloaded_reply() -> dict:
