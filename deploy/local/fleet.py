@@ -35,6 +35,8 @@ class FleetSettings:
     resnet50_port: int = setting(8502, "ResNet50 service port")
     inceptionv3_port: int = setting(8503, "InceptionV3 service port")
     models: tuple[str, ...] = setting(MODEL_SERVICES, "model services to start")
+    replicas: tuple[str, ...] = setting((), "replicas per model as name=count, e.g. resnet50=2 (others: 1)")
+    replica_port_stride: int = setting(100, "replica k (from 0) of a model listens on its port + k x this")
     service_threads: int = setting(8, "Gunicorn threads per model service: they decode and feed its batcher")
     gateway_workers: int = setting(2, "gateway Gunicorn workers")
     gateway_threads: int = setting(16, "threads per gateway worker")
@@ -104,13 +106,36 @@ class Fleet:
         return Path(tempfile.gettempdir()) / f"imagerec-nginx-{digest}"
 
     def service_ports(self) -> dict[str, int]:
+        """Each model's first replica's port."""
         ports = {name: getattr(self.settings, f"{name}_port") for name in self.settings.models}
         return ports | {extra.name: extra.port for extra in self.extra}
+
+    def replica_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.service_ports(), 1)
+        for pair in self.settings.replicas:
+            name, _, count = pair.partition("=")
+            if name.strip() not in counts or not count.strip().isdigit() or int(count) < 1:
+                raise ValueError(
+                    f"FLEET_REPLICAS: expected <model>=<count> for one of {sorted(counts)}, got {pair!r}"
+                )
+            counts[name.strip()] = int(count)
+        return counts
+
+    def replicas(self) -> dict[str, list[tuple[str, int]]]:
+        """Per model: (supervisord program, port) of every replica - ``resnet50``, ``resnet50-2``..."""
+        stride, counts = self.settings.replica_port_stride, self.replica_counts()
+        return {
+            name: [(name if k == 0 else f"{name}-{k + 1}", port + k * stride) for k in range(counts[name])]
+            for name, port in self.service_ports().items()
+        }
 
     def environment(self) -> dict[str, str]:
         """What every process sees on top of the caller's environment: where the replicas are."""
         host = self.settings.host
-        env = {f"{name.upper()}_URLS": f"http://{host}:{port}" for name, port in self.service_ports().items()}
+        env = {
+            f"{name.upper()}_URLS": ",".join(f"http://{host}:{port}" for _, port in replicas)
+            for name, replicas in self.replicas().items()
+        }
         env["GATEWAY_MODELS"] = ",".join(self.service_ports())
         env.setdefault("GATEWAY_ENSEMBLE_MODELS", ",".join(self.settings.models))
         return env
@@ -125,12 +150,15 @@ class Fleet:
         """supervisord programs: name -> (command, extra environment)."""
         s = self.settings
         programs: dict[str, tuple[str, dict[str, str]]] = {}
-        for name in s.models:
-            # One worker per model service: one model copy per process; threads feed it.
-            port = self.service_ports()[name]
-            programs[name] = (self._gunicorn(f"services.{name}:create_app()", port, 1, s.service_threads), {})
-        for extra in self.extra:
-            programs[extra.name] = (self._gunicorn(extra.app, extra.port, 1, s.service_threads), extra.env)
+        apps: dict[str, tuple[str, dict[str, str]]] = {
+            name: (f"services.{name}:create_app()", {}) for name in s.models
+        }
+        apps |= {extra.name: (extra.app, extra.env) for extra in self.extra}
+        for name, replicas in self.replicas().items():
+            app, env = apps[name]
+            for program, port in replicas:
+                # One worker per replica: one model copy per process; threads feed it.
+                programs[program] = (self._gunicorn(app, port, 1, s.service_threads), env)
         programs["gateway"] = (
             self._gunicorn("gateway.app:create_app()", s.gateway_port, s.gateway_workers, s.gateway_threads),
             {},

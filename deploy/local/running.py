@@ -19,10 +19,23 @@ import requests
 from deploy.local.fleet import Fleet, FleetSettings
 
 
-def free_port() -> int:
+def _is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(replicas: int = 3, stride: int = FleetSettings.replica_port_stride) -> int:
+    """A free port whose replica siblings (port + k x stride) are free too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if all(_is_free(port + k * stride) for k in range(1, replicas)):
+            return port
 
 
 def on_free_ports(run_dir: Path, **overrides: object) -> FleetSettings:
@@ -44,8 +57,7 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of one process and all its descendants, in MB."""
+def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -54,10 +66,21 @@ def rss_mb(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def children(pid: int) -> set[int]:
+    """The direct children of a process (e.g. an Nginx master's workers)."""
+    return set(_children().get(pid, []))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process and all its descendants, in MB."""
+    tree = _children()
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
-        stack += children.get(current, [])
+        stack += tree.get(current, [])
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -76,8 +99,9 @@ class RunningFleet:
     def url(self) -> str:
         return self.fleet.url
 
-    def service_url(self, name: str) -> str:
-        return f"http://{self.fleet.settings.host}:{self.fleet.service_ports()[name]}"
+    def service_url(self, name: str, replica: int = 0) -> str:
+        """Base URL of one replica (0: the first) of a model service."""
+        return f"http://{self.fleet.settings.host}:{self.fleet.replicas()[name][replica][1]}"
 
     def ctl(self, *args: str) -> str:
         command = [

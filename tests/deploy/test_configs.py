@@ -46,6 +46,30 @@ def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
     assert fleet.environment()["GATEWAY_MODELS"] == "vgg16,resnet50,inceptionv3,shapes"
 
 
+def test_replicas_get_their_own_programs_ports_and_urls(tmp_path: Path) -> None:
+    extra = ExtraService.custom("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
+    settings = FleetSettings(run_dir=str(tmp_path), models=("resnet50",), replicas=("resnet50=2", "shapes=3"))
+    fleet = Fleet(settings, [extra])
+    programs = fleet.programs()
+    assert [p for p in programs if p.startswith(("resnet50", "shapes"))] == [
+        "resnet50",
+        "resnet50-2",
+        "shapes",
+        "shapes-2",
+        "shapes-3",
+    ]
+    assert "--bind 127.0.0.1:8602" in programs["resnet50-2"][0]
+    assert programs["shapes-3"][1]["SHAPES_WEIGHTS"] == "/m/shapes.keras"
+    assert fleet.environment()["RESNET50_URLS"] == "http://127.0.0.1:8502,http://127.0.0.1:8602"
+    assert fleet.environment()["SHAPES_URLS"].count(",") == 2
+
+
+@pytest.mark.parametrize("pair", ["alexnet=2", "resnet50=0", "resnet50=two", "resnet50"])
+def test_bad_replica_counts_are_refused(tmp_path: Path, pair: str) -> None:
+    with pytest.raises(ValueError, match="FLEET_REPLICAS"):
+        Fleet(FleetSettings(run_dir=str(tmp_path), replicas=(pair,))).programs()
+
+
 def test_compose_has_the_same_topology() -> None:
     services = COMPOSE["services"]
     assert set(services) == {*MODEL_PORTS, "gateway", "nginx"}
