@@ -8,10 +8,11 @@ heavy traffic gets full batches. Each request gets its own future; a failed batc
 waiter with the same error; a full queue is refused at once (503 + Retry-After).
 
 Admission (``admit``) sheds load before any work is done: a request is refused when the images
-already admitted ahead of it - decoding, queued or running - would take longer than
-``max_delay_ms`` at the measured speed (seconds per image, a moving average over batches). On a CPU
-that keeps about two batches in the pipeline; on a GPU, where batches are cheap per image, it lets
-many more wait. An idle model always admits, so one huge batch is never refused.
+already admitted ahead of it - decoding, queued or running - would take longer than ``max_delay_ms``
+or its own inference, whichever is longer, at the measured speed (a moving average of model time
+per image). An accepted request therefore waits at most about as long as it computes: on a CPU that
+keeps one request running and one waiting; on a GPU, where images are cheap, many may wait. An idle
+model admits anything, so one large batch is never refused.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class Batcher:
         """Hold ``images`` places in the pipeline for the ``with`` block, or raise ``Overloaded``."""
         with self._admission:
             ahead_ms = self.stats.admitted_images * self.stats.ms_per_image
-            if self.stats.admitted_images and ahead_ms > self.max_delay_ms:
+            own_ms = images * self.stats.ms_per_image
+            if self.stats.admitted_images and ahead_ms > max(self.max_delay_ms, own_ms):
                 self.stats.shed += 1
                 raise Overloaded(
                     f"{self.name} is at capacity (~{ahead_ms:.0f} ms of work ahead, "

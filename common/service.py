@@ -53,7 +53,9 @@ class ServiceSettings:
     max_batch_wait_ms: float = setting(5.0, "longest a batch waits to fill, and only under concurrent load")
     max_queue: int = setting(64, "requests waiting for the model before new ones get 503 + Retry-After")
     max_queue_delay_ms: float = setting(
-        100.0, "refuse (503 + Retry-After) when the work admitted ahead would take longer than this"
+        100.0,
+        "refuse (503 + Retry-After) when the work admitted ahead would take longer than this "
+        "or than the request's own inference, whichever is longer",
     )
     inference_timeout_s: float = setting(30.0, "longest a request waits for its batch (504 after)")
     intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
