@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench convert weights nginx clean
+.PHONY: run test test-fast lint bench convert weights nginx redis clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,21 @@ nginx:
 	    echo "Nginx is missing: run 'sudo apt-get install nginx-light' (or your system's nginx package)" >&2; exit 1; \
 	  fi; }
 
+# redis-server for the shared rate-limit test, the same way.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install redis-server'" >&2; exit 1; \
+	  fi; }
+
 ## The whole fleet in the foreground: Nginx :8080 -> gateway :8000 -> vgg16/resnet50/inceptionv3.
 run: $(STAMP) nginx
 	$(PY) -m deploy.local.fleet
 
 ## The whole suite, end-to-end tests included (~10 minutes on 2 cores).
-test: $(STAMP) nginx
+test: $(STAMP) nginx redis
 	$(PY) -m pytest
 
 ## Unit tests only (no fleet, no full-size models).

@@ -1,0 +1,71 @@
+"""Rate limits counted in a real Redis are shared by every gateway worker (and gateway replica)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from deploy.local.running import free_port, wait_until
+from gateway.app import create_app
+from tests.conftest import gateway_settings, photo
+from tests.gateway.fakes import FakeModelClient
+
+CAT = photo("chelsea.jpg")
+ALICE, BOB = {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "203.0.113.8"}
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if not server:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (make test installs it)")
+    port = free_port(replicas=1)
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: redis.Redis.from_url(url).ping(), 15, "redis-server to answer")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def workers(storage: str, count: int = 2) -> list:
+    """``count`` independent gateway apps, as Gunicorn workers (or gateway replicas) would be."""
+    settings = gateway_settings(rate_limit="4/minute", rate_limit_storage=storage)
+    return [
+        create_app(settings, client=FakeModelClient(settings), poll_health=False).test_client()  # type: ignore[arg-type]
+        for _ in range(count)
+    ]
+
+
+def send(client, headers: dict[str, str]) -> int:  # type: ignore[no-untyped-def]
+    return client.post(
+        "/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=headers
+    ).status_code
+
+
+def test_workers_share_one_count_in_redis(redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).flushall()
+    first, second = workers(redis_url)
+    answers = [send(worker, ALICE) for worker in (first, second, first, second, first, second)]
+    assert answers == [200, 200, 200, 200, 429, 429]  # 4 per minute in all, whichever worker counts
+    assert send(second, BOB) == 200  # per client
+    assert any(key for key in redis.Redis.from_url(redis_url).keys())  # the counts live in Redis
+
+
+def test_in_memory_counts_are_per_worker() -> None:
+    """The control: without Redis each worker counts alone, so a client gets 4 per worker."""
+    first, second = workers("memory://")
+    answers = [send(worker, ALICE) for worker in (first, second) * 5]
+    assert answers.count(200) == 8 and answers[-2:] == [429, 429]
