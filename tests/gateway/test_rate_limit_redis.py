@@ -32,8 +32,15 @@ def redis_url() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url).ping())
+        except redis.ConnectionError:
+            return False
+
     try:
-        wait_until(lambda: redis.Redis.from_url(url).ping(), 15, "redis-server to answer")
+        wait_until(answers, 15, "redis-server to answer")
         yield url
     finally:
         process.terminate()
