@@ -13,11 +13,11 @@ INDEX = labels.load()
 VECTOR = np.full(len(INDEX), 1 / len(INDEX), np.float32)
 
 
-def create_app() -> Flask:
-    app = Flask("stub")
+def create_app(name: str = "stub") -> Flask:
+    app = Flask(name)
     web.install(app)
     meta = {
-        "name": "stub",
+        "name": name,
         "ready": True,
         "state": "ready",
         "input_size": 224,
@@ -58,7 +58,7 @@ def create_app() -> Flask:
             for i in range(count)
         ]
         body = {
-            "model": "stub",
+            "model": name,
             "weights": "none",
             "weights_hash": "0",
             "backend": "stub",

@@ -1,4 +1,6 @@
-"""A real fleet for the end-to-end tests: supervisord, Nginx, Gunicorn, four model services.
+"""A real fleet for the end-to-end tests: supervisord, Nginx, Gunicorn and the model services -
+the three ImageNet models, a small model trained in the run (two replicas) and a member whose
+faults the tests switch on (``faulty_service``).
 
 Started once per session on free ports in a fresh run folder, polled until every model is ready,
 and torn down in ``finally`` whatever happened (``deploy.local.running``).
@@ -40,15 +42,18 @@ def trained_shapes(tmp_path_factory: pytest.TempPathFactory) -> shapes.TrainedMo
 def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
     run_dir = Path(tempfile.mkdtemp(prefix="imagerec-e2e-"))
     run_dir.chmod(0o755)
-    settings = on_free_ports(run_dir, gateway_workers=2)
-    extra = ExtraService.custom(
-        "shapes",
-        free_port(),
-        str(trained_shapes.model_path),
-        str(trained_shapes.labels_path),
-        shapes.INPUT_SIZE,
-        shapes.MODE,
-    )
+    settings = on_free_ports(run_dir, gateway_workers=2, replicas=("shapes=2",))
+    extra = [
+        ExtraService.custom(
+            "shapes",
+            free_port(),
+            str(trained_shapes.model_path),
+            str(trained_shapes.labels_path),
+            shapes.INPUT_SIZE,
+            shapes.MODE,
+        ),
+        ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()"),
+    ]
     env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
     env.update(
         WEIGHTS="random",
@@ -57,9 +62,18 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         TF_CPP_MIN_LOG_LEVEL="2",
         GATEWAY_FETCH_ALLOW_NETWORKS="127.0.0.0/8",
         GATEWAY_FETCH_TIMEOUT_S="5",
+        # Load tests send hundreds of requests a second from one address; the limiter itself is
+        # tested in tests/gateway (memory and a real Redis).
+        GATEWAY_RATE_LIMIT="1000/second",
+        # The fault tests make one member fail several times in a row on purpose; each gateway
+        # worker keeps its own circuits, so a low threshold would leave one open for later tests.
+        # The circuit itself is tested in tests/gateway/test_client.py.
+        GATEWAY_BREAKER_FAIL_MAX="10",
     )
     try:
-        with serve_images() as image_server, running(Fleet(settings, [extra]), env) as handle:
+        with serve_images() as image_server, running(Fleet(settings, extra), env) as handle:
             yield E2EFleet(handle.fleet, handle.process, image_server)
     finally:
+        if os.environ.get("E2E_KEEP_LOGS"):  # a folder to copy every process's log into
+            shutil.copytree(run_dir / "logs", os.environ["E2E_KEEP_LOGS"], dirs_exist_ok=True)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -46,7 +46,11 @@ def probabilities(fleet: E2EFleet, model: str, data: bytes) -> np.ndarray:
 def test_models_are_listed_with_honest_weights(fleet: E2EFleet) -> None:
     body = requests.get(f"{fleet.url}/v1/models", timeout=10).json()
     models = {m["name"]: m for m in body["models"]}
-    assert set(models) == {*IMAGENET_MODELS, "shapes"}
+    assert set(models) == {*IMAGENET_MODELS, "shapes", "flaky"}
+    assert [r["url"] for r in models["shapes"]["replicas"]] == [
+        fleet.service_url("shapes", 0),
+        fleet.service_url("shapes", 1),
+    ]
     for name in IMAGENET_MODELS:
         assert models[name]["status"] == "ready" and models[name]["weights"] == "random"
         assert models[name]["backend"].startswith("openvino-")  # auto: converted, parity-checked

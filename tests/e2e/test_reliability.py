@@ -1,0 +1,331 @@
+"""Faults, restarts and overload on the running fleet, under load: what clients see.
+
+Every scenario runs against the real processes (supervisord, Nginx, Gunicorn, the model services)
+while client threads keep sending requests; each outcome is recorded and checked afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from deploy.local.running import children, wait_until
+from tests.conftest import photo
+from tests.e2e.conftest import E2EFleet
+from tests.e2e.test_fleet import assert_json_error, post
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+CAT = photo("chelsea.jpg")
+JPEG = {"Content-Type": "image/jpeg"}
+Send = Callable[[requests.Session], requests.Response]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str
+    status: int  # 0: no HTTP answer at all
+    code: str = ""  # the error code, if any
+    degraded: bool = False
+    retry_after: str | None = None
+
+
+class Load:
+    """Client threads sending requests in a loop until the block ends; every outcome is kept."""
+
+    def __init__(self, kinds: dict[str, Send], threads_per_kind: int = 1, polite: bool = False) -> None:
+        self.kinds = kinds
+        self.threads_per_kind = threads_per_kind
+        self.polite = polite  # wait Retry-After seconds after a refusal, as a good client does
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _loop(self, kind: str, send: Send) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                try:
+                    response = send(session)
+                except requests.RequestException as exc:
+                    self.outcomes.append(Outcome(kind, 0, type(exc).__name__))
+                    continue
+                body = (
+                    response.json()
+                    if response.headers.get("Content-Type", "").startswith("application/json")
+                    else {}
+                )
+                self.outcomes.append(
+                    Outcome(
+                        kind,
+                        response.status_code,
+                        body.get("error", {}).get("code", ""),
+                        bool(body.get("degraded")),
+                        response.headers.get("Retry-After"),
+                    )
+                )
+                if self.polite and response.status_code in (429, 503):
+                    self._stop.wait(float(response.headers.get("Retry-After", 1)))
+
+    def __enter__(self) -> Load:
+        for kind, send in self.kinds.items():
+            for _ in range(self.threads_per_kind):
+                thread = threading.Thread(target=self._loop, args=(kind, send), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(120)
+
+    def of(self, kind: str, since: int = 0) -> list[Outcome]:
+        return [o for o in self.outcomes[since:] if o.kind == kind]
+
+    def wait_for(self, count: int, kind: str | None = None, since: int = 0, timeout_s: float = 120) -> None:
+        """Until ``count`` more answers (of ``kind``) have come back: proof that load kept flowing."""
+        wait_until(
+            lambda: len(self.of(kind, since) if kind else self.outcomes[since:]) >= count,
+            timeout_s,
+            f"{count} answers{f' of {kind}' if kind else ''}",
+        )
+
+
+def predict(fleet: E2EFleet, query: str, **kwargs: object) -> Send:
+    kwargs = kwargs or {"data": CAT, "headers": JPEG}
+    return lambda session: session.post(f"{fleet.url}/v1/predict?{query}", timeout=60, **kwargs)
+
+
+def failures(outcomes: list[Outcome], ok: int = 200) -> Counter[tuple[str, int, str]]:
+    return Counter((o.kind, o.status, o.code) for o in outcomes if o.status != ok)
+
+
+def batching(fleet: E2EFleet, model: str, replica: int = 0) -> dict:
+    return requests.get(f"{fleet.service_url(model, replica)}/v1/model", timeout=5).json()["batching"]
+
+
+def replica_ready(fleet: E2EFleet, model: str, replica: int) -> bool:
+    models = requests.get(f"{fleet.url}/v1/models", timeout=5).json()["models"]
+    return next(m for m in models if m["name"] == model)["replicas"][replica]["ready"]
+
+
+@contextmanager
+def fault(fleet: E2EFleet, kind: str, delay_s: float = 0) -> Iterator[None]:
+    """Switch the ``flaky`` member's fault on for the block; off (and answering again) after."""
+    chaos = f"{fleet.service_url('flaky')}/chaos"
+    requests.post(chaos, json={"fault": kind, "delay_s": delay_s}, timeout=5).raise_for_status()
+    try:
+        yield
+    finally:
+        requests.post(chaos, json={"fault": "none"}, timeout=5).raise_for_status()
+        wait_until(
+            lambda: post(fleet, "model=flaky", data=CAT, headers=JPEG).status_code == 200,
+            30,
+            "flaky to answer again through the gateway",
+        )
+
+
+def test_sigterm_lets_an_in_flight_request_finish(fleet: E2EFleet) -> None:
+    files = [("files", (f"{i}.jpg", CAT, "image/jpeg")) for i in range(16)]
+    before = fleet.pids()["vgg16"]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, fleet, "model=vgg16&top_k=1", files=files)
+        wait_until(lambda: batching(fleet, "vgg16")["admitted_images"] >= 16, 60, "the batch to reach vgg16")
+        fleet.ctl("restart", "vgg16")  # SIGTERM to the process group; returns once it has exited
+        response = pending.result(timeout=120)
+    assert response.status_code == 200, response.text
+    assert [len(r["predictions"]) for r in response.json()["results"]] == [1] * 16
+    assert fleet.pids()["vgg16"] != before
+    fleet.wait_ready()
+
+
+def test_rolling_restart_of_a_two_replica_model_loses_nothing(fleet: E2EFleet) -> None:
+    with Load({"shapes": predict(fleet, "model=shapes&top_k=1")}, threads_per_kind=3) as load:
+        load.wait_for(20)
+        for replica, program in enumerate(("shapes", "shapes-2")):
+            before, mark = fleet.pids()[program], len(load.outcomes)
+            fleet.ctl("restart", program)
+            assert fleet.pids()[program] != before
+            wait_until(
+                lambda r=replica: replica_ready(fleet, "shapes", r), 120, f"{program} back in rotation"
+            )
+            load.wait_for(20, since=mark)
+    assert not failures(load.outcomes), failures(load.outcomes)
+    assert len(load.outcomes) >= 60
+
+
+def test_nginx_drains_in_flight_requests_on_quit(fleet: E2EFleet) -> None:
+    master = fleet.pids()["nginx"]
+    with fault(fleet, "slow", delay_s=3), ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, fleet, "model=flaky", data=CAT, headers=JPEG)
+        wait_until(
+            lambda: requests.get(f"{fleet.service_url('flaky')}/chaos", timeout=5).json()["in_flight"] >= 1,
+            30,
+            "the request to reach the member",
+        )
+        os.kill(master, signal.SIGQUIT)  # graceful shutdown: stop accepting, finish what is running
+        response = pending.result(timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "flaky"
+    wait_until(lambda: fleet.pids().get("nginx") not in (None, master), 60, "supervisord to restart Nginx")
+    wait_until(lambda: requests.get(f"{fleet.url}/health/ready", timeout=5).ok, 60, "Nginx to answer again")
+
+
+def test_nginx_reload_under_load_drops_nothing(fleet: E2EFleet) -> None:
+    master = fleet.pids()["nginx"]
+    old_workers = children(master)
+    with Load({"shapes": predict(fleet, "model=shapes&top_k=1")}, threads_per_kind=3) as load:
+        load.wait_for(20)
+        os.kill(master, signal.SIGHUP)  # re-read the config: new workers, old ones drain
+        wait_until(lambda: children(master) and not children(master) & old_workers, 30, "new Nginx workers")
+        load.wait_for(20, since=len(load.outcomes))
+    assert not failures(load.outcomes), failures(load.outcomes)
+    assert fleet.pids()["nginx"] == master
+
+
+def test_a_model_killed_under_load(fleet: E2EFleet) -> None:
+    """kill -9 of vgg16: resnet50 never notices, ensembles degrade (200), full again soon after."""
+    kinds = {
+        "resnet50": predict(fleet, "model=resnet50&top_k=1"),
+        "ensemble": predict(fleet, "model=ensemble&top_k=1"),
+    }
+    with Load(kinds) as load:
+        load.wait_for(2, "ensemble")
+        before = fleet.pids()["vgg16"]
+        os.killpg(before, signal.SIGKILL)  # the master and its worker, no warning
+        wait_until(
+            lambda: fleet.pids().get("vgg16") not in (None, before), 60, "supervisord to restart vgg16"
+        )
+        wait_until(
+            lambda: requests.get(f"{fleet.service_url('vgg16')}/health/ready", timeout=2).ok,
+            180,
+            "vgg16 to load again",
+        )
+        mark = len(load.outcomes)
+        wait_until(
+            lambda: any(not o.degraded for o in load.of("ensemble", since=mark)),
+            10,
+            "a full ensemble answer within 10 s of vgg16 being ready",
+        )
+    assert not failures(load.outcomes), failures(load.outcomes)
+    assert any(o.degraded for o in load.of("ensemble")), "no ensemble request saw vgg16 missing"
+    assert len(load.of("resnet50")) >= 10
+
+
+def test_a_slow_member_cannot_hold_an_ensemble_past_its_deadline(fleet: E2EFleet) -> None:
+    with fault(fleet, "slow", delay_s=60):
+        started = time.monotonic()
+        response = post(fleet, "models=resnet50,inceptionv3,flaky&timeout_ms=3000", data=CAT, headers=JPEG)
+        elapsed = time.monotonic() - started
+        body = response.json()
+        assert response.status_code == 200, body
+        assert body["degraded"] is True and set(body["member_predictions"]) == {"resnet50", "inceptionv3"}
+        [failed] = body["failed_members"]
+        assert failed["model"] == "flaky" and failed["code"] in {"deadline_exceeded", "upstream_timeout"}
+        assert elapsed < 5, f"answered after {elapsed:.1f}s; the deadline was 3 s, the member takes 60 s"
+        assert_json_error(
+            post(fleet, "model=flaky&timeout_ms=1000", data=CAT, headers=JPEG), 504, "deadline_exceeded"
+        )
+
+
+@pytest.mark.parametrize("kind", ["garbage", "nan", "short"])
+def test_a_member_answering_garbage_counts_as_failed(fleet: E2EFleet, kind: str) -> None:
+    with fault(fleet, kind):
+        response = post(fleet, "models=resnet50,inceptionv3,flaky", data=CAT, headers=JPEG)
+        body = response.json()
+        assert response.status_code == 200, body
+        assert body["degraded"] is True
+        assert body["failed_members"][0]["model"] == "flaky"
+        assert body["failed_members"][0]["code"] == "bad_upstream_response"
+        if kind == "garbage":
+            assert_json_error(
+                post(fleet, "model=flaky", data=CAT, headers=JPEG), 502, "bad_upstream_response"
+            )
+
+
+def test_overload_is_shed_fast_and_the_model_stays_in_rotation(fleet: E2EFleet) -> None:
+    shed_before = batching(fleet, "resnet50")["shed"]
+    # 16 clients, each sending its next request as soon as it may: at once after an answer, after
+    # Retry-After after a refusal (clients that ignore it: see README, Known limits).
+    with Load(
+        {"resnet50": predict(fleet, "model=resnet50&top_k=1")}, threads_per_kind=16, polite=True
+    ) as load:
+        load.wait_for(200)
+    statuses = Counter((o.status, o.code) for o in load.outcomes)
+    assert set(statuses) <= {(200, ""), (503, "overloaded"), (429, "rate_limited")}, statuses
+    assert statuses[(200, "")] >= 10 and statuses[(503, "overloaded")] >= 10, statuses
+    assert all(o.retry_after for o in load.outcomes if o.status != 200)
+    assert batching(fleet, "resnet50")["shed"] > shed_before
+    # Health probes kept getting through: the replica never left the rotation.
+    assert replica_ready(fleet, "resnet50", 0)
+    assert post(fleet, "model=resnet50", data=CAT, headers=JPEG).status_code == 200
+
+
+def _mixed(fleet: E2EFleet, heavy: bool) -> Iterator[tuple[str, int, Send]]:
+    """(kind, expected status, send) in a fixed cycle; ``heavy`` adds the big models."""
+    coffee = photo("coffee.jpg")
+    light: list[tuple[str, int, Send]] = [
+        *[("shapes", 200, predict(fleet, "model=shapes&top_k=2", data=coffee, headers=JPEG))] * 8,
+        ("flaky", 200, predict(fleet, "model=flaky")),
+        (
+            "batch",
+            200,
+            predict(fleet, "model=shapes", files=[("files", (f"{i}.jpg", CAT)) for i in range(4)]),
+        ),
+        (
+            "not-an-image",
+            415,
+            predict(fleet, "model=shapes", data=b"hello", headers={"Content-Type": "text/plain"}),
+        ),
+        ("bad-base64", 400, predict(fleet, "model=shapes", json={"image": "not base64!"})),
+        ("unknown-model", 404, predict(fleet, "model=alexnet")),
+        ("models", 200, lambda session: session.get(f"{fleet.url}/v1/models", timeout=60)),
+    ]
+    heavy_kinds: list[tuple[str, int, Send]] = [
+        ("resnet50", 200, predict(fleet, "model=resnet50&top_k=1")),
+        ("ensemble", 200, predict(fleet, "model=ensemble&top_k=1")),
+    ]
+    return itertools.cycle(light * 4 + heavy_kinds if heavy else light)
+
+
+def test_ten_thousand_mixed_requests_keep_memory_flat(fleet: E2EFleet) -> None:
+    total, warm_up, threads = 10_000, 1_000, 4
+    sent = itertools.count()
+    wrong: list[tuple[str, int, int, str]] = []
+    memory: dict[str, dict[str, float]] = {}
+    warmed = threading.Event()
+
+    def client(heavy: bool) -> None:
+        plan = _mixed(fleet, heavy)
+        with requests.Session() as session:
+            while (n := next(sent)) < total:
+                kind, expected, send = next(plan)
+                response = send(session)
+                if response.status_code != expected:
+                    wrong.append((kind, expected, response.status_code, response.text[:300]))
+                if n == warm_up:
+                    warmed.set()
+
+    with ThreadPoolExecutor(threads) as pool:
+        # Only one thread sends the big models, so they never queue behind each other.
+        running = [pool.submit(client, i == 0) for i in range(threads)]
+        assert warmed.wait(600), "warm-up did not finish"
+        memory["warm"] = fleet.memory_mb()
+        for future in running:
+            future.result()
+    memory["end"] = fleet.memory_mb()
+    assert not wrong, (Counter(wrong), [line for line in fleet.logs().splitlines() if "Error" in line][-20:])
+    warm, end = sum(memory["warm"].values()), sum(memory["end"].values())
+    assert end <= 1.10 * warm, memory
+    for program, mb in memory["end"].items():
+        assert mb <= 1.10 * memory["warm"][program] + 8, (program, memory)
