@@ -85,6 +85,49 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"{warm:.0f} -> {memory:.0f} MB",
             memory <= 1.1 * warm,
         ),
+        *_overload_targets(results),
+    ]
+
+
+def _overload_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    if not results.get("overload"):
+        return []
+    o = results["overload"]
+    shed, accepted = o["overload"]["shed_latency"], o["overload"]["accepted_latency"]
+    unloaded = o["unloaded"]["p99_ms"]
+    return [
+        (
+            f"Overload at {o['factor']:g}x capacity: shed within 100 ms",
+            f"{o['overload']['shed']} shed, p99 {shed['p99_ms']} ms, max {shed['max_ms']} ms",
+            shed["p99_ms"] <= 100,
+        ),
+        (
+            f"Overload at {o['factor']:g}x capacity: accepted p99 <= 2x unloaded p99",
+            f"{accepted['p99_ms']} vs 2 x {unloaded} ms: {accepted['p99_ms'] / unloaded:.2f}x",
+            accepted["p99_ms"] <= 2 * unloaded,
+        ),
+    ]
+
+
+def _overload_section(results: dict[str, Any]) -> list[str]:
+    if not results.get("overload"):
+        return []
+    o = results["overload"]
+    u, c, r = o["unloaded"], o["capacity"], o["overload"]
+    accepted, shed = r["accepted_latency"], r["shed_latency"]
+    return [
+        "",
+        f"## 7. Overload: open loop at {o['factor']:g}x capacity ({o['model']}, default admission bound)",
+        "",
+        f"- unloaded (1 client): {u['req_per_s']} req/s, p50 {u['p50_ms']} ms, p99 {u['p99_ms']} ms",
+        f"- capacity (2 clients): {c['req_per_s']} req/s, p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms",
+        f"- offered {r['offered_req_per_s']} req/s for {r['requests']} requests: {r['accepted']} accepted "
+        f"({r['goodput_req_per_s']} req/s goodput), {r['shed']} shed "
+        f"({r['shed_with_retry_after']} with Retry-After), {r['other_errors']} other errors",
+        f"- accepted latency p50 {accepted['p50_ms']} ms, p99 {accepted['p99_ms']} ms; shed answered in "
+        f"p50 {shed['p50_ms']} ms, p99 {shed['p99_ms']} ms, max {shed['max_ms']} ms",
+        f"- model time per image during the run: {o['service_batching']['ms_per_image']:.0f} ms "
+        "(the load generator and the shed requests share the machine's cores with inference)",
     ]
 
 
@@ -179,6 +222,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| BentoML (1 worker) | | {results['bentoml']['memory_idle_mb']} | "
             f"{results['bentoml']['memory_after_mb']} |"
         )
+    lines += _overload_section(results)
     lines += ["", f"Whole run: {results['duration_s']} s.", ""]
     return "\n".join(lines)
 
