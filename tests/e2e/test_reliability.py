@@ -262,7 +262,7 @@ def test_overload_is_shed_fast_and_the_model_stays_in_rotation(fleet: E2EFleet) 
     ) as load:
         load.wait_for(200)
     statuses = Counter((o.status, o.code) for o in load.outcomes)
-    assert set(statuses) <= {(200, ""), (503, "overloaded"), (429, "rate_limited")}, statuses
+    assert set(statuses) <= {(200, ""), (503, "overloaded"), (429, "too_many_requests")}, statuses
     assert statuses[(200, "")] >= 10 and statuses[(503, "overloaded")] >= 10, statuses
     assert all(o.retry_after for o in load.outcomes if o.status != 200)
     assert batching(fleet, "resnet50")["shed"] > shed_before
