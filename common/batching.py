@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import metrics
 from common.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,18 @@ class Batcher:
             own_ms = images * self.stats.ms_per_image
             if self.stats.admitted_images and ahead_ms > max(self.max_delay_ms, own_ms):
                 self.stats.shed += 1
+                metrics.SHED.labels(self.name, "overloaded").inc()
                 raise Overloaded(
                     f"{self.name} is at capacity (~{ahead_ms:.0f} ms of work ahead, "
                     f"limit {self.max_delay_ms:g} ms); retry shortly"
                 )
             self.stats.admitted_images += images
+        pending = metrics.PENDING.labels(self.name)
+        pending.inc(images)
         try:
             yield
         finally:
+            pending.dec(images)
             with self._admission:
                 self.stats.admitted_images -= images
 
@@ -116,6 +121,7 @@ class Batcher:
             self._queue.put_nowait(request)
         except queue.Full:
             self.stats.rejected += 1
+            metrics.SHED.labels(self.name, "queue_full").inc()
             raise Overloaded(
                 f"the model queue is full ({self._queue.maxsize} requests waiting); retry shortly"
             ) from None
@@ -126,6 +132,7 @@ class Batcher:
         for job in batch:
             if job.deadline <= now:
                 self.stats.expired += 1
+                metrics.SHED.labels(self.name, "deadline").inc()
                 job.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
         return [job for job in batch if job.deadline > now]
 
@@ -170,7 +177,12 @@ class Batcher:
             self.stats.images += len(inputs)
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(inputs))
-            per_image_ms = (time.monotonic() - started) * 1000 / len(inputs)
+            elapsed = time.monotonic() - started
+            metrics.INFERENCE_SECONDS.labels(self.name).observe(elapsed)
+            metrics.BATCH_SIZE.labels(self.name).observe(len(inputs))
+            metrics.INFERENCES.labels(self.name).inc(len(inputs))
+            metrics.EXECUTIONS.labels(self.name).inc()
+            per_image_ms = elapsed * 1000 / len(inputs)
             average = self.stats.ms_per_image
             self.stats.ms_per_image = per_image_ms if not average else 0.8 * average + 0.2 * per_image_ms
             offset = 0

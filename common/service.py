@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from flask import Flask, Response, request
 
-from common import imaging, preprocessing, web
+from common import imaging, metrics, preprocessing, web
 from common import labels as labels_mod
 from common.backends import default_cache_dir, make_runtime
 from common.batching import Batcher
@@ -102,6 +102,8 @@ class LoadedModel:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             return
         self.info, self.state = info, "ready"
+        metrics.MODEL_LOAD_SECONDS.labels(self.spec.name, info.backend).set(info.load_seconds)
+        metrics.MODEL_READY.labels(self.spec.name).set(1)
         log.info(
             "%s ready: weights=%s (%s) hash=%s backend=%s in %.1fs",
             self.spec.name,
@@ -196,6 +198,7 @@ def create_app(
     app.extensions["model"] = model
     app.extensions["batcher"] = batcher
     web.install(app)
+    metrics.install(app, "service", lambda: spec.name)
 
     @app.get("/health/live")
     def live() -> Response:
@@ -265,6 +268,7 @@ def create_app(
                         status=504,
                     ) from None
                 queue_ms = job.queue_ms
+                metrics.QUEUE_SECONDS.labels(spec.name).observe(queue_ms / 1000)
         finished = time.perf_counter()
         for i, row in zip(decoded, probabilities, strict=True):
             results[i]["predictions"] = model.labels.top_k(row, top_k)

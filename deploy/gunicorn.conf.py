@@ -5,6 +5,7 @@ The fleet launcher and the Dockerfiles pass ``--bind``, ``--workers`` and ``--th
 
 import logging
 import os
+import shutil
 
 # NOTE: TensorFlow is not fork-safe (tensorflow/tensorflow#2448): models load in the worker.
 preload_app = False
@@ -21,3 +22,19 @@ logging.basicConfig(
     level=os.environ.get("LOG_LEVEL", "INFO"),
     format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
 )
+
+
+def on_starting(server: object) -> None:
+    """Start with an empty Prometheus multiprocess folder: stale files would add old counts."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+
+
+def child_exit(server: object, worker: object) -> None:
+    """Retire a dead worker's live gauges (counters and histograms keep counting)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-from common import web
+from common import metrics, web
 from common.errors import ServiceError
 from gateway import limits
 from gateway.client import ModelClient, new_session
@@ -66,6 +66,17 @@ def create_app(
         MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes
     )
     web.install(app)
+
+    def model_label() -> str:
+        """The request's model as a metrics label: known names only, never what a client typed."""
+        if request.args.get("models") or request.args.get("model") == "ensemble":
+            return "ensemble"
+        name = request.args.get("model", "")
+        if not name:
+            return ""
+        return name if name in registry.models else "other"
+
+    metrics.install(app, "gateway", model_label)
 
     def read_images(selection: Selection) -> tuple[list[ImageInput], bool, float]:
         started = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any
 
 import requests
 
+from common import metrics
 from common.errors import (
     BadUpstreamResponse,
     DeadlineExceeded,
@@ -134,21 +135,26 @@ class ModelClient:
                     body["headers"] = {**body["headers"], DEADLINE_HEADER: str(max(1, int(remaining * 1000)))}
                 breaker = self._breaker(replica.url)
                 if not breaker.allow():  # open: this replica is skipped, not hammered
+                    metrics.MEMBER_FAILURES.labels(model, "circuit_open").inc()
                     reason = "replica failing repeatedly (circuit open)"
                     continue
+                started = time.perf_counter()
                 try:
                     result = self._exchange(replica.url, model, len(images), params, timeout, body)
                 except Overloaded:  # busy, not broken: leave it in rotation, try the next one
                     breaker.success()
+                    metrics.MEMBER_FAILURES.labels(model, "overloaded").inc()
                     overloaded = True
                     continue
                 except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
                     breaker.failure()
+                    metrics.MEMBER_FAILURES.labels(model, "unreachable").inc()
                     self.registry.mark_down(replica)
                     reason = f"replica unreachable ({type(exc).__name__})"
                     continue
                 except requests.Timeout:  # sent and maybe running: never retried
                     breaker.failure()
+                    metrics.MEMBER_FAILURES.labels(model, "timeout").inc()
                     if timeout[1] < self.timeout[1]:
                         raise DeadlineExceeded(
                             f"{model} did not answer before the request's deadline"
@@ -160,12 +166,16 @@ class ModelClient:
                         breaker.success()
                     else:
                         breaker.failure()
+                        metrics.MEMBER_FAILURES.labels(model, exc.code).inc()
                     raise
                 except BaseException:
                     breaker.failure()
+                    metrics.MEMBER_FAILURES.labels(model, "error").inc()
                     raise
                 breaker.success()
+                metrics.MEMBER_SECONDS.labels(model).observe(time.perf_counter() - started)
                 if result is None:  # loading or shutting down: try another replica
+                    metrics.MEMBER_FAILURES.labels(model, "not_ready").inc()
                     self.registry.mark_down(replica)
                     reason = "replica not ready"
                     continue

@@ -65,3 +65,14 @@ def gateway_settings(**overrides: object) -> GatewaySettings:
         "inceptionv3": ("http://inceptionv3:8503",),
     }
     return GatewaySettings(**{"replicas": replicas, **overrides})  # type: ignore[arg-type]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample from a Prometheus exposition whose labels include ``labels``; 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

@@ -146,6 +146,10 @@ class Fleet:
             f"--bind {self.settings.host}:{port} --workers {workers} --threads {threads} '{app}'"
         )
 
+    def _metrics_env(self, program: str) -> dict[str, str]:
+        """Each Gunicorn process group counts in its own folder (prometheus-client multiprocess)."""
+        return {"PROMETHEUS_MULTIPROC_DIR": str(self.run_dir / "metrics" / program)}
+
     def programs(self) -> dict[str, tuple[str, dict[str, str]]]:
         """supervisord programs: name -> (command, extra environment)."""
         s = self.settings
@@ -158,10 +162,13 @@ class Fleet:
             app, env = apps[name]
             for program, port in replicas:
                 # One worker per replica: one model copy per process; threads feed it.
-                programs[program] = (self._gunicorn(app, port, 1, s.service_threads), env)
+                programs[program] = (
+                    self._gunicorn(app, port, 1, s.service_threads),
+                    {**env, **self._metrics_env(program)},
+                )
         programs["gateway"] = (
             self._gunicorn("gateway.app:create_app()", s.gateway_port, s.gateway_workers, s.gateway_threads),
-            {},
+            self._metrics_env("gateway"),
         )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         programs["nginx"] = (

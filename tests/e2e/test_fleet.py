@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,11 +13,12 @@ import requests
 from PIL import Image
 
 from deploy.local.running import wait_until
-from tests.conftest import encode, photo
+from tests.conftest import encode, metric_value, photo
 from tests.e2e.conftest import E2EFleet
 
 pytestmark = pytest.mark.e2e
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
+JPEG = {"Content-Type": "image/jpeg"}
 IMAGENET_MODELS = ("vgg16", "resnet50", "inceptionv3")
 
 
@@ -270,3 +272,28 @@ def test_gateway_down_is_a_json_502_from_nginx(fleet: E2EFleet) -> None:
             60,
             "the gateway to come back",
         )
+
+
+def test_metrics_sum_every_gateway_worker_and_stay_off_the_public_port(fleet: E2EFleet) -> None:
+    gateway = f"http://{fleet.fleet.settings.host}:{fleet.fleet.settings.gateway_port}/metrics"
+    replicas = [f"{fleet.service_url('shapes', k)}/metrics" for k in (0, 1)]
+
+    def counted() -> tuple[float, float]:
+        edge = requests.get(gateway, timeout=10).text
+        served = [requests.get(url, timeout=10).text for url in replicas]
+        labels = {"component": "gateway", "route": "/v1/predict", "model": "shapes", "status": "200"}
+        return (
+            metric_value(edge, "imagerec_requests_total", **labels),
+            sum(metric_value(text, "imagerec_inference_images_total", model="shapes") for text in served),
+        )
+
+    before = counted()
+    with ThreadPoolExecutor(8) as pool:  # concurrent, so both gateway workers take some
+        statuses = list(
+            pool.map(lambda _: post(fleet, "model=shapes", data=CAT, headers=JPEG).status_code, range(40))
+        )
+    assert statuses == [200] * 40
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (40, 40)
+    public = requests.get(f"{fleet.url}/metrics", timeout=10)
+    assert_json_error(public, 404, "not_found")

@@ -1,0 +1,122 @@
+"""Prometheus metrics for the gateway and every model service (prometheus-client).
+
+Under Gunicorn each worker writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (the fleet,
+the containers and the manifests set it; ``deploy/gunicorn.conf.py`` empties it at start and retires
+dead workers' files) and ``/metrics`` sums every worker's (``MultiProcessCollector``), so a scrape
+sees the whole process group whichever worker answers. Without the variable (tests, one process)
+the default registry is served. Names map to Triton's in the README ("Metrics").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REQUESTS = Counter(
+    "imagerec_requests_total",
+    "HTTP requests answered, by component, route, model and status code",
+    ["component", "route", "model", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "imagerec_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["component", "route", "model"],
+    buckets=SECONDS,
+)
+QUEUE_SECONDS = Histogram(
+    "imagerec_queue_duration_seconds",
+    "Time a request waited for its batch to start",
+    ["model"],
+    buckets=SECONDS,
+)
+INFERENCE_SECONDS = Histogram(
+    "imagerec_inference_duration_seconds", "Model time per batch (one model call)", ["model"], buckets=SECONDS
+)
+BATCH_SIZE = Histogram(
+    "imagerec_batch_size", "Images per model call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+INFERENCES = Counter("imagerec_inference_images_total", "Images run through the model", ["model"])
+EXECUTIONS = Counter("imagerec_inference_batches_total", "Model calls (batches)", ["model"])
+SHED = Counter(
+    "imagerec_shed_total",
+    "Requests a model service refused or dropped: overloaded, queue_full, deadline",
+    ["model", "reason"],
+)
+PENDING = Gauge(
+    "imagerec_pending_images",
+    "Images admitted and not yet answered: decoding, queued or running",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+MODEL_READY = Gauge(
+    "imagerec_model_ready", "1 once the model is loaded and warmed", ["model"], multiprocess_mode="livemax"
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "imagerec_model_load_seconds",
+    "Seconds the model took to load and warm",
+    ["model", "backend"],
+    multiprocess_mode="livemax",
+)
+MEMBER_SECONDS = Histogram(
+    "imagerec_gateway_member_duration_seconds",
+    "Gateway -> model service call time",
+    ["model"],
+    buckets=SECONDS,
+)
+MEMBER_FAILURES = Counter(
+    "imagerec_gateway_member_failures_total",
+    "Failed gateway -> model service calls, by reason",
+    ["model", "reason"],
+)
+CACHE = Counter("imagerec_gateway_cache_total", "Response cache lookups: hit or miss", ["result"])
+
+
+def _registry() -> CollectorRegistry:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def exposition() -> Response:
+    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+
+
+def install(app: Flask, component: str, model: Callable[[], str]) -> None:
+    """Count and time every request of ``app`` and serve ``GET /metrics``.
+
+    ``model`` names the request's model as a label; it must return a bounded set of values
+    (callers map unknown names to "other"), never what a client typed.
+    """
+
+    @app.before_request
+    def _start() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        if route != "/metrics":
+            name = model()
+            REQUESTS.labels(component, route, name, str(response.status_code)).inc()
+            elapsed = time.perf_counter() - g.get("metrics_started", time.perf_counter())
+            REQUEST_SECONDS.labels(component, route, name).observe(elapsed)
+        return response
+
+    app.add_url_rule("/metrics", "metrics", exposition, methods=["GET"])
