@@ -201,12 +201,14 @@ def create_app(
     metrics.install(app, "service", lambda: spec.name)
 
     @app.get("/health/live")
+    @app.get("/v2/health/live", endpoint="v2_live")
     def live() -> Response:
         if model.state == "failed":
             raise ServiceError(f"model failed to load: {model.error}", code="load_failed", status=503)
         return web.json_ok({"status": "alive"})
 
     @app.get("/health/ready")
+    @app.get("/v2/health/ready", endpoint="v2_ready")
     def ready() -> Response:
         model.require_ready()
         return web.json_ok({"status": "ready"})

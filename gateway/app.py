@@ -9,7 +9,7 @@ from flask import Flask, Response, request
 
 from common import metrics, web
 from common.errors import ServiceError
-from gateway import limits
+from gateway import limits, v2
 from gateway.client import ModelClient, new_session
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
@@ -69,12 +69,12 @@ def create_app(
 
     def model_label() -> str:
         """The request's model as a metrics label: known names only, never what a client typed."""
-        if request.args.get("models") or request.args.get("model") == "ensemble":
+        if request.args.get("models"):
             return "ensemble"
-        name = request.args.get("model", "")
+        name = request.args.get("model") or (request.view_args or {}).get("name", "")
         if not name:
             return ""
-        return name if name in registry.models else "other"
+        return name if name in registry.models or name == "ensemble" else "other"
 
     metrics.install(app, "gateway", model_label)
 
@@ -185,6 +185,7 @@ def create_app(
             }
         )
 
+    app.register_blueprint(v2.create_blueprint(settings, predictor))
     limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)

@@ -28,6 +28,16 @@ def install(app: Flask, settings: GatewaySettings) -> Limiter | None:
         headers_enabled=True,
         strategy="moving-window",
     )
-    for endpoint in ("live", "ready", "models"):
+    for endpoint in (
+        "live",
+        "ready",
+        "models",
+        "metrics",
+        "v2.server",
+        "v2.live",
+        "v2.ready",
+        "v2.metadata",
+        "v2.ready_model",
+    ):
         limiter.exempt(app.view_functions[endpoint])
     return limiter
