@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from common.errors import BadRequest, ServiceError
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("imagerec.request")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -52,9 +54,42 @@ def install(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.perf_counter()
+
     @app.after_request
     def _echo_request_id(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = request_id()
+        return response
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        """One structured line per request (health probes at DEBUG: they come every few seconds)."""
+        route = request.url_rule.rule if request.url_rule else None
+        level = (
+            logging.DEBUG
+            if route and route.endswith(("/live", "/ready", "/v1/model", "/metrics"))
+            else logging.INFO
+        )
+        if request_log.isEnabledFor(level):
+            request_log.log(
+                level,
+                "request",
+                extra={
+                    "component": app.name,
+                    "request_id": request_id(),
+                    "method": request.method,
+                    "path": request.path[:200],
+                    "route": route,
+                    "model": (request.args.get("model") or (request.view_args or {}).get("name") or "")[:100],
+                    "status": response.status_code,
+                    "duration_ms": round(
+                        (time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2
+                    ),
+                    "client": request.headers.get("X-Real-IP") or request.remote_addr,
+                },
+            )
         return response
 
 

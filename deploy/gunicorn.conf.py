@@ -3,9 +3,13 @@
 The fleet launcher and the Dockerfiles pass ``--bind``, ``--workers`` and ``--threads``.
 """
 
-import logging
 import os
 import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, before --chdir applies
+from common import logs  # noqa: E402
 
 # NOTE: TensorFlow is not fork-safe (tensorflow/tensorflow#2448): models load in the worker.
 preload_app = False
@@ -18,10 +22,8 @@ graceful_timeout = 30
 keepalive = 75
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
-logging.basicConfig(
-    level=os.environ.get("LOG_LEVEL", "INFO"),
-    format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-)
+# One JSON line per log record (LOG_FORMAT=text for classic lines), Gunicorn's own included.
+logconfig_dict = logs.gunicorn_config()
 
 
 def on_starting(server: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -297,3 +298,24 @@ def test_metrics_sum_every_gateway_worker_and_stay_off_the_public_port(fleet: E2
     assert (after[0] - before[0], after[1] - before[1]) == (40, 40)
     public = requests.get(f"{fleet.url}/metrics", timeout=10)
     assert_json_error(public, 404, "not_found")
+
+
+def test_every_process_writes_one_json_line_per_request(fleet: E2EFleet) -> None:
+    rid = "json-log-7"
+    response = post(fleet, "model=resnet50", data=CAT, headers={**JPEG, "X-Request-ID": rid})
+    assert response.status_code == 200
+    folder = fleet.fleet.run_dir / "logs"
+
+    def lines(program: str) -> list[dict]:
+        text = (folder / f"{program}.log").read_text()
+        return [json.loads(line) for line in text.splitlines() if f'"{rid}"' in line]
+
+    wait_until(
+        lambda: all(lines(p) for p in ("nginx", "gateway", "resnet50")), 15, "a request line in every log"
+    )
+    for program, component in (("nginx", "nginx"), ("gateway", "gateway"), ("resnet50", "resnet50")):
+        [line] = lines(program)
+        assert (line["component"], line["request_id"], line["status"]) == (component, rid, 200)
+    # The gateway never imports TensorFlow: everything it writes, Gunicorn's own lines included, is JSON.
+    for text in (folder / "gateway.log").read_text().splitlines():
+        assert isinstance(json.loads(text), dict), text
