@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -100,3 +102,17 @@ def test_compose_references_files_that_exist() -> None:
     assert (ROOT / template).is_file()
     needed = set(re.findall(r"\$\{(\w+)\}", (ROOT / template).read_text()))
     assert needed <= set(COMPOSE["services"]["nginx"]["environment"])
+
+
+def test_compose_is_valid_against_the_compose_specification() -> None:
+    """The Compose Specification's JSON schema (tests/fixtures/ATTRIBUTION.md). That copy predates
+    the top-level ``name`` (added to the spec in 2022), so ``name`` is checked on its own."""
+    schema = jsonschema.Draft201909Validator(
+        json.loads((ROOT / "tests" / "fixtures" / "compose-spec.json").read_text())
+    )
+    document = {k: v for k, v in COMPOSE.items() if k != "name"}
+    schema.validate(document)
+    assert re.fullmatch(r"[a-z0-9][a-z0-9_-]*", COMPOSE["name"])  # the spec's project-name rule
+    typo = {**document["services"]["gateway"], "healtcheck": {}}
+    with pytest.raises(jsonschema.ValidationError, match="healtcheck"):  # strict enough to catch typos
+        schema.validate({**document, "services": {**document["services"], "gateway": typo}})
