@@ -98,7 +98,13 @@ def open_loop(url: str, rate: float, seconds: float) -> dict[str, Any]:
 
 def measure(cache: Path, seconds: int, factor: float = 4.0, model: str = "resnet50") -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_", "MAX_QUEUE"))}
-    env.update(WEIGHTS="random", MODEL_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2", GATEWAY_RATE_LIMIT="")
+    env.update(
+        WEIGHTS="random",
+        MODEL_CACHE=str(cache),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        GATEWAY_RATE_LIMIT="",
+        GATEWAY_CACHE_SIZE="0",  # one photo, sent again and again: the model must compute it
+    )
     with tempfile.TemporaryDirectory(prefix="imagerec-overload-") as folder:
         Path(folder).chmod(0o755)
         with running(Fleet(on_free_ports(Path(folder), models=(model,))), env) as fleet:

@@ -49,6 +49,7 @@ def base_env(cache: Path) -> dict[str, str]:
     # enough for closed-loop clients (the default sheds them: see run 7)
     env.update(
         MAX_QUEUE_DELAY_MS="60000",
+        GATEWAY_CACHE_SIZE="0",  # one photo, sent again and again: the models must compute it
         WEIGHTS="random",
         BACKEND="auto",
         MODEL_CACHE=str(cache),

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 
 from common import metrics, web
 from common.errors import ServiceError
+from gateway import cache as response_cache
 from gateway import limits, v2
 from gateway.client import ModelClient, new_session
 from gateway.fetch import UrlFetcher
@@ -60,6 +61,9 @@ def create_app(
     )
     predictor = Predictor(client, settings)
     registry = client.registry
+    cache = response_cache.create(settings.cache_size, settings.cache_ttl_s, settings.cache_redis_url)
+    if cache is not None:
+        registry.on_weights_change = cache.drop
 
     app = Flask("gateway")
     app.config.update(
@@ -89,10 +93,29 @@ def create_app(
             raise items[0].error
         return items, batch, (time.perf_counter() - started) * 1000
 
+    def cache_key(selection: Selection, items: list[ImageInput], top_k: int) -> str | None:
+        """Single images only, and only while every member's weights are known."""
+        if cache is None or len(items) != 1 or items[0].error is not None:
+            return None
+        weights = {m: registry.metadata(m).get("weights_hash") for m in selection.members}
+        if not all(weights.values()):
+            return None
+        parameters = {"top_k": top_k, "vote": selection.vote, "member_weights": selection.weights}
+        return response_cache.key(items[0].data, weights, parameters)  # type: ignore[arg-type]
+
     def classify(selection: Selection, top_k: int) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
         started, budget_s = time.perf_counter(), web.deadline_s()
         deadline = time.monotonic() + budget_s if budget_s else float("inf")
         items, batch, ingest_ms = read_images(selection)
+        key = None if batch else cache_key(selection, items, top_k)
+        if key is not None and cache is not None:
+            hit = cache.get(key)
+            metrics.CACHE.labels("hit" if hit else "miss").inc()
+            g.cache = "HIT" if hit else "MISS"
+            if hit:
+                cached = {**hit["body"], "request_id": web.request_id()}
+                cached["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
+                return cached, hit["outcomes"], False
         result = predictor.run(selection, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
         body: dict[str, Any] = {"request_id": web.request_id(), "model": selection.name}
         replies = result["replies"]
@@ -111,6 +134,13 @@ def create_app(
             body["failed_members"] = [
                 {"model": m, "code": e.code, "reason": e.message} for m, e in result["failures"].items()
             ]
+        if (
+            key is not None
+            and cache is not None
+            and not result["failures"]
+            and "error" not in result["outcomes"][0]
+        ):
+            cache.put(key, {"body": body, "outcomes": result["outcomes"]})
         body["timing_ms"] = {
             "ingest": round(ingest_ms, 2),
             **result["timing_ms"],
@@ -184,6 +214,12 @@ def create_app(
                 ]
             }
         )
+
+    @app.after_request
+    def _cache_header(response: Response) -> Response:
+        if "cache" in g:
+            response.headers["X-Cache"] = g.cache
+        return response
 
     app.register_blueprint(v2.create_blueprint(settings, predictor))
     limits.install(app, settings)

@@ -6,7 +6,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,7 @@ MISSED_PROBES_DOWN = 3  # consecutive probe time-outs before a replica counts as
 @dataclass
 class Replica:
     url: str
+    model: str = ""
     ready: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     checked_at: float = 0.0
@@ -34,7 +35,8 @@ class Registry:
     def __init__(
         self, replicas: Mapping[str, Sequence[str]], session: requests.Session, probe_timeout_s: float = 1.0
     ) -> None:
-        self._replicas = {name: [Replica(url) for url in urls] for name, urls in replicas.items()}
+        self._replicas = {name: [Replica(url, name) for url in urls] for name, urls in replicas.items()}
+        self.on_weights_change: Callable[[str], object] | None = None  # e.g. the response cache's drop
         self._session = session
         self._probe_timeout_s = probe_timeout_s
         self._turns = {name: itertools.count() for name in replicas}
@@ -78,7 +80,12 @@ class Registry:
         except (requests.RequestException, ValueError):
             metadata = {}
         replica.missed_probes = 0
+        before = replica.metadata.get("weights_hash")
         replica.metadata = metadata if isinstance(metadata, dict) else {}
+        after = replica.metadata.get("weights_hash")
+        if before and after and before != after and self.on_weights_change:
+            log.info("%s now serves weights %s (was %s)", replica.model, after, before)
+            self.on_weights_change(replica.model)
         replica.ready = bool(replica.metadata.get("ready"))
         replica.checked_at = time.time()
 

@@ -50,6 +50,11 @@ class GatewaySettings:
     rate_limit_storage: str = setting(
         "", "where limits are counted: empty = memory per worker, or redis://host:port"
     )
+    cache_size: int = setting(1024, "answers kept by the response cache per gateway worker (0: off)")
+    cache_ttl_s: float = setting(300.0, "seconds a cached answer is served")
+    cache_redis_url: str = setting(
+        "", "redis://host:6379 to share the cache across workers and gateways (falls back to REDIS_URL)"
+    )
     legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
     legacy_top_k: int = setting(3, "predictions returned by the seed routes")
     replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -65,7 +70,10 @@ class GatewaySettings:
             if not raw:
                 raise ValueError(f"model {name!r} has no replicas: set {name.upper()}_URLS")
             replicas[name] = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
-        return load(cls, ("GATEWAY_",), env, replicas=replicas)
+        overrides: dict[str, object] = {"replicas": replicas}
+        if not base.cache_redis_url and env.get("REDIS_URL"):
+            overrides["cache_redis_url"] = env["REDIS_URL"]
+        return load(cls, ("GATEWAY_",), env, **overrides)
 
     @property
     def ensemble_members(self) -> tuple[str, ...]:

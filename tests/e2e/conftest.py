@@ -69,6 +69,9 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         # worker keeps its own circuits, so a low threshold would leave one open for later tests.
         # The circuit itself is tested in tests/gateway/test_client.py.
         GATEWAY_BREAKER_FAIL_MAX="10",
+        # Fault and load tests send one photo again and again and must reach the models: no
+        # response cache here (it is tested in tests/gateway/test_cache.py, Redis included).
+        GATEWAY_CACHE_SIZE="0",
     )
     try:
         with serve_images() as image_server, running(Fleet(settings, extra), env) as handle:

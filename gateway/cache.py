@@ -1,0 +1,103 @@
+"""Response cache: the same image, model, weights and parameters get the stored answer.
+
+Key: SHA-256 of the image bytes + the model (or ensemble members and vote) + every member's
+weights hash + the parameters that shape the answer. Because the weights hashes are in the key, an
+answer computed with old weights is never served; ``drop(model)`` also deletes a model's entries
+as soon as the gateway sees its weights change. In memory by default (cachetools' TTL+LRU, per
+gateway worker); in Redis when ``GATEWAY_CACHE_REDIS_URL`` (or ``REDIS_URL``) is set, shared by
+every worker and gateway replica. Only whole single-image answers are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import cachetools
+
+log = logging.getLogger(__name__)
+PREFIX = "imagerec:cache:"
+
+
+def key(image: bytes, models: Mapping[str, str], parameters: Mapping[str, object]) -> str:
+    """``models``: member name -> weights hash. The members lead the key, so ``drop`` can find them."""
+    digest = hashlib.sha256(image).hexdigest()
+    shape = json.dumps(sorted(parameters.items()), separators=(",", ":"))
+    members = ",".join(f"{name}@{weights}" for name, weights in sorted(models.items()))
+    return f"{PREFIX}{members}:{hashlib.sha256(shape.encode()).hexdigest()[:16]}:{digest}"
+
+
+def _members(cache_key: str) -> set[str]:
+    return {member.split("@", 1)[0] for member in cache_key[len(PREFIX) :].split(":", 1)[0].split(",")}
+
+
+class Cache(Protocol):
+    def get(self, cache_key: str) -> dict[str, Any] | None: ...
+    def put(self, cache_key: str, body: dict[str, Any]) -> None: ...
+    def drop(self, model: str) -> int: ...
+
+
+class MemoryCache:
+    def __init__(self, size: int, ttl_s: float) -> None:
+        self._entries: cachetools.TTLCache[str, dict[str, Any]] = cachetools.TTLCache(size, ttl_s)
+        self._lock = threading.Lock()
+
+    def get(self, cache_key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._entries.get(cache_key)
+
+    def put(self, cache_key: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._entries[cache_key] = body
+
+    def drop(self, model: str) -> int:
+        with self._lock:
+            stale = [k for k in list(self._entries) if model in _members(k)]
+            for k in stale:
+                self._entries.pop(k, None)
+        return len(stale)
+
+
+class RedisCache:
+    """Entries as JSON strings with a TTL; a Redis failure is a miss, never an error."""
+
+    def __init__(self, url: str, ttl_s: float) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        self._ttl_ms = int(ttl_s * 1000)
+        self._errors = (redis.RedisError, OSError)
+
+    def get(self, cache_key: str) -> dict[str, Any] | None:
+        try:
+            raw = self._redis.get(cache_key)
+        except self._errors as exc:
+            log.warning("response cache unavailable: %s", exc)
+            return None
+        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+
+    def put(self, cache_key: str, body: dict[str, Any]) -> None:
+        try:
+            self._redis.set(cache_key, json.dumps(body), px=self._ttl_ms)
+        except self._errors as exc:
+            log.warning("response cache unavailable: %s", exc)
+
+    def drop(self, model: str) -> int:
+        dropped = 0
+        try:
+            for found in self._redis.scan_iter(match=f"{PREFIX}*{model}@*", count=500):
+                if model in _members(found.decode()):
+                    dropped += int(self._redis.delete(found))  # type: ignore[arg-type]
+        except self._errors as exc:
+            log.warning("response cache unavailable: %s", exc)
+        return dropped
+
+
+def create(size: int, ttl_s: float, redis_url: str) -> Cache | None:
+    if size <= 0 or ttl_s <= 0:
+        return None
+    return RedisCache(redis_url, ttl_s) if redis_url else MemoryCache(size, ttl_s)
