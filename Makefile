@@ -47,7 +47,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common gateway deploy
+	$(VENV)/bin/mypy common gateway deploy client
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (~15 minutes).
 bench: $(STAMP) nginx bench/.venv-bento/.installed

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import requests
 
+from deploy.local.fleet import ROOT
 from tests.e2e import shapes
 from tests.e2e.conftest import E2EFleet
 
@@ -44,3 +50,25 @@ def test_single_shape_request_names_its_weights(fleet: E2EFleet) -> None:
         assert body["weights"] == "file" and body["model"] == "shapes"
         assert [p["label"] for p in body["predictions"]] and len(body["predictions"]) == 4
         assert body["predictions"][0]["label"] == shapes.CLASSES[label]
+
+
+def test_the_command_line_client_classifies_a_folder(
+    fleet: E2EFleet, trained_shapes: shapes.TrainedModel, tmp_path: Path
+) -> None:
+    images, labels = shapes.dataset(40, seed=4242)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"{i:03d}.png").write_bytes(data)
+    out = tmp_path / "results.csv"
+    command = [sys.executable, "-m", "client", "--url", fleet.url, "classify-dir", str(folder)]
+    command += ["--model", "shapes", "--out", str(out), "--concurrency", "4", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with out.open() as written:
+        rows = sorted(csv.DictReader(written), key=lambda row: row["path"])
+    assert len(rows) == 40 and not any(row["error"] for row in rows)
+    accuracy = np.mean(
+        [row["label"] == shapes.CLASSES[label] for row, label in zip(rows, labels, strict=True)]
+    )
+    assert accuracy >= 0.95, f"{accuracy:.2%}"

@@ -263,7 +263,9 @@ def test_overload_is_shed_fast_and_the_model_stays_in_rotation(fleet: E2EFleet) 
         load.wait_for(200)
     statuses = Counter((o.status, o.code) for o in load.outcomes)
     assert set(statuses) <= {(200, ""), (503, "overloaded"), (429, "too_many_requests")}, statuses
-    assert statuses[(200, "")] >= 10 and statuses[(503, "overloaded")] >= 10, statuses
+    # How many are accepted depends on how fast this machine is at the time; that is the
+    # benchmark's business (make bench, run 7). Here: some are, and the rest are refused cleanly.
+    assert statuses[(200, "")] >= 1 and statuses[(503, "overloaded")] >= 10, statuses
     assert all(o.retry_after for o in load.outcomes if o.status != 200)
     assert batching(fleet, "resnet50")["shed"] > shed_before
     # Health probes kept getting through: the replica never left the rotation.

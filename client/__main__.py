@@ -1,0 +1,106 @@
+"""``python -m client``: classify photos with the imagerec fleet from a terminal.
+
+python -m client predict photo.jpg --model ensemble
+python -m client classify-dir photos/ --out results.csv --model resnet50 --concurrency 8
+python -m client models
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from client import Client, ImagerecError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def _predict(client: Client, args: argparse.Namespace) -> int:
+    try:
+        body = client.predict(args.image, model=args.model, top_k=args.top_k, vote=args.vote)
+    except ImagerecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    weights = body.get("weights")
+    note = "  (RANDOM weights: labels are meaningless)" if "random" in json.dumps(weights) else ""
+    print(f"{args.image}  model={body['model']}{note}")
+    for prediction in body["predictions"]:
+        print(f"  {prediction['score']:7.2%}  {prediction['label']}")
+    return 0
+
+
+def _classify_dir(client: Client, args: argparse.Namespace) -> int:
+    paths = sorted(p for p in Path(args.folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        print(f"no images under {args.folder}", file=sys.stderr)
+        return 1
+    failed = 0
+    with (
+        open(args.out, "w", newline="") as out,
+        tqdm(total=len(paths), unit="img", disable=args.quiet) as progress,
+    ):
+        writer = csv.writer(out)
+        writer.writerow(["path", "label", "score", "class_id", "model", "error"])
+        answers = client.predict_many(
+            paths,
+            concurrency=args.concurrency,
+            on_done=lambda: progress.update(1),
+            model=args.model,
+            top_k=1,
+        )
+        for path, answer in answers:
+            if isinstance(answer, ImagerecError):
+                failed += 1
+                writer.writerow([path, "", "", "", args.model, f"{answer.code}: {answer.message}"])
+            else:
+                best = answer["predictions"][0]
+                writer.writerow(
+                    [path, best["label"], f"{best['score']:.6f}", best["class_id"], answer["model"], ""]
+                )
+    print(f"{len(paths) - failed} classified, {failed} failed -> {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default=os.environ.get("IMAGEREC_URL", "http://localhost:8080"))
+    parser.add_argument("--retries", type=int, default=5, help="retries on 429/503 (after Retry-After)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="classify one image")
+    predict.add_argument("image")
+    predict.add_argument("--model", default="resnet50", help="a model name or 'ensemble'")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--vote", choices=("soft", "hard", "weighted"))
+    predict.add_argument("--json", action="store_true", help="print the whole answer")
+
+    folder = commands.add_parser("classify-dir", help="classify every image under a folder into a CSV")
+    folder.add_argument("folder")
+    folder.add_argument("--out", default="results.csv")
+    folder.add_argument("--model", default="resnet50")
+    folder.add_argument("--concurrency", type=int, default=4)
+    folder.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    commands.add_parser("models", help="list the models and their weights")
+    args = parser.parse_args(argv)
+    client = Client(args.url, timeout_s=args.timeout, retries=args.retries)
+    if args.command == "predict":
+        return _predict(client, args)
+    if args.command == "classify-dir":
+        return _classify_dir(client, args)
+    print(json.dumps(client.models(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
