@@ -10,7 +10,7 @@ from flask import Flask, Response, g, request
 from common import metrics, web
 from common.errors import ServiceError
 from gateway import cache as response_cache
-from gateway import limits, v2
+from gateway import docs, limits, v2
 from gateway.client import ModelClient, new_session
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
@@ -222,6 +222,7 @@ def create_app(
         return response
 
     app.register_blueprint(v2.create_blueprint(settings, predictor))
+    app.register_blueprint(docs.create_blueprint())
     limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)

@@ -28,16 +28,9 @@ def install(app: Flask, settings: GatewaySettings) -> Limiter | None:
         headers_enabled=True,
         strategy="moving-window",
     )
-    for endpoint in (
-        "live",
-        "ready",
-        "models",
-        "metrics",
-        "v2.server",
-        "v2.live",
-        "v2.ready",
-        "v2.metadata",
-        "v2.ready_model",
-    ):
-        limiter.exempt(app.view_functions[endpoint])
+    for endpoint, view in app.view_functions.items():
+        # health, metadata, metrics and docs are never limited; every prediction route is
+        if endpoint in ("live", "ready", "models", "metrics") or endpoint.startswith(("docs.", "v2.")):
+            if endpoint != "v2.infer":
+                limiter.exempt(view)
     return limiter
