@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench convert weights nginx redis clean
+.PHONY: run test test-fast lint bench convert weights nginx redis chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,21 @@ redis:
 	    echo "redis-server is missing: run 'sudo apt-get install redis-server'" >&2; exit 1; \
 	  fi; }
 
+# Headless Chromium and its driver for the web-page test, the same way.
+chromium:
+	@command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'" >&2; exit 1; \
+	  fi; }
+
 ## The whole fleet in the foreground: Nginx :8080 -> gateway :8000 -> vgg16/resnet50/inceptionv3.
 run: $(STAMP) nginx
 	$(PY) -m deploy.local.fleet
 
 ## The whole suite, end-to-end tests included (~10 minutes on 2 cores).
-test: $(STAMP) nginx redis
+test: $(STAMP) nginx redis chromium
 	$(PY) -m pytest
 
 ## Unit tests only (no fleet, no full-size models).

@@ -1,5 +1,6 @@
-"""The API described: ``GET /openapi.json`` (OpenAPI 3, from gateway/openapi.yaml) and ``GET /docs``
-(Swagger UI, served from the swagger-ui-bundle package: no CDN, works offline)."""
+"""The pages: ``GET /`` (the web page, gateway/static/index.html), ``GET /openapi.json`` (OpenAPI 3,
+from gateway/openapi.yaml) and ``GET /docs`` (Swagger UI from the swagger-ui-bundle package: no
+CDN, works offline)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flask import Blueprint, Response, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
 SPEC = Path(__file__).with_name("openapi.yaml")
+STATIC = Path(__file__).with_name("static")
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>imagerec API</title>
 <link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
@@ -30,6 +32,10 @@ def spec() -> dict[str, Any]:
 
 def create_blueprint() -> Blueprint:
     docs = Blueprint("docs", __name__)
+
+    @docs.get("/")
+    def index() -> Response:
+        return send_from_directory(STATIC, "index.html", max_age=60)
 
     @docs.get("/openapi.json")
     def openapi() -> Response:
