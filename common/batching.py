@@ -43,6 +43,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     deadline: float = float("inf")  # time.monotonic() after which the answer is useless
+    served_by: object = None  # the tag of the model that computed it (see Batcher.swap)
 
     @property
     def queue_ms(self) -> float:
@@ -75,7 +76,7 @@ class Batcher:
         max_delay_ms: float = float("inf"),
         name: str = "model",
     ) -> None:
-        self._predict = predict
+        self._current: tuple[Callable[[np.ndarray], np.ndarray], object] = (predict, None)
         self.name = name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
@@ -87,6 +88,11 @@ class Batcher:
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
+
+    def swap(self, predict: Callable[[np.ndarray], np.ndarray], tag: object) -> None:
+        """Serve the next batches with ``predict``; the batch running now finishes on the old one.
+        Every job records the ``tag`` of the model that computed it."""
+        self._current = (predict, tag)  # one reference assignment: atomic
 
     @contextmanager
     def admit(self, images: int) -> Iterator[None]:
@@ -164,10 +170,12 @@ class Batcher:
             self._concurrent = len(batch) > 1 or self._carry is not None or not self._queue.empty()
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
             started = time.monotonic()
+            predict, tag = self._current
             for request in batch:
                 request.started_at = started
+                request.served_by = tag
             try:
-                outputs = self._predict(inputs)
+                outputs = predict(inputs)
             except BaseException as exc:  # deliver the failure to every waiter, keep serving
                 log.exception("batch of %d images failed", len(inputs))
                 for request in batch:

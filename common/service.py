@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hmac
 import logging
 import threading
 import time
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from flask import Flask, Response, request
 
-from common import imaging, metrics, preprocessing, web
+from common import imaging, metrics, preprocessing, repository, web
 from common import labels as labels_mod
 from common.backends import default_cache_dir, make_runtime
 from common.batching import Batcher
-from common.errors import BadRequest, ModelNotReady, ServiceError
+from common.errors import BadRequest, ModelNotReady, NotFound, ServiceError
 from common.models import ModelSpec
 from common.runtime import Runtime, RuntimeInfo
 from common.settings import load, setting
@@ -58,6 +59,13 @@ class ServiceSettings:
         "or than the request's own inference, whichever is longer",
     )
     inference_timeout_s: float = setting(30.0, "longest a request waits for its batch (504 after)")
+    model_repository: str = setting(
+        "", "folder of versions <root>/<model>/<n>/<file>; the highest is served (overrides WEIGHTS)"
+    )
+    repository_poll_s: float = setting(
+        0.0, "seconds between checks for a newer version (0: admin endpoint only)"
+    )
+    admin_token: str = setting("", "bearer token for POST /v1/admin/reload (empty: the endpoint is off)")
     intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
     inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
 
@@ -65,8 +73,12 @@ class ServiceSettings:
     def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:
         return load(cls, ("", f"{model.upper()}_"), environ)
 
-    def weights_plan(self, spec: ModelSpec) -> WeightsPlan:
-        """Resolve ``WEIGHTS`` for ``spec`` (may download; fails early with instructions)."""
+    def weights_plan(self, spec: ModelSpec, version: int | None = None) -> WeightsPlan:
+        """Resolve ``WEIGHTS`` for ``spec`` (may download; fails early with instructions), or the
+        repository's ``version`` (default: the highest) when ``MODEL_REPOSITORY`` is set."""
+        if self.model_repository:
+            chosen = version if version is not None else repository.latest(self.model_repository, spec.name)
+            return resolve(spec, str(repository.weights_file(self.model_repository, spec.name, chosen)))
         return resolve(
             spec,
             self.weights,
@@ -81,26 +93,62 @@ class ServiceSettings:
 
 
 class LoadedModel:
-    """A runtime plus its loading state, labels and preprocessing."""
+    """A runtime plus its loading state, labels, preprocessing and version.
 
-    def __init__(self, spec: ModelSpec, runtime: Runtime, labels: labels_mod.Labels) -> None:
+    ``switch`` serves a new version: loaded and warmed beside the old one, then swapped into the
+    batcher in one step, so the batch running finishes on the old runtime and every later one
+    uses the new; each answer names the version that computed it.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        runtime: Runtime,
+        labels: labels_mod.Labels,
+        batcher: Batcher,
+        version: str = "",
+    ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.labels = labels
+        self.batcher = batcher
+        self.version = version
         self.preprocess = preprocessing.get(spec.preprocessing)
         self.state = "loading"
         self.error = ""
         self.info: RuntimeInfo | None = None
+        self._switching = threading.Lock()
+
+    def _load(self, runtime: Runtime) -> RuntimeInfo:
+        info = runtime.load()
+        if info.num_classes != len(self.labels):
+            raise ValueError(f"model has {info.num_classes} outputs but {len(self.labels)} labels")
+        return info
+
+    def switch(self, runtime: Runtime, version: str) -> RuntimeInfo:
+        """Load and warm ``runtime`` (the old one keeps serving meanwhile), then serve it."""
+        with self._switching:
+            info = self._load(runtime)
+            previous = self.version
+            self.runtime, self.info, self.version = runtime, info, version
+            self.batcher.swap(runtime.predict, (info, version))
+        log.info(
+            "%s now serves version %s (was %s), weights hash %s",
+            self.spec.name,
+            version,
+            previous,
+            info.weights_hash,
+        )
+        return info
 
     def load(self) -> None:
         try:
-            info = self.runtime.load()
-            if info.num_classes != len(self.labels):
-                raise ValueError(f"model has {info.num_classes} outputs but {len(self.labels)} labels")
+            info = self._load(self.runtime)
         except Exception as exc:
             log.exception("loading %s failed", self.spec.name)
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             return
+        self.batcher.swap(self.runtime.predict, (info, self.version))
         self.info, self.state = info, "ready"
         metrics.MODEL_LOAD_SECONDS.labels(self.spec.name, info.backend).set(info.load_seconds)
         metrics.MODEL_READY.labels(self.spec.name).set(1)
@@ -139,6 +187,7 @@ class LoadedModel:
             "weights_source": info.weights_source if info else None,
             "weights_hash": info.weights_hash if info else None,
             "backend": info.backend if info else None,
+            "version": self.version or None,
             "classes": len(self.labels),
             "labels_hash": self.labels.digest,
             **({"error": self.error} if self.error else {}),
@@ -171,17 +220,22 @@ def create_app(
 ) -> Flask:
     """Build a model service. Tests pass a fake ``runtime`` and ``background_load=False``."""
     settings = settings or ServiceSettings.from_env(spec.name)
-    if runtime is None:
-        plan = settings.weights_plan(spec)
-        runtime = make_runtime(
+
+    def build(version: int | None = None) -> Runtime:
+        return make_runtime(
             spec,
-            plan,
+            settings.weights_plan(spec, version),
             settings.backend,
             cache_dir=settings.cache_dir,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
         )
-    model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path))
+
+    version = ""
+    if settings.model_repository:
+        version = str(repository.latest(settings.model_repository, spec.name))
+    if runtime is None:
+        runtime = build(int(version) if version else None)
     limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     # One model copy per process: every Gunicorn thread feeds this one batcher.
     batcher = Batcher(
@@ -192,6 +246,30 @@ def create_app(
         max_delay_ms=settings.max_queue_delay_ms,
         name=spec.name,
     )
+    model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path), batcher, version)
+
+    def reload() -> dict[str, object]:
+        """Serve the repository's highest version if it is newer than the one served."""
+        if not settings.model_repository:
+            raise BadRequest("this service has no MODEL_REPOSITORY: nothing to reload", code="no_repository")
+        newest = repository.latest(settings.model_repository, spec.name)
+        previous = model.version
+        if model.info is None or str(newest) == previous:
+            return {"version": previous, "previous": previous, "changed": False}
+        try:
+            info = model.switch(build(newest), str(newest))
+        except Exception as exc:  # the served version keeps serving
+            log.exception("%s version %d did not load", spec.name, newest)
+            raise ServiceError(
+                f"version {newest} did not load ({type(exc).__name__}: {exc}); still serving {previous}",
+                code="reload_failed",
+            ) from None
+        return {
+            "version": str(newest),
+            "previous": previous,
+            "changed": True,
+            "weights_hash": info.weights_hash,
+        }
 
     app = Flask(spec.name)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -221,7 +299,29 @@ def create_app(
             "max_queue_delay_ms": batcher.max_delay_ms,
             **dataclasses.asdict(batcher.stats),
         }
-        return web.json_ok({**model.metadata(), "center_crop": settings.center_crop, "batching": batching})
+        available = (
+            [str(v) for v in repository.versions(settings.model_repository, spec.name)]
+            if settings.model_repository
+            else []
+        )
+        return web.json_ok(
+            {
+                **model.metadata(),
+                "versions": available,
+                "center_crop": settings.center_crop,
+                "batching": batching,
+            }
+        )
+
+    @app.post("/v1/admin/reload")
+    def admin_reload() -> Response:
+        """Load the newest version beside the served one and swap (Authorization: Bearer <ADMIN_TOKEN>)."""
+        if not settings.admin_token:
+            raise NotFound("admin endpoints are off (set ADMIN_TOKEN)")
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), settings.admin_token.encode()):
+            raise ServiceError("a valid bearer token is required", code="unauthorized", status=401)
+        return web.json_ok(reload())
 
     @app.get("/v1/labels")
     def labels() -> Response:
@@ -234,6 +334,7 @@ def create_app(
         # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
         top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
         with_probabilities = web.query_flag("probabilities")
+        served_by: tuple[RuntimeInfo, str] = (info, model.version)
         images, batch = _request_images()
         if len(images) > settings.max_batch_images:
             raise BadRequest(
@@ -270,6 +371,8 @@ def create_app(
                         status=504,
                     ) from None
                 queue_ms = job.queue_ms
+                if isinstance(job.served_by, tuple):
+                    served_by = job.served_by
                 metrics.QUEUE_SECONDS.labels(spec.name).observe(queue_ms / 1000)
         finished = time.perf_counter()
         for i, row in zip(decoded, probabilities, strict=True):
@@ -277,12 +380,14 @@ def create_app(
             if with_probabilities:
                 results[i]["probabilities"] = encode_probabilities(row)
 
+        info, version = served_by
         body: dict[str, object] = {
             "request_id": web.request_id(),
             "model": spec.name,
             "weights": info.weights,
             "weights_hash": info.weights_hash,
             "backend": info.backend,
+            **({"version": version} if version else {}),
             "labels_hash": model.labels.digest,
         }
         if batch:
@@ -298,4 +403,15 @@ def create_app(
         return web.json_ok(body)
 
     model.start(background=background_load)
+    if settings.model_repository and settings.repository_poll_s > 0:
+
+        def poll() -> None:
+            while True:
+                time.sleep(settings.repository_poll_s)
+                try:
+                    reload()
+                except Exception:  # a broken new version: keep serving the old one, say why
+                    log.exception("%s: the newest repository version did not load", spec.name)
+
+        threading.Thread(target=poll, name=f"repository-{spec.name}", daemon=True).start()
     return app

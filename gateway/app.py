@@ -122,6 +122,8 @@ def create_app(
         if selection.vote is None:
             reply = replies.get(selection.name, {})
             body.update({key: reply.get(key) for key in ("weights", "weights_hash", "backend")})
+            if reply.get("version"):
+                body["version"] = reply["version"]
         else:
             body.update(
                 members=list(selection.members),

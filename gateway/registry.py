@@ -119,7 +119,15 @@ class Registry:
             "status": "ready" if first else "unavailable",
             **{
                 key: first.get(key)
-                for key in ("input_size", "preprocessing", "weights", "weights_hash", "backend", "classes")
+                for key in (
+                    "input_size",
+                    "preprocessing",
+                    "weights",
+                    "weights_hash",
+                    "backend",
+                    "version",
+                    "classes",
+                )
             },
             "replicas": [
                 {

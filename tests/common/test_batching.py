@@ -197,3 +197,18 @@ def test_admission_waits_at_most_its_own_inference_and_is_released_on_failure() 
     with batcher.admit(1), batcher.admit(1):  # 10 ms ahead: no longer than its own inference
         with pytest.raises(Overloaded), batcher.admit(1):  # 20 ms ahead
             pass
+
+
+def test_a_swap_lets_the_running_batch_finish_on_the_old_model() -> None:
+    old = GatedModel()
+    batcher = Batcher(old, max_batch=1, max_wait_ms=0)
+    batcher.swap(old, "v1")
+    running = batcher.submit(images(1))
+    assert old.started.wait(5)
+    batcher.swap(lambda batch: batch.reshape(len(batch), -1), "v2")  # while v1 computes
+    queued = batcher.submit(images(1))
+    old.release.set()
+    running.future.result(5)
+    queued.future.result(5)
+    assert (running.served_by, queued.served_by) == ("v1", "v2")
+    assert old.sizes == [1]  # the queued job never touched the old model

@@ -8,6 +8,7 @@ and torn down in ``finally`` whatever happened (``deploy.local.running``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -26,11 +27,16 @@ from tests.http_fixtures import serve_images
 pytestmark = pytest.mark.e2e
 
 
+ADMIN_TOKEN = "e2e-admin-token"
+
+
 @dataclass
 class E2EFleet(RunningFleet):
-    """The running fleet plus a loopback image server it is allowed to fetch from."""
+    """The running fleet plus a loopback image server it is allowed to fetch from, and the model
+    repository the ``shapes`` replicas serve versions from (polled every second)."""
 
     image_server: str = ""
+    repository: Path = Path()
 
 
 @pytest.fixture(scope="session")
@@ -43,15 +49,24 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
     run_dir = Path(tempfile.mkdtemp(prefix="imagerec-e2e-"))
     run_dir.chmod(0o755)
     settings = on_free_ports(run_dir, gateway_workers=2, replicas=("shapes=2",))
+    repository = run_dir / "repository"
+    (repository / "shapes" / "1").mkdir(parents=True)
+    shutil.copy(trained_shapes.model_path, repository / "shapes" / "1" / "model.keras")
+    custom = ExtraService.custom(
+        "shapes",
+        free_port(),
+        str(trained_shapes.model_path),
+        str(trained_shapes.labels_path),
+        shapes.INPUT_SIZE,
+        shapes.MODE,
+    )
+    versioned = {
+        "SHAPES_MODEL_REPOSITORY": str(repository),
+        "SHAPES_REPOSITORY_POLL_S": "1",
+        "SHAPES_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
     extra = [
-        ExtraService.custom(
-            "shapes",
-            free_port(),
-            str(trained_shapes.model_path),
-            str(trained_shapes.labels_path),
-            shapes.INPUT_SIZE,
-            shapes.MODE,
-        ),
+        dataclasses.replace(custom, env={**custom.env, **versioned}),
         ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()"),
     ]
     env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
@@ -75,7 +90,7 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
     )
     try:
         with serve_images() as image_server, running(Fleet(settings, extra), env) as handle:
-            yield E2EFleet(handle.fleet, handle.process, image_server)
+            yield E2EFleet(handle.fleet, handle.process, image_server, repository)
     finally:
         if os.environ.get("E2E_KEEP_LOGS"):  # a folder to copy every process's log into
             shutil.copytree(run_dir / "logs", os.environ["E2E_KEEP_LOGS"], dirs_exist_ok=True)
