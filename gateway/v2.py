@@ -95,12 +95,14 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
     def metadata(name: str) -> Response:
         members = selection(name).members
         meta = registry.metadata(members[0])
+        single = len(members) == 1
         return web.json_ok(
             {
                 "name": name,
-                "versions": [VERSION],
+                # a model served from a repository lists its versions; others have one, "1"
+                "versions": (meta.get("versions") or [VERSION]) if single else [VERSION],
                 "platform": f"imagerec-{meta.get('backend') or 'unavailable'}"
-                if len(members) == 1
+                if single
                 else "imagerec-ensemble",
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                 "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in OUTPUTS.items()],
@@ -163,10 +165,13 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
             "indices": [p["index"] for row in rows for p in row[:k]],
         }
         replies = result["replies"]
+        # a model served from a repository names the version that answered; others are "1"
+        versions = {str(reply.get("version") or VERSION) for reply in replies.values()}
+        answered_by = versions.pop() if len(chosen.members) == 1 and len(versions) == 1 else VERSION
         return web.json_ok(
             {
                 "model_name": name,
-                "model_version": VERSION,
+                "model_version": answered_by,
                 "id": str(body.get("id") or web.request_id()),
                 "parameters": {
                     "weights": {m: r.get("weights") for m, r in replies.items()},

@@ -128,3 +128,18 @@ def test_bad_infer_requests_get_protocol_errors(
     )
     assert_v2_error(client.post("/v2/models/resnet50/infer", **kwargs), status, code)
     assert fake.calls == []  # refused before any model was asked
+
+
+def test_versions_come_from_the_model_repository(client: FlaskClient, fake: FakeModelClient) -> None:
+    make_ready(fake)
+    for replica in fake.registry.replicas("resnet50"):
+        replica.metadata["versions"] = ["1", "2"]
+    assert client.get("/v2/models/resnet50").get_json()["versions"] == ["1", "2"]
+    answer = fake.predict
+
+    def versioned(*args: object, **kwargs: object) -> dict:
+        return {**answer(*args, **kwargs), "version": "2"}  # type: ignore[arg-type]
+
+    fake.predict = versioned  # type: ignore[method-assign]
+    body = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    assert body["model_version"] == "2"
