@@ -152,6 +152,17 @@ class ModelClient:
                     self.registry.mark_down(replica)
                     reason = f"replica unreachable ({type(exc).__name__})"
                     continue
+                except (
+                    requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError,
+                ) as exc:
+                    # The answer was cut off or garbled in transit: a prediction is a pure function
+                    # of the image, so asking the next replica (or this one again) is safe. Not a
+                    # reason to take the replica out of rotation; its circuit counts it.
+                    breaker.failure()
+                    metrics.MEMBER_FAILURES.labels(model, "broken_response").inc()
+                    reason = f"replica answered with a broken response ({type(exc).__name__})"
+                    continue
                 except requests.Timeout:  # sent and maybe running: never retried
                     breaker.failure()
                     metrics.MEMBER_FAILURES.labels(model, "timeout").inc()

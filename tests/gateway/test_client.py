@@ -293,3 +293,17 @@ def test_every_replica_overloaded_is_503_at_once_without_retries_or_tripping_the
             client.predict("resnet50", [b"a"], top_k=1)
         assert info.value.status == 503 and info.value.retry_after == 1
     assert first.call_count == second.call_count == 3  # one round per request, circuits closed
+
+
+@responses.activate
+def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(client: ModelClient) -> None:
+    """Not a 500: the prediction is idempotent, so the next replica is asked; none left is a 503."""
+    responses.post(f"{R1}/v1/predict", body=requests.exceptions.ChunkedEncodingError("connection broken"))
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert all(r.ready for r in client.registry.replicas("resnet50"))  # still in rotation
+    responses.replace(responses.POST, f"{R2}/v1/predict", body=requests.exceptions.ChunkedEncodingError("x"))
+    with pytest.raises(ModelUnavailable, match="broken response"):
+        client.predict("resnet50", [b"a"], top_k=1)
