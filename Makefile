@@ -14,32 +14,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Nginx from Debian's packages when missing and we are root; otherwise say what to do.
+# $(call need,<check that succeeds when it is installed>,<Debian packages>): install the packages
+# with apt when the check fails and we are root; otherwise say what to run.
+need = @{ $(1); } >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ]; then \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+  else \
+    echo "missing: run 'sudo apt-get install $(2)'" >&2; exit 1; \
+  fi; }
+
+# Nginx for the fleet; redis-server for the shared rate-limit and cache tests; headless Chromium
+# and its driver for the web-page test.
 nginx:
-	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
-	  else \
-	    echo "Nginx is missing: run 'sudo apt-get install nginx-light' (or your system's nginx package)" >&2; exit 1; \
-	  fi; }
-
-# redis-server for the shared rate-limit test, the same way.
+	$(call need,command -v nginx || test -x /usr/sbin/nginx,nginx-light)
 redis:
-	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else \
-	    echo "redis-server is missing: run 'sudo apt-get install redis-server'" >&2; exit 1; \
-	  fi; }
-
-# Headless Chromium and its driver for the web-page test, the same way.
+	$(call need,command -v redis-server,redis-server)
 chromium:
-	@command -v chromedriver >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	  else \
-	    echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'" >&2; exit 1; \
-	  fi; }
+	$(call need,command -v chromedriver,chromium chromium-driver)
 
 ## The whole fleet in the foreground: Nginx :8080 -> gateway :8000 -> vgg16/resnet50/inceptionv3.
 run: $(STAMP) nginx
@@ -60,7 +51,7 @@ lint: $(STAMP)
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (~15 minutes).
 bench: $(STAMP) nginx bench/.venv-bento/.installed
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || { echo "make bench needs wrk (apt-get install wrk)" >&2; exit 1; }
+	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
 
 # BentoML, the comparison point, in a virtualenv of its own (its pins are not ours); if it does not
