@@ -35,10 +35,14 @@ def error_response(error: ServiceError) -> Response:
     return response
 
 
-def _http_error(exc: HTTPException) -> Response:
+def as_service_error(exc: HTTPException) -> ServiceError:
+    """Werkzeug's HTTP errors (404, 405, 413...) in the fleet's terms: a code from their name."""
     code = (exc.name or "error").lower().replace(" ", "_")
-    status = exc.code or 500
-    return error_response(ServiceError(exc.description or exc.name, code=code, status=status))
+    return ServiceError(exc.description or exc.name, code=code, status=exc.code or 500)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    return error_response(as_service_error(exc))
 
 
 def _unexpected(exc: Exception) -> Response:

@@ -38,8 +38,7 @@ def _error(exc: ServiceError) -> Response:
 
 
 def _http_error(exc: HTTPException) -> Response:
-    code = (exc.name or "error").lower().replace(" ", "_")
-    return _error(ServiceError(exc.description or exc.name, code=code, status=exc.code or 500))
+    return _error(web.as_service_error(exc))
 
 
 def _images(tensor: dict[str, Any], max_images: int, max_bytes: int) -> list[ImageInput]:

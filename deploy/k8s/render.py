@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from deploy.local.fleet import FleetSettings, nginx_limits
+
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "imagerec.yaml"
 PART_OF = {"app.kubernetes.io/part-of": "imagerec"}
@@ -171,15 +173,7 @@ def documents() -> list[dict[str, Any]]:
         service("gateway", 8000),
         autoscaler("gateway", maximum=4),
     ]
-    nginx_env = {
-        "NGINX_PORT": "8080",
-        "GATEWAY_UPSTREAM": "gateway:8000",
-        "NGINX_MAX_BODY_SIZE": "10m",
-        "NGINX_BODY_BUFFER_SIZE": "1m",
-        "NGINX_CLIENT_TIMEOUT": "30s",
-        "NGINX_PROXY_CONNECT_TIMEOUT": "5s",
-        "NGINX_PROXY_READ_TIMEOUT": "60s",
-    }
+    nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000", **nginx_limits(FleetSettings())}
     nginx = deployment(
         "nginx",
         "nginx:1.27-alpine",

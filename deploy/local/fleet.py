@@ -49,6 +49,18 @@ class FleetSettings:
     logs_to_console: bool = setting(True, "stream every process's log to the terminal")
 
 
+def nginx_limits(settings: FleetSettings) -> dict[str, str]:
+    """The body and timeout limits of deploy/nginx/imagerec.conf.template, by its variable names
+    (the Kubernetes manifests take the same defaults)."""
+    return {
+        "NGINX_MAX_BODY_SIZE": settings.nginx_max_body_size,
+        "NGINX_BODY_BUFFER_SIZE": settings.nginx_body_buffer_size,
+        "NGINX_CLIENT_TIMEOUT": settings.nginx_client_timeout,
+        "NGINX_PROXY_CONNECT_TIMEOUT": settings.nginx_proxy_connect_timeout,
+        "NGINX_PROXY_READ_TIMEOUT": settings.nginx_proxy_read_timeout,
+    }
+
+
 @dataclass(frozen=True)
 class ExtraService:
     """Another model service started beside the ImageNet ones: any WSGI factory, its own settings."""
@@ -192,11 +204,7 @@ class Fleet:
         values = {
             "NGINX_PORT": f"{s.host}:{s.nginx_port}",
             "GATEWAY_UPSTREAM": f"{s.host}:{s.gateway_port}",
-            "NGINX_MAX_BODY_SIZE": s.nginx_max_body_size,
-            "NGINX_BODY_BUFFER_SIZE": s.nginx_body_buffer_size,
-            "NGINX_CLIENT_TIMEOUT": s.nginx_client_timeout,
-            "NGINX_PROXY_CONNECT_TIMEOUT": s.nginx_proxy_connect_timeout,
-            "NGINX_PROXY_READ_TIMEOUT": s.nginx_proxy_read_timeout,
+            **nginx_limits(s),
             "NGINX_WORKERS": str(s.nginx_workers),
             "NGINX_DIR": str(nginx_dir),
             "LOG_DIR": str(log_dir),

@@ -7,11 +7,11 @@ import base64
 
 import numpy as np
 import pytest
-import requests
 import tritonclient.http as triton
 
 from tests.conftest import photo
 from tests.e2e.conftest import E2EFleet
+from tests.e2e.test_fleet import JPEG, post
 
 pytestmark = pytest.mark.e2e
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
@@ -34,12 +34,7 @@ def test_the_triton_client_works_unchanged(fleet: E2EFleet) -> None:
     labels, scores = result.as_numpy("labels"), result.as_numpy("scores")
     assert labels.shape == scores.shape == (2, 3)
 
-    v1 = requests.post(
-        f"{fleet.url}/v1/predict?model=resnet50&top_k=3",
-        data=COFFEE,
-        headers={"Content-Type": "image/jpeg"},
-        timeout=60,
-    ).json()
+    v1 = post(fleet, "model=resnet50&top_k=3", data=COFFEE, headers=JPEG).json()
     assert [str(label, "utf-8") if isinstance(label, bytes) else label for label in labels[1]] == [
         p["label"] for p in v1["predictions"]
     ]
