@@ -82,46 +82,50 @@ def create_app(
 
     metrics.install(app, "gateway", model_label)
 
-    def read_images(selection: Selection) -> tuple[list[ImageInput], bool, float]:
-        started = time.perf_counter()
+    def read_images() -> tuple[list[ImageInput], bool]:
         items, batch = reader.read(request)
         if not batch and items[0].error:
             raise items[0].error
         predictor.validate(items)
-        predictor.canonicalize(selection, items)
         if not batch and items[0].error:
             raise items[0].error
-        return items, batch, (time.perf_counter() - started) * 1000
+        return items, batch
 
-    def cache_key(selection: Selection, items: list[ImageInput], top_k: int) -> str | None:
-        """Single images only, and only while every member's weights are known."""
-        if cache is None or len(items) != 1 or items[0].error is not None:
-            return None
-        weights = {m: registry.metadata(m).get("weights_hash") for m in selection.members}
+    def cache_key(
+        selection: Selection, image: bytes, top_k: int, weights: dict[str, str | None]
+    ) -> str | None:
+        """Only while every member's weights hash is known: it is part of the key."""
         if not all(weights.values()):
             return None
         parameters = {"top_k": top_k, "vote": selection.vote, "member_weights": selection.weights}
-        return response_cache.key(items[0].data, weights, parameters)  # type: ignore[arg-type]
+        return response_cache.key(image, weights, parameters)  # type: ignore[arg-type]
 
     def classify(selection: Selection, top_k: int) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
         started, budget_s = time.perf_counter(), web.deadline_s()
         deadline = time.monotonic() + budget_s if budget_s else float("inf")
-        items, batch, ingest_ms = read_images(selection)
-        key = None if batch else cache_key(selection, items, top_k)
-        if key is not None and cache is not None:
-            hit = cache.get(key)
+        items, batch = read_images()
+        cacheable = cache is not None and not batch and items[0].error is None
+        original = items[0].data  # the key is the client's bytes, before any canonical re-encoding
+        if cacheable and cache is not None:
+            expected = {m: registry.metadata(m).get("weights_hash") for m in selection.members}
+            key = cache_key(selection, original, top_k, expected)
+            hit = cache.get(key) if key else None
             metrics.CACHE.labels("hit" if hit else "miss").inc()
             g.cache = "HIT" if hit else "MISS"
             if hit:
                 cached = {**hit["body"], "request_id": web.request_id()}
                 cached["timing_ms"] = {"total": round((time.perf_counter() - started) * 1000, 2)}
                 return cached, hit["outcomes"], False
+        predictor.canonicalize(selection, items)  # a hit never pays for the ensemble's re-encoding
+        if not batch and items[0].error:
+            raise items[0].error
+        ingest_ms = (time.perf_counter() - started) * 1000
         result = predictor.run(selection, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
         body: dict[str, Any] = {"request_id": web.request_id(), "model": selection.name}
         replies = result["replies"]
         if selection.vote is None:
             reply = replies.get(selection.name, {})
-            body.update({key: reply.get(key) for key in ("weights", "weights_hash", "backend")})
+            body.update({field: reply.get(field) for field in ("weights", "weights_hash", "backend")})
             if reply.get("version"):
                 body["version"] = reply["version"]
         else:
@@ -137,12 +141,17 @@ def create_app(
                 {"model": m, "code": e.code, "reason": e.message} for m, e in result["failures"].items()
             ]
         if (
-            key is not None
+            cacheable
             and cache is not None
             and not result["failures"]
             and "error" not in result["outcomes"][0]
         ):
-            cache.put(key, {"body": body, "outcomes": result["outcomes"]})
+            # Keyed by the weights that actually answered: during a rollout the replica that
+            # answered may not be the one the lookup's hashes came from.
+            served = {m: reply.get("weights_hash") for m, reply in replies.items()}
+            key = cache_key(selection, original, top_k, served)
+            if key:
+                cache.put(key, {"body": dict(body), "outcomes": result["outcomes"]})
         body["timing_ms"] = {
             "ingest": round(ingest_ms, 2),
             **result["timing_ms"],

@@ -25,7 +25,8 @@ def gateway(**settings: object) -> tuple[FlaskClient, FakeModelClient]:
     for name in fake.registry.models:
         for replica in fake.registry.replicas(name):
             replica.ready = True
-            replica.metadata = {"ready": True, "weights": "random", "weights_hash": f"w-{name}"}
+            # the hash the fake's answers carry
+            replica.metadata = {"ready": True, "weights": "random", "weights_hash": f"hash-{name}"}
     return create_app(config, client=fake, poll_health=False).test_client(), fake  # type: ignore[arg-type]
 
 
@@ -53,9 +54,12 @@ def test_new_weights_are_never_answered_from_old_entries() -> None:
     client, fake = gateway()
     ask(client)
     for replica in fake.registry.replicas("resnet50"):
-        replica.metadata["weights_hash"] = "w-resnet50-v2"
+        replica.metadata["weights_hash"] = "hash-resnet50-v2"
     assert ask(client).headers["X-Cache"] == "MISS"
-    assert len(fake.calls) == 2
+    # Mid-rollout the probe already sees v2 but the answer came from old weights: it is stored
+    # under the old weights' key, so a v2 lookup still misses rather than serving it.
+    assert ask(client).headers["X-Cache"] == "MISS"
+    assert len(fake.calls) == 3
 
 
 def test_batches_failures_and_degraded_answers_are_not_cached() -> None:
