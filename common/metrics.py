@@ -99,15 +99,12 @@ def exposition() -> Response:
 
 
 def install(app: Flask, component: str, model: Callable[[], str]) -> None:
-    """Count and time every request of ``app`` and serve ``GET /metrics``.
+    """Count and time every request of ``app`` (on the clock ``common.web.install`` starts) and
+    serve ``GET /metrics``.
 
     ``model`` names the request's model as a label; it must return a bounded set of values
     (callers map unknown names to "other"), never what a client typed.
     """
-
-    @app.before_request
-    def _start() -> None:
-        g.metrics_started = time.perf_counter()
 
     @app.after_request
     def _count(response: Response) -> Response:
@@ -115,7 +112,7 @@ def install(app: Flask, component: str, model: Callable[[], str]) -> None:
         if route != "/metrics":
             name = model()
             REQUESTS.labels(component, route, name, str(response.status_code)).inc()
-            elapsed = time.perf_counter() - g.get("metrics_started", time.perf_counter())
+            elapsed = time.perf_counter() - g.get("started", time.perf_counter())
             REQUEST_SECONDS.labels(component, route, name).observe(elapsed)
         return response
 

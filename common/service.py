@@ -125,9 +125,12 @@ class LoadedModel:
             raise ValueError(f"model has {info.num_classes} outputs but {len(self.labels)} labels")
         return info
 
-    def switch(self, runtime: Runtime, version: str) -> RuntimeInfo:
-        """Load and warm ``runtime`` (the old one keeps serving meanwhile), then serve it."""
+    def switch(self, runtime: Runtime, version: str) -> RuntimeInfo | None:
+        """Load and warm ``runtime`` (the old one keeps serving meanwhile), then serve it. None when
+        ``version`` is already served (a poll and an admin call can race: one loads it)."""
         with self._switching:
+            if version == self.version:
+                return None
             info = self._load(runtime)
             previous = self.version
             self.runtime, self.info, self.version = runtime, info, version
@@ -258,6 +261,8 @@ def create_app(
             return {"version": previous, "previous": previous, "changed": False}
         try:
             info = model.switch(build(newest), str(newest))
+            if info is None:
+                return {"version": previous, "previous": previous, "changed": False}
         except Exception as exc:  # the served version keeps serving
             log.exception("%s version %d did not load", spec.name, newest)
             raise ServiceError(

@@ -8,24 +8,14 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from common import metrics, web
-from common.errors import ServiceError
 from gateway import cache as response_cache
 from gateway import docs, limits, v2
 from gateway.client import ModelClient, new_session
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
-from gateway.predict import Predictor, Selection, select
+from gateway.predict import Predictor, Selection, item_error, select
 from gateway.registry import Registry
 from gateway.settings import GatewaySettings
-
-
-def _raise_item_error(item: dict[str, Any]) -> None:
-    error = item["error"]
-    raise ServiceError(
-        str(error.get("message", "invalid image")),
-        code=str(error.get("code")),
-        status=int(error.get("status", 400)),
-    )
 
 
 def create_app(
@@ -190,7 +180,7 @@ def create_app(
         if batch:
             body["results"] = outcomes
         elif "error" in outcomes[0]:
-            _raise_item_error(outcomes[0])
+            raise item_error(outcomes[0])
         else:
             body.update({k: v for k, v in outcomes[0].items() if k not in ("index", "name")})
         body["timing_ms"] = body.pop("timing_ms")  # keep timings last, after the predictions
@@ -206,7 +196,7 @@ def create_app(
             Selection(settings.legacy_model, (settings.legacy_model,)), settings.legacy_top_k
         )
         if "error" in outcomes[0]:
-            _raise_item_error(outcomes[0])
+            raise item_error(outcomes[0])
         return web.json_ok({"predictions": legacy_predictions(outcomes[0])})
 
     @app.post("/batch_predict")

@@ -122,8 +122,8 @@ class ModelClient:
         reason = "no replicas configured"
         overloaded = False
         for attempt in range(self.connect_retries + 1):
-            if overloaded:
-                raise Overloaded(f"every replica of {model} is at capacity; retry shortly")
+            if overloaded:  # busy replicas are not retried after a back-off
+                break
             if attempt:  # every replica refused: back off (jittered, growing), then one more round
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             for replica in self.registry.candidates(model):

@@ -55,6 +55,16 @@ def select(args: MultiDict[str, str], settings: GatewaySettings, client: ModelCl
     return Selection(name, members, vote, weights)
 
 
+def item_error(outcome: dict[str, Any]) -> ServiceError:
+    """The error recorded on one image's outcome, to raise when that image was the whole request."""
+    error = outcome["error"]
+    return ServiceError(
+        str(error.get("message", "invalid image")),
+        code=str(error.get("code")),
+        status=int(error.get("status", 400)),
+    )
+
+
 def _probabilities(result: dict[str, Any], model: str, classes: int) -> np.ndarray:
     try:
         vector = np.frombuffer(base64.b64decode(result["probabilities"]["data"]), "<f4")

@@ -48,7 +48,8 @@ class GatewaySettings:
         "100/second", "per-client limit, Flask-Limiter syntax ('100/second;2000/minute'); empty: off"
     )
     rate_limit_storage: str = setting(
-        "", "where limits are counted: empty = memory per worker, or redis://host:port"
+        "",
+        "where limits are counted: empty = memory per worker, or redis://host:port (falls back to REDIS_URL)",
     )
     cache_size: int = setting(1024, "answers kept by the response cache per gateway worker (0: off)")
     cache_ttl_s: float = setting(300.0, "seconds a cached answer is served")
@@ -71,8 +72,12 @@ class GatewaySettings:
                 raise ValueError(f"model {name!r} has no replicas: set {name.upper()}_URLS")
             replicas[name] = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
         overrides: dict[str, object] = {"replicas": replicas}
-        if not base.cache_redis_url and env.get("REDIS_URL"):
-            overrides["cache_redis_url"] = env["REDIS_URL"]
+        if env.get("REDIS_URL"):  # one variable for every Redis user, each may still say otherwise
+            overrides |= {
+                name: env["REDIS_URL"]
+                for name in ("cache_redis_url", "rate_limit_storage")
+                if not getattr(base, name)
+            }
         return load(cls, ("GATEWAY_",), env, **overrides)
 
     @property

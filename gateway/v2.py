@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from common import web
 from common.errors import BadRequest, ModelUnavailable, ServiceError
 from gateway.inputs import ImageInput, decode_base64
-from gateway.predict import Predictor, Selection, select
+from gateway.predict import Predictor, Selection, item_error, select
 from gateway.settings import GatewaySettings
 
 OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}
@@ -144,18 +144,15 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
         deadline = time.monotonic() + budget_s if budget_s else float("inf")
         items = _images(body["inputs"][0], settings.max_batch_images, settings.max_image_bytes)
         predictor.validate(items)
-        predictor.canonicalize(chosen, items)
-        for item in items:  # a tensor is answered whole or not at all
+        for item in items:  # a tensor is answered whole or not at all: refuse before any decoding
             if item.error is not None:
                 error = item.error
                 raise ServiceError(f"{item.name}: {error.message}", code=error.code, status=error.status)
+        predictor.canonicalize(chosen, items)
         result = predictor.run(chosen, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
-        failed_outcome = next((o for o in result["outcomes"] if "error" in o), None)
-        if failed_outcome:
-            error = failed_outcome["error"]
-            raise ServiceError(
-                str(error.get("message")), code=str(error.get("code")), status=int(error.get("status", 400))
-            )
+        failed = next((o for o in result["outcomes"] if "error" in o), None)
+        if failed:
+            raise item_error(failed)
         rows = [o["predictions"] for o in result["outcomes"]]
         k = min(len(row) for row in rows)
         columns = {

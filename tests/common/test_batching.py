@@ -178,7 +178,8 @@ def test_admission_sheds_when_the_work_ahead_exceeds_the_delay_bound() -> None:
     batcher = Batcher(model, max_batch=1, max_wait_ms=0, max_delay_ms=75)
     with batcher.admit(1):
         batcher.submit(images(1)).future.result(5)
-    assert 50 <= batcher.stats.ms_per_image < 75
+    assert batcher.stats.ms_per_image >= 50  # measured; slower on a busy machine, which is fine:
+    # one image ahead is never more than a request's own inference; two are more than either
     with batcher.admit(1), batcher.admit(1):  # ~50 ms ahead of the second: within the bound
         with pytest.raises(Overloaded) as info, batcher.admit(1):  # ~100 ms ahead: refused
             pass

@@ -13,6 +13,7 @@ from gateway import cache as response_cache
 from gateway.app import create_app
 from gateway.client import new_session
 from gateway.registry import Registry
+from gateway.settings import GatewaySettings
 from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
 
@@ -121,3 +122,10 @@ def test_a_redis_outage_is_a_miss_not_an_error() -> None:
     responses_ = [ask(client) for _ in range(2)]
     assert [r.status_code for r in responses_] == [200, 200]
     assert [r.headers["X-Cache"] for r in responses_] == ["MISS", "MISS"] and len(fake.calls) == 2
+
+
+def test_redis_url_configures_every_redis_user_unless_each_says_otherwise() -> None:
+    both = GatewaySettings.from_env({"REDIS_URL": "redis://r:6379"})
+    assert both.cache_redis_url == both.rate_limit_storage == "redis://r:6379"
+    own = GatewaySettings.from_env({"REDIS_URL": "redis://r:6379", "GATEWAY_RATE_LIMIT_STORAGE": "memory://"})
+    assert own.rate_limit_storage == "memory://" and own.cache_redis_url == "redis://r:6379"

@@ -272,11 +272,12 @@ def overloaded_reply() -> dict:
 
 @responses.activate
 def test_an_overloaded_replica_passes_the_call_on_and_stays_in_rotation(client: ModelClient) -> None:
-    responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    busy = responses.post(f"{R1}/v1/predict", **overloaded_reply())
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in client.registry.replicas("resnet50"):
         replica.ready = True
     assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert busy.call_count == 1  # r1 was asked first and said it was full
     assert all(r.ready for r in client.registry.replicas("resnet50"))
 
 

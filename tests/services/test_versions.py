@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,14 @@ IMAGE = encode(Image.new("RGB", (64, 64), (40, 90, 160)), "PNG")
 class VersionRuntime:
     """Answers with a class that depends on the version folder it was built from."""
 
+    loads: list[int] = []
+
     def __init__(self, plan: WeightsPlan) -> None:
         self.version = int(Path(str(plan.path)).parent.name)
 
     def load(self) -> RuntimeInfo:
+        VersionRuntime.loads.append(self.version)
+        time.sleep(0.1)  # a load takes a while: long enough for a second reload to arrive
         if self.version == 99:
             raise ValueError("corrupt weights")
         return RuntimeInfo("fake", "file", "repo", f"hash-v{self.version}", 1000, 0.0)
@@ -85,6 +91,17 @@ def test_reload_swaps_to_a_new_version_behind_a_token(repo: Path) -> None:
     assert (answer["version"], answer["predictions"][0]["index"]) == ("2", 2)
     again = client.post("/v1/admin/reload", headers={"Authorization": "Bearer s3cret"}).get_json()
     assert again["changed"] is False
+
+
+def test_racing_reloads_load_a_version_once(repo: Path) -> None:
+    client = client_for(repo)
+    publish(repo, 2)
+    VersionRuntime.loads.clear()
+    auth = {"Authorization": "Bearer s3cret"}
+    with ThreadPoolExecutor(2) as pool:  # e.g. the poller and an operator at the same moment
+        answers = list(pool.map(lambda _: client.post("/v1/admin/reload", headers=auth).get_json(), range(2)))
+    assert sorted(a["changed"] for a in answers) == [False, True]
+    assert VersionRuntime.loads == [2]
 
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(repo: Path) -> None:
