@@ -261,8 +261,8 @@ def create_app(
             return {"version": previous, "previous": previous, "changed": False}
         try:
             info = model.switch(build(newest), str(newest))
-            if info is None:
-                return {"version": previous, "previous": previous, "changed": False}
+            if info is None:  # another reload (the poller) got there first
+                return {"version": model.version, "previous": previous, "changed": False}
         except Exception as exc:  # the served version keeps serving
             log.exception("%s version %d did not load", spec.name, newest)
             raise ServiceError(

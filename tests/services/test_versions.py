@@ -101,6 +101,7 @@ def test_racing_reloads_load_a_version_once(repo: Path) -> None:
     with ThreadPoolExecutor(2) as pool:  # e.g. the poller and an operator at the same moment
         answers = list(pool.map(lambda _: client.post("/v1/admin/reload", headers=auth).get_json(), range(2)))
     assert sorted(a["changed"] for a in answers) == [False, True]
+    assert [a["version"] for a in answers] == ["2", "2"]  # the one that lost the race says so too
     assert VersionRuntime.loads == [2]
 
 
