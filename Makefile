@@ -62,11 +62,11 @@ bench/.venv-bento/.installed:
 
 ## Convert the three models to OpenVINO ahead of serving (same weights setting as the fleet).
 convert: $(STAMP)
-	$(PY) -m common.convert_all
+	$(PY) -m services.convert_all
 
 ## On a machine with internet: the three ImageNet weight files into the Keras cache.
 weights: $(STAMP)
-	$(PY) -m common.fetch_weights
+	$(PY) -m services.fetch_weights
 
 clean:
 	rm -rf run .pytest_cache

@@ -1,4 +1,5 @@
-"""``make convert``: convert the three models to OpenVINO ahead of serving, with the fleet's settings.
+"""``make convert`` (``python -m services.convert_all``): convert the three models to OpenVINO
+ahead of serving, with the fleet's settings.
 
 Uses each service's own ``WEIGHTS``/``MODEL_CACHE`` settings, so the services find the result.
 """
@@ -9,11 +10,10 @@ import sys
 
 from common.backends import OpenVINORuntime
 from common.service import ServiceSettings
+from services import inceptionv3, resnet50, vgg16
 
 
 def main() -> int:
-    from services import inceptionv3, resnet50, vgg16
-
     for spec in (vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC):
         settings = ServiceSettings.from_env(spec.name)
         plan = settings.weights_plan(spec)

@@ -1,4 +1,5 @@
-"""``make weights``: fetch the three ImageNet weight files into the Keras cache (needs internet).
+"""``make weights`` (``python -m services.fetch_weights``): fetch the three ImageNet weight files
+into the Keras cache (needs internet).
 
 Keras downloads each file and checks its hash, exactly as ``WEIGHTS=imagenet`` would at start-up.
 Afterwards ``WEIGHTS=auto`` (``make run``) serves real weights.
@@ -10,11 +11,10 @@ import sys
 
 from common.errors import WeightsUnavailable
 from common.weights import download, keras_cache_dir
+from services import inceptionv3, resnet50, vgg16
 
 
 def main() -> int:
-    from services import inceptionv3, resnet50, vgg16
-
     for spec in (vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC):
         target = keras_cache_dir() / str(spec.imagenet_file)
         if target.is_file():
