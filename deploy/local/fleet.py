@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.settings import load, setting
+from deploy.settings import NGINX_TEMPLATES, NginxLimits
 
 ROOT = Path(__file__).resolve().parents[2]
-NGINX_TEMPLATES = ROOT / "deploy" / "nginx"
 MODEL_SERVICES = ("vgg16", "resnet50", "inceptionv3")
 
 
 @dataclass(frozen=True)
 class FleetSettings:
-    """Local fleet layout (``FLEET_<FIELD>``); model and gateway settings pass through unchanged."""
+    """Local fleet layout (``FLEET_<FIELD>``); model and gateway settings pass through unchanged.
+    Nginx's limits are the shared ``deploy.settings.NginxLimits`` (``FLEET_NGINX_<FIELD>``)."""
 
     run_dir: str = setting(str(ROOT / "run"), "folder for configs, pid files, sockets and logs")
     host: str = setting("127.0.0.1", "address every process binds to")
@@ -41,24 +42,7 @@ class FleetSettings:
     gateway_workers: int = setting(2, "gateway Gunicorn workers")
     gateway_threads: int = setting(16, "threads per gateway worker")
     nginx_workers: int = setting(1, "Nginx worker processes")
-    nginx_max_body_size: str = setting("10m", "largest request body Nginx accepts (413 above)")
-    nginx_body_buffer_size: str = setting("1m", "request bodies up to this size stay in memory")
-    nginx_client_timeout: str = setting("30s", "client header/body/send timeout at Nginx")
-    nginx_proxy_connect_timeout: str = setting("5s", "Nginx -> gateway connect timeout")
-    nginx_proxy_read_timeout: str = setting("60s", "Nginx -> gateway read timeout")
     logs_to_console: bool = setting(True, "stream every process's log to the terminal")
-
-
-def nginx_limits(settings: FleetSettings) -> dict[str, str]:
-    """The body and timeout limits of deploy/nginx/imagerec.conf.template, by its variable names
-    (the Kubernetes manifests take the same defaults)."""
-    return {
-        "NGINX_MAX_BODY_SIZE": settings.nginx_max_body_size,
-        "NGINX_BODY_BUFFER_SIZE": settings.nginx_body_buffer_size,
-        "NGINX_CLIENT_TIMEOUT": settings.nginx_client_timeout,
-        "NGINX_PROXY_CONNECT_TIMEOUT": settings.nginx_proxy_connect_timeout,
-        "NGINX_PROXY_READ_TIMEOUT": settings.nginx_proxy_read_timeout,
-    }
 
 
 @dataclass(frozen=True)
@@ -99,6 +83,7 @@ class ExtraService:
 class Fleet:
     settings: FleetSettings
     extra: list[ExtraService] = field(default_factory=list)
+    nginx: NginxLimits = field(default_factory=NginxLimits)
 
     @property
     def run_dir(self) -> Path:
@@ -204,7 +189,7 @@ class Fleet:
         values = {
             "NGINX_PORT": f"{s.host}:{s.nginx_port}",
             "GATEWAY_UPSTREAM": f"{s.host}:{s.gateway_port}",
-            **nginx_limits(s),
+            **self.nginx.template_values(),
             "NGINX_WORKERS": str(s.nginx_workers),
             "NGINX_DIR": str(nginx_dir),
             "LOG_DIR": str(log_dir),
@@ -272,7 +257,7 @@ class Fleet:
 
 def main() -> None:
     settings = load(FleetSettings, ("FLEET_",))
-    fleet = Fleet(settings)
+    fleet = Fleet(settings, nginx=load(NginxLimits, ("FLEET_NGINX_",)))
     command = fleet.command()
     os.environ.update(fleet.environment())
     print(

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
+from deploy.settings import NginxLimits
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
@@ -35,6 +36,14 @@ def test_rendered_nginx_config_is_valid(fleet: Fleet) -> None:
     assert result.returncode == 0, result.stderr
     rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
     assert "${" not in rendered and "client_max_body_size 10m;" in rendered
+
+
+def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Path) -> None:
+    limits = NginxLimits(max_body_size="3m", proxy_read_timeout="90s")
+    fleet = Fleet(FleetSettings(run_dir=str(tmp_path)), nginx=limits)
+    fleet.render()
+    rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
+    assert "client_max_body_size 3m;" in rendered and "proxy_read_timeout 90s;" in rendered
 
 
 def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
@@ -78,17 +87,29 @@ def test_compose_has_the_same_topology() -> None:
     assert [p for s in services.values() for p in s.get("ports", [])] == [
         "${NGINX_PUBLISHED_PORT:-8080}:8080"
     ]
-    gateway_env = services["gateway"]["environment"]
     for model, port in MODEL_PORTS.items():
         service = services[model]
         assert service["build"]["target"] == "model" and service["environment"]["MODEL"] == model
         assert service["environment"]["PORT"] == str(port)
         assert f"127.0.0.1:{port}/health/ready" in " ".join(service["healthcheck"]["test"])
         assert "keras-cache:/keras" in service["volumes"]
-        assert f"http://{model}:{port}" in gateway_env[f"{model.upper()}_URLS"]
         assert "container_name" not in service  # would forbid --scale
     assert services["nginx"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert "keras-cache" in COMPOSE["volumes"]
+
+
+@pytest.mark.parametrize("model", MODEL_PORTS)
+def test_compose_gateway_finds_every_container_of_a_model_by_its_service_name(model: str) -> None:
+    """Docker's DNS answers a service name with every container of it: re-resolved every
+    GATEWAY_DNS_REFRESH_S, ``--scale resnet50=3`` gives the gateway three replicas."""
+    gateway_env = COMPOSE["services"]["gateway"]["environment"]
+    variable = f"{model.upper()}_URLS"
+    assert gateway_env[variable] == f"${{{variable}:-http://{model}:{MODEL_PORTS[model]}}}"
+    assert re.fullmatch(r"\$\{GATEWAY_DNS_REFRESH_S:-[1-9]\d*\}", gateway_env["GATEWAY_DNS_REFRESH_S"])
+
+
+def test_compose_nginx_has_the_shared_limits() -> None:
+    assert NginxLimits().template_values().items() <= COMPOSE["services"]["nginx"]["environment"].items()
 
 
 def test_compose_references_files_that_exist() -> None:

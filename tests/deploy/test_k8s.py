@@ -1,18 +1,22 @@
 """Kubernetes manifests: up to date with their generator, valid against the Kubernetes schemas,
-and wired together (services, probes, autoscalers, resources, the gateway's model URLs)."""
+and wired together (services, probes, autoscalers, resources, the gateway's model URLs, the model
+pods' user and their writable cache)."""
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
 
 from deploy.k8s import render
-from deploy.local.fleet import NGINX_TEMPLATES
+from deploy.settings import NGINX_TEMPLATES
 
 KUBERNETES = "1.30.0"
 DOCS = list(yaml.safe_load_all(render.OUTPUT.read_text()))
@@ -21,8 +25,22 @@ for doc in DOCS:
     BY_KIND[doc["kind"]][doc["metadata"]["name"]] = doc
 
 
+def pod(name: str) -> dict[str, Any]:
+    return BY_KIND["Deployment"][name]["spec"]["template"]["spec"]
+
+
 def container(name: str) -> dict[str, Any]:
-    return BY_KIND["Deployment"][name]["spec"]["template"]["spec"]["containers"][0]
+    return pod(name)["containers"][0]
+
+
+def env_of(name: str) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(name)["env"]}
+
+
+def services_selecting(name: str) -> list[dict[str, Any]]:
+    """Every Service whose selector picks the Deployment's pods."""
+    pod_labels = BY_KIND["Deployment"][name]["spec"]["template"]["metadata"]["labels"]
+    return [s for s in BY_KIND["Service"].values() if s["spec"]["selector"].items() <= pod_labels.items()]
 
 
 def test_the_committed_manifests_are_what_the_generator_renders() -> None:
@@ -43,9 +61,8 @@ def test_the_validator_rejects_a_broken_manifest() -> None:
 
 @pytest.mark.parametrize("name", [*render.MODELS, "gateway", "nginx"])
 def test_each_component_scales_on_its_own(name: str) -> None:
-    deployment, service, hpa = (
-        BY_KIND[kind][name] for kind in ("Deployment", "Service", "HorizontalPodAutoscaler")
-    )
+    deployment, hpa = BY_KIND["Deployment"][name], BY_KIND["HorizontalPodAutoscaler"][name]
+    [service] = services_selecting(name)
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == container(name)["ports"][0]["name"]
@@ -57,15 +74,109 @@ def test_each_component_scales_on_its_own(name: str) -> None:
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
-def test_the_gateway_finds_every_model_through_its_service() -> None:
-    env = {e["name"]: e["value"] for e in container("gateway")["env"]}
-    for name, (port, _, _) in render.MODELS.items():
-        assert (
-            env[f"{name.upper()}_URLS"]
-            == f"http://{name}:{BY_KIND['Service'][name]['spec']['ports'][0]['port']}"
-        )
-        assert container(name)["ports"][0]["containerPort"] == port
-        assert {e["name"]: e["value"] for e in container(name)["env"]}["PORT"] == str(port)
+@pytest.mark.parametrize("model", render.MODELS)
+def test_the_gateway_reaches_each_model_pod_through_a_headless_service(model: str) -> None:
+    url = urlsplit(env_of("gateway")[f"{model.upper()}_URLS"])
+    service = BY_KIND["Service"].get(str(url.hostname))
+    assert service is not None, f"{url.hostname}: no such Service"
+    # Headless: DNS answers with each ready pod's address, which the gateway takes as a replica.
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is False
+    assert service["spec"]["selector"] == BY_KIND["Deployment"][model]["spec"]["selector"]["matchLabels"]
+    assert service in services_selecting(model)
+    # No virtual IP forwards a port: the URL names the pod's own.
+    assert url.port == container(model)["ports"][0]["containerPort"] == int(env_of(model)["PORT"])
+
+
+def test_the_gateway_forgets_a_stopping_model_pod_before_it_drains() -> None:
+    refresh_s = int(env_of("gateway")["GATEWAY_DNS_REFRESH_S"])
+    assert refresh_s > 0
+    for model in render.MODELS:
+        pause_s = int(container(model)["lifecycle"]["preStop"]["exec"]["command"][-1])
+        assert pause_s >= refresh_s + 5  # the next refresh, and CoreDNS's 5 s record TTL
+        assert pod(model)["terminationGracePeriodSeconds"] >= pause_s + 30  # then Gunicorn's drain
+
+
+DOCKERFILE = (render.HERE.parent / "docker" / "Dockerfile").read_text()
+MODEL_STAGE = DOCKERFILE.split("AS model", 1)[1]
+
+
+def image_user() -> dict[str, Any]:
+    """The model image's user, its group, and the cache folder it owns, read from the Dockerfile."""
+    [(gid, group)] = re.findall(r"groupadd --gid (\d+) (\w+)", DOCKERFILE)
+    [(uid, user_group, user)] = re.findall(r"useradd .*--uid (\d+) --gid (\w+) (\w+)", DOCKERFILE)
+    [run_as] = re.findall(r"^USER (\w+)", MODEL_STAGE, re.MULTILINE)
+    [cache] = re.findall(r"^ENV .*\bMODEL_CACHE=(\S+)", MODEL_STAGE, re.MULTILINE)
+    [(owner, owning_group, owned)] = re.findall(r"chown -R (\w+):(\w+) (\S+)", MODEL_STAGE)
+    [(mode, moded)] = re.findall(r"chmod -R (\d+) (\S+)", MODEL_STAGE)
+    assert user_group == group and run_as == owner == user and owning_group == group
+    assert re.search(rf"mkdir -p [^&]*{re.escape(cache)}\b", MODEL_STAGE), "the image creates MODEL_CACHE"
+    assert under(cache, owned) and under(cache, moded) and int(mode, 8) & 0o020, "group-writable"
+    return {"uid": int(uid), "gid": int(gid), "cache": cache}
+
+
+def under(path: str, folder: str) -> bool:
+    return PurePosixPath(path).is_relative_to(PurePosixPath(folder))
+
+
+def cache_problems(deployment: dict[str, Any]) -> list[str]:
+    """Why a model pod could not write its converted-model cache (empty: it can)."""
+    spec = deployment["spec"]["template"]["spec"]
+    [box] = spec["containers"]
+    pod_security, box_security = spec.get("securityContext", {}), box.get("securityContext", {})
+    image = image_user()
+    run_as = box_security.get("runAsUser", pod_security.get("runAsUser", image["uid"]))
+    problems = []
+    if not (box_security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) and run_as != 0):
+        problems.append("not forced to run as non-root")
+    if run_as != image["uid"]:
+        problems.append(f"runs as {run_as}, the image's user is {image['uid']}")
+    if pod_security.get("fsGroup") != image["gid"]:
+        problems.append(f"fsGroup {pod_security.get('fsGroup')} is not the cache's group {image['gid']}")
+    if pod_security.get("fsGroupChangePolicy") != "OnRootMismatch":
+        problems.append("fsGroupChangePolicy is not OnRootMismatch")
+    cache = {e["name"]: e["value"] for e in box["env"]}.get("MODEL_CACHE", image["cache"])
+    mounts = [m for m in box.get("volumeMounts", []) if under(cache, m["mountPath"])]
+    if not mounts:  # the image's own folder: lost with the pod, and read-only with readOnlyRootFilesystem
+        return [*problems, f"MODEL_CACHE {cache} is on no mounted volume"]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    if mount.get("readOnly") or mount.get("subPath"):
+        problems.append(f"MODEL_CACHE {cache} is on a read-only (or sub-path) mount")
+    if not {"persistentVolumeClaim", "emptyDir"} & set(volume):
+        problems.append(f"volume {volume['name']} is not a writable kind")
+    if volume.get("persistentVolumeClaim", {}).get("readOnly"):
+        problems.append(f"claim of volume {volume['name']} is mounted read-only")
+    return problems
+
+
+@pytest.mark.parametrize("model", render.MODELS)
+def test_a_model_pod_runs_as_the_image_user_and_can_write_its_cache(model: str) -> None:
+    assert cache_problems(BY_KIND["Deployment"][model]) == []
+    assert container(model)["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def _read_only_mount(spec: dict[str, Any]) -> None:
+    spec["containers"][0]["volumeMounts"][0]["readOnly"] = True
+
+
+def _no_fs_group(spec: dict[str, Any]) -> None:
+    del spec["securityContext"]["fsGroup"]
+
+
+def _as_root(spec: dict[str, Any]) -> None:
+    spec["securityContext"]["runAsUser"] = 0
+
+
+def _cache_in_the_image(spec: dict[str, Any]) -> None:
+    spec["containers"][0]["env"].append({"name": "MODEL_CACHE", "value": "/home/app/.cache"})
+
+
+@pytest.mark.parametrize("breakage", [_read_only_mount, _no_fs_group, _as_root, _cache_in_the_image])
+def test_the_cache_check_catches_a_pod_that_could_not_write(breakage: Any) -> None:
+    broken = copy.deepcopy(BY_KIND["Deployment"]["resnet50"])
+    breakage(broken["spec"]["template"]["spec"])
+    assert cache_problems(broken)
 
 
 def test_nginx_gets_every_variable_its_template_needs() -> None:
