@@ -1,18 +1,14 @@
 """Adaptive batching: many request threads, one model call per batch.
 
-Requests (each one or more images) go into a bounded queue; one worker thread takes the first,
+Requests (each one or more images) wait in one FIFO queue; one worker thread takes the first,
 drains whatever else is already waiting (up to ``max_batch`` images), and - only when traffic is
-concurrent - waits up to ``max_wait_ms`` after the first arrival for more, a budget that shrinks as
-time passes and ends as soon as the batch is full. Light traffic therefore pays no batching tax,
-heavy traffic gets full batches. Each request gets its own future; a failed batch fails every
-waiter with the same error; a full queue is refused at once (503 + Retry-After).
-
-Admission (``admit``) sheds load before any work is done: a request is refused when the images
-already admitted ahead of it - decoding, queued or running - would take longer than ``max_delay_ms``
-or its own inference, whichever is longer, at the measured speed (a moving average of model time
-per image). An accepted request therefore waits at most about as long as it computes: on a CPU that
-keeps one request running and one waiting; on a GPU, where images are cheap, many may wait. An idle
-model admits anything, so one large batch is never refused.
+concurrent - waits up to ``window_ms`` after the first arrival for more (Triton's
+``max_queue_delay``), a budget that ends as soon as the batch is full. Light traffic pays no batching
+tax; under load the queue that builds while the model runs makes full batches. Each request gets its
+own future; a failed batch fails every waiter with the same error; a request whose deadline passed
+while it waited is dropped, not computed. What may join the queue is decided by the admission policy
+(``common/admission.py``); the batcher tells it what enters, starts and finishes, and how long each
+batch size took.
 """
 
 from __future__ import annotations
@@ -21,14 +17,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from common import metrics
+from common.admission import Admission, AdmissionPolicy, BatchTimes
 from common.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
@@ -36,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One request's place in the queue: its inputs, its future, and when it waited."""
+    """One request's place in the queue: its images, its future, and when it waited."""
 
     inputs: np.ndarray
     future: Future[np.ndarray] = field(default_factory=Future)
@@ -57,12 +53,13 @@ class BatchStats:
     requests: int = 0
     images: int = 0
     batches: int = 0
-    rejected: int = 0  # queue full
-    shed: int = 0  # refused at admission: too much work ahead
-    expired: int = 0
+    shed: int = 0  # refused by admission (queue full, or it could not meet the deadline)
+    expired: int = 0  # dropped from the queue: the deadline passed while waiting
     largest_batch: int = 0
-    admitted_images: int = 0  # in the pipeline now: decoding, queued or running
-    ms_per_image: float = 0.0  # moving average of model time per image
+
+    @property
+    def average_batch(self) -> float:
+        return round(self.images / self.batches, 2) if self.batches else 0.0
 
 
 class Batcher:
@@ -71,18 +68,17 @@ class Batcher:
         predict: Callable[[np.ndarray], np.ndarray],
         *,
         max_batch: int = 8,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 64,
-        max_delay_ms: float = float("inf"),
+        window_ms: float = 5.0,
+        policy: AdmissionPolicy | None = None,
         name: str = "model",
     ) -> None:
         self._current: tuple[Callable[[np.ndarray], np.ndarray], object] = (predict, None)
         self.name = name
         self.max_batch = max_batch
-        self.max_wait_s = max_wait_ms / 1000
-        self.max_delay_ms = max_delay_ms
-        self._admission = threading.Lock()
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.window_s = window_ms / 1000
+        self.times = BatchTimes(max_batch)
+        self.admission = Admission(policy or AdmissionPolicy(), self.times, name)
+        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._carry: Job | None = None  # taken from the queue but did not fit the last batch
         self._concurrent = False
         self.stats = BatchStats()
@@ -94,59 +90,59 @@ class Batcher:
         Every job records the ``tag`` of the model that computed it."""
         self._current = (predict, tag)  # one reference assignment: atomic
 
-    @contextmanager
-    def admit(self, images: int) -> Iterator[None]:
-        """Hold ``images`` places in the pipeline for the ``with`` block, or raise ``Overloaded``."""
-        with self._admission:
-            ahead_ms = self.stats.admitted_images * self.stats.ms_per_image
-            own_ms = images * self.stats.ms_per_image
-            if self.stats.admitted_images and ahead_ms > max(self.max_delay_ms, own_ms):
-                self.stats.shed += 1
-                metrics.SHED.labels(self.name, "overloaded").inc()
-                raise Overloaded(
-                    f"{self.name} is at capacity (~{ahead_ms:.0f} ms of work ahead, "
-                    f"limit {self.max_delay_ms:g} ms); retry shortly"
-                )
-            self.stats.admitted_images += images
-        pending = metrics.PENDING.labels(self.name)
-        pending.inc(images)
+    def check(self, images: int, deadline: float) -> None:
+        """Refuse now (``Overloaded``, ``DeadlineExceeded``) a request that could not be served in
+        time: called before decoding, so a refusal costs microseconds."""
         try:
-            yield
-        finally:
-            pending.dec(images)
-            with self._admission:
-                self.stats.admitted_images -= images
+            self.admission.check(images, deadline)
+        except Overloaded as exc:
+            self._shed(exc.reason)
+            raise
+        except DeadlineExceeded:
+            self._shed("deadline_unmeetable")
+            raise
+
+    def _shed(self, reason: str) -> None:
+        self.stats.shed += 1
+        metrics.SHED.labels(self.name, reason).inc()
 
     def submit(self, inputs: np.ndarray, deadline: float = float("inf")) -> Job:
-        """Queue ``inputs`` (one or more preprocessed images); ``job.future`` resolves to their outputs.
+        """Queue ``inputs`` (one or more images); ``job.future`` resolves to their outputs.
 
-        A job still waiting at ``deadline`` (``time.monotonic()``) is dropped, not computed.
+        Admission decides once more; a job still waiting at ``deadline`` is dropped, not computed.
         """
-        request = Job(inputs, deadline=deadline)
         try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            self.stats.rejected += 1
-            metrics.SHED.labels(self.name, "queue_full").inc()
-            raise Overloaded(
-                f"the model queue is full ({self._queue.maxsize} requests waiting); retry shortly"
-            ) from None
-        return request
+            self.admission.enqueue(len(inputs), deadline)
+        except Overloaded as exc:
+            self._shed(exc.reason)
+            raise
+        except DeadlineExceeded:
+            self._shed("deadline_unmeetable")
+            raise
+        job = Job(inputs, deadline=deadline)
+        metrics.PENDING.labels(self.name).inc(len(inputs))
+        self._queue.put(job)
+        return job
 
     def _drop_expired(self, batch: list[Job]) -> list[Job]:
         now = time.monotonic()
+        kept = []
         for job in batch:
-            if job.deadline <= now:
-                self.stats.expired += 1
-                metrics.SHED.labels(self.name, "deadline").inc()
-                job.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
-        return [job for job in batch if job.deadline > now]
+            if job.deadline > now:
+                kept.append(job)
+                continue
+            self.stats.expired += 1
+            metrics.SHED.labels(self.name, "deadline").inc()
+            metrics.PENDING.labels(self.name).dec(len(job.inputs))
+            self.admission.dropped(len(job.inputs))
+            job.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
+        return kept
 
     def _collect(self) -> list[Job]:
         first = self._carry or self._queue.get()
         self._carry = None
         batch, size = [first], len(first.inputs)
-        deadline = first.enqueued_at + self.max_wait_s
+        deadline = first.enqueued_at + self.window_s
         while size < self.max_batch:
             try:
                 if not self._queue.empty() or not self._concurrent:
@@ -165,35 +161,58 @@ class Batcher:
     def _run(self) -> None:
         while True:
             batch = self._drop_expired(self._collect())
-            if not batch:
-                continue
-            self._concurrent = len(batch) > 1 or self._carry is not None or not self._queue.empty()
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
-            started = time.monotonic()
-            predict, tag = self._current
+            if batch:
+                self._execute(batch)
+
+    def _execute(self, batch: list[Job]) -> None:
+        self._concurrent = len(batch) > 1 or self._carry is not None or not self._queue.empty()
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+        size = len(inputs)
+        predict, tag = self._current
+        self.admission.started(size)
+        metrics.PENDING.labels(self.name).dec(size)
+        started = time.monotonic()
+        for request in batch:
+            request.started_at = started
+            request.served_by = tag
+        try:
+            outputs = predict(inputs)
+        except BaseException as exc:  # deliver the failure to every waiter, keep serving
+            self.admission.finished(size, None)
+            log.exception("batch of %d images failed", size)
             for request in batch:
-                request.started_at = started
-                request.served_by = tag
-            try:
-                outputs = predict(inputs)
-            except BaseException as exc:  # deliver the failure to every waiter, keep serving
-                log.exception("batch of %d images failed", len(inputs))
-                for request in batch:
-                    request.future.set_exception(exc)
-                continue
-            self.stats.requests += len(batch)
-            self.stats.images += len(inputs)
-            self.stats.batches += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, len(inputs))
-            elapsed = time.monotonic() - started
-            metrics.INFERENCE_SECONDS.labels(self.name).observe(elapsed)
-            metrics.BATCH_SIZE.labels(self.name).observe(len(inputs))
-            metrics.INFERENCES.labels(self.name).inc(len(inputs))
-            metrics.EXECUTIONS.labels(self.name).inc()
-            per_image_ms = elapsed * 1000 / len(inputs)
-            average = self.stats.ms_per_image
-            self.stats.ms_per_image = per_image_ms if not average else 0.8 * average + 0.2 * per_image_ms
-            offset = 0
-            for request in batch:
-                request.future.set_result(outputs[offset : offset + len(request.inputs)])
-                offset += len(request.inputs)
+                request.future.set_exception(exc)
+            return
+        elapsed = time.monotonic() - started
+        self.admission.finished(size, elapsed)
+        self.stats.requests += len(batch)
+        self.stats.images += size
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, size)
+        metrics.INFERENCE_SECONDS.labels(self.name).observe(elapsed)
+        metrics.BATCH_SIZE.labels(self.name).observe(size)
+        metrics.INFERENCES.labels(self.name).inc(size)
+        metrics.EXECUTIONS.labels(self.name).inc()
+        offset = 0
+        for request in batch:
+            request.future.set_result(outputs[offset : offset + len(request.inputs)])
+            offset += len(request.inputs)
+
+    def describe(self) -> dict[str, object]:
+        """The batching and admission state, for ``/v1/model``."""
+        load = self.admission.load()
+        return {
+            "max_batch_size": self.max_batch,
+            "window_ms": self.window_s * 1000,
+            "max_queue_images": self.admission.policy.max_queue_images,
+            "queued_images": load.queued_images,
+            "running_images": load.running_images,
+            "batch_ms": self.times.snapshot(),
+            "requests": self.stats.requests,
+            "images": self.stats.images,
+            "batches": self.stats.batches,
+            "average_batch": self.stats.average_batch,
+            "largest_batch": self.stats.largest_batch,
+            "shed": self.stats.shed,
+            "expired": self.stats.expired,
+        }

@@ -77,7 +77,13 @@ class ModelUnavailable(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """The model cannot take this request now; ``reason`` (for metrics) says why."""
+
     status, code, retry_after = 503, "overloaded", 1
+
+    def __init__(self, message: str, *, retry_after: int | None = None, reason: str = "overloaded") -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.reason = reason
 
 
 class DeadlineExceeded(ServiceError):
@@ -89,7 +95,7 @@ class UpstreamTimeout(ServiceError):
 
 
 class BadUpstreamResponse(ServiceError):
-    status, code, retry_after = 502, "bad_upstream_response", 2
+    status, code = 502, "bad_upstream_response"
 
 
 class WeightsUnavailable(ServiceError):

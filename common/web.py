@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("imagerec.request")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RETRY_STATUSES = (429, 503)  # the only answers that say when to come back (RFC 9110 10.2.3)
 
 
 def request_id() -> str:
@@ -30,7 +31,7 @@ def request_id() -> str:
 def error_response(error: ServiceError) -> Response:
     response = jsonify({"error": error.to_dict(request_id())})
     response.status_code = error.status
-    if error.retry_after is not None:
+    if error.retry_after is not None and error.status in RETRY_STATUSES:
         response.headers["Retry-After"] = str(error.retry_after)
     return response
 
@@ -51,9 +52,48 @@ def _unexpected(exc: Exception) -> Response:
     return error_response(ServiceError("internal error; see the server log for this request id"))
 
 
-def install(app: Flask) -> None:
-    """Register request-id propagation and JSON error handlers on ``app``."""
+class DrainBody:
+    """WSGI middleware: read what is left of the request body before the answer goes out.
+
+    An answer given before the body was read (a 404 for an unknown model, a 429, a 503 refusal)
+    leaves the body in the socket; Gunicorn drains at most 64 KiB of it and then resets the
+    connection, so Nginx (which never retries a POST) answers 502 and a direct client sees a reset.
+    Reading the rest here, up to ``max_bytes``, keeps the connection clean for the next request: on
+    loopback a 10 MB body takes a few milliseconds, far less than a refusal's round trip through a
+    new connection. Bodies beyond ``max_bytes`` are left alone (Gunicorn then closes).
+    """
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            return self.app(environ, start_response)
+        finally:
+            self.drain(environ)
+
+    def drain(self, environ: dict[str, Any]) -> None:
+        stream = environ.get("wsgi.input")
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if stream is None or (declared.isdigit() and int(declared) > self.max_bytes):
+            return
+        left = self.max_bytes
+        try:
+            while left > 0 and (chunk := stream.read(min(self.CHUNK, left))):
+                left -= len(chunk)
+        except (OSError, ValueError):  # the client went away: nothing left to keep clean
+            return
+
+
+def install(app: Flask, drain_max_bytes: int = 0) -> None:
+    """Register request-id propagation and JSON error handlers on ``app``; with
+    ``drain_max_bytes``, unread request bodies up to that size are drained (``DrainBody``)."""
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    if drain_max_bytes:
+        app.wsgi_app = DrainBody(app.wsgi_app, drain_max_bytes)  # type: ignore[method-assign]
     app.register_error_handler(ServiceError, error_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
@@ -116,7 +156,32 @@ def query_flag(name: str) -> bool:
 
 
 DEADLINE_HEADER = "X-Deadline-Ms"
+REQUEST_START_HEADER = "X-Request-Start"
 MAX_DEADLINE_MS = 600_000
+
+
+def arrived_at() -> float:
+    """When the request reached the fleet, as ``time.monotonic()``: the ``X-Request-Start:
+    t=<epoch seconds>`` that Nginx (or the gateway, towards a member) sets, when it is plausible;
+    else now. Time spent queued for a thread or in a proxy then counts against the deadline."""
+    now = time.monotonic()
+    raw = request.headers.get(REQUEST_START_HEADER, "").strip().removeprefix("t=")
+    try:
+        stamp = float(raw)
+    except ValueError:
+        return now
+    while stamp > 1e11:  # milliseconds or microseconds since the epoch, as some proxies send
+        stamp /= 1000
+    waited = time.time() - stamp
+    if not 0 <= waited <= MAX_DEADLINE_MS / 1000:  # clock skew or garbage: trust only our own clock
+        return now
+    return now - waited
+
+
+def deadline(default_s: float) -> float:
+    """This request's deadline (``time.monotonic()``): its arrival plus the client's budget
+    (``X-Deadline-Ms`` or ``?timeout_ms=``) or ``default_s``."""
+    return arrived_at() + (deadline_s() or default_s)
 
 
 def deadline_s() -> float | None:

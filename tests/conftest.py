@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 
 from common.service import ServiceSettings
+from common.service_settings import RENAMED
 from gateway.settings import GatewaySettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")
-_SERVICE_FIELDS = {f.name.upper() for f in dataclasses.fields(ServiceSettings)}
+_SERVICE_FIELDS = {f.name.upper() for f in dataclasses.fields(ServiceSettings)} | set(RENAMED)
 _PREFIXES = ("GATEWAY_", "FLEET_", "CUSTOM_", "VGG16_", "RESNET50_", "INCEPTIONV3_", "SHAPES_")
 
 

@@ -54,7 +54,9 @@ def runtime() -> EchoRuntime:
 
 @pytest.fixture
 def client(runtime: EchoRuntime) -> FlaskClient:
-    return create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False).test_client()
+    app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
+    runtime.batches.clear()  # the warm-up's timing calls
+    return app.test_client()
 
 
 def assert_error(response, status: int, code: str) -> None:
@@ -203,23 +205,32 @@ def test_a_request_past_its_deadline_gets_504_and_bad_deadlines_400() -> None:
         assert_error(response, 400, "bad_request")
 
 
-def test_an_overloaded_service_sheds_with_503_before_decoding(runtime: EchoRuntime) -> None:
-    app = create_app(
-        resnet50.SPEC,
-        ServiceSettings(max_queue_delay_ms=50),
-        runtime,
-        background_load=False,
-    )
+def test_an_overloaded_service_refuses_with_503_before_reading_the_body(runtime: EchoRuntime) -> None:
+    app = create_app(resnet50.SPEC, ServiceSettings(max_queue_images=16), runtime, background_load=False)
     batcher = app.extensions["batcher"]
-    batcher.stats.ms_per_image = 40.0
+    batcher.times.observe(1, 0.040)
+    batcher.times.observe(8, 0.320)
+    runtime.batches.clear()
     client = app.test_client()
     image = encode(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG")
-    with batcher.admit(2):  # 80 ms of work ahead of anyone arriving now
-        shed = client.post("/v1/predict", data=image, content_type="image/png")
-        assert_error(shed, 503, "overloaded")
-        assert shed.headers["Retry-After"] == "1"
-        assert runtime.batches == []  # refused: nothing reached the model
+    batcher.admission.enqueue(16, float("inf"))  # a full queue: 640 ms of work ahead
+    shed = client.post("/v1/predict", data=image, content_type="image/png")
+    assert_error(shed, 503, "overloaded")
+    assert 1 <= int(shed.headers["Retry-After"]) <= 2  # 640 ms drained, jittered by up to 50 %
+    late = client.post(
+        "/v1/predict", data=image, content_type="image/png", headers={"X-Deadline-Ms": "300"}
+    )
+    assert_error(late, 503, "overloaded")
+    assert runtime.batches == []  # refused: nothing reached the model
+    batcher.admission.dropped(16)
     assert client.post("/v1/predict", data=image, content_type="image/png").status_code == 200
     batching = client.get("/v1/model").get_json()["batching"]
-    assert batching["shed"] == 1 and batching["admitted_images"] == 0
-    assert batching["max_queue_delay_ms"] == 50
+    assert batching["shed"] == 2 and batching["queued_images"] == 0
+    assert batching["max_queue_images"] == 16 and set(batching["batch_ms"]) >= {"1", "8"}
+
+
+def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> None:
+    with pytest.raises(ValueError, match="DEFAULT_DEADLINE_MS"):
+        ServiceSettings.from_env("resnet50", {"MAX_QUEUE_DELAY_MS": "100"})
+    with pytest.raises(ValueError, match="BATCH_WINDOW_MS"):
+        ServiceSettings.from_env("resnet50", {"RESNET50_MAX_BATCH_WAIT_MS": "5"})

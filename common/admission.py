@@ -1,0 +1,197 @@
+"""Admission by deadline, after Triton's queue policy: a request is taken only if it can be served
+before its deadline.
+
+Every request carries a deadline (the client's, or the service's default). Its estimated finish is
+what is left of the batch running, plus the images queued ahead of it and its own images drained in
+batches of ``max_batch`` at the speed measured for the batch sizes actually formed (``BatchTimes``,
+seeded at warm-up). It is admitted when that finish is before its deadline and the queue, counted in
+images, has room. Otherwise it is refused at once: 503 ``overloaded`` with a ``Retry-After`` from the
+estimated drain time, jittered so refused clients do not all return together; or, when the model is
+idle and still could not finish in time, 504 ``deadline_exceeded`` (waiting would not help). Images
+still being decoded are not model work: they count from the moment they join the queue. An idle
+model admits any request whose deadline it can meet, so one large batch is never refused as overload.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.errors import DeadlineExceeded, Overloaded
+
+
+class BatchTimes:
+    """Seconds per model call by batch size: moving averages of what was measured.
+
+    A size never measured is estimated from the nearest measured size at the same time per image
+    (a conservative guess on a CPU, where bigger batches cost at most proportionally more).
+    """
+
+    def __init__(self, max_batch: int, smoothing: float = 0.2) -> None:
+        self.max_batch = max_batch
+        self.smoothing = smoothing
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        size = max(1, min(size, self.max_batch))
+        previous = self._seconds.get(size)
+        self._seconds[size] = (
+            seconds if previous is None else (1 - self.smoothing) * previous + self.smoothing * seconds
+        )
+
+    @property
+    def known(self) -> bool:
+        return bool(self._seconds)
+
+    def seconds(self, size: int) -> float:
+        """Expected time of one call on ``size`` images (0 while nothing has been measured)."""
+        if size <= 0 or not self._seconds:
+            return 0.0
+        size = min(size, self.max_batch)
+        if size in self._seconds:
+            return self._seconds[size]
+        nearest = min(self._seconds, key=lambda measured: (abs(measured - size), -measured))
+        return self._seconds[nearest] / nearest * size
+
+    def drain_seconds(self, images: int) -> float:
+        """Time to compute ``images`` queued images, taken ``max_batch`` at a time."""
+        full, rest = divmod(max(0, images), self.max_batch)
+        return full * self.seconds(self.max_batch) + self.seconds(rest)
+
+    def snapshot(self) -> dict[str, float]:
+        """Milliseconds per call by batch size, for ``/v1/model``."""
+        return {str(size): round(s * 1000, 2) for size, s in sorted(self._seconds.items())}
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """What a model service promises: finish before the deadline, with a bounded queue."""
+
+    max_queue_images: int = 64
+    """Images waiting for the model (not the batch running); beyond it, 503 at once."""
+    retry_jitter: float = 0.5
+    """Retry-After is the drain time times a random factor in [1, 1 + jitter]."""
+
+
+@dataclass
+class Load:
+    """The model's work at one instant (a snapshot for estimates and ``/v1/model``)."""
+
+    queued_images: int = 0
+    running_images: int = 0
+    running_left_s: float = 0.0
+
+
+class Admission:
+    """Counts the model's work and decides, per request, admit or refuse (thread-safe).
+
+    The batcher reports what enters the queue and what starts and finishes running; request threads
+    ask ``check`` before decoding (a cheap refusal) and ``enqueue`` when their images join the queue.
+    """
+
+    def __init__(
+        self,
+        policy: AdmissionPolicy,
+        times: BatchTimes,
+        name: str = "model",
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.policy = policy
+        self.times = times
+        self.name = name
+        self._clock = clock
+        self._uniform = uniform
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._running = 0
+        self._running_since = 0.0
+        self._running_expected = 0.0
+
+    def load(self) -> Load:
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> Load:
+        left = 0.0
+        if self._running:
+            left = max(0.0, self._running_expected - (self._clock() - self._running_since))
+        return Load(self._queued, self._running, left)
+
+    def estimate_finish_s(self, images: int) -> float:
+        """Seconds from now until a request of ``images`` joining the queue now would be answered."""
+        with self._lock:
+            return self._finish_s(self._load(), images)
+
+    def _finish_s(self, load: Load, images: int) -> float:
+        return load.running_left_s + self.times.drain_seconds(load.queued_images + images)
+
+    def check(self, images: int, deadline: float) -> None:
+        """Raise ``Overloaded`` or ``DeadlineExceeded`` unless ``images`` could be served by ``deadline``
+        (``time.monotonic()``) if they joined the queue now."""
+        with self._lock:
+            self._decide(images, deadline)
+
+    def enqueue(self, images: int, deadline: float) -> None:
+        """Decide once more (others may have joined meanwhile) and count ``images`` as queued."""
+        with self._lock:
+            self._decide(images, deadline)
+            self._queued += images
+
+    def _decide(self, images: int, deadline: float) -> None:
+        load = self._load()
+        idle = not load.queued_images and not load.running_images
+        if not idle and load.queued_images + images > self.policy.max_queue_images:
+            raise self._overloaded(
+                load,
+                "queue_full",
+                f"{self.name}'s queue is full ({load.queued_images} images waiting, "
+                f"limit {self.policy.max_queue_images})",
+            )
+        if not self.times.known:
+            return  # nothing measured yet: nothing to promise either way
+        left_s = deadline - self._clock()
+        finish_s = self._finish_s(load, images)
+        if finish_s <= left_s:
+            return
+        if idle:
+            raise DeadlineExceeded(
+                f"{self.name} needs ~{finish_s * 1000:.0f} ms for {images} image(s); "
+                f"the deadline leaves {max(0.0, left_s) * 1000:.0f} ms"
+            )
+        raise self._overloaded(
+            load,
+            "deadline",
+            f"{self.name} cannot finish this request before its deadline "
+            f"(~{finish_s * 1000:.0f} ms of work ahead and its own, {max(0.0, left_s) * 1000:.0f} ms left)",
+        )
+
+    def _overloaded(self, load: Load, reason: str, message: str) -> Overloaded:
+        drain_s = self._finish_s(load, 0)
+        retry_after = max(1, math.ceil(drain_s * self._uniform(1.0, 1.0 + self.policy.retry_jitter)))
+        return Overloaded(f"{message}; retry in ~{retry_after} s", retry_after=retry_after, reason=reason)
+
+    def dropped(self, images: int) -> None:
+        """Queued images that left without running (their deadline passed while they waited)."""
+        with self._lock:
+            self._queued -= images
+
+    def started(self, images: int) -> None:
+        """A batch of ``images`` left the queue and started running."""
+        with self._lock:
+            self._queued -= images
+            self._running = images
+            self._running_since = self._clock()
+            self._running_expected = self.times.seconds(images)
+
+    def finished(self, images: int, seconds: float | None) -> None:
+        """The batch running ended; ``seconds`` is its measured time (None when it failed)."""
+        with self._lock:
+            self._running = 0
+            if seconds is not None:
+                self.times.observe(images, seconds)

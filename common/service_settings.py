@@ -1,0 +1,100 @@
+"""A model service's settings: ``<FIELD>`` for every service, ``<MODEL>_<FIELD>`` for one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import repository
+from common.admission import AdmissionPolicy
+from common.backends import default_cache_dir
+from common.models import ModelSpec
+from common.settings import load, setting
+from common.weights import WeightsPlan, resolve
+
+# Settings whose meaning changed: refused at start-up, naming what replaced them, so a deployment
+# that still sets one learns at once instead of silently running on the new defaults.
+RENAMED = {
+    "MAX_QUEUE_DELAY_MS": "DEFAULT_DEADLINE_MS and MAX_QUEUE_IMAGES (admission is by deadline now)",
+    "MAX_QUEUE": "MAX_QUEUE_IMAGES (the queue is counted in images)",
+    "MAX_BATCH_WAIT_MS": "BATCH_WINDOW_MS",
+    "INFERENCE_TIMEOUT_S": "DEFAULT_DEADLINE_MS",
+}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Model-service settings: ``<FIELD>`` for every service, ``<MODEL>_<FIELD>`` for one."""
+
+    weights: str = setting("auto", "imagenet | random | auto | path to a .keras or weights file")
+    weights_seed: int = setting(0, "seed used when the weights are random")
+    weights_download: bool = setting(True, "with WEIGHTS=imagenet, let Keras download a missing file")
+    keras_home: str = setting("", "Keras cache root (weights in $KERAS_HOME/models); default ~/.keras")
+    max_body_bytes: int = setting(16 * 1024 * 1024, "largest request body the service reads (413 above)")
+    max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image (413 above)")
+    max_image_pixels: int = setting(40_000_000, "largest declared width x height, checked before decoding")
+    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
+    center_crop: float = setting(0.875, "fraction of the shorter side kept by the centre crop")
+    default_top_k: int = setting(5, "predictions returned when top_k is not given")
+    backend: str = setting("auto", "auto | keras | openvino (auto: the fastest that loads and passes parity)")
+    model_cache: str = setting("", "folder for converted backends (default ~/.cache/imagerec/converted)")
+    max_batch_size: int = setting(8, "most images the batcher puts in one model call")
+    batch_window_ms: float = setting(
+        5.0,
+        "longest the first request of a batch waits for more, and only under concurrent load "
+        "(Triton's max_queue_delay)",
+    )
+    max_queue_images: int = setting(
+        64, "images waiting for the model (besides the batch running); beyond it, 503 + Retry-After"
+    )
+    default_deadline_ms: float = setting(
+        30_000.0,
+        "deadline of a request that brings none (X-Deadline-Ms, timeout_ms): admitted only if it "
+        "can be answered within it, 504 if it still is not",
+    )
+    model_repository: str = setting(
+        "", "folder of versions <root>/<model>/<n>/<file>; the highest is served (overrides WEIGHTS)"
+    )
+    repository_poll_s: float = setting(
+        0.0, "seconds between checks for a newer version (0: admin endpoint only)"
+    )
+    admin_token: str = setting("", "bearer token for POST /v1/admin/reload (empty: the endpoint is off)")
+    intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
+    inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
+
+    @classmethod
+    def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        env = os.environ if environ is None else environ
+        for old, new in RENAMED.items():
+            for name in (old, f"{model.upper()}_{old}"):
+                if name in env:
+                    raise ValueError(f"{name} is no longer read: use {new} (see the README)")
+        return load(cls, ("", f"{model.upper()}_"), env)
+
+    def weights_plan(self, spec: ModelSpec, version: int | None = None) -> WeightsPlan:
+        """Resolve ``WEIGHTS`` for ``spec`` (may download; fails early with instructions), or the
+        repository's ``version`` (default: the highest) when ``MODEL_REPOSITORY`` is set."""
+        if self.model_repository:
+            chosen = version if version is not None else repository.latest(self.model_repository, spec.name)
+            return resolve(spec, str(repository.weights_file(self.model_repository, spec.name, chosen)))
+        return resolve(
+            spec,
+            self.weights,
+            seed=self.weights_seed,
+            keras_home=self.keras_home,
+            allow_download=self.weights_download,
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.model_cache) if self.model_cache else default_cache_dir()
+
+    @property
+    def admission(self) -> AdmissionPolicy:
+        return AdmissionPolicy(max_queue_images=self.max_queue_images)
+
+    @property
+    def default_deadline_s(self) -> float:
+        return self.default_deadline_ms / 1000
