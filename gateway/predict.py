@@ -15,7 +15,7 @@ from werkzeug.datastructures import MultiDict
 from common import imaging
 from common.errors import BadRequest, BadUpstreamResponse, ServiceError, UpstreamTimeout
 from gateway import ensemble
-from gateway.client import ModelClient
+from gateway.client import ModelClient, fanout_size
 from gateway.inputs import ImageInput
 from gateway.settings import GatewaySettings
 
@@ -80,7 +80,8 @@ class Predictor:
         self.client = client
         self.settings = settings
         self.limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-        self.pool = ThreadPoolExecutor(settings.fanout_threads, thread_name_prefix="fanout")
+        # Every request thread's every member at once: a member call never queues behind another.
+        self.pool = ThreadPoolExecutor(fanout_size(settings), thread_name_prefix="fanout")
 
     def validate(self, items: list[ImageInput]) -> None:
         """Reject non-images and oversized images from their headers, before any member sees them."""
@@ -207,14 +208,17 @@ class Predictor:
             self._check_quorum(selection, replies, failures)
 
         labels = None
-        if selection.vote is not None and replies:
-            hashes = {reply.get("labels_hash") for reply in replies.values()}
+        answering = {  # a reply of only item errors (e.g. every image too large) votes on nothing
+            m: reply for m, reply in replies.items() if any("predictions" in r for r in reply["results"])
+        }
+        if selection.vote is not None and answering:
+            hashes = {reply.get("labels_hash") for reply in answering.values()}
             if len(hashes) != 1:
                 raise BadRequest(
                     "these models have different label sets and cannot vote together",
                     code="incompatible_members",
                 )
-            first = next(iter(replies))
+            first = next(iter(answering))
             labels = self.client.labels(first, str(hashes.pop()))
 
         outcomes: list[dict[str, Any]] = [

@@ -1,4 +1,9 @@
-"""Model replicas and their health: who may be called, in what order."""
+"""Model replicas and their health: who may be called, in what order.
+
+One thread (``start_polling``) keeps the picture fresh: it resolves replica host names (``dns.py``)
+at start and every ``dns_refresh_s``, and probes every replica's ``/v1/model``. Requests only read
+the picture (and report connect failures with ``mark_down``): nothing here runs inside a request.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +13,52 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import requests
 
 from common.errors import UnknownModel
+from gateway import dns
+from gateway.replica import Replica
 
 log = logging.getLogger(__name__)
-MISSED_PROBES_DOWN = 3  # consecutive probe time-outs before a replica counts as down
-
-
-@dataclass
-class Replica:
-    url: str
-    model: str = ""
-    ready: bool = False
-    metadata: dict[str, Any] = field(default_factory=dict)
-    checked_at: float = 0.0
-    missed_probes: int = 0
+DEFAULT_BODY_LIMIT = 16 * 1024 * 1024  # a model service's default max_body_bytes
 
 
 class Registry:
     """Replicas per model; a poller keeps ``ready`` fresh, callers report failures in between."""
 
     def __init__(
-        self, replicas: Mapping[str, Sequence[str]], session: requests.Session, probe_timeout_s: float = 1.0
+        self,
+        replicas: Mapping[str, Sequence[str]],
+        session: requests.Session,
+        probe_timeout_s: float = 1.0,
+        *,
+        resolver: dns.Resolver = dns.system_resolver,
+        dns_refresh_s: float = 0.0,
     ) -> None:
-        self._replicas = {name: [Replica(url, name) for url in urls] for name, urls in replicas.items()}
+        """Replicas as configured; host names are resolved only by ``resolve`` (the poller's job).
+
+        Args:
+            replicas: base URLs per model.
+            session: for the probes.
+            probe_timeout_s: how long a probe waits for an answer.
+            resolver: looks up host names (tests hand in a fake).
+            dns_refresh_s: seconds between lookups while polling; 0 uses the URLs as given.
+        """
+        self._sources = {name: tuple(urls) for name, urls in replicas.items()}
+        self._replicas = {
+            name: [Replica(url, name, source=url) for url in urls] for name, urls in replicas.items()
+        }
         self.on_weights_change: Callable[[str], object] | None = None  # e.g. the response cache's drop
         self._session = session
         self._probe_timeout_s = probe_timeout_s
+        self._resolver = resolver
+        self._dns_refresh_s = dns_refresh_s
         self._turns = {name: itertools.count() for name in replicas}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
 
     @property
     def models(self) -> list[str]:
@@ -58,6 +75,8 @@ class Registry:
     def candidates(self, model: str) -> list[Replica]:
         """Ready replicas in round-robin order, then the rest (their state may be stale)."""
         replicas = self.replicas(model)
+        if not replicas:
+            return []
         with self._lock:
             turn = next(self._turns[model])
         rotated = replicas[turn % len(replicas) :] + replicas[: turn % len(replicas)]
@@ -66,45 +85,67 @@ class Registry:
     def mark_down(self, replica: Replica) -> None:
         replica.ready = False
 
-    def _probe(self, replica: Replica) -> None:
-        try:
-            response = self._session.get(f"{replica.url}/v1/model", timeout=self._probe_timeout_s)
-            metadata = response.json() if response.ok else {}
-        except requests.Timeout:
-            # NOTE: a replica busy with a backlog answers probes late; that is not "down". Only
-            # repeated silence is (a refused connection or a 503 says so at once).
-            replica.missed_probes += 1
-            if replica.missed_probes >= MISSED_PROBES_DOWN:
-                replica.ready = False
+    def resolve(self) -> None:
+        """Look every named replica URL up anew: each address one replica, health kept by address.
+
+        New addresses join (not ready until probed, so last in ``candidates``), vanished ones
+        leave; a failed lookup keeps the replicas that URL had.
+        """
+        if self._dns_refresh_s <= 0:
             return
-        except (requests.RequestException, ValueError):
-            metadata = {}
-        replica.missed_probes = 0
-        before = replica.metadata.get("weights_hash")
-        replica.metadata = metadata if isinstance(metadata, dict) else {}
-        after = replica.metadata.get("weights_hash")
-        if before and after and before != after and self.on_weights_change:
-            log.info("%s now serves weights %s (was %s)", replica.model, after, before)
+        for model, sources in self._sources.items():
+            current = self._replicas[model]
+            known = {r.url: r for r in current}
+            fresh: dict[str, Replica] = {}
+            for url in sources:
+                targets = dns.expand(url, self._resolver)
+                if targets is None:
+                    fresh.update((r.url, r) for r in current if r.source == url)
+                    continue
+                for target in targets:
+                    replica = known.get(target.url) or Replica(
+                        target.url, model, host=target.host, source=url
+                    )
+                    fresh.setdefault(target.url, replica)
+            if fresh.keys() != known.keys():
+                log.info("%s replicas: %s (were %s)", model, ", ".join(fresh), ", ".join(known))
+            self._replicas[model] = list(fresh.values())  # one assignment: readers see old or new
+
+    def _probe(self, replica: Replica) -> None:
+        if replica.probe(self._session, self._probe_timeout_s) and self.on_weights_change:
             self.on_weights_change(replica.model)
-        replica.ready = bool(replica.metadata.get("ready"))
-        replica.checked_at = time.time()
 
     def refresh(self) -> None:
         """Probe every replica now, in parallel."""
-        everyone = [r for replicas in self._replicas.values() for r in replicas]
+        everyone = [r for replicas in list(self._replicas.values()) for r in replicas]
         with ThreadPoolExecutor(max_workers=min(16, len(everyone)) or 1) as pool:
             list(pool.map(self._probe, everyone))
 
     def start_polling(self, interval_s: float) -> None:
+        """Resolve names now and every ``dns_refresh_s`` (at most as often), probe every ``interval_s``."""
+
         def loop() -> None:
+            next_lookup = 0.0
             while not self._stop.is_set():
+                if self._dns_refresh_s > 0 and time.monotonic() >= next_lookup:
+                    self.resolve()
+                    next_lookup = time.monotonic() + self._dns_refresh_s
                 self.refresh()
                 self._stop.wait(interval_s)
 
-        threading.Thread(target=loop, name="replica-health", daemon=True).start()
+        self._poller = threading.Thread(target=loop, name="replica-health", daemon=True)
+        self._poller.start()
 
     def stop(self) -> None:
+        """Stop polling, and wait for a round under way to finish."""
         self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=10)
+
+    def body_limit(self, model: str) -> int:
+        """The largest request body every replica of ``model`` accepts (what it reports, else 16 MiB)."""
+        limits = [r.metadata.get("max_body_bytes") for r in self.replicas(model)]
+        return min((n for n in limits if isinstance(n, int) and n > 0), default=DEFAULT_BODY_LIMIT)
 
     def metadata(self, model: str) -> dict[str, Any]:
         """What a ready replica of ``model`` says about itself (empty when none is ready)."""
@@ -129,13 +170,5 @@ class Registry:
                     "classes",
                 )
             },
-            "replicas": [
-                {
-                    "url": r.url,
-                    "ready": r.ready,
-                    "weights": r.metadata.get("weights"),
-                    "state": r.metadata.get("state", "unreachable"),
-                }
-                for r in replicas
-            ],
+            "replicas": [r.describe() for r in replicas],
         }

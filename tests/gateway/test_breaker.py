@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
 import responses
 
+from common.errors import (
+    BadUpstreamResponse,
+    DeadlineExceeded,
+    Overloaded,
+    ServiceError,
+    UpstreamTimeout,
+)
+from gateway.accounting import verdict
 from gateway.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from gateway.client import ModelClient, new_session
 from gateway.registry import Registry
+from gateway.transport import NoAnswer, NotReady, NotSent, ReplyLost
 from tests.gateway.test_client import R1, reply
 
 
@@ -74,3 +84,49 @@ def test_calls_through_one_breaker_run_concurrently() -> None:
     for thread in threads:
         thread.join(10)
     assert len(results) == 4 and not together.broken
+
+
+def test_release_frees_the_half_open_trial_so_the_next_call_is_the_trial() -> None:
+    """A trial answered 'overloaded' gives no verdict; without a release the circuit would stay half-open."""
+    clock = Clock()
+    breaker = Breaker(fail_max=1, reset_s=5, clock=clock)
+    breaker.failure()
+    clock.now += 5
+    assert breaker.allow() and not breaker.allow()
+    breaker.release()
+    assert breaker.state == HALF_OPEN
+    assert breaker.allow() and not breaker.allow()  # the next call is the one trial
+    breaker.success()
+    assert breaker.state == CLOSED
+
+
+def test_release_neither_counts_nor_forgives_a_failure() -> None:
+    breaker = Breaker(fail_max=3, reset_s=5, clock=Clock())
+    breaker.failure()
+    breaker.failure()
+    breaker.release()
+    assert breaker.state == CLOSED and breaker.failures == 2
+    breaker.failure()
+    assert breaker.state == OPEN
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        (None, "success"),
+        (ServiceError("33 images", status=400, code="too_many_images"), "success"),
+        (NotReady("loading"), "success"),  # it answered, promptly; readiness is the registry's business
+        (Overloaded("busy", retry_after=3), "neutral"),
+        (DeadlineExceeded("the request's budget ran out"), "neutral"),
+        (NotSent("refused"), "failure"),
+        (ReplyLost("reset"), "failure"),
+        (NoAnswer("silent", clipped=False), "failure"),
+        (BadUpstreamResponse("garbage"), "failure"),
+        (UpstreamTimeout("slow"), "failure"),
+        (ServiceError("boom"), "failure"),
+        (RuntimeError("bug"), "failure"),
+    ],
+    ids=lambda value: type(value).__name__ if not isinstance(value, str) else value,
+)
+def test_what_each_outcome_of_a_member_call_counts_for(outcome: BaseException | None, expected: str) -> None:
+    assert verdict(outcome) == expected

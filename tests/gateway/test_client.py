@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
+from http.client import RemoteDisconnected
 
 import pytest
 import requests
 import responses
 from responses import matchers
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from common.errors import (
     BadUpstreamResponse,
@@ -19,8 +22,9 @@ from common.errors import (
     UpstreamTimeout,
 )
 from common.labels import load
-from gateway.client import ModelClient, new_session
+from gateway.client import ModelClient, build_client, new_session
 from gateway.registry import Registry
+from tests.conftest import gateway_settings
 
 R1, R2 = "http://r1:8502", "http://r2:8502"
 
@@ -117,6 +121,7 @@ def test_member_client_errors_pass_through(client: ModelClient) -> None:
         (200, json.dumps({"results": []})),  # wrong length
         (200, json.dumps({"results": "x"})),
         (500, json.dumps({"error": {"code": "internal_error"}})),
+        (504, "<html><body>504 Gateway Time-out</body></html>"),  # a proxy's, not the member's verdict
         (
             200,
             json.dumps({"results": [{"predictions": [{"label": "cat", "index": 1, "score": float("nan")}]}]}),
@@ -308,3 +313,202 @@ def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(client: ModelCli
     responses.replace(responses.POST, f"{R2}/v1/predict", body=requests.exceptions.ChunkedEncodingError("x"))
     with pytest.raises(ModelUnavailable, match="broken response"):
         client.predict("resnet50", [b"a"], top_k=1)
+
+
+@pytest.mark.parametrize("code", ["deadline_exceeded", "inference_timeout"])
+@responses.activate
+def test_a_members_504_is_deadline_exceeded_never_retried_and_never_a_breaker_failure(code: str) -> None:
+    session = new_session(2)
+    client = ModelClient(
+        Registry({"resnet50": [R1]}, session), session, connect_retries=2, breaker_fail_max=1
+    )
+    late = responses.post(
+        f"{R1}/v1/predict", status=504, json={"error": {"code": code, "message": "the budget ran out"}}
+    )
+    for _ in range(3):
+        with pytest.raises(DeadlineExceeded) as info:
+            client.predict("resnet50", [b"a"], top_k=1)
+        assert (info.value.status, info.value.code) == (504, "deadline_exceeded")
+    assert late.call_count == 3  # one call per request, and the circuit (fail_max=1) never opened
+    assert client._breaker(R1).state == "closed"
+
+
+SENT_THEN_LOST = {
+    "reset": requests.ConnectionError(
+        ProtocolError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer"))
+    ),
+    "closed": requests.ConnectionError(
+        ProtocolError("Connection aborted.", RemoteDisconnected("Remote end closed connection"))
+    ),
+    "cut-off": requests.exceptions.ChunkedEncodingError(ProtocolError("Connection broken: IncompleteRead")),
+}
+NOTHING_SENT = {
+    "connect-timeout": requests.ConnectTimeout("connect timed out"),
+    "refused": requests.ConnectionError(
+        MaxRetryError(None, "/v1/predict", NewConnectionError(None, "Connection refused"))  # type: ignore[arg-type]
+    ),
+}
+
+
+@pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
+@responses.activate
+def test_a_reply_lost_after_sending_is_asked_again_elsewhere_and_the_replica_stays_up(
+    client: ModelClient, lost: Exception
+) -> None:
+    first = responses.post(f"{R1}/v1/predict", body=lost)
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert first.call_count == 1
+    assert all(r.ready for r in client.registry.replicas("resnet50"))  # not a connect failure
+
+
+@pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
+@responses.activate
+def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exception) -> None:
+    session = new_session(2)
+    client = ModelClient(
+        Registry({"resnet50": [R1]}, session), session, connect_retries=3, retry_backoff_s=0.001
+    )
+    client.registry.replicas("resnet50")[0].ready = True
+    responses.post(f"{R1}/v1/predict", body=lost)
+    responses.post(f"{R1}/v1/predict", json=reply())
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert len(responses.calls) == 2
+    responses.replace(responses.POST, f"{R1}/v1/predict", body=lost)
+    with pytest.raises(ModelUnavailable, match="broken response"):
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 4  # one retry, not a round per connect retry
+    assert client.registry.replicas("resnet50")[0].ready
+
+
+@pytest.mark.parametrize("refusal", NOTHING_SENT.values(), ids=NOTHING_SENT.keys())
+@responses.activate
+def test_nothing_sent_marks_the_replica_down_and_fails_over(client: ModelClient, refusal: Exception) -> None:
+    responses.post(f"{R1}/v1/predict", body=refusal)
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert [r.ready for r in client.registry.replicas("resnet50")] == [False, True]
+
+
+@responses.activate
+def test_overloaded_neither_counts_against_nor_resets_the_circuit() -> None:
+    session = new_session(2)
+    client = ModelClient(
+        Registry({"resnet50": [R1]}, session), session, connect_retries=0, breaker_fail_max=3
+    )
+    garbage = {"status": 502, "body": "<html>Bad Gateway</html>"}
+    for answer in (garbage, garbage, overloaded_reply(), garbage):
+        responses.post(f"{R1}/v1/predict", **answer)
+    for expected in (BadUpstreamResponse, BadUpstreamResponse, Overloaded, BadUpstreamResponse):
+        with pytest.raises(expected):
+            client.predict("resnet50", [b"a"], top_k=1)
+    with pytest.raises(ModelUnavailable, match="circuit open"):  # three failures in a row, busy aside
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 4
+
+
+@responses.activate
+def test_an_overloaded_trial_call_leaves_the_next_call_to_be_the_trial() -> None:
+    import time
+
+    session = new_session(2)
+    client = ModelClient(
+        Registry({"resnet50": [R1]}, session),
+        session,
+        connect_retries=0,
+        breaker_fail_max=1,
+        breaker_reset_s=0.05,
+    )
+    responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
+    responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    responses.post(f"{R1}/v1/predict", json=reply())
+    with pytest.raises(BadUpstreamResponse):
+        client.predict("resnet50", [b"a"], top_k=1)
+    time.sleep(0.06)
+    with pytest.raises(Overloaded):
+        client.predict("resnet50", [b"a"], top_k=1)  # the trial: busy, no verdict
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]  # the next trial goes out
+    assert client._breaker(R1).state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("retry_afters", "expected"),
+    [(("7", "3"), 3), (("5", "5"), 5), (("12", None), 1), (("9", "soon"), 1)],
+)
+@responses.activate
+def test_every_replica_overloaded_answers_the_soonest_retry_after_any_gave(
+    client: ModelClient, retry_afters: tuple[str | None, str | None], expected: int
+) -> None:
+    for url, retry_after in zip((R1, R2), retry_afters, strict=True):
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        responses.post(f"{url}/v1/predict", headers=headers, **overloaded_reply())
+    with pytest.raises(Overloaded) as info:
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert info.value.retry_after == expected
+
+
+def test_the_connection_pool_holds_every_member_call_of_every_request_thread() -> None:
+    client = build_client(gateway_settings(request_threads=4))  # 3 models
+    adapter = client.session.get_adapter("http://r1:8502")
+    assert adapter.poolmanager.connection_pool_kw["maxsize"] >= 12  # type: ignore[attr-defined]
+
+
+def sent_images(request: requests.PreparedRequest) -> list[bytes]:
+    """The images of one member call: the raw body, or each part of a multipart body."""
+    content_type = request.headers["Content-Type"]
+    assert isinstance(request.body, bytes)
+    if not content_type.startswith("multipart/"):
+        return [request.body]
+    boundary = b"--" + content_type.split("boundary=")[1].encode()
+    return [part.split(b"\r\n\r\n", 1)[1][:-2] for part in request.body.split(boundary)[1:-1]]
+
+
+def echo_member(bodies: list[int]) -> Callable[[requests.PreparedRequest], tuple[int, dict[str, str], str]]:
+    """A member that labels each image with its first byte, answering raw and multipart calls."""
+
+    def answer(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        images = sent_images(request)
+        bodies.append(len(request.body or b""))
+        predictions = [[{"label": image[:1].decode(), "index": 1, "score": 0.5}] for image in images]
+        if len(images) == 1 and not request.headers["Content-Type"].startswith("multipart/"):
+            return 200, {}, json.dumps({"weights_hash": "w1", "predictions": predictions[0]})
+        results = [{"index": i, "predictions": p} for i, p in enumerate(predictions)]
+        return 200, {}, json.dumps({"weights_hash": "w1", "results": results})
+
+    return answer
+
+
+@responses.activate
+def test_a_batch_over_the_members_body_limit_is_split_in_order_and_a_huge_image_answers_413(
+    client: ModelClient,
+) -> None:
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready, replica.metadata = True, {"ready": True, "max_body_bytes": 2000}
+    bodies: list[int] = []
+    for url in (R1, R2):
+        responses.add_callback(responses.POST, f"{url}/v1/predict", callback=echo_member(bodies))
+    images = [bytes([ord("A") + i]) * 600 for i in range(6)]
+    images.insert(3, b"Z" * 2500)  # alone over the member's limit
+    body = client.predict("resnet50", images, top_k=1)
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(7))
+    labels = [r["predictions"][0]["label"] if "predictions" in r else None for r in results]
+    assert labels == ["A", "B", "C", None, "D", "E", "F"]
+    assert (results[3]["error"]["code"], results[3]["error"]["status"]) == ("image_too_large", 413)
+    assert len(bodies) >= 3 and max(bodies) <= 2000  # every call fits, the huge image never left
+    assert body["weights_hash"] == "w1"
+
+
+@responses.activate
+def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(client: ModelClient) -> None:
+    bodies: list[int] = []
+    responses.add_callback(responses.POST, f"{R1}/v1/predict", callback=echo_member(bodies))
+    responses.add_callback(responses.POST, f"{R2}/v1/predict", callback=echo_member(bodies))
+    nine_mib = 9 * 1024 * 1024
+    body = client.predict("resnet50", [b"A" * nine_mib, b"B" * nine_mib], top_k=1)
+    assert [r["predictions"][0]["label"] for r in body["results"]] == ["A", "B"]
+    assert len(bodies) == 2 and max(bodies) <= 16 * 1024 * 1024
