@@ -1,23 +1,32 @@
 """The Open Inference Protocol v2 (KServe, Triton, MLServer) on the gateway.
 
-``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-``/v2/models/{name}/ready`` and ``POST /v2/models/{name}/infer``, where ``name`` is a model or
-``ensemble``. The one input is a BYTES tensor of shape ``[N]`` (or ``[N, 1]``) whose elements are
-base64-encoded image files (what Triton's JSON clients send for BYTES); parameters ``top_k`` and,
-for ensembles, ``vote``. Outputs, all ``[N, top_k]``: ``labels`` (BYTES), ``scores`` (FP32),
-``indices`` (INT64); ask for a subset with ``outputs``. Errors follow the protocol
-(``{"error": "<message>"}``), with the fleet's ``code`` and ``request_id`` beside it.
+``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``; ``GET /v2/models/{name}[/versions/{v}]``,
+``GET .../ready`` and ``POST .../infer``, where ``name`` is a model or ``ensemble``. The one input
+is a BYTES tensor of shape ``[N]`` (or ``[N, 1]``) whose elements are base64-encoded image files
+(what Triton's JSON clients send for BYTES); parameters ``top_k`` and, for ensembles, ``vote``.
+Outputs, all ``[N, top_k]``: ``labels`` (BYTES), ``scores`` (FP32), ``indices`` (INT64); ask for a
+subset with ``outputs``.
+
+Versions: a model served from a repository lists its versions; the others, and the ensemble, have
+one, "1". The fleet serves only a model's newest version: that one answers on the versioned routes
+as on the unversioned ones; a listed older version is a known model version that is not ready
+(503 ``version_not_served``, naming the served one); any other version is a 404.
+
+Every error under ``/v2`` is in the protocol's shape, ``{"error": "<message>"}``, with the fleet's
+``code`` and ``request_id`` beside it: those of the views, the rate limiter's 429 and a body over
+the limit (413), unexpected failures (500, no internals), and the 404 and 405 that routing raises
+before Flask knows the blueprint (hence app-wide handlers that decide by path).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common import web
 from common.errors import BadRequest, ModelUnavailable, ServiceError
@@ -25,14 +34,27 @@ from gateway.inputs import ImageInput, decode_base64
 from gateway.predict import Predictor, Selection, item_error, select
 from gateway.settings import GatewaySettings
 
+log = logging.getLogger(__name__)
 OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}
 VERSION = "1"
+TENSOR_FIELDS = ("name", "datatype", "shape", "data")
+
+
+class UnknownVersion(ServiceError):
+    status, code = 404, "unknown_version"
+
+
+class VersionNotServed(ServiceError):
+    """A version the model has, but not the one the fleet serves (no Retry-After: waiting will not
+    bring it back)."""
+
+    status, code = 503, "version_not_served"
 
 
 def _error(exc: ServiceError) -> Response:
     response = jsonify({"error": exc.message, "code": exc.code, "request_id": web.request_id()})
     response.status_code = exc.status
-    if exc.retry_after is not None:
+    if exc.retry_after is not None and exc.status in web.RETRY_STATUSES:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
@@ -41,38 +63,138 @@ def _http_error(exc: HTTPException) -> Response:
     return _error(web.as_service_error(exc))
 
 
-def _images(tensor: dict[str, Any], max_images: int, max_bytes: int) -> list[ImageInput]:
-    if tensor.get("datatype") != "BYTES":
+def _unexpected(exc: Exception) -> Response:
+    # NOTE: never leak internals in a 5xx body; the log has the traceback and the request id.
+    log.exception("unhandled error (request_id=%s)", web.request_id())
+    return _error(ServiceError("internal error; see the server log for this request id"))
+
+
+def _routing_error(exc: HTTPException) -> Response:
+    """A 404 or 405 from routing, app-wide: the protocol's shape under ``/v2``, else the fleet's."""
+    error = web.as_service_error(exc)
+    v2 = request.path == "/v2" or request.path.startswith("/v2/")
+    response = _error(error) if v2 else web.error_response(error)
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+    return response
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+def _parameters(owner: dict[str, Any], what: str) -> dict[str, Any]:
+    """The protocol's ``$parameters`` of ``owner``: strings, numbers and booleans (null: none)."""
+    if owner.get("parameters") is None:
+        return {}
+    parameters = _object(owner["parameters"], f"{what} 'parameters'")
+    wrong = [name for name, value in parameters.items() if not isinstance(value, str | int | float)]
+    if wrong:
+        raise BadRequest(f"{what} parameters {wrong} must be strings, numbers or booleans")
+    return parameters
+
+
+def _tensor(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's one input tensor, its protocol fields checked (``$request_input``)."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise BadRequest("'inputs' must be a list of one BYTES tensor of images")
+    tensor = _object(inputs[0], "the input tensor")
+    missing = [field for field in TENSOR_FIELDS if field not in tensor]
+    if missing:
+        raise BadRequest(f"the input tensor has no {', '.join(missing)}; it needs {', '.join(TENSOR_FIELDS)}")
+    if not isinstance(tensor["name"], str):
+        raise BadRequest("the input's 'name' must be a string")
+    if tensor["datatype"] != "BYTES":
         raise BadRequest("the input must be a BYTES tensor of base64-encoded image files")
-    data = tensor.get("data")
+    shape = tensor["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest("the input's 'shape' must be a list of non-negative integers")
+    _parameters(tensor, "the input's")
+    return tensor
+
+
+def _images(tensor: dict[str, Any], max_images: int, max_bytes: int) -> list[ImageInput]:
+    data = tensor["data"]
     if isinstance(data, list) and all(isinstance(row, list) and len(row) == 1 for row in data):
         data = [row[0] for row in data]  # shape [N, 1]
     if not isinstance(data, list) or not data:
         raise BadRequest("input 'data' must be a non-empty list of base64 strings")
-    shape = tensor.get("shape")
+    shape = tensor["shape"]
     if shape not in ([len(data)], [len(data), 1]):
         raise BadRequest(f"input shape {shape} does not match its {len(data)} elements")
     if len(data) > max_images:
         raise BadRequest(
             f"{len(data)} images in one request; the limit is {max_images}", code="too_many_images"
         )
-    return [
-        ImageInput(f"{tensor.get('name', 'image')}[{i}]", decode_base64(v, max_bytes))
-        for i, v in enumerate(data)
-    ]
+    return [ImageInput(f"{tensor['name']}[{i}]", decode_base64(v, max_bytes)) for i, v in enumerate(data)]
+
+
+def _outputs(body: dict[str, Any]) -> list[str]:
+    """The outputs asked for (``$request_output`` objects), all of them when none are named."""
+    requested = body.get("outputs")
+    if requested is None:
+        return list(OUTPUTS)
+    if not isinstance(requested, list):
+        raise BadRequest("'outputs' must be a list of objects with a 'name'")
+    names = []
+    for entry in requested:
+        output = _object(entry, "each of 'outputs'")
+        if not isinstance(output.get("name"), str):
+            raise BadRequest("each of 'outputs' needs a 'name' (a string)")
+        _parameters(output, "an output's")
+        names.append(output["name"])
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown:
+        raise BadRequest(f"unknown outputs {unknown}; available: {', '.join(OUTPUTS)}")
+    return names or list(OUTPUTS)
 
 
 def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Blueprint:
+    """The ``/v2`` routes over ``predictor``. NOTE: registering it also installs app-wide 404 and 405
+    handlers (routing errors never reach a blueprint's own): ``/v2`` paths get the protocol's shape,
+    every other path the fleet's, as before."""
     registry = predictor.client.registry
     v2 = Blueprint("v2", __name__, url_prefix="/v2")
     v2.register_error_handler(ServiceError, _error)
     v2.register_error_handler(HTTPException, _http_error)
+    v2.register_error_handler(Exception, _unexpected)
+    v2.app_errorhandler(NotFound)(_routing_error)
+    v2.app_errorhandler(MethodNotAllowed)(_routing_error)
 
     def selection(name: str, vote: str = "soft") -> Selection:
         return select(MultiDict({"model": name, "vote": vote}), settings, predictor.client)
 
     def model_ready(name: str) -> bool:
         return all(registry.metadata(member) for member in selection(name).members)
+
+    def versions(chosen: Selection) -> tuple[str, list[str]]:
+        """The version ``chosen`` serves, and every version it has."""
+        if chosen.vote is not None:
+            return VERSION, [VERSION]
+        meta = registry.metadata(chosen.name)
+        if not meta:
+            raise ModelUnavailable(f"{chosen.name} has no ready replica to say which versions it has")
+        served = str(meta.get("version") or VERSION)
+        return served, [str(v) for v in meta.get("versions") or [served]]
+
+    def check_version(chosen: Selection, version: str | None) -> None:
+        """Nothing when ``version`` is absent or the one served; else why it cannot be used."""
+        if version is None:
+            return
+        served, known = versions(chosen)
+        if version == served:
+            return
+        if version in known:
+            raise VersionNotServed(
+                f"{chosen.name} version {version} is not served: "
+                f"the fleet serves only its newest version, {served}"
+            )
+        raise UnknownVersion(
+            f"{chosen.name} has no version {version[:64]!r}; it has {', '.join(known)} (serving {served})"
+        )
 
     @v2.get("")
     def server() -> Response:
@@ -90,11 +212,14 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
             raise ModelUnavailable(f"not ready: {', '.join(missing)}")
         return web.json_ok({"ready": True})
 
-    @v2.get("/models/<name>")
-    def metadata(name: str) -> Response:
-        members = selection(name).members
+    @v2.get("/models/<name>", defaults={"version": None})
+    @v2.get("/models/<name>/versions/<version>")
+    def metadata(name: str, version: str | None) -> Response:
+        chosen = selection(name)
+        check_version(chosen, version)
+        members = chosen.members
         meta = registry.metadata(members[0])
-        single = len(members) == 1
+        single = chosen.vote is None
         return web.json_ok(
             {
                 "name": name,
@@ -112,37 +237,35 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
             }
         )
 
-    @v2.get("/models/<name>/ready")
-    def ready_model(name: str) -> Response:
+    @v2.get("/models/<name>/ready", defaults={"version": None})
+    @v2.get("/models/<name>/versions/<version>/ready")
+    def ready_model(name: str, version: str | None) -> Response:
+        check_version(selection(name), version)
         if not model_ready(name):
             raise ModelUnavailable(f"{name} is not ready")
         return web.json_ok({"name": name, "ready": True})
 
-    @v2.post("/models/<name>/infer")
-    def infer(name: str) -> Response:
+    @v2.post("/models/<name>/infer", defaults={"version": None})
+    @v2.post("/models/<name>/versions/<version>/infer")
+    def infer(name: str, version: str | None) -> Response:
+        check_version(selection(name), version)
         try:
             body = json.loads(request.get_data(cache=False))
         except (ValueError, RecursionError):
             raise BadRequest("body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
-            raise BadRequest("body must be an object with 'inputs': one BYTES tensor of images")
-        parameters = body.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise BadRequest("'parameters' must be an object")
+        body = _object(body, "the body")
+        if not isinstance(body.get("id"), str | None):
+            raise BadRequest("'id' must be a string")
+        tensor = _tensor(body)
+        parameters = _parameters(body, "the request's")
         chosen = selection(name, str(parameters.get("vote", "soft")))
         top_k = parameters.get("top_k", settings.default_top_k)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= settings.max_top_k:
             raise BadRequest(f"parameter top_k must be an integer between 1 and {settings.max_top_k}")
-        wanted = [str(o.get("name")) for o in body.get("outputs") or [] if isinstance(o, dict)] or list(
-            OUTPUTS
-        )
-        unknown = [n for n in wanted if n not in OUTPUTS]
-        if unknown:
-            raise BadRequest(f"unknown outputs {unknown}; available: {', '.join(OUTPUTS)}")
+        wanted = _outputs(body)
 
-        budget_s = web.deadline_s()
-        deadline = time.monotonic() + budget_s if budget_s else float("inf")
-        items = _images(body["inputs"][0], settings.max_batch_images, settings.max_image_bytes)
+        deadline = web.deadline(settings.default_deadline_ms / 1000)
+        items = _images(tensor, settings.max_batch_images, settings.max_image_bytes)
         predictor.validate(items)
         for item in items:  # a tensor is answered whole or not at all: refuse before any decoding
             if item.error is not None:
@@ -162,13 +285,17 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
         }
         replies = result["replies"]
         # a model served from a repository names the version that answered; others are "1"
-        versions = {str(reply.get("version") or VERSION) for reply in replies.values()}
-        answered_by = versions.pop() if len(chosen.members) == 1 and len(versions) == 1 else VERSION
+        answered = {str(reply.get("version") or VERSION) for reply in replies.values()}
+        answered_by = answered.pop() if chosen.vote is None and len(answered) == 1 else VERSION
+        if version is not None and answered_by != version:  # the model moved on during the request
+            raise VersionNotServed(
+                f"{name} switched to version {answered_by}; version {version} is not served"
+            )
         return web.json_ok(
             {
                 "model_name": name,
                 "model_version": answered_by,
-                "id": str(body.get("id") or web.request_id()),
+                "id": body.get("id") or web.request_id(),
                 "parameters": {
                     "weights": {m: r.get("weights") for m, r in replies.items()},
                     "degraded": bool(result["failures"]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from flask import Flask
 from openapi_spec_validator import validate
@@ -32,7 +34,7 @@ def test_every_public_route_is_described_and_nothing_else(app: Flask) -> None:
         "/v2",
     }
     served = {
-        rule.rule.replace("<name>", "{name}")
+        re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for rule in app.url_map.iter_rules()
         if rule.rule not in internal
     }

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import re
+from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
+from gateway import docs
 from gateway.app import create_app
 from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
+from tests.services.test_service_app import assert_error
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 
@@ -99,25 +103,69 @@ def test_infer_on_an_ensemble_with_a_subset_of_outputs(client: FlaskClient) -> N
     assert body["parameters"]["degraded"] is False and len(body["parameters"]["weights"]) == 3
 
 
-@pytest.mark.parametrize(
-    ("payload", "status", "code"),
-    [
-        (b"not json", 400, "invalid_json"),
-        ({"inputs": []}, 400, "bad_request"),
-        ({"inputs": [tensor(CAT, datatype="FP32")]}, 400, "bad_request"),
-        ({"inputs": [tensor(CAT, shape=[2])]}, 400, "bad_request"),
-        (
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]},
+BAD_INFER_REQUESTS = {
+    "not JSON": (b"not json", 400, "invalid_json"),
+    "body a list": ([tensor(CAT)], 400, "bad_request"),
+    "no inputs": ({}, 400, "bad_request"),
+    "inputs empty": ({"inputs": []}, 400, "bad_request"),
+    "inputs an object": ({"inputs": tensor(CAT)}, 400, "bad_request"),
+    "inputs a string": ({"inputs": "x"}, 400, "bad_request"),
+    "two tensors": ({"inputs": [tensor(CAT), tensor(CAT)]}, 400, "bad_request"),
+    "tensor a string": ({"inputs": ["x"]}, 400, "bad_request"),
+    "tensor null": ({"inputs": [None]}, 400, "bad_request"),
+    "tensor a number": ({"inputs": [1]}, 400, "bad_request"),
+    "tensor a list": ({"inputs": [[tensor(CAT)]]}, 400, "bad_request"),
+    **{
+        f"tensor without {field}": (
+            {"inputs": [{k: v for k, v in tensor(CAT).items() if k != field}]},
             400,
-            "invalid_base64",
-        ),
-        ({"inputs": [tensor(b"plain text, not an image")]}, 415, "unsupported_media_type"),
-        ({"inputs": [tensor(CAT)], "parameters": {"top_k": 0}}, 400, "bad_request"),
-        ({"inputs": [tensor(CAT)], "parameters": {"top_k": True}}, 400, "bad_request"),
-        ({"inputs": [tensor(CAT)], "outputs": [{"name": "logits"}]}, 400, "bad_request"),
-        ({"inputs": [tensor(*[CAT] * 33)]}, 400, "too_many_images"),
-    ],
-)
+            "bad_request",
+        )
+        for field in ("name", "datatype", "shape", "data")
+    },
+    "name not a string": ({"inputs": [tensor(CAT, name=7)]}, 400, "bad_request"),
+    "datatype FP32": ({"inputs": [tensor(CAT, datatype="FP32")]}, 400, "bad_request"),
+    "datatype not a string": ({"inputs": [tensor(CAT, datatype=["BYTES"])]}, 400, "bad_request"),
+    "shape too long": ({"inputs": [tensor(CAT, shape=[2])]}, 400, "bad_request"),
+    "shape a number": ({"inputs": [tensor(CAT, shape=1)]}, 400, "bad_request"),
+    "shape of strings": ({"inputs": [tensor(CAT, shape=["1"])]}, 400, "bad_request"),
+    "shape of booleans": ({"inputs": [tensor(CAT, shape=[True])]}, 400, "bad_request"),
+    "shape of floats": ({"inputs": [tensor(CAT, shape=[1.0])]}, 400, "bad_request"),
+    "shape negative": ({"inputs": [tensor(CAT, shape=[-1])]}, 400, "bad_request"),
+    "data a string": ({"inputs": [tensor(CAT, data="abc")]}, 400, "bad_request"),
+    "data of nulls": ({"inputs": [tensor(CAT, data=[None])]}, 400, "bad_request"),
+    "data rows too wide": ({"inputs": [tensor(CAT, data=[["a", "b"]], shape=[1, 2])]}, 400, "bad_request"),
+    "bad base64": (
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]},
+        400,
+        "invalid_base64",
+    ),
+    "not an image": ({"inputs": [tensor(b"plain text, not an image")]}, 415, "unsupported_media_type"),
+    "tensor parameters a list": ({"inputs": [tensor(CAT, parameters=[])]}, 400, "bad_request"),
+    "parameters a list": ({"inputs": [tensor(CAT)], "parameters": []}, 400, "bad_request"),
+    "parameters a string": ({"inputs": [tensor(CAT)], "parameters": "top_k=3"}, 400, "bad_request"),
+    "parameter an object": ({"inputs": [tensor(CAT)], "parameters": {"vote": {}}}, 400, "bad_request"),
+    "top_k 0": ({"inputs": [tensor(CAT)], "parameters": {"top_k": 0}}, 400, "bad_request"),
+    "top_k true": ({"inputs": [tensor(CAT)], "parameters": {"top_k": True}}, 400, "bad_request"),
+    "top_k a list": ({"inputs": [tensor(CAT)], "parameters": {"top_k": [3]}}, 400, "bad_request"),
+    "outputs a string": ({"inputs": [tensor(CAT)], "outputs": "labels"}, 400, "bad_request"),
+    "outputs an object": ({"inputs": [tensor(CAT)], "outputs": {"name": "labels"}}, 400, "bad_request"),
+    "output a string": ({"inputs": [tensor(CAT)], "outputs": ["labels"]}, 400, "bad_request"),
+    "output null": ({"inputs": [tensor(CAT)], "outputs": [None]}, 400, "bad_request"),
+    "output without name": ({"inputs": [tensor(CAT)], "outputs": [{}]}, 400, "bad_request"),
+    "output name a number": ({"inputs": [tensor(CAT)], "outputs": [{"name": 5}]}, 400, "bad_request"),
+    "output unknown": ({"inputs": [tensor(CAT)], "outputs": [{"name": "logits"}]}, 400, "bad_request"),
+    "output parameters a list": (
+        {"inputs": [tensor(CAT)], "outputs": [{"name": "labels", "parameters": [1]}]},
+        400,
+        "bad_request",
+    ),
+    "id a number": ({"inputs": [tensor(CAT)], "id": 42}, 400, "bad_request"),
+    "too many images": ({"inputs": [tensor(*[CAT] * 33)]}, 400, "too_many_images"),
+}
+
+
+@pytest.mark.parametrize(("payload", "status", "code"), BAD_INFER_REQUESTS.values(), ids=BAD_INFER_REQUESTS)
 def test_bad_infer_requests_get_protocol_errors(
     client: FlaskClient, fake: FakeModelClient, payload: object, status: int, code: str
 ) -> None:
@@ -126,8 +174,18 @@ def test_bad_infer_requests_get_protocol_errors(
         if isinstance(payload, bytes)
         else {"json": payload}
     )
-    assert_v2_error(client.post("/v2/models/resnet50/infer", **kwargs), status, code)
+    make_ready(fake)
+    for path in ("/v2/models/resnet50/infer", "/v2/models/resnet50/versions/1/infer"):
+        assert_v2_error(client.post(path, **kwargs), status, code)
     assert fake.calls == []  # refused before any model was asked
+
+
+def test_optional_fields_may_be_null(client: FlaskClient) -> None:
+    tensor_with_null = tensor(CAT, parameters=None)
+    body = {"id": None, "inputs": [tensor_with_null], "parameters": None, "outputs": None}
+    response = client.post("/v2/models/resnet50/infer", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert [o["name"] for o in response.get_json()["outputs"]] == ["labels", "scores", "indices"]
 
 
 def test_versions_come_from_the_model_repository(client: FlaskClient, fake: FakeModelClient) -> None:
@@ -143,3 +201,195 @@ def test_versions_come_from_the_model_repository(client: FlaskClient, fake: Fake
     fake.predict = versioned  # type: ignore[method-assign]
     body = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
     assert body["model_version"] == "2"
+
+
+def served(fake: FakeModelClient, model: str, version: str, versions: list[str]) -> None:
+    """Every replica of ``model`` serves ``version`` from a repository that has ``versions``."""
+    make_ready(fake)
+    for replica in fake.registry.replicas(model):
+        replica.metadata.update(version=version, versions=versions)
+    answer = fake.predict
+
+    def versioned(name: str, *args: object, **kwargs: object) -> dict:
+        reply = answer(name, *args, **kwargs)  # type: ignore[arg-type]
+        return {**reply, "version": version} if name == model else reply
+
+    fake.predict = versioned  # type: ignore[method-assign]
+
+
+def test_the_served_version_answers_as_the_unversioned_routes_do(
+    client: FlaskClient, fake: FakeModelClient
+) -> None:
+    served(fake, "resnet50", "3", ["1", "3"])
+    assert (
+        client.get("/v2/models/resnet50/versions/3").get_json()
+        == client.get("/v2/models/resnet50").get_json()
+    )
+    assert client.get("/v2/models/resnet50/versions/3/ready").get_json() == {
+        "name": "resnet50",
+        "ready": True,
+    }
+    body = client.post("/v2/models/resnet50/versions/3/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    assert body["model_name"] == "resnet50" and body["model_version"] == "3"
+    unversioned = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    assert body["outputs"] == unversioned["outputs"]
+
+
+@pytest.mark.parametrize("model", ["vgg16", "ensemble"])
+def test_models_without_a_repository_and_the_ensemble_have_version_1(
+    client: FlaskClient, fake: FakeModelClient, model: str
+) -> None:
+    make_ready(fake)
+    assert client.get(f"/v2/models/{model}/versions/1").get_json()["versions"] == ["1"]
+    assert client.get(f"/v2/models/{model}/versions/1/ready").status_code == 200
+    body = client.post(f"/v2/models/{model}/versions/1/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    assert body["model_version"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v2/models/resnet50/versions/1"),
+        ("GET", "/v2/models/resnet50/versions/1/ready"),
+        ("POST", "/v2/models/resnet50/versions/1/infer"),
+    ],
+)
+def test_a_version_the_model_has_but_the_fleet_does_not_serve_is_not_ready(
+    fake: FakeModelClient, method: str, path: str
+) -> None:
+    served(fake, "resnet50", "3", ["1", "2", "3"])
+    client = create_app(gateway_settings(rate_limit=""), client=fake, poll_health=False).test_client()  # type: ignore[arg-type]
+    response = client.open(path, method=method, json={"inputs": [tensor(CAT)]})
+    assert_v2_error(response, 503, "version_not_served")
+    assert "serves only its newest version, 3" in response.get_json()["error"]
+    assert "Retry-After" not in response.headers  # waiting will not bring an old version back
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/resnet50/versions/4",
+        "/v2/models/resnet50/versions/4/ready",
+        "/v2/models/ensemble/versions/3",
+        "/v2/models/vgg16/versions/3/ready",
+    ],
+)
+def test_an_unknown_version_is_a_404(client: FlaskClient, fake: FakeModelClient, path: str) -> None:
+    served(fake, "resnet50", "3", ["1", "3"])
+    assert_v2_error(client.get(path), 404, "unknown_version")
+    assert_v2_error(
+        client.post(path.removesuffix("/ready") + "/infer", json={"inputs": [tensor(CAT)]}),
+        404,
+        "unknown_version",
+    )
+    assert fake.calls == []
+
+
+def test_an_unknown_model_with_a_version_is_a_404(client: FlaskClient) -> None:
+    assert_v2_error(client.get("/v2/models/alexnet/versions/1"), 404, "unknown_model")
+
+
+def test_a_version_cannot_be_checked_while_no_replica_is_ready(client: FlaskClient) -> None:
+    assert_v2_error(client.get("/v2/models/resnet50/versions/1"), 503, "model_unavailable")
+    assert_v2_error(client.get("/v2/models/resnet50/versions/1/ready"), 503, "model_unavailable")
+
+
+def test_an_answer_from_another_version_is_not_passed_off_as_the_one_asked_for(
+    client: FlaskClient, fake: FakeModelClient
+) -> None:
+    served(fake, "resnet50", "3", ["2", "3"])
+    for replica in fake.registry.replicas("resnet50"):  # the probes still say 2; the replica moved on
+        replica.metadata.update(version="2")
+    response = client.post("/v2/models/resnet50/versions/2/infer", json={"inputs": [tensor(CAT)]})
+    assert_v2_error(response, 503, "version_not_served")
+    assert "version 3" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v2/nowhere", 404, "not_found"),
+        ("GET", "/v2/models/resnet50/versions/3/infer/more", 404, "not_found"),
+        ("GET", "/v2/models/resnet50/infer", 405, "method_not_allowed"),
+        ("DELETE", "/v2/models/resnet50/versions/3", 405, "method_not_allowed"),
+        ("POST", "/v2/health/live", 405, "method_not_allowed"),
+    ],
+)
+def test_routing_errors_under_v2_are_in_the_protocol_shape(
+    client: FlaskClient, method: str, path: str, status: int, code: str
+) -> None:
+    assert_v2_error(client.open(path, method=method), status, code)
+
+
+def test_routing_errors_elsewhere_keep_the_fleet_shape(client: FlaskClient) -> None:
+    assert_error(client.get("/v2x"), 404, "not_found")
+    assert_error(client.get("/v1/nowhere"), 404, "not_found")
+    response = client.get("/v1/predict")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"] and "GET" not in response.headers["Allow"]
+
+
+def test_a_405_under_v2_names_the_allowed_methods(client: FlaskClient) -> None:
+    allowed = client.get("/v2/models/resnet50/infer").headers["Allow"]
+    assert "POST" in allowed and "GET" not in allowed
+
+
+def test_a_body_over_the_limit_is_a_protocol_413(fake: FakeModelClient) -> None:
+    make_ready(fake)
+    app = create_app(gateway_settings(max_body_bytes=1000), client=fake, poll_health=False)  # type: ignore[arg-type]
+    response = app.test_client().post("/v2/models/resnet50/versions/1/infer", json={"inputs": [tensor(CAT)]})
+    assert_v2_error(response, 413, "request_entity_too_large")
+    assert fake.calls == []
+
+
+def test_the_rate_limit_answers_a_protocol_429_with_retry_after(fake: FakeModelClient) -> None:
+    make_ready(fake)
+    app = create_app(gateway_settings(rate_limit="2/minute"), client=fake, poll_health=False)  # type: ignore[arg-type]
+    client = app.test_client()
+    for path in ("/v2/models/resnet50/infer", "/v2/models/resnet50/versions/1/infer"):
+        client.post(path, json={"inputs": [tensor(CAT)]})  # the versioned route counts too
+    response = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]})
+    assert_v2_error(response, 429, "too_many_requests")
+    assert int(response.headers["Retry-After"]) > 0
+
+
+def test_an_unexpected_failure_is_a_protocol_500_without_internals(
+    client: FlaskClient, fake: FakeModelClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("password=hunter2 at /srv/secret.py")
+
+    fake.predict = broken  # type: ignore[method-assign]
+    response = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]})
+    assert_v2_error(response, 500, "internal_error")
+    assert "hunter2" not in response.get_data(as_text=True)
+    assert any("hunter2" in str(r.exc_info) for r in caplog.records)  # the log has it, with the request id
+    assert response.headers["X-Request-ID"] in caplog.text
+
+
+def test_every_v2_route_is_described_with_its_path_parameters(client: FlaskClient) -> None:
+    routes = {
+        re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for rule in client.application.url_map.iter_rules()
+        if rule.rule.startswith("/v2/")
+    }
+    described = docs.spec()["paths"]
+    assert routes <= set(described)
+    for path in routes:
+        declared = {
+            p["name"]
+            for operation in described[path].values()
+            for p in [resolved(ref) for ref in operation.get("parameters", [])]
+        }
+        assert declared == set(re.findall(r"{(\w+)}", path)), path
+
+
+def resolved(node: dict[str, Any]) -> dict[str, Any]:
+    """``node``, or what its ``$ref`` points at in the gateway's OpenAPI description."""
+    if "$ref" not in node:
+        return node
+    target: Any = docs.spec()
+    for part in node["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    return dict(target)
