@@ -1,9 +1,14 @@
-"""Fetch an image URL for a client without letting the client reach our private network (SSRF).
+"""Fetch image URLs for a client without letting the client reach our private network (SSRF).
 
 Every hop: http/https only; resolve the host and refuse it unless *every* address is public (or in
 the operator's allow-list); connect to the address that was checked, never resolving again (no DNS
 rebinding), with Host/SNI/certificate still bound to the name; redirects re-checked and capped;
-bytes capped while streaming; one deadline for the whole fetch.
+bytes capped while streaming.
+
+Time: the URLs of one request are fetched together, at most ``max_parallel`` at once, and all by one
+deadline: the fetch timeout from when the request asked, or the client's deadline if sooner. Name
+resolution counts: ``getaddrinfo`` cannot be cancelled, so it runs on a small pool of its own and
+the fetch stops waiting for it at the deadline. A URL still unfinished then fails alone (504).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -20,6 +28,13 @@ from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMe
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = (301, 302, 303, 307, 308)
+Resolver = Callable[[str, int], Sequence[str]]
+"""A host and port -> its addresses (IP literals); raises ``OSError`` when the lookup fails."""
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The addresses the system's resolver (``getaddrinfo``) has for ``host``, for TCP."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 class UrlNotAllowed(ServiceError):
@@ -34,6 +49,10 @@ class UrlFetchTimeout(ServiceError):
     status, code = 504, "url_fetch_timeout"
 
 
+def _late() -> UrlFetchTimeout:
+    return UrlFetchTimeout("fetching the image did not finish by the deadline")
+
+
 class UrlFetcher:
     def __init__(
         self,
@@ -42,11 +61,19 @@ class UrlFetcher:
         max_bytes: int = 10 * 1024 * 1024,
         max_redirects: int = 3,
         allow_networks: tuple[str, ...] = (),
+        max_parallel: int = 8,
+        resolver: Resolver = system_resolver,
+        resolver_threads: int = 16,
     ) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.allow_networks = tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks)
+        self.max_parallel = max_parallel
+        self.resolver = resolver
+        # NOTE: bounded and shared by every request of the process: lookups stuck on a name server
+        # that never answers (any client can name one) tie up these threads, not unbounded new ones.
+        self._lookups = ThreadPoolExecutor(resolver_threads, thread_name_prefix="url-resolve")
 
     def is_allowed(self, address: IPAddress) -> bool:
         """Public unicast addresses, plus whatever the operator allowed explicitly."""
@@ -56,20 +83,33 @@ class UrlFetcher:
             return True
         return address.is_global and not address.is_multicast
 
-    def _resolve(self, host: str, port: int) -> IPAddress:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            raise UrlFetchFailed(f"cannot resolve host {host!r}") from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-        refused = [str(a) for a in addresses if not self.is_allowed(a)]
-        if not addresses or refused:
-            raise UrlNotAllowed(f"{host!r} resolves to a non-public address ({', '.join(refused)})")
-        return addresses[0]
+    def fetch_all(self, urls: Sequence[str], deadline: float | None = None) -> list[bytes | ServiceError]:
+        """Fetch ``urls`` in parallel, each answering its image bytes or its own error, in order.
 
-    def fetch(self, url: str) -> bytes:
-        """The image bytes at ``url``, or a ``ServiceError`` saying why not."""
-        deadline = time.monotonic() + self.timeout_s
+        Args:
+            urls: the image URLs of one request.
+            deadline: the client's deadline (``time.monotonic()``), if it gave one; the fetch
+                timeout from now applies when it is later or absent.
+
+        Returns:
+            One entry per URL: its bytes, or the ``ServiceError`` that says why not (a
+            ``UrlFetchTimeout`` for one still unfinished at the deadline).
+        """
+        if not urls:
+            return []
+        deadline = self._deadline(deadline)
+        pool = ThreadPoolExecutor(min(len(urls), self.max_parallel), thread_name_prefix="url-fetch")
+        try:
+            futures = [pool.submit(self._outcome, url, deadline) for url in urls]
+            wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        finally:  # a straggler ends at its own deadline-bound timeouts; nobody waits for it
+            pool.shutdown(wait=False, cancel_futures=True)
+        return [f.result() if f.done() and not f.cancelled() else _late() for f in futures]
+
+    def fetch(self, url: str, deadline: float | None = None) -> bytes:
+        """The image bytes at ``url``, or a ``ServiceError`` saying why not (``deadline`` as for
+        :meth:`fetch_all`)."""
+        deadline = self._deadline(deadline)
         for _hop in range(self.max_redirects + 1):
             response = self._request(url, deadline)
             try:
@@ -77,9 +117,34 @@ class UrlFetcher:
                     url = urljoin(url, response.headers["Location"])
                     continue
                 return self._read_image(response, deadline)
-            finally:
-                response.release_conn()
+            finally:  # each hop has a connection pool of its own: nothing is kept for later
+                response.close()
         raise UrlFetchFailed(f"more than {self.max_redirects} redirects")
+
+    def _deadline(self, client_deadline: float | None) -> float:
+        own = time.monotonic() + self.timeout_s
+        return own if client_deadline is None else min(own, client_deadline)
+
+    def _outcome(self, url: str, deadline: float) -> bytes | ServiceError:
+        try:
+            return self.fetch(url, deadline)
+        except ServiceError as exc:
+            return exc
+
+    def _resolve(self, host: str, port: int, deadline: float) -> IPAddress:
+        lookup = self._lookups.submit(self.resolver, host, port)
+        try:
+            found = lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            lookup.cancel()  # frees its place if it had not started; a running lookup cannot stop
+            raise UrlFetchTimeout(f"resolving {host!r} did not finish by the deadline") from None
+        except (OSError, UnicodeError):
+            raise UrlFetchFailed(f"cannot resolve host {host!r}") from None
+        addresses = [ipaddress.ip_address(str(a).split("%")[0]) for a in found]
+        refused = [str(a) for a in addresses if not self.is_allowed(a)]
+        if not addresses or refused:
+            raise UrlNotAllowed(f"{host!r} resolves to a non-public address ({', '.join(refused)})")
+        return addresses[0]
 
     def _request(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
         try:
@@ -93,10 +158,10 @@ class UrlFetcher:
             raise UrlNotAllowed("URLs with credentials are not fetched")
         host = parts.hostname
         port = port or (443 if parts.scheme == "https" else 80)
-        address = str(self._resolve(host, port))
+        address = str(self._resolve(host, port, deadline))
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise UrlFetchTimeout(f"fetching the image took longer than {self.timeout_s:g}s")
+            raise _late()
         timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
         pool: urllib3.HTTPConnectionPool
         if parts.scheme == "https":
@@ -125,7 +190,7 @@ class UrlFetcher:
                 timeout=timeout,
             )
         except urllib3.exceptions.TimeoutError:
-            raise UrlFetchTimeout(f"{host} did not answer within {self.timeout_s:g}s") from None
+            raise UrlFetchTimeout(f"{host} did not answer by the deadline") from None
         except urllib3.exceptions.HTTPError as exc:
             raise UrlFetchFailed(f"cannot fetch from {host}: {type(exc).__name__}") from None
 
@@ -145,10 +210,10 @@ class UrlFetcher:
                 if total > self.max_bytes:
                     raise ImageTooLarge(f"the image at the URL exceeds {self.max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise UrlFetchTimeout(f"fetching the image took longer than {self.timeout_s:g}s")
+                    raise _late()
                 chunks.append(chunk)
         except urllib3.exceptions.TimeoutError:
-            raise UrlFetchTimeout(f"fetching the image took longer than {self.timeout_s:g}s") from None
+            raise _late() from None
         except urllib3.exceptions.HTTPError as exc:
             raise UrlFetchFailed(f"the image download failed: {type(exc).__name__}") from None
         return b"".join(chunks)

@@ -3,7 +3,9 @@
 Accepted: multipart ``file`` (one) or repeated ``files`` (batch); a form field ``image`` (base64)
 or ``url``; JSON ``{"image": "<base64 or data: URI>"}``, ``{"url": "..."}`` or
 ``{"images": [<base64> | {"image": ...} | {"url": ...}, ...]}``; a raw body with an ``image/*``
-(or ``application/octet-stream``) Content-Type. Counts are capped before anything is decoded.
+(or ``application/octet-stream``) Content-Type. Counts are capped before anything is decoded. The
+URLs of a request are read first and then fetched together, by the client's deadline if it gave
+one (``X-Deadline-Ms`` or ``?timeout_ms=``): a URL that fails, or misses it, fails its item alone.
 """
 
 from __future__ import annotations
@@ -13,16 +15,31 @@ import binascii
 import functools
 import json
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flask import Request
 
+from common import web
 from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMediaType
 from common.imaging import ImageInfo
 
+FetchAll = Callable[[Sequence[str], float | None], list[bytes | ServiceError]]
+"""URLs and the client's deadline (``time.monotonic()``, or None) -> each URL's bytes or error."""
+
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class _Url:
+    """An item to fetch, once every item of the request has been read."""
+
+    url: str
+
+
+_Read = tuple[str, bytes | _Url | ServiceError]  # one item: its name, and what was read of it
 
 
 @dataclass
@@ -55,22 +72,40 @@ def decode_base64(text: object, max_bytes: int) -> bytes:
 
 
 class InputReader:
-    """Reads a Flask request into ``ImageInput`` items (``fetch`` downloads ``url`` items)."""
+    """Reads a Flask request into ``ImageInput`` items (``fetch_all`` downloads ``url`` items)."""
 
-    def __init__(self, *, max_images: int, max_image_bytes: int, fetch: Callable[[str], bytes]) -> None:
+    def __init__(self, *, max_images: int, max_image_bytes: int, fetch_all: FetchAll) -> None:
         self.max_images = max_images
         self.max_image_bytes = max_image_bytes
-        self.fetch = fetch
+        self.fetch_all = fetch_all
 
     def read(self, request: Request) -> tuple[list[ImageInput], bool]:
         """The request's images and whether the client asked for a batch answer."""
+        read, batch = self._read(request)
+        urls = [value.url for _, value in read if isinstance(value, _Url)]
+        fetched = iter(self.fetch_all(urls, self._deadline()) if urls else [])
+        items = []
+        for name, value in read:
+            found = next(fetched) if isinstance(value, _Url) else value
+            items.append(
+                ImageInput(name, error=found) if isinstance(found, ServiceError) else ImageInput(name, found)
+            )
+        return items, batch
+
+    @staticmethod
+    def _deadline() -> float | None:
+        """The client's deadline as ``time.monotonic()``, if it gave one."""
+        budget_s = web.deadline_s()
+        return time.monotonic() + budget_s if budget_s else None
+
+    def _read(self, request: Request) -> tuple[list[_Read], bool]:
         mimetype = request.mimetype
         if mimetype == "multipart/form-data" or mimetype == "application/x-www-form-urlencoded":
             return self._form(request)
         if mimetype == "application/json":
             return self._json(request.get_data(cache=False))
         if mimetype.startswith("image/") or mimetype == "application/octet-stream":
-            return [ImageInput("body", request.get_data(cache=False))], False
+            return [("body", request.get_data(cache=False))], False
         if not mimetype and not request.content_length:
             raise BadRequest(
                 "send an image: multipart 'file', JSON {'image'|'url'|'images'}, "
@@ -87,25 +122,23 @@ class InputReader:
                 f"{count} images in one request; the limit is {self.max_images}", code="too_many_images"
             )
 
-    def _form(self, request: Request) -> tuple[list[ImageInput], bool]:
+    def _form(self, request: Request) -> tuple[list[_Read], bool]:
         batch_files = request.files.getlist("files")
         if batch_files:
             self._check_count(len(batch_files))
-            return [
-                ImageInput(f.filename or f"files[{i}]", f.read()) for i, f in enumerate(batch_files)
-            ], True
+            return [(f.filename or f"files[{i}]", f.read()) for i, f in enumerate(batch_files)], True
         single = request.files.get("file")
         if single is not None:
-            return [ImageInput(single.filename or "file", single.read())], False
+            return [(single.filename or "file", single.read())], False
         if "image" in request.form:
             return [
                 self._item("image", lambda: decode_base64(request.form["image"], self.max_image_bytes))
             ], False
         if "url" in request.form:
-            return [self._item("url", lambda: self.fetch(request.form["url"]))], False
+            return [("url", _Url(request.form["url"]))], False
         raise BadRequest("form has no image: send a 'file' or 'files' part, or an 'image' or 'url' field")
 
-    def _json(self, raw: bytes) -> tuple[list[ImageInput], bool]:
+    def _json(self, raw: bytes) -> tuple[list[_Read], bool]:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -125,25 +158,21 @@ class InputReader:
             return [self._item("image", lambda: self._json_image(body, bare_string=False))], False
         raise BadRequest("JSON body needs 'image' (base64), 'url', or 'images' (a list)")
 
-    def _json_image(self, value: object, *, bare_string: bool) -> bytes:
+    def _json_image(self, value: object, *, bare_string: bool) -> bytes | _Url:
         if isinstance(value, dict) and "url" in value:
             if not isinstance(value["url"], str):
                 raise BadRequest("'url' must be a string")
-            data = self.fetch(value["url"])
-        elif isinstance(value, dict) and "image" in value:
-            data = decode_base64(value["image"], self.max_image_bytes)
-        elif isinstance(value, str) and bare_string:
-            data = decode_base64(value, self.max_image_bytes)
-        else:
-            raise BadRequest("each image must be a base64 string or an object with 'image' or 'url'")
-        return data
+            return _Url(value["url"])
+        if isinstance(value, dict) and "image" in value:
+            return decode_base64(value["image"], self.max_image_bytes)
+        if isinstance(value, str) and bare_string:
+            return decode_base64(value, self.max_image_bytes)
+        raise BadRequest("each image must be a base64 string or an object with 'image' or 'url'")
 
     @staticmethod
-    def _item(name: str, read: Callable[[], object]) -> ImageInput:
+    def _item(name: str, read: Callable[[], bytes | _Url]) -> _Read:
         """Run one item's reader, keeping its error on the item (one bad image spares the rest)."""
         try:
-            data = read()
+            return name, read()
         except ServiceError as exc:
-            return ImageInput(name, error=exc)
-        assert isinstance(data, bytes)
-        return ImageInput(name, data)
+            return name, exc

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from common.errors import ImageTooLarge, ServiceError, UnsupportedMediaType
 from gateway.fetch import UrlFetcher, UrlFetchFailed, UrlFetchTimeout, UrlNotAllowed
+from tests.gateway.slow_http import serve_slow_images
 from tests.http_fixtures import CAT, serve_images
 
 
@@ -113,3 +117,111 @@ def test_slow_drip_hits_the_total_deadline(server: str) -> None:
 def test_unresolvable_host_is_400() -> None:
     with pytest.raises(UrlFetchFailed, match="resolve"):
         UrlFetcher().fetch("http://no-such-host.invalid/cat.jpg")
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[str]:
+    with serve_slow_images() as url:
+        yield url
+
+
+def loopback_fetcher(**options: Any) -> UrlFetcher:
+    return UrlFetcher(allow_networks=("127.0.0.0/8",), **options)
+
+
+def test_slow_urls_of_one_request_take_about_as_long_as_one(slow_server: str) -> None:
+    started = time.monotonic()
+    results = loopback_fetcher(max_parallel=8).fetch_all([f"{slow_server}/slow?0.5"] * 8)
+    assert results == [CAT] * 8
+    assert time.monotonic() - started < 1.5  # one after another: 4 s
+
+
+def test_no_more_urls_than_the_pool_size_are_fetched_at_once(slow_server: str) -> None:
+    started = time.monotonic()
+    assert loopback_fetcher(max_parallel=2).fetch_all([f"{slow_server}/slow?0.3"] * 4) == [CAT] * 4
+    assert time.monotonic() - started >= 0.6  # two rounds of two
+
+
+def test_the_fetch_timeout_bounds_all_of_a_request_not_each_url(slow_server: str) -> None:
+    """One at a time, 1.3 s in all: the third URL gets what the first two left of it."""
+    urls = [f"{slow_server}/slow?0.5", f"{slow_server}/slow?0.5", f"{slow_server}/slow?2"]
+    started = time.monotonic()
+    results = loopback_fetcher(max_parallel=1, timeout_s=1.3).fetch_all(urls)
+    assert results[:2] == [CAT, CAT] and isinstance(results[2], UrlFetchTimeout)
+    assert time.monotonic() - started < 1.9  # a fresh 1.3 s for the third: 2.3 s
+
+
+def test_a_url_that_misses_the_deadline_fails_alone_and_the_order_is_kept(slow_server: str) -> None:
+    urls = [
+        f"{slow_server}/slow?0",
+        f"{slow_server}/slow?3",
+        f"{slow_server}/missing",
+        f"{slow_server}/slow?0.1",
+    ]
+    started = time.monotonic()
+    results = loopback_fetcher().fetch_all(urls, deadline=started + 0.6)
+    assert time.monotonic() - started < 1.2
+    assert results[0] == CAT and results[3] == CAT
+    assert isinstance(results[1], UrlFetchTimeout) and results[1].status == 504
+    assert isinstance(results[2], UrlFetchFailed)
+
+
+@pytest.fixture
+def hanging_resolver() -> Iterator[Callable[[str, int], list[str]]]:
+    """A resolver that never answers (until the test ends), like a name server that drops queries."""
+    released = threading.Event()
+
+    def resolve(host: str, port: int) -> list[str]:
+        released.wait(30)
+        return ["127.0.0.1"]
+
+    yield resolve
+    released.set()
+
+
+def test_a_resolver_that_hangs_is_cut_off_at_the_fetch_timeout(
+    hanging_resolver: Callable[[str, int], list[str]],
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(UrlFetchTimeout, match="resolv"):
+        UrlFetcher(timeout_s=0.3, resolver=hanging_resolver).fetch("http://images.example/cat.jpg")
+    assert time.monotonic() - started < 1
+
+
+def test_a_resolver_that_hangs_is_cut_off_at_the_clients_deadline(
+    hanging_resolver: Callable[[str, int], list[str]],
+) -> None:
+    fetcher = UrlFetcher(timeout_s=10, resolver=hanging_resolver)
+    started = time.monotonic()
+    results = fetcher.fetch_all([f"http://host{i}.example/cat.jpg" for i in range(3)], deadline=started + 0.3)
+    assert all(isinstance(r, UrlFetchTimeout) for r in results)
+    assert time.monotonic() - started < 1
+
+
+def test_every_address_a_name_resolves_to_is_checked() -> None:
+    def public_then_private(host: str, port: int) -> list[str]:
+        return ["93.184.215.14", "10.0.0.7"]  # one public address does not excuse a private one
+
+    with pytest.raises(UrlNotAllowed, match="10.0.0.7"):
+        UrlFetcher(resolver=public_then_private).fetch("http://images.example/cat.jpg")
+
+
+def test_the_fetch_connects_to_the_address_the_resolver_found(slow_server: str) -> None:
+    port = int(slow_server.rsplit(":", 1)[1])
+    asked: list[tuple[str, int]] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return ["127.0.0.1"]
+
+    fetcher = loopback_fetcher(resolver=resolve)
+    assert fetcher.fetch(f"http://images.example:{port}/slow?0") == CAT
+    assert asked == [("images.example", port)]
+
+
+def test_a_failed_lookup_is_a_400() -> None:
+    def fail(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(UrlFetchFailed, match="resolve"):
+        UrlFetcher(resolver=fail).fetch("http://images.example/cat.jpg")

@@ -1,0 +1,78 @@
+"""Reading a request's images: URL items of one request are fetched together, by its deadline."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask, request
+
+from gateway.app import create_app
+from gateway.fetch import UrlFetcher
+from gateway.inputs import InputReader
+from tests.conftest import gateway_settings, photo
+from tests.gateway.fakes import FakeModelClient
+from tests.gateway.slow_http import serve_slow_images
+
+CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[str]:
+    with serve_slow_images() as url:
+        yield url
+
+
+@pytest.fixture
+def reader() -> InputReader:
+    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",), max_parallel=4)
+    return InputReader(max_images=8, max_image_bytes=1_000_000, fetch_all=fetcher.fetch_all)
+
+
+def test_a_batch_keeps_its_order_and_a_late_url_fails_alone(reader: InputReader, slow_server: str) -> None:
+    images = [
+        {"url": f"{slow_server}/slow?0.2"},
+        {"url": f"{slow_server}/slow?3"},
+        base64.b64encode(COFFEE).decode(),
+        "!!!",
+        {"url": f"{slow_server}/slow?0.2"},
+    ]
+    started = time.monotonic()
+    with Flask(__name__).test_request_context(json={"images": images}, headers={"X-Deadline-Ms": "700"}):
+        items, batch = reader.read(request)
+    assert time.monotonic() - started < 1.3  # the 3 s URL is cut off at the client's 0.7 s
+    assert batch and [i.name for i in items] == [f"images[{i}]" for i in range(5)]
+    assert [i.data for i in items] == [CAT, b"", COFFEE, b"", CAT]
+    late, bad = items[1].error, items[3].error
+    assert late is not None and (late.status, late.code) == (504, "url_fetch_timeout")
+    assert bad is not None and bad.code == "invalid_base64"
+
+
+@pytest.mark.parametrize(("form", "name"), [(False, "image"), (True, "url")])
+def test_a_single_url_is_cut_off_at_the_clients_deadline(
+    reader: InputReader, slow_server: str, form: bool, name: str
+) -> None:
+    body = {"url": f"{slow_server}/slow?3"}
+    started = time.monotonic()
+    with Flask(__name__).test_request_context(
+        method="POST", query_string={"timeout_ms": "300"}, **({"data": body} if form else {"json": body})
+    ):
+        items, batch = reader.read(request)
+    assert time.monotonic() - started < 1
+    assert not batch and items[0].name == name
+    assert items[0].error is not None and items[0].error.status == 504
+
+
+def test_the_gateway_answers_a_batch_of_slow_urls_within_the_clients_deadline(slow_server: str) -> None:
+    settings = gateway_settings()
+    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",))
+    app = create_app(settings, client=FakeModelClient(settings), fetcher=fetcher, poll_health=False)  # type: ignore[arg-type]
+    images = [{"url": f"{slow_server}/slow?0.4"}] * 6 + [{"url": f"{slow_server}/slow?5"}]
+    started = time.monotonic()
+    response = app.test_client().post("/v1/predict?model=resnet50&timeout_ms=1000", json={"images": images})
+    assert time.monotonic() - started < 2  # one after another: 2.4 s, then the 5 s one
+    results = response.get_json()["results"]
+    assert ["predictions" in r for r in results] == [True] * 6 + [False]
+    assert results[6]["error"]["code"] == "url_fetch_timeout"
