@@ -15,7 +15,7 @@ VECTOR = np.full(len(INDEX), 1 / len(INDEX), np.float32)
 
 def create_app(name: str = "stub") -> Flask:
     app = Flask(name)
-    web.install(app)
+    web.install(app, drain_max_bytes=32 * 1024 * 1024)
     meta = {
         "name": name,
         "ready": True,

@@ -10,11 +10,10 @@ from flask import Flask, Response, g, request
 from common import metrics, web
 from gateway import cache as response_cache
 from gateway import docs, limits, v2
-from gateway.client import ModelClient, new_session
+from gateway.client import ModelClient, build_client
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
 from gateway.predict import Predictor, Selection, item_error, select
-from gateway.registry import Registry
 from gateway.settings import GatewaySettings
 
 
@@ -27,27 +26,18 @@ def create_app(
 ) -> Flask:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
-    if client is None:
-        session = new_session(settings.fanout_threads)
-        registry = Registry(settings.replicas, session, probe_timeout_s=settings.connect_timeout_s)
-        client = ModelClient(
-            registry,
-            session,
-            connect_timeout_s=settings.connect_timeout_s,
-            read_timeout_s=settings.member_timeout_s,
-            connect_retries=settings.connect_retries,
-            retry_backoff_s=settings.retry_backoff_s,
-            breaker_fail_max=settings.breaker_fail_max,
-            breaker_reset_s=settings.breaker_reset_s,
-        )
+    client = client or build_client(settings)
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,
         max_bytes=settings.fetch_max_bytes,
         max_redirects=settings.fetch_max_redirects,
         allow_networks=settings.fetch_allow_networks,
+        max_parallel=settings.fetch_threads,
     )
     reader = InputReader(
-        max_images=settings.max_batch_images, max_image_bytes=settings.max_image_bytes, fetch=fetcher.fetch
+        max_images=settings.max_batch_images,
+        max_image_bytes=settings.max_image_bytes,
+        fetch_all=fetcher.fetch_all,
     )
     predictor = Predictor(client, settings)
     registry = client.registry
@@ -59,7 +49,9 @@ def create_app(
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes
     )
-    web.install(app)
+    # Bodies up to twice the limit are drained after an early answer (a 413 included), so the
+    # connection Nginx keeps alive stays clean; Nginx itself refuses anything larger.
+    web.install(app, drain_max_bytes=2 * settings.max_body_bytes)
 
     def model_label() -> str:
         """The request's model as a metrics label: known names only, never what a client typed."""
@@ -91,8 +83,8 @@ def create_app(
         return response_cache.key(image, weights, parameters)  # type: ignore[arg-type]
 
     def classify(selection: Selection, top_k: int) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
-        started, budget_s = time.perf_counter(), web.deadline_s()
-        deadline = time.monotonic() + budget_s if budget_s else float("inf")
+        started = time.perf_counter()
+        deadline = web.deadline(settings.default_deadline_ms / 1000)
         items, batch = read_images()
         cacheable = cache is not None and not batch and items[0].error is None
         original = items[0].data  # the key is the client's bytes, before any canonical re-encoding
@@ -159,7 +151,7 @@ def create_app(
 
     @app.get("/v1/models")
     def models() -> Response:
-        registry.refresh()
+        """What the poller saw last (each replica says when): a listing never waits on a replica."""
         return web.json_ok(
             {
                 "models": [registry.describe(name) for name in registry.models],

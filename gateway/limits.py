@@ -1,12 +1,27 @@
-"""Per-client rate limits (Flask-Limiter): in memory per gateway worker by default, shared across
-workers and replicas when ``GATEWAY_RATE_LIMIT_STORAGE`` points at Redis (``redis://host:6379``)."""
+"""Per-client rate limits (Flask-Limiter): one count per client across every limited route.
+
+Counted in Redis when ``GATEWAY_RATE_LIMIT_STORAGE`` (or ``REDIS_URL``) names one, so every gateway
+worker and replica shares it; else in each worker's memory. A Redis outage falls back to counting in
+memory (Flask-Limiter's fallback, re-checking Redis with a back-off), never an error. The check runs
+before the request body is read: a refusal is a JSON 429 whose ``Retry-After`` says when the
+client's window frees a request, and its unread body is drained (``common.web.DrainBody``) so the
+connection stays usable. Only a 429 carries that ``Retry-After``: other answers keep theirs (a 503's
+comes from the model's drain time) or have none; every limited answer has ``X-RateLimit-*``.
+"""
 
 from __future__ import annotations
 
-from flask import Flask, request
+import math
+import time
+
+from flask import Flask, Response, request
 from flask_limiter import Limiter
 
 from gateway.settings import GatewaySettings
+
+# Health, metadata, metrics and docs are never limited; every prediction route is.
+EXEMPT = ("live", "ready", "models", "metrics", "static")
+REDIS_TIMEOUTS: dict[str, str | int] = {"socket_connect_timeout": 1, "socket_timeout": 1}
 
 
 def client_address() -> str:
@@ -15,22 +30,42 @@ def client_address() -> str:
     return request.headers.get("X-Real-IP") or request.remote_addr or "unknown"
 
 
+def _exempt() -> bool:
+    endpoint = request.endpoint or ""
+    if endpoint == "v2.infer" or endpoint.startswith("v2.infer"):
+        return False
+    return endpoint in EXEMPT or endpoint.startswith(("docs.", "v2."))
+
+
 def install(app: Flask, settings: GatewaySettings) -> Limiter | None:
-    """Limit every route but health and metadata; a client over its limit gets a JSON 429 with
-    Retry-After. Returns None when ``GATEWAY_RATE_LIMIT`` is empty (limits off)."""
+    """Limit every prediction route with one shared count per client. Returns None when
+    ``GATEWAY_RATE_LIMIT`` is empty (limits off)."""
     if not settings.rate_limit:
         return None
+    storage = settings.rate_limit_storage or "memory://"
     limiter = Limiter(
         client_address,
         app=app,
-        default_limits=[settings.rate_limit],
-        storage_uri=settings.rate_limit_storage or "memory://",
-        headers_enabled=True,
+        application_limits=[settings.rate_limit],
+        application_limits_exempt_when=_exempt,
+        storage_uri=storage,
+        storage_options=REDIS_TIMEOUTS if storage.startswith(("redis://", "rediss://")) else {},
         strategy="moving-window",
+        headers_enabled=False,  # it would set Retry-After on every answer, and rewrite a 503's
+        in_memory_fallback_enabled=True,
+        swallow_errors=True,
     )
-    for endpoint, view in app.view_functions.items():
-        # health, metadata, metrics and docs are never limited; every prediction route is
-        if endpoint in ("live", "ready", "models", "metrics") or endpoint.startswith(("docs.", "v2.")):
-            if endpoint != "v2.infer":
-                limiter.exempt(view)
+
+    @app.after_request
+    def _rate_limit_headers(response: Response) -> Response:
+        current = limiter.current_limit
+        if current is None:
+            return response
+        response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
+        response.headers["X-RateLimit-Remaining"] = str(current.remaining)
+        response.headers["X-RateLimit-Reset"] = str(int(current.reset_at))
+        if response.status_code == 429:
+            response.headers["Retry-After"] = str(max(1, math.ceil(current.reset_at - time.time())))
+        return response
+
     return limiter

@@ -30,6 +30,11 @@ class GatewaySettings:
     max_batch_images: int = setting(32, "most images in one request, checked before decoding")
     connect_timeout_s: float = setting(1.0, "connect timeout to a model replica")
     member_timeout_s: float = setting(30.0, "time a model replica has to answer")
+    default_deadline_ms: float = setting(
+        30_000.0,
+        "deadline of a request that brings none (X-Deadline-Ms, timeout_ms), counted from its arrival at "
+        "Nginx; members are told what is left of it, and admit only what they can answer in time",
+    )
     connect_retries: int = setting(1, "extra rounds over a model's replicas when all refuse to connect")
     retry_backoff_s: float = setting(0.05, "first back-off before such a round (doubles, +-50% jitter)")
     breaker_fail_max: int = setting(
@@ -37,7 +42,16 @@ class GatewaySettings:
     )
     breaker_reset_s: float = setting(5.0, "seconds an open circuit waits before one trial call")
     health_interval_s: float = setting(2.0, "seconds between readiness probes of every replica")
-    fanout_threads: int = setting(32, "threads calling members in parallel (per gateway worker)")
+    request_threads: int = setting(
+        64, "Gunicorn threads per gateway worker: sizes the fan-out pool and connection pool"
+    )
+    fanout_threads: int = setting(
+        0, "threads calling members in parallel per gateway worker (0: request_threads x number of models)"
+    )
+    dns_refresh_s: float = setting(
+        10.0, "seconds between DNS lookups of replica host names, one replica per address (0: never)"
+    )
+    fetch_threads: int = setting(8, "image URLs of one request fetched at once")
     fetch_timeout_s: float = setting(10.0, "total time for fetching an image URL, redirects included")
     fetch_max_bytes: int = setting(10 * 1024 * 1024, "largest image fetched from a URL")
     fetch_max_redirects: int = setting(3, "redirect hops followed (each one re-checked)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.settings import load, setting
-from deploy.settings import NGINX_TEMPLATES, NginxLimits
+from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxLimits
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_SERVICES = ("vgg16", "resnet50", "inceptionv3")
@@ -38,9 +38,15 @@ class FleetSettings:
     models: tuple[str, ...] = setting(MODEL_SERVICES, "model services to start")
     replicas: tuple[str, ...] = setting((), "replicas per model as name=count, e.g. resnet50=2 (others: 1)")
     replica_port_stride: int = setting(100, "replica k (from 0) of a model listens on its port + k x this")
-    service_threads: int = setting(8, "Gunicorn threads per model service: they decode and feed its batcher")
-    gateway_workers: int = setting(2, "gateway Gunicorn workers")
-    gateway_threads: int = setting(16, "threads per gateway worker")
+    service_threads: int = setting(
+        SERVICE_THREADS, "Gunicorn threads per model service: they decode, feed its batcher and wait"
+    )
+    gateway_workers: int = setting(GATEWAY_WORKERS, "gateway Gunicorn workers")
+    gateway_threads: int = setting(GATEWAY_THREADS, "threads per gateway worker")
+    redis: bool = setting(
+        True, "run redis-server and set REDIS_URL: one rate-limit count and cache for every gateway worker"
+    )
+    redis_port: int = setting(6380, "Redis port (not 6379, so a system Redis is left alone)")
     nginx_workers: int = setting(1, "Nginx worker processes")
     logs_to_console: bool = setting(True, "stream every process's log to the terminal")
 
@@ -135,7 +141,14 @@ class Fleet:
         }
         env["GATEWAY_MODELS"] = ",".join(self.service_ports())
         env.setdefault("GATEWAY_ENSEMBLE_MODELS", ",".join(self.settings.models))
+        env["GATEWAY_REQUEST_THREADS"] = str(self.settings.gateway_threads)  # sizes its fan-out pool
+        if self.settings.redis:
+            env["REDIS_URL"] = self.redis_url
         return env
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.settings.host}:{self.settings.redis_port}/0"
 
     def _gunicorn(self, app: str, port: int, workers: int, threads: int) -> str:
         return (
@@ -167,6 +180,16 @@ class Fleet:
             self._gunicorn("gateway.app:create_app()", s.gateway_port, s.gateway_workers, s.gateway_threads),
             self._metrics_env("gateway"),
         )
+        if s.redis:
+            # Persistence on (append-only file under the run folder): counts and cached answers,
+            # and later the job queue, survive a restart of Redis.
+            (self.run_dir / "redis").mkdir(parents=True, exist_ok=True)
+            redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+            programs["redis"] = (
+                f"{redis} --bind {s.host} --port {s.redis_port} --dir {self.run_dir}/redis "
+                "--appendonly yes --save '' --protected-mode no",
+                {},
+            )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         programs["nginx"] = (
             f"{nginx} -p {self.run_dir}/nginx -c {self.run_dir}/nginx/nginx.conf -g 'daemon off;'",

@@ -12,8 +12,10 @@ import jsonschema
 import pytest
 import yaml
 
+from common.service_settings import ServiceSettings
 from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
-from deploy.settings import NginxLimits
+from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, SERVICE_THREADS, NginxLimits
+from gateway.settings import GatewaySettings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
@@ -49,12 +51,47 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
 def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
     text = fleet.render().read_text()
     programs = re.findall(r"^\[program:(\w+)\]", text, re.MULTILINE)
-    assert programs == ["vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "nginx"]
+    assert programs == ["vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "nginx"]
     assert text.count("autorestart=true") == len(programs)
+    assert "--appendonly yes" in text and f"--dir {fleet.run_dir}/redis" in text  # persistence on
+    assert fleet.environment()["REDIS_URL"] == "redis://127.0.0.1:6380/0"
+    assert fleet.environment()["GATEWAY_REQUEST_THREADS"] == "64"
     assert "'services.resnet50:create_app()'" in text and "--workers 1" in text
     assert 'SHAPES_WEIGHTS="/m/shapes.keras"' in text
     assert fleet.environment()["RESNET50_URLS"] == "http://127.0.0.1:8502"
     assert fleet.environment()["GATEWAY_MODELS"] == "vgg16,resnet50,inceptionv3,shapes"
+
+
+def test_redis_can_be_left_out(tmp_path: Path) -> None:
+    fleet = Fleet(FleetSettings(run_dir=str(tmp_path), redis=False))
+    assert "redis" not in fleet.programs() and "REDIS_URL" not in fleet.environment()
+
+
+def test_the_timeouts_nest_from_the_edge_inwards() -> None:
+    """Nginx waits longer than the gateway's default deadline, which no service default exceeds:
+    every request's deadline passes (504 from the fleet, in JSON) before a proxy gives up on it."""
+    nginx_s = float(NginxLimits().proxy_read_timeout.removesuffix("s"))
+    gateway = GatewaySettings()
+    service = ServiceSettings()
+    assert nginx_s * 1000 > gateway.default_deadline_ms >= service.default_deadline_ms
+    assert gateway.member_timeout_s * 1000 >= gateway.default_deadline_ms
+
+
+def test_gunicorn_threads_cover_the_queue_admission_can_see() -> None:
+    """A request waiting for a thread is invisible to admission: every image the queue may hold
+    (one per request at worst), plus the batch running, must have a thread of its own."""
+    service = ServiceSettings()
+    assert SERVICE_THREADS >= service.max_queue_images + service.max_batch_size
+    assert FleetSettings().service_threads == SERVICE_THREADS
+    assert FleetSettings().gateway_threads == GATEWAY_THREADS == GatewaySettings().request_threads
+    assert GATEWAY_WORKERS * GATEWAY_THREADS >= SERVICE_THREADS  # the gateway can fill a model's queue
+
+
+def test_the_images_run_the_same_threads_as_the_local_fleet() -> None:
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    assert f'"--workers", "{GATEWAY_WORKERS}", "--threads", "{GATEWAY_THREADS}"' in dockerfile
+    assert f"THREADS={SERVICE_THREADS}" in dockerfile
+    assert f"GATEWAY_REQUEST_THREADS={GATEWAY_THREADS}" in dockerfile
 
 
 def test_replicas_get_their_own_programs_ports_and_urls(tmp_path: Path) -> None:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+from datetime import datetime
 
 import numpy as np
 import pytest
+import responses
 from flask.testing import FlaskClient
 from PIL import Image
 
 from common.errors import ModelUnavailable, UpstreamTimeout
 from gateway.app import create_app
+from gateway.client import ModelClient, new_session
+from gateway.registry import Registry
 from tests.conftest import encode, gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient, fake_vector
 from tests.services.test_service_app import assert_error
@@ -25,9 +30,9 @@ class StubFetcher:
     def __init__(self) -> None:
         self.urls: list[str] = []
 
-    def fetch(self, url: str) -> bytes:
-        self.urls.append(url)
-        return COFFEE
+    def fetch_all(self, urls: list[str], deadline: float | None = None) -> list[bytes]:
+        self.urls.extend(urls)
+        return [COFFEE] * len(urls)
 
 
 @pytest.fixture
@@ -335,8 +340,18 @@ def test_client_deadline_reaches_the_members_and_is_validated(
         "/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg", headers={"X-Deadline-Ms": "800"}
     )
     assert fake.deadlines[-1] <= time.monotonic() + 0.8
+    before = time.monotonic()
     client.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
-    assert fake.deadlines[-1] == float("inf")
+    # no budget given: the default deadline (30 s) applies, counted from the request's arrival
+    assert before + 29 < fake.deadlines[-1] <= time.monotonic() + 30
+    arrived = time.time() - 10  # Nginx saw it 10 s ago: that wait counts against the deadline
+    client.post(
+        "/v1/predict?model=resnet50",
+        data=CAT,
+        content_type="image/jpeg",
+        headers={"X-Request-Start": f"t={arrived:.3f}"},
+    )
+    assert fake.deadlines[-1] <= time.monotonic() + 20.1
     assert_error(
         client.post("/v1/predict?model=resnet50&timeout_ms=later", data=CAT, content_type="image/jpeg"),
         400,
@@ -364,3 +379,61 @@ def test_per_client_rate_limit_is_a_json_429_with_retry_after(fake: FakeModelCli
     )
     assert client.get("/v1/models", headers=alice).status_code == 200  # metadata and health are not limited
     assert client.get("/health/ready", headers=alice).status_code == 200
+
+
+def test_concurrent_ensembles_never_queue_a_member_call_behind_another() -> None:
+    """Four request threads x three members: all twelve member calls are in flight at once."""
+    settings = gateway_settings(request_threads=4)
+    fake = FakeModelClient(settings)
+    every_member_of_every_request = threading.Barrier(12, timeout=10)
+    answer = fake.predict
+
+    def slow_member(model: str, images: list[bytes], **kwargs):  # type: ignore[no-untyped-def]
+        every_member_of_every_request.wait()  # breaks if any member call waits for a pool thread
+        return answer(model, images, **kwargs)
+
+    fake.predict = slow_member  # type: ignore[method-assign]
+    app = create_app(settings, client=fake, poll_health=False)  # type: ignore[arg-type]
+    statuses: list[int] = []
+
+    def ensemble() -> None:
+        response = app.test_client().post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=ensemble) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [200] * 4 and not every_member_of_every_request.broken
+
+
+@responses.activate
+def test_models_listing_answers_from_the_last_probes_without_calling_any_replica() -> None:
+    settings = gateway_settings()
+    session = new_session(2)
+    registry = Registry(settings.replicas, session)
+    probe = responses.get("http://r1:8502/v1/model", json={"ready": True, "weights": "random"})
+    registry.refresh()  # what the poller did last; unregistered replicas refuse
+    probed = len(responses.calls)
+    app = create_app(settings, client=ModelClient(registry, session), poll_health=False)
+    body = app.test_client().get("/v1/models").get_json()
+    assert len(responses.calls) == probed and probe.call_count == 1
+    resnet = body["models"][1]
+    assert resnet["status"] == "ready" and resnet["weights"] == "random"
+    assert [r["ready"] for r in resnet["replicas"]] == [True, False]
+    assert all(datetime.fromisoformat(r["checked_at"]) for r in resnet["replicas"])
+
+
+def test_an_ensemble_whose_members_answered_only_item_errors_passes_the_error_on(
+    client: FlaskClient, fake: FakeModelClient
+) -> None:
+    """E.g. an image over every member's body limit: no member predicted, so there is nothing to vote on."""
+
+    def too_large(model: str, images: list[bytes], **kwargs):  # type: ignore[no-untyped-def]
+        error = {"code": "image_too_large", "message": "over the member's limit", "status": 413}
+        return {"model": model, "results": [{"index": i, "error": error} for i in range(len(images))]}
+
+    fake.predict = too_large  # type: ignore[method-assign]
+    response = client.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+    assert_error(response, 413, "image_too_large")
