@@ -1,0 +1,143 @@
+"""Answers given before the body is read reach the client whole: no reset, no 502.
+
+Real multi-MB photos over keep-alive connections, at a high rate, to every early-refusal path:
+unknown model (404), bad parameter (400), over the rate limit (429), and a model service's own
+early 400. Through Nginx and straight to the gateway's Gunicorn. Gunicorn drains at most 64 KiB of
+an unread body before it resets the connection (../shared/REFERENCE.md); photos under that size,
+or Flask's test client, cannot see the bug these tests guard against.
+
+Its own small fleet (Nginx, two gateway workers, Redis, one stub model) with a low rate limit, so
+the limit is reached without thousands of requests; the model service path uses the main fleet.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from deploy.local.fleet import ExtraService, Fleet
+from deploy.local.running import RunningFleet, free_port, on_free_ports, running
+from tests.conftest import _is_project_variable
+from tests.e2e.conftest import E2EFleet
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+LIMIT_PER_MINUTE = 40
+
+
+def big_photo(seed: int) -> bytes:
+    """A noisy JPEG of 1-3 MB: noise does not compress."""
+    rng = np.random.default_rng(seed)
+    side = int(rng.integers(1100, 1600))
+    pixels = rng.integers(0, 256, (side, side, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+PHOTOS = [big_photo(seed) for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def small_fleet() -> Iterator[RunningFleet]:
+    run_dir = Path(tempfile.mkdtemp(prefix="imagerec-refusals-"))
+    run_dir.chmod(0o755)
+    settings = on_free_ports(run_dir, models=(), gateway_workers=2)
+    stub = ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()")
+    env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
+    env.update(
+        GATEWAY_RATE_LIMIT=f"{LIMIT_PER_MINUTE}/minute", GATEWAY_CACHE_SIZE="0", GATEWAY_LEGACY_MODEL="flaky"
+    )
+    try:
+        with running(Fleet(settings, [stub]), env, timeout_s=120) as handle:
+            yield handle
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_sources = (f"127.0.0.{n}" for n in range(10, 250))
+
+
+def hammer(
+    url: str, query: str, *, clients: int = 8, each: int = 12, source: str = "", path: str = "/v1/predict"
+) -> Counter[str]:
+    """``clients`` keep-alive sessions each posting ``each`` big photos; outcome counts by
+    "<status> <code>", or the exception's name when no HTTP answer came back."""
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        with requests.Session() as session:
+            if source:  # a client address of its own (any 127.x.y.z is loopback)
+                adapter = requests.adapters.HTTPAdapter()
+                adapter.init_poolmanager(1, 1, source_address=(source, 0))
+                session.mount("http://", adapter)
+            for i in range(each):
+                photo = PHOTOS[(number + i) % len(PHOTOS)]
+                try:
+                    response = session.post(
+                        f"{url}{path}?{query}", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=60
+                    )
+                except requests.RequestException as exc:
+                    outcome = type(exc).__name__
+                else:
+                    is_json = response.headers.get("Content-Type", "").startswith("application/json")
+                    code = response.json().get("error", {}).get("code", "") if is_json else "not-json"
+                    outcome = f"{response.status_code} {code}".strip()
+                with lock:
+                    outcomes[outcome] += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return outcomes
+
+
+def test_the_photos_are_far_bigger_than_what_gunicorn_drains() -> None:
+    assert all(len(photo) > 1_000_000 for photo in PHOTOS), [len(p) for p in PHOTOS]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("model=nosuchmodel", "404 unknown_model"), ("model=flaky&top_k=many", "400 bad_request")],
+)
+@pytest.mark.parametrize("edge", ["nginx", "gateway"])
+def test_early_refusals_of_big_photos_arrive_whole(
+    small_fleet: RunningFleet, query: str, expected: str, edge: str
+) -> None:
+    s = small_fleet.fleet.settings
+    url = small_fleet.url if edge == "nginx" else f"http://{s.host}:{s.gateway_port}"
+    outcomes = hammer(url, query, source=next(_sources), each=4)  # a client of its own: no 429 here
+    assert outcomes == {expected: 32}, outcomes
+
+
+def test_a_client_over_its_rate_limit_gets_its_429s_whole_counted_once_across_routes_and_workers(
+    small_fleet: RunningFleet,
+) -> None:
+    client = next(_sources)
+    outcomes = hammer(small_fleet.url, "model=flaky&top_k=1", clients=8, each=10, source=client)
+    # one count per client in Redis, whichever of the two gateway workers answered
+    assert outcomes == {"200": LIMIT_PER_MINUTE, "429 too_many_requests": 80 - LIMIT_PER_MINUTE}, outcomes
+    # the seed article's route shares the count: this client is over it there too
+    seed = hammer(small_fleet.url, "", clients=1, each=2, source=client, path="/predict")
+    assert seed == {"429 too_many_requests": 2}, seed
+    # another client has a count of its own
+    assert hammer(small_fleet.url, "", clients=1, each=1, source=next(_sources), path="/predict") == {
+        "200": 1
+    }
+
+
+def test_a_model_services_own_early_refusals_arrive_whole(fleet: E2EFleet) -> None:
+    """Straight to a model service (as the gateway's pooled connections reach it)."""
+    outcomes = hammer(fleet.service_url("shapes"), "top_k=many", clients=4, each=6)
+    assert outcomes == {"400 bad_request": 24}, outcomes
