@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
@@ -30,14 +29,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common import web
 from common.errors import BadRequest, ModelUnavailable, ServiceError
-from gateway.inputs import ImageInput, decode_base64
+from gateway import v2_request as read
 from gateway.predict import Predictor, Selection, item_error, select
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}
 VERSION = "1"
-TENSOR_FIELDS = ("name", "datatype", "shape", "data")
 
 
 class UnknownVersion(ServiceError):
@@ -77,79 +74,6 @@ def _routing_error(exc: HTTPException) -> Response:
     if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
         response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
     return response
-
-
-def _object(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{what} must be a JSON object")
-    return value
-
-
-def _parameters(owner: dict[str, Any], what: str) -> dict[str, Any]:
-    """The protocol's ``$parameters`` of ``owner``: strings, numbers and booleans (null: none)."""
-    if owner.get("parameters") is None:
-        return {}
-    parameters = _object(owner["parameters"], f"{what} 'parameters'")
-    wrong = [name for name, value in parameters.items() if not isinstance(value, str | int | float)]
-    if wrong:
-        raise BadRequest(f"{what} parameters {wrong} must be strings, numbers or booleans")
-    return parameters
-
-
-def _tensor(body: dict[str, Any]) -> dict[str, Any]:
-    """The request's one input tensor, its protocol fields checked (``$request_input``)."""
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
-        raise BadRequest("'inputs' must be a list of one BYTES tensor of images")
-    tensor = _object(inputs[0], "the input tensor")
-    missing = [field for field in TENSOR_FIELDS if field not in tensor]
-    if missing:
-        raise BadRequest(f"the input tensor has no {', '.join(missing)}; it needs {', '.join(TENSOR_FIELDS)}")
-    if not isinstance(tensor["name"], str):
-        raise BadRequest("the input's 'name' must be a string")
-    if tensor["datatype"] != "BYTES":
-        raise BadRequest("the input must be a BYTES tensor of base64-encoded image files")
-    shape = tensor["shape"]
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest("the input's 'shape' must be a list of non-negative integers")
-    _parameters(tensor, "the input's")
-    return tensor
-
-
-def _images(tensor: dict[str, Any], max_images: int, max_bytes: int) -> list[ImageInput]:
-    data = tensor["data"]
-    if isinstance(data, list) and all(isinstance(row, list) and len(row) == 1 for row in data):
-        data = [row[0] for row in data]  # shape [N, 1]
-    if not isinstance(data, list) or not data:
-        raise BadRequest("input 'data' must be a non-empty list of base64 strings")
-    shape = tensor["shape"]
-    if shape not in ([len(data)], [len(data), 1]):
-        raise BadRequest(f"input shape {shape} does not match its {len(data)} elements")
-    if len(data) > max_images:
-        raise BadRequest(
-            f"{len(data)} images in one request; the limit is {max_images}", code="too_many_images"
-        )
-    return [ImageInput(f"{tensor['name']}[{i}]", decode_base64(v, max_bytes)) for i, v in enumerate(data)]
-
-
-def _outputs(body: dict[str, Any]) -> list[str]:
-    """The outputs asked for (``$request_output`` objects), all of them when none are named."""
-    requested = body.get("outputs")
-    if requested is None:
-        return list(OUTPUTS)
-    if not isinstance(requested, list):
-        raise BadRequest("'outputs' must be a list of objects with a 'name'")
-    names = []
-    for entry in requested:
-        output = _object(entry, "each of 'outputs'")
-        if not isinstance(output.get("name"), str):
-            raise BadRequest("each of 'outputs' needs a 'name' (a string)")
-        _parameters(output, "an output's")
-        names.append(output["name"])
-    unknown = [n for n in names if n not in OUTPUTS]
-    if unknown:
-        raise BadRequest(f"unknown outputs {unknown}; available: {', '.join(OUTPUTS)}")
-    return names or list(OUTPUTS)
 
 
 def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Blueprint:
@@ -229,7 +153,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
                 if single
                 else "imagerec-ensemble",
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in OUTPUTS.items()],
+                "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in read.OUTPUTS.items()],
                 "parameters": {
                     "members": list(members),
                     "weights": {m: registry.metadata(m).get("weights") for m in members},
@@ -253,19 +177,19 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
             body = json.loads(request.get_data(cache=False))
         except (ValueError, RecursionError):
             raise BadRequest("body is not valid JSON", code="invalid_json") from None
-        body = _object(body, "the body")
+        body = read.object_field(body, "the body")
         if not isinstance(body.get("id"), str | None):
             raise BadRequest("'id' must be a string")
-        tensor = _tensor(body)
-        parameters = _parameters(body, "the request's")
+        tensor = read.tensor(body)
+        parameters = read.parameters(body, "the request's")
         chosen = selection(name, str(parameters.get("vote", "soft")))
         top_k = parameters.get("top_k", settings.default_top_k)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= settings.max_top_k:
             raise BadRequest(f"parameter top_k must be an integer between 1 and {settings.max_top_k}")
-        wanted = _outputs(body)
+        wanted = read.outputs(body)
 
         deadline = web.deadline(settings.default_deadline_ms / 1000)
-        items = _images(tensor, settings.max_batch_images, settings.max_image_bytes)
+        items = read.images(tensor, settings.max_batch_images, settings.max_image_bytes)
         predictor.validate(items)
         for item in items:  # a tensor is answered whole or not at all: refuse before any decoding
             if item.error is not None:
@@ -301,7 +225,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
                     "degraded": bool(result["failures"]),
                 },
                 "outputs": [
-                    {"name": n, "datatype": OUTPUTS[n], "shape": [len(rows), k], "data": columns[n]}
+                    {"name": n, "datatype": read.OUTPUTS[n], "shape": [len(rows), k], "data": columns[n]}
                     for n in wanted
                 ],
             }
