@@ -33,7 +33,7 @@ chromium:
 	$(call need,command -v chromedriver,chromium chromium-driver)
 
 ## The whole fleet in the foreground: Nginx :8080 -> gateway :8000 -> vgg16/resnet50/inceptionv3.
-run: $(STAMP) nginx
+run: $(STAMP) nginx redis
 	$(PY) -m deploy.local.fleet
 
 ## The whole suite, end-to-end tests included (~10 minutes on 2 cores).
@@ -50,7 +50,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy common gateway deploy client
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (~15 minutes).
-bench: $(STAMP) nginx bench/.venv-bento/.installed
+bench: $(STAMP) nginx redis bench/.venv-bento/.installed
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
 
