@@ -1,16 +1,17 @@
-"""``make bench``: every measurement of issue #3 in one run on one machine, written to bench/results/.
+"""``make bench``: the fleet as ``make run`` starts it, measured on this machine in one run.
 
 1. raw in-process throughput per model and backend, batch 1 and 8 (bench/raw.py);
-2. end to end through Nginx -> gateway -> service at concurrency 1, 8, 32, per model and ensemble;
-3. the seed-style baseline (bench/seed_server.py, gunicorn -w 4) under the same load;
-4. gateway + Nginx overhead with stub model services, and the request rate they sustain;
+2. end to end through Nginx -> gateway -> service on the default settings: ResNet50 at 1, 2, 8, 32
+   and 64 clients, the other models and the ensemble at 1, 8 and 32; clients never honour
+   Retry-After and every request has new bytes (wrk), so the response cache never answers;
+3. the seed-style server (bench/seed_server.py) and BentoML under the same load;
+4. gateway + Nginx overhead with stub model services, and cache hits (the same photo again);
 5. 12 MP JPEG ingestion, plain Pillow vs ours (bench/ingest.py);
 6. resident memory of every process, idle and after the load;
-7. overload: an open-loop client at 4x capacity against the default settings (bench/overload.py).
-Runs 2-6 measure throughput with closed-loop clients (wrk) that never honour Retry-After, so their
-fleets allow a long queue (MAX_QUEUE_DELAY_MS=60000, the throughput configuration); run 7 measures the
-default, latency-bounded one.
+7. overload: an open-loop client at 4x capacity on the same fleet (bench/overload.py).
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
+Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
+(wrk's sixteen connections come from one address, which the limiter counts as one client).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
 
 RESULTS = ROOT / "bench" / "results"
-PHOTO = (ROOT / "tests" / "fixtures" / "chelsea.jpg").read_bytes()
+PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()  # 600x400, as a phone thumbnail
 MODELS = ("resnet50", "inceptionv3", "vgg16")
+SWEEP = (1, 2, 8, 32, 64)  # ResNet50 and the baselines
+OTHERS = (1, 8, 32)  # the other models and the ensemble
 
 
 def log(message: str) -> None:
@@ -44,24 +47,28 @@ def log(message: str) -> None:
 
 
 def base_env(cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_"))}
-    # capacity is what is measured: per-client rate limits off (wrk is one client), and a queue long
-    # enough for closed-loop clients (the default sheds them: see run 7)
-    env.update(
-        MAX_QUEUE_DELAY_MS="60000",
-        GATEWAY_CACHE_SIZE="0",  # one photo, sent again and again: the models must compute it
-        WEIGHTS="random",
-        BACKEND="auto",
-        MODEL_CACHE=str(cache),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        GATEWAY_RATE_LIMIT="",
-    )
+    """The default settings (``make run``'s): only the weights are random, as they must be here."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GATEWAY_", "FLEET_", "REDIS_URL")) and k not in ("BACKEND", "WEIGHTS")
+    }
+    env.update(WEIGHTS="random", MODEL_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2")
     return env
 
 
-def settle(url: str) -> None:
-    """Wait out the backlog a load run leaves queued (answers are FIFO), so runs do not overlap."""
-    requests.post(url, data=PHOTO, headers={"Content-Type": "image/jpeg"}, timeout=300)
+def settle(fleet: Any) -> None:
+    """Wait out what a load run left queued (wrk leaves its last requests behind), so runs do not
+    overlap: until every model's queue is empty. NOTE: not by sending one more request and waiting
+    for it - the same bytes again would be a cache hit, answered at once."""
+
+    def idle() -> bool:
+        return all(
+            not (stats := batching(fleet, model))["queued_images"] and not stats["running_images"]
+            for model in MODELS
+        )
+
+    wait_until(idle, 300, "the models' queues to empty")
 
 
 def raw_throughput(cache: Path, budget: float) -> list[dict[str, Any]]:
@@ -74,10 +81,36 @@ def raw_throughput(cache: Path, budget: float) -> list[dict[str, Any]]:
         check=True,
     )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])  # type: ignore[no-any-return]
+    return json.loads(line[len("RESULT ") :])
 
 
-def end_to_end(cache: Path, seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any]:
+def batching(fleet: Any, model: str) -> dict[str, Any]:
+    return requests.get(f"{fleet.service_url(model)}/v1/model", timeout=10).json()["batching"]
+
+
+def measured_run(fleet: Any, target: str, connections: int, seconds: int) -> dict[str, Any]:
+    """One closed-loop run through Nginx, with the average batch the model formed during it."""
+    url = f"{fleet.url}/v1/predict?model={target}"
+    member = target if target in MODELS else "resnet50"
+    before = batching(fleet, member)
+    result = load.run(url, load.Payload.raw(PHOTO), connections=connections, seconds=seconds)
+    after = batching(fleet, member)
+    settle(fleet)
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    result.update(
+        target=target,
+        path="nginx -> gateway -> service",
+        average_batch=round(images / batches, 2) if batches else 0.0,
+    )
+    log(
+        f"e2e {target} c={connections}: {result['img_per_s']} img/s p50 {result['p50_ms']} ms "
+        f"p99 {result['p99_ms']} ms, refused {result['refused']}, batch {result['average_batch']}"
+    )
+    return result
+
+
+def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
+    """The sweep and the overload run, on one fleet started with the default settings."""
     with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as folder:
         Path(folder).chmod(0o755)
         with running(Fleet(on_free_ports(Path(folder), models=MODELS)), base_env(cache)) as fleet:
@@ -85,33 +118,36 @@ def end_to_end(cache: Path, seconds: int, concurrencies: tuple[int, ...]) -> dic
             for target in (*MODELS, "ensemble"):  # warm every path once, so growth means a leak
                 url = f"{fleet.url}/v1/predict?model={target}"
                 load.run(url, load.Payload.raw(PHOTO), connections=8, seconds=min(seconds, 5))
-                settle(url)
+                settle(fleet)
             warm = fleet.memory_mb()
-            runs = []
-            for target in (*MODELS, "ensemble"):
-                for connections in concurrencies:
-                    url = f"{fleet.url}/v1/predict?model={target}"
-                    result = load.run(url, load.Payload.raw(PHOTO), connections=connections, seconds=seconds)
-                    runs.append({"target": target, "path": "nginx -> gateway -> service", **result})
-                    settle(url)
-                    log(
-                        f"e2e {target} c={connections}: {result['img_per_s']} img/s p50 {result['p50_ms']} ms"
-                    )
+            runs = [measured_run(fleet, "resnet50", c, seconds) for c in SWEEP]
+            runs += [measured_run(fleet, t, c, seconds) for t in (*MODELS[1:], "ensemble") for c in OTHERS]
+            capacity = max(r["img_per_s"] for r in runs if r["target"] == "resnet50")
+            log(f"overload: open loop at 4x {capacity} req/s")
+            pressure = overload.measure_on(
+                f"{fleet.url}/v1/predict?model=resnet50",
+                fleet.service_url("resnet50"),
+                capacity,
+                seconds,
+                4.0,
+            )
+            log(
+                f"overload: goodput {pressure['goodput_share']:.0%} of capacity, refusals p99 "
+                f"{pressure['refusal_latency']['p99_ms']} ms, {pressure['connection_errors']} connection "
+                f"errors, {pressure['bad_gateway']} 502s, {pressure['missed_deadline']} missed deadlines"
+            )
             backends = {
                 m["name"]: m["backend"]
                 for m in requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
             }
-            batching = {
-                name: requests.get(f"{fleet.service_url(name)}/v1/model", timeout=10).json()["batching"]
-                for name in MODELS
-            }
             return {
                 "runs": runs,
+                "overload": pressure,
                 "memory_idle_mb": idle,
                 "memory_warm_mb": warm,
                 "memory_after_mb": fleet.memory_mb(),
                 "backends": backends,
-                "batching": batching,
+                "batching": {name: batching(fleet, name) for name in MODELS},
             }
 
 
@@ -206,32 +242,37 @@ def bentoml_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, 
     )
 
 
-def overhead(seconds: int) -> dict[str, Any]:
-    """Nginx + gateway with stub services: the latency they add and the request rate they sustain."""
+def overhead(cache: Path, seconds: int) -> dict[str, Any]:
+    """Nginx + gateway with stub services: the latency they add, the request rate they sustain, and
+    the rate of cache hits (the same photo again and again: the gateway answers from its cache)."""
     with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as folder:
         Path(folder).chmod(0o755)
         stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
         settings = on_free_ports(Path(folder), models=())
-        with running(Fleet(settings, stubs), base_env(Path(folder))) as fleet:
+        env = {**base_env(cache), "GATEWAY_RATE_LIMIT": ""}  # wrk's connections are one client
+        with running(Fleet(settings, stubs), env) as fleet:
             payload = load.Payload.raw(PHOTO)
+            url = f"{fleet.url}/v1/predict?model=resnet50"
             direct = load.run(
                 f"{fleet.service_url('resnet50')}/v1/predict", payload, connections=1, seconds=seconds
             )
-            edge = load.run(f"{fleet.url}/v1/predict?model=resnet50", payload, connections=1, seconds=seconds)
-            rate = load.run(
-                f"{fleet.url}/v1/predict?model=resnet50", payload, connections=16, seconds=seconds
-            )
+            edge = load.run(url, payload, connections=1, seconds=seconds)
+            rate = load.run(url, payload, connections=16, seconds=seconds)
             ensemble = load.run(
                 f"{fleet.url}/v1/predict?model=ensemble", payload, connections=16, seconds=seconds
             )
+            hits = load.run(url, payload, connections=16, seconds=seconds, same_bytes=True)
     log(f"overhead p50: direct {direct['p50_ms']} ms, via nginx+gateway {edge['p50_ms']} ms")
+    log(f"cache hits at 16 clients: {hits['img_per_s']} req/s, p50 {hits['p50_ms']} ms")
     return {
         "direct_stub_p50_ms": direct["p50_ms"],
         "edge_stub_p50_ms": edge["p50_ms"],
         "added_p50_ms": round(edge["p50_ms"] - direct["p50_ms"], 2),
         "edge_stub_req_per_s_c16": rate["img_per_s"],
         "edge_stub_ensemble_req_per_s_c16": ensemble["img_per_s"],
-        "errors": direct["errors"] + edge["errors"] + rate["errors"] + ensemble["errors"],
+        "cache_hits_req_per_s_c16": hits["img_per_s"],
+        "cache_hits_p50_ms": hits["p50_ms"],
+        "errors": direct["errors"] + edge["errors"] + rate["errors"] + ensemble["errors"] + hits["errors"],
     }
 
 
@@ -241,7 +282,6 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short runs, to try the benchmark out")
     args = parser.parse_args()
     seconds = 5 if args.quick else args.seconds
-    concurrencies = (1, 8, 32)
     RESULTS.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("MODEL_CACHE") or Path.home() / ".cache" / "imagerec" / "converted")
     started = time.time()
@@ -254,20 +294,19 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds_per_run": seconds,
     }
-    log("5/6 ingestion")
+    log("5/7 ingestion")
     results["ingestion"] = ingest.measure()
-    log("1/6 raw in-process throughput")
+    log("1/7 raw in-process throughput")
     results["raw"] = raw_throughput(cache, 2.0 if args.quick else 6.0)
-    log("2/6 end to end (and 6/6 memory)")
-    results["e2e"] = end_to_end(cache, seconds, concurrencies)
-    log("3/6 seed-style baseline")
-    results["seed"] = seed_baseline(seconds, concurrencies)
-    log("3b/6 BentoML serving the same model")
-    results["bentoml"] = bentoml_baseline(seconds, concurrencies)
-    log("4/6 gateway + Nginx overhead with stub services")
-    results["overhead"] = overhead(seconds)
-    log("7/7 overload at 4x capacity")
-    results["overload"] = overload.measure(cache, seconds)
+    log("2/7 end to end on the defaults (and 6/7 memory, 7/7 overload)")
+    results["e2e"] = end_to_end(cache, seconds)
+    results["overload"] = results["e2e"].pop("overload")
+    log("3/7 seed-style baseline")
+    results["seed"] = seed_baseline(seconds, SWEEP)
+    log("3b/7 BentoML serving the same model")
+    results["bentoml"] = bentoml_baseline(seconds, SWEEP)
+    log("4/7 gateway + Nginx overhead with stub services, cache hits")
+    results["overhead"] = overhead(cache, seconds)
     results["duration_s"] = round(time.time() - started)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2))
     report.write(results, RESULTS)
