@@ -217,9 +217,7 @@ def test_an_overloaded_service_refuses_with_503_before_reading_the_body(runtime:
     shed = client.post("/v1/predict", data=image, content_type="image/png")
     assert_error(shed, 503, "overloaded")
     assert 1 <= int(shed.headers["Retry-After"]) <= 2  # 640 ms drained, jittered by up to 50 %
-    late = client.post(
-        "/v1/predict", data=image, content_type="image/png", headers={"X-Deadline-Ms": "300"}
-    )
+    late = client.post("/v1/predict", data=image, content_type="image/png", headers={"X-Deadline-Ms": "300"})
     assert_error(late, 503, "overloaded")
     assert runtime.batches == []  # refused: nothing reached the model
     batcher.admission.dropped(16)
