@@ -27,9 +27,10 @@ import requests
 
 from deploy.local.fleet import ROOT, Fleet
 from deploy.local.running import on_free_ports, running
+from gateway.settings import GatewaySettings
 
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()
-DEFAULT_DEADLINE_S = 30.0  # the services' and the gateway's default deadline
+DEFAULT_DEADLINE_S = GatewaySettings().default_deadline_ms / 1000
 _serial = itertools.count()
 _nonce = uuid.uuid4().bytes  # new bytes in every run: no cached answer from an earlier one
 CLIENTS = 32

@@ -15,12 +15,6 @@ def _raw_best(results: dict[str, Any], model: str, batch: int) -> dict[str, Any]
     return max(served, key=lambda r: r["img_per_s"])
 
 
-def _run(results: dict[str, Any], section: str, target: str, connections: int) -> dict[str, Any]:
-    return next(
-        r for r in results[section]["runs"] if r["target"] == target and r["connections"] == connections
-    )
-
-
 def _resnet50(results: dict[str, Any], section: str = "e2e") -> dict[int, dict[str, Any]]:
     runs = (results.get(section) or {}).get("runs", [])
     return {r["connections"]: r for r in runs if section != "e2e" or r["target"] == "resnet50"}

@@ -17,8 +17,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,32 +94,27 @@ class Batcher:
     def check(self, images: int, deadline: float) -> None:
         """Refuse now (``Overloaded``, ``DeadlineExceeded``) a request that could not be served in
         time: called before decoding, so a refusal costs microseconds."""
-        try:
+        with self._counting_refusals():
             self.admission.check(images, deadline)
-        except Overloaded as exc:
-            self._shed(exc.reason)
-            raise
-        except DeadlineExceeded:
-            self._shed("deadline_unmeetable")
-            raise
 
-    def _shed(self, reason: str) -> None:
-        self.stats.shed += 1
-        metrics.SHED.labels(self.name, reason).inc()
+    @contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """Count an admission refusal raised in the block (stats and metrics), then let it through."""
+        try:
+            yield
+        except (Overloaded, DeadlineExceeded) as exc:
+            self.stats.shed += 1
+            reason = exc.reason if isinstance(exc, Overloaded) else "deadline_unmeetable"
+            metrics.SHED.labels(self.name, reason).inc()
+            raise
 
     def submit(self, inputs: np.ndarray, deadline: float = float("inf")) -> Job:
         """Queue ``inputs`` (one or more images); ``job.future`` resolves to their outputs.
 
         Admission decides once more; a job still waiting at ``deadline`` is dropped, not computed.
         """
-        try:
+        with self._counting_refusals():
             self.admission.enqueue(len(inputs), deadline)
-        except Overloaded as exc:
-            self._shed(exc.reason)
-            raise
-        except DeadlineExceeded:
-            self._shed("deadline_unmeetable")
-            raise
         job = Job(inputs, deadline=deadline)
         metrics.PENDING.labels(self.name).inc(len(inputs))
         self._queue.put(job)

@@ -32,7 +32,7 @@ def client_address() -> str:
 
 def _exempt() -> bool:
     endpoint = request.endpoint or ""
-    if endpoint == "v2.infer" or endpoint.startswith("v2.infer"):
+    if endpoint.startswith("v2.infer"):  # the unversioned and the versioned route
         return False
     return endpoint in EXEMPT or endpoint.startswith(("docs.", "v2."))
 

@@ -69,7 +69,16 @@ class Handler(BaseHTTPRequestHandler):
 @contextmanager
 def serve_images() -> Iterator[str]:
     """Serve :class:`Handler` on a free loopback port; yields its base URL."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serve(Handler) as url:
+        yield url
+
+
+@contextmanager
+def serve(
+    handler: type[BaseHTTPRequestHandler], server: type[ThreadingHTTPServer] = ThreadingHTTPServer
+) -> Iterator[str]:
+    """Serve ``handler`` with ``server`` on a free loopback port, in a thread; yields its base URL."""
+    httpd = server(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:

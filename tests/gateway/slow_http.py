@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 
-from tests.http_fixtures import CAT, Handler
+from tests.http_fixtures import CAT, Handler, serve
 
 
 class SlowHandler(Handler):
@@ -34,11 +33,5 @@ class _Server(ThreadingHTTPServer):
 @contextmanager
 def serve_slow_images() -> Iterator[str]:
     """Serve :class:`SlowHandler` on a free loopback port; yields its base URL."""
-    httpd = _Server(("127.0.0.1", 0), SlowHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve(SlowHandler, _Server) as url:
+        yield url

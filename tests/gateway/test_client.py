@@ -6,6 +6,7 @@ import base64
 import json
 from collections.abc import Callable
 from http.client import RemoteDisconnected
+from typing import Any
 
 import pytest
 import requests
@@ -35,6 +36,12 @@ def reply(count: int = 1, **extra: object) -> dict:
         for i in range(count)
     ]
     return {"model": "resnet50", "weights": "random", "results": results, **extra}
+
+
+def one_replica(**options: Any) -> ModelClient:
+    """A client of ``resnet50`` with the one replica R1, built with ``options``."""
+    session = new_session(2)
+    return ModelClient(Registry({"resnet50": [R1]}, session), session, **options)
 
 
 @pytest.fixture
@@ -207,10 +214,7 @@ def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(
 
 @responses.activate
 def test_connection_failures_are_retried_once_after_a_jittered_backoff() -> None:
-    session = new_session(2)
-    client = ModelClient(
-        Registry({"resnet50": [R1]}, session), session, connect_retries=1, retry_backoff_s=0.01
-    )
+    client = one_replica(connect_retries=1, retry_backoff_s=0.01)
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("restarting"))
     responses.post(f"{R1}/v1/predict", json=reply())
     assert client.predict("resnet50", [b"a"], top_k=1)["results"]
@@ -239,14 +243,7 @@ def test_the_remaining_deadline_travels_to_the_member(client: ModelClient) -> No
 def test_a_failing_replica_opens_its_circuit_and_is_probed_back() -> None:
     import time
 
-    session = new_session(2)
-    client = ModelClient(
-        Registry({"resnet50": [R1]}, session),
-        session,
-        connect_retries=0,
-        breaker_fail_max=3,
-        breaker_reset_s=0.3,
-    )
+    client = one_replica(connect_retries=0, breaker_fail_max=3, breaker_reset_s=0.3)
     garbage = responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
     for _ in range(3):
         with pytest.raises(BadUpstreamResponse):
@@ -318,10 +315,7 @@ def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(client: ModelCli
 @pytest.mark.parametrize("code", ["deadline_exceeded", "inference_timeout"])
 @responses.activate
 def test_a_members_504_is_deadline_exceeded_never_retried_and_never_a_breaker_failure(code: str) -> None:
-    session = new_session(2)
-    client = ModelClient(
-        Registry({"resnet50": [R1]}, session), session, connect_retries=2, breaker_fail_max=1
-    )
+    client = one_replica(connect_retries=2, breaker_fail_max=1)
     late = responses.post(
         f"{R1}/v1/predict", status=504, json={"error": {"code": code, "message": "the budget ran out"}}
     )
@@ -367,10 +361,7 @@ def test_a_reply_lost_after_sending_is_asked_again_elsewhere_and_the_replica_sta
 @pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
 @responses.activate
 def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exception) -> None:
-    session = new_session(2)
-    client = ModelClient(
-        Registry({"resnet50": [R1]}, session), session, connect_retries=3, retry_backoff_s=0.001
-    )
+    client = one_replica(connect_retries=3, retry_backoff_s=0.001)
     client.registry.replicas("resnet50")[0].ready = True
     responses.post(f"{R1}/v1/predict", body=lost)
     responses.post(f"{R1}/v1/predict", json=reply())
@@ -396,10 +387,7 @@ def test_nothing_sent_marks_the_replica_down_and_fails_over(client: ModelClient,
 
 @responses.activate
 def test_overloaded_neither_counts_against_nor_resets_the_circuit() -> None:
-    session = new_session(2)
-    client = ModelClient(
-        Registry({"resnet50": [R1]}, session), session, connect_retries=0, breaker_fail_max=3
-    )
+    client = one_replica(connect_retries=0, breaker_fail_max=3)
     garbage = {"status": 502, "body": "<html>Bad Gateway</html>"}
     for answer in (garbage, garbage, overloaded_reply(), garbage):
         responses.post(f"{R1}/v1/predict", **answer)
@@ -415,14 +403,7 @@ def test_overloaded_neither_counts_against_nor_resets_the_circuit() -> None:
 def test_an_overloaded_trial_call_leaves_the_next_call_to_be_the_trial() -> None:
     import time
 
-    session = new_session(2)
-    client = ModelClient(
-        Registry({"resnet50": [R1]}, session),
-        session,
-        connect_retries=0,
-        breaker_fail_max=1,
-        breaker_reset_s=0.05,
-    )
+    client = one_replica(connect_retries=0, breaker_fail_max=1, breaker_reset_s=0.05)
     responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
     responses.post(f"{R1}/v1/predict", **overloaded_reply())
     responses.post(f"{R1}/v1/predict", json=reply())
