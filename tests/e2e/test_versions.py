@@ -52,8 +52,14 @@ def test_a_new_version_swaps_in_under_load_with_no_errors(
     assert not failures(load.outcomes), failures(load.outcomes)
     seen = [o.version for o in load.outcomes]
     assert seen[0] == "1" and set(seen[switched:]) == {"2"}, seen
+    # /v1/models answers from each gateway worker's last readiness probes (every
+    # GATEWAY_HEALTH_INTERVAL_S): it reports version 2 once both workers have probed again.
+    wait_until(lambda: listed_version(fleet) == "2", 30, "/v1/models to list version 2")
+
+
+def listed_version(fleet: E2EFleet) -> str:
     body = requests.get(f"{fleet.url}/v1/models", timeout=10).json()
-    assert next(m for m in body["models"] if m["name"] == "shapes")["version"] == "2"
+    return str(next(m for m in body["models"] if m["name"] == "shapes")["version"])
 
 
 def test_the_admin_endpoint_reloads_at_once_and_wants_its_token(
