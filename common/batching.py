@@ -1,26 +1,33 @@
 """Adaptive batching: many request threads, one model call per batch.
 
-Requests (each one or more images) wait in one FIFO queue; one worker thread takes the first,
-drains whatever else is already waiting (up to ``max_batch`` images), and - only when traffic is
-concurrent - waits up to ``window_ms`` after the first arrival for more (Triton's
+Interactive requests (each one or more images) wait in one FIFO queue; one worker thread takes the
+first, drains whatever else is already waiting (up to ``max_batch`` images), and - only when traffic
+is concurrent - waits up to ``window_ms`` after the first arrival for more (Triton's
 ``max_queue_delay``), a budget that ends as soon as the batch is full. Light traffic pays no batching
 tax; under load the queue that builds while the model runs makes full batches. Each request gets its
 own future; a failed batch fails every waiter with the same error; a request whose deadline passed
 while it waited is dropped, not computed. What may join the queue is decided by the admission policy
 (``common/admission.py``); the batcher tells it what enters, starts and finishes, and how long each
 batch size took.
+
+Requests of ``Priority.BATCH`` (asynchronous jobs) wait in a second FIFO queue, served only when no
+interactive request waits (Triton's priority levels). A job request is already a batch its sender
+chose, so it runs alone: never merged with another job request, never with interactive ones. An
+interactive request therefore waits behind at most the one job request running; under unbroken
+interactive load job requests wait, and their deadlines drop them as they would any request.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -29,6 +36,13 @@ from common.admission import Admission, AdmissionPolicy, BatchTimes
 from common.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
+
+
+class Priority(StrEnum):
+    """Who waits for the answer: a person (``interactive``) or an asynchronous job (``batch``)."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
 
 
 @dataclass
@@ -41,6 +55,7 @@ class Job:
     started_at: float = 0.0
     deadline: float = float("inf")  # time.monotonic() after which the answer is useless
     served_by: object = None  # the tag of the model that computed it (see Batcher.swap)
+    priority: Priority = Priority.INTERACTIVE
 
     @property
     def queue_ms(self) -> float:
@@ -79,8 +94,9 @@ class Batcher:
         self.window_s = window_ms / 1000
         self.times = BatchTimes(max_batch)
         self.admission = Admission(policy or AdmissionPolicy(), self.times, name)
-        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._carry: Job | None = None  # taken from the queue but did not fit the last batch
+        self._waiting: dict[Priority, deque[Job]] = {priority: deque() for priority in Priority}
+        self._arrived = threading.Condition()  # guards _waiting; notified on every arrival
+        self._carry: Job | None = None  # interactive, taken but did not fit the last batch
         self._concurrent = False
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -108,17 +124,47 @@ class Batcher:
             metrics.SHED.labels(self.name, reason).inc()
             raise
 
-    def submit(self, inputs: np.ndarray, deadline: float = float("inf")) -> Job:
+    def submit(
+        self,
+        inputs: np.ndarray,
+        deadline: float = float("inf"),
+        priority: Priority | str = Priority.INTERACTIVE,
+    ) -> Job:
         """Queue ``inputs`` (one or more images); ``job.future`` resolves to their outputs.
 
         Admission decides once more; a job still waiting at ``deadline`` is dropped, not computed.
+        A ``Priority.BATCH`` job runs alone, after every interactive request waiting (see module).
         """
+        job_priority = Priority(priority)  # "batch" as well as Priority.BATCH; else a ValueError
         with self._counting_refusals():
             self.admission.enqueue(len(inputs), deadline)
-        job = Job(inputs, deadline=deadline)
+        job = Job(inputs, deadline=deadline, priority=job_priority)
         metrics.PENDING.labels(self.name).inc(len(inputs))
-        self._queue.put(job)
+        with self._arrived:
+            self._waiting[job_priority].append(job)
+            self._arrived.notify()
         return job
+
+    def _take(self) -> Job:
+        """The oldest interactive job waiting, else the oldest batch-priority one (blocks till one)."""
+        with self._arrived:
+            while True:
+                for priority in (Priority.INTERACTIVE, Priority.BATCH):
+                    if self._waiting[priority]:
+                        return self._waiting[priority].popleft()
+                self._arrived.wait()
+
+    def _take_interactive(self, timeout: float) -> Job | None:
+        """The oldest interactive job, waiting up to ``timeout`` seconds for one; None if none came."""
+        interactive = self._waiting[Priority.INTERACTIVE]
+        with self._arrived:
+            if timeout > 0:
+                self._arrived.wait_for(lambda: interactive, timeout)
+            return interactive.popleft() if interactive else None
+
+    def _interactive_waiting(self) -> bool:
+        with self._arrived:
+            return self._carry is not None or bool(self._waiting[Priority.INTERACTIVE])
 
     def _drop_expired(self, batch: list[Job]) -> list[Job]:
         now = time.monotonic()
@@ -135,17 +181,16 @@ class Batcher:
         return kept
 
     def _collect(self) -> list[Job]:
-        first = self._carry or self._queue.get()
+        first = self._carry or self._take()
         self._carry = None
+        if first.priority is Priority.BATCH:
+            return [first]  # chosen by its sender: runs alone
         batch, size = [first], len(first.inputs)
         deadline = first.enqueued_at + self.window_s
         while size < self.max_batch:
-            try:
-                if not self._queue.empty() or not self._concurrent:
-                    request = self._queue.get_nowait()
-                else:
-                    request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            wait_s = max(0.0, deadline - time.monotonic()) if self._concurrent else 0.0
+            request = self._take_interactive(wait_s)
+            if request is None:
                 break
             if size + len(request.inputs) > self.max_batch:
                 self._carry = request  # first in line for the next batch
@@ -161,7 +206,8 @@ class Batcher:
                 self._execute(batch)
 
     def _execute(self, batch: list[Job]) -> None:
-        self._concurrent = len(batch) > 1 or self._carry is not None or not self._queue.empty()
+        if batch[0].priority is Priority.INTERACTIVE:  # job requests say nothing of interactive load
+            self._concurrent = len(batch) > 1 or self._interactive_waiting()
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         size = len(inputs)
         predict, tag = self._current
@@ -197,11 +243,14 @@ class Batcher:
     def describe(self) -> dict[str, object]:
         """The batching and admission state, for ``/v1/model``."""
         load = self.admission.load()
+        with self._arrived:
+            queued_batch_images = sum(len(job.inputs) for job in self._waiting[Priority.BATCH])
         return {
             "max_batch_size": self.max_batch,
             "window_ms": self.window_s * 1000,
             "max_queue_images": self.admission.policy.max_queue_images,
             "queued_images": load.queued_images,
+            "queued_batch_images": queued_batch_images,
             "running_images": load.running_images,
             "batch_ms": self.times.snapshot(),
             "requests": self.stats.requests,

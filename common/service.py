@@ -3,7 +3,8 @@
 The model is loaded in a background thread of the Gunicorn worker (never the master), warmed, and
 timed at its batch sizes; only then does ``/health/ready`` answer 200. A prediction is admitted by
 deadline before its body is read (``common/admission.py``), decoded in its request thread, and
-answered by the one batcher that feeds the one model copy of the process.
+answered by the one batcher that feeds the one model copy of the process. A request sent with
+``X-Priority: batch`` (asynchronous jobs) runs alone and only when no interactive request waits.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flask import Flask, Response, request
 from common import imaging, metrics, repository, web
 from common import labels as labels_mod
 from common.backends import make_runtime
-from common.batching import Batcher
+from common.batching import Batcher, Priority
 from common.errors import BadRequest, DeadlineExceeded, NotFound, ServiceError
 from common.models import ModelSpec
 from common.runtime import Runtime, RuntimeInfo
@@ -42,6 +43,16 @@ def _request_images() -> tuple[list[bytes], bool]:
             raise BadRequest("multipart request has no 'file' or 'files' part")
         return [part.read() for part in parts], batch
     return [request.get_data(cache=False)], False
+
+
+def _request_priority() -> Priority:
+    """``X-Priority``: ``interactive`` when absent, ``batch`` for asynchronous jobs; else a 400."""
+    raw = request.headers.get(web.PRIORITY_HEADER) or Priority.INTERACTIVE
+    try:
+        return Priority(raw)
+    except ValueError:
+        allowed = ", ".join(Priority)
+        raise BadRequest(f"{web.PRIORITY_HEADER} must be one of {allowed}, got {raw[:40]!r}") from None
 
 
 def encode_probabilities(probabilities: np.ndarray) -> dict[str, str]:
@@ -159,8 +170,14 @@ def create_app(
 
     @app.post("/v1/predict")
     def predict() -> Response:
+        """Top-k predictions for one image (raw body or ``file``) or several (``files``).
+
+        Headers: ``X-Deadline-Ms`` (the budget), ``X-Priority`` (``interactive``, the default, or
+        ``batch``: waits until no interactive request does, and runs as a batch of its own).
+        """
         started = time.perf_counter()
         deadline = web.deadline(settings.default_deadline_s)
+        priority = _request_priority()
         info = model.require_ready()
         # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
         top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
@@ -183,7 +200,7 @@ def create_app(
         probabilities = np.empty((0, len(model.labels)), np.float32)
         queue_ms = 0.0
         if pixels:
-            job = batcher.submit(np.stack(pixels), deadline=deadline)
+            job = batcher.submit(np.stack(pixels), deadline=deadline, priority=priority)
             del pixels
             try:
                 probabilities = job.future.result(timeout=max(0.0, deadline - time.monotonic()))

@@ -156,6 +156,7 @@ def query_flag(name: str) -> bool:
 
 
 DEADLINE_HEADER = "X-Deadline-Ms"
+PRIORITY_HEADER = "X-Priority"  # "interactive" (the default) or "batch": see common/batching.py
 REQUEST_START_HEADER = "X-Request-Start"
 MAX_DEADLINE_MS = 600_000
 

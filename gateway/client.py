@@ -14,9 +14,10 @@ from typing import Any
 import requests
 
 from common import metrics
+from common.batching import Priority
 from common.errors import ModelUnavailable
 from common.labels import Labels, from_json
-from common.web import REQUEST_ID_HEADER
+from common.web import PRIORITY_HEADER, REQUEST_ID_HEADER
 from gateway import accounting, chunks
 from gateway.breaker import Breaker
 from gateway.failover import Failover
@@ -89,15 +90,20 @@ class ModelClient:
         probabilities: bool = False,
         request_id: str = "",
         deadline: float = float("inf"),
+        priority: str = Priority.INTERACTIVE,
     ) -> dict[str, Any]:
         """The member's answer for ``images``: one result per image, in order.
 
         Usually one call; a batch over the member's body limit goes out as several calls, one
         after another, and an image too large for any call gets a 413 result of its own.
         ``deadline`` (``time.monotonic()``) is the request's: the member gets what is left of it.
+        ``priority="batch"`` (asynchronous jobs only) asks the member to run each call after every
+        interactive request waiting, as a batch of its own (``X-Priority``).
         """
         params = {"top_k": str(top_k), **({"probabilities": "true"} if probabilities else {})}
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+        if priority != Priority.INTERACTIVE:
+            headers[PRIORITY_HEADER] = priority
         limit = self.registry.body_limit(model)
         plan = chunks.split([len(image) for image in images], limit)
         if plan.whole:

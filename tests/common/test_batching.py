@@ -1,4 +1,5 @@
-"""The batcher as a unit: fills, waits only under load, fails every waiter, sheds, keeps results apart."""
+"""The batcher as a unit: fills, waits only under load, fails every waiter, sheds, keeps results apart,
+serves interactive requests before batch-priority ones."""
 
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ import numpy as np
 import pytest
 
 from common.admission import AdmissionPolicy
-from common.batching import Batcher
+from common.batching import Batcher, Priority
 from common.errors import DeadlineExceeded, Overloaded
 
 
 class GatedModel:
-    """Records batch sizes; the first call blocks until released, so requests pile up behind it."""
+    """Records batch sizes and pixel values; calls block until released, so requests pile up."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.values: list[list[float]] = []  # per batch, each image's value (see ``images``)
         self.release = threading.Event()
         self.started = threading.Event()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self.sizes.append(len(batch))
+        self.values.append(batch[:, 0, 0, 0].tolist())
         self.started.set()
         self.release.wait(10)
         return batch.sum(axis=(1, 2, 3), keepdims=False)[:, None] * 2
@@ -210,3 +213,60 @@ def test_a_swap_lets_the_running_batch_finish_on_the_old_model() -> None:
     queued.future.result(5)
     assert (running.served_by, queued.served_by) == ("v1", "v2")
     assert old.sizes == [1]  # the queued job never touched the old model
+
+
+def test_interactive_requests_start_before_every_waiting_batch_priority_one() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=4, window_ms=0)
+    running = batcher.submit(images(1, 0))
+    assert model.started.wait(5)  # the model is busy: everything below waits
+    jobs = [
+        batcher.submit(images(2, 10), priority=Priority.BATCH),
+        batcher.submit(images(1, 11), priority=Priority.BATCH),
+        batcher.submit(images(1, 12), priority=Priority.BATCH),
+    ]
+    interactive = [batcher.submit(images(1, i)) for i in range(1, 7)]
+    assert batcher.describe()["queued_batch_images"] == 4 and batcher.describe()["queued_images"] == 10
+    model.release.set()
+    for job in [running, *jobs, *interactive]:
+        job.future.result(5)
+    # Interactive first, batched as always and in order; then each job request alone, in order.
+    assert model.values == [[0], [1, 2, 3, 4], [5, 6], [10, 10], [11], [12]]
+    assert max(job.started_at for job in interactive) < min(job.started_at for job in jobs)
+    assert batcher.describe()["queued_batch_images"] == 0
+    load = batcher.admission.load()
+    assert (load.queued_images, load.running_images) == (0, 0)
+
+
+def test_an_interactive_request_waits_behind_at_most_the_one_job_request_running() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=8, window_ms=0)
+    first_job = batcher.submit(images(1, 10), priority=Priority.BATCH)
+    assert model.started.wait(5)
+    next_job = batcher.submit(images(1, 11), priority="batch")  # a plain string does too
+    interactive = [batcher.submit(images(1, i)) for i in (1, 2)]
+    model.release.set()
+    for job in [first_job, next_job, *interactive]:
+        job.future.result(5)
+    assert model.values == [[10], [1, 2], [11]]
+    assert batcher.stats.batches == 3 and batcher.stats.requests == 4
+
+
+def test_a_batch_priority_request_whose_deadline_passed_is_dropped_not_computed() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=8, window_ms=0)
+    blocker = batcher.submit(images(1, 0))
+    assert model.started.wait(5)
+    late_by = time.monotonic() + 0.05
+    late = batcher.submit(images(2, 10), deadline=late_by, priority=Priority.BATCH).future
+    on_time = batcher.submit(images(1, 11), deadline=time.monotonic() + 60, priority=Priority.BATCH)
+    while time.monotonic() <= late_by:  # let the job's deadline pass while the model is busy
+        time.sleep(0.01)
+    model.release.set()
+    blocker.future.result(5)
+    assert len(on_time.future.result(5)) == 1
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert model.values == [[0], [11]] and batcher.stats.expired == 1
+    load = batcher.admission.load()
+    assert (load.queued_images, load.running_images) == (0, 0)

@@ -493,3 +493,14 @@ def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(client: Mo
     body = client.predict("resnet50", [b"A" * nine_mib, b"B" * nine_mib], top_k=1)
     assert [r["predictions"][0]["label"] for r in body["results"]] == ["A", "B"]
     assert len(bodies) == 2 and max(bodies) <= 16 * 1024 * 1024
+
+
+@responses.activate
+@pytest.mark.parametrize(("priority", "sent"), [(None, None), ("interactive", None), ("batch", "batch")])
+def test_only_a_batch_priority_call_carries_x_priority(
+    client: ModelClient, priority: str | None, sent: str | None
+) -> None:
+    call = responses.post(f"{R1}/v1/predict", json=reply())
+    options = {"priority": priority} if priority else {}
+    client.predict("resnet50", [b"a"], top_k=1, **options)
+    assert call.calls[0].request.headers.get("X-Priority") == sent

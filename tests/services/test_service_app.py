@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 from PIL import Image
+from werkzeug.test import TestResponse
 
+from common.batching import Priority
 from common.errors import WeightsUnavailable
 from common.runtime import RuntimeInfo
 from common.service import ServiceSettings, create_app
@@ -232,3 +234,33 @@ def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> No
         ServiceSettings.from_env("resnet50", {"MAX_QUEUE_DELAY_MS": "100"})
     with pytest.raises(ValueError, match="BATCH_WINDOW_MS"):
         ServiceSettings.from_env("resnet50", {"RESNET50_MAX_BATCH_WAIT_MS": "5"})
+
+
+def test_priority_header_is_interactive_or_batch_and_nothing_else(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batcher = client.application.extensions["batcher"]
+    submitted, submit = [], batcher.submit
+
+    def spy(*args: object, **kwargs: object) -> object:
+        submitted.append(kwargs["priority"])
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(batcher, "submit", spy)
+
+    def post(priority: str) -> TestResponse:
+        return client.post(
+            "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Priority": priority}
+        )
+
+    for priority in ("batch", "interactive"):
+        response = post(priority)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert response.get_json()["predictions"]
+    assert client.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
+    assert submitted == [Priority.BATCH, Priority.INTERACTIVE, Priority.INTERACTIVE]
+    refused = post("bogus")
+    assert_error(refused, 400, "bad_request")
+    assert "interactive, batch" in refused.get_json()["error"]["message"]
+    assert len(submitted) == 3  # refused before it reached the model
+    assert client.get("/v1/model").get_json()["batching"]["queued_batch_images"] == 0
