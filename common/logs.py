@@ -25,18 +25,22 @@ def formatter() -> logging.Formatter:
     )
 
 
+def level() -> str:
+    return os.environ.get("LOG_LEVEL", "INFO")
+
+
 def gunicorn_config() -> dict[str, Any]:
     """A ``logconfig_dict`` for Gunicorn: its own messages and the app's share one JSON stream."""
-    level = os.environ.get("LOG_LEVEL", "INFO")
+    level_name = level()
     handler = {"class": "logging.StreamHandler", "formatter": "structured", "stream": "ext://sys.stderr"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"structured": {"()": formatter}},
         "handlers": {"console": handler},
-        "root": {"level": level, "handlers": ["console"]},
+        "root": {"level": level_name, "handlers": ["console"]},
         "loggers": {
-            "gunicorn.error": {"level": level, "handlers": ["console"], "propagate": False},
+            "gunicorn.error": {"level": level_name, "handlers": ["console"], "propagate": False},
             "gunicorn.access": {"level": "WARNING", "handlers": ["console"], "propagate": False},
         },
     }

@@ -24,6 +24,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -86,6 +87,15 @@ MEMBER_FAILURES = Counter(
 CACHE = Counter("imagerec_gateway_cache_total", "Response cache lookups: hit or miss", ["result"])
 
 
+_COLLECTORS: dict[str, Collector] = {}
+
+
+def add_collector(name: str, collector: Collector) -> None:
+    """Serve ``collector``'s samples too (the last one added under ``name``): figures read at
+    scrape time, e.g. from Redis, which are the same whichever worker answers."""
+    _COLLECTORS[name] = collector
+
+
 def _registry() -> CollectorRegistry:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
@@ -95,7 +105,10 @@ def _registry() -> CollectorRegistry:
 
 
 def exposition() -> Response:
-    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+    extra = CollectorRegistry(auto_describe=False)
+    for collector in _COLLECTORS.values():
+        extra.register(collector)
+    return Response(generate_latest(_registry()) + generate_latest(extra), mimetype=CONTENT_TYPE_LATEST)
 
 
 def install(app: Flask, component: str, model: Callable[[], str]) -> None:

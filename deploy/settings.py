@@ -7,9 +7,11 @@ defaults out and a test holds it to them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from common.jobs.settings import JobSettings
 from common.settings import setting
 
 NGINX_TEMPLATES = Path(__file__).resolve().parent / "nginx"
@@ -21,6 +23,30 @@ NGINX_TEMPLATES = Path(__file__).resolve().parent / "nginx"
 SERVICE_THREADS = 96
 GATEWAY_WORKERS = 2
 GATEWAY_THREADS = 64
+# Where compose and Kubernetes mount the volume the gateway and every job worker share (JOBS_DIR):
+# the gateway writes a job's inputs there, the workers its results.
+JOBS_DIR = "/jobs"
+
+
+def worker_command(jobs: JobSettings | None = None) -> list[str]:
+    """The job worker as compose and Kubernetes run it, from the gateway's image: Celery's prefork
+    pool of ``JOBS_WORKER_PROCESSES``, each process with one task, so one model call, in flight."""
+    jobs = jobs or JobSettings()
+    return [
+        *("python", "-m", "celery", "-A", "workers.app", "worker", "-Q", jobs.queue),
+        *("--concurrency", str(jobs.worker_processes), "--without-gossip", "--without-mingle"),
+    ]
+
+
+def worker_stop_grace_s(jobs: JobSettings | None = None) -> int:
+    """Seconds a stopping worker gets before it is killed. On SIGTERM Celery takes no new task and
+    finishes those it runs, each within ``JOBS_CHUNK_BUDGET_S``; the one that ends a job then posts
+    its callback (every attempt, with the back-off between them). Killed sooner, a task is handed out
+    again after ``JOBS_VISIBILITY_TIMEOUT_S``, but a callback due is lost."""
+    jobs = jobs or JobSettings()
+    attempts = jobs.callback_attempts
+    callback_s = attempts * jobs.callback_timeout_s + sum(2.0**a for a in range(1, attempts))
+    return math.ceil(jobs.chunk_budget_s + callback_s) + 15  # + a chunk's files, and Celery's exit
 
 
 @dataclass(frozen=True)
@@ -32,6 +58,12 @@ class NginxLimits:
     client_timeout: str = setting("30s", "client header/body/send timeout at Nginx")
     proxy_connect_timeout: str = setting("5s", "Nginx -> gateway connect timeout")
     proxy_read_timeout: str = setting("60s", "Nginx -> gateway read timeout")
+    jobs_max_body_size: str = setting(
+        "512m", "largest job upload at POST /v1/jobs (JOBS_MAX_ARCHIVE_BYTES), spooled to disk"
+    )
+    jobs_read_timeout: str = setting(
+        "300s", "Nginx -> gateway read timeout for a job upload (the gateway unpacks it before 202)"
+    )
 
     def template_values(self) -> dict[str, str]:
         """The limits by the template's variable names, e.g. ``NGINX_MAX_BODY_SIZE``."""

@@ -8,8 +8,9 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from common import metrics, web
+from common.jobs.settings import JobSettings
 from gateway import cache as response_cache
-from gateway import docs, limits, v2
+from gateway import docs, jobs, limits, v2
 from gateway.client import ModelClient, build_client
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
@@ -23,9 +24,11 @@ def create_app(
     fetcher: UrlFetcher | None = None,
     *,
     poll_health: bool = True,
+    job_settings: JobSettings | None = None,
 ) -> Flask:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
+    job_settings = job_settings or JobSettings.from_env()
     client = client or build_client(settings)
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,
@@ -49,9 +52,12 @@ def create_app(
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes
     )
-    # Bodies up to twice the limit are drained after an early answer (a 413 included), so the
-    # connection Nginx keeps alive stays clean; Nginx itself refuses anything larger.
-    web.install(app, drain_max_bytes=2 * settings.max_body_bytes)
+    # Bodies up to twice the limit (a job's upload limit, on its route) are drained after an early
+    # answer (a 413 included), so the connection Nginx keeps alive stays clean; Nginx itself
+    # refuses anything larger.
+    web.install(
+        app, drain_max_bytes=max(2 * settings.max_body_bytes, job_settings.max_archive_bytes + 1024 * 1024)
+    )
 
     def model_label() -> str:
         """The request's model as a metrics label: known names only, never what a client typed."""
@@ -216,6 +222,7 @@ def create_app(
 
     app.register_blueprint(v2.create_blueprint(settings, predictor))
     app.register_blueprint(docs.create_blueprint())
+    app.register_blueprint(jobs.create_blueprint(settings, job_settings, client))
     limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)

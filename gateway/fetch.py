@@ -146,7 +146,23 @@ class UrlFetcher:
             raise UrlNotAllowed(f"{host!r} resolves to a non-public address ({', '.join(refused)})")
         return addresses[0]
 
-    def _request(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
+    def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+        """POST ``body`` to ``url`` by the same address rules (no redirects followed); returns the
+        status. Raises ``ServiceError`` when the URL is not allowed or cannot be reached."""
+        response = self._request(url, time.monotonic() + timeout_s, "POST", body, headers)
+        try:
+            return response.status
+        finally:
+            response.close()
+
+    def _request(
+        self,
+        url: str,
+        deadline: float,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -181,9 +197,15 @@ class UrlFetcher:
         host_header = parts.netloc.rsplit("@", 1)[-1]
         try:
             return pool.urlopen(
-                "GET",
+                method,
                 path,
-                headers={"Host": host_header, "Accept": "image/*", "User-Agent": "imagerec-gateway/1"},
+                body=body,
+                headers={
+                    "Host": host_header,
+                    "Accept": "image/*",
+                    "User-Agent": "imagerec-gateway/1",
+                    **(headers or {}),
+                },
                 redirect=False,
                 retries=False,
                 preload_content=False,

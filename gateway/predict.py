@@ -115,7 +115,13 @@ class Predictor:
                     item.error = exc
 
     def _call_members(
-        self, selection: Selection, images: list[bytes], top_k: int, request_id: str, deadline: float
+        self,
+        selection: Selection,
+        images: list[bytes],
+        top_k: int,
+        request_id: str,
+        deadline: float,
+        priority: str,
     ) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
         if len(selection.members) == 1:  # no fan-out: call in this thread, skip the hand-off
             member = selection.members[0]
@@ -127,6 +133,7 @@ class Predictor:
                     probabilities=selection.vote is not None,
                     request_id=request_id,
                     deadline=deadline,
+                    priority=priority,
                 )
             except ServiceError as exc:
                 return {}, {member: exc}
@@ -140,6 +147,7 @@ class Predictor:
                 probabilities=selection.vote is not None,
                 request_id=request_id,
                 deadline=deadline,
+                priority=priority,
             )
             for m in selection.members
         }
@@ -191,15 +199,19 @@ class Predictor:
         top_k: int,
         request_id: str,
         deadline: float = float("inf"),
+        priority: str = "interactive",
     ) -> dict[str, Any]:
         """Call the members for every valid item and merge; item errors stay on their items.
 
         ``deadline`` (``time.monotonic()``) is the client's: members get what is left of it.
+        ``priority`` ``batch`` (the job workers') lets every interactive request go first.
         """
         started = time.perf_counter()
         valid = [i for i, item in enumerate(items) if item.error is None]
         replies, failures = (
-            self._call_members(selection, [items[i].data for i in valid], top_k, request_id, deadline)
+            self._call_members(
+                selection, [items[i].data for i in valid], top_k, request_id, deadline, priority
+            )
             if valid
             else ({}, {})
         )

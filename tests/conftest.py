@@ -5,25 +5,32 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import shutil
 import struct
+import subprocess
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from common.service import ServiceSettings
 from common.service_settings import RENAMED
+from deploy.local.running import free_port, wait_until
 from gateway.settings import GatewaySettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")
 _SERVICE_FIELDS = {f.name.upper() for f in dataclasses.fields(ServiceSettings)} | set(RENAMED)
-_PREFIXES = ("GATEWAY_", "FLEET_", "CUSTOM_", "VGG16_", "RESNET50_", "INCEPTIONV3_", "SHAPES_")
+_PREFIXES = ("GATEWAY_", "FLEET_", "JOBS_", "CUSTOM_", "VGG16_", "RESNET50_", "INCEPTIONV3_", "SHAPES_")
 
 
 def _is_project_variable(name: str) -> bool:
-    return name in _SERVICE_FIELDS or name.startswith(_PREFIXES) or name.endswith("_URLS")
+    return (
+        name in _SERVICE_FIELDS or name.startswith(_PREFIXES) or name.endswith("_URLS") or name == "REDIS_URL"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -77,3 +84,32 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+# A real redis-server on a free port, for the tests of everything kept in Redis.
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if not server:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (make test installs it)")
+    port = free_port(replicas=1)
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url).ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, 15, "redis-server to answer")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)

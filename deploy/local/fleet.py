@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.jobs.settings import JobSettings
 from common.settings import load, setting
 from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxLimits
 
@@ -47,6 +48,9 @@ class FleetSettings:
         True, "run redis-server and set REDIS_URL: one rate-limit count and cache for every gateway worker"
     )
     redis_port: int = setting(6380, "Redis port (not 6379, so a system Redis is left alone)")
+    workers: bool = setting(
+        True, "run a job worker (Celery, JOBS_WORKER_PROCESSES processes) for POST /v1/jobs; needs redis"
+    )
     nginx_workers: int = setting(1, "Nginx worker processes")
     logs_to_console: bool = setting(True, "stream every process's log to the terminal")
 
@@ -144,6 +148,7 @@ class Fleet:
         env["GATEWAY_REQUEST_THREADS"] = str(self.settings.gateway_threads)  # sizes its fan-out pool
         if self.settings.redis:
             env["REDIS_URL"] = self.redis_url
+        env["JOBS_DIR"] = os.environ.get("JOBS_DIR") or str(self.run_dir / "jobs")
         return env
 
     @property
@@ -188,6 +193,15 @@ class Fleet:
             programs["redis"] = (
                 f"{redis} --bind {s.host} --port {s.redis_port} --dir {self.run_dir}/redis "
                 "--appendonly yes --save '' --protected-mode no",
+                {},
+            )
+        if s.redis and s.workers:
+            # The job worker: Celery's prefork pool, one task per process at a time.
+            jobs = load(JobSettings, ("JOBS_",))
+            programs["worker"] = (
+                f"{sys.executable} -m celery -A workers.app worker -Q {jobs.queue} "
+                f"--concurrency {jobs.worker_processes} --hostname worker@{s.host}-{s.nginx_port} "
+                "--without-gossip --without-mingle --loglevel INFO",
                 {},
             )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"

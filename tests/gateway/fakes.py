@@ -28,6 +28,7 @@ class FakeModelClient:
         self.failures: dict[str, ServiceError] = {}
         self.calls: list[tuple[str, int, bool]] = []
         self.deadlines: list[float] = []
+        self.priorities: list[str] = []
 
     def predict(
         self,
@@ -38,8 +39,10 @@ class FakeModelClient:
         probabilities: bool = False,
         request_id: str = "",
         deadline: float = float("inf"),
+        priority: str = "interactive",
     ) -> dict[str, Any]:
         self.calls.append((model, len(images), probabilities))
+        self.priorities.append(priority)
         self.deadlines.append(deadline)
         if model in self.failures:
             raise self.failures[model]

@@ -1,0 +1,1 @@
+"""Batch jobs: what the gateway and the job workers share."""

@@ -1,0 +1,234 @@
+"""Receiving a job's images onto disk: nothing of an upload is held in memory.
+
+Accepted bodies: multipart with an ``archive`` part (zip or tar, compressed or not; the path inside
+is each item's name) and/or repeated ``files`` parts, read as a stream (werkzeug's sans-IO decoder)
+and written part by part into the job's staging folder, one open file at a time; JSON
+``{"images": [<base64> | {"image": ...} | {"url": ...}]}`` or ``{"urls": [...]}``, held in memory
+under its own, smaller limit. Form fields and JSON may carry ``callback_url``.
+
+Limits are checked as bytes arrive: the upload's size (``JOBS_MAX_ARCHIVE_BYTES``; Nginx enforces
+it first), images per job, each file's size, and the archive's own limits (``common.jobs.archive``).
+A refusal is a JSON 4xx and leaves nothing behind: the caller removes the staging folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import Request
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from common.errors import BadRequest, ImageTooLarge, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from common.jobs import archive
+from common.jobs.settings import JobSettings
+from gateway.inputs import decode_base64
+
+READ_BYTES = 1024 * 1024
+FIELD_BYTES = 8 * 1024  # a form field (callback_url) is short
+
+
+@dataclass
+class Received:
+    """A job's items, in input order: ``{"name", "file"}`` (relative to the job folder),
+    ``{"name", "url"}`` or ``{"name", "error"}`` (failed at submission; fails its item alone)."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class Intake:
+    def __init__(self, settings: JobSettings, max_image_bytes: int) -> None:
+        self.settings = settings
+        self.max_image_bytes = max_image_bytes
+        self.limits = archive.ArchiveLimits(
+            max_images=settings.max_images,
+            max_uncompressed_bytes=settings.max_uncompressed_bytes,
+            max_ratio=settings.max_ratio,
+            max_file_bytes=max_image_bytes,
+        )
+
+    def receive(self, request: Request, staging: Path) -> Received:
+        """Read ``request``'s images into ``staging`` (``inputs/``); raises a 4xx ``ServiceError``."""
+        (staging / "inputs").mkdir()
+        mimetype = request.mimetype
+        if mimetype == "multipart/form-data":
+            received = self._multipart(request, staging)
+        elif mimetype == "application/json":
+            received = self._json(request, staging)
+        else:
+            raise UnsupportedMediaType(
+                f"Content-Type {mimetype or 'missing'} is not accepted for a job; send multipart/form-data "
+                "('archive' and/or 'files') or application/json ('images' or 'urls')"
+            )
+        if not received.items:
+            raise BadRequest("the job has no images: send an 'archive', 'files', 'images' or 'urls'")
+        self._check_count(len(received.items))
+        return received
+
+    def _check_count(self, count: int) -> None:
+        if count > self.settings.max_images:
+            raise BadRequest(
+                f"more than {self.settings.max_images} images in one job (JOBS_MAX_IMAGES)",
+                code="too_many_images",
+            )
+
+    # --- multipart --------------------------------------------------------------------------
+
+    def _multipart(self, request: Request, staging: Path) -> Received:
+        _, options = parse_options_header(request.headers.get("Content-Type", ""))
+        boundary = options.get("boundary", "")
+        if not boundary:
+            raise BadRequest("multipart body without a boundary")
+        # The decoder's memory bound is on its buffer: one read plus what is left of the last.
+        decoder = MultipartDecoder(
+            boundary.encode("latin-1"), 4 * READ_BYTES, max_parts=self.settings.max_images + 16
+        )
+        received = Received()
+        stream = request.stream
+        part: _Part | None = None
+        total = 0
+        try:
+            while True:
+                event = decoder.next_event()
+                if isinstance(event, NeedData):
+                    chunk = stream.read(READ_BYTES)
+                    total += len(chunk)
+                    if total > self.settings.max_archive_bytes:
+                        limit = self.settings.max_archive_bytes
+                        raise PayloadTooLarge(f"the upload exceeds {limit} bytes (JOBS_MAX_ARCHIVE_BYTES)")
+                    decoder.receive_data(chunk or None)
+                elif isinstance(event, File):
+                    part = self._open_part(event, staging, received)
+                elif isinstance(event, Field):
+                    part = _Part(event.name, None, FIELD_BYTES)
+                elif isinstance(event, Data):
+                    if part is not None:
+                        part.write(event.data)
+                        if not event.more_data:
+                            part.close(received)
+                            part = None
+                elif isinstance(event, Epilogue):
+                    break
+        except ValueError as exc:  # werkzeug: malformed multipart
+            raise BadRequest(f"malformed multipart body: {exc}") from None
+        finally:
+            if part is not None:
+                part.close(None)
+        return self._expand_archives(received, staging)
+
+    def _open_part(self, event: File, staging: Path, received: Received) -> _Part | None:
+        if event.name == "archive":
+            path = staging / f"upload-{len(received.items)}"
+            received.items.append({"archive": path})
+            return _Part(event.name, path, self.settings.max_archive_bytes)
+        if event.name == "files":
+            self._check_count(len(received.items) + 1)
+            relative = f"inputs/{len(received.items):06d}"
+            received.items.append(
+                {"name": event.filename or f"files[{len(received.items)}]", "file": relative}
+            )
+            return _Part(event.name, staging / relative, self.max_image_bytes)
+        return None  # an unknown part is read past and ignored, as a form would
+
+    def _expand_archives(self, received: Received, staging: Path) -> Received:
+        """Put each archive's files, in their sorted order, where the archive was in the upload."""
+        items: list[dict[str, Any]] = []
+        for item in received.items:
+            if "archive" not in item:
+                items.append(item)
+                continue
+            upload: Path = item["archive"]
+            target = staging / "inputs" / upload.name
+            target.mkdir()
+            entries = archive.unpack(upload, target, self.limits)
+            upload.unlink()
+            items += [{"name": e.name, "file": str(e.path.relative_to(staging))} for e in entries]
+        return Received(items, received.fields)
+
+    # --- JSON -------------------------------------------------------------------------------
+
+    def _json(self, request: Request, staging: Path) -> Received:
+        if (request.content_length or 0) > self.settings.max_json_bytes:
+            raise PayloadTooLarge(
+                f"a JSON job body is limited to {self.settings.max_json_bytes} bytes (JOBS_MAX_JSON_BYTES); "
+                "send large jobs as an archive"
+            )
+        try:
+            body = json.loads(request.get_data(cache=False))
+        except (ValueError, RecursionError):
+            raise BadRequest("body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest("JSON body must be an object with 'images' or 'urls'")
+        received = Received(fields={"callback_url": body["callback_url"]} if "callback_url" in body else {})
+        if not isinstance(received.fields.get("callback_url", ""), str):
+            raise BadRequest("'callback_url' must be a string")
+        if "urls" in body and "images" in body:
+            raise BadRequest("send 'images' or 'urls', not both")
+        if "urls" in body:
+            urls = body["urls"]
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise BadRequest("'urls' must be a list of strings")
+            self._check_count(len(urls))
+            received.items = [{"name": url[:300], "url": url} for url in urls]
+            return received
+        images = body.get("images")
+        if not isinstance(images, list):
+            raise BadRequest("JSON job body needs 'images' (a list) or 'urls' (a list)")
+        self._check_count(len(images))
+        for index, value in enumerate(images):
+            received.items.append(self._json_item(index, value, staging))
+        return received
+
+    def _json_item(self, index: int, value: object, staging: Path) -> dict[str, Any]:
+        name = f"images[{index}]"
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            name = value["name"][:300]
+        try:
+            if isinstance(value, dict) and "url" in value:
+                if not isinstance(value["url"], str):
+                    raise BadRequest("'url' must be a string")
+                return {"name": name, "url": value["url"]}
+            raw = value["image"] if isinstance(value, dict) and "image" in value else value
+            if not isinstance(raw, str):
+                raise BadRequest("each image must be a base64 string or an object with 'image' or 'url'")
+            data = decode_base64(raw, self.max_image_bytes)
+        except ServiceError as exc:
+            return {"name": name, "error": {**exc.to_dict(), "status": exc.status}}
+        relative = f"inputs/{index:06d}"
+        (staging / relative).write_bytes(data)
+        return {"name": name, "file": relative}
+
+
+class _Part:
+    """One multipart part being received: a file written as it arrives, or a short field."""
+
+    def __init__(self, name: str, path: Path | None, max_bytes: int) -> None:
+        self.name = name
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.buffer = bytearray()
+        self.out = path.open("wb") if path is not None else None
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            if self.name == "files":
+                raise ImageTooLarge(f"a file of the job exceeds {self.max_bytes} bytes")
+            if self.name == "archive":
+                raise PayloadTooLarge(f"the archive exceeds {self.max_bytes} bytes")
+            raise BadRequest(f"form field {self.name!r} is longer than {self.max_bytes} bytes")
+        if self.out is not None:
+            self.out.write(data)
+        else:
+            self.buffer += data
+
+    def close(self, received: Received | None) -> None:
+        if self.out is not None:
+            self.out.close()
+        elif received is not None and self.name == "callback_url":
+            received.fields["callback_url"] = self.buffer.decode("utf-8", "replace")

@@ -1,0 +1,239 @@
+"""A job chunk's life without Celery: a real Redis, a job folder, and the gateway's Predictor on a
+fake model client (so failures and cancellations can be placed exactly)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from common.errors import BadRequest, ModelUnavailable, Overloaded, ServiceError
+from common.jobs.settings import JobSettings
+from common.jobs.store import JobStore, connect
+from gateway.fetch import UrlFetcher
+from gateway.predict import Predictor
+from tests.conftest import gateway_settings, photo
+from tests.gateway.fakes import FakeModelClient
+from tests.http_fixtures import serve
+from workers.runner import SIGNATURE_HEADER, TIMESTAMP_HEADER, Cancelled, ChunkRunner, Requeue, sign
+
+CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
+
+
+class Clock:
+    """Fake time: sleeping moves it on."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class ScriptedClient(FakeModelClient):
+    """Raises the scripted errors on the first calls, then answers; ``after_call`` runs after each."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.script: list[ServiceError] = []
+        self.after_call = lambda: None
+
+    def predict(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+        try:
+            if self.script:
+                raise self.script.pop(0)
+            return super().predict(model, images, **kwargs)
+        finally:
+            self.after_call()
+
+
+@pytest.fixture
+def store(redis_url: str, tmp_path: Path) -> Iterator[JobStore]:
+    redis.Redis.from_url(redis_url).flushall()
+    yield JobStore(connect(redis_url, retries=1), tmp_path / "jobs", 3600)
+
+
+def make_runner(store: JobStore, clock: Clock, **settings: Any) -> tuple[ChunkRunner, ScriptedClient]:
+    gateway = gateway_settings()
+    client = ScriptedClient(gateway)
+    jobs = JobSettings(redis_url="redis://unused", chunk_images=4, batch_images=2, **settings)
+    runner = ChunkRunner(
+        store,
+        Predictor(client, gateway),  # type: ignore[arg-type]
+        UrlFetcher(allow_networks=("127.0.0.0/8",)),
+        jobs,
+        gateway,
+        sleep=clock.sleep,
+        clock=clock,
+    )
+    return runner, client
+
+
+def submit(store: JobStore, images: list[bytes], chunk_images: int = 4, **record: Any) -> str:
+    """A job as the gateway writes one: inputs, per-chunk item lists, and the record."""
+    staged = store.staging()
+    (staged / "inputs").mkdir()
+    (staged / "chunks").mkdir()
+    items = []
+    for index, data in enumerate(images):
+        (staged / "inputs" / f"{index:06d}").write_bytes(data)
+        items.append({"index": index, "name": f"photo-{index}.jpg", "file": f"inputs/{index:06d}"})
+    chunks = [items[i : i + chunk_images] for i in range(0, len(items), chunk_images)]
+    for number, part in enumerate(chunks):
+        (staged / "chunks" / f"{number:06d}.json").write_text(json.dumps(part))
+    job_id = f"{len(images):032x}"
+    store.create(
+        job_id,
+        staged,
+        {
+            "kind": "inference",
+            "model": "vgg16",
+            "members": ["vgg16"],
+            "selection": {"model": "vgg16"},
+            "top_k": 3,
+            "total": len(images),
+            "chunks": len(chunks),
+            "chunk_images": chunk_images,
+            "callback_url": "",
+            **record,
+        },
+    )
+    return job_id
+
+
+def test_chunks_in_any_order_give_every_image_once_in_input_order(store: JobStore) -> None:
+    clock = Clock()
+    runner, client = make_runner(store, clock)
+    images = [CAT, COFFEE, b"not an image", CAT, COFFEE, CAT, COFFEE, CAT, CAT, COFFEE]
+    job_id = submit(store, images)
+    outcomes = [runner.run(job_id, chunk) for chunk in (2, 0, 1)]
+    assert [o.finished for o in outcomes] == [False, False, True]
+    job = store.get(job_id)
+    assert job is not None
+    assert (job["status"], job["done"], job["failed"]) == ("completed", 9, 1)
+    assert job["weights"] == {"vgg16": "random"}
+    results = list(store.results(job))
+    assert [r["index"] for r in results] == list(range(10))
+    assert [r["name"] for r in results] == [f"photo-{i}.jpg" for i in range(10)]
+    assert results[2]["error"]["code"] == "unsupported_media_type" and "predictions" not in results[2]
+    assert all(len(r["predictions"]) == 3 for i, r in enumerate(results) if i != 2)
+    # Two images a call at most, every call at batch priority: interactive clients go first.
+    assert {n for _, n, _ in client.calls} <= {1, 2} and set(client.priorities) == {"batch"}
+    assert clock.slept == []
+
+
+def test_a_redelivered_chunk_counts_once(store: JobStore) -> None:
+    runner, _ = make_runner(store, Clock())
+    job_id = submit(store, [CAT] * 6)
+    first = runner.run(job_id, 0)
+    again = runner.run(job_id, 0)  # redelivered after it was recorded
+    assert first.recorded and again.skipped == "already recorded"
+    # Redelivered after its results were written but before they were recorded (the worker died
+    # in between): written again with the same content, counted once.
+    store.write_results(job_id, 1, [{"index": 4, "name": "x", "predictions": []}])
+    assert runner.run(job_id, 1).finished
+    assert store.record(job_id, 1, 2, 0, None).first is False  # a second record changes nothing
+    job = store.get(job_id)
+    assert job is not None and (job["done"], job["failed"], job["status"]) == (6, 0, "completed")
+    assert [r["index"] for r in store.results(job)] == list(range(6))
+
+
+def test_a_cancelled_job_stops_between_calls_and_keeps_what_it_has(store: JobStore) -> None:
+    runner, client = make_runner(store, Clock())
+    job_id = submit(store, [CAT] * 8)
+    assert runner.run(job_id, 0).recorded
+    client.after_call = lambda: store.cancel(job_id)
+    with pytest.raises(Cancelled):
+        runner.run(job_id, 1)
+    assert len(client.calls) == 3  # two for chunk 0, one for chunk 1, then it stopped
+    job = store.get(job_id)
+    assert job is not None and (job["status"], job["done"]) == ("cancelled", 4)
+    assert runner.run(job_id, 1).skipped == "cancelled"
+    assert len(list(store.results(job))) == 4  # the finished chunk stays readable
+
+
+def test_an_overloaded_model_is_retried_after_its_retry_after(store: JobStore) -> None:
+    clock = Clock()
+    runner, client = make_runner(store, clock)
+    client.script = [Overloaded("busy", retry_after=3), ModelUnavailable("restarting")]
+    job_id = submit(store, [CAT, COFFEE])
+    assert runner.run(job_id, 0).finished
+    assert len(clock.slept) == 2 and 3 <= clock.slept[0] <= 4.5  # Retry-After, jittered up
+    job = store.get(job_id)
+    assert job is not None and (job["done"], job["failed"]) == (2, 0)
+
+
+def test_a_chunk_out_of_time_is_requeued_and_its_last_run_fails_the_images(store: JobStore) -> None:
+    clock = Clock()
+    runner, client = make_runner(store, clock, chunk_budget_s=10, visibility_timeout_s=60)
+    client.script = [ModelUnavailable("down", retry_after=4)] * 10
+    job_id = submit(store, [CAT, COFFEE])
+    with pytest.raises(Requeue) as requeue:
+        runner.run(job_id, 0)
+    assert 4 <= requeue.value.countdown_s <= 6 and sum(clock.slept) < 10
+    assert not store.chunk_done(job_id, 0)
+    runner.run(job_id, 0, final=True)
+    job = store.get(job_id)
+    assert job is not None and (job["status"], job["done"], job["failed"]) == ("failed", 0, 2)
+    assert {r["error"]["code"] for r in store.results(job)} == {"model_unavailable"}
+
+
+def test_a_request_the_model_refuses_fails_its_images_at_once(store: JobStore) -> None:
+    clock = Clock()
+    runner, client = make_runner(store, clock)
+    client.script = [BadRequest("no")]
+    job_id = submit(store, [CAT, COFFEE, CAT])
+    runner.run(job_id, 0)
+    job = store.get(job_id)
+    assert job is not None and (job["done"], job["failed"]) == (1, 2) and clock.slept == []
+
+
+def test_the_finished_job_is_posted_to_its_callback_signed(store: JobStore) -> None:
+    received: list[tuple[dict[str, str], bytes]] = []
+    arrived = threading.Event()
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+            arrived.set()
+
+    runner, _ = make_runner(store, Clock(), callback_secret="s3cret")
+    with serve(Hook) as url:
+        job_id = submit(store, [CAT] * 5, callback_url=f"{url}/done")
+        runner.run(job_id, 0)
+        assert not received  # only the chunk that ends the job calls back
+        runner.run(job_id, 1)
+        assert arrived.wait(5)
+    [(headers, body)] = received
+    assert json.loads(body)["status"] == "completed" and json.loads(body)["done"] == 5
+    assert headers[SIGNATURE_HEADER] == sign("s3cret", headers[TIMESTAMP_HEADER], body)
+
+
+def test_a_stalled_job_is_reported_once_per_period_with_its_unrecorded_chunks(store: JobStore) -> None:
+    runner, _ = make_runner(store, Clock())
+    running = submit(store, [CAT] * 10)  # 3 chunks
+    pending = submit(store, [CAT] * 3)
+    runner.run(running, 1)
+    assert store.stalled(60, pending_too=True) == []  # both made progress (or were made) just now
+    for job_id in (running, pending):
+        store.redis.hset(store.key(job_id), "progress_at", 0)
+    assert store.stalled(60, pending_too=False) == [(running, [0, 2])]
+    assert store.stalled(60, pending_too=False) == []  # reported once per stall period
+    assert store.stalled(60, pending_too=True) == [(pending, [0])]

@@ -1,0 +1,128 @@
+"""The Celery worker: ``python -m celery -A workers.app worker -Q jobs``.
+
+Each pool process builds, on its first task, the gateway's own client (replicas, failover,
+breakers, readiness probes) and a ``ChunkRunner``; the settings are the gateway's (``<MODEL>_URLS``,
+``GATEWAY_*``) and the jobs' (``JOBS_*``). The main process sweeps expired job folders. Logs are
+the fleet's JSON lines, with the job id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from celery.signals import setup_logging, worker_ready
+
+from common import logs
+from common.jobs import queue
+from common.jobs.settings import JobSettings
+from common.jobs.store import JobStore, JobStoreUnavailable, connect
+from gateway.client import build_client
+from gateway.fetch import UrlFetcher
+from gateway.predict import Predictor
+from gateway.settings import GatewaySettings
+from workers.runner import Cancelled, ChunkRunner, Requeue
+
+log = logging.getLogger("imagerec.jobs")
+SETTINGS = JobSettings.from_env()
+app = queue.create(SETTINGS)
+# A chunk that keeps running out of time is requeued until JOBS_RETRY_S is spent; its last run
+# fails what is left instead.
+MAX_REQUEUES = max(1, math.ceil(SETTINGS.retry_s / SETTINGS.chunk_budget_s))
+_runner: ChunkRunner | None = None
+_lock = threading.Lock()
+
+
+def store() -> JobStore:
+    # Up to ~60 s of reconnecting: a worker rides out a Redis restart mid-chunk.
+    return JobStore(connect(SETTINGS.redis_url, retries=40), Path(SETTINGS.dir), SETTINGS.retention_s)
+
+
+def runner() -> ChunkRunner:
+    """This process's runner, built on first use (after the fork: threads and sockets are its own)."""
+    global _runner
+    with _lock:
+        if _runner is None:
+            gateway = GatewaySettings.from_env()
+            client = build_client(gateway)
+            client.registry.refresh()  # sizes and body limits known before the first call
+            client.registry.start_polling(gateway.health_interval_s)
+            fetcher = UrlFetcher(
+                timeout_s=gateway.fetch_timeout_s,
+                max_bytes=gateway.fetch_max_bytes,
+                max_redirects=gateway.fetch_max_redirects,
+                allow_networks=gateway.fetch_allow_networks,
+                max_parallel=gateway.fetch_threads,
+            )
+            _runner = ChunkRunner(store(), Predictor(client, gateway), fetcher, SETTINGS, gateway)
+        return _runner
+
+
+@app.task(name=queue.CHUNK_TASK, bind=True, max_retries=MAX_REQUEUES)
+def chunk(self: Task, job_id: str, index: int) -> str:
+    extra = {"job_id": job_id, "chunk": index}
+    try:
+        outcome = runner().run(job_id, index, final=self.request.retries >= MAX_REQUEUES)
+    except Requeue as requeue:
+        raise self.retry(countdown=requeue.countdown_s) from None
+    except JobStoreUnavailable:
+        # Redis stayed away longer than the client's reconnecting: queue the chunk again. If even
+        # that fails, the watchdog queues it once the job has stalled (JOBS_STALL_S).
+        log.warning("job store unreachable: chunk queued again", extra=extra)
+        raise self.retry(countdown=5, max_retries=None) from None
+    except Cancelled:
+        log.info("job chunk stopped: the job was cancelled", extra=extra)
+        return "cancelled"
+    if outcome.skipped:
+        log.info("job chunk skipped", extra={**extra, "reason": outcome.skipped})
+        return outcome.skipped
+    log.info("job chunk done", extra={**extra, "finished": outcome.finished})
+    return "finished" if outcome.finished else "recorded"
+
+
+@setup_logging.connect
+def _logging(**_: Any) -> None:
+    """The fleet's JSON lines instead of Celery's own format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logs.formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logs.level())
+
+
+def watch(jobs: JobStore) -> None:
+    """Queue again the unrecorded chunks of jobs that stalled: a task lost with Redis's data, or
+    one whose retry could not be published while Redis was down. Duplicates are harmless: a
+    recorded chunk is skipped."""
+    waiting = int(jobs.redis.llen(SETTINGS.queue))  # type: ignore[arg-type]
+    for job_id, chunks in jobs.stalled(SETTINGS.stall_s, pending_too=waiting == 0):
+        log.warning("stalled job: chunks queued again", extra={"job_id": job_id, "chunks": len(chunks)})
+        queue.enqueue(app, job_id, chunks)
+
+
+@worker_ready.connect
+def _housekeeping(**_: Any) -> None:
+    """In the main process: the stall watchdog every ``JOBS_WATCH_INTERVAL_S`` and the sweep of
+    expired job folders every ``JOBS_SWEEP_INTERVAL_S``. Every worker may do both (each step is
+    idempotent)."""
+
+    def loop() -> None:
+        jobs = store()
+        next_sweep = 0.0
+        while True:
+            try:
+                watch(jobs)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SETTINGS.sweep_interval_s
+                    if removed := jobs.sweep():
+                        log.info("expired job folders removed", extra={"removed": removed})
+            except Exception:  # noqa: BLE001 - housekeeping must outlive any one failure
+                log.exception("job housekeeping failed")
+            time.sleep(SETTINGS.watch_interval_s)
+
+    threading.Thread(target=loop, name="job-housekeeping", daemon=True).start()

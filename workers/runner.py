@@ -1,0 +1,231 @@
+"""Running one chunk of a job: read its images, classify them through the gateway's own client
+logic, write the results, record the chunk. No Celery here (``workers.app`` wraps it), so it is
+tested with a fake predictor and a real Redis.
+
+A chunk's images go to the models ``JOBS_BATCH_IMAGES`` at a time at *batch* priority: a model
+service runs every waiting interactive request before them and never merges two of them, so an
+interactive client waits behind at most one small job call. Between calls the runner checks that
+the job was not cancelled. A model that answers 503 (overloaded, not ready, no quorum) or fails
+(502, 504) is retried after its ``Retry-After`` (else a back-off); a chunk that cannot finish
+within ``JOBS_CHUNK_BUDGET_S`` is put back on the queue (``Requeue``) rather than held past the
+visibility timeout, and after ``JOBS_RETRY_S`` of that its remaining images fail with the last
+error. A request-level 4xx fails the call's images at once; an image the models refuse (not an
+image, too large, poisonous) fails alone, the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from werkzeug.datastructures import MultiDict
+
+from common.errors import ServiceError
+from common.jobs.settings import JobSettings
+from common.jobs.store import ACTIVE, JobStore, describe
+from gateway.fetch import UrlFetcher
+from gateway.inputs import ImageInput
+from gateway.predict import Predictor, Selection, select
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("imagerec.jobs")
+RETRYABLE = (500, 502, 503, 504)
+SIGNATURE_HEADER = "X-Imagerec-Signature"
+TIMESTAMP_HEADER = "X-Imagerec-Timestamp"
+
+
+class Requeue(Exception):
+    """The chunk ran out of its time budget: queue it again in ``countdown_s``."""
+
+    def __init__(self, countdown_s: float) -> None:
+        super().__init__(f"requeue in {countdown_s:.1f}s")
+        self.countdown_s = countdown_s
+
+
+class Cancelled(Exception):
+    """The job was cancelled (or expired) while its chunk ran."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a chunk: ``recorded`` (its results were counted now), ``finished`` (it
+    ended the job), or ``skipped`` with the reason."""
+
+    recorded: bool = False
+    finished: bool = False
+    skipped: str = ""
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=<hex>`` of HMAC-SHA256 over ``<timestamp>.<body>`` (the timestamp binds replays)."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+class ChunkRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        predictor: Predictor,
+        fetcher: UrlFetcher,
+        settings: JobSettings,
+        gateway: GatewaySettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.predictor = predictor
+        self.fetcher = fetcher
+        self.settings = settings
+        self.gateway = gateway
+        self.sleep = sleep
+        self.clock = clock
+
+    def run(self, job_id: str, chunk: int, *, final: bool = False) -> Outcome:
+        """Classify chunk ``chunk`` of ``job_id``. With ``final`` (its retries are spent), models
+        that stay down fail the remaining images instead of requeueing the chunk."""
+        job = self.store.get(job_id)
+        if job is None:
+            return Outcome(skipped="expired")
+        if job["status"] not in ACTIVE:
+            return Outcome(skipped=job["status"])
+        if self.store.chunk_done(job_id, chunk):
+            return Outcome(skipped="already recorded")
+        self.store.mark_running(job_id)
+        items = self.store.chunk_items(job_id, chunk)
+        budget_end = self.clock() + self.settings.chunk_budget_s
+        outcomes: list[dict[str, Any]] = []
+        weights: dict[str, Any] = {}
+        try:
+            selection: Selection | None = select(
+                MultiDict(job.get("selection") or {}), self.gateway, self.predictor.client
+            )
+        except ServiceError as exc:  # its model is gone from the fleet: every image fails with why
+            selection, failure = None, exc
+        size = self.settings.batch_images
+        for start in range(0, len(items), size):
+            batch = items[start : start + size]
+            if start and self._cancelled(job_id):
+                raise Cancelled(job_id)
+            if selection is None:
+                outcomes += [_failed(item, failure) for item in batch]
+                continue
+            outcomes += self._classify(job, selection, batch, budget_end, weights, final)
+        self.store.write_results(job_id, chunk, outcomes)
+        failed = sum("error" in o for o in outcomes)
+        recorded = self.store.record(job_id, chunk, len(outcomes) - failed, failed, weights or None)
+        if recorded.finished:
+            self.callback(job_id)
+        return Outcome(recorded=recorded.first, finished=recorded.finished)
+
+    def _cancelled(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        return job is None or job["status"] not in ACTIVE
+
+    def _load(self, job_id: str, batch: list[dict[str, Any]]) -> list[ImageInput]:
+        """The batch's images: files from the job's folder, URLs fetched now (same SSRF rules as
+        the gateway's), errors found at submission kept on their items."""
+        folder = self.store.folder(job_id)
+        urls = [item["url"] for item in batch if "url" in item]
+        fetched = iter(self.fetcher.fetch_all(urls) if urls else [])
+        inputs = []
+        for item in batch:
+            if "error" in item:
+                inputs.append(ImageInput(item["name"], error=_error(item["error"])))
+            elif "url" in item:
+                found = next(fetched)
+                if isinstance(found, ServiceError):
+                    inputs.append(ImageInput(item["name"], error=found))
+                else:
+                    inputs.append(ImageInput(item["name"], found))
+            else:
+                inputs.append(ImageInput(item["name"], (folder / item["file"]).read_bytes()))
+        return inputs
+
+    def _classify(
+        self,
+        job: dict[str, Any],
+        selection: Selection,
+        batch: list[dict[str, Any]],
+        budget_end: float,
+        weights: dict[str, Any],
+        final: bool,
+    ) -> list[dict[str, Any]]:
+        inputs = self._load(job["id"], batch)
+        self.predictor.validate(inputs)
+        self.predictor.canonicalize(selection, inputs)
+        backoff = 0.5
+        while True:
+            try:
+                result = self.predictor.run(
+                    selection,
+                    inputs,
+                    top_k=job["top_k"],
+                    request_id=f"job-{job['id'][:12]}-{batch[0]['index']}",
+                    deadline=budget_end,
+                    priority="batch",
+                )
+                break
+            except ServiceError as exc:
+                if exc.status not in RETRYABLE:
+                    return [_failed(item, exc) for item in batch]
+                wait = float(exc.retry_after or backoff) * random.uniform(1.0, 1.5)
+                backoff = min(backoff * 2, 5.0)
+                if self.clock() + wait >= budget_end:
+                    if final:
+                        return [_failed(item, exc) for item in batch]
+                    log.info(
+                        "job chunk out of time: requeued", extra={"job_id": job["id"], "reason": exc.code}
+                    )
+                    raise Requeue(wait) from None
+                self.sleep(wait)
+        for member, reply in result["replies"].items():
+            weights.setdefault(member, reply.get("weights"))
+        return [
+            {**outcome, "index": item["index"], "name": item["name"]}
+            for outcome, item in zip(result["outcomes"], batch, strict=True)
+        ]
+
+    def callback(self, job_id: str) -> None:
+        """POST the finished job's status to its ``callback_url``, signed when a secret is set."""
+        job = self.store.get(job_id)
+        if not job or not job.get("callback_url"):
+            return
+        body = json.dumps(describe(job)).encode()
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
+        if self.settings.callback_secret:
+            headers[SIGNATURE_HEADER] = sign(self.settings.callback_secret, timestamp, body)
+        for attempt in range(1, self.settings.callback_attempts + 1):
+            try:
+                status = self.fetcher.post(
+                    job["callback_url"], body, headers, self.settings.callback_timeout_s
+                )
+            except ServiceError as exc:
+                status, reason = 0, exc.message
+            else:
+                reason = f"HTTP {status}"
+                if 200 <= status < 300:
+                    log.info("job callback delivered", extra={"job_id": job_id, "status": status})
+                    return
+            log.warning("job callback failed", extra={"job_id": job_id, "attempt": attempt, "reason": reason})
+            if attempt < self.settings.callback_attempts:
+                self.sleep(2.0**attempt)
+
+
+def _error(raw: dict[str, Any]) -> ServiceError:
+    return ServiceError(
+        str(raw.get("message", "")), code=str(raw.get("code")), status=int(raw.get("status", 400))
+    )
+
+
+def _failed(item: dict[str, Any], exc: ServiceError) -> dict[str, Any]:
+    return {"index": item["index"], "name": item["name"], "error": {**exc.to_dict(), "status": exc.status}}
