@@ -3,6 +3,8 @@
     from client import Client
     fleet = Client("http://localhost:8080")
     fleet.predict("cat.jpg", model="ensemble")["predictions"][0]["label"]
+    job = fleet.submit_job("photos/", model="resnet50")  # a folder or a zip/tar: a batch job
+    fleet.wait_for_job(job["job_id"])["status"]
 
 Retries follow the server: 429 and 503 are retried after the ``Retry-After`` it sends (urllib3's
 ``Retry``), connection failures with a jittered back-off; other errors raise ``ImagerecError``
@@ -11,16 +13,25 @@ carrying the fleet's JSON error.
 
 from __future__ import annotations
 
+import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import quote
 
 import requests
 from urllib3.util.retry import Retry
 
-__all__ = ["Client", "ImagerecError"]
+from client import upload
+
+__all__ = ["ACTIVE_JOB_STATES", "Client", "ImagerecError"]
+
+ACTIVE_JOB_STATES = ("pending", "running")
+"""A job in any other state (completed, failed, cancelled) has finished."""
 
 
 class ImagerecError(Exception):
@@ -80,7 +91,7 @@ class Client:
             body = response.json()
         except ValueError:
             body = {"error": {"code": "not_json", "message": response.text[:200]}}
-        if response.status_code != 200:
+        if not 200 <= response.status_code < 300:
             raise ImagerecError(response.status_code, body)
         return body
 
@@ -132,3 +143,99 @@ class Client:
 
         with ThreadPoolExecutor(concurrency) as pool:
             yield from pool.map(one, paths)
+
+    # --- asynchronous batch jobs ---------------------------------------------------------------
+
+    def submit_job(
+        self,
+        source: str | Path,
+        *,
+        model: str = "resnet50",
+        models: Sequence[str] = (),
+        vote: str | None = None,
+        top_k: int | None = None,
+        callback_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a job on a folder (zipped on the fly into a temporary file) or a zip/tar archive
+        (sent as it is); returns the job as accepted (``job_id``, ``status``, ``total``, ...).
+
+        ``models`` (an ensemble of those members) takes the place of ``model``. Raises ``ValueError``
+        for a folder without files and ``OSError`` for a path that cannot be read.
+        """
+        path = Path(source)
+        params: dict[str, str | int] = {"models": ",".join(models)} if models else {"model": model}
+        for key, value in (("vote", vote), ("top_k", top_k), ("callback_url", callback_url)):
+            if value:
+                params[key] = value
+        with ExitStack() as stack:
+            if path.is_dir():
+                archive: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
+                if not upload.zip_folder(path, archive):
+                    raise ValueError(f"no files under {path}")
+                filename = f"{path.resolve().name or 'folder'}.zip"
+            else:
+                archive = stack.enter_context(path.open("rb"))
+                filename = path.name
+            body = upload.MultipartFile("archive", filename, archive)
+            response = self.session.post(
+                f"{self.url}/v1/jobs",
+                params=params,
+                data=body,
+                headers={"Content-Type": body.content_type},
+                timeout=self.timeout_s,
+            )
+        return self._json(response)
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        """The job's state and progress (``status``, ``done``, ``failed``, ``total``, ``eta_s``, ...)."""
+        return self._json(self.session.get(self._job_url(job_id), timeout=self.timeout_s))
+
+    def wait_for_job(
+        self,
+        job_id: str,
+        *,
+        interval_s: float = 1.0,
+        timeout_s: float | None = None,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll the job every ``interval_s`` until it has finished; returns it as it ended.
+
+        ``on_update`` is called with every state seen, the last one included. Raises ``TimeoutError``
+        when ``timeout_s`` passes first (the job carries on).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.job_status(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] not in ACTIVE_JOB_STATES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s} s")
+            time.sleep(interval_s)
+
+    def job_results(self, job_id: str, out: IO[bytes], *, format: str = "json") -> str:
+        """Stream the job's results (``json``, ``jsonl`` or ``csv``, in input order) into ``out``.
+
+        Returns the job's status when they were read: a pending or running job's results are partial.
+        """
+        with self.session.get(
+            f"{self._job_url(job_id)}/results", params={"format": format}, stream=True, timeout=self.timeout_s
+        ) as response:
+            if response.status_code != 200:
+                self._json(response)  # raises the fleet's error
+            for chunk in response.iter_content(1 << 16):
+                out.write(chunk)
+            return response.headers.get("X-Job-Status", "")
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a pending or running job (its results so far stay readable); returns the job."""
+        return self._json(self.session.delete(self._job_url(job_id), timeout=self.timeout_s))
+
+    def list_jobs(self, *, limit: int = 20, before: str | None = None) -> dict[str, Any]:
+        """Recent jobs, newest first: ``{"jobs": [...], "next": <path of the next page> or None}``."""
+        params: dict[str, str | int] = {"limit": limit, **({"before": before} if before else {})}
+        return self._json(self.session.get(f"{self.url}/v1/jobs", params=params, timeout=self.timeout_s))
+
+    def _job_url(self, job_id: str) -> str:
+        return f"{self.url}/v1/jobs/{quote(job_id, safe='')}"

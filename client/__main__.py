@@ -3,6 +3,7 @@
 python -m client predict photo.jpg --model ensemble
 python -m client classify-dir photos/ --out results.csv --model resnet50 --concurrency 8
 python -m client models
+python -m client job submit photos/ --model resnet50 --wait   # a batch job (see client/job_commands.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from client import Client, ImagerecError
+from client import Client, ImagerecError, job_commands
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -92,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     folder.add_argument("--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("models", help="list the models and their weights")
+    job_commands.add_parser(commands)
     args = parser.parse_args(argv)
     client = Client(args.url, timeout_s=args.timeout, retries=args.retries)
     if args.command == "predict":
         return _predict(client, args)
     if args.command == "classify-dir":
         return _classify_dir(client, args)
+    if args.command == "job":
+        return job_commands.run(client, args)
     print(json.dumps(client.models(), indent=2))
     return 0
 

@@ -13,6 +13,23 @@ image's non-root ``app`` user; the model pods' fsGroup makes the shared Keras vo
 write. Resource requests come from `make bench` (resident memory warm, OpenVINO, README
 "Performance"): VGG16 1.42 GB, ResNet50 0.48 GB, InceptionV3 0.44 GB, gateway 0.14 GB (2 workers),
 Nginx 0.01 GB; a model pod wants about two cores under load.
+
+Asynchronous jobs: Redis (one pod, append-only file on its own claim: the queue and the job records
+survive a restart; also the gateways' shared rate-limit count and response cache) and the job
+``worker``, the gateway's image running Celery with the gateway's environment. The gateway writes a
+job's images to ``JOBS_DIR`` and every worker reads them and writes the results there, so both
+mount the same ReadWriteMany claim ``imagerec-jobs``. Workers scale by replicas: each keeps
+``JOBS_WORKER_PROCESSES`` model calls in flight (one per pool process), at batch priority behind
+interactive requests. The natural autoscaler is an HPA on the queue length the gateway exports,
+``imagerec_job_queue_length`` (tasks of ``JOBS_CHUNK_IMAGES`` images waiting; every gateway pod
+reports the same number, so take the max). That needs a metrics adapter (prometheus-adapter, KEDA),
+so none is rendered here; with one, e.g.::
+
+    metrics:
+    - type: External
+      external:
+        metric: {name: imagerec_job_queue_length}
+        target: {type: AverageValue, averageValue: "4"}   # waiting tasks per worker pod
 """
 
 from __future__ import annotations
@@ -22,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from deploy.settings import NginxLimits
+from deploy.settings import JOBS_DIR, NginxLimits, worker_command, worker_stop_grace_s
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "imagerec.yaml"
@@ -40,6 +57,8 @@ PAUSE_S = 5  # preStop: long enough for a Service's endpoints to drop the pod
 GATEWAY_DNS_REFRESH_S = 10
 MODEL_PAUSE_S = GATEWAY_DNS_REFRESH_S + 5
 APP_ID = 10001  # the Dockerfile's non-root `app` user, and its group (same id)
+REDIS_ID = 999  # the redis image's `redis` user and group
+REDIS_PORT = 6379
 KERAS_HOME = "/keras"  # the shared volume: ImageNet weights in models/, converted backends below
 MODEL_CACHE = f"{KERAS_HOME}/converted"
 
@@ -57,54 +76,79 @@ def http_probe(path: str, port: int, period_s: int, failures: int) -> dict[str, 
     }
 
 
-def app_user_security(volumes: bool) -> dict[str, Any]:
+def app_user_security(volumes: bool, user: int = APP_ID) -> dict[str, Any]:
     """The pod runs as the image's `app` user (Pod Security "restricted"). With ``volumes``, fsGroup
     gives each mounted volume that user's group, group-writable, so the model writes its converted
     backends to the shared cache (without it conversion fails and the pod serves Keras, over its
-    memory limit); OnRootMismatch skips the recursive chown once the volume's root is right."""
+    memory limit), and the gateway and the workers their job folders; OnRootMismatch skips the
+    recursive chown once the volume's root is right."""
     context: dict[str, Any] = {
         "runAsNonRoot": True,
-        "runAsUser": APP_ID,
-        "runAsGroup": APP_ID,
+        "runAsUser": user,
+        "runAsGroup": user,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     if volumes:
-        context |= {"fsGroup": APP_ID, "fsGroupChangePolicy": "OnRootMismatch"}
+        context |= {"fsGroup": user, "fsGroupChangePolicy": "OnRootMismatch"}
     return context
+
+
+def claim(name: str, access: str, storage: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "labels": PART_OF},
+        "spec": {"accessModes": [access], "resources": {"requests": {"storage": storage}}},
+    }
 
 
 def deployment(
     component: str,
     image: str,
-    port: int,
+    port: int | None,
     env: dict[str, str],
     resources: dict[str, dict[str, str]],
     *,
-    startup_failures: int,
+    startup_failures: int = 0,
     volumes: list[dict[str, Any]] | None = None,
     mounts: list[dict[str, Any]] | None = None,
     pause_s: int = PAUSE_S,
     as_app_user: bool = False,
+    command: list[str] | None = None,
+    grace_s: int | None = None,
 ) -> dict[str, Any]:
-    container: dict[str, Any] = {
-        "name": component,
-        "image": image,
-        "ports": [{"name": "http", "containerPort": port}],
-        "env": [{"name": k, "value": v} for k, v in env.items()],
-        "resources": resources,
-        "startupProbe": http_probe("/health/live", port, 5, startup_failures),
-        "readinessProbe": http_probe("/health/ready", port, 5, 2),
-        "livenessProbe": http_probe("/health/live", port, 10, 3),
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(pause_s)]}}},
-    }
+    """A Deployment of one container; ``port`` None: no HTTP (no probes, no pause, no scraping)."""
+    container: dict[str, Any] = {"name": component, "image": image}
+    if command:
+        container["command"] = command
+    if port is not None:
+        container["ports"] = [{"name": "http", "containerPort": port}]
+    if env:
+        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    container["resources"] = resources
+    if port is not None:
+        container |= {
+            "startupProbe": http_probe("/health/live", port, 5, startup_failures),
+            "readinessProbe": http_probe("/health/ready", port, 5, 2),
+            "livenessProbe": http_probe("/health/live", port, 10, 3),
+            "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(pause_s)]}}},
+        }
     if mounts:
         container["volumeMounts"] = mounts
-    spec: dict[str, Any] = {"terminationGracePeriodSeconds": DRAIN_S + pause_s, "containers": [container]}
+    grace = grace_s if grace_s is not None else DRAIN_S + pause_s
+    spec: dict[str, Any] = {"terminationGracePeriodSeconds": grace, "containers": [container]}
     if as_app_user:
         spec["securityContext"] = app_user_security(bool(volumes))
         container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     if volumes:
         spec["volumes"] = volumes
+    template: dict[str, Any] = {"metadata": {"labels": labels(component)}, "spec": spec}
+    if port is not None:
+        template["metadata"]["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics",
+        }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -113,22 +157,14 @@ def deployment(
             "replicas": 1,
             "selector": {"matchLabels": {"app.kubernetes.io/name": component}},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {
-                "metadata": {
-                    "labels": labels(component),
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(port),
-                        "prometheus.io/path": "/metrics",
-                    },
-                },
-                "spec": spec,
-            },
+            "template": template,
         },
     }
 
 
-def service(component: str, port: int, kind: str = "ClusterIP", *, headless: bool = False) -> dict[str, Any]:
+def service(
+    component: str, port: int, kind: str = "ClusterIP", *, headless: bool = False, port_name: str = "http"
+) -> dict[str, Any]:
     """The component's pods behind one virtual IP; or, ``headless``, ``<component>-pods``: a DNS
     name that answers with every ready pod's address, so a client that resolves it sees each pod.
     (Through a virtual IP, pooled keep-alive connections stay on the first pods and one circuit
@@ -138,7 +174,7 @@ def service(component: str, port: int, kind: str = "ClusterIP", *, headless: boo
         spec |= {"clusterIP": "None", "publishNotReadyAddresses": False}
     spec |= {
         "selector": {"app.kubernetes.io/name": component},
-        "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+        "ports": [{"name": port_name, "port": port, "targetPort": port_name}],
     }
     return {
         "apiVersion": "v1",
@@ -170,20 +206,54 @@ def autoscaler(component: str, maximum: int, cpu_percent: int = 70) -> dict[str,
     }
 
 
-def documents() -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = [
+def redis() -> list[dict[str, Any]]:
+    """One Redis pod with its append-only file on a claim of its own (Recreate: one pod at a time
+    writes it), run as the image's `redis` user; its Service is the ``REDIS_URL`` host."""
+    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}}
+    mounts = [{"name": "data", "mountPath": "/data"}]
+    deploy = deployment(
+        "redis",
+        "redis:7",
+        None,
+        {},
+        resources,
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "imagerec-redis"}}],
+        mounts=mounts,
+        as_app_user=True,
+        grace_s=30,  # time to write the append-only file out
+    )
+    deploy["spec"]["strategy"] = {"type": "Recreate"}
+    pod = deploy["spec"]["template"]["spec"]
+    pod["securityContext"] = app_user_security(True, user=REDIS_ID)
+    pod["containers"] = [
         {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "imagerec-keras", "labels": PART_OF},
-            "spec": {
-                # The Keras cache: ImageNet weights (put there once, e.g. from `make weights`) and
-                # converted backends, shared by every model pod; writable by them through fsGroup
-                # (NOTE: NFS-backed volumes ignore fsGroup: export them writable by group APP_ID).
-                "accessModes": ["ReadWriteMany"],
-                "resources": {"requests": {"storage": "5Gi"}},
-            },
+            "name": "redis",
+            "image": "redis:7",
+            "command": ["redis-server", "--appendonly", "yes"],
+            "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+            "resources": resources,
+            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
+            "livenessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 10},
+            "volumeMounts": mounts,
+            "securityContext": pod["containers"][0]["securityContext"],
         }
+    ]
+    return [
+        claim("imagerec-redis", "ReadWriteOnce", "1Gi"),
+        deploy,
+        service("redis", REDIS_PORT, port_name="redis"),
+    ]
+
+
+def documents() -> list[dict[str, Any]]:
+    # The Keras cache: ImageNet weights (put there once, e.g. from `make weights`) and converted
+    # backends, shared by every model pod; writable by them through fsGroup (NOTE: NFS-backed
+    # volumes ignore fsGroup: export them writable by group APP_ID). Job folders likewise: the
+    # uploads and results of JOBS_RETENTION_S (a day), each upload up to JOBS_MAX_ARCHIVE_BYTES.
+    docs: list[dict[str, Any]] = [
+        claim("imagerec-keras", "ReadWriteMany", "5Gi"),
+        claim("imagerec-jobs", "ReadWriteMany", "20Gi"),
+        *redis(),
     ]
     for name, (port, memory, memory_limit) in MODELS.items():
         docs.append(
@@ -213,7 +283,11 @@ def documents() -> list[dict[str, Any]]:
     gateway_env = {
         **{f"{name.upper()}_URLS": f"http://{name}-pods:{port}" for name, (port, _, _) in MODELS.items()},
         "GATEWAY_DNS_REFRESH_S": str(GATEWAY_DNS_REFRESH_S),
+        "REDIS_URL": f"redis://redis:{REDIS_PORT}/0",
+        "JOBS_DIR": JOBS_DIR,
     }
+    jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}]
+    jobs_mount = [{"name": "jobs", "mountPath": JOBS_DIR}]
     docs += [
         deployment(
             "gateway",
@@ -222,10 +296,27 @@ def documents() -> list[dict[str, Any]]:
             gateway_env,
             {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
             startup_failures=12,
+            volumes=jobs_volume,
+            mounts=jobs_mount,
             as_app_user=True,
         ),
         service("gateway", 8000),
         autoscaler("gateway", maximum=4),
+        # The job worker: the gateway's image, environment and job folders; no Service (it only
+        # takes tasks from Redis) and no autoscaler (see the module's docstring). Memory: three
+        # processes of the gateway's code, each with JOBS_BATCH_IMAGES images at a time (not measured).
+        deployment(
+            "worker",
+            "imagerec-gateway:latest",
+            None,
+            gateway_env,
+            {"requests": {"cpu": "250m", "memory": "384Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+            command=worker_command(),
+            volumes=jobs_volume,
+            mounts=jobs_mount,
+            as_app_user=True,
+            grace_s=worker_stop_grace_s(),
+        ),
     ]
     nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000", **NginxLimits().template_values()}
     nginx = deployment(

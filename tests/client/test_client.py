@@ -1,16 +1,22 @@
-"""The Python client and its CLI against a local HTTP server that answers like the fleet."""
+"""The Python client and its CLI against a local HTTP server that answers like the fleet (where the
+bytes on the wire matter), or ``responses`` (scripted answers to the job commands)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+import responses
+from werkzeug import Request
 
 from client import Client, ImagerecError
 from client.__main__ import main
@@ -125,3 +131,169 @@ def test_predict_command_flags_random_weights(
     assert main(["--url", fleet, "predict", str(photo)]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM weights" in printed and "tabby" in printed
+
+
+# --- asynchronous jobs ------------------------------------------------------------------------
+
+JOB_ID = "8f14e45fceea167a5a36dedd4bea2543"
+URL = "http://fleet.test"
+
+
+def job(status: str = "pending", done: int = 0, failed: int = 0) -> dict[str, Any]:
+    return {
+        "job_id": JOB_ID,
+        "status": status,
+        "model": "shapes",
+        "top_k": 1,
+        "total": 6,
+        "done": done,
+        "failed": failed,
+        "progress": (done + failed) / 6,
+        "images_per_s": 3.0 if done else 0.0,
+        "eta_s": 1.0 if status == "running" else None,
+        "created_at": "2026-11-20T10:00:00Z",
+        "links": {"self": f"/v1/jobs/{JOB_ID}", "results": f"/v1/jobs/{JOB_ID}/results"},
+    }
+
+
+def multipart_files(body: bytes) -> dict[str, tuple[str, bytes]]:
+    """The file parts of a multipart body sent by the client: field -> (filename, bytes)."""
+    boundary = body.split(b"\r\n", 1)[0][2:].decode()
+    request = Request.from_values(
+        input_stream=io.BytesIO(body),
+        content_length=len(body),
+        content_type=f"multipart/form-data; boundary={boundary}",
+        method="POST",
+    )
+    with request:  # closes the spooled files werkzeug parsed the parts into
+        return {name: (part.filename or "", part.read()) for name, part in request.files.items()}
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder of files to send, hidden ones among them."""
+    folder = tmp_path / "photos"
+    for name in ("b.png", "a.jpg", "sub/c.jpeg", "notes.txt", ".DS_Store", ".git/config"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(f"bytes of {name}".encode())
+    return folder
+
+
+def test_job_submit_sends_a_folder_as_a_zip_archive_part(
+    fleet: str, photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    busy = {"error": {"code": "jobs_unavailable", "message": "Redis is restarting"}}
+    Fleet.script = [(503, {"Retry-After": "0"}, busy), (202, {"Location": f"/v1/jobs/{JOB_ID}"}, job())]
+    code = main(["--url", fleet, "job", "submit", str(photos), "--model", "shapes", "--top-k", "3"])
+    assert code == 0 and capsys.readouterr().out == f"{JOB_ID}\n"
+    [(_, path, first), (_, _, sent)] = Fleet.seen
+    assert path == "/v1/jobs?model=shapes&top_k=3"
+    assert sent == first  # the streamed body was rewound and sent whole again after the 503
+    [(field, (filename, data))] = multipart_files(sent).items()
+    assert (field, filename) == ("archive", "photos.zip")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.namelist() == ["a.jpg", "b.png", "notes.txt", "sub/c.jpeg"]  # no hidden files
+        assert archive.read("sub/c.jpeg") == b"bytes of sub/c.jpeg"
+
+
+def test_job_submit_sends_an_archive_as_it_is(fleet: str, tmp_path: Path) -> None:
+    archive = tmp_path / "batch.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not really a tarball" * 1000)
+    Fleet.script = [(202, {}, job())]
+    accepted = Client(fleet).submit_job(archive, models=["vgg16", "resnet50"], vote="hard")
+    assert accepted["job_id"] == JOB_ID
+    [(_, path, sent)] = Fleet.seen
+    assert path == "/v1/jobs?models=vgg16%2Cresnet50&vote=hard"
+    assert multipart_files(sent) == {"archive": ("batch.tar.gz", archive.read_bytes())}
+
+
+def test_job_submit_refuses_an_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / ".hidden").write_bytes(b"x")
+    assert main(["--url", URL, "job", "submit", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: no files under {tmp_path}\n"
+
+
+@pytest.mark.parametrize(("final", "code"), [("completed", 0), ("failed", 1), ("cancelled", 1)])
+@responses.activate
+def test_job_submit_wait_polls_until_the_job_ends(
+    photos: Path, capsys: pytest.CaptureFixture[str], final: str, code: int
+) -> None:
+    responses.post(f"{URL}/v1/jobs", status=202, json=job())
+    for state in (job("pending"), job("running", done=3), job(final, done=5, failed=1)):
+        responses.get(f"{URL}/v1/jobs/{JOB_ID}", json=state)  # answered in turn, one per poll
+    argv = ["--url", URL, "job", "submit", str(photos), "--model", "shapes", "--wait", "--interval", "0"]
+    assert main(argv) == code
+    printed = capsys.readouterr()
+    assert printed.out == f"{JOB_ID}\n"
+    assert [call.request.method for call in responses.calls] == ["POST", "GET", "GET", "GET"]
+    assert "6/6" in printed.err  # the progress bar reached the end
+    assert printed.err.endswith(f"job {JOB_ID} {final}: 5 done, 1 failed of 6\n")
+
+
+@pytest.mark.parametrize(("status", "note"), [("completed", ""), ("running", "not final")])
+@responses.activate
+def test_job_results_stream_into_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: str, note: str
+) -> None:
+    table = "index,name,status,label_1,score_1,error_code,error_message\n0,a.jpg,ok,circle,0.9,,\n"
+    call = responses.get(f"{URL}/v1/jobs/{JOB_ID}/results", body=table, headers={"X-Job-Status": status})
+    out = tmp_path / "results.csv"
+    assert main(["--url", URL, "job", "results", JOB_ID, "--format", "csv", "--output", str(out)]) == 0
+    assert out.read_text() == table and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    assert call.calls[0].request.url.endswith("?format=csv")
+    assert note in capsys.readouterr().err
+
+
+@responses.activate
+def test_job_cancel_prints_the_cancelled_job(capsys: pytest.CaptureFixture[str]) -> None:
+    responses.delete(f"{URL}/v1/jobs/{JOB_ID}", json=job("cancelled", done=2))
+    assert main(["--url", URL, "job", "cancel", JOB_ID]) == 0
+    assert capsys.readouterr().out == f"job {JOB_ID} cancelled: 2 done, 0 failed of 6\n"
+
+
+@responses.activate
+def test_job_list_prints_a_line_per_job_and_the_next_cursor(capsys: pytest.CaptureFixture[str]) -> None:
+    page = {
+        "jobs": [job("completed", done=6), job("running", done=3)],
+        "next": "/v1/jobs?limit=2&before=17.5",
+    }
+    responses.get(f"{URL}/v1/jobs", json=page)
+    assert main(["--url", URL, "job", "list", "--limit", "2"]) == 0
+    printed = capsys.readouterr()
+    assert [line.split()[:2] for line in printed.out.splitlines()] == [
+        [JOB_ID, "completed"],
+        [JOB_ID, "running"],
+    ]
+    assert "--before 17.5" in printed.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "method", "path", "status", "code"),
+    [
+        (["job", "status", JOB_ID], "GET", f"/v1/jobs/{JOB_ID}", 404, "unknown_job"),
+        (["job", "cancel", JOB_ID], "DELETE", f"/v1/jobs/{JOB_ID}", 409, "job_not_active"),
+        (
+            ["job", "results", JOB_ID, "--output", "{out}"],
+            "GET",
+            f"/v1/jobs/{JOB_ID}/results",
+            404,
+            "unknown_job",
+        ),
+    ],
+)
+@responses.activate
+def test_job_commands_print_the_fleets_error_message(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    method: str,
+    path: str,
+    status: int,
+    code: str,
+) -> None:
+    message = f"the fleet says {code}"
+    responses.add(method, f"{URL}{path}", status=status, json={"error": {"code": code, "message": message}})
+    out = tmp_path / "results.json"
+    assert main(["--url", URL, *(arg.format(out=out) for arg in argv)]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []  # no results file, not even a partial one

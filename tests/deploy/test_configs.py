@@ -7,17 +7,29 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
+from common.jobs.settings import JobSettings
 from common.service_settings import ServiceSettings
 from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
-from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, SERVICE_THREADS, NginxLimits
+from deploy.settings import (
+    GATEWAY_THREADS,
+    GATEWAY_WORKERS,
+    JOBS_DIR,
+    SERVICE_THREADS,
+    NginxLimits,
+    worker_command,
+    worker_stop_grace_s,
+)
 from gateway.settings import GatewaySettings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+GATEWAY_STAGE = DOCKERFILE.split("AS gateway", 1)[1].split("\nFROM ", 1)[0]
 MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
 
 
@@ -51,7 +63,7 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
 def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
     text = fleet.render().read_text()
     programs = re.findall(r"^\[program:(\w+)\]", text, re.MULTILINE)
-    assert programs == ["vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "nginx"]
+    assert programs == ["vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "worker", "nginx"]
     assert text.count("autorestart=true") == len(programs)
     assert "--appendonly yes" in text and f"--dir {fleet.run_dir}/redis" in text  # persistence on
     assert fleet.environment()["REDIS_URL"] == "redis://127.0.0.1:6380/0"
@@ -65,6 +77,7 @@ def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
 def test_redis_can_be_left_out(tmp_path: Path) -> None:
     fleet = Fleet(FleetSettings(run_dir=str(tmp_path), redis=False))
     assert "redis" not in fleet.programs() and "REDIS_URL" not in fleet.environment()
+    assert "worker" not in fleet.programs()  # its queue is in Redis
 
 
 def test_the_timeouts_nest_from_the_edge_inwards() -> None:
@@ -88,10 +101,21 @@ def test_gunicorn_threads_cover_the_queue_admission_can_see() -> None:
 
 
 def test_the_images_run_the_same_threads_as_the_local_fleet() -> None:
-    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
-    assert f'"--workers", "{GATEWAY_WORKERS}", "--threads", "{GATEWAY_THREADS}"' in dockerfile
-    assert f"THREADS={SERVICE_THREADS}" in dockerfile
-    assert f"GATEWAY_REQUEST_THREADS={GATEWAY_THREADS}" in dockerfile
+    assert f'"--workers", "{GATEWAY_WORKERS}", "--threads", "{GATEWAY_THREADS}"' in DOCKERFILE
+    assert f"THREADS={SERVICE_THREADS}" in DOCKERFILE
+    assert f"GATEWAY_REQUEST_THREADS={GATEWAY_THREADS}" in DOCKERFILE
+
+
+def test_the_gateway_image_can_run_the_job_worker() -> None:
+    """The worker is the gateway's image with another command: it needs the workers package, the
+    shared jobs folder writable by the image's user, and a Prometheus folder of its own (Gunicorn
+    makes the gateway's; without it the worker's first model call raises)."""
+    assert re.search(r"^COPY workers ./workers$", GATEWAY_STAGE, re.MULTILINE)
+    assert re.search(rf"^ENV .*\bJOBS_DIR={JOBS_DIR}\b", GATEWAY_STAGE, re.MULTILINE)
+    [metrics] = re.findall(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", DOCKERFILE)
+    [(made, owner, owned)] = re.findall(r"mkdir -p ([^&]+)&& chown (\w+):\w+ ([^\n]+)", GATEWAY_STAGE)
+    assert {JOBS_DIR, metrics} <= set(made.split()) & set(owned.split())
+    assert owner == re.findall(r"^USER (\w+)", GATEWAY_STAGE, re.MULTILINE)[-1]
 
 
 def test_replicas_get_their_own_programs_ports_and_urls(tmp_path: Path) -> None:
@@ -120,7 +144,7 @@ def test_bad_replica_counts_are_refused(tmp_path: Path, pair: str) -> None:
 
 def test_compose_has_the_same_topology() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {*MODEL_PORTS, "gateway", "nginx"}
+    assert set(services) == {*MODEL_PORTS, "gateway", "worker", "redis", "nginx"}
     assert [p for s in services.values() for p in s.get("ports", [])] == [
         "${NGINX_PUBLISHED_PORT:-8080}:8080"
     ]
@@ -133,6 +157,47 @@ def test_compose_has_the_same_topology() -> None:
         assert "container_name" not in service  # would forbid --scale
     assert services["nginx"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert "keras-cache" in COMPOSE["volumes"]
+
+
+def test_compose_worker_is_the_gateway_image_with_its_environment_and_jobs_volume() -> None:
+    services = COMPOSE["services"]
+    gateway, worker = services["gateway"], services["worker"]
+    assert (worker["build"], worker["image"]) == (gateway["build"], gateway["image"])
+    assert worker["command"] == worker_command()
+    assert worker["environment"] == gateway["environment"]
+    assert "container_name" not in worker  # scale with --scale worker=N
+    # One named volume at JOBS_DIR in both: the gateway writes a job's images, the worker reads them.
+    assert gateway["environment"]["JOBS_DIR"] == JOBS_DIR
+    for service in (gateway, worker):
+        assert f"jobs:{JOBS_DIR}" in service["volumes"]
+    assert "jobs" in COMPOSE["volumes"]
+    assert {name: dep["condition"] for name, dep in worker["depends_on"].items()} == {
+        "redis": "service_healthy",
+        "gateway": "service_healthy",  # so are the models it calls
+    }
+    assert worker["stop_grace_period"] == f"{worker_stop_grace_s()}s"
+    assert worker_stop_grace_s() >= JobSettings().chunk_budget_s + 15
+
+
+def test_the_worker_command_follows_the_job_settings() -> None:
+    jobs = JobSettings(queue="batch", worker_processes=3)
+    command = worker_command(jobs)
+    assert command[command.index("-Q") + 1] == "batch" and command[command.index("--concurrency") + 1] == "3"
+    assert worker_stop_grace_s(JobSettings(chunk_budget_s=50, visibility_timeout_s=90)) == (
+        worker_stop_grace_s() + 20
+    )
+
+
+def test_compose_redis_keeps_the_queue_across_restarts() -> None:
+    services = COMPOSE["services"]
+    redis = services["redis"]
+    assert redis["image"].split(":")[0] == "redis" and "--appendonly" in redis["command"]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    volume = redis["volumes"][0].split(":")
+    assert volume[1] == "/data" and volume[0] in COMPOSE["volumes"]  # a named volume, not the container's
+    assert urlsplit(services["gateway"]["environment"]["REDIS_URL"]).netloc == "redis:6379"
+    assert "redis" in services["gateway"]["depends_on"]
+    assert "ports" not in redis  # only Nginx is published
 
 
 @pytest.mark.parametrize("model", MODEL_PORTS)
@@ -151,7 +216,7 @@ def test_compose_nginx_has_the_shared_limits() -> None:
 
 def test_compose_references_files_that_exist() -> None:
     dockerfile = ROOT / "deploy" / "docker" / "Dockerfile"
-    stages = re.findall(r"^FROM \S+ AS (\w+)", dockerfile.read_text(), re.MULTILINE)
+    stages = re.findall(r"^FROM \S+ AS (\w+)", DOCKERFILE, re.MULTILINE)
     for service in COMPOSE["services"].values():
         if "build" in service:
             assert (ROOT / service["build"]["dockerfile"]) == dockerfile

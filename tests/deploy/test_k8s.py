@@ -15,8 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.jobs.settings import JobSettings
 from deploy.k8s import render
-from deploy.settings import NGINX_TEMPLATES
+from deploy.settings import JOBS_DIR, NGINX_TEMPLATES, worker_command, worker_stop_grace_s
 
 KUBERNETES = "1.30.0"
 DOCS = list(yaml.safe_load_all(render.OUTPUT.read_text()))
@@ -183,3 +184,57 @@ def test_nginx_gets_every_variable_its_template_needs() -> None:
     template = (NGINX_TEMPLATES / "imagerec.conf.template").read_text()
     needed = set(re.findall(r"\$\{(NGINX_[A-Z_]+|GATEWAY_[A-Z_]+)\}", template))
     assert {e["name"] for e in container("nginx")["env"]} == needed
+
+
+def test_the_worker_runs_the_gateway_image_with_the_gateway_environment() -> None:
+    deployment = BY_KIND["Deployment"]["worker"]
+    assert container("worker")["image"] == container("gateway")["image"]
+    assert container("worker")["command"] == worker_command()
+    assert env_of("worker") == env_of("gateway")
+    assert deployment["spec"]["replicas"] == 1 and not services_selecting("worker")  # it serves nothing
+    requests = container("worker")["resources"]["requests"]
+    assert requests["cpu"] and requests["memory"]
+    assert pod("worker")["securityContext"]["runAsUser"] == image_user()["uid"]
+    # SIGTERM: Celery finishes the chunks it runs (each within JOBS_CHUNK_BUDGET_S) and then a
+    # finished job's callback; killed sooner, the callback is lost.
+    assert pod("worker")["terminationGracePeriodSeconds"] == worker_stop_grace_s()
+    assert worker_stop_grace_s() >= JobSettings().chunk_budget_s + 15 >= 45
+
+
+def jobs_folder(name: str) -> dict[str, Any]:
+    """The claim a Deployment's JOBS_DIR is on (it must be mounted there, writable)."""
+    spec, box = pod(name), container(name)
+    [mount] = [m for m in box["volumeMounts"] if m["mountPath"] == env_of(name)["JOBS_DIR"]]
+    assert not mount.get("readOnly") and not mount.get("subPath")
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]  # writable
+    return BY_KIND["PersistentVolumeClaim"][volume["persistentVolumeClaim"]["claimName"]]
+
+
+def test_the_gateway_and_the_workers_share_one_jobs_claim() -> None:
+    """The gateway writes a job's images, any worker pod (on any node) reads them and writes the
+    results, which any gateway pod serves: one ReadWriteMany claim, at the same JOBS_DIR."""
+    assert env_of("gateway")["JOBS_DIR"] == env_of("worker")["JOBS_DIR"] == JOBS_DIR
+    claim = jobs_folder("gateway")
+    assert jobs_folder("worker") is claim
+    assert claim["metadata"]["name"] == "imagerec-jobs"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_redis_is_reached_by_its_service_and_keeps_its_data() -> None:
+    for name in ("gateway", "worker"):
+        url = urlsplit(env_of(name)["REDIS_URL"])
+        [service] = services_selecting("redis")
+        assert url.hostname == service["metadata"]["name"]
+        assert (
+            url.port == service["spec"]["ports"][0]["port"] == container("redis")["ports"][0]["containerPort"]
+        )
+        assert service["spec"]["ports"][0]["targetPort"] == container("redis")["ports"][0]["name"]
+    command = container("redis")["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    [mount] = container("redis")["volumeMounts"]
+    [volume] = pod("redis")["volumes"]
+    assert mount["mountPath"] == "/data" and volume["persistentVolumeClaim"]["claimName"] == "imagerec-redis"
+    # One pod at a time writes the append-only file: the old one stops before the new one starts.
+    assert BY_KIND["Deployment"]["redis"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert BY_KIND["PersistentVolumeClaim"]["imagerec-redis"]["spec"]["accessModes"] == ["ReadWriteOnce"]

@@ -4,6 +4,9 @@ headers, invalid input refused) through Nginx."""
 
 from __future__ import annotations
 
+import base64
+from typing import Any
+
 import pytest
 import requests
 import schemathesis
@@ -12,9 +15,17 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
+from deploy.local.running import wait_until
+from tests.conftest import photo
 from tests.e2e.conftest import E2EFleet
 
 pytestmark = pytest.mark.e2e
+
+
+# Excluded everywhere: the generic 5xx check (replaced by no_internal_error) and "schema-valid data
+# must be accepted" - a schema cannot say "a decodable image", so random bytes get 415.
+EXCLUDED = [not_a_server_error, positive_data_acceptance]
+OPERATIONS = 20
 
 
 @schemathesis.check
@@ -44,12 +55,7 @@ def test_the_live_fleet_matches_its_openapi_description(fleet: E2EFleet, mode: G
             max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
         )
         def exercise(case: schemathesis.Case) -> None:
-            # Excluded: the generic 5xx check (replaced by no_internal_error) and "schema-valid data
-            # must be accepted" - a schema cannot say "a decodable image", so random bytes get 415.
-            case.call_and_validate(
-                additional_checks=[no_internal_error],
-                excluded_checks=[not_a_server_error, positive_data_acceptance],
-            )
+            case.call_and_validate(additional_checks=[no_internal_error], excluded_checks=EXCLUDED)
 
         try:
             exercise()
@@ -58,13 +64,55 @@ def test_the_live_fleet_matches_its_openapi_description(fleet: E2EFleet, mode: G
             assert mode is GenerationMode.NEGATIVE, operation.label
         except Exception as exc:  # collect every operation's first failure, then report them all
             failures[operation.label] = str(exc)[:1500]
-    assert len(operations) == 15
+    assert len(operations) == OPERATIONS
     if mode is GenerationMode.POSITIVE:
-        assert len(exercised) + len(failures) == 15  # every documented operation
+        assert len(exercised) + len(failures) == OPERATIONS  # every documented operation
     else:  # those with parameters or bodies to get wrong
         infer = {"POST /v2/models/{name}/infer", "POST /v2/models/{name}/versions/{version}/infer"}
-        assert {"POST /v1/predict", *infer} <= {*exercised, *failures}
+        jobs = {"POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}/results"}
+        assert {"POST /v1/predict", *infer, *jobs} <= {*exercised, *failures}
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
+
+
+def test_a_job_followed_through_every_job_route_matches_the_description(fleet: E2EFleet) -> None:
+    """Random requests seldom make a job (the model must exist and the body hold an image), and
+    never one that finishes: one real job, each of its answers checked against the description."""
+    api = schemathesis.openapi.from_url(f"{fleet.url}/openapi.json")
+
+    def checked(method: str, path: str, **parts: Any) -> schemathesis.Response:
+        case = api[path][method].Case(**parts)
+        return case.call_and_validate(additional_checks=[no_internal_error], excluded_checks=EXCLUDED)
+
+    images = [base64.b64encode(photo("chelsea.jpg")).decode(), "not base64"]
+    submitted = checked(
+        "POST",
+        "/v1/jobs",
+        query={"model": "shapes", "top_k": 2},
+        body={"images": images},
+        media_type="application/json",
+    )
+    assert submitted.status_code == 202, submitted.text
+    job = {"job_id": submitted.json()["job_id"]}
+
+    def finished() -> bool:
+        return checked("GET", "/v1/jobs/{job_id}", path_parameters=job).json()["status"] == "completed"
+
+    wait_until(finished, 60, f"job {job['job_id']} to complete")
+    answers = {
+        form: checked("GET", "/v1/jobs/{job_id}/results", path_parameters=job, query={"format": form})
+        for form in ("json", "jsonl", "csv")
+    }
+    assert [answer.status_code for answer in answers.values()] == [200, 200, 200]
+    outcomes = answers["json"].json()["results"]
+    assert [outcome.get("error", {}).get("code") for outcome in outcomes] == [None, "invalid_base64"]
+    page = checked("GET", "/v1/jobs", query={"limit": 1}).json()
+    assert page["jobs"] and page["next"]  # a full page links to the next
+    before = page["next"].split("before=")[1]
+    assert checked("GET", "/v1/jobs", query={"limit": 1, "before": before}).status_code == 200
+    assert checked("DELETE", "/v1/jobs/{job_id}", path_parameters=job).status_code == 409  # it finished
+    unknown = {"job_id": "0" * 32}
+    assert checked("GET", "/v1/jobs/{job_id}", path_parameters=unknown).status_code == 404
+    assert checked("DELETE", "/v1/jobs/{job_id}", path_parameters=unknown).status_code == 404
 
 
 def test_the_docs_page_is_served_without_a_cdn(fleet: E2EFleet) -> None:
