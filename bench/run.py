@@ -8,7 +8,9 @@
 4. gateway + Nginx overhead with stub model services, and cache hits (the same photo again);
 5. 12 MP JPEG ingestion, plain Pillow vs ours (bench/ingest.py);
 6. resident memory of every process, idle and after the load;
-7. overload: an open-loop client at 4x capacity on the same fleet (bench/overload.py).
+7. overload: an open-loop client at 4x capacity on the same fleet (bench/overload.py);
+8. asynchronous jobs: a 2,000-photo ResNet50 job alone, and beside one interactive client
+   (bench/jobs.py), on the same fleet and its one worker.
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
 (wrk's sixteen connections come from one address, which the limiter counts as one client).
@@ -31,7 +33,7 @@ from typing import Any
 
 import requests
 
-from bench import ingest, load, overload, report
+from bench import ingest, jobs, load, overload, report
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
 
@@ -40,6 +42,7 @@ PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()  # 600x400, as
 MODELS = ("resnet50", "inceptionv3", "vgg16")
 SWEEP = (1, 2, 8, 32, 64)  # ResNet50 and the baselines
 OTHERS = (1, 8, 32)  # the other models and the ensemble
+JOB_IMAGES = 2000
 
 
 def log(message: str) -> None:
@@ -123,6 +126,15 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
             runs = [measured_run(fleet, "resnet50", c, seconds) for c in SWEEP]
             runs += [measured_run(fleet, t, c, seconds) for t in (*MODELS[1:], "ensemble") for c in OTHERS]
             capacity = max(r["img_per_s"] for r in runs if r["target"] == "resnet50")
+            log(f"jobs: {JOB_IMAGES} photos alone, then beside one interactive client")
+            batch = jobs.measure_on(fleet, PHOTO, JOB_IMAGES, seconds)
+            settle(fleet)
+            quiet, busy = batch["interactive_unloaded"], batch["interactive_during_job"]
+            log(
+                f"jobs: alone {batch['job_alone']['img_per_s']} img/s, beside a client "
+                f"{batch['job_with_interactive']['img_per_s']} img/s; interactive p50 "
+                f"{quiet['p50_ms']} -> {busy['p50_ms']} ms ({batch['p50_ratio']}x)"
+            )
             log(f"overload: open loop at 4x {capacity} req/s")
             pressure = overload.measure_on(
                 f"{fleet.url}/v1/predict?model=resnet50",
@@ -142,6 +154,7 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
             }
             return {
                 "runs": runs,
+                "jobs": batch,
                 "overload": pressure,
                 "memory_idle_mb": idle,
                 "memory_warm_mb": warm,
@@ -301,6 +314,7 @@ def main() -> int:
     log("2/7 end to end on the defaults (and 6/7 memory, 7/7 overload)")
     results["e2e"] = end_to_end(cache, seconds)
     results["overload"] = results["e2e"].pop("overload")
+    results["jobs"] = results["e2e"].pop("jobs")
     log("3/7 seed-style baseline")
     results["seed"] = seed_baseline(seconds, SWEEP)
     log("3b/7 BentoML serving the same model")

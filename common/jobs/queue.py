@@ -7,6 +7,8 @@ process dies under a live worker (``task_reject_on_worker_lost``), or after
 acknowledgements, so kombu re-queues what stayed unacknowledged for that long. Celery's default is
 an hour; ours is a minute, and a task never runs longer than ``JOBS_CHUNK_BUDGET_S`` (below it) so
 a live task is not handed out twice. Tasks are idempotent all the same (``common.jobs.store``).
+What this cannot cover - kombu pops a message and then records it as unacknowledged, and a Redis
+stop between the two loses it - the workers' stall watchdog does (``workers.app.watch``).
 """
 
 from __future__ import annotations
