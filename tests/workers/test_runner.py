@@ -4,6 +4,7 @@ fake model client (so failures and cancellations can be placed exactly)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -237,3 +238,16 @@ def test_a_stalled_job_is_reported_once_per_period_with_its_unrecorded_chunks(st
     assert store.stalled(60, pending_too=False) == [(running, [0, 2])]
     assert store.stalled(60, pending_too=False) == []  # reported once per stall period
     assert store.stalled(60, pending_too=True) == [(pending, [0])]
+
+
+def test_expired_job_folders_are_swept_and_live_ones_kept(store: JobStore) -> None:
+    live = submit(store, [CAT])
+    expired = submit(store, [CAT, CAT])
+    (store.folder(expired) / "EXPIRES").write_text("1000")  # long past
+    abandoned = store.staging()  # an upload the gateway never finished
+    os.utime(abandoned, (0, 0))
+    fresh = store.staging()  # one being received right now
+    assert store.sweep() == 2
+    assert store.folder(live).exists() and fresh.exists()
+    assert not store.folder(expired).exists() and not abandoned.exists()
+    assert store.redis.ttl(store.key(live)) > 3500  # the record expires by itself (retention 1 h)
