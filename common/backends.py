@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,36 @@ import numpy as np
 from common.convert import to_json
 from common.errors import ServiceError
 from common.models import ModelSpec
+from common.quantize import Gate
 from common.runtime import KerasRuntime, Runtime, RuntimeInfo
 from common.weights import WeightsPlan
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "keras", "openvino")
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Where int8 calibrates and is judged (None: the shipped photos' views), and the gate."""
+
+    calibration: Path | None = None
+    validation: Path | None = None
+    gate: Gate = Gate()
+
+    def key(self) -> str:
+        """Names the image sets in the cache key: the shipped set, or the folders' listings."""
+        parts = []
+        for folder in (self.calibration, self.validation):
+            if folder is None:
+                parts.append("shipped1")
+                continue
+            listing = hashlib.blake2b(digest_size=5)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                stat = path.stat()
+                listing.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            parts.append(listing.hexdigest())
+        return "-".join(parts)
 
 
 class BackendUnavailable(ServiceError):
@@ -64,7 +90,8 @@ def fingerprint(plan: WeightsPlan) -> str:
 
 
 class OpenVINORuntime:
-    """OpenVINO IR on the CPU, latency hint, fp32 precision (parity with Keras depends on it)."""
+    """OpenVINO IR on the CPU, latency hint, fp32 arithmetic (parity with Keras depends on it);
+    with ``precision="int8"``, the fp32 IR quantized (``common.quantize``) if it passes the gate."""
 
     def __init__(
         self,
@@ -74,10 +101,14 @@ class OpenVINORuntime:
         cache_dir: Path,
         threads: int = 0,
         convert_timeout_s: float = 1800,
+        precision: str = "fp32",
+        quantization: Quantization = Quantization(),
     ) -> None:
         self.spec, self.plan, self.cache_dir = spec, plan, cache_dir
         self.threads = threads
         self.convert_timeout_s = convert_timeout_s
+        self.precision = precision
+        self.quantization = quantization
         self._compiled: Any = None
 
     def cache_path(self) -> Path:
@@ -85,6 +116,69 @@ class OpenVINORuntime:
             f"keras{_version('keras')}-tf{_version('tensorflow-cpu', 'tensorflow')}-ov{_version('openvino')}"
         )
         return self.cache_dir / f"{self.spec.name}-{fingerprint(self.plan)}-{versions}"
+
+    def int8_path(self) -> Path:
+        return self.cache_path().with_name(
+            f"{self.cache_path().name}-int8-nncf{_version('nncf')}-{self.quantization.key()}"
+        )
+
+    def ensure_quantized(self) -> dict[str, Any]:
+        """The int8 record (gate figures included), quantizing first (child process) when none is
+        cached. Quantizing a new version happens here too, before the swap, like its conversion."""
+        path = self.int8_path()
+        if not (path / "record.json").is_file():
+            log.info("%s: quantizing to int8 into %s (once per weights and image sets)", self.spec.name, path)
+            command = [
+                sys.executable,
+                "-m",
+                "common.quantize",
+                "--spec",
+                to_json(self.spec),
+                "--fp32",
+                str(self.cache_path() / "model.xml"),
+                "--out",
+                str(path),
+            ]
+            for flag, folder in (
+                ("--calibration", self.quantization.calibration),
+                ("--validation", self.quantization.validation),
+            ):
+                if folder is not None:
+                    command += [flag, str(folder)]
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=self.convert_timeout_s,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+            if not (path / "record.json").is_file():
+                raise BackendUnavailable(
+                    f"int8 quantization of {self.spec.name} failed "
+                    f"(exit {done.returncode}): {done.stderr[-2000:]}"
+                )
+        record: dict[str, Any] = json.loads((path / "record.json").read_text())
+        return record
+
+    def _int8_verdict(self) -> tuple[Path, str, str]:
+        """(IR to serve, its precision, why not int8 if not): the gate applied with today's thresholds."""
+        fp32 = self.cache_path() / "model.xml"
+        try:
+            record = self.ensure_quantized()
+        except Exception as exc:  # noqa: BLE001 - any failure to quantize: serve fp32, say why
+            note = f"int8 unavailable, serving fp32: {exc}"
+            log.warning("%s: %s", self.spec.name, note)
+            return fp32, "fp32", note[:500]
+        gate, wanted = record["gate"], self.quantization.gate
+        if wanted.admits(gate):
+            return self.int8_path() / "model.xml", "int8", ""
+        note = (
+            f"int8 refused by the quality gate, serving fp32: top-1 agreement {gate['top1_agreement']:.2f} "
+            f"(needs {wanted.min_top1:.2f}), top-5 overlap {gate['top5_overlap']:.2f} (needs "
+            f"{wanted.min_top5:.2f}) on {record['validation_images']} validation images"
+        )
+        log.warning("%s: %s", self.spec.name, note)
+        return fp32, "fp32", note
 
     def ensure_converted(self) -> dict[str, Any]:
         """The conversion record, converting first (in a child process) when none is cached."""
@@ -128,10 +222,13 @@ class OpenVINORuntime:
             )
         import openvino as ov
 
+        model, precision, note = self.cache_path() / "model.xml", "fp32", ""
+        if self.precision == "int8":
+            model, precision, note = self._int8_verdict()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        self._compiled = ov.Core().compile_model(self.cache_path() / "model.xml", "CPU", config)
+        self._compiled = ov.Core().compile_model(model, "CPU", config)
         size = self.spec.input_size
         self.predict(np.zeros((1, size, size, 3), np.float32))
         source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
@@ -142,6 +239,8 @@ class OpenVINORuntime:
             weights_hash=record["weights_hash"],
             num_classes=record["classes"],
             load_seconds=time.perf_counter() - started,
+            precision=precision,
+            precision_note=note,
         )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -182,12 +281,21 @@ def make_runtime(
     cache_dir: Path,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
+    precision: str = "fp32",
+    quantization: Quantization = Quantization(),
 ) -> Runtime:
-    """The runtime the ``BACKEND`` setting asks for."""
+    """The runtime the ``BACKEND`` and ``PRECISION`` settings ask for."""
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
     keras = KerasRuntime(spec, plan, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
-    openvino = OpenVINORuntime(spec, plan, cache_dir=cache_dir, threads=intra_op_threads)
+    openvino = OpenVINORuntime(
+        spec,
+        plan,
+        cache_dir=cache_dir,
+        threads=intra_op_threads,
+        precision=precision,
+        quantization=quantization,
+    )
     if backend == "keras":
         return keras
     if backend == "openvino":

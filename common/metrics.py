@@ -67,6 +67,12 @@ PENDING = Gauge(
 MODEL_READY = Gauge(
     "imagerec_model_ready", "1 once the model is loaded and warmed", ["model"], multiprocess_mode="livemax"
 )
+MODEL_PRECISION_BITS = Gauge(
+    "imagerec_model_precision_bits",
+    "Bits of the numbers the model serves with: 32 (fp32) or 8 (int8, past the quality gate)",
+    ["model"],
+    multiprocess_mode="livemax",
+)
 MODEL_LOAD_SECONDS = Gauge(
     "imagerec_model_load_seconds",
     "Seconds the model took to load and warm",

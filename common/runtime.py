@@ -30,6 +30,8 @@ class RuntimeInfo:
     weights_hash: str
     num_classes: int
     load_seconds: float
+    precision: str = "fp32"
+    precision_note: str = ""  # why the precision served is not the one asked for, if it is not
 
 
 class Runtime(Protocol):

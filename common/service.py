@@ -96,6 +96,8 @@ def create_app(
             cache_dir=settings.cache_dir,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
+            precision=settings.precision,
+            quantization=settings.quantization,
         )
 
     version = ""
@@ -223,6 +225,7 @@ def create_app(
             "weights": info.weights,
             "weights_hash": info.weights_hash,
             "backend": info.backend,
+            "precision": info.precision,
             **({"version": version} if version else {}),
             "labels_hash": model.labels.digest,
         }

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from common import repository
 from common.admission import AdmissionPolicy
-from common.backends import default_cache_dir
+from common.backends import PRECISIONS, Quantization, default_cache_dir
 from common.models import ModelSpec
+from common.quantize import Gate
 from common.settings import load, setting
 from common.weights import WeightsPlan, resolve
 
@@ -40,6 +41,14 @@ class ServiceSettings:
     default_top_k: int = setting(5, "predictions returned when top_k is not given")
     backend: str = setting("auto", "auto | keras | openvino (auto: the fastest that loads and passes parity)")
     model_cache: str = setting("", "folder for converted backends (default ~/.cache/imagerec/converted)")
+    precision: str = setting(
+        "fp32",
+        "fp32 | int8 (NNCF post-training quantization of the OpenVINO model, served if it passes the gate)",
+    )
+    calibration_dir: str = setting("", "images to calibrate int8 on (default: views of the shipped photos)")
+    validation_dir: str = setting("", "images the int8 gate compares on (default: other views of them)")
+    int8_min_top1: float = setting(0.9, "int8 gate: least share of validation images with fp32's top-1")
+    int8_min_top5: float = setting(0.8, "int8 gate: least mean share of fp32's top-5 in int8's top-5")
     max_batch_size: int = setting(8, "most images the batcher puts in one model call")
     batch_window_ms: float = setting(
         5.0,
@@ -85,6 +94,20 @@ class ServiceSettings:
             seed=self.weights_seed,
             keras_home=self.keras_home,
             allow_download=self.weights_download,
+        )
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "int8" and self.backend == "keras":
+            raise ValueError("PRECISION=int8 needs the OpenVINO backend (BACKEND=auto or openvino)")
+
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization(
+            Path(self.calibration_dir) if self.calibration_dir else None,
+            Path(self.validation_dir) if self.validation_dir else None,
+            Gate(self.int8_min_top1, self.int8_min_top5),
         )
 
     @property

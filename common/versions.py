@@ -107,13 +107,15 @@ class LoadedModel:
         self.info, self.state = info, "ready"
         metrics.MODEL_LOAD_SECONDS.labels(self.spec.name, info.backend).set(info.load_seconds)
         metrics.MODEL_READY.labels(self.spec.name).set(1)
+        metrics.MODEL_PRECISION_BITS.labels(self.spec.name).set(8 if info.precision == "int8" else 32)
         log.info(
-            "%s ready: weights=%s (%s) hash=%s backend=%s in %.1fs; ms per batch %s",
+            "%s ready: weights=%s (%s) hash=%s backend=%s precision=%s in %.1fs; ms per batch %s",
             self.spec.name,
             info.weights,
             info.weights_source,
             info.weights_hash,
             info.backend,
+            info.precision,
             info.load_seconds,
             self.batcher.times.snapshot(),
         )
@@ -143,6 +145,8 @@ class LoadedModel:
             "weights_source": info.weights_source if info else None,
             "weights_hash": info.weights_hash if info else None,
             "backend": info.backend if info else None,
+            "precision": info.precision if info else None,
+            **({"precision_note": info.precision_note} if info and info.precision_note else {}),
             "version": self.version or None,
             "classes": len(self.labels),
             "labels_hash": self.labels.digest,

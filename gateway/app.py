@@ -79,6 +79,11 @@ def create_app(
             raise items[0].error
         return items, batch
 
+    def served_as(answer: dict[str, Any]) -> str | None:
+        """What answered, for the cache key: the weights' hash and the precision they ran at."""
+        digest = answer.get("weights_hash")
+        return f"{digest}/{answer.get('precision') or 'fp32'}" if digest else None
+
     def cache_key(
         selection: Selection, image: bytes, top_k: int, weights: dict[str, str | None]
     ) -> str | None:
@@ -95,7 +100,7 @@ def create_app(
         cacheable = cache is not None and not batch and items[0].error is None
         original = items[0].data  # the key is the client's bytes, before any canonical re-encoding
         if cacheable and cache is not None:
-            expected = {m: registry.metadata(m).get("weights_hash") for m in selection.members}
+            expected = {m: served_as(registry.metadata(m)) for m in selection.members}
             key = cache_key(selection, original, top_k, expected)
             hit = cache.get(key) if key else None
             metrics.CACHE.labels("hit" if hit else "miss").inc()
@@ -113,7 +118,9 @@ def create_app(
         replies = result["replies"]
         if selection.vote is None:
             reply = replies.get(selection.name, {})
-            body.update({field: reply.get(field) for field in ("weights", "weights_hash", "backend")})
+            body.update(
+                {field: reply.get(field) for field in ("weights", "weights_hash", "backend", "precision")}
+            )
             if reply.get("version"):
                 body["version"] = reply["version"]
         else:
@@ -121,6 +128,9 @@ def create_app(
                 members=list(selection.members),
                 vote=selection.vote,
                 weights={m: replies[m].get("weights") if m in replies else None for m in selection.members},
+                precision={
+                    m: replies[m].get("precision") if m in replies else None for m in selection.members
+                },
             )
             if selection.vote != "soft":
                 body["member_weights"] = selection.weights
@@ -136,7 +146,7 @@ def create_app(
         ):
             # Keyed by the weights that actually answered: during a rollout the replica that
             # answered may not be the one the lookup's hashes came from.
-            served = {m: reply.get("weights_hash") for m, reply in replies.items()}
+            served = {m: served_as(reply) for m, reply in replies.items()}
             key = cache_key(selection, original, top_k, served)
             if key:
                 cache.put(key, {"body": dict(body), "outcomes": result["outcomes"]})

@@ -166,6 +166,7 @@ class Registry:
                     "weights",
                     "weights_hash",
                     "backend",
+                    "precision",
                     "version",
                     "classes",
                 )

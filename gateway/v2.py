@@ -157,6 +157,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
                 "parameters": {
                     "members": list(members),
                     "weights": {m: registry.metadata(m).get("weights") for m in members},
+                    "precision": {m: registry.metadata(m).get("precision") for m in members},
                 },
             }
         )

@@ -1,7 +1,9 @@
 """``make convert`` (``python -m services.convert_all``): convert the three models to OpenVINO
-ahead of serving, with the fleet's settings.
+ahead of serving, with the fleet's settings - and quantize them to int8 where ``PRECISION=int8``
+(``<MODEL>_PRECISION``), printing the quality gate's verdict.
 
-Uses each service's own ``WEIGHTS``/``MODEL_CACHE`` settings, so the services find the result.
+Uses each service's own ``WEIGHTS``/``MODEL_CACHE``/``CALIBRATION_DIR`` settings, so the services
+find the result.
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ def main() -> int:
     for spec in (vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC):
         settings = ServiceSettings.from_env(spec.name)
         plan = settings.weights_plan(spec)
-        record = OpenVINORuntime(spec, plan, cache_dir=settings.cache_dir).ensure_converted()
+        runtime = OpenVINORuntime(
+            spec, plan, cache_dir=settings.cache_dir, quantization=settings.quantization
+        )
+        record = runtime.ensure_converted()
         parity = record["parity"]
         print(
             f"{spec.name}: {record['backend']} weights={plan.kind} hash={record['weights_hash']} "
             f"parity {'passed' if parity['passed'] else 'FAILED'} (max |dp| {parity['max_abs_diff']:.1e})"
         )
+        if settings.precision == "int8":
+            gate = runtime.ensure_quantized()["gate"]
+            verdict = settings.quantization.gate.admits(gate)
+            print(
+                f"{spec.name}: int8 top-1 agreement {gate['top1_agreement']:.2f}, top-5 overlap "
+                f"{gate['top5_overlap']:.2f}: {'served' if verdict else 'REFUSED, fp32 will serve'}"
+            )
     return 0
 
 
