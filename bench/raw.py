@@ -1,4 +1,5 @@
-"""Part 1: raw in-process throughput per model and backend, batch 1 and 8 (no HTTP, no decoding).
+"""Part 1: raw in-process throughput per model and backend, batch 1 and 8 (no HTTP, no decoding);
+int8 is the PRECISION=int8 model (it says fp32 when the quality gate refused it).
 
 Run as ``python -m bench.raw --cache DIR``; prints JSON. Random weights (seed 0), the same weights
 the fleet serves in the benchmark, so the figures compare like with like.
@@ -51,11 +52,14 @@ def main() -> None:
         keras_runtime.load()
         openvino = OpenVINORuntime(spec, PLAN, cache_dir=args.cache)
         openvino.load()
+        int8 = OpenVINORuntime(spec, PLAN, cache_dir=args.cache, precision="int8")
+        int8_info = int8.load()
         model = build_keras_model(spec, PLAN)
         backends: dict[str, Callable[[np.ndarray], object]] = {
             "keras model.predict (seed's path)": lambda x, m=model: m.predict(x, verbose=0),
             "keras compiled call": keras_runtime.predict,
             "openvino fp32 (latency hint)": openvino.predict,
+            f"openvino {int8_info.precision} (PRECISION=int8)": int8.predict,
         }
         for backend, call in backends.items():
             for n, batch in batches.items():

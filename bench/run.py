@@ -10,7 +10,9 @@
 6. resident memory of every process, idle and after the load;
 7. overload: an open-loop client at 4x capacity on the same fleet (bench/overload.py);
 8. asynchronous jobs: a 2,000-photo ResNet50 job alone, and beside one interactive client
-   (bench/jobs.py), on the same fleet and its one worker.
+   (bench/jobs.py), on the same fleet and its one worker;
+9. int8: the same fleet with PRECISION=int8 - ResNet50 at 1 and 8 clients, every process's memory
+   after load, and each model's quality-gate figures.
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
 (wrk's sixteen connections come from one address, which the limiter counts as one client).
@@ -164,6 +166,33 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
             }
 
 
+def int8_fleet(cache: Path, seconds: int) -> dict[str, Any]:
+    """The default fleet with PRECISION=int8 (quantized at start-up, or from the cache)."""
+    with tempfile.TemporaryDirectory(prefix="imagerec-bench-") as folder:
+        Path(folder).chmod(0o755)
+        env = {**base_env(cache), "PRECISION": "int8"}
+        with running(Fleet(on_free_ports(Path(folder), models=MODELS)), env, timeout_s=900) as fleet:
+            loaded = fleet.memory_mb()
+            url = f"{fleet.url}/v1/predict?model=resnet50"
+            load.run(url, load.Payload.raw(PHOTO), connections=8, seconds=min(seconds, 5))
+            settle(fleet)
+            runs = [measured_run(fleet, "resnet50", c, seconds) for c in (1, 8)]
+            listed = requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
+            after = fleet.memory_mb()
+    gates = {}
+    for record in cache.glob("*-int8-*/record.json"):
+        name = record.parent.name.split("-", 1)[0]
+        if name in MODELS and "random0" in record.parent.name:
+            gates[name] = json.loads(record.read_text())["gate"]
+    return {
+        "runs": runs,
+        "precision": {m["name"]: m.get("precision") for m in listed},
+        "gates": gates,
+        "memory_loaded_mb": loaded,
+        "memory_after_mb": after,
+    }
+
+
 BENTOML = ROOT / "bench" / ".venv-bento" / "bin" / "bentoml"
 
 
@@ -315,6 +344,8 @@ def main() -> int:
     results["e2e"] = end_to_end(cache, seconds)
     results["overload"] = results["e2e"].pop("overload")
     results["jobs"] = results["e2e"].pop("jobs")
+    log("9/9 int8: the same fleet with PRECISION=int8")
+    results["int8"] = int8_fleet(cache, seconds)
     log("3/7 seed-style baseline")
     results["seed"] = seed_baseline(seconds, SWEEP)
     log("3b/7 BentoML serving the same model")
