@@ -1,6 +1,7 @@
 """PRECISION=int8 on a running fleet, through Nginx: a model trained in this run is quantized at
 start-up (calibrated and gated on images of its own kind), answers say int8, and it still
-classifies fresh images right."""
+classifies fresh images right; a new version in its repository is quantized before it is swapped
+in."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 import requests
 
 from deploy.local.fleet import ExtraService, Fleet
-from deploy.local.running import RunningFleet, free_port, on_free_ports, running
+from deploy.local.running import RunningFleet, free_port, on_free_ports, running, wait_until
 from tests.conftest import _is_project_variable
 from tests.e2e import shapes
+from tests.e2e.test_versions import publish
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,7 +39,12 @@ def int8_fleet(trained_shapes: shapes.TrainedModel) -> Iterator[RunningFleet]:
         shapes.INPUT_SIZE,
         shapes.MODE,
     )
+    repository = run_dir / "repository"
+    (repository / "shapes" / "1").mkdir(parents=True)
+    shutil.copy(trained_shapes.model_path, repository / "shapes" / "1" / "model.keras")
     service.env.update(
+        SHAPES_MODEL_REPOSITORY=str(repository),
+        SHAPES_REPOSITORY_POLL_S="1",
         SHAPES_PRECISION="int8",
         SHAPES_CALIBRATION_DIR=str(run_dir / "calibration"),
         SHAPES_VALIDATION_DIR=str(run_dir / "validation"),
@@ -71,3 +78,24 @@ def test_an_int8_model_answers_through_nginx_and_says_so(int8_fleet: RunningFlee
     assert right >= 54, right  # 90 % of fresh images, as fp32 gets
     metrics = requests.get(f"{int8_fleet.service_url('shapes')}/metrics", timeout=10).text
     assert 'imagerec_model_precision_bits{model="shapes"} 8.0' in metrics
+
+
+def test_a_new_version_is_quantized_before_it_is_swapped_in(
+    int8_fleet: RunningFleet, trained_shapes: shapes.TrainedModel
+) -> None:
+    repository = int8_fleet.fleet.run_dir / "repository"
+    publish(repository, 2, trained_shapes.model_path, 1e-3)
+
+    def served() -> tuple[str, str]:
+        model = requests.get(f"{int8_fleet.service_url('shapes')}/v1/model", timeout=10).json()
+        return model["version"], model["precision"]
+
+    wait_until(lambda: served() == ("2", "int8"), 180, "version 2 to be quantized and served")
+    data = shapes.dataset(1, seed=34)[0][0]
+    body = requests.post(
+        f"{int8_fleet.url}/v1/predict?model=shapes",
+        data=data,
+        headers={"Content-Type": "image/png"},
+        timeout=60,
+    ).json()
+    assert (body["version"], body["precision"]) == ("2", "int8"), body
