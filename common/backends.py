@@ -145,18 +145,7 @@ class OpenVINORuntime:
             ):
                 if folder is not None:
                     command += [flag, str(folder)]
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=self.convert_timeout_s,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-            if not (path / "record.json").is_file():
-                raise BackendUnavailable(
-                    f"int8 quantization of {self.spec.name} failed "
-                    f"(exit {done.returncode}): {done.stderr[-2000:]}"
-                )
+            self._run_child(command, path, "int8 quantization")
         record: dict[str, Any] = json.loads((path / "record.json").read_text())
         return record
 
@@ -196,20 +185,24 @@ class OpenVINORuntime:
                 "--out",
                 str(path),
             ]
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=self.convert_timeout_s,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-            if not (path / "record.json").is_file():
-                raise BackendUnavailable(
-                    f"OpenVINO conversion of {self.spec.name} failed "
-                    f"(exit {done.returncode}): {done.stderr[-2000:]}"
-                )
+            self._run_child(command, path, "OpenVINO conversion")
         record: dict[str, Any] = json.loads((path / "record.json").read_text())
         return record
+
+    def _run_child(self, command: list[str], path: Path, what: str) -> None:
+        """Run a conversion step in a child process (TensorFlow and NNCF stay out of this one);
+        it must leave ``path/record.json`` behind."""
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=self.convert_timeout_s,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        if not (path / "record.json").is_file():
+            raise BackendUnavailable(
+                f"{what} of {self.spec.name} failed (exit {done.returncode}): {done.stderr[-2000:]}"
+            )
 
     def load(self) -> RuntimeInfo:
         started = time.perf_counter()

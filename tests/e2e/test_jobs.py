@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from deploy.local.running import wait_until
+from deploy.local.running import children, wait_until
 from tests.conftest import photo, png_declaring
 from tests.e2e import shapes
 from tests.e2e.conftest import E2EFleet
@@ -198,16 +198,7 @@ def test_a_cancelled_job_stops_within_seconds_and_keeps_its_results(fleet: E2EFl
 def worker_pids(fleet: E2EFleet) -> list[int]:
     """The Celery worker's main process and its pool processes."""
     main = fleet.pids()["worker"]
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == main:
-                        children.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return [main, *children]
+    return [main, *children(main)]
 
 
 def test_kill_9_of_every_worker_process_loses_nothing(fleet: E2EFleet) -> None:
