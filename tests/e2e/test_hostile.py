@@ -165,6 +165,12 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         414,
         "uri_too_long",
     ),
+    (  # under Nginx's 8k request line, over Gunicorn's default 4094: must still reach the gateway
+        "a 6 kB query string",
+        {"query": "model=resnet50&top_k=" + "9" * 6_000, "data": CAT, "ct": RAW},
+        400,
+        "bad_request",
+    ),
 ]
 
 
