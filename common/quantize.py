@@ -1,12 +1,20 @@
-"""int8 by post-training quantization (NNCF) of the converted OpenVINO model, gated by agreement.
+"""int8 by NNCF from the converted OpenVINO model, gated by agreement with fp32.
 
-Run in a child process (``python -m common.quantize ...``), like the conversion it starts from: the
-fp32 IR (``common.convert``) is quantized with NNCF on *calibration* images, then the int8 and fp32
-models answer *validation* images that are not the calibration ones, and the int8 model is served
-only if its top-1 answer agrees with fp32 on at least ``min_top1`` of them and its top-5 shares at
-least ``min_top5`` of fp32's on average. Output, in ``<out>/``: ``model.xml``/``.bin`` (int8 IR)
-and ``record.json`` with the gate's figures and verdict; a model that fails is written all the
-same, so the verdict is cached with its reasons, and the service serves fp32 instead (loudly).
+Run in a child process (``python -m common.quantize ...``), like the conversion it starts from. Two
+int8 candidates are made from the fp32 IR (``common.convert``), in the order they are preferred:
+
+* ``int8``: post-training quantization of weights and activations, calibrated on *calibration*
+  images - the speed (int8 arithmetic) and the memory;
+* ``int8-weights``: weights alone compressed to int8 (symmetric, per output channel, as the first
+  candidate's weights are), activations and arithmetic fp32 - about the memory of the first at
+  fp32's speed, and no calibration to go wrong.
+
+Both answer *validation* images that are not the calibration ones, beside fp32, and each records its
+top-1 agreement with fp32 and the mean share of fp32's top-5 in its own. The service serves the
+first candidate the gate (``Gate``) admits with today's thresholds, else fp32, loudly
+(``choose``). Output, in ``<out>/``: one folder per candidate with its IR, and ``record.json`` with
+every candidate's figures; candidates the gate refuses are kept too, so a verdict is cached with its
+reasons and a changed threshold needs no requantizing.
 
 Images: the folders the operator names (``CALIBRATION_DIR``, ``VALIDATION_DIR``), read through the
 serving pipeline; by default, views of the photos shipped in ``common/data/parity`` - random
@@ -15,7 +23,8 @@ others (another seed) for validation. Why that is enough: post-training quantiza
 estimates each activation's range, which a few dozen natural images pin down (NNCF's ImageNet
 figures use 300 and lose 0.1-0.2 points on these models); varied crops of real photos cover
 object scale and exposure; and the gate, not the calibration set, is what guards quality - on a
-model that fails it, users get fp32. An operator with their own data should name it.
+model that fails it, users get the next candidate or fp32. An operator with their own data should
+name it.
 """
 
 from __future__ import annotations
@@ -42,6 +51,10 @@ from common.models import ModelSpec
 SHIPPED_PHOTOS = Path(__file__).parent / "data" / "parity"
 CALIBRATION_VIEWS, VALIDATION_VIEWS = 64, 48
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+LAYOUT = 2
+"""Version of the folder and record layout, in the cache key: 2 added the weights-only candidate."""
+CANDIDATES = ("int8", "int8-weights")
+"""Served precisions other than fp32, in the order they are preferred."""
 
 
 @dataclass(frozen=True)
@@ -118,38 +131,66 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
 
 
 def quantize(
-    fp32_xml: Path, out: Path, spec: ModelSpec, calibration: np.ndarray, validation: np.ndarray, gate: Gate
+    fp32_xml: Path, out: Path, spec: ModelSpec, calibration: np.ndarray, validation: np.ndarray
 ) -> dict[str, Any]:
-    """Quantize ``fp32_xml`` on ``calibration``, gate it on ``validation``, write IR + record."""
+    """Make both candidates from ``fp32_xml``, measure them on ``validation``, write IRs + record."""
     import nncf
     import openvino as ov
 
     started = time.perf_counter()
     prepare = preprocessing.get(spec.preprocessing)
     core = ov.Core()
-    model = core.read_model(fp32_xml)
     samples = [prepare(calibration[i : i + 1].copy()) for i in range(len(calibration))]
-    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+    made = {
+        "int8": (
+            nncf.quantize(core.read_model(fp32_xml), nncf.Dataset(samples), subset_size=len(samples)),
+            f"nncf {nncf.__version__} post-training quantization (int8 weights and activations)",
+        ),
+        "int8-weights": (
+            nncf.compress_weights(core.read_model(fp32_xml), mode=nncf.CompressWeightsMode.INT8_SYM),
+            f"nncf {nncf.__version__} weight compression int8_sym (fp32 activations and arithmetic)",
+        ),
+    }
     staging = Path(tempfile.mkdtemp(prefix=".quantizing-", dir=out.parent))
-    ov.save_model(quantized, staging / "model.xml", compress_to_fp16=False)
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     inputs = prepare(validation.copy())
     reference = np.asarray(core.compile_model(fp32_xml, "CPU", config)(inputs)[0])
-    candidate = np.asarray(core.compile_model(staging / "model.xml", "CPU", config)(inputs)[0])
-    figures = agreement(reference, candidate)
-    passed = gate.admits(figures)
+    candidates = []
+    for precision in CANDIDATES:
+        model, method = made[precision]
+        (staging / precision).mkdir()
+        ov.save_model(model, staging / precision / "model.xml", compress_to_fp16=False)
+        answer = np.asarray(core.compile_model(staging / precision / "model.xml", "CPU", config)(inputs)[0])
+        candidates.append({"precision": precision, "method": method, "gate": agreement(reference, answer)})
     record = {
-        "precision": "int8",
-        "method": f"nncf {nncf.__version__} post-training quantization",
+        "layout": LAYOUT,
         "calibration_images": len(calibration),
         "validation_images": len(validation),
-        "gate": {**figures, "min_top1": gate.min_top1, "min_top5": gate.min_top5, "passed": passed},
+        "candidates": candidates,
         "quantize_seconds": round(time.perf_counter() - started, 1),
     }
     (staging / "record.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)  # atomic, as for conversions
     return record
+
+
+def choose(record: dict[str, Any], gate: Gate, fallback: bool = True) -> tuple[str, str]:
+    """(precision to serve, why it is not ``int8`` - empty if it is) from a quantization record:
+    the first candidate ``gate`` admits (only the first when ``fallback`` is off), else fp32."""
+    refusals: list[str] = []
+    for candidate in record["candidates"][: None if fallback else 1]:
+        figures = candidate["gate"]
+        if gate.admits(figures):
+            note = "" if not refusals else f"{'; '.join(refusals)}; serving {candidate['precision']}"
+            return candidate["precision"], note
+        refusals.append(
+            f"{candidate['precision']} refused by the quality gate: top-1 agreement "
+            f"{figures['top1_agreement']:.2f} (needs {gate.min_top1:.2f}), top-5 overlap "
+            f"{figures['top5_overlap']:.2f} (needs {gate.min_top5:.2f}) on {record['validation_images']} "
+            "validation images"
+        )
+    return "fp32", f"{'; '.join(refusals)}; serving fp32"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,14 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--calibration", type=Path, default=None)
     parser.add_argument("--validation", type=Path, default=None)
-    parser.add_argument("--min-top1", type=float, default=Gate.min_top1)
-    parser.add_argument("--min-top5", type=float, default=Gate.min_top5)
     args = parser.parse_args(argv)
     fields = json.loads(args.spec)
     spec = ModelSpec(**{**fields, "labels_path": Path(fields["labels_path"])})
     calibration, validation = image_sets(spec, args.calibration, args.validation)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = quantize(args.fp32, args.out, spec, calibration, validation, Gate(args.min_top1, args.min_top5))
+    record = quantize(args.fp32, args.out, spec, calibration, validation)
     print(json.dumps(record))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from common.backends import OpenVINORuntime
+from common.quantize import choose
 from common.service import ServiceSettings
 from services import inceptionv3, resnet50, vgg16
 
@@ -29,12 +30,15 @@ def main() -> int:
             f"parity {'passed' if parity['passed'] else 'FAILED'} (max |dp| {parity['max_abs_diff']:.1e})"
         )
         if settings.precision == "int8":
-            gate = runtime.ensure_quantized()["gate"]
-            verdict = settings.quantization.gate.admits(gate)
-            print(
-                f"{spec.name}: int8 top-1 agreement {gate['top1_agreement']:.2f}, top-5 overlap "
-                f"{gate['top5_overlap']:.2f}: {'served' if verdict else 'REFUSED, fp32 will serve'}"
+            record = runtime.ensure_quantized()
+            quantization = settings.quantization
+            served, _ = choose(record, quantization.gate, quantization.weights_fallback)
+            figures = ", ".join(
+                f"{c['precision']} top-1 agreement {c['gate']['top1_agreement']:.2f} top-5 overlap "
+                f"{c['gate']['top5_overlap']:.2f}"
+                for c in record["candidates"]
             )
+            print(f"{spec.name}: {figures}: {served} will serve")
     return 0
 
 

@@ -1,6 +1,6 @@
 """int8 serving: a model trained in this run keeps its accuracy in int8 on fresh images, the gate
-refuses a model it should (calibrated on black images), and a refused model serves fp32, saying
-why. Real NNCF and OpenVINO on the small shapes model (seconds, not minutes)."""
+refuses a model it should (calibrated on black images), and a refused model serves int8 weights or
+fp32, saying why. Real NNCF and OpenVINO on the small shapes model (seconds, not minutes)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from common import preprocessing
 from common.backends import OpenVINORuntime, Quantization
 from common.models import ModelSpec
-from common.quantize import Gate, agreement, views
+from common.quantize import Gate, agreement, choose, views
 from common.weights import WeightsPlan
 from tests.e2e import shapes
 
@@ -59,6 +59,26 @@ def test_agreement_counts_top1_and_top5() -> None:
     assert agreement(reference, flipped)["top1_agreement"] == 0.0
 
 
+def test_choose_serves_the_first_candidate_the_gate_admits() -> None:
+    def record(full: float, weights: float) -> dict:
+        return {
+            "validation_images": 48,
+            "candidates": [
+                {"precision": "int8", "gate": {"top1_agreement": full, "top5_overlap": 0.9}},
+                {"precision": "int8-weights", "gate": {"top1_agreement": weights, "top5_overlap": 0.9}},
+            ],
+        }
+
+    assert choose(record(0.95, 0.99), Gate()) == ("int8", "")
+    precision, note = choose(record(0.88, 0.94), Gate())
+    assert precision == "int8-weights" and note.startswith(
+        "int8 refused by the quality gate: top-1 agreement 0.88"
+    )
+    assert choose(record(0.88, 0.94), Gate(), fallback=False)[0] == "fp32"
+    precision, note = choose(record(0.5, 0.6), Gate())
+    assert precision == "fp32" and "int8-weights refused" in note and note.endswith("serving fp32")
+
+
 def test_the_default_image_sets_are_varied_views_and_never_the_same() -> None:
     photos = [Path("common/data/parity/chelsea.jpg").read_bytes()]
     calibration, validation = views(photos, 8, 1, 64), views(photos, 8, 2, 64)
@@ -84,20 +104,27 @@ def test_a_model_trained_here_keeps_its_accuracy_in_int8(
     assert int8.int8_path().name.endswith(sets.key()) and "int8" in int8.int8_path().name
 
 
-def test_the_gate_refuses_a_badly_calibrated_model_and_fp32_serves(
-    trained: shapes.TrainedModel, tmp_path: Path
+@pytest.mark.parametrize("fallback", [True, False])
+def test_the_gate_refuses_a_badly_calibrated_model(
+    trained: shapes.TrainedModel, tmp_path: Path, fallback: bool
 ) -> None:
     """The control: calibrated on black images, every activation range is near zero, so real
-    images saturate the int8 model. The gate must see it and the service serve fp32."""
+    images saturate the int8 model. The gate must see it; int8 weights (no calibration) serve
+    instead, or fp32 when that fallback is off - and either keeps the model's accuracy."""
     black = io.BytesIO()
     Image.new("RGB", (96, 96)).save(black, "PNG")
     calibration = write_images(tmp_path / "black", [black.getvalue()] * 32)
     validation = write_images(tmp_path / "validation", shapes.dataset(64, seed=24)[0])
-    served = runtime(trained, tmp_path / "cache", "int8", Quantization(calibration, validation, Gate()))
+    sets = Quantization(calibration, validation, Gate(), weights_fallback=fallback)
+    served = runtime(trained, tmp_path / "cache", "int8", sets)
     info = served.load()
-    assert info.precision == "fp32" and "refused by the quality gate" in info.precision_note, info
+    assert info.precision == ("int8-weights" if fallback else "fp32"), info
+    assert "int8 refused by the quality gate" in info.precision_note, info
+    record = served.ensure_quantized()
+    full, weights = record["candidates"]
+    assert full["gate"]["top1_agreement"] < 0.9 <= weights["gate"]["top1_agreement"], record
     fresh, labels = shapes.dataset(200, seed=25)
-    assert accuracy(served, fresh, labels) >= 0.9  # what it serves is the fp32 model
+    assert accuracy(served, fresh, labels) >= 0.9
 
 
 def test_thresholds_apply_to_the_cached_verdict(trained: shapes.TrainedModel, tmp_path: Path) -> None:
@@ -112,6 +139,7 @@ def test_thresholds_apply_to_the_cached_verdict(trained: shapes.TrainedModel, tm
     strict = Quantization(calibration, validation, Gate(min_top1=1.01))
     info = runtime(trained, cache, "int8", strict).load()
     assert info.precision == "fp32" and "needs 1.01" in info.precision_note
+    assert "int8-weights refused" in info.precision_note  # both candidates, each with its figures
 
 
 def test_preprocessing_of_views_matches_the_serving_pipeline() -> None:
