@@ -32,8 +32,25 @@ def archive(photo: bytes, images: int, seed: str) -> bytes:
     return buffer.getvalue()
 
 
-def _seconds(stamp: str) -> float:
+def _moment(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def duration_s(job: dict[str, Any]) -> float:
+    """How long a finished job ran, by its record's own clock (``started_at`` to ``finished_at``)."""
+    return _moment(job["finished_at"]) - _moment(job["started_at"])
+
+
+def wait_finished(url: str, job_id: str, timeout_s: float) -> dict[str, Any]:
+    """The job once it is no longer pending or running."""
+    last: dict[str, Any] = {}
+
+    def finished() -> bool:
+        last.update(requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
+        return last["status"] not in ("pending", "running")
+
+    wait_until(finished, timeout_s, f"job {job_id} to finish")
+    return last
 
 
 def run_job(url: str, photo: bytes, images: int, seed: str, timeout_s: float = 1800) -> dict[str, Any]:
@@ -44,14 +61,8 @@ def run_job(url: str, photo: bytes, images: int, seed: str, timeout_s: float = 1
     )
     answer.raise_for_status()
     job_id = answer.json()["job_id"]
-    last: dict[str, Any] = {}
-
-    def finished() -> bool:
-        last.update(requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
-        return last["status"] not in ("pending", "running")
-
-    wait_until(finished, timeout_s, f"job {job_id} to finish")
-    elapsed = _seconds(last["finished_at"]) - _seconds(last["started_at"])
+    last = wait_finished(url, job_id, timeout_s)
+    elapsed = duration_s(last)
     return {
         "job_id": job_id,
         "status": last["status"],

@@ -12,7 +12,9 @@
 8. asynchronous jobs: a 2,000-photo ResNet50 job alone, and beside one interactive client
    (bench/jobs.py), on the same fleet and its one worker;
 9. int8: the same fleet with PRECISION=int8 - ResNet50 at 1 and 8 clients, every process's memory
-   after load, and each model's quality-gate figures.
+   after load, and each model's quality-gate figures;
+10. custom classes: a ResNet50 custom model trained through Nginx (time, held-out and fresh
+   accuracy), and the memory ten more custom models add (bench/custom.py), on the default fleet.
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
 (wrk's sixteen connections come from one address, which the limiter counts as one client).
@@ -35,7 +37,8 @@ from typing import Any
 
 import requests
 
-from bench import ingest, jobs, load, overload, report
+from bench import custom, ingest, jobs, load, overload, report
+from common.quantize import LAYOUT
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
 
@@ -137,6 +140,15 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
                 f"{batch['job_with_interactive']['img_per_s']} img/s; interactive p50 "
                 f"{quiet['p50_ms']} -> {busy['p50_ms']} ms ({batch['p50_ratio']}x)"
             )
+            log("custom classes: train on 100 photos, classify fresh ones, ten more models")
+            trained = custom.measure_on(fleet)
+            settle(fleet)
+            t = trained["training"]
+            log(
+                f"custom: {t['status']} in {t['seconds']} s ({t['images']} photos, {t['epochs']} epochs), "
+                f"held out {t['held_out_accuracy']}, fresh {t['fresh_accuracy']}; ten more models "
+                f"+{trained['ten_models_mb']['added']} MB"
+            )
             log(f"overload: open loop at 4x {capacity} req/s")
             pressure = overload.measure_on(
                 f"{fleet.url}/v1/predict?model=resnet50",
@@ -157,6 +169,7 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
             return {
                 "runs": runs,
                 "jobs": batch,
+                "custom": trained,
                 "overload": pressure,
                 "memory_idle_mb": idle,
                 "memory_warm_mb": warm,
@@ -180,10 +193,10 @@ def int8_fleet(cache: Path, seconds: int) -> dict[str, Any]:
             listed = requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
             after = fleet.memory_mb()
     gates = {}
-    for record in cache.glob("*-int8-*/record.json"):
+    for record in cache.glob(f"*-int8v{LAYOUT}-*/record.json"):
         name = record.parent.name.split("-", 1)[0]
         if name in MODELS and "random0" in record.parent.name:
-            gates[name] = json.loads(record.read_text())["gate"]
+            gates[name] = {c["precision"]: c["gate"] for c in json.loads(record.read_text())["candidates"]}
     return {
         "runs": runs,
         "precision": {m["name"]: m.get("precision") for m in listed},
@@ -344,6 +357,7 @@ def main() -> int:
     results["e2e"] = end_to_end(cache, seconds)
     results["overload"] = results["e2e"].pop("overload")
     results["jobs"] = results["e2e"].pop("jobs")
+    results["custom"] = results["e2e"].pop("custom")
     log("9/9 int8: the same fleet with PRECISION=int8")
     results["int8"] = int8_fleet(cache, seconds)
     log("3/7 seed-style baseline")

@@ -5,6 +5,7 @@
     fleet.predict("cat.jpg", model="ensemble")["predictions"][0]["label"]
     job = fleet.submit_job("photos/", model="resnet50")  # a folder or a zip/tar: a batch job
     fleet.wait_for_job(job["job_id"])["status"]
+    job = fleet.train("pets/", name="pets")  # one folder per class: a training job, then a model
 
 Retries follow the server: 429 and 503 are retried after the ``Retry-After`` it sends (urllib3's
 ``Retry``), connection failures with a jittered back-off; other errors raise ``ImagerecError``
@@ -35,7 +36,8 @@ ACTIVE_JOB_STATES = ("pending", "running")
 
 
 class ImagerecError(Exception):
-    """An answer other than 200: ``status``, ``code``, ``message`` and ``request_id`` from its body."""
+    """An answer other than 200: ``status``, ``code``, ``message``, ``request_id`` and ``problems``
+    (each reason a refusal gives, such as a training dataset's; often none) from its body."""
 
     def __init__(self, status: int, body: object) -> None:
         error = body.get("error") if isinstance(body, dict) else None
@@ -44,6 +46,8 @@ class ImagerecError(Exception):
         self.code = str(error.get("code", "error"))
         self.message = str(error.get("message", ""))
         self.request_id = str(error.get("request_id", ""))
+        problems = error.get("problems")
+        self.problems = [str(p) for p in problems] if isinstance(problems, list) else []
         super().__init__(f"{status} {self.code}: {self.message}")
 
 
@@ -162,29 +166,11 @@ class Client:
         ``models`` (an ensemble of those members) takes the place of ``model``. Raises ``ValueError``
         for a folder without files and ``OSError`` for a path that cannot be read.
         """
-        path = Path(source)
         params: dict[str, str | int] = {"models": ",".join(models)} if models else {"model": model}
         for key, value in (("vote", vote), ("top_k", top_k), ("callback_url", callback_url)):
             if value:
                 params[key] = value
-        with ExitStack() as stack:
-            if path.is_dir():
-                archive: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
-                if not upload.zip_folder(path, archive):
-                    raise ValueError(f"no files under {path}")
-                filename = f"{path.resolve().name or 'folder'}.zip"
-            else:
-                archive = stack.enter_context(path.open("rb"))
-                filename = path.name
-            body = upload.MultipartFile("archive", filename, archive)
-            response = self.session.post(
-                f"{self.url}/v1/jobs",
-                params=params,
-                data=body,
-                headers={"Content-Type": body.content_type},
-                timeout=self.timeout_s,
-            )
-        return self._json(response)
+        return self._send_archive("/v1/jobs", "archive", Path(source), params)
 
     def job_status(self, job_id: str) -> dict[str, Any]:
         """The job's state and progress (``status``, ``done``, ``failed``, ``total``, ``eta_s``, ...)."""
@@ -239,3 +225,61 @@ class Client:
 
     def _job_url(self, job_id: str) -> str:
         return f"{self.url}/v1/jobs/{quote(job_id, safe='')}"
+
+    def _send_archive(
+        self, route: str, field: str, path: Path, params: dict[str, str | int]
+    ) -> dict[str, Any]:
+        """POST a folder (zipped on the fly into a temporary file, paths relative to it) or an
+        archive (as it is) as the multipart part ``field``, streamed from disk."""
+        with ExitStack() as stack:
+            if path.is_dir():
+                archive: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
+                if not upload.zip_folder(path, archive):
+                    raise ValueError(f"no files under {path}")
+                filename = f"{path.resolve().name or 'folder'}.zip"
+            else:
+                archive = stack.enter_context(path.open("rb"))
+                filename = path.name
+            body = upload.MultipartFile(field, filename, archive)
+            response = self.session.post(
+                f"{self.url}{route}",
+                params=params,
+                data=body,
+                headers={"Content-Type": body.content_type},
+                timeout=self.timeout_s,
+            )
+        return self._json(response)
+
+    # --- custom models -------------------------------------------------------------------------
+
+    def train(
+        self,
+        source: str | Path,
+        *,
+        name: str,
+        base: str = "resnet50",
+        epochs: int | None = None,
+        validation_split: float | None = None,
+        augment: bool = False,
+    ) -> dict[str, Any]:
+        """Start training the custom model ``name`` on ``base`` from a folder of one folder per class
+        (zipped on the fly) or a zip/tar of those; returns the training job as accepted (``job_id``,
+        ``classes``, ``counts``, ``skipped``, ...). Follow it with ``wait_for_job``.
+
+        The options go in the query, which the fleet checks before it reads the upload. Raises
+        ``ImagerecError`` for a refusal (its ``problems`` name each reason), ``ValueError`` for a
+        folder without files and ``OSError`` for a path that cannot be read.
+        """
+        params: dict[str, str | int] = {"name": name, "base": base}
+        if epochs is not None:
+            params["epochs"] = epochs
+        if validation_split is not None:
+            params["validation_split"] = str(validation_split)
+        if augment:
+            params["augment"] = "true"
+        return self._send_archive("/v1/training", "dataset", Path(source), params)
+
+    def delete_model(self, name: str) -> dict[str, Any]:
+        """Remove the custom model ``name``, every version: ``{"deleted": name}``."""
+        url = f"{self.url}/v1/models/{quote(name, safe='')}"
+        return self._json(self.session.delete(url, timeout=self.timeout_s))

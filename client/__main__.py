@@ -4,6 +4,8 @@ python -m client predict photo.jpg --model ensemble
 python -m client classify-dir photos/ --out results.csv --model resnet50 --concurrency 8
 python -m client models
 python -m client job submit photos/ --model resnet50 --wait   # a batch job (see client/job_commands.py)
+python -m client train pets/ --name pets --wait               # a custom model (see client/train_commands.py)
+python -m client models delete pets
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from client import Client, ImagerecError, job_commands
+from client import Client, ImagerecError, job_commands, train_commands
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     folder.add_argument("--concurrency", type=int, default=4)
     folder.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    commands.add_parser("models", help="list the models and their weights")
+    models = commands.add_parser("models", help="list the models and their weights; delete a custom one")
     job_commands.add_parser(commands)
+    train_commands.add_parser(commands, models)
     args = parser.parse_args(argv)
     client = Client(args.url, timeout_s=args.timeout, retries=args.retries)
     if args.command == "predict":
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return _classify_dir(client, args)
     if args.command == "job":
         return job_commands.run(client, args)
+    if args.command == "train" or getattr(args, "models_command", None):
+        return train_commands.run(client, args)
     print(json.dumps(client.models(), indent=2))
     return 0
 

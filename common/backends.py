@@ -28,8 +28,8 @@ import numpy as np
 from common.convert import to_json
 from common.errors import ServiceError
 from common.models import ModelSpec
-from common.quantize import Gate
-from common.runtime import KerasRuntime, Runtime, RuntimeInfo
+from common.quantize import LAYOUT, Gate, choose
+from common.runtime import KerasRuntime, Outputs, Runtime, RuntimeInfo
 from common.weights import WeightsPlan
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,13 @@ PRECISIONS = ("fp32", "int8")
 
 @dataclass(frozen=True)
 class Quantization:
-    """Where int8 calibrates and is judged (None: the shipped photos' views), and the gate."""
+    """Where int8 calibrates and is judged (None: the shipped photos' views), the gate, and
+    whether int8 weights alone may serve when full int8 fails it (``common.quantize``)."""
 
     calibration: Path | None = None
     validation: Path | None = None
     gate: Gate = Gate()
+    weights_fallback: bool = True
 
     def key(self) -> str:
         """Names the image sets in the cache key: the shipped set, or the folders' listings."""
@@ -91,7 +93,8 @@ def fingerprint(plan: WeightsPlan) -> str:
 
 class OpenVINORuntime:
     """OpenVINO IR on the CPU, latency hint, fp32 arithmetic (parity with Keras depends on it);
-    with ``precision="int8"``, the fp32 IR quantized (``common.quantize``) if it passes the gate."""
+    with ``precision="int8"``, the fp32 IR quantized (``common.quantize``): the first int8 form the
+    gate admits, else fp32."""
 
     def __init__(
         self,
@@ -119,7 +122,7 @@ class OpenVINORuntime:
 
     def int8_path(self) -> Path:
         return self.cache_path().with_name(
-            f"{self.cache_path().name}-int8-nncf{_version('nncf')}-{self.quantization.key()}"
+            f"{self.cache_path().name}-int8v{LAYOUT}-nncf{_version('nncf')}-{self.quantization.key()}"
         )
 
     def ensure_quantized(self) -> dict[str, Any]:
@@ -150,7 +153,7 @@ class OpenVINORuntime:
         return record
 
     def _int8_verdict(self) -> tuple[Path, str, str]:
-        """(IR to serve, its precision, why not int8 if not): the gate applied with today's thresholds."""
+        """(IR to serve, its precision, why not full int8 if not): today's gate on the record."""
         fp32 = self.cache_path() / "model.xml"
         try:
             record = self.ensure_quantized()
@@ -158,16 +161,11 @@ class OpenVINORuntime:
             note = f"int8 unavailable, serving fp32: {exc}"
             log.warning("%s: %s", self.spec.name, note)
             return fp32, "fp32", note[:500]
-        gate, wanted = record["gate"], self.quantization.gate
-        if wanted.admits(gate):
-            return self.int8_path() / "model.xml", "int8", ""
-        note = (
-            f"int8 refused by the quality gate, serving fp32: top-1 agreement {gate['top1_agreement']:.2f} "
-            f"(needs {wanted.min_top1:.2f}), top-5 overlap {gate['top5_overlap']:.2f} (needs "
-            f"{wanted.min_top5:.2f}) on {record['validation_images']} validation images"
-        )
-        log.warning("%s: %s", self.spec.name, note)
-        return fp32, "fp32", note
+        precision, note = choose(record, self.quantization.gate, self.quantization.weights_fallback)
+        if note:
+            log.warning("%s: %s", self.spec.name, note)
+        model = fp32 if precision == "fp32" else self.int8_path() / precision / "model.xml"
+        return model, precision, note
 
     def ensure_converted(self) -> dict[str, Any]:
         """The conversion record, converting first (in a child process) when none is cached."""
@@ -216,12 +214,16 @@ class OpenVINORuntime:
         import openvino as ov
 
         model, precision, note = self.cache_path() / "model.xml", "fp32", ""
-        if self.precision == "int8":
+        if self.precision != "fp32":
             model, precision, note = self._int8_verdict()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        self._compiled = ov.Core().compile_model(model, "CPU", config)
+        core = ov.Core()
+        graph = core.read_model(model)
+        features = _expose_features(graph)
+        self._compiled = core.compile_model(graph, "CPU", config)
+        del graph
         size = self.spec.input_size
         self.predict(np.zeros((1, size, size, 3), np.float32))
         source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
@@ -234,11 +236,34 @@ class OpenVINORuntime:
             load_seconds=time.perf_counter() - started,
             precision=precision,
             precision_note=note,
+            features=features,
         )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         # NOTE: the result views the infer request's buffer, which the next call overwrites.
         return np.array(self._compiled(batch)[0], copy=True)
+
+    def predict_features(self, batch: np.ndarray) -> Outputs:
+        out = self._compiled(batch)
+        features = np.array(out[1], copy=True) if len(out) > 1 else None
+        return Outputs(np.array(out[0], copy=True), features)
+
+
+def _expose_features(graph: Any) -> int:
+    """Make the input of the model's last matrix product (its classifier: the pooled features, or
+    VGG16's fc2) a second output; returns its width (0 when the graph has no such input).
+    Quantization nodes in front of it are skipped: heads get the fp32 activations."""
+    products = [op for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    if not products:
+        return 0
+    source = products[-1].input_value(0)
+    while source.get_node().get_type_name() in ("FakeQuantize", "Convert"):
+        source = source.get_node().input_value(0)
+    shape = source.get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic:
+        return 0
+    graph.add_outputs([source])
+    return int(shape[1].get_length())
 
 
 class FirstWorking:
@@ -264,6 +289,10 @@ class FirstWorking:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         assert self.active is not None, "predict() before load()"
         return self.active.predict(batch)
+
+    def predict_features(self, batch: np.ndarray) -> Outputs:
+        assert self.active is not None, "predict_features() before load()"
+        return self.active.predict_features(batch)  # type: ignore[attr-defined]
 
 
 def make_runtime(

@@ -13,8 +13,10 @@ batch size took.
 Requests of ``Priority.BATCH`` (asynchronous jobs) wait in a second FIFO queue, served only when no
 interactive request waits (Triton's priority levels). A job request is already a batch its sender
 chose, so it runs alone: never merged with another job request, never with interactive ones. An
-interactive request therefore waits behind at most the one job request running; under unbroken
-interactive load job requests wait, and their deadlines drop them as they would any request.
+interactive request therefore waits behind at most the one job request running. Under unbroken
+interactive load a job request would wait for ever, so one that has waited ``batch_max_wait_ms``
+goes before the interactive queue (aging, against starvation): a saturated model gives jobs and
+training one call per that period, and interactive requests lose no more than that call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +39,11 @@ from common.admission import Admission, AdmissionPolicy, BatchTimes
 from common.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
+
+
+Rows = Any
+"""What a batch's call returns: one row per image - an array, or ``common.runtime.Outputs`` - that
+the batcher slices back into each request's rows."""
 
 
 class Priority(StrEnum):
@@ -50,7 +58,7 @@ class Job:
     """One request's place in the queue: its images, its future, and when it waited."""
 
     inputs: np.ndarray
-    future: Future[np.ndarray] = field(default_factory=Future)
+    future: Future[Rows] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     deadline: float = float("inf")  # time.monotonic() after which the answer is useless
@@ -81,15 +89,17 @@ class BatchStats:
 class Batcher:
     def __init__(
         self,
-        predict: Callable[[np.ndarray], np.ndarray],
+        predict: Callable[[np.ndarray], Rows],
         *,
         max_batch: int = 8,
         window_ms: float = 5.0,
         policy: AdmissionPolicy | None = None,
         name: str = "model",
+        batch_max_wait_ms: float = 1000.0,
     ) -> None:
-        self._current: tuple[Callable[[np.ndarray], np.ndarray], object] = (predict, None)
+        self._current: tuple[Callable[[np.ndarray], Rows], object] = (predict, None)
         self.name = name
+        self.batch_max_wait_s = batch_max_wait_ms / 1000
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self.times = BatchTimes(max_batch)
@@ -102,7 +112,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def swap(self, predict: Callable[[np.ndarray], np.ndarray], tag: object) -> None:
+    def swap(self, predict: Callable[[np.ndarray], Rows], tag: object) -> None:
         """Serve the next batches with ``predict``; the batch running now finishes on the old one.
         Every job records the ``tag`` of the model that computed it."""
         self._current = (predict, tag)  # one reference assignment: atomic
@@ -146,9 +156,13 @@ class Batcher:
         return job
 
     def _take(self) -> Job:
-        """The oldest interactive job waiting, else the oldest batch-priority one (blocks till one)."""
+        """The oldest interactive job waiting, else the oldest batch-priority one (blocks till one);
+        a batch-priority one first when it has waited ``batch_max_wait_s``."""
         with self._arrived:
             while True:
+                waiting = self._waiting[Priority.BATCH]
+                if waiting and time.monotonic() - waiting[0].enqueued_at >= self.batch_max_wait_s:
+                    return waiting.popleft()
                 for priority in (Priority.INTERACTIVE, Priority.BATCH):
                     if self._waiting[priority]:
                         return self._waiting[priority].popleft()

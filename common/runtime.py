@@ -32,10 +32,29 @@ class RuntimeInfo:
     load_seconds: float
     precision: str = "fp32"
     precision_note: str = ""  # why the precision served is not the one asked for, if it is not
+    features: int = 0  # numbers per image predict_features gives (custom heads); 0: none
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A batch's answers: probabilities, and the features they came from (the input of the
+    model's own classifier) when the runtime gives them - what custom heads are applied to."""
+
+    probabilities: np.ndarray
+    features: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, rows: slice) -> Outputs:
+        features = None if self.features is None else self.features[rows]
+        return Outputs(self.probabilities[rows], features)
 
 
 class Runtime(Protocol):
-    """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities."""
+    """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities.
+    Runtimes whose ``RuntimeInfo.features`` is not 0 also have ``predict_features(batch) ->
+    Outputs`` (one model call for both)."""
 
     def load(self) -> RuntimeInfo: ...
 
@@ -92,10 +111,19 @@ class KerasRuntime:
             tf.config.threading.set_intra_op_parallelism_threads(self.intra_op_threads)
         if self.inter_op_threads:
             tf.config.threading.set_inter_op_parallelism_threads(self.inter_op_threads)
+        import keras
+
         model = build_keras_model(self.spec, self.plan)
         size = self.spec.input_size
         signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
-        self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
+        features = 0
+        both = model
+        if self.spec.builder is not None:  # keras.applications: features feed the "predictions" layer
+            classifier_input = model.layers[-1].input
+            features = int(classifier_input.shape[-1])
+            both = keras.Model(model.inputs, [model.output, classifier_input])
+        self._call = tf.function(lambda x: both(x, training=False), input_signature=signature)
+        self._features = bool(features)
         self.predict(np.zeros((1, size, size, 3), np.float32))  # trace + warm up before "ready"
         source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
         return RuntimeInfo(
@@ -105,7 +133,14 @@ class KerasRuntime:
             weights_hash=weights_digest(model.get_weights()),
             num_classes=int(model.output_shape[-1]),
             load_seconds=time.perf_counter() - started,
+            features=features,
         )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._call(batch))
+        return self.predict_features(batch).probabilities
+
+    def predict_features(self, batch: np.ndarray) -> Outputs:
+        out = self._call(batch)
+        if not self._features:
+            return Outputs(np.asarray(out))
+        return Outputs(np.asarray(out[0]), np.asarray(out[1]))

@@ -22,9 +22,10 @@ from common import imaging, metrics, repository, web
 from common import labels as labels_mod
 from common.backends import make_runtime
 from common.batching import Batcher, Priority
-from common.errors import BadRequest, DeadlineExceeded, NotFound, ServiceError
+from common.custom.heads import Head, HeadSet
+from common.errors import BadRequest, DeadlineExceeded, NotFound, ServiceError, UnknownModel
 from common.models import ModelSpec
-from common.runtime import Runtime, RuntimeInfo
+from common.runtime import Outputs, Runtime, RuntimeInfo
 from common.service_settings import ServiceSettings
 from common.versions import LoadedModel, Reloader
 
@@ -56,8 +57,31 @@ def _request_priority() -> Priority:
 
 
 def encode_probabilities(probabilities: np.ndarray) -> dict[str, str]:
-    """Full probability vector, compactly: little-endian float32, base64."""
+    """Full probability vector (or features), compactly: little-endian float32, base64."""
     return {"dtype": "float32", "data": base64.b64encode(probabilities.astype("<f4").tobytes()).decode()}
+
+
+class StaleCustomModel(ServiceError):
+    status, code = 409, "custom_model_stale"
+
+
+def _head_for(heads: HeadSet, name: str, spec: ModelSpec, info: RuntimeInfo) -> Head | None:
+    """The custom model a request names (``?model=``; None: the service's own model), if servable."""
+    if not name or name == spec.name:
+        return None
+    head = heads.get(name)
+    if head is None:
+        raise UnknownModel(f"{spec.name} serves no custom model {name[:64]!r}")
+    _check_fresh(head, info)
+    return head
+
+
+def _check_fresh(head: Head, info: RuntimeInfo) -> None:
+    if head.meta["base_weights_hash"] != info.weights_hash or head.meta["features"] != info.features:
+        raise StaleCustomModel(
+            f"{head.name} was trained on {head.meta['base']} weights {head.meta['base_weights_hash']}, "
+            f"but {head.meta['base']} now serves {info.weights_hash}: train it again"
+        )
 
 
 def _decode_all(
@@ -113,14 +137,17 @@ def create_app(
         window_ms=settings.batch_window_ms,
         policy=settings.admission,
         name=spec.name,
+        batch_max_wait_ms=settings.batch_priority_max_wait_ms,
     )
     model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path), batcher, version)
     reloader = Reloader(model, settings.model_repository, build)
+    heads = HeadSet(settings.custom_models_dir, spec.name)
 
     app = Flask(spec.name)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["model"] = model
     app.extensions["batcher"] = batcher
+    app.extensions["heads"] = heads
     web.install(app, drain_max_bytes=2 * settings.max_body_bytes)
     metrics.install(app, "service", lambda: spec.name)
 
@@ -137,6 +164,18 @@ def create_app(
         model.require_ready()
         return web.json_ok({"status": "ready"})
 
+    def describe_heads() -> list[dict[str, object]]:
+        listed = []
+        for head in heads.all():
+            entry: dict[str, object] = {**head.describe(), "state": "ready"}
+            if model.info is not None:
+                try:
+                    _check_fresh(head, model.info)
+                except StaleCustomModel as exc:
+                    entry.update(state="stale", reason=exc.message)
+            listed.append(entry)
+        return listed
+
     @app.get("/v1/model")
     def metadata() -> Response:
         available = (
@@ -147,6 +186,8 @@ def create_app(
         return web.json_ok(
             {
                 **model.metadata(),
+                "features": model.info.features if model.info else None,
+                "custom_models": describe_heads(),
                 "versions": available,
                 "center_crop": settings.center_crop,
                 "max_body_bytes": settings.max_body_bytes,
@@ -168,12 +209,20 @@ def create_app(
 
     @app.get("/v1/labels")
     def labels() -> Response:
-        return web.json_ok({"labels_hash": model.labels.digest, "labels": model.labels.to_json()})
+        """The labels of the service's model, or of a custom model it serves (``?model=``)."""
+        name = request.args.get("model", "")
+        head = heads.get(name) if name and name != spec.name else None
+        if name and name != spec.name and head is None:
+            raise UnknownModel(f"{spec.name} serves no custom model {name[:64]!r}")
+        served = head.labels if head else model.labels
+        return web.json_ok({"labels_hash": served.digest, "labels": served.to_json()})
 
     @app.post("/v1/predict")
     def predict() -> Response:
         """Top-k predictions for one image (raw body or ``file``) or several (``files``).
 
+        Query: ``model`` (a custom model trained on this one; default: this one), ``top_k``,
+        ``probabilities`` and ``features`` (the vectors custom models are trained on).
         Headers: ``X-Deadline-Ms`` (the budget), ``X-Priority`` (``interactive``, the default, or
         ``batch``: waits until no interactive request does, and runs as a batch of its own).
         """
@@ -181,9 +230,14 @@ def create_app(
         deadline = web.deadline(settings.default_deadline_s)
         priority = _request_priority()
         info = model.require_ready()
+        head = _head_for(heads, request.args.get("model", ""), spec, info)
+        served_labels = head.labels if head else model.labels
         # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
         top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
         with_probabilities = web.query_flag("probabilities")
+        with_features = web.query_flag("features")
+        if with_features and not info.features:
+            raise BadRequest(f"{spec.name}'s runtime gives no features", code="no_features")
         served_by: tuple[RuntimeInfo, str] = (info, model.version)
         # Refuse before reading the body when even one image could not be served in time: the
         # cheapest refusal there is (the unread body is drained by web.DrainBody).
@@ -199,36 +253,47 @@ def create_app(
         pixels, decoded, results = _decode_all(images, batch, spec, limits, settings.center_crop)
         del images  # a queued request holds its pixels only, not the encoded photo
         decoded_at = time.perf_counter()
-        probabilities = np.empty((0, len(model.labels)), np.float32)
+        outputs = Outputs(np.empty((0, len(served_labels)), np.float32), np.empty((0, info.features)))
         queue_ms = 0.0
         if pixels:
             job = batcher.submit(np.stack(pixels), deadline=deadline, priority=priority)
             del pixels
             try:
-                probabilities = job.future.result(timeout=max(0.0, deadline - time.monotonic()))
+                outputs = job.future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 raise DeadlineExceeded("the model did not answer before the request's deadline") from None
             queue_ms = job.queue_ms
             if isinstance(job.served_by, tuple):
                 served_by = job.served_by
             metrics.QUEUE_SECONDS.labels(spec.name).observe(queue_ms / 1000)
+        info, version = served_by
+        probabilities = outputs.probabilities
+        if head is not None:
+            _check_fresh(head, info)  # the base may have changed version while this one waited
+            assert outputs.features is not None
+            probabilities = head.apply(outputs.features)
         finished = time.perf_counter()
-        for i, row in zip(decoded, probabilities, strict=True):
-            results[i]["predictions"] = model.labels.top_k(row, top_k)
+        for n, (i, row) in enumerate(zip(decoded, probabilities, strict=True)):
+            results[i]["predictions"] = served_labels.top_k(row, top_k)
             if with_probabilities:
                 results[i]["probabilities"] = encode_probabilities(row)
+            if with_features and outputs.features is not None:
+                results[i]["features"] = encode_probabilities(outputs.features[n])
 
-        info, version = served_by
         body: dict[str, object] = {
             "request_id": web.request_id(),
-            "model": spec.name,
+            "model": head.name if head else spec.name,
             "weights": info.weights,
-            "weights_hash": info.weights_hash,
+            "weights_hash": head.weights_hash if head else info.weights_hash,
             "backend": info.backend,
             "precision": info.precision,
-            **({"version": version} if version else {}),
-            "labels_hash": model.labels.digest,
         }
+        if head is not None:
+            body |= {"version": str(head.version), "base": spec.name, "base_weights_hash": info.weights_hash}
+            body |= {"base_version": version} if version else {}
+        elif version:
+            body["version"] = version
+        body["labels_hash"] = served_labels.digest
         if batch:
             body["results"] = results
         else:
@@ -244,4 +309,6 @@ def create_app(
     model.start(background=background_load)
     if settings.model_repository and settings.repository_poll_s > 0:
         reloader.poll(settings.repository_poll_s)
+    if settings.custom_models_dir:
+        heads.poll(settings.custom_poll_s)
     return app

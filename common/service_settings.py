@@ -49,11 +49,21 @@ class ServiceSettings:
     validation_dir: str = setting("", "images the int8 gate compares on (default: other views of them)")
     int8_min_top1: float = setting(0.9, "int8 gate: least share of validation images with fp32's top-1")
     int8_min_top5: float = setting(0.8, "int8 gate: least mean share of fp32's top-5 in int8's top-5")
+    int8_weights_fallback: bool = setting(
+        True,
+        "when full int8 fails the gate, serve int8 weights with fp32 activations if they pass it "
+        "(the memory saving without the speed); false: fp32",
+    )
     max_batch_size: int = setting(8, "most images the batcher puts in one model call")
     batch_window_ms: float = setting(
         5.0,
         "longest the first request of a batch waits for more, and only under concurrent load "
         "(Triton's max_queue_delay)",
+    )
+    batch_priority_max_wait_ms: float = setting(
+        1000.0,
+        "a job or training request (X-Priority: batch) waiting this long goes before interactive "
+        "ones, so a saturated model still serves them one call per period",
     )
     max_queue_images: int = setting(
         64, "images waiting for the model (besides the batch running); beyond it, 503 + Retry-After"
@@ -69,6 +79,12 @@ class ServiceSettings:
     repository_poll_s: float = setting(
         0.0, "seconds between checks for a newer version (0: admin endpoint only)"
     )
+    custom_models_dir: str = setting(
+        "",
+        "repository of custom models trained here (<dir>/<name>/<n>/); a base model's service serves "
+        "those trained on it (empty: none)",
+    )
+    custom_poll_s: float = setting(2.0, "seconds between checks of CUSTOM_MODELS_DIR for new or removed ones")
     admin_token: str = setting("", "bearer token for POST /v1/admin/reload (empty: the endpoint is off)")
     intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
     inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
@@ -108,6 +124,7 @@ class ServiceSettings:
             Path(self.calibration_dir) if self.calibration_dir else None,
             Path(self.validation_dir) if self.validation_dir else None,
             Gate(self.int8_min_top1, self.int8_min_top5),
+            self.int8_weights_fallback,
         )
 
     @property

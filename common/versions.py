@@ -21,7 +21,7 @@ from common import metrics, preprocessing, repository
 from common.batching import Batcher
 from common.errors import BadRequest, ModelNotReady, ServiceError
 from common.models import ModelSpec
-from common.runtime import Runtime, RuntimeInfo
+from common.runtime import Outputs, Runtime, RuntimeInfo
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,18 @@ class LoadedModel:
             raise ValueError(f"model has {info.num_classes} outputs but {len(self.labels)} labels")
         return info
 
-    def _pipeline(self, runtime: Runtime) -> Callable[[np.ndarray], np.ndarray]:
-        """What the batcher calls: queued uint8 pixels in, probabilities out. Requests wait as
-        uint8 pixels (a quarter of float32) and are preprocessed a whole batch at a time."""
+    def _pipeline(self, runtime: Runtime) -> Callable[[np.ndarray], Outputs]:
+        """What the batcher calls: queued uint8 pixels in, ``Outputs`` out (with the features custom
+        heads need, when the runtime gives them). Requests wait as uint8 pixels (a quarter of
+        float32) and are preprocessed a whole batch at a time."""
         preprocess = self.preprocess
+        with_features = getattr(runtime, "predict_features", None)
 
-        def predict(pixels: np.ndarray) -> np.ndarray:
-            return runtime.predict(preprocess(pixels))
+        def predict(pixels: np.ndarray) -> Outputs:
+            if with_features is not None:
+                outputs: Outputs = with_features(preprocess(pixels))
+                return outputs
+            return Outputs(runtime.predict(preprocess(pixels)))
 
         return predict
 
@@ -107,7 +112,9 @@ class LoadedModel:
         self.info, self.state = info, "ready"
         metrics.MODEL_LOAD_SECONDS.labels(self.spec.name, info.backend).set(info.load_seconds)
         metrics.MODEL_READY.labels(self.spec.name).set(1)
-        metrics.MODEL_PRECISION_BITS.labels(self.spec.name).set(8 if info.precision == "int8" else 32)
+        metrics.MODEL_PRECISION_BITS.labels(self.spec.name).set(
+            8 if info.precision.startswith("int8") else 32
+        )
         log.info(
             "%s ready: weights=%s (%s) hash=%s backend=%s precision=%s in %.1fs; ms per batch %s",
             self.spec.name,

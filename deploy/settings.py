@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from common.settings import setting
 
@@ -26,6 +27,10 @@ GATEWAY_THREADS = 64
 # Where compose and Kubernetes mount the volume the gateway and every job worker share (JOBS_DIR):
 # the gateway writes a job's inputs there, the workers its results.
 JOBS_DIR = "/jobs"
+# Where compose and Kubernetes mount the custom models' repository (CUSTOM_MODELS_DIR): the trainer
+# publishes there and the gateway deletes there; the model services read it (they serve the custom
+# models trained on them). The job worker has it too (its housekeeping sweeps leftover staging).
+CUSTOM_MODELS_DIR = "/custom-models"
 
 
 def worker_command(jobs: JobSettings | None = None) -> list[str]:
@@ -36,6 +41,26 @@ def worker_command(jobs: JobSettings | None = None) -> list[str]:
         *("python", "-m", "celery", "-A", "workers.app", "worker", "-Q", jobs.queue),
         *("--concurrency", str(jobs.worker_processes), "--without-gossip", "--without-mingle"),
     ]
+
+
+def trainer_command(training: TrainingSettings | None = None) -> list[str]:
+    """The trainer as compose and Kubernetes run it, from the trainer image: training tasks from their
+    own queue, one at a time, each in a fresh process (``--max-tasks-per-child 1``: TensorFlow's
+    memory goes back when a training ends)."""
+    training = training or TrainingSettings()
+    return [
+        *("python", "-m", "celery", "-A", "workers.app", "worker", "-Q", training.queue),
+        *("--concurrency", "1", "--max-tasks-per-child", "1", "--without-gossip", "--without-mingle"),
+    ]
+
+
+def trainer_stop_grace_s(training: TrainingSettings | None = None) -> int:
+    """Seconds a stopping trainer gets before it is killed. A training is not resumed: killed before
+    it publishes, nothing is published and the watchdog fails the job after ``TRAINING_STALL_S``
+    (submit it again). Waiting out a whole training is not worth a stuck rollout, but one that has
+    published gets its ``TRAINING_PUBLISH_WAIT_S`` to see the fleet serve it and complete."""
+    training = training or TrainingSettings()
+    return math.ceil(training.publish_wait_s) + 15  # + Celery's exit
 
 
 def worker_stop_grace_s(jobs: JobSettings | None = None) -> int:

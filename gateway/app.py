@@ -8,9 +8,10 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from common import metrics, web
+from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from gateway import cache as response_cache
-from gateway import docs, jobs, limits, v2
+from gateway import docs, jobs, limits, training, v2
 from gateway.client import ModelClient, build_client
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
@@ -25,10 +26,12 @@ def create_app(
     *,
     poll_health: bool = True,
     job_settings: JobSettings | None = None,
+    training_settings: TrainingSettings | None = None,
 ) -> Flask:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
     job_settings = job_settings or JobSettings.from_env()
+    training_settings = training_settings or TrainingSettings.from_env()
     client = client or build_client(settings)
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,
@@ -123,6 +126,8 @@ def create_app(
             )
             if reply.get("version"):
                 body["version"] = reply["version"]
+            if reply.get("base"):  # a custom model: which model's features it was trained on
+                body["base"] = reply["base"]
         else:
             body.update(
                 members=list(selection.members),
@@ -180,6 +185,10 @@ def create_app(
             }
         )
 
+    @app.get("/v1/models/<name>")
+    def model(name: str) -> Response:
+        return web.json_ok(registry.describe(name))
+
     @app.post("/v1/predict")
     def predict() -> Response:
         selection = select(request.args, settings, client)
@@ -233,6 +242,7 @@ def create_app(
     app.register_blueprint(v2.create_blueprint(settings, predictor))
     app.register_blueprint(docs.create_blueprint())
     app.register_blueprint(jobs.create_blueprint(settings, job_settings, client))
+    app.register_blueprint(training.create_blueprint(settings, job_settings, training_settings, client))
     limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)

@@ -91,6 +91,7 @@ class ModelClient:
         request_id: str = "",
         deadline: float = float("inf"),
         priority: str = Priority.INTERACTIVE,
+        features: bool = False,
     ) -> dict[str, Any]:
         """The member's answer for ``images``: one result per image, in order.
 
@@ -98,9 +99,14 @@ class ModelClient:
         after another, and an image too large for any call gets a 413 result of its own.
         ``deadline`` (``time.monotonic()``) is the request's: the member gets what is left of it.
         ``priority="batch"`` (asynchronous jobs only) asks the member to run each call after every
-        interactive request waiting, as a batch of its own (``X-Priority``).
+        interactive request waiting, as a batch of its own (``X-Priority``). ``features=True`` asks
+        for the vectors custom models are trained on, with each result.
         """
         params = {"top_k": str(top_k), **({"probabilities": "true"} if probabilities else {})}
+        if features:
+            params["features"] = "true"
+        if self.registry.is_custom(model):  # served by its base model's replicas, named in the query
+            params["model"] = model
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         if priority != Priority.INTERACTIVE:
             headers[PRIORITY_HEADER] = priority
@@ -157,7 +163,10 @@ class ModelClient:
         for replica in self.registry.candidates(model):
             try:
                 response = self.session.get(
-                    f"{replica.url}/v1/labels", timeout=self.timeout, headers=replica.headers
+                    f"{replica.url}/v1/labels",
+                    params={"model": model} if self.registry.is_custom(model) else None,
+                    timeout=self.timeout,
+                    headers=replica.headers,
                 )
                 labels = from_json(response.json()["labels"])
             except (requests.RequestException, ValueError, KeyError, TypeError):

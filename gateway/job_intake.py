@@ -41,9 +41,11 @@ class Received:
 
 
 class Intake:
-    def __init__(self, settings: JobSettings, max_image_bytes: int) -> None:
+    def __init__(self, settings: JobSettings, max_image_bytes: int, archive_field: str = "archive") -> None:
+        """``archive_field``: the multipart part that carries an archive (``dataset`` for training)."""
         self.settings = settings
         self.max_image_bytes = max_image_bytes
+        self.archive_field = archive_field
         self.limits = archive.ArchiveLimits(
             max_images=settings.max_images,
             max_uncompressed_bytes=settings.max_uncompressed_bytes,
@@ -121,10 +123,10 @@ class Intake:
         return self._expand_archives(received, staging)
 
     def _open_part(self, event: File, staging: Path, received: Received) -> _Part | None:
-        if event.name == "archive":
+        if event.name == self.archive_field:
             path = staging / f"upload-{len(received.items)}"
             received.items.append({"archive": path})
-            return _Part(event.name, path, self.settings.max_archive_bytes)
+            return _Part("archive", path, self.settings.max_archive_bytes)
         if event.name == "files":
             self._check_count(len(received.items) + 1)
             relative = f"inputs/{len(received.items):06d}"
@@ -230,5 +232,5 @@ class _Part:
     def close(self, received: Received | None) -> None:
         if self.out is not None:
             self.out.close()
-        elif received is not None and self.name == "callback_url":
-            received.fields["callback_url"] = self.buffer.decode("utf-8", "replace")
+        elif received is not None:  # a form field (callback_url; a training job's options)
+            received.fields[self.name] = self.buffer.decode("utf-8", "replace")

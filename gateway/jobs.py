@@ -18,7 +18,7 @@ import math
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,8 +64,9 @@ def check_callback(url: str) -> str:
 class Jobs:
     """The routes' state: the store and the queue, connected on first use (Redis may come later)."""
 
-    def __init__(self, settings: JobSettings) -> None:
+    def __init__(self, settings: JobSettings, training_queue: str = "training") -> None:
         self.settings = settings
+        self.training_queue = training_queue
         self._store: JobStore | None = None
         self._queue: Any = None
 
@@ -76,8 +77,31 @@ class Jobs:
         if self._store is None:
             client = connect(self.settings.redis_url, retries=2)
             self._store = JobStore(client, Path(self.settings.dir), self.settings.retention_s)
-            self._queue = queue.create(self.settings)
+            self._queue = queue.create(self.settings, self.training_queue)
         return self._store
+
+    @property
+    def queue(self) -> Any:
+        """The Celery application tasks are sent with (after ``store``)."""
+        return self._queue
+
+    def open(self, job_id: str, staged: Path, record: dict[str, Any], send: Callable[[], None]) -> Response:
+        """Write the job (its staged folder moved into place, its record) and queue it with ``send``,
+        then answer 202: no job without its tasks - the broker is Redis too - and nothing left
+        behind when either step fails."""
+        try:
+            job = store_call(self.store.create, job_id, staged, record)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        try:
+            send()
+        except Exception as exc:
+            self.store.discard(job_id)
+            raise JobsUnavailable(f"the job could not be queued: {type(exc).__name__}") from None
+        response = web.json_ok(describe(job), status=202)
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        return response
 
     def enqueue(self, job_id: str, chunks: int) -> None:
         queue.enqueue(self._queue, job_id, range(chunks))
@@ -111,7 +135,7 @@ class JobMetrics:
 
 
 def _job_or_404(jobs: Jobs, job_id: str) -> dict[str, Any]:
-    job = _store_call(jobs.store.get, job_id)
+    job = store_call(jobs.store.get, job_id)
     if job is None:
         raise NotFound(
             f"no job {job_id!r} (jobs are kept {jobs.settings.retention_s / 3600:g} h)", code="unknown_job"
@@ -119,7 +143,7 @@ def _job_or_404(jobs: Jobs, job_id: str) -> dict[str, Any]:
     return job
 
 
-def _store_call(method: Any, *args: Any) -> Any:
+def store_call(method: Any, *args: Any) -> Any:
     try:
         return method(*args)
     except JobStoreUnavailable:
@@ -211,18 +235,10 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
                 "callback_url": callback or "",
                 "request_id": web.request_id(),
             }
-            job = _store_call(store.create, job_id, staged, record)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        try:
-            jobs.enqueue(job_id, chunks)
-        except Exception as exc:  # the broker is Redis too: no job without its tasks
-            store.discard(job_id)
-            raise JobsUnavailable(f"the job could not be queued: {type(exc).__name__}") from None
-        response = web.json_ok(describe(job), status=202)
-        response.headers["Location"] = f"/v1/jobs/{job_id}"
-        return response
+        return jobs.open(job_id, staged, record, lambda: jobs.enqueue(job_id, chunks))
 
     @blueprint.get("/v1/jobs")
     def listing() -> Response:
@@ -231,7 +247,7 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
         if before and not CURSOR.match(before):
             raise BadRequest("before must be the 'next' cursor of a previous page")
         cursor = float(before) if before else None
-        found = _store_call(jobs.store.recent, limit, cursor)
+        found = store_call(jobs.store.recent, limit, cursor)
         body: dict[str, Any] = {"jobs": [describe(job) for job in found], "next": None}
         if len(found) == limit:
             body["next"] = f"/v1/jobs?limit={limit}&before={found[-1]['created_at']!r}"
@@ -264,7 +280,7 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
     @blueprint.delete("/v1/jobs/<job_id>")
     def cancel(job_id: str) -> Response:
         _job_or_404(jobs, job_id)
-        state = _store_call(jobs.store.cancel, job_id)
+        state = store_call(jobs.store.cancel, job_id)
         job = _job_or_404(jobs, job_id)
         if state != "cancelled" and job["status"] not in ACTIVE:
             raise JobNotActive(

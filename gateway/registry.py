@@ -1,5 +1,9 @@
 """Model replicas and their health: who may be called, in what order.
 
+Custom models (trained on a base model, ``common.custom``) have no replicas of their own: the base
+model's replicas serve them and list them in ``/v1/model``, so they appear here as soon as a probe
+sees them (and go when no probe does), with no setting and no restart.
+
 One thread (``start_polling``) keeps the picture fresh: it resolves replica host names (``dns.py``)
 at start and every ``dns_refresh_s``, and probes every replica's ``/v1/model``. Requests only read
 the picture (and report connect failures with ``mark_down``): nothing here runs inside a request.
@@ -62,25 +66,58 @@ class Registry:
 
     @property
     def models(self) -> list[str]:
+        """The configured models, then the custom models their replicas serve."""
+        return list(self._replicas) + sorted(self.custom())
+
+    @property
+    def bases(self) -> list[str]:
+        """The configured models (those with replicas of their own)."""
         return list(self._replicas)
 
+    def custom(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Custom models the ready replicas list: name -> (base model, the newest entry seen)."""
+        found: dict[str, tuple[str, dict[str, Any]]] = {}
+        for base, replicas in list(self._replicas.items()):
+            for replica in replicas:
+                if not replica.ready:
+                    continue
+                for entry in replica.metadata.get("custom_models") or []:
+                    seen = found.get(entry["name"])
+                    if seen is None or int(entry["version"]) > int(seen[1]["version"]):
+                        found[entry["name"]] = (base, entry)
+        return found
+
+    def base_of(self, model: str) -> str:
+        """The model whose replicas serve ``model``: itself, or a custom model's base."""
+        if model in self._replicas:
+            return model
+        custom = self.custom()
+        if model in custom:
+            return custom[model][0]
+        available = ", ".join([*self._replicas, *sorted(custom)])
+        raise UnknownModel(f"unknown model {model[:64]!r}; available: {available}, ensemble")
+
+    def is_custom(self, model: str) -> bool:
+        return model not in self._replicas
+
     def replicas(self, model: str) -> list[Replica]:
-        try:
-            return self._replicas[model]
-        except KeyError:
-            raise UnknownModel(
-                f"unknown model {model!r}; available: {', '.join(self._replicas)}, ensemble"
-            ) from None
+        return self._replicas[self.base_of(model)]
 
     def candidates(self, model: str) -> list[Replica]:
-        """Ready replicas in round-robin order, then the rest (their state may be stale)."""
-        replicas = self.replicas(model)
+        """Ready replicas in round-robin order, then the rest (their state may be stale). For a
+        custom model, the ready replicas that already list it come first."""
+        base = self.base_of(model)
+        replicas = self._replicas[base]
         if not replicas:
             return []
         with self._lock:
-            turn = next(self._turns[model])
+            turn = next(self._turns[base])
         rotated = replicas[turn % len(replicas) :] + replicas[: turn % len(replicas)]
-        return [r for r in rotated if r.ready] + [r for r in rotated if not r.ready]
+        ready = [r for r in rotated if r.ready]
+        if base != model:
+            listing = [r for r in ready if _lists(r, model)]
+            ready = listing + [r for r in ready if not _lists(r, model)]
+        return ready + [r for r in rotated if not r.ready]
 
     def mark_down(self, replica: Replica) -> None:
         replica.ready = False
@@ -148,13 +185,29 @@ class Registry:
         return min((n for n in limits if isinstance(n, int) and n > 0), default=DEFAULT_BODY_LIMIT)
 
     def metadata(self, model: str) -> dict[str, Any]:
-        """What a ready replica of ``model`` says about itself (empty when none is ready)."""
-        return next((r.metadata for r in self.replicas(model) if r.ready), {})
+        """What a ready replica of ``model`` says about itself (empty when none is ready); for a
+        custom model, its base's serving fields with the custom model's own."""
+        base = self.base_of(model)
+        first = next((r.metadata for r in self._replicas[base] if r.ready), {})
+        if base == model or not first:
+            return first
+        entry = self.custom().get(model, (base, {}))[1]
+        shared = ("input_size", "preprocessing", "center_crop", "backend", "precision", "max_body_bytes")
+        return {**{key: first.get(key) for key in shared}, **entry, "weights": entry.get("base_weights")}
 
     def describe(self, model: str) -> dict[str, Any]:
         """The ``/v1/models`` entry for one model."""
         replicas = self.replicas(model)
         first = self.metadata(model)
+        if self.is_custom(model):
+            return {
+                "name": model,
+                "status": "ready" if first.get("state") == "ready" else "unavailable",
+                "custom": True,
+                **{key: value for key, value in first.items() if key not in ("name", "class_names", "state")},
+                "class_names": first.get("class_names"),
+                "replicas": [r.describe() for r in replicas if _lists(r, model)],
+            }
         return {
             "name": model,
             "status": "ready" if first else "unavailable",
@@ -173,3 +226,8 @@ class Registry:
             },
             "replicas": [r.describe() for r in replicas],
         }
+
+
+def _lists(replica: Replica, model: str) -> bool:
+    """Whether ``replica`` says it serves the custom model ``model``."""
+    return any(entry.get("name") == model for entry in replica.metadata.get("custom_models") or [])

@@ -76,7 +76,7 @@ def parse(model: str, response: requests.Response, count: int) -> dict[str, Any]
         )
     if count == 1 and "results" not in body and "predictions" in body:  # a raw-body answer
         body["results"] = [
-            {"index": 0, **{k: body[k] for k in ("predictions", "probabilities") if k in body}}
+            {"index": 0, **{k: body[k] for k in ("predictions", "probabilities", "features") if k in body}}
         ]
     results = body.get("results")
     if response.status_code != 200 or not isinstance(results, list) or len(results) != count:

@@ -1,4 +1,6 @@
-"""The Celery worker: ``python -m celery -A workers.app worker -Q jobs``.
+"""The Celery worker: ``python -m celery -A workers.app worker -Q jobs`` for inference jobs, ``-Q
+training`` (one process, a fresh one per task: ``--max-tasks-per-child 1``, so TensorFlow's memory
+goes back after each training) for training jobs.
 
 Each pool process builds, on its first task, the gateway's own client (replicas, failover,
 breakers, readiness probes) and a ``ChunkRunner``; the settings are the gateway's (``<MODEL>_URLS``,
@@ -19,6 +21,8 @@ from celery import Task
 from celery.signals import setup_logging, worker_ready
 
 from common import logs
+from common.custom import heads
+from common.custom.settings import TrainingSettings
 from common.jobs import queue
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, JobStoreUnavailable, connect
@@ -27,10 +31,12 @@ from gateway.fetch import UrlFetcher
 from gateway.predict import Predictor
 from gateway.settings import GatewaySettings
 from workers.runner import Cancelled, ChunkRunner, Requeue
+from workers.training import TrainingRunner
 
 log = logging.getLogger("imagerec.jobs")
 SETTINGS = JobSettings.from_env()
-app = queue.create(SETTINGS)
+TRAINING = TrainingSettings.from_env()
+app = queue.create(SETTINGS, TRAINING.queue)
 # A chunk that keeps running out of time is requeued until JOBS_RETRY_S is spent; its last run
 # fails what is left instead.
 MAX_REQUEUES = max(1, math.ceil(SETTINGS.retry_s / SETTINGS.chunk_budget_s))
@@ -61,6 +67,23 @@ def runner() -> ChunkRunner:
             )
             _runner = ChunkRunner(store(), Predictor(client, gateway), fetcher, SETTINGS, gateway)
         return _runner
+
+
+def training_runner() -> TrainingRunner:
+    """A runner for one training task (the process ends after it: ``--max-tasks-per-child 1``)."""
+    gateway = GatewaySettings.from_env()
+    client = build_client(gateway)
+    client.registry.refresh()
+    return TrainingRunner(
+        store(), client, TRAINING, retry_s=SETTINGS.retry_s, probe_interval_s=gateway.health_interval_s
+    )
+
+
+@app.task(name=queue.TRAIN_TASK, acks_late=False, ignore_result=True)
+def train(job_id: str) -> str:
+    state = training_runner().run(job_id)
+    log.info("training job ended", extra={"job_id": job_id, "state": state})
+    return state
 
 
 @app.task(name=queue.CHUNK_TASK, bind=True, max_retries=MAX_REQUEUES)
@@ -103,6 +126,13 @@ def watch(jobs: JobStore) -> None:
     for job_id, chunks in jobs.stalled(SETTINGS.stall_s, pending_too=waiting == 0):
         log.warning("stalled job: chunks queued again", extra={"job_id": job_id, "chunks": len(chunks)})
         queue.enqueue(app, job_id, chunks)
+    for job_id in jobs.stalled_training(TRAINING.stall_s):
+        reason = (
+            f"the training worker stopped (killed or crashed): no sign of it for {TRAINING.stall_s:g}s; "
+            "nothing was published - submit the training again"
+        )
+        if jobs.finish(job_id, "failed", {"phase": "failed", "error": reason}) == "failed":
+            log.warning("stalled training job failed", extra={"job_id": job_id})
 
 
 @worker_ready.connect
@@ -121,6 +151,8 @@ def _housekeeping(**_: Any) -> None:
                     next_sweep = time.monotonic() + SETTINGS.sweep_interval_s
                     if removed := jobs.sweep():
                         log.info("expired job folders removed", extra={"removed": removed})
+                    if TRAINING.models_dir:
+                        heads.sweep_staging(Path(TRAINING.models_dir))
             except Exception:  # noqa: BLE001 - housekeeping must outlive any one failure
                 log.exception("job housekeeping failed")
             time.sleep(SETTINGS.watch_interval_s)

@@ -20,9 +20,15 @@ from celery import Celery
 from common.jobs.settings import JobSettings
 
 CHUNK_TASK = "imagerec.jobs.chunk"
+TRAIN_TASK = "imagerec.training.train"
+"""Training: a queue of its own (``TRAINING_QUEUE``), so training never waits behind inference
+chunks nor holds them up. Acknowledged when taken, not after: a training task runs for minutes,
+past the visibility timeout, and must not be handed to a second worker meanwhile. A worker killed
+mid-training leaves its job running without progress; the stall watchdog then fails it
+(``TRAINING_STALL_S``). Nothing is published by a job that did not finish."""
 
 
-def create(settings: JobSettings) -> Celery:
+def create(settings: JobSettings, training_queue: str = "training") -> Celery:
     app = Celery("imagerec", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
@@ -30,7 +36,7 @@ def create(settings: JobSettings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,  # results are files; the record in Redis says how far a job is
         task_default_queue=settings.queue,
-        task_routes={CHUNK_TASK: {"queue": settings.queue}},
+        task_routes={CHUNK_TASK: {"queue": settings.queue}, TRAIN_TASK: {"queue": training_queue}},
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # ride out a Redis restart, however long
@@ -47,3 +53,7 @@ def enqueue(app: Celery, job_id: str, chunks: Iterable[int]) -> None:
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
             app.send_task(CHUNK_TASK, args=[job_id, chunk], producer=producer)
+
+
+def enqueue_training(app: Celery, job_id: str) -> None:
+    app.send_task(TRAIN_TASK, args=[job_id])

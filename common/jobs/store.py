@@ -78,7 +78,15 @@ end
 return status
 """
 
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'pending' and status ~= 'running' then return status end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], unpack(ARGV, 3))
+return ARGV[1]
+"""
+
 NUMBERS = ("total", "chunks", "chunk_images", "done", "failed", "top_k")
+TRAINING_JSON = ("classes", "counts", "skipped", "history", "evaluation", "options", "served")
 TIMES = ("created_at", "started_at", "finished_at", "expires_at", "progress_at")
 
 
@@ -116,6 +124,7 @@ class JobStore:
         self._record = client.register_script(_RECORD)
         self._start = client.register_script(_START)
         self._cancel = client.register_script(_CANCEL)
+        self._finish = client.register_script(_FINISH)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -197,6 +206,8 @@ class JobStore:
         found = []
         states = ("running", "pending") if pending_too else ("running",)
         for job in self.recent(newest):
+            if job.get("kind", "inference") != "inference":
+                continue  # training jobs have no chunks: see stalled_training
             if job["status"] not in states or now - job.get("progress_at", now) < stall_s:
                 continue
             recorded = {int(c) for c in self._call(self.redis.smembers, self.key(job["id"]) + ":chunks")}
@@ -205,6 +216,17 @@ class JobStore:
             if missing:
                 found.append((job["id"], missing))
         return found
+
+    def stalled_training(self, stall_s: float, newest: int = 1000) -> list[str]:
+        """Running training jobs among the ``newest`` that reported no progress for ``stall_s``."""
+        now = time.time()
+        return [
+            job["id"]
+            for job in self.recent(newest)
+            if job.get("kind") == "training"
+            and job["status"] == "running"
+            and now - job.get("progress_at", now) >= stall_s
+        ]
 
     def states(self, newest: int = 1000) -> dict[str, int]:
         """Jobs by state among the ``newest`` (for metrics)."""
@@ -265,6 +287,19 @@ class JobStore:
         )
         return Recorded(first=outcome in (1, 2), finished=outcome == 2)
 
+    def update(self, job_id: str, fields: dict[str, Any]) -> None:
+        """Set fields of a job's record (dicts and lists as JSON) and mark it as progressing now."""
+        encoded = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in fields.items()}
+        self._call(self.redis.hset, self.key(job_id), mapping={**encoded, "progress_at": time.time()})
+
+    def finish(self, job_id: str, status: str, fields: dict[str, Any] | None = None) -> str | None:
+        """End a pending or running job as ``status`` with ``fields``; returns the state it is in
+        now - another one when it had already ended (cancelled, say), which is then kept."""
+        flat: list[Any] = []
+        for key, value in (fields or {}).items():
+            flat += [key, json.dumps(value) if isinstance(value, dict | list) else value]
+        return self._call(self._finish, keys=[self.key(job_id)], args=[status, time.time(), *flat])
+
     def cancel(self, job_id: str) -> str | None:
         """Cancel a pending or running job; returns the state it is in now (None: no such job)."""
         return self._call(self._cancel, keys=[self.key(job_id)], args=[time.time()])
@@ -307,7 +342,7 @@ class JobStore:
         for name in TIMES:
             if job.get(name) not in (None, ""):
                 job[name] = float(job[name])
-        for name in ("members", "member_weights", "weights", "selection"):
+        for name in ("members", "member_weights", "weights", "selection", *TRAINING_JSON):
             if isinstance(job.get(name), str) and job[name]:
                 job[name] = json.loads(job[name])
         return job
@@ -322,6 +357,8 @@ def _iso(moment: float | None) -> str | None:
 def describe(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """A job as clients see it (``GET /v1/jobs/<id>``, the listing and the callback)."""
     now = time.time() if now is None else now
+    if job.get("kind") == "training":
+        return _describe_training(job)
     total, finished = job["total"], job["done"] + job["failed"]
     started, ended = job.get("started_at"), job.get("finished_at")
     elapsed = ((ended or now) - started) if started else 0.0
@@ -349,5 +386,45 @@ def describe(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         "finished_at": _iso(ended),
         "expires_at": _iso(job.get("expires_at")),
         "links": {"self": f"/v1/jobs/{job['id']}", "results": f"/v1/jobs/{job['id']}/results"},
+    }
+    return body
+
+
+def _describe_training(job: dict[str, Any]) -> dict[str, Any]:
+    """A training job: its phase (``queued``, ``features``, ``training``, ``evaluating``,
+    ``publishing``, ``done``), features computed so far, each epoch's loss and accuracy, and on
+    completion the evaluation and the model it published."""
+    total, computed = job["total"], job["done"] + job["failed"]
+    history = job.get("history") or []
+    epochs = int(job.get("options", {}).get("epochs", 0))
+    # Features are most of the time on a CPU: they weigh 0.8 of the progress, epochs the rest.
+    progress = 0.8 * (computed / total if total else 1.0) + 0.2 * (len(history) / epochs if epochs else 0.0)
+    if job["status"] == "completed":
+        progress = 1.0
+    body: dict[str, Any] = {
+        "job_id": job["id"],
+        "kind": "training",
+        "status": job["status"],
+        "phase": job.get("phase", "queued"),
+        "model": job["model"],
+        "base": job.get("base"),
+        "options": job.get("options"),
+        "classes": job.get("classes"),
+        "counts": job.get("counts"),
+        "skipped": job.get("skipped") or [],
+        "total": total,
+        "features_done": job["done"],
+        "features_failed": job["failed"],
+        "progress": round(min(progress, 1.0), 4),
+        "epoch": len(history),
+        "history": history,
+        "evaluation": job.get("evaluation"),
+        "served": job.get("served"),
+        "error": job.get("error"),
+        "created_at": _iso(job.get("created_at")),
+        "started_at": _iso(job.get("started_at")),
+        "finished_at": _iso(job.get("finished_at")),
+        "expires_at": _iso(job.get("expires_at")),
+        "links": {"self": f"/v1/jobs/{job['id']}", "model": f"/v1/models/{job['model']}"},
     }
     return body

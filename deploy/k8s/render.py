@@ -30,6 +30,14 @@ so none is rendered here; with one, e.g.::
       external:
         metric: {name: imagerec_job_queue_length}
         target: {type: AverageValue, averageValue: "4"}   # waiting tasks per worker pod
+
+Custom classes: the ``trainer``, the trainer image (the model image, TensorFlow included, plus the
+workers) running Celery on the training queue with the gateway's environment: one pod, one training
+at a time, each in a fresh process. It reads a training upload from the jobs claim, calls the base
+model through the gateway's client and publishes the custom model to ``CUSTOM_MODELS_DIR``, the
+ReadWriteMany claim ``imagerec-custom-models``: the model pods mount it read-only (each serves the
+custom models trained on it), the gateway writable (it deletes them), and the job worker, whose
+environment is the gateway's, writable too (its housekeeping sweeps what a killed publisher left).
 """
 
 from __future__ import annotations
@@ -39,7 +47,15 @@ from typing import Any
 
 import yaml
 
-from deploy.settings import JOBS_DIR, NginxLimits, worker_command, worker_stop_grace_s
+from deploy.settings import (
+    CUSTOM_MODELS_DIR,
+    JOBS_DIR,
+    NginxLimits,
+    trainer_command,
+    trainer_stop_grace_s,
+    worker_command,
+    worker_stop_grace_s,
+)
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "imagerec.yaml"
@@ -250,11 +266,18 @@ def documents() -> list[dict[str, Any]]:
     # backends, shared by every model pod; writable by them through fsGroup (NOTE: NFS-backed
     # volumes ignore fsGroup: export them writable by group APP_ID). Job folders likewise: the
     # uploads and results of JOBS_RETENTION_S (a day), each upload up to JOBS_MAX_ARCHIVE_BYTES.
+    # Custom models are heads of kilobytes (a features x classes matrix) per version.
     docs: list[dict[str, Any]] = [
         claim("imagerec-keras", "ReadWriteMany", "5Gi"),
         claim("imagerec-jobs", "ReadWriteMany", "20Gi"),
+        claim("imagerec-custom-models", "ReadWriteMany", "1Gi"),
         *redis(),
     ]
+    custom_volume = {
+        "name": "custom-models",
+        "persistentVolumeClaim": {"claimName": "imagerec-custom-models"},
+    }
+    custom_mount = {"name": "custom-models", "mountPath": CUSTOM_MODELS_DIR}
     for name, (port, memory, memory_limit) in MODELS.items():
         docs.append(
             deployment(
@@ -268,11 +291,16 @@ def documents() -> list[dict[str, Any]]:
                     "WEIGHTS_DOWNLOAD": "false",
                     "KERAS_HOME": KERAS_HOME,
                     "MODEL_CACHE": MODEL_CACHE,
+                    "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
                 },
                 {"requests": {"cpu": "1", "memory": memory}, "limits": {"cpu": "2", "memory": memory_limit}},
                 startup_failures=60,  # up to 5 minutes to load, convert and warm
-                volumes=[{"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}}],
-                mounts=[{"name": "keras", "mountPath": KERAS_HOME}],
+                volumes=[
+                    {"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}},
+                    custom_volume,
+                ],
+                # The service only reads the custom models (it serves those trained on it).
+                mounts=[{"name": "keras", "mountPath": KERAS_HOME}, {**custom_mount, "readOnly": True}],
                 pause_s=MODEL_PAUSE_S,
                 as_app_user=True,
             )
@@ -285,9 +313,10 @@ def documents() -> list[dict[str, Any]]:
         "GATEWAY_DNS_REFRESH_S": str(GATEWAY_DNS_REFRESH_S),
         "REDIS_URL": f"redis://redis:{REDIS_PORT}/0",
         "JOBS_DIR": JOBS_DIR,
+        "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
     }
-    jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}]
-    jobs_mount = [{"name": "jobs", "mountPath": JOBS_DIR}]
+    jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}, custom_volume]
+    jobs_mount = [{"name": "jobs", "mountPath": JOBS_DIR}, custom_mount]
     docs += [
         deployment(
             "gateway",
@@ -316,6 +345,25 @@ def documents() -> list[dict[str, Any]]:
             mounts=jobs_mount,
             as_app_user=True,
             grace_s=worker_stop_grace_s(),
+        ),
+        # The trainer: no Service, no autoscaler, one replica (one training at a time; more pods
+        # would train in parallel, TensorFlow's memory each). Memory (estimated, not measured):
+        # TensorFlow imported, ~0.5 GB, plus a training's features - at most TRAINING_MAX_IMAGES
+        # (5,000) x (1 + TRAINING_AUGMENT_VIEWS, 2) views x 4,096 float32 (VGG16's) = 0.25 GB - in
+        # three or four copies while Keras fits (the training rows, standardised, Keras's own): about
+        # 1.5 GB at the largest, a typical one far less. So 1Gi requested and a 2Gi limit; killed
+        # over it, the training fails and nothing is published.
+        deployment(
+            "trainer",
+            "imagerec-trainer:latest",
+            None,
+            gateway_env,
+            {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+            command=trainer_command(),
+            volumes=jobs_volume,
+            mounts=jobs_mount,
+            as_app_user=True,
+            grace_s=trainer_stop_grace_s(),
         ),
     ]
     nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000", **NginxLimits().template_values()}

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from common.settings import load, setting
 from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxLimits
@@ -149,6 +150,8 @@ class Fleet:
         if self.settings.redis:
             env["REDIS_URL"] = self.redis_url
         env["JOBS_DIR"] = os.environ.get("JOBS_DIR") or str(self.run_dir / "jobs")
+        # Custom models trained here: published by the trainer, served by the base models' services.
+        env["CUSTOM_MODELS_DIR"] = os.environ.get("CUSTOM_MODELS_DIR") or str(self.run_dir / "custom-models")
         return env
 
     @property
@@ -201,6 +204,15 @@ class Fleet:
             programs["worker"] = (
                 f"{sys.executable} -m celery -A workers.app worker -Q {jobs.queue} "
                 f"--concurrency {jobs.worker_processes} --hostname worker@{s.host}-{s.nginx_port} "
+                "--without-gossip --without-mingle --loglevel INFO",
+                {},
+            )
+            # The trainer: training jobs on a queue of their own, one at a time, each in a fresh
+            # process (TensorFlow's memory goes back when a training ends).
+            training = load(TrainingSettings, ("TRAINING_",))
+            programs["trainer"] = (
+                f"{sys.executable} -m celery -A workers.app worker -Q {training.queue} "
+                f"--concurrency 1 --max-tasks-per-child 1 --hostname trainer@{s.host}-{s.nginx_port} "
                 "--without-gossip --without-mingle --loglevel INFO",
                 {},
             )

@@ -270,3 +270,18 @@ def test_a_batch_priority_request_whose_deadline_passed_is_dropped_not_computed(
     assert model.values == [[0], [11]] and batcher.stats.expired == 1
     load = batcher.admission.load()
     assert (load.queued_images, load.running_images) == (0, 0)
+
+
+def test_a_batch_priority_request_that_waited_long_enough_goes_first() -> None:
+    """Aging: under unbroken interactive load a job request still runs, once per max wait."""
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=8, window_ms=0, batch_max_wait_ms=50)
+    blocker = batcher.submit(images(1, 0))
+    assert model.started.wait(5)
+    job = batcher.submit(images(1, 10), priority=Priority.BATCH)
+    interactive = [batcher.submit(images(1, i)) for i in (1, 2)]
+    time.sleep(0.06)  # the job has now waited its 50 ms
+    model.release.set()
+    for request in [blocker, job, *interactive]:
+        request.future.result(5)
+    assert model.values == [[0], [10], [1, 2]]

@@ -1,27 +1,35 @@
-"""Deployment files: the rendered Nginx config passes `nginx -t`; compose matches the topology."""
+"""Deployment files: the rendered Nginx config passes `nginx -t`; compose (and Kubernetes, for the
+trainer and the custom models' folder) match the topology."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
+from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from common.service_settings import ServiceSettings
+from deploy.k8s import render
 from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
 from deploy.settings import (
+    CUSTOM_MODELS_DIR,
     GATEWAY_THREADS,
     GATEWAY_WORKERS,
     JOBS_DIR,
     SERVICE_THREADS,
     NginxLimits,
+    trainer_command,
+    trainer_stop_grace_s,
     worker_command,
     worker_stop_grace_s,
 )
@@ -30,6 +38,10 @@ from gateway.settings import GatewaySettings
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
 GATEWAY_STAGE = DOCKERFILE.split("AS gateway", 1)[1].split("\nFROM ", 1)[0]
+BASE_STAGE = DOCKERFILE.split("AS base", 1)[1].split("\nFROM ", 1)[0]
+[(TRAINER_FROM, TRAINER_STAGE)] = re.findall(
+    r"^FROM (\S+) AS trainer\n(.*?)(?=^FROM |\Z)", DOCKERFILE, re.M | re.S
+)
 MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
 
 
@@ -63,7 +75,9 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
 def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
     text = fleet.render().read_text()
     programs = re.findall(r"^\[program:(\w+)\]", text, re.MULTILINE)
-    assert programs == ["vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "worker", "nginx"]
+    assert programs == [
+        *("vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "worker", "trainer", "nginx")
+    ]
     assert text.count("autorestart=true") == len(programs)
     assert "--appendonly yes" in text and f"--dir {fleet.run_dir}/redis" in text  # persistence on
     assert fleet.environment()["REDIS_URL"] == "redis://127.0.0.1:6380/0"
@@ -77,7 +91,7 @@ def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
 def test_redis_can_be_left_out(tmp_path: Path) -> None:
     fleet = Fleet(FleetSettings(run_dir=str(tmp_path), redis=False))
     assert "redis" not in fleet.programs() and "REDIS_URL" not in fleet.environment()
-    assert "worker" not in fleet.programs()  # its queue is in Redis
+    assert "worker" not in fleet.programs() and "trainer" not in fleet.programs()  # queues are in Redis
 
 
 def test_the_timeouts_nest_from_the_edge_inwards() -> None:
@@ -144,7 +158,7 @@ def test_bad_replica_counts_are_refused(tmp_path: Path, pair: str) -> None:
 
 def test_compose_has_the_same_topology() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {*MODEL_PORTS, "gateway", "worker", "redis", "nginx"}
+    assert set(services) == {*MODEL_PORTS, "gateway", "worker", "trainer", "redis", "nginx"}
     assert [p for s in services.values() for p in s.get("ports", [])] == [
         "${NGINX_PUBLISHED_PORT:-8080}:8080"
     ]
@@ -239,3 +253,136 @@ def test_compose_is_valid_against_the_compose_specification() -> None:
     typo = {**document["services"]["gateway"], "healtcheck": {}}
     with pytest.raises(jsonschema.ValidationError, match="healtcheck"):  # strict enough to catch typos
         schema.validate({**document, "services": {**document["services"], "gateway": typo}})
+
+
+# Custom classes: the trainer, and the custom models' folder (CUSTOM_MODELS_DIR) it shares.
+
+
+def option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def test_the_trainer_command_follows_the_training_settings() -> None:
+    """One training at a time, each in a fresh process (TensorFlow's memory goes back after it),
+    from the training queue - never the inference jobs' queue."""
+    command = trainer_command(TrainingSettings(queue="custom"))
+    assert command[:7] == ["python", "-m", "celery", "-A", "workers.app", "worker", "-Q"]
+    assert option(command, "-Q") == "custom"
+    assert option(command, "--concurrency") == option(command, "--max-tasks-per-child") == "1"
+    assert option(trainer_command(), "-Q") == TrainingSettings().queue != option(worker_command(), "-Q")
+    assert trainer_stop_grace_s() >= TrainingSettings().publish_wait_s + 15
+    assert trainer_stop_grace_s(TrainingSettings(publish_wait_s=90)) == trainer_stop_grace_s() + 30
+
+
+def test_the_local_trainer_consumes_what_the_containers_do(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUSTOM_MODELS_DIR", raising=False)
+    local = shlex.split(fleet.programs()["trainer"][0])
+    for flag in ("-Q", "--concurrency", "--max-tasks-per-child"):
+        assert option(local, flag) == option(trainer_command(), flag)
+    assert local[1:6] == trainer_command()[1:6]  # -m celery -A workers.app worker
+    assert fleet.environment()["CUSTOM_MODELS_DIR"] == str(fleet.run_dir / "custom-models")
+
+
+def test_the_trainer_image_is_the_model_image_with_the_workers() -> None:
+    """TensorFlow (Keras fits the head) comes from the model image, Celery and redis with the
+    project's core dependencies; the workers package is added and the image runs the trainer."""
+    assert TRAINER_FROM == "model"
+    assert re.search(r"^COPY workers ./workers$", TRAINER_STAGE, re.MULTILINE)
+    [cmd] = re.findall(r"^CMD (\[.*?\])\s*$", TRAINER_STAGE, re.MULTILINE | re.DOTALL)
+    assert json.loads(cmd.replace("\\\n", "")) == trainer_command()
+    assert re.search(rf"^ENV .*\bCUSTOM_MODELS_DIR={CUSTOM_MODELS_DIR}\b", TRAINER_STAGE, re.MULTILINE)
+    assert re.search(rf"^ENV .*\bJOBS_DIR={JOBS_DIR}\b", TRAINER_STAGE, re.MULTILINE)
+    core = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    assert core and "celery[redis]" in core.group(1) and "redis" in core.group(1)
+    # It runs as `app` (the model stage's last USER; none of its own), which can make the Prometheus
+    # folder its model calls need under /tmp but not a folder at /.
+    assert not re.search(r"^USER ", TRAINER_STAGE, re.MULTILINE)
+    [metrics] = re.findall(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", DOCKERFILE)
+    assert metrics.startswith("/tmp/") and re.search(rf"^RUN mkdir -p {metrics}$", TRAINER_STAGE, re.M)
+
+
+def test_every_image_has_the_custom_models_folder_owned_by_the_app_user() -> None:
+    """Made in the base stage (as root), so compose copies `app`'s ownership into the empty volume
+    whichever container mounts it first, and the gateway and the trainer can write there."""
+    [user] = re.findall(r"useradd .* (\w+)$", BASE_STAGE, re.MULTILINE)
+    [(made, owner, owned)] = re.findall(r"mkdir -p ([^&]+)&& chown (\w+):\w+ ([^\n]+)", BASE_STAGE)
+    assert CUSTOM_MODELS_DIR in set(made.split()) & set(owned.split()) and owner == user
+
+
+def test_compose_trainer_is_the_trainer_image_with_the_gateway_environment() -> None:
+    services = COMPOSE["services"]
+    gateway, worker, trainer = services["gateway"], services["worker"], services["trainer"]
+    assert trainer["build"] == {**gateway["build"], "target": "trainer"}
+    assert trainer["image"] not in {gateway["image"], services["resnet50"]["image"]}
+    assert trainer["command"] == trainer_command()
+    assert trainer["environment"] == gateway["environment"]
+    assert trainer["restart"] == "unless-stopped"
+    assert f"jobs:{JOBS_DIR}" in trainer["volumes"]  # it reads the training uploads
+    assert trainer["depends_on"] == worker["depends_on"]
+    assert trainer["stop_grace_period"] == f"{trainer_stop_grace_s()}s"
+
+
+def test_compose_shares_one_custom_models_volume() -> None:
+    """The trainer publishes there and the gateway deletes there (read-write); the model services
+    read it; the worker (the gateway's environment) sweeps leftovers. Same folder everywhere."""
+    services = COMPOSE["services"]
+    assert "custom-models" in COMPOSE["volumes"]
+    users = {name for name, s in services.items() if "CUSTOM_MODELS_DIR" in s.get("environment", {})}
+    assert users == {*MODEL_PORTS, "gateway", "worker", "trainer"}
+    for name in users:
+        service = services[name]
+        assert service["environment"]["CUSTOM_MODELS_DIR"] == CUSTOM_MODELS_DIR
+        [mount] = [v for v in service["volumes"] if v.split(":")[1] == CUSTOM_MODELS_DIR]
+        read_only = ":ro" if name in MODEL_PORTS else ""
+        assert mount == f"custom-models:{CUSTOM_MODELS_DIR}{read_only}", name
+
+
+K8S = {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(render.OUTPUT.read_text())}
+
+
+def k8s_pod(name: str) -> dict[str, Any]:
+    return K8S["Deployment", name]["spec"]["template"]["spec"]
+
+
+def k8s_env(name: str) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in k8s_pod(name)["containers"][0].get("env", [])}
+
+
+def test_k8s_runs_one_trainer_with_the_gateway_environment() -> None:
+    trainer = K8S["Deployment", "trainer"]
+    [box] = k8s_pod("trainer")["containers"]
+    assert trainer["spec"]["replicas"] == 1 and ("HorizontalPodAutoscaler", "trainer") not in K8S
+    assert box["image"] == "imagerec-trainer:latest" and box["command"] == trainer_command()
+    assert k8s_env("trainer") == k8s_env("gateway")
+    assert "ports" not in box and not any(
+        doc["kind"] == "Service" and doc["spec"]["selector"].get("app.kubernetes.io/name") == "trainer"
+        for doc in K8S.values()
+    )
+    # TensorFlow training: a limit that holds it (bytes, from Kubernetes quantities like 2Gi).
+    units = {"Mi": 2**20, "Gi": 2**30}
+    memory = {kind: box["resources"][kind]["memory"] for kind in ("requests", "limits")}
+    request, limit = (int(q[:-2]) * units[q[-2:]] for q in memory.values())
+    assert 2**30 <= request <= limit and limit >= 2 * 2**30
+    pod = k8s_pod("trainer")
+    assert pod["terminationGracePeriodSeconds"] == trainer_stop_grace_s()
+    assert pod["securityContext"]["fsGroup"] == k8s_pod("gateway")["securityContext"]["fsGroup"]  # writes
+    assert {m["mountPath"] for m in box["volumeMounts"]} == {JOBS_DIR, CUSTOM_MODELS_DIR}
+
+
+def test_k8s_shares_one_custom_models_claim() -> None:
+    """Every pod with CUSTOM_MODELS_DIR mounts the one ReadWriteMany claim there: read-only in the
+    model pods, writable in the gateway, the job worker and the trainer."""
+    users = {name for kind, name in K8S if kind == "Deployment" and "CUSTOM_MODELS_DIR" in k8s_env(name)}
+    assert users == {*render.MODELS, "gateway", "worker", "trainer"}
+    claims = set()
+    for name in users:
+        assert k8s_env(name)["CUSTOM_MODELS_DIR"] == CUSTOM_MODELS_DIR
+        spec = k8s_pod(name)
+        [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == CUSTOM_MODELS_DIR]
+        assert bool(mount.get("readOnly")) == (name in render.MODELS), name
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        claims.add(volume["persistentVolumeClaim"]["claimName"])
+    [claim] = claims
+    assert K8S["PersistentVolumeClaim", claim]["spec"]["accessModes"] == ["ReadWriteMany"]

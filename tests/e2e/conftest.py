@@ -87,6 +87,9 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         # Fault and load tests send one photo again and again and must reach the models: no
         # response cache here (it is tested in tests/gateway/test_cache.py, Redis included).
         GATEWAY_CACHE_SIZE="0",
+        # A killed trainer's job is failed after this long without progress (default 120 s);
+        # the watchdog itself is tested in tests/workers/test_training.py.
+        TRAINING_STALL_S="20",
     )
     try:
         with serve_images() as image_server, running(Fleet(settings, extra), env) as handle:

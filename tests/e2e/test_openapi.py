@@ -5,6 +5,7 @@ headers, invalid input refused) through Nginx."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from deploy.local.running import wait_until
+from tests import colours
 from tests.conftest import photo
 from tests.e2e.conftest import E2EFleet
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.e2e
 # Excluded everywhere: the generic 5xx check (replaced by no_internal_error) and "schema-valid data
 # must be accepted" - a schema cannot say "a decodable image", so random bytes get 415.
 EXCLUDED = [not_a_server_error, positive_data_acceptance]
-OPERATIONS = 20
+OPERATIONS = 23
 
 
 @schemathesis.check
@@ -69,20 +71,26 @@ def test_the_live_fleet_matches_its_openapi_description(fleet: E2EFleet, mode: G
         assert len(exercised) + len(failures) == OPERATIONS  # every documented operation
     else:  # those with parameters or bodies to get wrong
         infer = {"POST /v2/models/{name}/infer", "POST /v2/models/{name}/versions/{version}/infer"}
-        jobs = {"POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}/results"}
+        jobs = {"POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}/results", "POST /v1/training"}
         assert {"POST /v1/predict", *infer, *jobs} <= {*exercised, *failures}
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
 
 
-def test_a_job_followed_through_every_job_route_matches_the_description(fleet: E2EFleet) -> None:
-    """Random requests seldom make a job (the model must exist and the body hold an image), and
-    never one that finishes: one real job, each of its answers checked against the description."""
+def checker(fleet: E2EFleet) -> Callable[..., schemathesis.Response]:
+    """Calls one described operation with the parts given, and checks its answer as above."""
     api = schemathesis.openapi.from_url(f"{fleet.url}/openapi.json")
 
     def checked(method: str, path: str, **parts: Any) -> schemathesis.Response:
         case = api[path][method].Case(**parts)
         return case.call_and_validate(additional_checks=[no_internal_error], excluded_checks=EXCLUDED)
 
+    return checked
+
+
+def test_a_job_followed_through_every_job_route_matches_the_description(fleet: E2EFleet) -> None:
+    """Random requests seldom make a job (the model must exist and the body hold an image), and
+    never one that finishes: one real job, each of its answers checked against the description."""
+    checked = checker(fleet)
     images = [base64.b64encode(photo("chelsea.jpg")).decode(), "not base64"]
     submitted = checked(
         "POST",
@@ -113,6 +121,44 @@ def test_a_job_followed_through_every_job_route_matches_the_description(fleet: E
     unknown = {"job_id": "0" * 32}
     assert checked("GET", "/v1/jobs/{job_id}", path_parameters=unknown).status_code == 404
     assert checked("DELETE", "/v1/jobs/{job_id}", path_parameters=unknown).status_code == 404
+
+
+@pytest.mark.slow  # a real training (tests/e2e/test_training.py tests what it learns)
+def test_a_training_job_followed_through_its_routes_matches_the_description(fleet: E2EFleet) -> None:
+    """Random uploads never train (that takes two class folders of readable photos): one refused
+    dataset and one small training, followed to its model, each answer checked."""
+    checked = checker(fleet)
+    multipart = "multipart/form-data"
+    one_class = {"dataset": colours.archive(5, seed=40, classes=("red",))}
+    refused = checked("POST", "/v1/training", query={"name": "openapi"}, body=one_class, media_type=multipart)
+    assert refused.status_code == 400 and refused.json()["error"]["problems"], refused.text
+    dataset = {"dataset": colours.archive(5, seed=41, classes=("red", "blue"))}
+    submitted = checked(
+        "POST", "/v1/training", query={"name": "openapi", "epochs": 3}, body=dataset, media_type=multipart
+    )
+    assert submitted.status_code == 202, submitted.text
+    job = {"job_id": submitted.json()["job_id"]}
+
+    def ended() -> bool:
+        state = checked("GET", "/v1/jobs/{job_id}", path_parameters=job).json()["status"]
+        return state in ("completed", "failed", "cancelled")
+
+    wait_until(ended, 300, f"training job {job['job_id']} to end")
+    done = checked("GET", "/v1/jobs/{job_id}", path_parameters=job).json()
+    assert done["status"] == "completed" and done["served"]["serving"], done
+    results = checked("GET", "/v1/jobs/{job_id}/results", path_parameters=job)
+    assert results.status_code == 200 and results.json()["results"] == []  # the product is the model
+    assert checked("GET", "/v1/jobs", query={"limit": 5}).status_code == 200
+    assert checked("DELETE", "/v1/jobs/{job_id}", path_parameters=job).status_code == 409  # it finished
+    model = {"name": "openapi"}
+    listed = f"{fleet.url}/v1/models/openapi"  # the gateway sees it on its next look at the replicas
+    wait_until(lambda: requests.get(listed, timeout=10).status_code == 200, 30, "the gateway to list it")
+    entry = checked("GET", "/v1/models/{name}", path_parameters=model).json()
+    assert entry["custom"] is True and entry["class_names"] == ["blue", "red"], entry
+    assert checked("GET", "/v1/models").status_code == 200  # the listing, with a custom model in it
+    assert checked("DELETE", "/v1/models/{name}", path_parameters={"name": "resnet50"}).status_code == 400
+    assert checked("DELETE", "/v1/models/{name}", path_parameters=model).status_code == 200
+    assert checked("DELETE", "/v1/models/{name}", path_parameters=model).status_code == 404
 
 
 def test_the_docs_page_is_served_without_a_cdn(fleet: E2EFleet) -> None:

@@ -1,7 +1,8 @@
 """The web page in a real headless Chromium (Debian's, driven by Selenium) against the fleet:
 choose a photo, pick a model, see the labels as bars; the random-weights banner when it applies;
-a batch job on a folder, watched to the end, its CSV downloaded. The tests save screenshots to
-run/screenshots/ (web-page.png, web-job.png)."""
+a batch job on a folder, watched to the end, its CSV downloaded; custom classes trained on a folder,
+their evaluation shown, the new model offered in the picker. The tests save screenshots to
+run/screenshots/ (web-page.png, web-job.png, web-training.png)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from pathlib import Path
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from deploy.local.fleet import ROOT
+from tests import colours
 from tests.e2e import shapes
 from tests.e2e.conftest import E2EFleet
 
@@ -156,3 +159,85 @@ def test_a_folder_as_a_batch_job_runs_to_a_csv(
     assert {row["status"] for row in rows} == {"ok"} and {row["label_1"] for row in rows} <= set(
         shapes.CLASSES
     )
+
+
+def texts(browser: webdriver.Chrome, selector: str) -> list[str]:
+    return [element.text for element in browser.find_elements(By.CSS_SELECTOR, selector)]
+
+
+def test_a_folder_of_classes_trains_a_model_the_picker_then_offers(
+    fleet: E2EFleet, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    for number, (label, image) in enumerate(colours.images(6, seed=21, classes=("red", "blue"))):
+        path = folder / label / f"{number}.jpg"  # e.g. photos/red/0.jpg: one subfolder per class
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image)
+    (folder / ".DS_Store").write_bytes(b"not an image")  # hidden: the page leaves it out
+    name = "web-colours"
+
+    browser.get(f"{fleet.url}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) >= 6)
+    try:
+        browser.find_element(By.ID, "train-folder").send_keys(str(folder))  # the folder picker, driven
+        browser.find_element(By.ID, "train-name").send_keys(name)
+        Select(browser.find_element(By.ID, "train-base")).select_by_value("resnet50")
+        browser.find_element(By.ID, "train-epochs").send_keys("10")
+        wait.until(lambda b: b.find_element(By.ID, "train-go").is_enabled())
+        browser.find_element(By.ID, "train-go").click()
+        status = browser.find_element(By.ID, "train-status")
+        WebDriverWait(browser, 240).until(
+            lambda b: status.text.startswith(("completed", "failed", "cancelled"))
+        )
+        assert status.text.startswith(f"completed: {name} version "), (
+            status.text,
+            browser.find_element(By.ID, "train-error").text,
+        )
+        assert browser.find_element(By.ID, "train-error").text == ""
+        progress = browser.find_element(By.ID, "train-progress")
+        assert progress.get_attribute("value") == progress.get_attribute("max") == "100"
+        assert not browser.find_element(By.ID, "train-cancel").is_displayed()
+        assert browser.find_element(By.ID, "train-classes").text.startswith(
+            "2 classes: blue (6 photos), red (6 photos)"
+        )
+        assert browser.find_element(By.ID, "train-epoch").text.startswith("epoch 10 / 10: loss ")
+        assert not browser.find_element(By.ID, "train-skipped").is_displayed()  # every photo was read
+
+        wait.until(lambda b: b.find_element(By.ID, "train-confusion").is_displayed())
+        assert texts(browser, "#train-confusion thead th") == ["blue", "red"]  # the predicted classes
+        assert texts(browser, "#train-confusion tbody th") == ["blue", "red"]  # the true classes
+        rows = browser.find_elements(By.CSS_SELECTOR, "#train-confusion tbody tr")
+        matrix = [[int(c.text) for c in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+        assert len(matrix) == 2 and all(len(row) == 2 for row in matrix), matrix
+        held_out = sum(map(sum, matrix))
+        assert held_out == 2, matrix  # one photo of each class held out (validation_split 0.2)
+        accuracy = browser.find_element(By.ID, "train-accuracy").text
+        assert re.fullmatch(rf"accuracy \d+\.\d% on {held_out} held-out photos", accuracy), accuracy
+        assert texts(browser, "#train-per-class tbody th") == ["blue", "red"]
+        assert texts(browser, "#train-per-class tbody td:last-child") == ["1", "1"]  # photos held out
+
+        # The new model joins the picker, selected, once the gateway lists it.
+        models = WebDriverWait(browser, 60, ignored_exceptions=[StaleElementReferenceException]).until(
+            lambda b: (
+                name in [o.get_attribute("value") for o in Select(b.find_element(By.ID, "model")).options]
+                and Select(b.find_element(By.ID, "model"))
+            )
+        )
+        assert models.first_selected_option.get_attribute("value") == name
+        assert "custom" in models.first_selected_option.text
+        browser.execute_script("arguments[0].scrollIntoView()", browser.find_element(By.ID, "training"))
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOTS / "web-training.png"))
+
+        # ... and classifies with its own two classes.
+        [(_, image)] = colours.images(1, seed=22, classes=("red",))
+        photo = tmp_path / "fresh.jpg"
+        photo.write_bytes(image)
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda b: b.find_element(By.ID, "go").is_enabled())
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda b: name in b.find_element(By.ID, "meta").text)
+        assert sorted(bars(browser)) == ["blue", "red"]
+    finally:
+        requests.delete(f"{fleet.url}/v1/models/{name}", timeout=30)

@@ -1,0 +1,49 @@
+"""Training settings: ``TRAINING_<FIELD>``, read by the gateway (which checks and accepts training
+jobs) and the training worker (which runs them). Where custom models are published is
+``CUSTOM_MODELS_DIR``, the setting the model services read too: without it, ``POST /v1/training``
+answers 503 ``training_unavailable``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.settings import load, setting
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    models_dir: str = setting(
+        "", "read from CUSTOM_MODELS_DIR (not TRAINING_MODELS_DIR): where custom models are published"
+    )
+    queue: str = setting("training", "Celery queue of training tasks (never the inference jobs' queue)")
+    min_images_per_class: int = setting(5, "fewest readable images a class needs")
+    max_classes: int = setting(100, "most classes in one dataset")
+    max_images: int = setting(5_000, "most images in one dataset")
+    default_epochs: int = setting(60, "epochs when the request names none")
+    max_epochs: int = setting(500, "most epochs a request may ask for")
+    default_validation_split: float = setting(0.2, "share of each class held out for the evaluation")
+    augment_views: int = setting(
+        2, "extra views (flip, crop, exposure) of each training image when augment=true"
+    )
+    features_batch: int = setting(8, "images per call to the base model for features, at batch priority")
+    stall_s: float = setting(
+        120.0,
+        "a running training job whose heartbeat stopped this long ago (its trainer was killed) is "
+        "marked failed; nothing was published",
+    )
+    publish_wait_s: float = setting(
+        60.0, "how long a training job waits for the fleet to serve the new version before completing"
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainingSettings:
+        env = os.environ if environ is None else environ
+        return load(cls, ("TRAINING_",), env, models_dir=env.get("CUSTOM_MODELS_DIR", ""))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.default_validation_split < 1:
+            raise ValueError("TRAINING_DEFAULT_VALIDATION_SPLIT must be in [0, 1)")
+        if self.min_images_per_class < 2:
+            raise ValueError("TRAINING_MIN_IMAGES_PER_CLASS must be at least 2 (one to train, one to test)")

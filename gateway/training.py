@@ -1,0 +1,164 @@
+"""The training routes: train custom classes on a user's photos, and remove a custom model.
+
+``POST /v1/training`` (multipart): ``dataset`` = a zip or tar of one folder per class; ``name`` =
+the model name clients will use; ``base`` = vgg16 | resnet50 | inceptionv3 (default resnet50);
+optional ``epochs``, ``validation_split``, ``augment``. Fields may come in the form or the query.
+Everything is checked before a job exists - the options, the archive (the jobs' limits), and the
+dataset (``common.custom.dataset``: classes, readable images per class) - and a refusal names
+every problem. The answer is ``202`` and a job in the jobs API (``kind: training``), which the
+training workers run (``workers.training``). ``DELETE /v1/models/<name>`` removes a custom model,
+every version; the model services stop serving it on their next look at the repository.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from common import imaging, web
+from common.custom import heads
+from common.custom.dataset import check
+from common.custom.settings import TrainingSettings
+from common.errors import BadRequest, NotFound, ServiceError
+from common.jobs import queue
+from common.jobs.archive import Entry
+from common.jobs.settings import JobSettings
+from gateway.client import ModelClient
+from gateway.job_intake import Intake
+from gateway.jobs import Jobs
+from gateway.settings import GatewaySettings
+
+FIELDS = ("name", "base", "epochs", "validation_split", "augment", "fine_tune_layers")
+BASES = ("vgg16", "resnet50", "inceptionv3")
+
+
+class TrainingUnavailable(ServiceError):
+    status, code, retry_after = 503, "training_unavailable", 30
+
+
+def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -> dict[str, Any]:
+    """The training options from the form/query, every problem listed in one 400."""
+    problems = []
+    name = raw.get("name", "")
+    if reason := heads.check_name(name, tuple(bases)):
+        problems.append(f"name: {reason}")
+    base = raw.get("base") or "resnet50"
+    if base not in BASES or base not in bases:
+        problems.append(f"base must be one of {', '.join(b for b in BASES if b in bases)}, got {base[:40]!r}")
+
+    def number(key: str, kind: type, default: Any, low: float, high: float) -> Any:
+        text = raw.get(key, "")
+        if text == "":
+            return default
+        try:
+            value = kind(text)
+        except ValueError:
+            problems.append(f"{key} must be a {kind.__name__}, got {text[:40]!r}")
+            return default
+        if not low <= value <= high:
+            problems.append(f"{key} must be between {low:g} and {high:g}, got {text[:40]!r}")
+        return value
+
+    epochs = number("epochs", int, settings.default_epochs, 1, settings.max_epochs)
+    split = number("validation_split", float, settings.default_validation_split, 0.0, 0.5)
+    fine_tune = number("fine_tune_layers", int, 0, 0, 1000)
+    if fine_tune:
+        problems.append(
+            "fine_tune_layers > 0 is not offered yet: only heads on a frozen backbone are trained "
+            "(fine_tune_layers=0)"
+        )
+    augment = raw.get("augment", "false").strip().lower()
+    if augment not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        problems.append(f"augment must be true or false, got {augment[:20]!r}")
+    if problems:
+        raise BadRequest("training refused: " + "; ".join(problems), code="invalid_training_options")
+    return {
+        "name": name,
+        "base": base,
+        "epochs": epochs,
+        "validation_split": split,
+        "augment": augment in ("1", "true", "yes", "on"),
+        "fine_tune_layers": 0,
+    }
+
+
+def create_blueprint(
+    gateway: GatewaySettings, job_settings: JobSettings, settings: TrainingSettings, client: ModelClient
+) -> Blueprint:
+    jobs = Jobs(job_settings, settings.queue)
+    intake = Intake(job_settings, gateway.max_image_bytes, archive_field="dataset")
+    limits = imaging.ImageLimits(gateway.max_image_bytes, gateway.max_image_pixels)
+    blueprint = Blueprint("training", __name__)
+
+    def repository() -> Path:
+        if not settings.models_dir:
+            raise TrainingUnavailable("custom models need CUSTOM_MODELS_DIR (where they are published)")
+        return Path(settings.models_dir)
+
+    @blueprint.post("/v1/training")
+    def submit() -> Response:
+        request.max_content_length = job_settings.max_archive_bytes
+        repository()
+        store = jobs.store
+        if request.mimetype != "multipart/form-data":
+            raise BadRequest(
+                "send the training dataset as multipart/form-data: 'dataset' (a zip or tar of one "
+                "folder per class) and 'name'",
+                code="unsupported_media_type",
+                status=415,
+            )
+        early = {key: request.args[key] for key in FIELDS if key in request.args}
+        if "name" in early:  # refuse what the query already shows is wrong, before the upload
+            options(early, settings, client.registry.bases)
+        staged = store.staging()
+        job_id = uuid.uuid4().hex
+        try:
+            received = intake.receive(request, staged)
+            doubled = sorted(key for key in FIELDS if key in early and key in received.fields)
+            if doubled:
+                raise BadRequest(f"give {', '.join(doubled)} once: in the query or in the form")
+            chosen = options({**early, **received.fields}, settings, client.registry.bases)
+            entries = [
+                Entry(item["name"], staged / item["file"]) for item in received.items if "file" in item
+            ]
+            dataset = check(
+                entries,
+                staged,
+                limits,
+                min_images_per_class=settings.min_images_per_class,
+                max_classes=settings.max_classes,
+                max_images=settings.max_images,
+            )
+            dataset.write(staged)
+            record = {
+                "kind": "training",
+                "model": chosen["name"],
+                "base": chosen["base"],
+                "options": {k: v for k, v in chosen.items() if k not in ("name", "base")},
+                "classes": dataset.classes,
+                "counts": dataset.counts(),
+                "skipped": dataset.skipped,
+                "phase": "queued",
+                "total": len(dataset.items),
+                "chunks": 0,
+                "top_k": 0,
+                "request_id": web.request_id(),
+            }
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return jobs.open(job_id, staged, record, lambda: queue.enqueue_training(jobs.queue, job_id))
+
+    @blueprint.delete("/v1/models/<name>")
+    def remove(name: str) -> Response:
+        if name in client.registry.bases:
+            raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
+        if heads.check_name(name) or not heads.remove(repository(), name):
+            raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
+        return web.json_ok({"deleted": name})
+
+    return blueprint

@@ -1,0 +1,254 @@
+"""The training routes on a real Redis with a fake model client: a dataset is checked, written and
+queued on the training queue; every refusal names its problems and leaves nothing behind; custom
+models are found through their base's replicas and removed."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import responses
+
+from common.custom import heads
+from common.custom.settings import TrainingSettings
+from common.jobs.settings import JobSettings
+from gateway.app import create_app
+from gateway.client import build_client
+from gateway.registry import Registry
+from gateway.transport import new_session
+from tests import colours
+from tests.conftest import gateway_settings
+from tests.gateway.fakes import FakeModelClient
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def client(redis_url: str, tmp_path: Path, models_dir: Path) -> Any:
+    redis.Redis.from_url(redis_url).flushall()
+    settings = gateway_settings(rate_limit="")
+    jobs = JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs"))
+    training = TrainingSettings(models_dir=str(models_dir), min_images_per_class=3)
+    app = create_app(
+        settings,
+        client=FakeModelClient(settings),  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=jobs,
+        training_settings=training,
+    )
+    return app.test_client()
+
+
+def post(client: Any, archive: bytes, **fields: str) -> Any:
+    return client.post("/v1/training", data={"dataset": (io.BytesIO(archive), "photos.zip"), **fields})
+
+
+def test_a_dataset_is_checked_written_and_queued_for_training(
+    client: Any, redis_url: str, tmp_path: Path
+) -> None:
+    answer = post(
+        client, colours.archive(3, 1, classes=("red", "blue"), root="photos"), name="pets", epochs="7"
+    )
+    assert answer.status_code == 202, answer.json
+    body = answer.json
+    assert (body["kind"], body["status"], body["phase"], body["model"], body["base"]) == (
+        "training",
+        "pending",
+        "queued",
+        "pets",
+        "resnet50",
+    )
+    assert body["classes"] == ["blue", "red"] and body["counts"] == {"blue": 3, "red": 3}
+    assert body["options"] == {"epochs": 7, "validation_split": 0.2, "augment": False, "fine_tune_layers": 0}
+    waiting = redis.Redis.from_url(redis_url).lrange("training", 0, -1)
+    assert len(waiting) == 1 and json.loads(waiting[0])["headers"]["task"] == "imagerec.training.train"
+    assert not redis.Redis.from_url(redis_url).llen("jobs")  # never on the inference queue
+    manifest = json.loads((tmp_path / "jobs" / body["job_id"] / "dataset.json").read_text())
+    assert len(manifest["items"]) == 6
+    assert client.get(f"/v1/jobs/{body['job_id']}").json["kind"] == "training"
+
+
+def test_options_may_come_in_the_query(client: Any) -> None:
+    archive = colours.archive(3, 1, classes=("red", "blue"))
+    answer = client.post(
+        "/v1/training?name=pets&base=vgg16", data={"dataset": (io.BytesIO(archive), "p.zip")}
+    )
+    assert answer.status_code == 202 and answer.json["base"] == "vgg16"
+    twice = client.post(
+        "/v1/training?name=pets", data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "x"}
+    )
+    assert twice.status_code == 400 and "once" in twice.json["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("archive", "fields", "code", "expected"),
+    [
+        (
+            colours.archive(3, 1, classes=("red",)),
+            {"name": "a"},
+            "invalid_dataset",
+            "at least 2 class folders",
+        ),
+        (colours.archive(2, 1), {"name": "a"}, "invalid_dataset", "each class needs at least 3"),
+        (colours.archive(3, 1), {"name": "A!"}, "invalid_training_options", "name must"),
+        (colours.archive(3, 1), {}, "invalid_training_options", "name must"),
+        (colours.archive(3, 1), {"name": "vgg16"}, "invalid_training_options", "model of the fleet"),
+        (
+            colours.archive(3, 1),
+            {"name": "a", "epochs": "many"},
+            "invalid_training_options",
+            "epochs must be a int",
+        ),
+        (
+            colours.archive(3, 1),
+            {"name": "a", "validation_split": "0.9"},
+            "invalid_training_options",
+            "between",
+        ),
+        (colours.archive(3, 1), {"name": "a", "augment": "maybe"}, "invalid_training_options", "augment"),
+        (b"PK\x03\x04 broken", {"name": "a"}, "invalid_archive", "archive"),
+    ],
+)
+def test_refusals_name_the_problem_and_leave_nothing(
+    client: Any,
+    redis_url: str,
+    tmp_path: Path,
+    archive: bytes,
+    fields: dict[str, str],
+    code: str,
+    expected: str,
+) -> None:
+    answer = post(client, archive, **fields)
+    assert answer.status_code == 400, answer.json
+    assert expected in answer.json["error"]["message"], answer.json
+    if code != "invalid_archive":
+        assert answer.json["error"]["code"] == code
+    assert not redis.Redis.from_url(redis_url).llen("training")
+    assert not list((tmp_path / "jobs").glob("*"))  # no job folder, no staging left
+
+
+def test_a_dataset_refusal_lists_every_problem(client: Any) -> None:
+    answer = post(client, colours.archive(1, 1, classes=("red", "blue")), name="a")
+    problems = answer.json["error"]["problems"]
+    assert len(problems) >= 2 and all("needs at least 3" in p for p in problems[:2])
+
+
+def test_training_needs_a_models_folder(redis_url: str, tmp_path: Path) -> None:
+    settings = gateway_settings(rate_limit="")
+    app = create_app(
+        settings,
+        client=FakeModelClient(settings),  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path)),
+        training_settings=TrainingSettings(models_dir=""),
+    )
+    answer = post(app.test_client(), colours.archive(3, 1), name="a")
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "training_unavailable"
+
+
+def test_a_custom_model_is_removed_with_every_version(client: Any, models_dir: Path) -> None:
+    meta = {
+        "name": "pets",
+        "base": "resnet50",
+        "base_weights_hash": "h",
+        "features": 2,
+        "classes": ["a", "b"],
+    }
+    for _ in range(2):
+        heads.publish(models_dir, "pets", np.eye(2, dtype=np.float32), np.zeros(2, np.float32), meta)
+    assert client.delete("/v1/models/pets").json == {"deleted": "pets"}
+    assert not (models_dir / "pets").exists()
+    assert client.delete("/v1/models/pets").status_code == 404
+    base = client.delete("/v1/models/resnet50")
+    assert base.status_code == 400 and base.json["error"]["code"] == "not_custom"
+
+
+# --- finding custom models through their base's replicas -------------------------------------------
+
+
+def model_json(custom: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": "resnet50",
+        "state": "ready",
+        "ready": True,
+        "weights_hash": "w",
+        "input_size": 224,
+        "center_crop": 0.875,
+        "precision": "fp32",
+        "backend": "openvino",
+        "custom_models": custom,
+    }
+
+
+def entry(name: str, version: str = "1") -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": version,
+        "base": "resnet50",
+        "base_weights": "random",
+        "weights_hash": f"h{version}",
+        "classes": 2,
+        "class_names": ["a", "b"],
+        "labels_hash": "lh",
+        "state": "ready",
+        "evaluation": {"accuracy": 0.9},
+    }
+
+
+@responses.activate
+def test_the_registry_finds_custom_models_on_their_base_and_routes_to_replicas_that_list_them() -> None:
+    responses.get("http://r1:8502/v1/model", json=model_json([entry("pets", "2")]))
+    responses.get("http://r2:8502/v1/model", json=model_json([]))
+    responses.get("http://vgg16:8501/v1/model", json={**model_json([]), "name": "vgg16"})
+    responses.get("http://inceptionv3:8503/v1/model", json={**model_json([]), "name": "inceptionv3"})
+    registry = Registry(gateway_settings().replicas, new_session(2))
+    registry.refresh()
+    assert registry.models == ["vgg16", "resnet50", "inceptionv3", "pets"]
+    assert registry.base_of("pets") == "resnet50" and registry.is_custom("pets")
+    for _ in range(3):  # round robin among base replicas, but the one that lists it first
+        assert registry.candidates("pets")[0].url == "http://r1:8502"
+    meta = registry.metadata("pets")
+    assert (meta["version"], meta["weights_hash"], meta["input_size"], meta["weights"]) == (
+        "2",
+        "h2",
+        224,
+        "random",
+    )
+    described = registry.describe("pets")
+    assert described["custom"] is True and described["status"] == "ready" and described["base"] == "resnet50"
+    assert [r["url"] for r in described["replicas"]] == ["http://r1:8502"]
+    with pytest.raises(Exception, match="unknown model 'cats'"):
+        registry.base_of("cats")
+
+
+@responses.activate
+def test_the_client_names_a_custom_model_in_the_query_to_its_base() -> None:
+    settings = gateway_settings()
+    for url in ("http://r1:8502", "http://r2:8502"):
+        responses.get(f"{url}/v1/model", json=model_json([entry("pets")]))
+    responses.get("http://vgg16:8501/v1/model", json={**model_json([]), "name": "vgg16"})
+    responses.get("http://inceptionv3:8503/v1/model", json={**model_json([]), "name": "inceptionv3"})
+    client = build_client(settings)
+    client.registry.refresh()
+    for url in ("http://r1:8502", "http://r2:8502"):
+        responses.post(
+            f"{url}/v1/predict",
+            json={
+                "model": "pets",
+                "predictions": [{"label": "a", "class_id": "a", "index": 0, "score": 1.0}],
+            },
+        )
+    client.predict("pets", [b"image"], top_k=1)
+    sent = [c.request for c in responses.calls if c.request.method == "POST"][0]
+    assert "model=pets" in sent.url
+    client.predict("resnet50", [b"image"], top_k=1)
+    sent = [c.request for c in responses.calls if c.request.method == "POST"][1]
+    assert "model=" not in sent.url

@@ -1,0 +1,220 @@
+"""A training job's life without Celery: a real Redis, a job folder as the gateway writes it, real
+Keras, and a fake base model whose features are the photos' colours (so a head can learn them)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from common import imaging
+from common.custom import dataset, heads
+from common.custom.settings import TrainingSettings
+from common.errors import InvalidImage, Overloaded, ServiceError
+from common.jobs.archive import Entry
+from common.jobs.store import JobStore, connect, describe
+from tests import colours
+from tests.conftest import gateway_settings
+from tests.gateway.fakes import FakeModelClient
+from workers.training import TrainingRunner
+
+
+class ColourFeatures(FakeModelClient):
+    """``resnet50`` answers with features: each image's mean colour per quadrant (12 numbers)."""
+
+    def __init__(self) -> None:
+        super().__init__(gateway_settings())
+        self.script: list[ServiceError] = []
+        self.after_call = lambda: None
+        self.feature_calls = 0
+
+    def predict(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+        self.feature_calls += 1
+        try:
+            if self.script:
+                raise self.script.pop(0)
+            assert kwargs["features"] and kwargs["priority"] == "batch"
+            results: list[dict[str, Any]] = []
+            for i, data in enumerate(images):
+                try:
+                    imaging.probe(data, imaging.ImageLimits())
+                except ServiceError as exc:
+                    if len(images) == 1:
+                        raise
+                    results.append({"index": i, "error": {**exc.to_dict(), "status": exc.status}})
+                    continue
+                pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32)), np.float32)
+                quadrants = [
+                    pixels[r : r + 16, c : c + 16].mean(axis=(0, 1)) for r in (0, 16) for c in (0, 16)
+                ]
+                vector = np.concatenate(quadrants).astype("<f4")
+                results.append(
+                    {
+                        "index": i,
+                        "predictions": [],
+                        "features": {"data": base64.b64encode(vector.tobytes()).decode()},
+                    }
+                )
+            return {"model": model, "weights": "random", "weights_hash": "base-hash", "results": results}
+        finally:
+            self.after_call()
+
+
+@pytest.fixture
+def store(redis_url: str, tmp_path: Path) -> Iterator[JobStore]:
+    redis.Redis.from_url(redis_url).flushall()
+    yield JobStore(connect(redis_url, retries=1), tmp_path / "jobs", 3600)
+
+
+def settings(tmp_path: Path, **overrides: Any) -> TrainingSettings:
+    return TrainingSettings(models_dir=str(tmp_path / "models"), publish_wait_s=0, **overrides)
+
+
+def submit(store: JobStore, files: dict[str, bytes], name: str = "colours", **options: Any) -> str:
+    """A training job as the gateway writes one."""
+    staged = store.staging()
+    (staged / "inputs").mkdir()
+    found = []
+    for n, (path, data) in enumerate(files.items()):
+        (staged / "inputs" / f"{n:06d}").write_bytes(data)
+        found.append(Entry(path, staged / "inputs" / f"{n:06d}"))
+    checked = dataset.check(
+        found, staged, imaging.ImageLimits(), min_images_per_class=2, max_classes=10, max_images=1000
+    )
+    checked.write(staged)
+    job_id = uuid.uuid4().hex
+    store.create(
+        job_id,
+        staged,
+        {
+            "kind": "training",
+            "model": name,
+            "base": "resnet50",
+            "options": {
+                "epochs": 40,
+                "validation_split": 0.25,
+                "augment": False,
+                "fine_tune_layers": 0,
+                **options,
+            },
+            "classes": checked.classes,
+            "counts": checked.counts(),
+            "skipped": checked.skipped,
+            "total": len(checked.items),
+            "chunks": 0,
+            "top_k": 0,
+        },
+    )
+    return job_id
+
+
+def photos(per_class: int, seed: int) -> dict[str, bytes]:
+    return {f"{label}/{n}.jpg": image for n, (label, image) in enumerate(colours.images(per_class, seed))}
+
+
+def test_a_training_job_trains_evaluates_and_publishes_version_1(store: JobStore, tmp_path: Path) -> None:
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path, features_batch=4))  # type: ignore[arg-type]
+    job_id = submit(store, photos(8, seed=1))
+    assert runner.run(job_id) == "completed"
+    job = store.get(job_id)
+    assert job is not None
+    shown = describe(job)
+    assert (shown["status"], shown["phase"], shown["progress"]) == ("completed", "done", 1.0)
+    assert shown["features_done"] == 32 and shown["epoch"] == 40
+    assert shown["evaluation"]["evaluated_on"] == "validation" and shown["evaluation"]["images"] == 8
+    assert shown["evaluation"]["accuracy"] >= 0.85, shown["evaluation"]
+    assert shown["served"] == {"name": "colours", "version": "1", "serving": False}
+    head = heads.load(tmp_path / "models" / "colours" / "1", "colours", 1)
+    assert head.meta["base_weights_hash"] == "base-hash" and head.meta["features"] == 12
+    assert (
+        head.meta["classes"] == ["blue", "green", "red", "yellow"]
+        and head.meta["training"]["job_id"] == job_id
+    )
+    assert runner.run(job_id) == "completed"  # delivered twice: trained once
+    assert len(list((tmp_path / "models" / "colours").iterdir())) == 1
+
+
+def test_augmented_views_add_training_images(store: JobStore, tmp_path: Path) -> None:
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path, augment_views=2))  # type: ignore[arg-type]
+    job_id = submit(store, photos(4, seed=2), augment=True, epochs=5)
+    assert runner.run(job_id) == "completed"
+    training = heads.load(tmp_path / "models" / "colours" / "1", "colours", 1).meta["training"]
+    assert training["augmented_views"] == 2 * training["images"] == 24
+
+
+def test_an_image_the_model_cannot_read_is_skipped_and_listed(store: JobStore, tmp_path: Path) -> None:
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path, features_batch=1))  # type: ignore[arg-type]
+    files = photos(4, seed=3)
+    job_id = submit(store, files)
+    # It passed the header check at submission, then fails at the model (truncated after it).
+    target = store.folder(job_id) / "inputs" / "000000"
+    target.write_bytes(target.read_bytes()[:40])
+    client.script = []
+    state = runner.run(job_id)
+    job = describe(store.get(job_id))  # type: ignore[arg-type]
+    assert state == "completed", job["error"]
+    assert job["features_failed"] == 1 and job["skipped"][-1]["name"] == "red/0.jpg"
+
+
+def test_a_base_model_down_is_waited_for_then_fails_the_job_and_publishes_nothing(
+    store: JobStore, tmp_path: Path
+) -> None:
+    slept: list[float] = []
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path), retry_s=10, sleep=slept.append)  # type: ignore[arg-type]
+    client.script = [Overloaded("busy", retry_after=0)] * 2
+    job_id = submit(store, photos(3, seed=4), epochs=3)
+    assert runner.run(job_id) == "completed" and len(slept) == 2
+    client.script = [ServiceError("down", status=503, code="model_unavailable")] * 1000
+    runner = TrainingRunner(store, client, settings(tmp_path), retry_s=0.0, sleep=slept.append)  # type: ignore[arg-type]
+    other = submit(store, photos(3, seed=5), name="other")
+    assert runner.run(other) == "failed"
+    job = describe(store.get(other))  # type: ignore[arg-type]
+    assert "stayed unavailable" in job["error"] and not (tmp_path / "models" / "other").exists()
+
+
+def test_cancelling_stops_it_before_the_next_call_and_nothing_is_published(
+    store: JobStore, tmp_path: Path
+) -> None:
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path, features_batch=2))  # type: ignore[arg-type]
+    job_id = submit(store, photos(4, seed=6))
+    client.after_call = lambda: store.cancel(job_id)
+    assert runner.run(job_id) == "cancelled"
+    assert client.feature_calls == 1 and store.get(job_id)["status"] == "cancelled"  # type: ignore[index]
+    assert not (tmp_path / "models" / "colours").exists()
+
+
+def test_a_refused_request_fails_the_job(store: JobStore, tmp_path: Path) -> None:
+    client = ColourFeatures()
+    client.script = [InvalidImage("the service refused the batch")]
+    runner = TrainingRunner(store, client, settings(tmp_path))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=7))
+    assert runner.run(job_id) == "failed"
+    assert "refused" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+
+
+def test_the_watchdog_finds_a_training_job_whose_worker_died(store: JobStore, tmp_path: Path) -> None:
+    job_id = submit(store, photos(3, seed=8))
+    store.mark_running(job_id)
+    assert store.stalled_training(60) == []
+    store.redis.hset(store.key(job_id), "progress_at", time.time() - 120)
+    assert store.stalled_training(60) == [job_id]
+    assert store.stalled(60, pending_too=True) == []  # the inference watchdog leaves it alone
+    assert store.finish(job_id, "failed", {"error": "worker died"}) == "failed"
+    assert store.stalled_training(60) == []
+    cancelled = submit(store, photos(3, seed=9), name="x")
+    store.cancel(cancelled)
+    assert store.finish(cancelled, "completed") == "cancelled"  # an ended job keeps its state
