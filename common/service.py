@@ -188,6 +188,7 @@ def create_app(
                 **model.metadata(),
                 "features": model.info.features if model.info else None,
                 "custom_models": describe_heads(),
+                "custom_models_broken": [{"name": n, "reason": r} for n, r in sorted(heads.broken().items())],
                 "versions": available,
                 "center_crop": settings.center_crop,
                 "max_body_bytes": settings.max_body_bytes,

@@ -9,6 +9,7 @@ from flask import Flask, Response, g, request
 
 from common import metrics, web
 from common.custom.settings import TrainingSettings
+from common.errors import UnknownModel
 from common.jobs.settings import JobSettings
 from gateway import cache as response_cache
 from gateway import docs, jobs, limits, training, v2
@@ -69,7 +70,10 @@ def create_app(
         name = request.args.get("model") or (request.view_args or {}).get("name", "")
         if not name:
             return ""
-        return name if name in registry.models or name == "ensemble" else "other"
+        if name in registry.bases or name == "ensemble":
+            return name
+        # Custom models come and go with what users train: one label, or the series would grow.
+        return "custom" if name in registry.custom() else "other"
 
     metrics.install(app, "gateway", model_label)
 
@@ -170,12 +174,19 @@ def create_app(
     def ready() -> Response:
         return web.json_ok({"status": "ready"})
 
+    def describe(name: str) -> dict[str, Any]:
+        """A model's listing entry; empty when a custom model went between listing and describing."""
+        try:
+            return registry.describe(name)
+        except UnknownModel:
+            return {}
+
     @app.get("/v1/models")
     def models() -> Response:
         """What the poller saw last (each replica says when): a listing never waits on a replica."""
         return web.json_ok(
             {
-                "models": [registry.describe(name) for name in registry.models],
+                "models": [entry for name in registry.models if (entry := describe(name))],
                 "ensemble": {
                     "name": "ensemble",
                     "members": list(settings.ensemble_members),

@@ -41,11 +41,19 @@ class Received:
 
 
 class Intake:
-    def __init__(self, settings: JobSettings, max_image_bytes: int, archive_field: str = "archive") -> None:
-        """``archive_field``: the multipart part that carries an archive (``dataset`` for training)."""
+    def __init__(
+        self,
+        settings: JobSettings,
+        max_image_bytes: int,
+        archive_field: str = "archive",
+        fields: tuple[str, ...] = ("callback_url",),
+    ) -> None:
+        """``archive_field``: the multipart part that carries an archive (``dataset`` for training);
+        ``fields``: the form fields kept (others are read past, never held)."""
         self.settings = settings
         self.max_image_bytes = max_image_bytes
         self.archive_field = archive_field
+        self.fields = fields
         self.limits = archive.ArchiveLimits(
             max_images=settings.max_images,
             max_uncompressed_bytes=settings.max_uncompressed_bytes,
@@ -106,7 +114,7 @@ class Intake:
                 elif isinstance(event, File):
                     part = self._open_part(event, staging, received)
                 elif isinstance(event, Field):
-                    part = _Part(event.name, None, FIELD_BYTES)
+                    part = _Part(event.name, None, FIELD_BYTES) if event.name in self.fields else None
                 elif isinstance(event, Data):
                     if part is not None:
                         part.write(event.data)

@@ -158,6 +158,14 @@ def _results_json(job: dict[str, Any], outcomes: Iterator[dict[str, Any]]) -> It
     yield "]}\n"
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting like a formula (a custom model's class
+    names and the images' names come from users) gets a leading apostrophe (OWASP's advice)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _results_csv(job: dict[str, Any], outcomes: Iterator[dict[str, Any]]) -> Iterator[str]:
     top_k = int(job.get("top_k") or 1)
     header = ["index", "name", "status"]
@@ -170,7 +178,7 @@ def _results_csv(job: dict[str, Any], outcomes: Iterator[dict[str, Any]]) -> Ite
     def row(values: list[Any]) -> str:
         buffer.seek(0)
         buffer.truncate()
-        writer.writerow(values)
+        writer.writerow([_cell(value) for value in values])
         return buffer.getvalue()
 
     yield row(header)
@@ -281,6 +289,8 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
     def cancel(job_id: str) -> Response:
         _job_or_404(jobs, job_id)
         state = store_call(jobs.store.cancel, job_id)
+        if state == "publishing":
+            raise JobNotActive(f"job {job_id} is publishing its model; it can no longer be cancelled")
         job = _job_or_404(jobs, job_id)
         if state != "cancelled" and job["status"] not in ACTIVE:
             raise JobNotActive(

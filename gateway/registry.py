@@ -75,12 +75,12 @@ class Registry:
         return list(self._replicas)
 
     def custom(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """Custom models the ready replicas list: name -> (base model, the newest entry seen)."""
+        """Custom models the replicas list: name -> (base model, the newest entry seen). A replica
+        that stopped answering still counts with what it said last, so a custom model whose base
+        is down is unavailable (503), not unknown (404)."""
         found: dict[str, tuple[str, dict[str, Any]]] = {}
         for base, replicas in list(self._replicas.items()):
             for replica in replicas:
-                if not replica.ready:
-                    continue
                 for entry in replica.metadata.get("custom_models") or []:
                     seen = found.get(entry["name"])
                     if seen is None or int(entry["version"]) > int(seen[1]["version"]):
@@ -193,7 +193,10 @@ class Registry:
             return first
         entry = self.custom().get(model, (base, {}))[1]
         shared = ("input_size", "preprocessing", "center_crop", "backend", "precision", "max_body_bytes")
-        return {**{key: first.get(key) for key in shared}, **entry, "weights": entry.get("base_weights")}
+        found = {**{key: first.get(key) for key in shared}, **entry, "weights": entry.get("base_weights")}
+        if entry.get("state") != "ready":  # stale: no hash, so the response cache never answers for it
+            found.pop("weights_hash", None)
+        return found
 
     def describe(self, model: str) -> dict[str, Any]:
         """The ``/v1/models`` entry for one model."""

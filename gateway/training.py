@@ -12,6 +12,8 @@ every version; the model services stop serving it on their next look at the repo
 
 from __future__ import annotations
 
+import hmac
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -90,18 +92,34 @@ def create_blueprint(
     gateway: GatewaySettings, job_settings: JobSettings, settings: TrainingSettings, client: ModelClient
 ) -> Blueprint:
     jobs = Jobs(job_settings, settings.queue)
-    intake = Intake(job_settings, gateway.max_image_bytes, archive_field="dataset")
+    intake = Intake(job_settings, gateway.max_image_bytes, archive_field="dataset", fields=FIELDS)
     limits = imaging.ImageLimits(gateway.max_image_bytes, gateway.max_image_pixels)
     blueprint = Blueprint("training", __name__)
 
     def repository() -> Path:
         if not settings.models_dir:
             raise TrainingUnavailable("custom models need CUSTOM_MODELS_DIR (where they are published)")
-        return Path(settings.models_dir)
+        folder = Path(settings.models_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TrainingUnavailable(f"CUSTOM_MODELS_DIR ({folder}) is not writable")
+        return folder
+
+    def authorize() -> None:
+        """With ``TRAINING_TOKEN`` set, training and removing custom models need it as a bearer
+        token (reading and predicting do not)."""
+        if not settings.token:
+            return
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), settings.token.encode()):
+            raise ServiceError(
+                "a valid bearer token is required (TRAINING_TOKEN)", code="unauthorized", status=401
+            )
 
     @blueprint.post("/v1/training")
     def submit() -> Response:
         request.max_content_length = job_settings.max_archive_bytes
+        authorize()
         repository()
         store = jobs.store
         if request.mimetype != "multipart/form-data":
@@ -155,6 +173,7 @@ def create_blueprint(
 
     @blueprint.delete("/v1/models/<name>")
     def remove(name: str) -> Response:
+        authorize()
         if name in client.registry.bases:
             raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
         if heads.check_name(name) or not heads.remove(repository(), name):

@@ -33,7 +33,7 @@ from common.custom import heads, train
 from common.custom.dataset import Dataset
 from common.custom.settings import TrainingSettings
 from common.errors import ServiceError
-from common.jobs.store import ACTIVE, JobStore
+from common.jobs.store import ACTIVE, JobStore, JobStoreUnavailable
 from gateway.client import ModelClient
 
 log = logging.getLogger("imagerec.training")
@@ -73,9 +73,8 @@ class TrainingRunner:
         job = self.store.get(job_id)
         if job is None:
             return "expired"
-        if job["status"] != "pending":  # a job is trained once: a second delivery changes nothing
-            return job["status"]
-        self.store.mark_running(job_id)
+        if job["status"] != "pending" or not self.store.mark_running(job_id):
+            return str(job["status"])  # a job is trained once: a second delivery changes nothing
         try:
             with self._heartbeat(job_id):
                 fields = self._train(job)
@@ -83,9 +82,18 @@ class TrainingRunner:
             log.info("training cancelled", extra={"job_id": job_id})
             return "cancelled"
         except TrainingFailed as failure:
-            log.warning("training failed", extra={"job_id": job_id, "reason": str(failure)})
-            return self.store.finish(job_id, "failed", {"phase": "failed", "error": str(failure)}) or "failed"
+            return self._fail(job_id, str(failure))
+        except Exception as exc:  # anything unforeseen fails the job, saying what, not a stall later
+            log.exception("training crashed", extra={"job_id": job_id})
+            return self._fail(job_id, f"training stopped: {type(exc).__name__}: {exc}"[:1000])
         return self.store.finish(job_id, "completed", {**fields, "phase": "done"}) or "completed"
+
+    def _fail(self, job_id: str, reason: str) -> str:
+        log.warning("training failed", extra={"job_id": job_id, "reason": reason})
+        try:
+            return self.store.finish(job_id, "failed", {"phase": "failed", "error": reason}) or "failed"
+        except JobStoreUnavailable:  # Redis is away: the watchdog fails it once the heartbeat is gone
+            return "failed"
 
     # --- the steps --------------------------------------------------------------------------
 
@@ -97,10 +105,12 @@ class TrainingRunner:
         train_rows, held_rows = train.split(labels, float(options["validation_split"]))
         self._update(job_id, {"phase": "features"})
         features, base_hash, failed = self._features(job_id, base, folder, dataset.items)
-        views = options.get("augment") and self.settings.augment_views
-        extra_x, extra_y = (
-            self._augmented(job_id, base, folder, dataset, train_rows, failed) if views else ([], [])
-        )
+        extra_x: list[np.ndarray] = []
+        extra_y: list[np.ndarray] = []
+        if options.get("augment") and self.settings.augment_views:
+            extra_x, extra_y, seen = self._augmented(job_id, base, folder, dataset, train_rows, failed)
+            if seen - {"", base_hash}:
+                raise TrainingFailed(f"{base} changed weights while features were computed: train again")
         keep = np.array([i not in failed for i in range(len(dataset.items))])
         train_rows = train_rows[keep[train_rows]]
         held_rows = held_rows[keep[held_rows]]
@@ -135,8 +145,15 @@ class TrainingRunner:
             "evaluated_on": evaluated_on,
             **train.evaluate(fitted, features[rows], labels[rows], dataset.classes),
         }
-        self._update(job_id, {"phase": "publishing", "evaluation": evaluation})
-        base_meta = self.client.registry.metadata(base)
+        self._update(job_id, {"evaluation": evaluation})
+        registry = self.client.registry
+        registry.refresh()
+        base_meta = registry.metadata(base)
+        if base_meta.get("weights_hash") not in (None, base_hash):
+            raise TrainingFailed(
+                f"{base} now serves other weights ({base_meta['weights_hash']}) than the features were "
+                f"computed with ({base_hash}): the model would be stale at once; train again"
+            )
         meta = {
             "name": job["model"],
             "base": base,
@@ -154,11 +171,17 @@ class TrainingRunner:
             },
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        # From "publishing" on, a cancel is refused (the store's cancel script): check once more
+        # after setting it, so a cancel that came first is honoured and none comes after.
+        self._update(job_id, {"phase": "publishing"})
         if self._cancelled(job_id):
             raise Cancelled(job_id)
-        version = heads.publish(
-            Path(self.settings.models_dir), job["model"], fitted.kernel, fitted.bias, meta
-        )
+        try:
+            version = heads.publish(
+                Path(self.settings.models_dir), job["model"], fitted.kernel, fitted.bias, meta
+            )
+        except OSError as exc:
+            raise TrainingFailed(f"the model could not be published in CUSTOM_MODELS_DIR: {exc}") from None
         log.info(
             "custom model published", extra={"job_id": job_id, "model": job["model"], "version": version}
         )
@@ -189,7 +212,7 @@ class TrainingRunner:
                 rows.append(vector)
                 if error:
                     failed[start + offset] = error
-            self.store.update(job_id, {"done": len(rows) - len(failed), "failed": len(failed)})
+            self._update(job_id, {"done": len(rows) - len(failed), "failed": len(failed)})
         if len(hashes) > 1:
             raise TrainingFailed(f"{base} changed weights while features were computed: train again")
         width = next((len(r) for r in rows if r is not None), 0)
@@ -206,29 +229,29 @@ class TrainingRunner:
         dataset: Dataset,
         train_rows: np.ndarray,
         failed: dict[int, str],
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Features of ``augment_views`` more views of each training image, with their labels."""
+    ) -> tuple[list[np.ndarray], list[np.ndarray], set[str]]:
+        """Features of ``augment_views`` more views of each training image, with their labels, and
+        the base weights' hashes they were computed with. Views are made a batch at a time."""
         rng = np.random.default_rng(0)
         sources = [i for i in train_rows.tolist() if i not in failed]
-        views: list[tuple[int, bytes]] = []
-        for i in sources:
-            data = (folder / dataset.items[i]["file"]).read_bytes()
-            views += [(i, train.augmented(data, rng)) for _ in range(self.settings.augment_views)]
-        xs, ys = [], []
+        wanted = [i for i in sources for _ in range(self.settings.augment_views)]
+        xs, ys, hashes = [], [], set()
         size = self.settings.features_batch
-        for start in range(0, len(views), size):
+        for start in range(0, len(wanted), size):
             if self._cancelled(job_id):
                 raise Cancelled(job_id)
-            batch = views[start : start + size]
-            vectors, _, _ = self._call(base, [data for _, data in batch])
-            for (i, _), vector in zip(batch, vectors, strict=True):
+            batch = wanted[start : start + size]
+            views = [train.augmented((folder / dataset.items[i]["file"]).read_bytes(), rng) for i in batch]
+            vectors, _, digest = self._call(base, views)
+            hashes.add(digest)
+            for i, vector in zip(batch, vectors, strict=True):
                 if vector is not None:
                     xs.append(vector)
                     ys.append(dataset.classes.index(dataset.items[i]["class"]))
             self._update(job_id, {"augmented": start + len(batch)})
         if not xs:
-            return [], []
-        return [np.stack(xs)], [np.array(ys)]
+            return [], [], hashes
+        return [np.stack(xs)], [np.array(ys)], hashes
 
     def _call(self, base: str, images: list[bytes]) -> tuple[list[np.ndarray | None], list[str], str]:
         """One features call, retried while the model is down or busy: (vectors, errors, hash)."""
@@ -302,8 +325,15 @@ class TrainingRunner:
             thread.join(timeout=5)
 
     def _update(self, job_id: str, fields: dict[str, Any]) -> None:
-        self.store.update(job_id, fields)
+        """Progress into the record; a moment without Redis loses one update, not the training."""
+        try:
+            self.store.update(job_id, fields)
+        except JobStoreUnavailable:
+            log.warning("training progress not recorded: job store unreachable", extra={"job_id": job_id})
 
     def _cancelled(self, job_id: str) -> bool:
-        job = self.store.get(job_id)
-        return job is None or job["status"] not in ACTIVE
+        try:
+            job = self.store.get(job_id)
+        except JobStoreUnavailable:
+            return False  # cannot tell: go on, and look again at the next step
+        return job is None or job.get("status") not in ACTIVE

@@ -106,11 +106,12 @@ def load(folder: Path, name: str, version: int) -> Head:
 def publish(root: Path, name: str, kernel: np.ndarray, bias: np.ndarray, meta: dict[str, Any]) -> int:
     """Write a new version of ``name`` (the next number) whole, and return its number."""
     model_dir = root / name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publishing-", dir=root))
     try:
         np.savez(staging / HEAD_FILE, kernel=kernel.astype(np.float32), bias=bias.astype(np.float32))
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        model_dir.mkdir(exist_ok=True)  # only once the version is written: no empty model folder
         for _ in range(100):  # another publisher may take the next number first: take the one after
             version = (repository.versions(root, name) or [0])[-1] + 1
             try:
@@ -130,7 +131,10 @@ def remove(root: Path, name: str) -> bool:
     if not folder.is_dir():
         return False
     doomed = root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
-    os.rename(folder, doomed)
+    try:
+        os.rename(folder, doomed)
+    except FileNotFoundError:  # another removal got there first
+        return False
     shutil.rmtree(doomed, ignore_errors=True)
     return True
 
@@ -210,16 +214,24 @@ class HeadSet:
         log.info("custom model %s version %d on %s: %d classes", name, version, self.base, len(head.labels))
         return head
 
+    def broken(self) -> dict[str, str]:
+        """Models whose newest version does not load, with why (an older one may still serve)."""
+        return dict(self._broken)
+
     def poll(self, every_s: float) -> None:
         """Refresh now and every ``every_s`` seconds, in a background thread."""
-        self.refresh()
+
+        def refresh() -> None:
+            try:
+                self.refresh()
+            except Exception:  # a file-system error (a removal racing the listing) must not stop it
+                log.exception("refreshing custom models failed")
+
+        refresh()
 
         def loop() -> None:
             while True:
                 time.sleep(every_s)
-                try:
-                    self.refresh()
-                except Exception:  # a transient file-system error must not stop the poll
-                    log.exception("refreshing custom models failed")
+                refresh()
 
         threading.Thread(target=loop, name=f"custom-models-{self.base}", daemon=True).start()

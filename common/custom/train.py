@@ -37,11 +37,14 @@ def split(labels: np.ndarray, validation_split: float, seed: int = 0) -> tuple[n
     return np.array(sorted(train), int), np.array(sorted(held), int)
 
 
-def augmented(data: bytes, rng: np.random.Generator) -> bytes:
+def augmented(data: bytes, rng: np.random.Generator, max_side: int = 600) -> bytes:
     """Another view of a photo for training: a crop of 60-100 % of its area, maybe mirrored, and
-    brightness and contrast within 20 % - changes under which its class stays the same."""
+    brightness and contrast within 20 % - changes under which its class stays the same. Views are
+    made no larger than ``max_side`` (the model sees far fewer pixels), so they stay small."""
     with Image.open(io.BytesIO(data)) as opened:
+        opened.draft("RGB", (max_side, max_side))  # JPEG: decode at a fraction of the size
         image = opened.convert("RGB")
+    image.thumbnail((max_side, max_side))
     width, height = image.size
     scale = np.sqrt(rng.uniform(0.6, 1.0))
     w, h = max(1, int(width * scale)), max(1, int(height * scale))
@@ -87,7 +90,11 @@ def fit(
 
     keras.utils.set_random_seed(seed)
     mean = x.mean(axis=0)
-    std = x.std(axis=0) + 1e-6
+    std = x.std(axis=0)
+    # A feature (nearly) constant over the training photos - a ReLU unit that never fires - keeps
+    # its scale: dividing by its tiny spread would turn the weight L2 leaves on it into a huge
+    # one once folded, and one photo that fires it would decide the answer.
+    std = np.where(std > 1e-3 * max(float(std.mean()), 1e-12), std, 1.0).astype(np.float32)
     model = keras.Sequential(
         [
             keras.Input((x.shape[1],)),

@@ -71,11 +71,20 @@ return 1
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return nil end
+if status == 'running' and redis.call('HGET', KEYS[1], 'phase') == 'publishing' then
+  return 'publishing'
+end
 if status == 'pending' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   return 'cancelled'
 end
 return status
+"""
+
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """
 
 _FINISH = """
@@ -125,6 +134,7 @@ class JobStore:
         self._start = client.register_script(_START)
         self._cancel = client.register_script(_CANCEL)
         self._finish = client.register_script(_FINISH)
+        self._update = client.register_script(_UPDATE)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -260,8 +270,9 @@ class JobStore:
 
     # --- working ----------------------------------------------------------------------------
 
-    def mark_running(self, job_id: str) -> None:
-        self._call(self._start, keys=[self.key(job_id)], args=[time.time()])
+    def mark_running(self, job_id: str) -> bool:
+        """``pending`` -> ``running``; False when the job was not pending (someone else runs it)."""
+        return bool(self._call(self._start, keys=[self.key(job_id)], args=[time.time()]))
 
     def chunk_done(self, job_id: str, chunk: int) -> bool:
         return bool(self._call(self.redis.sismember, self.key(job_id) + ":chunks", chunk))
@@ -289,8 +300,11 @@ class JobStore:
 
     def update(self, job_id: str, fields: dict[str, Any]) -> None:
         """Set fields of a job's record (dicts and lists as JSON) and mark it as progressing now."""
-        encoded = {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in fields.items()}
-        self._call(self.redis.hset, self.key(job_id), mapping={**encoded, "progress_at": time.time()})
+        flat: list[Any] = ["progress_at", time.time()]
+        for key, value in fields.items():
+            flat += [key, json.dumps(value) if isinstance(value, dict | list) else value]
+        # Only while the record exists: an expired job is not brought back as a stub.
+        self._call(self._update, keys=[self.key(job_id)], args=flat)
 
     def finish(self, job_id: str, status: str, fields: dict[str, Any] | None = None) -> str | None:
         """End a pending or running job as ``status`` with ``fields``; returns the state it is in
@@ -301,7 +315,8 @@ class JobStore:
         return self._call(self._finish, keys=[self.key(job_id)], args=[status, time.time(), *flat])
 
     def cancel(self, job_id: str) -> str | None:
-        """Cancel a pending or running job; returns the state it is in now (None: no such job)."""
+        """Cancel a pending or running job; returns the state it is in now (None: no such job), or
+        ``publishing``: a training job publishing its model can no longer be cancelled."""
         return self._call(self._cancel, keys=[self.key(job_id)], args=[time.time()])
 
     def sweep(self, now: float | None = None) -> int:

@@ -225,3 +225,17 @@ def test_metrics_count_jobs_by_state_and_the_queue(client: Any) -> None:
     assert metric_value(text, "imagerec_jobs", state="pending") == 2
     assert metric_value(text, "imagerec_job_queue_length") == 4  # 2 chunks each
     assert metric_value(text, "imagerec_job_images_total", outcome="done") == 0
+
+
+def test_csv_cells_that_look_like_formulas_are_defused() -> None:
+    from gateway.jobs import _cell
+
+    assert [_cell(v) for v in ("=SUM(A1)", "+1", "-x", "@cmd", "cat", 0.5, -0.5)] == [
+        "'=SUM(A1)",
+        "'+1",
+        "'-x",
+        "'@cmd",
+        "cat",
+        0.5,
+        -0.5,
+    ]

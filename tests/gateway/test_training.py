@@ -252,3 +252,36 @@ def test_the_client_names_a_custom_model_in_the_query_to_its_base() -> None:
     client.predict("resnet50", [b"image"], top_k=1)
     sent = [c.request for c in responses.calls if c.request.method == "POST"][1]
     assert "model=" not in sent.url
+
+
+def test_with_a_token_training_and_removal_need_it(redis_url: str, tmp_path: Path) -> None:
+    settings = gateway_settings(rate_limit="")
+    app = create_app(
+        settings,
+        client=FakeModelClient(settings),  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs")),
+        training_settings=TrainingSettings(
+            models_dir=str(tmp_path / "models"), min_images_per_class=3, token="s3cret"
+        ),
+    )
+    client = app.test_client()
+    archive = colours.archive(3, 1, classes=("red", "blue"))
+    refused = post(client, archive, name="pets")
+    assert refused.status_code == 401 and refused.json["error"]["code"] == "unauthorized"
+    assert client.delete("/v1/models/pets").status_code == 401
+    allowed = client.post(
+        "/v1/training",
+        data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "pets"},
+        headers={"Authorization": "Bearer s3cret"},
+    )
+    assert allowed.status_code == 202, allowed.json
+
+
+def test_unknown_form_fields_are_read_past_not_kept(client: Any) -> None:
+    archive = colours.archive(3, 1, classes=("red", "blue"))
+    answer = client.post(
+        "/v1/training",
+        data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "pets", "junk": "x" * 5000},
+    )
+    assert answer.status_code == 202 and "junk" not in json.dumps(answer.json)

@@ -218,3 +218,40 @@ def test_the_watchdog_finds_a_training_job_whose_worker_died(store: JobStore, tm
     cancelled = submit(store, photos(3, seed=9), name="x")
     store.cancel(cancelled)
     assert store.finish(cancelled, "completed") == "cancelled"  # an ended job keeps its state
+
+
+def test_a_job_publishing_its_model_can_no_longer_be_cancelled(store: JobStore, tmp_path: Path) -> None:
+    job_id = submit(store, photos(3, seed=10))
+    store.mark_running(job_id)
+    assert not store.mark_running(job_id)  # a second delivery finds it taken
+    store.update(job_id, {"phase": "publishing"})
+    assert store.cancel(job_id) == "publishing"
+    assert store.get(job_id)["status"] == "running"  # type: ignore[index]
+
+
+def test_an_unforeseen_error_fails_the_job_at_once_saying_what(store: JobStore, tmp_path: Path) -> None:
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=11))
+    (store.folder(job_id) / "dataset.json").write_text("{broken")
+    assert runner.run(job_id) == "failed"
+    assert "JSONDecodeError" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+
+
+def test_an_unwritable_repository_fails_the_job_and_nothing_is_published(
+    store: JobStore, tmp_path: Path
+) -> None:
+    client = ColourFeatures()
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the repository should be")
+    runner = TrainingRunner(store, client, TrainingSettings(models_dir=str(blocked), publish_wait_s=0))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=12), epochs=2)
+    assert runner.run(job_id) == "failed"
+    assert "could not be published" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+
+
+def test_progress_never_brings_back_an_expired_record(store: JobStore) -> None:
+    job_id = submit(store, photos(3, seed=13))
+    store.redis.delete(store.key(job_id))
+    store.update(job_id, {"phase": "features"})
+    assert store.get(job_id) is None
