@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -57,10 +58,18 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(client: Client, args: argparse.Namespace) -> int:
     command = {"submit": _submit, "status": _status, "results": _results, "cancel": _cancel, "list": _list}
+    return reporting_errors(client, lambda: command[args.job_command](client, args))
+
+
+def reporting_errors(client: Client, action: Callable[[], int]) -> int:
+    """``action``'s exit status; a refusal (with each problem it names), an unreadable path or an
+    unreachable fleet printed on stderr instead, and 1."""
     try:
-        return command[args.job_command](client, args)
+        return action()
     except ImagerecError as exc:
         print(f"error: {exc.message or exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
     except (OSError, ValueError) as exc:  # an unreadable path, an empty folder, an unreachable fleet
         reason = f"cannot reach {client.url}" if isinstance(exc, requests.ConnectionError) else exc
         print(f"error: {reason}", file=sys.stderr)

@@ -11,10 +11,10 @@ import argparse
 import sys
 from typing import Any
 
-import requests
 from tqdm import tqdm
 
-from client import Client, ImagerecError
+from client import Client
+from client.job_commands import reporting_errors
 
 BASES = ("vgg16", "resnet50", "inceptionv3")
 SHOWN_SKIPPED = 10  # skipped files listed by name; the rest are counted
@@ -43,18 +43,8 @@ def add_parser(
 
 
 def run(client: Client, args: argparse.Namespace) -> int:
-    try:
-        if args.command == "train":
-            return _train(client, args)
-        return _delete(client, args)
-    except ImagerecError as exc:
-        print(f"error: {exc.message or exc}", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-    except (OSError, ValueError) as exc:  # an unreadable path, an empty folder, an unreachable fleet
-        reason = f"cannot reach {client.url}" if isinstance(exc, requests.ConnectionError) else exc
-        print(f"error: {reason}", file=sys.stderr)
-    return 1
+    action = _train if args.command == "train" else _delete
+    return reporting_errors(client, lambda: action(client, args))
 
 
 def _train(client: Client, args: argparse.Namespace) -> int:

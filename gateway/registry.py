@@ -54,6 +54,7 @@ class Registry:
         self._replicas = {
             name: [Replica(url, name, source=url) for url in urls] for name, urls in replicas.items()
         }
+        self._custom: dict[str, tuple[str, dict[str, Any]]] = {}
         self.on_weights_change: Callable[[str], object] | None = None  # e.g. the response cache's drop
         self._session = session
         self._probe_timeout_s = probe_timeout_s
@@ -75,9 +76,13 @@ class Registry:
         return list(self._replicas)
 
     def custom(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """Custom models the replicas list: name -> (base model, the newest entry seen). A replica
-        that stopped answering still counts with what it said last, so a custom model whose base
-        is down is unavailable (503), not unknown (404)."""
+        """Custom models the replicas list: name -> (base model, the newest entry seen), as of the
+        last round of probes (each round derives it once; requests only read it)."""
+        return self._custom
+
+    def _find_custom(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """What ``custom`` answers. A replica that stopped answering still counts with what it
+        said last, so a custom model whose base is down is unavailable (503), not unknown (404)."""
         found: dict[str, tuple[str, dict[str, Any]]] = {}
         for base, replicas in list(self._replicas.items()):
             for replica in replicas:
@@ -157,6 +162,7 @@ class Registry:
         everyone = [r for replicas in list(self._replicas.values()) for r in replicas]
         with ThreadPoolExecutor(max_workers=min(16, len(everyone)) or 1) as pool:
             list(pool.map(self._probe, everyone))
+        self._custom = self._find_custom()  # one assignment: readers see the old map or the new
 
     def start_polling(self, interval_s: float) -> None:
         """Resolve names now and every ``dns_refresh_s`` (at most as often), probe every ``interval_s``."""

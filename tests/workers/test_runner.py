@@ -6,22 +6,19 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from common.errors import BadRequest, ModelUnavailable, Overloaded, ServiceError
+from common.errors import BadRequest, ModelUnavailable, Overloaded
 from common.jobs.settings import JobSettings
-from common.jobs.store import JobStore, connect
+from common.jobs.store import JobStore
 from gateway.fetch import UrlFetcher
 from gateway.predict import Predictor
 from tests.conftest import gateway_settings, photo
-from tests.gateway.fakes import FakeModelClient
 from tests.http_fixtures import serve
+from tests.workers.conftest import ScriptedClient
 from workers.runner import SIGNATURE_HEADER, TIMESTAMP_HEADER, Cancelled, ChunkRunner, Requeue, sign
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
@@ -40,29 +37,6 @@ class Clock:
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
-
-
-class ScriptedClient(FakeModelClient):
-    """Raises the scripted errors on the first calls, then answers; ``after_call`` runs after each."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.script: list[ServiceError] = []
-        self.after_call = lambda: None
-
-    def predict(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
-        try:
-            if self.script:
-                raise self.script.pop(0)
-            return super().predict(model, images, **kwargs)
-        finally:
-            self.after_call()
-
-
-@pytest.fixture
-def store(redis_url: str, tmp_path: Path) -> Iterator[JobStore]:
-    redis.Redis.from_url(redis_url).flushall()
-    yield JobStore(connect(redis_url, retries=1), tmp_path / "jobs", 3600)
 
 
 def make_runner(store: JobStore, clock: Clock, **settings: Any) -> tuple[ChunkRunner, ScriptedClient]:

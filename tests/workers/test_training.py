@@ -7,13 +7,10 @@ import base64
 import io
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-import redis
 from PIL import Image
 
 from common import imaging
@@ -21,58 +18,41 @@ from common.custom import dataset, heads
 from common.custom.settings import TrainingSettings
 from common.errors import InvalidImage, Overloaded, ServiceError
 from common.jobs.archive import Entry
-from common.jobs.store import JobStore, connect, describe
+from common.jobs.store import JobStore, describe
 from tests import colours
 from tests.conftest import gateway_settings
-from tests.gateway.fakes import FakeModelClient
+from tests.workers.conftest import ScriptedClient
 from workers.training import TrainingRunner
 
 
-class ColourFeatures(FakeModelClient):
+class ColourFeatures(ScriptedClient):
     """``resnet50`` answers with features: each image's mean colour per quadrant (12 numbers)."""
 
     def __init__(self) -> None:
         super().__init__(gateway_settings())
-        self.script: list[ServiceError] = []
-        self.after_call = lambda: None
-        self.feature_calls = 0
 
-    def predict(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
-        self.feature_calls += 1
-        try:
-            if self.script:
-                raise self.script.pop(0)
-            assert kwargs["features"] and kwargs["priority"] == "batch"
-            results: list[dict[str, Any]] = []
-            for i, data in enumerate(images):
-                try:
-                    imaging.probe(data, imaging.ImageLimits())
-                except ServiceError as exc:
-                    if len(images) == 1:
-                        raise
-                    results.append({"index": i, "error": {**exc.to_dict(), "status": exc.status}})
-                    continue
-                pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32)), np.float32)
-                quadrants = [
-                    pixels[r : r + 16, c : c + 16].mean(axis=(0, 1)) for r in (0, 16) for c in (0, 16)
-                ]
-                vector = np.concatenate(quadrants).astype("<f4")
-                results.append(
-                    {
-                        "index": i,
-                        "predictions": [],
-                        "features": {"data": base64.b64encode(vector.tobytes()).decode()},
-                    }
-                )
-            return {"model": model, "weights": "random", "weights_hash": "base-hash", "results": results}
-        finally:
-            self.after_call()
-
-
-@pytest.fixture
-def store(redis_url: str, tmp_path: Path) -> Iterator[JobStore]:
-    redis.Redis.from_url(redis_url).flushall()
-    yield JobStore(connect(redis_url, retries=1), tmp_path / "jobs", 3600)
+    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+        assert kwargs["features"] and kwargs["priority"] == "batch"
+        results: list[dict[str, Any]] = []
+        for i, data in enumerate(images):
+            try:
+                imaging.probe(data, imaging.ImageLimits())
+            except ServiceError as exc:
+                if len(images) == 1:
+                    raise
+                results.append({"index": i, "error": {**exc.to_dict(), "status": exc.status}})
+                continue
+            pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32)), np.float32)
+            quadrants = [pixels[r : r + 16, c : c + 16].mean(axis=(0, 1)) for r in (0, 16) for c in (0, 16)]
+            vector = np.concatenate(quadrants).astype("<f4")
+            results.append(
+                {
+                    "index": i,
+                    "predictions": [],
+                    "features": {"data": base64.b64encode(vector.tobytes()).decode()},
+                }
+            )
+        return {"model": model, "weights": "random", "weights_hash": "base-hash", "results": results}
 
 
 def settings(tmp_path: Path, **overrides: Any) -> TrainingSettings:
@@ -193,7 +173,7 @@ def test_cancelling_stops_it_before_the_next_call_and_nothing_is_published(
     job_id = submit(store, photos(4, seed=6))
     client.after_call = lambda: store.cancel(job_id)
     assert runner.run(job_id) == "cancelled"
-    assert client.feature_calls == 1 and store.get(job_id)["status"] == "cancelled"  # type: ignore[index]
+    assert client.calls_made == 1 and store.get(job_id)["status"] == "cancelled"  # type: ignore[index]
     assert not (tmp_path / "models" / "colours").exists()
 
 
