@@ -261,10 +261,12 @@ class Client:
         epochs: int | None = None,
         validation_split: float | None = None,
         augment: bool = False,
+        fine_tune_layers: int = 0,
     ) -> dict[str, Any]:
         """Start training the custom model ``name`` on ``base`` from a folder of one folder per class
         (zipped on the fly) or a zip/tar of those; returns the training job as accepted (``job_id``,
         ``classes``, ``counts``, ``skipped``, ...). Follow it with ``wait_for_job``.
+        ``fine_tune_layers`` > 0 trains the base's last layers too (a model with its own backbone).
 
         The options go in the query, which the fleet checks before it reads the upload. Raises
         ``ImagerecError`` for a refusal (its ``problems`` name each reason), ``ValueError`` for a
@@ -277,6 +279,8 @@ class Client:
             params["validation_split"] = str(validation_split)
         if augment:
             params["augment"] = "true"
+        if fine_tune_layers:
+            params["fine_tune_layers"] = fine_tune_layers
         return self._send_archive("/v1/training", "dataset", Path(source), params)
 
     def delete_model(self, name: str) -> dict[str, Any]:

@@ -33,6 +33,13 @@ def add_parser(
     train.add_argument("--epochs", type=int, help="the fleet's default unless given")
     train.add_argument("--validation-split", type=float, help="share of each class held out (0 to 0.5)")
     train.add_argument("--augment", action="store_true", help="train on flipped and cropped views too")
+    train.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train the base's last N layers too (a model with a backbone of its own; default 0: a head)",
+    )
     train.add_argument("--wait", action="store_true", help="show progress until the model is served")
     train.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --wait")
     train.add_argument("--quiet", action="store_true", help="no progress bars with --wait")
@@ -55,6 +62,7 @@ def _train(client: Client, args: argparse.Namespace) -> int:
         epochs=args.epochs,
         validation_split=args.validation_split,
         augment=args.augment,
+        fine_tune_layers=args.fine_tune_layers,
     )
     print(job["job_id"], flush=True)
     counts = ", ".join(f"{label} {count}" for label, count in (job.get("counts") or {}).items())
@@ -126,7 +134,7 @@ class Progress:
             if phase == "features":
                 self.bar = tqdm(total=job["total"], unit="img", desc="features", bar_format=BAR_FORMAT)
             elif phase == "training":
-                epochs = int((job.get("options") or {}).get("epochs") or 0)
+                epochs = int(job.get("epochs_total") or (job.get("options") or {}).get("epochs") or 0)
                 self.bar = tqdm(total=epochs, unit="epoch", desc="training", bar_format=BAR_FORMAT)
             elif phase in NOTES:
                 print(NOTES[phase], file=sys.stderr)
@@ -146,6 +154,8 @@ class Progress:
             figures = [
                 f"{key}={last[key]:.4f}" for key in ("loss", "val_accuracy") if last.get(key) is not None
             ]
+            if last.get("stage"):  # fine-tuning: the head's epochs, then the layers' with it
+                figures.insert(0, str(last["stage"]))
             if last.get("val_accuracy") is None and last.get("accuracy") is not None:  # nothing held out
                 figures.append(f"accuracy={last['accuracy']:.4f}")
             self.bar.set_postfix_str(", ".join(figures))

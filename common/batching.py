@@ -36,7 +36,7 @@ import numpy as np
 
 from common import metrics
 from common.admission import Admission, AdmissionPolicy, BatchTimes
-from common.errors import DeadlineExceeded, Overloaded
+from common.errors import DeadlineExceeded, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ class BatchStats:
         return round(self.images / self.batches, 2) if self.batches else 0.0
 
 
+def _closed(batch: np.ndarray) -> Rows:
+    raise ModelNotReady("this model was replaced or removed")
+
+
 class Batcher:
     def __init__(
         self,
@@ -108,6 +112,7 @@ class Batcher:
         self._arrived = threading.Condition()  # guards _waiting; notified on every arrival
         self._carry: Job | None = None  # interactive, taken but did not fit the last batch
         self._concurrent = False
+        self._closed = False
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -116,6 +121,13 @@ class Batcher:
         """Serve the next batches with ``predict``; the batch running now finishes on the old one.
         Every job records the ``tag`` of the model that computed it."""
         self._current = (predict, tag)  # one reference assignment: atomic
+
+    def close(self) -> None:
+        """Stop once the jobs already queued are answered (a replaced model's batcher): its
+        thread ends and lets go of the model; a later ``submit`` is refused with a 503."""
+        with self._arrived:
+            self._closed = True
+            self._arrived.notify_all()
 
     def check(self, images: int, deadline: float) -> None:
         """Refuse now (``Overloaded``, ``DeadlineExceeded``) a request that could not be served in
@@ -149,15 +161,19 @@ class Batcher:
         with self._counting_refusals():
             self.admission.enqueue(len(inputs), deadline)
         job = Job(inputs, deadline=deadline, priority=job_priority)
-        metrics.PENDING.labels(self.name).inc(len(inputs))
         with self._arrived:
+            if self._closed:
+                self.admission.dropped(len(inputs))
+                raise ModelNotReady(f"{self.name} was replaced or removed just now: send the request again")
+            metrics.PENDING.labels(self.name).inc(len(inputs))
             self._waiting[job_priority].append(job)
             self._arrived.notify()
         return job
 
-    def _take(self) -> Job:
-        """The oldest interactive job waiting, else the oldest batch-priority one (blocks till one);
-        a batch-priority one first when it has waited ``batch_max_wait_s``."""
+    def _take(self) -> Job | None:
+        """The oldest interactive job waiting, else the oldest batch-priority one (blocks till one;
+        None once closed and empty); a batch-priority one first when it has waited
+        ``batch_max_wait_s``."""
         with self._arrived:
             while True:
                 waiting = self._waiting[Priority.BATCH]
@@ -166,6 +182,8 @@ class Batcher:
                 for priority in (Priority.INTERACTIVE, Priority.BATCH):
                     if self._waiting[priority]:
                         return self._waiting[priority].popleft()
+                if self._closed:
+                    return None
                 self._arrived.wait()
 
     def _take_interactive(self, timeout: float) -> Job | None:
@@ -194,9 +212,11 @@ class Batcher:
             job.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
         return kept
 
-    def _collect(self) -> list[Job]:
+    def _collect(self) -> list[Job] | None:
         first = self._carry or self._take()
         self._carry = None
+        if first is None:
+            return None
         if first.priority is Priority.BATCH:
             return [first]  # chosen by its sender: runs alone
         batch, size = [first], len(first.inputs)
@@ -214,10 +234,12 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._drop_expired(self._collect())
+        while (collected := self._collect()) is not None:
+            batch = self._drop_expired(collected)
             if batch:
                 self._execute(batch)
+        self._current = (_closed, None)  # let go of the model
+        log.info("batcher %s closed", self.name)
 
     def _execute(self, batch: list[Job]) -> None:
         if batch[0].priority is Priority.INTERACTIVE:  # job requests say nothing of interactive load

@@ -5,6 +5,10 @@ timed at its batch sizes; only then does ``/health/ready`` answer 200. A predict
 deadline before its body is read (``common/admission.py``), decoded in its request thread, and
 answered by the one batcher that feeds the one model copy of the process. A request sent with
 ``X-Priority: batch`` (asynchronous jobs) runs alone and only when no interactive request waits.
+
+Custom models trained on this service's model (``common.custom.heads``) are served here too: a
+head on the base's features rides the base's batches; a fine-tuned one is a model of its own with
+its own batcher, loaded (converted, warmed) in the poll thread while everything else serves.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import hmac
 import logging
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flask import Flask, Response, request
@@ -22,12 +29,14 @@ from common import imaging, metrics, repository, web
 from common import labels as labels_mod
 from common.backends import make_runtime
 from common.batching import Batcher, Priority
-from common.custom.heads import Head, HeadSet
+from common.custom import finetune
+from common.custom.heads import Custom, FineTuned, Head, HeadSet
 from common.errors import BadRequest, DeadlineExceeded, NotFound, ServiceError, UnknownModel
 from common.models import ModelSpec
 from common.runtime import Outputs, Runtime, RuntimeInfo
 from common.service_settings import ServiceSettings
 from common.versions import LoadedModel, Reloader
+from common.weights import WeightsPlan
 
 __all__ = ["ServiceSettings", "create_app", "encode_probabilities"]
 log = logging.getLogger(__name__)
@@ -65,18 +74,21 @@ class StaleCustomModel(ServiceError):
     status, code = 409, "custom_model_stale"
 
 
-def _head_for(heads: HeadSet, name: str, spec: ModelSpec, info: RuntimeInfo) -> Head | None:
+def _custom_for(heads: HeadSet, name: str, spec: ModelSpec, info: RuntimeInfo) -> Custom | None:
     """The custom model a request names (``?model=``; None: the service's own model), if servable."""
     if not name or name == spec.name:
         return None
-    head = heads.get(name)
-    if head is None:
+    custom = heads.get(name)
+    if custom is None:
         raise UnknownModel(f"{spec.name} serves no custom model {name[:64]!r}")
-    _check_fresh(head, info)
-    return head
+    _check_fresh(custom, info)
+    return custom
 
 
-def _check_fresh(head: Head, info: RuntimeInfo) -> None:
+def _check_fresh(head: Custom, info: RuntimeInfo) -> None:
+    """A head is served only on the base weights it was trained on; a fine-tuned model has its own."""
+    if isinstance(head, FineTuned):
+        return
     if head.meta["base_weights_hash"] != info.weights_hash or head.meta["features"] != info.features:
         raise StaleCustomModel(
             f"{head.name} was trained on {head.meta['base']} weights {head.meta['base_weights_hash']}, "
@@ -130,18 +142,53 @@ def create_app(
     if runtime is None:
         runtime = build(int(version) if version else None)
     limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+
+    def batcher_for(runtime: Runtime, name: str) -> Batcher:
+        return Batcher(
+            runtime.predict,
+            max_batch=settings.max_batch_size,
+            window_ms=settings.batch_window_ms,
+            policy=settings.admission,
+            name=name,
+            batch_max_wait_ms=settings.batch_priority_max_wait_ms,
+        )
+
     # One model copy per process: every Gunicorn thread feeds this one batcher.
-    batcher = Batcher(
-        runtime.predict,
-        max_batch=settings.max_batch_size,
-        window_ms=settings.batch_window_ms,
-        policy=settings.admission,
-        name=spec.name,
-        batch_max_wait_ms=settings.batch_priority_max_wait_ms,
-    )
+    batcher = batcher_for(runtime, spec.name)
     model = LoadedModel(spec, runtime, labels_mod.load(spec.labels_path), batcher, version)
     reloader = Reloader(model, settings.model_repository, build)
-    heads = HeadSet(settings.custom_models_dir, spec.name)
+
+    def load_fine_tuned(
+        folder: Path, name: str, number: int, meta: dict[str, Any], labels: labels_mod.Labels
+    ) -> FineTuned:
+        """A fine-tuned custom model as a model of its own: this service's input size and
+        preprocessing, its ``model.keras``, the service's backend and precision, its own batcher."""
+        own = replace(spec, name=name, builder=None, imagenet_file=None, imagenet_url=None, imagenet_md5=None)
+        plan = WeightsPlan("file", folder / finetune.MODEL_FILE)
+        tuned_runtime = make_runtime(
+            own,
+            plan,
+            settings.backend,
+            cache_dir=settings.cache_dir,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            precision=settings.precision,
+            quantization=settings.quantization,
+        )
+        loaded = LoadedModel(own, tuned_runtime, labels, batcher_for(tuned_runtime, name), str(number))
+        loaded.load()
+        if loaded.info is None:
+            loaded.batcher.close()
+            raise RuntimeError(loaded.error)
+        return FineTuned(name, number, meta, labels, loaded)
+
+    heads = HeadSet(
+        settings.custom_models_dir,
+        spec.name,
+        load_fine_tuned,
+        max_fine_tuned=settings.custom_max_fine_tuned,
+        close_after_s=settings.default_deadline_s + 5,
+    )
 
     app = Flask(spec.name)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -164,7 +211,7 @@ def create_app(
         model.require_ready()
         return web.json_ok({"status": "ready"})
 
-    def describe_heads() -> list[dict[str, object]]:
+    def describe_heads() -> list[dict[str, Any]]:
         listed = []
         for head in heads.all():
             entry: dict[str, object] = {**head.describe(), "state": "ready"}
@@ -189,6 +236,7 @@ def create_app(
                 "features": model.info.features if model.info else None,
                 "custom_models": describe_heads(),
                 "custom_models_broken": [{"name": n, "reason": r} for n, r in sorted(heads.broken().items())],
+                "max_fine_tuned": settings.custom_max_fine_tuned,
                 "versions": available,
                 "center_crop": settings.center_crop,
                 "max_body_bytes": settings.max_body_bytes,
@@ -212,10 +260,10 @@ def create_app(
     def labels() -> Response:
         """The labels of the service's model, or of a custom model it serves (``?model=``)."""
         name = request.args.get("model", "")
-        head = heads.get(name) if name and name != spec.name else None
-        if name and name != spec.name and head is None:
+        custom = heads.get(name) if name and name != spec.name else None
+        if name and name != spec.name and custom is None:
             raise UnknownModel(f"{spec.name} serves no custom model {name[:64]!r}")
-        served = head.labels if head else model.labels
+        served = custom.labels if custom else model.labels
         return web.json_ok({"labels_hash": served.digest, "labels": served.to_json()})
 
     @app.post("/v1/predict")
@@ -231,18 +279,23 @@ def create_app(
         deadline = web.deadline(settings.default_deadline_s)
         priority = _request_priority()
         info = model.require_ready()
-        head = _head_for(heads, request.args.get("model", ""), spec, info)
-        served_labels = head.labels if head else model.labels
+        custom = _custom_for(heads, request.args.get("model", ""), spec, info)
+        head = custom if isinstance(custom, Head) else None
+        # A fine-tuned model runs on its own runtime and batcher; a head on the base's.
+        target = custom.served if isinstance(custom, FineTuned) else model
+        queue = target.batcher
+        info = target.require_ready()
+        served_labels = custom.labels if custom else model.labels
         # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
         top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
         with_probabilities = web.query_flag("probabilities")
         with_features = web.query_flag("features")
-        if with_features and not info.features:
+        if with_features and (not info.features or target is not model):
             raise BadRequest(f"{spec.name}'s runtime gives no features", code="no_features")
-        served_by: tuple[RuntimeInfo, str] = (info, model.version)
+        served_by: tuple[RuntimeInfo, str] = (info, target.version)
         # Refuse before reading the body when even one image could not be served in time: the
         # cheapest refusal there is (the unread body is drained by web.DrainBody).
-        batcher.check(1, deadline)
+        queue.check(1, deadline)
         images, batch = _request_images()
         if len(images) > settings.max_batch_images:
             raise BadRequest(
@@ -250,14 +303,14 @@ def create_app(
                 code="too_many_images",
             )
         if len(images) > 1:
-            batcher.check(len(images), deadline)
+            queue.check(len(images), deadline)
         pixels, decoded, results = _decode_all(images, batch, spec, limits, settings.center_crop)
         del images  # a queued request holds its pixels only, not the encoded photo
         decoded_at = time.perf_counter()
         outputs = Outputs(np.empty((0, len(served_labels)), np.float32), np.empty((0, info.features)))
         queue_ms = 0.0
         if pixels:
-            job = batcher.submit(np.stack(pixels), deadline=deadline, priority=priority)
+            job = queue.submit(np.stack(pixels), deadline=deadline, priority=priority)
             del pixels
             try:
                 outputs = job.future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -283,15 +336,23 @@ def create_app(
 
         body: dict[str, object] = {
             "request_id": web.request_id(),
-            "model": head.name if head else spec.name,
-            "weights": info.weights,
-            "weights_hash": head.weights_hash if head else info.weights_hash,
+            "model": custom.name if custom else spec.name,
+            # A custom model's answer names the base weights it was trained on (random or imagenet).
+            "weights": (custom.meta.get("base_weights") or info.weights) if custom else info.weights,
+            "weights_hash": custom.weights_hash if custom else info.weights_hash,
             "backend": info.backend,
             "precision": info.precision,
         }
         if head is not None:
             body |= {"version": str(head.version), "base": spec.name, "base_weights_hash": info.weights_hash}
             body |= {"base_version": version} if version else {}
+        elif custom is not None:
+            body |= {
+                "version": str(custom.version),
+                "base": spec.name,
+                "base_weights_hash": custom.meta["base_weights_hash"],
+                "fine_tune_layers": custom.meta["training"]["fine_tune_layers"],
+            }
         elif version:
             body["version"] = version
         body["labels_hash"] = served_labels.digest

@@ -85,6 +85,11 @@ class ServiceSettings:
         "those trained on it (empty: none)",
     )
     custom_poll_s: float = setting(2.0, "seconds between checks of CUSTOM_MODELS_DIR for new or removed ones")
+    custom_max_fine_tuned: int = setting(
+        2,
+        "most fine-tuned custom models (fine_tune_layers > 0) one service loads: each is a copy of "
+        "the backbone in memory (heads on the frozen backbone are not counted)",
+    )
     admin_token: str = setting("", "bearer token for POST /v1/admin/reload (empty: the endpoint is off)")
     intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
     inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")

@@ -130,8 +130,10 @@ def create_app(
             )
             if reply.get("version"):
                 body["version"] = reply["version"]
-            if reply.get("base"):  # a custom model: which model's features it was trained on
+            if reply.get("base"):  # a custom model: the model it was trained on (and how deep)
                 body["base"] = reply["base"]
+                if reply.get("fine_tune_layers"):
+                    body["fine_tune_layers"] = reply["fine_tune_layers"]
         else:
             body.update(
                 members=list(selection.members),

@@ -2,7 +2,10 @@
 
 ``POST /v1/training`` (multipart): ``dataset`` = a zip or tar of one folder per class; ``name`` =
 the model name clients will use; ``base`` = vgg16 | resnet50 | inceptionv3 (default resnet50);
-optional ``epochs``, ``validation_split``, ``augment``. Fields may come in the form or the query.
+optional ``epochs``, ``validation_split``, ``augment``, ``fine_tune_layers`` (0: a head on the
+frozen backbone; N: the backbone's last N layers trained too, a model with a backbone of its own,
+refused with 409 when the base's service already holds ``CUSTOM_MAX_FINE_TUNED`` of them). Fields
+may come in the form or the query.
 Everything is checked before a job exists - the options, the archive (the jobs' limits), and the
 dataset (``common.custom.dataset``: classes, readable images per class) - and a refusal names
 every problem. The answer is ``202`` and a job in the jobs API (``kind: training``), which the
@@ -24,6 +27,7 @@ from flask import Blueprint, Response, request
 from common import imaging, web
 from common.custom import heads
 from common.custom.dataset import check
+from common.custom.finetune import BACKBONE_LAYERS
 from common.custom.settings import TrainingSettings
 from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
@@ -67,12 +71,7 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
 
     epochs = number("epochs", int, settings.default_epochs, 1, settings.max_epochs)
     split = number("validation_split", float, settings.default_validation_split, 0.0, 0.5)
-    fine_tune = number("fine_tune_layers", int, 0, 0, 1000)
-    if fine_tune:
-        problems.append(
-            "fine_tune_layers > 0 is not offered yet: only heads on a frozen backbone are trained "
-            "(fine_tune_layers=0)"
-        )
+    fine_tune = number("fine_tune_layers", int, 0, 0, BACKBONE_LAYERS.get(base, 0))
     augment = raw.get("augment", "false").strip().lower()
     if augment not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
         problems.append(f"augment must be true or false, got {augment[:20]!r}")
@@ -84,8 +83,28 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
         "epochs": epochs,
         "validation_split": split,
         "augment": augment in ("1", "true", "yes", "on"),
-        "fine_tune_layers": 0,
+        "fine_tune_layers": fine_tune,
     }
+
+
+class TooManyFineTuned(ServiceError):
+    status, code = 409, "too_many_fine_tuned"
+
+
+def check_room(chosen: dict[str, Any], client: ModelClient) -> None:
+    """Refuse a fine-tuned model the base's service would not load: it already holds as many as
+    its ``CUSTOM_MAX_FINE_TUNED`` allows (retraining one of them replaces it, so it is allowed)."""
+    if not chosen["fine_tune_layers"]:
+        return
+    meta = client.registry.metadata(chosen["base"])
+    tuned = {m["name"] for m in meta.get("custom_models") or [] if m.get("kind") == heads.FINE_TUNED}
+    tuned.discard(chosen["name"])
+    if meta and len(tuned) >= int(meta.get("max_fine_tuned", 0)):
+        raise TooManyFineTuned(
+            f"{chosen['base']} already serves {len(tuned)} fine-tuned models ({', '.join(sorted(tuned))}), "
+            f"the most its CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone): delete "
+            f"one, or train a head on the frozen backbone (fine_tune_layers=0)"
+        )
 
 
 def create_blueprint(
@@ -131,7 +150,7 @@ def create_blueprint(
             )
         early = {key: request.args[key] for key in FIELDS if key in request.args}
         if "name" in early:  # refuse what the query already shows is wrong, before the upload
-            options(early, settings, client.registry.bases)
+            check_room(options(early, settings, client.registry.bases), client)
         staged = store.staging()
         job_id = uuid.uuid4().hex
         try:
@@ -140,6 +159,7 @@ def create_blueprint(
             if doubled:
                 raise BadRequest(f"give {', '.join(doubled)} once: in the query or in the form")
             chosen = options({**early, **received.fields}, settings, client.registry.bases)
+            check_room(chosen, client)
             entries = [
                 Entry(item["name"], staged / item["file"]) for item in received.items if "file" in item
             ]

@@ -18,22 +18,29 @@ gateway probe interval, so ``completed`` means the model answers through the gat
 from __future__ import annotations
 
 import base64
+import importlib
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common import imaging, preprocessing
 from common.custom import heads, train
 from common.custom.dataset import Dataset
 from common.custom.settings import TrainingSettings
 from common.errors import ServiceError
 from common.jobs.store import ACTIVE, JobStore, JobStoreUnavailable
+from common.models import ModelSpec
+from common.runtime import build_keras_model
+from common.service_settings import ServiceSettings
+from common.weights import WeightsPlan
 from gateway.client import ModelClient
 
 log = logging.getLogger("imagerec.training")
@@ -46,6 +53,22 @@ class Cancelled(Exception):
 
 class TrainingFailed(Exception):
     """The job cannot succeed; the message says why (for the record)."""
+
+
+@dataclass
+class Learned:
+    """What training produced, for ``model.json`` and ``heads.publish``."""
+
+    kind: str  # "head" | "fine-tuned"
+    evaluation: dict[str, Any]
+    base_weights: str | None
+    base_hash: str
+    features: int
+    counts: dict[str, Any]
+    write: Callable[[Path], None]
+
+
+Decoder = Callable[[bytes], np.ndarray]
 
 
 class TrainingRunner:
@@ -102,73 +125,20 @@ class TrainingRunner:
         folder = self.store.folder(job_id)
         dataset = Dataset.read(folder)
         labels = np.array([dataset.classes.index(item["class"]) for item in dataset.items])
-        train_rows, held_rows = train.split(labels, float(options["validation_split"]))
-        self._update(job_id, {"phase": "features"})
-        features, base_hash, failed = self._features(job_id, base, folder, dataset.items)
-        extra_x: list[np.ndarray] = []
-        extra_y: list[np.ndarray] = []
-        if options.get("augment") and self.settings.augment_views:
-            extra_x, extra_y, seen = self._augmented(job_id, base, folder, dataset, train_rows, failed)
-            if seen - {"", base_hash}:
-                raise TrainingFailed(f"{base} changed weights while features were computed: train again")
-        keep = np.array([i not in failed for i in range(len(dataset.items))])
-        train_rows = train_rows[keep[train_rows]]
-        held_rows = held_rows[keep[held_rows]]
-        skipped = dataset.skipped + [
-            {"name": dataset.items[i]["name"], "reason": reason} for i, reason in sorted(failed.items())
-        ]
-        if len(np.unique(labels[train_rows])) < len(dataset.classes):
-            raise TrainingFailed("after unreadable images were skipped, a class has no training image left")
-        x = np.concatenate([features[train_rows], *extra_x]) if extra_x else features[train_rows]
-        y = np.concatenate([labels[train_rows], *extra_y]) if extra_y else labels[train_rows]
-        self._update(job_id, {"phase": "training", "skipped": skipped})
-
-        def on_epoch(epoch: int, figures: dict[str, float]) -> bool:
-            history.append({"epoch": epoch, **figures})
-            self._update(job_id, {"history": history})
-            return not self._cancelled(job_id)
-
-        history: list[dict[str, float]] = []
-        fitted = train.fit(
-            x,
-            y,
-            len(dataset.classes),
-            int(options["epochs"]),
-            (features[held_rows], labels[held_rows]) if len(held_rows) else None,
-            on_epoch,
-        )
-        if self._cancelled(job_id):
-            raise Cancelled(job_id)
-        self._update(job_id, {"phase": "evaluating"})
-        rows, evaluated_on = (held_rows, "validation") if len(held_rows) else (train_rows, "training")
-        evaluation = {
-            "evaluated_on": evaluated_on,
-            **train.evaluate(fitted, features[rows], labels[rows], dataset.classes),
-        }
-        self._update(job_id, {"evaluation": evaluation})
-        registry = self.client.registry
-        registry.refresh()
-        base_meta = registry.metadata(base)
-        if base_meta.get("weights_hash") not in (None, base_hash):
-            raise TrainingFailed(
-                f"{base} now serves other weights ({base_meta['weights_hash']}) than the features were "
-                f"computed with ({base_hash}): the model would be stale at once; train again"
-            )
+        rows = train.split(labels, float(options["validation_split"]))
+        learn = self._learn_tuned if int(options.get("fine_tune_layers") or 0) else self._learn_head
+        learned = learn(job, folder, dataset, labels, rows)
+        self._update(job_id, {"evaluation": learned.evaluation})
         meta = {
             "name": job["model"],
+            "kind": learned.kind,
             "base": base,
-            "base_weights": base_meta.get("weights"),
-            "base_weights_hash": base_hash,
-            "features": int(features.shape[1]),
+            "base_weights": learned.base_weights,
+            "base_weights_hash": learned.base_hash,
+            "features": learned.features,
             "classes": dataset.classes,
-            "evaluation": evaluation,
-            "training": {
-                **options,
-                "images": int(len(train_rows)),
-                "augmented_views": int(sum(len(e) for e in extra_y)),
-                "held_out": int(len(held_rows)),
-                "job_id": job_id,
-            },
+            "evaluation": learned.evaluation,
+            "training": {**options, **learned.counts, "job_id": job_id},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         # From "publishing" on, a cancel is refused (the store's cancel script): check once more
@@ -177,9 +147,7 @@ class TrainingRunner:
         if self._cancelled(job_id):
             raise Cancelled(job_id)
         try:
-            version = heads.publish(
-                Path(self.settings.models_dir), job["model"], fitted.kernel, fitted.bias, meta
-            )
+            version = heads.publish(Path(self.settings.models_dir), job["model"], learned.write, meta)
         except OSError as exc:
             raise TrainingFailed(f"the model could not be published in CUSTOM_MODELS_DIR: {exc}") from None
         log.info(
@@ -187,9 +155,212 @@ class TrainingRunner:
         )
         served = self._wait_served(job["model"], version)
         return {
-            "evaluation": evaluation,
+            "evaluation": learned.evaluation,
             "served": {"name": job["model"], "version": str(version), "serving": served},
         }
+
+    def _learn_head(
+        self,
+        job: dict[str, Any],
+        folder: Path,
+        dataset: Dataset,
+        labels: np.ndarray,
+        rows: tuple[np.ndarray, np.ndarray],
+    ) -> Learned:
+        """A softmax layer on the frozen base's features, which the base's service computes."""
+        job_id, base, options = job["id"], job["base"], job["options"]
+        self._update(job_id, {"phase": "features"})
+        features, base_hash, failed = self._features(job_id, base, folder, dataset.items)
+        extra_x: list[np.ndarray] = []
+        extra_y: list[np.ndarray] = []
+        if options.get("augment") and self.settings.augment_views:
+            extra_x, extra_y, seen = self._augmented(job_id, base, folder, dataset, rows[0], failed)
+            if seen - {"", base_hash}:
+                raise TrainingFailed(f"{base} changed weights while features were computed: train again")
+        train_rows, held_rows = self._readable(job_id, dataset, labels, rows, failed)
+        x = np.concatenate([features[train_rows], *extra_x]) if extra_x else features[train_rows]
+        y = np.concatenate([labels[train_rows], *extra_y]) if extra_y else labels[train_rows]
+        fitted = train.fit(
+            x,
+            y,
+            len(dataset.classes),
+            int(options["epochs"]),
+            (features[held_rows], labels[held_rows]) if len(held_rows) else None,
+            self._epochs(job_id, []),
+        )
+        if self._cancelled(job_id):
+            raise Cancelled(job_id)
+        self._update(job_id, {"phase": "evaluating"})
+        evaluated, evaluated_on = (held_rows, "validation") if len(held_rows) else (train_rows, "training")
+        evaluation = {
+            "evaluated_on": evaluated_on,
+            **train.evaluate(fitted.probabilities(features[evaluated]), labels[evaluated], dataset.classes),
+        }
+        registry = self.client.registry
+        registry.refresh()
+        base_meta = registry.metadata(base)
+        if base_meta.get("weights_hash") not in (None, base_hash):
+            raise TrainingFailed(
+                f"{base} now serves other weights ({base_meta['weights_hash']}) than the features were "
+                f"computed with ({base_hash}): the model would be stale at once; train again"
+            )
+        return Learned(
+            kind="head",
+            evaluation=evaluation,
+            base_weights=base_meta.get("weights"),
+            base_hash=base_hash,
+            features=int(features.shape[1]),
+            counts=self._counts(train_rows, held_rows, extra_y),
+            write=heads.write_head(fitted.kernel, fitted.bias),
+        )
+
+    def _learn_tuned(
+        self,
+        job: dict[str, Any],
+        folder: Path,
+        dataset: Dataset,
+        labels: np.ndarray,
+        rows: tuple[np.ndarray, np.ndarray],
+    ) -> Learned:
+        """The base's last ``fine_tune_layers`` layers and a head, trained together here with
+        Keras (``common.custom.finetune``) on a copy of the base the trainer builds itself - from
+        the weights the base's service names - and checks against the served weights' hash."""
+        from common.custom import finetune
+        from common.runtime import weights_digest
+
+        job_id, base, options = job["id"], job["base"], job["options"]
+        self._update(job_id, {"phase": "features"})
+        base_meta = self._ready_base(base)
+        spec = importlib.import_module(f"services.{base}").SPEC
+        plan = self._served_plan(base, base_meta)
+        model = build_keras_model(spec, plan)
+        base_hash = weights_digest(model.get_weights())
+        if base_hash != base_meta.get("weights_hash"):
+            raise TrainingFailed(
+                f"the trainer's copy of {base} ({plan.kind}, {base_meta.get('weights_source')}) has "
+                f"weights {base_hash}, but {base} serves {base_meta.get('weights_hash')}: fine-tuning "
+                f"needs the weights the service loads (the same file, or the same seed)"
+            )
+        part = finetune.cut(model, int(options["fine_tune_layers"]))
+        views = self.settings.augment_views if options.get("augment") else 0
+        cached = len(dataset.items) + views * len(rows[0])
+        needed_mb = cached * part.bytes_per_image() / 2**20
+        if needed_mb > self.settings.fine_tune_cache_mb:
+            raise TrainingFailed(
+                f"the frozen layers' activations for {cached} images would take {needed_mb:.0f} MB, over "
+                f"TRAINING_FINE_TUNE_CACHE_MB ({self.settings.fine_tune_cache_mb}): fine-tune fewer "
+                f"layers (a deeper cut is smaller), or train on fewer images"
+            )
+        decode, items = self._decoder(spec, base_meta), dataset.items
+        acts, failed = self._activations(
+            job_id, part, decode, lambda i: (folder / items[i]["file"]).read_bytes(), len(items)
+        )
+        extra_acts: list[list[np.ndarray]] = []
+        extra_y: list[np.ndarray] = []
+        if views:  # more views of each readable training image, made as they are needed
+            rng = np.random.default_rng(0)
+            wanted = np.array([i for i in rows[0].tolist() if i not in failed for _ in range(views)], int)
+            extra, unread = self._activations(
+                job_id,
+                part,
+                decode,
+                lambda j: train.augmented((folder / items[wanted[j]]["file"]).read_bytes(), rng),
+                len(wanted),
+                progress="augmented",
+            )
+            kept = np.array([j for j in range(len(wanted)) if j not in unread], int)
+            extra_acts, extra_y = [[a[kept] for a in extra]], [labels[wanted[kept]]]
+        train_rows, held_rows = self._readable(job_id, dataset, labels, rows, failed)
+        x = [np.concatenate([a[train_rows], *(e[k] for e in extra_acts)]) for k, a in enumerate(acts)]
+        y = np.concatenate([labels[train_rows], *extra_y]) if extra_y else labels[train_rows]
+        held = ([a[held_rows] for a in acts], labels[held_rows]) if len(held_rows) else None
+        epochs, tuning_epochs = int(options["epochs"]), self.settings.fine_tune_epochs
+        self._update(job_id, {"epochs_total": epochs + tuning_epochs, "stage": "head"})
+        history: list[dict[str, Any]] = []
+        features = finetune.features(part.trained, x)
+        fitted = train.fit(
+            features,
+            y,
+            len(dataset.classes),
+            epochs,
+            (finetune.features(part.trained, held[0]), held[1]) if held else None,
+            self._epochs(job_id, history, stage="head"),
+        )
+        if self._cancelled(job_id):
+            raise Cancelled(job_id)
+        self._update(job_id, {"stage": "fine_tune"})
+        tuned = finetune.fine_tune(
+            part,
+            fitted,
+            x,
+            y,
+            tuning_epochs,
+            self.settings.fine_tune_learning_rate,
+            held,
+            self._epochs(job_id, history, stage="fine_tune", offset=epochs),
+        )
+        if self._cancelled(job_id):
+            raise Cancelled(job_id)
+        self._update(job_id, {"phase": "evaluating"})
+        evaluated = held if held else ([a[train_rows] for a in acts], labels[train_rows])
+        evaluation = {
+            "evaluated_on": "validation" if held else "training",
+            **train.evaluate(tuned.probabilities(evaluated[0]), evaluated[1], dataset.classes),
+        }
+        classifier = finetune.classifier(part, tuned)
+        return Learned(
+            kind=heads.FINE_TUNED,
+            evaluation=evaluation,
+            base_weights=base_meta.get("weights"),
+            base_hash=base_hash,
+            features=int(features.shape[1]),
+            counts={
+                **self._counts(train_rows, held_rows, extra_y),
+                "fine_tune_epochs": tuning_epochs,
+                "fine_tune_learning_rate": self.settings.fine_tune_learning_rate,
+                "trained_layers": [part.layer_names[0], part.layer_names[-1]],
+            },
+            write=lambda target: classifier.save(target / finetune.MODEL_FILE),
+        )
+
+    def _readable(
+        self,
+        job_id: str,
+        dataset: Dataset,
+        labels: np.ndarray,
+        rows: tuple[np.ndarray, np.ndarray],
+        failed: dict[int, str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The split without the images that could not be read; these are listed in the record."""
+        keep = np.array([i not in failed for i in range(len(dataset.items))])
+        train_rows, held_rows = (r[keep[r]] for r in rows)
+        skipped = dataset.skipped + [
+            {"name": dataset.items[i]["name"], "reason": reason} for i, reason in sorted(failed.items())
+        ]
+        if len(np.unique(labels[train_rows])) < len(dataset.classes):
+            raise TrainingFailed("after unreadable images were skipped, a class has no training image left")
+        self._update(job_id, {"phase": "training", "skipped": skipped})
+        return train_rows, held_rows
+
+    @staticmethod
+    def _counts(train_rows: np.ndarray, held_rows: np.ndarray, extra_y: list[np.ndarray]) -> dict[str, int]:
+        return {
+            "images": int(len(train_rows)),
+            "augmented_views": int(sum(len(e) for e in extra_y)),
+            "held_out": int(len(held_rows)),
+        }
+
+    def _epochs(
+        self, job_id: str, history: list[dict[str, Any]], *, stage: str = "", offset: int = 0
+    ) -> Callable[[int, dict[str, float]], bool]:
+        """The ``on_epoch`` of a fit: each epoch's figures into the record; False once cancelled."""
+
+        def on_epoch(epoch: int, figures: dict[str, float]) -> bool:
+            history.append({"epoch": offset + epoch, **({"stage": stage} if stage else {}), **figures})
+            self._update(job_id, {"history": history})
+            return not self._cancelled(job_id)
+
+        return on_epoch
 
     def _features(
         self, job_id: str, base: str, folder: Path, items: list[dict[str, str]]
@@ -252,6 +423,83 @@ class TrainingRunner:
         if not xs:
             return [], [], hashes
         return [np.stack(xs)], [np.array(ys)], hashes
+
+    # --- fine-tuning: the trainer's own copy of the base ----------------------------------------
+
+    def _ready_base(self, base: str) -> dict[str, Any]:
+        """What a ready replica of ``base`` says of itself, waiting up to ``JOBS_RETRY_S`` for one."""
+        registry, give_up = self.client.registry, time.monotonic() + self.retry_s
+        while True:
+            registry.refresh()
+            if found := registry.metadata(base):
+                return found
+            if time.monotonic() >= give_up:
+                raise TrainingFailed(f"{base} had no ready replica for {self.retry_s:g}s")
+            self.sleep(1.0)
+
+    @staticmethod
+    def _served_plan(base: str, meta: dict[str, Any]) -> WeightsPlan:
+        """The weights the base's service loaded, as it names them: a seed, or a file the trainer
+        must be able to read at the same path (the Keras cache, the model repository)."""
+        kind, source = str(meta.get("weights")), str(meta.get("weights_source") or "")
+        if kind == "random":
+            return WeightsPlan("random", seed=int(source.removeprefix("seed=") or 0))
+        path = Path(source)
+        if not path.is_file():
+            raise TrainingFailed(
+                f"{base} loads its weights from {source}, which the trainer cannot read: give the "
+                f"trainer the same file at the same path (as the model services mount it)"
+            )
+        return WeightsPlan(kind, path)
+
+    @staticmethod
+    def _decoder(spec: ModelSpec, meta: dict[str, Any]) -> tuple[Decoder, Callable[[np.ndarray], np.ndarray]]:
+        """Photos to pixels as the base's service makes them (its size, crop and image limits),
+        and its preprocessing."""
+        service = ServiceSettings.from_env(spec.name)
+        limits = imaging.ImageLimits(service.max_image_bytes, service.max_image_pixels)
+        size = int(meta.get("input_size") or spec.input_size)
+        crop = float(meta.get("center_crop") or service.center_crop)
+        return (lambda data: imaging.load_pixels(data, size, limits, crop)), preprocessing.get(
+            spec.preprocessing
+        )
+
+    def _activations(
+        self,
+        job_id: str,
+        part: Any,
+        decode: tuple[Decoder, Callable[[np.ndarray], np.ndarray]],
+        images: Callable[[int], bytes],
+        count: int,
+        *,
+        progress: str = "done",
+    ) -> tuple[list[np.ndarray], dict[int, str]]:
+        """The frozen layers' activations for ``count`` images (``images(i)``: the bytes of the
+        i-th), ``TRAINING_FEATURES_BATCH`` at a time; rows of unreadable ones stay zeros."""
+        from common.custom import finetune
+
+        pixels_of, preprocess = decode
+        acts = [np.zeros((count, *t.shape[1:]), np.float32) for t in part.trained.inputs]
+        failed: dict[int, str] = {}
+        size = self.settings.features_batch
+        for start in range(0, count, size):
+            if self._cancelled(job_id):
+                raise Cancelled(job_id)
+            rows, pixels = [], []
+            for i in range(start, min(start + size, count)):
+                try:
+                    pixels.append(pixels_of(images(i)))
+                    rows.append(i)
+                except ServiceError as exc:
+                    failed[i] = exc.message
+            if rows:
+                for array, out in zip(
+                    acts, finetune.activations(part.frozen, preprocess(np.stack(pixels))), strict=True
+                ):
+                    array[rows] = out
+            fields = {progress: min(start + size, count) - len(failed)}
+            self._update(job_id, {**fields, "failed": len(failed)} if progress == "done" else fields)
+        return acts, failed
 
     def _call(self, base: str, images: list[bytes]) -> tuple[list[np.ndarray | None], list[str], str]:
         """One features call, retried while the model is down or busy: (vectors, errors, hash)."""

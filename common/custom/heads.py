@@ -6,12 +6,20 @@ The base model's service serves it: the backbone runs once per batch for every m
 it, and a head adds one small matrix product - so ten custom models cost kilobytes, not another
 copy of the backbone.
 
+A custom model trained with ``fine_tune_layers`` > 0 (``common.custom.finetune``) changed the
+backbone's last layers too, so it is a whole classifier of its own (``model.keras``): the base's
+service loads it beside the base, as a runtime with its own batcher (``FineTuned``), which costs a
+copy of the backbone - at most ``CUSTOM_MAX_FINE_TUNED`` of them per service. It owns its weights,
+so it never goes stale.
+
 Repository: ``<CUSTOM_MODELS_DIR>/<name>/<version>/`` with ``head.npz`` (``kernel`` features x
-classes, ``bias``) and ``model.json`` (base, the base weights' hash, classes, evaluation, how it was
-trained). A version is published whole: written in a staging folder, then renamed into place, so
-a reader never sees half of one. The highest version is served; deleting the ``<name>`` folder
-removes the model. A head is served only on the base weights it was trained on (the hash): on
-other weights its answers would mean nothing, and it says so instead.
+classes, ``bias``) or ``model.keras``, and ``model.json`` (base, the base weights' hash, classes,
+evaluation, how it was trained; ``kind`` is ``fine-tuned`` for a whole classifier). A version is
+published whole: written in a staging folder, then renamed into place, so a reader never sees half
+of one. The highest version is served; deleting the ``<name>`` folder removes the model. A version
+that does not load is listed as broken and not tried again (the one before it keeps serving). A
+head is served only on the base weights it was trained on (the hash): on other weights its answers
+would mean nothing, and it says so instead.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 RESERVED = frozenset({"vgg16", "resnet50", "inceptionv3", "ensemble", "custom"})
 HEAD_FILE, META_FILE = "head.npz", "model.json"
+FINE_TUNED = "fine-tuned"
 
 
 def check_name(name: str, bases: tuple[str, ...] = ()) -> str | None:
@@ -71,21 +81,70 @@ class Head:
 
     def describe(self) -> dict[str, Any]:
         """What ``/v1/model`` lists (and the gateway's ``/v1/models`` repeats) for this model."""
-        meta = self.meta
+        return _describe(self.name, self.version, self.meta, self.labels, self.weights_hash)
+
+    def close(self) -> None:
+        """Nothing to let go: a head is arrays."""
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """One published version of a fine-tuned custom model, loaded: ``served`` is its own model
+    (``common.versions.LoadedModel``: runtime, batcher, state)."""
+
+    name: str
+    version: int
+    meta: dict[str, Any]
+    labels: labels_mod.Labels
+    served: Any
+
+    @property
+    def weights_hash(self) -> str:
+        return str(self.served.info.weights_hash)
+
+    def describe(self) -> dict[str, Any]:
+        info = self.served.info
         return {
-            "name": self.name,
-            "version": str(self.version),
-            "base": meta["base"],
-            "base_weights": meta.get("base_weights"),
-            "base_weights_hash": meta["base_weights_hash"],
-            "weights_hash": self.weights_hash,
-            "classes": len(self.labels),
-            "class_names": list(self.labels.names),
-            "labels_hash": self.labels.digest,
-            "evaluation": meta.get("evaluation"),
-            "training": meta.get("training"),
-            "created_at": meta.get("created_at"),
+            **_describe(self.name, self.version, self.meta, self.labels, self.weights_hash),
+            "kind": FINE_TUNED,
+            "fine_tune_layers": self.meta["training"]["fine_tune_layers"],
+            "backend": info.backend,
+            "precision": info.precision,
         }
+
+    def close(self) -> None:
+        """Stop its batcher once what it has queued is answered, so its runtime can go."""
+        self.served.batcher.close()
+
+
+Custom = Head | FineTuned
+
+
+class OverLimit(ValueError):
+    """The service already serves ``CUSTOM_MAX_FINE_TUNED`` fine-tuned models."""
+
+
+LoadFineTuned = Callable[[Path, str, int, dict[str, Any], labels_mod.Labels], FineTuned]
+
+
+def _describe(
+    name: str, version: int, meta: dict[str, Any], labels: labels_mod.Labels, weights_hash: str
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": str(version),
+        "kind": "head",
+        "base": meta["base"],
+        "base_weights": meta.get("base_weights"),
+        "base_weights_hash": meta["base_weights_hash"],
+        "weights_hash": weights_hash,
+        "classes": len(labels),
+        "class_names": list(labels.names),
+        "labels_hash": labels.digest,
+        "evaluation": meta.get("evaluation"),
+        "training": meta.get("training"),
+        "created_at": meta.get("created_at"),
+    }
 
 
 def load(folder: Path, name: str, version: int) -> Head:
@@ -103,13 +162,21 @@ def load(folder: Path, name: str, version: int) -> Head:
     return Head(name, version, meta, kernel, bias, labels, digest.hexdigest())
 
 
-def publish(root: Path, name: str, kernel: np.ndarray, bias: np.ndarray, meta: dict[str, Any]) -> int:
-    """Write a new version of ``name`` (the next number) whole, and return its number."""
+def write_head(kernel: np.ndarray, bias: np.ndarray) -> Callable[[Path], None]:
+    """What ``publish`` writes for a head."""
+    return lambda folder: np.savez(
+        folder / HEAD_FILE, kernel=kernel.astype(np.float32), bias=bias.astype(np.float32)
+    )
+
+
+def publish(root: Path, name: str, write: Callable[[Path], None], meta: dict[str, Any]) -> int:
+    """Write a new version of ``name`` (the next number) whole - ``write(folder)`` its model's
+    files, then ``model.json`` - and return its number."""
     model_dir = root / name
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publishing-", dir=root))
     try:
-        np.savez(staging / HEAD_FILE, kernel=kernel.astype(np.float32), bias=bias.astype(np.float32))
+        write(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         model_dir.mkdir(exist_ok=True)  # only once the version is written: no empty model folder
         for _ in range(100):  # another publisher may take the next number first: take the one after
@@ -154,69 +221,121 @@ def sweep_staging(root: Path, older_than_s: float = 3600) -> None:
 
 class HeadSet:
     """The custom models a base model's service serves: the newest version of each model in the
-    repository whose base is this service's model, refreshed on a poll."""
+    repository whose base is this service's model, refreshed on a poll. ``load_fine_tuned``
+    loads a fine-tuned one (None: such models are listed as broken); a replaced or removed one is
+    closed ``close_after_s`` later, once requests that already hold it are answered."""
 
-    def __init__(self, root: str, base: str) -> None:
+    def __init__(
+        self,
+        root: str,
+        base: str,
+        load_fine_tuned: LoadFineTuned | None = None,
+        *,
+        max_fine_tuned: int = 2,
+        close_after_s: float = 30.0,
+    ) -> None:
         self.root = Path(root) if root else None
         self.base = base
-        self._heads: dict[str, Head] = {}
+        self.load_fine_tuned = load_fine_tuned
+        self.max_fine_tuned = max_fine_tuned
+        self.close_after_s = close_after_s
+        self._heads: dict[str, Custom] = {}
         self._broken: dict[str, str] = {}  # name -> why its newest version does not load
+        self._failed: dict[str, int] = {}  # name -> the version that did not load (not tried again)
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Head | None:
+    def get(self, name: str) -> Custom | None:
         return self._heads.get(name)
 
-    def all(self) -> list[Head]:
+    def all(self) -> list[Custom]:
         return sorted(self._heads.values(), key=lambda head: head.name)
 
     def refresh(self) -> bool:
         """Load new versions, drop removed models; True when anything changed."""
-        if self.root is None or not self.root.is_dir():
-            changed = bool(self._heads)
-            self._heads = {}
-            return changed
         with self._lock:
-            found: dict[str, Head] = {}
-            for folder in sorted(self.root.iterdir()):
-                if folder.name.startswith(".") or not folder.is_dir():
-                    continue
-                versions = repository.versions(self.root, folder.name)
-                if not versions:
-                    continue
-                current = self._heads.get(folder.name)
-                if current is not None and current.version == versions[-1]:
-                    found[folder.name] = current
-                    continue
-                head = self._load_newest(folder.name, versions[-1], current)
-                if head is not None:
-                    found[folder.name] = head
-            changed = found.keys() != self._heads.keys() or any(
-                found[n].version != self._heads[n].version for n in found
-            )
-            self._heads = found  # one assignment: readers see the old set or the new
-        return changed
+            found: dict[str, Custom] = {}
+            if self.root is not None and self.root.is_dir():
+                for folder in sorted(self.root.iterdir()):
+                    if folder.name.startswith(".") or not folder.is_dir():
+                        continue
+                    versions = repository.versions(self.root, folder.name)
+                    if not versions:
+                        continue
+                    current = self._heads.get(folder.name)
+                    if (current is not None and current.version == versions[-1]) or self._failed.get(
+                        folder.name
+                    ) == versions[-1]:
+                        if current is not None:
+                            found[folder.name] = current
+                        continue
+                    head = self._load_newest(folder.name, versions[-1], current, found)
+                    if head is not None:
+                        found[folder.name] = head
+            previous, self._heads = self._heads, found  # one assignment: readers see old or new
+        gone = [old for name, old in previous.items() if found.get(name) is not old]
+        if gone:  # requests holding one finish on it; later ones get the new set
+            timer = threading.Timer(self.close_after_s, lambda: [old.close() for old in gone])
+            timer.daemon = True
+            timer.start()
+        return found.keys() != previous.keys() or any(found[n].version != previous[n].version for n in found)
 
-    def _load_newest(self, name: str, version: int, current: Head | None) -> Head | None:
+    def _load_newest(
+        self, name: str, version: int, current: Custom | None, found: dict[str, Custom]
+    ) -> Custom | None:
         assert self.root is not None
         folder = self.root / name / str(version)
         try:
             meta = json.loads((folder / META_FILE).read_text())
             if meta.get("base") != self.base:
                 return None  # another base model's service serves it
-            head = load(folder, name, version)
+            if meta.get("kind") == FINE_TUNED:
+                head: Custom = self._load_fine_tuned(folder, name, version, meta, current, found)
+            else:
+                head = load(folder, name, version)
         except Exception as exc:  # noqa: BLE001 - a broken version: keep what was served, say why
             reason = f"version {version} does not load: {type(exc).__name__}: {exc}"
             if self._broken.get(name) != reason:
                 log.warning("custom model %s: %s", name, reason)
                 self._broken[name] = reason
+            if not isinstance(exc, OverLimit):  # tried again once another model is gone
+                self._failed[name] = version
             return current
         self._broken.pop(name, None)
+        self._failed.pop(name, None)
         log.info("custom model %s version %d on %s: %d classes", name, version, self.base, len(head.labels))
         return head
+
+    def _load_fine_tuned(
+        self,
+        folder: Path,
+        name: str,
+        version: int,
+        meta: dict[str, Any],
+        current: Custom | None,
+        found: dict[str, Custom],
+    ) -> FineTuned:
+        if self.load_fine_tuned is None:
+            raise ValueError("this service does not serve fine-tuned models")
+        assert self.root is not None
+        others = {
+            other.name
+            for other in [*found.values(), *self._heads.values()]
+            if isinstance(other, FineTuned) and other.name != name and (self.root / other.name).is_dir()
+        }
+        if len(others) >= self.max_fine_tuned:
+            raise OverLimit(
+                f"{self.base} already serves {len(others)} fine-tuned models, the most "
+                f"CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone)"
+            )
+        del current  # kept serving while the new version loads
+        return self.load_fine_tuned(folder, name, version, meta, labels_mod.from_json(meta["classes"]))
 
     def broken(self) -> dict[str, str]:
         """Models whose newest version does not load, with why (an older one may still serve)."""
         return dict(self._broken)
+
+    def fine_tuned(self) -> int:
+        return sum(isinstance(head, FineTuned) for head in self._heads.values())
 
     def poll(self, every_s: float) -> None:
         """Refresh now and every ``every_s`` seconds, in a background thread."""

@@ -37,7 +37,20 @@ class TrainingSettings:
         "", "bearer token POST /v1/training and DELETE /v1/models/<name> require (empty: open to all)"
     )
     publish_wait_s: float = setting(
-        60.0, "how long a training job waits for the fleet to serve the new version before completing"
+        180.0,
+        "how long a training job waits for the fleet to serve the new version before completing (a "
+        "head is served within seconds; a fine-tuned model is converted and warmed first)",
+    )
+    fine_tune_epochs: int = setting(
+        10, "with fine_tune_layers > 0: epochs of the trained layers and the head together, after the head"
+    )
+    fine_tune_learning_rate: float = setting(
+        1e-4, "with fine_tune_layers > 0: Adam's learning rate for those epochs (low: small steps)"
+    )
+    fine_tune_cache_mb: int = setting(
+        1024,
+        "with fine_tune_layers > 0: most memory the frozen layers' cached activations may take "
+        "(images x views x the size at the cut); a job over it fails saying so",
     )
 
     @classmethod

@@ -66,6 +66,10 @@ class Fitted:
     kernel: np.ndarray  # features x classes
     bias: np.ndarray
     history: list[dict[str, float]]
+    mean: np.ndarray  # the standardization the layer was fitted behind, before it was folded in
+    std: np.ndarray
+    standard_kernel: np.ndarray
+    standard_bias: np.ndarray
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         logits = features @ self.kernel + self.bias
@@ -107,14 +111,6 @@ def fit(
         metrics=["accuracy"],
     )
     history: list[dict[str, float]] = []
-
-    class Report(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            figures = {k: round(float(v), 4) for k, v in (logs or {}).items()}
-            history.append({"epoch": epoch + 1, **figures})
-            if on_epoch is not None and not on_epoch(epoch + 1, figures):
-                self.model.stop_training = True
-
     standard = (x - mean) / std
     held = (
         None
@@ -128,18 +124,37 @@ def fit(
         batch_size=BATCH,
         shuffle=True,
         validation_data=held,
-        callbacks=[Report()],
+        callbacks=[reporting(history, on_epoch)],
         verbose=0,
     )
     kernel, bias = (np.asarray(w, np.float32) for w in model.layers[-1].get_weights())
     folded = kernel / std[:, None].astype(np.float32)
-    return Fitted(folded, (bias - (mean / std).astype(np.float32) @ kernel).astype(np.float32), history)
+    folded_bias = (bias - (mean / std).astype(np.float32) @ kernel).astype(np.float32)
+    return Fitted(folded, folded_bias, history, mean.astype(np.float32), std, kernel, bias)
 
 
-def evaluate(head: Fitted, x: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision and recall, and the confusion matrix (rows: true class)."""
+def reporting(
+    history: list[dict[str, float]], on_epoch: Callable[[int, dict[str, float]], bool] | None
+) -> Any:
+    """A Keras callback that appends each epoch's figures to ``history`` and calls ``on_epoch``
+    (which returns False to stop the training)."""
+    import keras
+
+    class Report(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            figures = {k: round(float(v), 4) for k, v in (logs or {}).items()}
+            history.append({"epoch": epoch + 1, **figures})
+            if on_epoch is not None and not on_epoch(epoch + 1, figures):
+                self.model.stop_training = True
+
+    return Report()
+
+
+def evaluate(probabilities: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision and recall, and the confusion matrix (rows: true class), of
+    the probabilities a model gave the held-out images (true class indices ``y``)."""
     count = len(classes)
-    predicted = head.probabilities(x).argmax(axis=1) if len(x) else np.empty(0, int)
+    predicted = probabilities.argmax(axis=1) if len(probabilities) else np.empty(0, int)
     confusion = np.zeros((count, count), int)
     for truth, guess in zip(y, predicted, strict=True):
         confusion[truth, guess] += 1

@@ -408,10 +408,11 @@ def describe(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
 def _describe_training(job: dict[str, Any]) -> dict[str, Any]:
     """A training job: its phase (``queued``, ``features``, ``training``, ``evaluating``,
     ``publishing``, ``done``), features computed so far, each epoch's loss and accuracy, and on
-    completion the evaluation and the model it published."""
+    completion the evaluation and the model it published. Fine-tuning has two stages of epochs
+    (``head``, then ``fine_tune``): ``epochs_total`` counts both, ``stage`` names the one running."""
     total, computed = job["total"], job["done"] + job["failed"]
     history = job.get("history") or []
-    epochs = int(job.get("options", {}).get("epochs", 0))
+    epochs = int(job.get("epochs_total") or job.get("options", {}).get("epochs", 0))
     # Features are most of the time on a CPU: they weigh 0.8 of the progress, epochs the rest.
     progress = 0.8 * (computed / total if total else 1.0) + 0.2 * (len(history) / epochs if epochs else 0.0)
     if job["status"] == "completed":
@@ -432,6 +433,8 @@ def _describe_training(job: dict[str, Any]) -> dict[str, Any]:
         "features_failed": job["failed"],
         "progress": round(min(progress, 1.0), 4),
         "epoch": len(history),
+        "epochs_total": epochs,
+        **({"stage": job["stage"]} if job.get("stage") else {}),
         "history": history,
         "evaluation": job.get("evaluation"),
         "served": job.get("served"),

@@ -351,17 +351,23 @@ def documents() -> list[dict[str, Any]]:
         # TensorFlow imported, ~0.5 GB, plus a training's features - at most TRAINING_MAX_IMAGES
         # (5,000) x (1 + TRAINING_AUGMENT_VIEWS, 2) views x 4,096 float32 (VGG16's) = 0.25 GB - in
         # three or four copies while Keras fits (the training rows, standardised, Keras's own): about
-        # 1.5 GB at the largest, a typical one far less. So 1Gi requested and a 2Gi limit; killed
-        # over it, the training fails and nothing is published.
+        # 1.5 GB at the largest, a typical one far less. Fine-tuning adds its copy of the base (up
+        # to VGG16's 0.55 GB, Adam's state for the trained layers) and the cached activations, at
+        # most TRAINING_FINE_TUNE_CACHE_MB (1 GB) twice over. So 1Gi requested and a 4Gi limit;
+        # killed over it, the training fails and nothing is published. It reads the base's weights
+        # file where the model services do (the keras volume, read-only).
         deployment(
             "trainer",
             "imagerec-trainer:latest",
             None,
             gateway_env,
-            {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+            {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
             command=trainer_command(),
-            volumes=jobs_volume,
-            mounts=jobs_mount,
+            volumes=[
+                *jobs_volume,
+                {"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}},
+            ],
+            mounts=[*jobs_mount, {"name": "keras", "mountPath": KERAS_HOME, "readOnly": True}],
             as_app_user=True,
             grace_s=trainer_stop_grace_s(),
         ),

@@ -93,7 +93,7 @@ def test_train_sends_the_folder_zipped_by_class_and_the_options(
 ) -> None:
     responses.post(f"{URL}/v1/training", status=202, json=training(base="vgg16"))
     argv = ["train", str(dataset), "--name", "pets", "--base", "vgg16", "--epochs", "5"]
-    argv += ["--validation-split", "0.25", "--augment"]
+    argv += ["--validation-split", "0.25", "--augment", "--fine-tune-layers", "4"]
     assert main(["--url", URL, *argv]) == 0
     printed = capsys.readouterr()
     assert printed.out == f"{JOB_ID}\n"  # the id alone: no waiting without --wait
@@ -106,6 +106,7 @@ def test_train_sends_the_folder_zipped_by_class_and_the_options(
         "epochs": "5",
         "validation_split": "0.25",
         "augment": "true",
+        "fine_tune_layers": "4",
     }
     [(field, (filename, data))] = parts(call).items()
     assert (field, filename) == ("dataset", "pets.zip")

@@ -12,7 +12,7 @@ import pytest
 
 from common.admission import AdmissionPolicy
 from common.batching import Batcher, Priority
-from common.errors import DeadlineExceeded, Overloaded
+from common.errors import DeadlineExceeded, ModelNotReady, Overloaded
 
 
 class GatedModel:
@@ -285,3 +285,18 @@ def test_a_batch_priority_request_that_waited_long_enough_goes_first() -> None:
     for request in [blocker, job, *interactive]:
         request.future.result(5)
     assert model.values == [[0], [10], [1, 2]]
+
+
+def test_a_closed_batcher_answers_what_it_queued_then_stops_and_refuses_more() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=2, window_ms=0)
+    running = batcher.submit(images(1)).future
+    assert model.started.wait(5)
+    queued = [batcher.submit(images(1, i)).future for i in range(3)]
+    batcher.close()
+    with pytest.raises(ModelNotReady):
+        batcher.submit(images(1))
+    model.release.set()
+    assert [f.result(5).ravel().tolist() for f in [running, *queued]] == [[8.0], [0.0], [8.0], [16.0]]
+    batcher._thread.join(5)
+    assert not batcher._thread.is_alive() and model.sizes == [1, 2, 1]

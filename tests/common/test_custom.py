@@ -22,7 +22,7 @@ def meta(name: str = "pets", base: str = "resnet50", classes: tuple[str, ...] = 
 
 def publish(root: Path, name: str = "pets", base: str = "resnet50", scale: float = 1.0) -> int:
     kernel = np.array([[1.0, -1.0], [0.0, 0.0], [0.5, 0.5]], np.float32) * scale
-    return heads.publish(root, name, kernel, np.zeros(2, np.float32), meta(name, base))
+    return heads.publish(root, name, heads.write_head(kernel, np.zeros(2, np.float32)), meta(name, base))
 
 
 # --- the repository ------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_a_fitted_head_on_raw_features_separates_what_it_should() -> None:
     seen = []
     fitted = train.fit(x[:240], y[:240], 3, 30, (x[240:], y[240:]), lambda e, f: seen.append(e) or True)
     assert seen == list(range(1, 31)) and len(fitted.history) == 30 and "val_accuracy" in fitted.history[-1]
-    report = train.evaluate(fitted, x[240:], y[240:], ["a", "b", "c"])
+    report = train.evaluate(fitted.probabilities(x[240:]), y[240:], ["a", "b", "c"])
     assert report["accuracy"] >= 0.95, report
     matrix = np.array(report["confusion_matrix"]["matrix"])
     assert matrix.sum() == 60 and np.trace(matrix) == round(report["accuracy"] * 60)

@@ -271,7 +271,8 @@ def test_the_trainer_command_follows_the_training_settings() -> None:
     assert option(command, "--concurrency") == option(command, "--max-tasks-per-child") == "1"
     assert option(trainer_command(), "-Q") == TrainingSettings().queue != option(worker_command(), "-Q")
     assert trainer_stop_grace_s() >= TrainingSettings().publish_wait_s + 15
-    assert trainer_stop_grace_s(TrainingSettings(publish_wait_s=90)) == trainer_stop_grace_s() + 30
+    longer = TrainingSettings(publish_wait_s=TrainingSettings().publish_wait_s + 30)
+    assert trainer_stop_grace_s(longer) == trainer_stop_grace_s() + 30
 
 
 def test_the_local_trainer_consumes_what_the_containers_do(
@@ -368,7 +369,23 @@ def test_k8s_runs_one_trainer_with_the_gateway_environment() -> None:
     pod = k8s_pod("trainer")
     assert pod["terminationGracePeriodSeconds"] == trainer_stop_grace_s()
     assert pod["securityContext"]["fsGroup"] == k8s_pod("gateway")["securityContext"]["fsGroup"]  # writes
-    assert {m["mountPath"] for m in box["volumeMounts"]} == {JOBS_DIR, CUSTOM_MODELS_DIR}
+    assert {m["mountPath"] for m in box["volumeMounts"]} == {JOBS_DIR, CUSTOM_MODELS_DIR, render.KERAS_HOME}
+    # fine-tuning copies the base from the weights file its model pods load, at the same path, read-only
+    [keras] = [m for m in box["volumeMounts"] if m["mountPath"] == render.KERAS_HOME]
+    served = [
+        m for m in k8s_pod("resnet50")["containers"][0]["volumeMounts"] if m["mountPath"] == render.KERAS_HOME
+    ]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    model_claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in k8s_pod("resnet50")["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert keras["readOnly"] and claims[keras["name"]] == model_claims[served[0]["name"]]
 
 
 def test_k8s_shares_one_custom_models_claim() -> None:

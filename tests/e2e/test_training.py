@@ -164,7 +164,7 @@ def test_retraining_under_load_swaps_in_version_2_with_no_failed_request(
         (lambda: colours.archive(6, 4), {"name": "resnet50"}, 400, "model of the fleet"),
         (lambda: colours.archive(6, 4), {"name": "ok", "base": "alexnet"}, 400, "base must be"),
         (lambda: colours.archive(6, 4), {"name": "ok", "epochs": "0"}, 400, "epochs must be between"),
-        (lambda: colours.archive(6, 4), {"name": "ok", "fine_tune_layers": "3"}, 400, "fine_tune_layers"),
+        (lambda: colours.archive(6, 4), {"name": "ok", "fine_tune_layers": "176"}, 400, "fine_tune_layers"),
     ],
 )
 def test_bad_datasets_and_options_are_refused_naming_the_problem(
@@ -222,6 +222,51 @@ def test_ten_custom_models_on_resnet50_add_under_100_mb(fleet: E2EFleet, trained
     wait_until(lambda: not listed(fleet, names[0]), 30, "a deleted model to go")
     gone = classify(fleet, names[0], colours.images(1, seed=31)[0][1])
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_model"
+
+
+def test_a_fine_tuned_model_holds_its_own_backbone_and_classifies_fresh_photos(fleet: E2EFleet) -> None:
+    """fine_tune_layers > 0: the trainer trains ResNet50's last block with the head on its own
+    copy of the base; the base's service loads the whole classifier beside ResNet50 (converted to
+    its backend) and serves it - a copy of the backbone in its memory, measured."""
+    before = rss_mb(fleet.pids()["resnet50"])
+    answer = train(
+        fleet,
+        colours.archive(10, seed=3),
+        name="colours-tuned",
+        base="resnet50",
+        epochs=30,
+        fine_tune_layers=11,
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["options"]["fine_tune_layers"] == 11
+    done = wait_for(fleet, answer.json()["job_id"], ("completed", "failed"), 600)
+    assert done["status"] == "completed", done
+    assert done["served"] == {"name": "colours-tuned", "version": "1", "serving": True}
+    assert [entry["stage"] for entry in done["history"]].count("fine_tune") == done["epochs_total"] - 30
+    assert done["evaluation"]["accuracy"] >= 0.9, done["evaluation"]
+    entry = listed(fleet, "colours-tuned")
+    assert (entry["status"], entry["kind"], entry["fine_tune_layers"], entry["base_weights"]) == (
+        "ready",
+        "fine-tuned",
+        11,
+        "random",
+    )
+    assert entry["weights_hash"] != listed(fleet, "resnet50")["weights_hash"]
+    fresh = colours.images(10, seed=98)
+    right = 0
+    for label, image in fresh:
+        reply = classify(fleet, "colours-tuned", image)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert (body["model"], body["version"], body["fine_tune_layers"]) == ("colours-tuned", "1", 11)
+        right += body["predictions"][0]["label"] == label
+    assert right / len(fresh) >= 0.9, f"{right}/{len(fresh)} fresh photos right"
+    added = rss_mb(fleet.pids()["resnet50"]) - before
+    print(f"fine-tuned ResNet50 model: +{added:.0f} MB in the resnet50 service")  # the README's figure
+    assert added >= 40, f"a whole classifier with ResNet50's weights (94 MB) added only {added:.0f} MB"
+    assert requests.delete(f"{fleet.url}/v1/models/colours-tuned", timeout=10).status_code == 200
+    wait_until(lambda: not listed(fleet, "colours-tuned"), 30, "the fine-tuned model to go")
+    assert classify(fleet, "colours-tuned", fresh[0][1]).status_code == 404
 
 
 def test_kill_9_of_the_trainer_fails_the_job_cleanly_and_publishes_nothing(fleet: E2EFleet) -> None:

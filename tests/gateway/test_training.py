@@ -114,6 +114,12 @@ def test_options_may_come_in_the_query(client: Any) -> None:
             "between",
         ),
         (colours.archive(3, 1), {"name": "a", "augment": "maybe"}, "invalid_training_options", "augment"),
+        (
+            colours.archive(3, 1),
+            {"name": "a", "base": "vgg16", "fine_tune_layers": "22"},
+            "invalid_training_options",
+            "fine_tune_layers must be between 0 and 21",
+        ),
         (b"PK\x03\x04 broken", {"name": "a"}, "invalid_archive", "archive"),
     ],
 )
@@ -163,7 +169,9 @@ def test_a_custom_model_is_removed_with_every_version(client: Any, models_dir: P
         "classes": ["a", "b"],
     }
     for _ in range(2):
-        heads.publish(models_dir, "pets", np.eye(2, dtype=np.float32), np.zeros(2, np.float32), meta)
+        heads.publish(
+            models_dir, "pets", heads.write_head(np.eye(2, dtype=np.float32), np.zeros(2, np.float32)), meta
+        )
     assert client.delete("/v1/models/pets").json == {"deleted": "pets"}
     assert not (models_dir / "pets").exists()
     assert client.delete("/v1/models/pets").status_code == 404
@@ -285,3 +293,38 @@ def test_unknown_form_fields_are_read_past_not_kept(client: Any) -> None:
         data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "pets", "junk": "x" * 5000},
     )
     assert answer.status_code == 202 and "junk" not in json.dumps(answer.json)
+
+
+def test_fine_tuning_is_queued_unless_the_base_holds_its_most_fine_tuned_models(
+    redis_url: str, tmp_path: Path
+) -> None:
+    redis.Redis.from_url(redis_url).flushall()
+    settings = gateway_settings(rate_limit="")
+    fake = FakeModelClient(settings)
+    served = {"max_fine_tuned": 1, "custom_models": [{"name": "pets", "kind": "head"}]}
+    fake.registry.metadata = lambda model: served  # type: ignore[method-assign]
+    app = create_app(
+        settings,
+        client=fake,  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs")),
+        training_settings=TrainingSettings(models_dir=str(tmp_path / "models"), min_images_per_class=3),
+    )
+    client = app.test_client()
+    archive = colours.archive(3, 1, classes=("red", "blue"))
+    accepted = post(client, archive, name="birds", fine_tune_layers="11")
+    assert accepted.status_code == 202, accepted.json
+    assert accepted.json["options"]["fine_tune_layers"] == 11
+    served["custom_models"].append({"name": "birds", "kind": "fine-tuned"})
+    again = post(client, archive, name="birds", fine_tune_layers="11")  # retraining it replaces it
+    assert again.status_code == 202, again.json
+    refused = client.post(
+        "/v1/training?name=cats&fine_tune_layers=3", data={"dataset": (io.BytesIO(archive), "a.zip")}
+    )
+    assert refused.status_code == 409 and refused.json["error"]["code"] == "too_many_fine_tuned"
+    assert (
+        "birds" in refused.json["error"]["message"]
+        and "CUSTOM_MAX_FINE_TUNED" in refused.json["error"]["message"]
+    )
+    assert post(client, archive, name="cats").status_code == 202  # a head is always welcome
+    assert redis.Redis.from_url(redis_url).llen("training") == 3

@@ -5,15 +5,18 @@ features are known."""
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
+from PIL import Image
 
 from common.custom import heads
 from common.runtime import Outputs, RuntimeInfo
 from common.service import ServiceSettings, create_app
+from deploy.local.running import wait_until
 from services import resnet50
 from tests.conftest import photo
 
@@ -51,7 +54,7 @@ def publish(root: Path, name: str, classes: list[str], base_hash: str = "base-1"
         "classes": classes,
         "evaluation": {"accuracy": 1.0},
     }
-    return heads.publish(root, name, kernel, np.zeros(len(classes), np.float32), meta)
+    return heads.publish(root, name, heads.write_head(kernel, np.zeros(len(classes), np.float32)), meta)
 
 
 @pytest.fixture
@@ -126,3 +129,118 @@ def test_a_new_version_is_served_after_the_next_look_at_the_repository(repositor
     heads.remove(repository, "bright")
     app.extensions["heads"].refresh()
     assert client.post("/v1/predict?model=bright", data=photo()).status_code == 404
+
+
+# --- fine-tuned custom models: a whole classifier of their own, served beside the base ----------
+
+
+def flat(value: int) -> bytes:
+    """A 64x64 PNG of one grey level."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (value, value, value)).save(out, "PNG")
+    return out.getvalue()
+
+
+def publish_tuned(root: Path, name: str, sign: float = 1.0, broken: bool = False) -> int:
+    """A fine-tuned version: a small Keras classifier on the base's input (mean brightness decides
+    between two classes, ``sign`` says which way), as the trainer publishes one."""
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    softmax = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, softmax(pooled))
+    softmax.set_weights([np.array([[sign, -sign]] * 3, np.float32) / 10, np.zeros(2, np.float32)])
+
+    def write(folder: Path) -> None:
+        if broken:
+            (folder / "model.keras").write_bytes(b"not a model")
+        else:
+            model.save(folder / "model.keras")
+
+    meta = {
+        "name": name,
+        "kind": heads.FINE_TUNED,
+        "base": "resnet50",
+        "base_weights": "random",
+        "base_weights_hash": "base-1",
+        "features": FEATURES,
+        "classes": ["light", "dark"],
+        "training": {"fine_tune_layers": 3},
+    }
+    return heads.publish(root, name, write, meta)
+
+
+def tuned_service(root: Path, **settings: object) -> tuple[Backbone, FlaskClient, heads.HeadSet]:
+    backbone = Backbone()
+    config = ServiceSettings(custom_models_dir=str(root), custom_poll_s=3600, backend="keras", **settings)  # type: ignore[arg-type]
+    app = create_app(resnet50.SPEC, config, backbone, background_load=False)
+    return backbone, app.test_client(), app.extensions["heads"]
+
+
+def test_a_fine_tuned_model_runs_on_its_own_model_not_the_base(tmp_path: Path) -> None:
+    publish_tuned(tmp_path, "tuned")
+    backbone, client, _ = tuned_service(tmp_path)
+    calls = len(backbone.batches)
+    bright = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
+    assert bright.status_code == 200, bright.get_json()
+    body = bright.get_json()
+    assert body["predictions"][0]["label"] == "light"
+    dark = client.post("/v1/predict?model=tuned&top_k=1", data=flat(5)).get_json()
+    assert dark["predictions"][0]["label"] == "dark"
+    assert len(backbone.batches) == calls  # the base's backbone never ran for it
+    assert (body["model"], body["version"], body["base"], body["fine_tune_layers"]) == (
+        "tuned",
+        "1",
+        "resnet50",
+        3,
+    )
+    assert body["weights"] == "random" and body["weights_hash"] not in ("base-1", "")
+    assert body["backend"].startswith("keras")
+    listed = {m["name"]: m for m in client.get("/v1/model").get_json()["custom_models"]}
+    assert listed["tuned"]["kind"] == "fine-tuned" and listed["tuned"]["state"] == "ready"
+    assert listed["tuned"]["weights_hash"] == body["weights_hash"]
+    features = client.post("/v1/predict?model=tuned&features=true", data=flat(250))
+    assert features.status_code == 400 and features.get_json()["error"]["code"] == "no_features"
+    assert client.post("/v1/predict?top_k=1", data=flat(250)).get_json()["model"] == "resnet50"
+
+
+def test_a_fine_tuned_model_is_not_stale_when_the_base_changes_weights(tmp_path: Path) -> None:
+    publish_tuned(tmp_path, "tuned")
+    backbone = Backbone("base-2")  # other base weights than the model started from
+    config = ServiceSettings(custom_models_dir=str(tmp_path), custom_poll_s=3600, backend="keras")
+    client = create_app(resnet50.SPEC, config, backbone, background_load=False).test_client()
+    answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
+    assert answer.status_code == 200 and answer.get_json()["base_weights_hash"] == "base-1"
+
+
+def test_a_new_fine_tuned_version_replaces_the_old_which_is_closed(tmp_path: Path) -> None:
+    publish_tuned(tmp_path, "tuned")
+    _, client, custom = tuned_service(tmp_path)
+    custom.close_after_s = 0.0
+    old = custom.get("tuned")
+    assert isinstance(old, heads.FineTuned)
+    publish_tuned(tmp_path, "tuned", sign=-1.0)
+    assert custom.refresh()
+    answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250)).get_json()
+    assert (answer["version"], answer["predictions"][0]["label"]) == ("2", "dark")
+    wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
+    heads.remove(tmp_path, "tuned")
+    custom.refresh()
+    assert client.post("/v1/predict?model=tuned", data=flat(250)).status_code == 404
+
+
+def test_fine_tuned_models_beyond_the_limit_and_broken_ones_are_listed_not_served(tmp_path: Path) -> None:
+    publish_tuned(tmp_path, "first")
+    publish_tuned(tmp_path, "second")
+    publish_tuned(tmp_path, "broken", broken=True)
+    _, client, custom = tuned_service(tmp_path, custom_max_fine_tuned=1)
+    model = client.get("/v1/model").get_json()
+    assert [m["name"] for m in model["custom_models"]] == ["first"] and model["max_fine_tuned"] == 1
+    reasons = {b["name"]: b["reason"] for b in model["custom_models_broken"]}
+    assert "CUSTOM_MAX_FINE_TUNED" in reasons["second"] and "does not load" in reasons["broken"]
+    assert client.post("/v1/predict?model=second", data=flat(250)).status_code == 404
+    heads.remove(tmp_path, "first")  # room again: the one over the limit loads on the next look
+    custom.refresh()
+    assert [h.name for h in custom.all()] == ["second"]
+    assert custom._failed == {"broken": 1}  # a version that did not load is not loaded again

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from common import imaging
@@ -235,3 +237,74 @@ def test_progress_never_brings_back_an_expired_record(store: JobStore) -> None:
     store.redis.delete(store.key(job_id))
     store.update(job_id, {"phase": "features"})
     assert store.get(job_id) is None
+
+
+# --- fine-tuning: the trainer's own copy of the base (real ResNet50, seeded random weights) ------
+
+
+@pytest.fixture(scope="module")
+def resnet50_hash() -> str:
+    from common.runtime import build_keras_model, weights_digest
+    from common.weights import WeightsPlan
+    from services import resnet50
+
+    return weights_digest(build_keras_model(resnet50.SPEC, WeightsPlan("random", seed=0)).get_weights())
+
+
+def serving_base(client: ColourFeatures, weights_hash: str) -> None:
+    """The base as the registry would describe its ready replica."""
+    meta = {
+        "weights": "random",
+        "weights_source": "seed=0",
+        "weights_hash": weights_hash,
+        "input_size": 224,
+        "center_crop": 0.875,
+    }
+    client.registry.refresh = lambda: None  # type: ignore[method-assign]
+    client.registry.metadata = lambda model: meta  # type: ignore[method-assign]
+
+
+@pytest.mark.slow
+def test_fine_tuning_trains_the_last_layers_and_publishes_a_whole_classifier(
+    store: JobStore, tmp_path: Path, resnet50_hash: str
+) -> None:
+    import keras
+
+    client = ColourFeatures()
+    serving_base(client, resnet50_hash)
+    runner = TrainingRunner(store, client, settings(tmp_path, fine_tune_epochs=3))  # type: ignore[arg-type]
+    job_id = submit(store, photos(6, seed=1), epochs=20, fine_tune_layers=11)
+    assert runner.run(job_id) == "completed", store.get(job_id)
+    assert client.calls_made == 0  # no features from the service: the trainer ran its own copy
+    job = store.get(job_id)
+    assert job is not None
+    shown = describe(job)
+    assert shown["features_done"] == 24 and shown["epochs_total"] == 23
+    stages = [(entry["epoch"], entry["stage"]) for entry in shown["history"]]
+    assert stages == [(n, "head") for n in range(1, 21)] + [(n, "fine_tune") for n in range(21, 24)]
+    assert shown["evaluation"]["images"] == 8 and shown["evaluation"]["accuracy"] >= 0.75, shown["evaluation"]
+    folder = tmp_path / "models" / "colours" / "1"
+    meta = json.loads((folder / heads.META_FILE).read_text())
+    assert (meta["kind"], meta["base_weights_hash"], meta["features"]) == ("fine-tuned", resnet50_hash, 2048)
+    assert meta["training"]["trained_layers"] == ["conv5_block3_1_conv", "avg_pool"]
+    classifier = keras.models.load_model(folder / "model.keras", compile=False)
+    assert classifier.input_shape == (None, 224, 224, 3) and classifier.output_shape == (None, 4)
+    assert not (folder / heads.HEAD_FILE).exists()
+
+
+@pytest.mark.slow
+def test_fine_tuning_refuses_a_base_it_cannot_copy_or_cache(
+    store: JobStore, tmp_path: Path, resnet50_hash: str
+) -> None:
+    client = ColourFeatures()
+    serving_base(client, "other-weights")
+    runner = TrainingRunner(store, client, settings(tmp_path))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=1), fine_tune_layers=11)
+    assert runner.run(job_id) == "failed"
+    assert "fine-tuning needs the weights the service loads" in (store.get(job_id) or {})["error"]
+    serving_base(client, resnet50_hash)
+    runner = TrainingRunner(store, client, settings(tmp_path, fine_tune_cache_mb=1))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=1), fine_tune_layers=11)
+    assert runner.run(job_id) == "failed"
+    assert "TRAINING_FINE_TUNE_CACHE_MB" in (store.get(job_id) or {})["error"]
+    assert not (tmp_path / "models" / "colours").exists()
