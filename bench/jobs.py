@@ -32,13 +32,13 @@ def archive(photo: bytes, images: int, seed: str) -> bytes:
     return buffer.getvalue()
 
 
-def _moment(stamp: str) -> float:
+def moment(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def duration_s(job: dict[str, Any]) -> float:
     """How long a finished job ran, by its record's own clock (``started_at`` to ``finished_at``)."""
-    return _moment(job["finished_at"]) - _moment(job["started_at"])
+    return moment(job["finished_at"]) - moment(job["started_at"])
 
 
 def wait_finished(url: str, job_id: str, timeout_s: float) -> dict[str, Any]:

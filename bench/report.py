@@ -211,6 +211,23 @@ def _custom_section(results: dict[str, Any]) -> list[str]:
         f"- ten more custom models on ResNet50: resnet50 service + gateway "
         f"{sum(memory['before'].values()):.0f} -> {sum(memory['after'].values()):.0f} MB "
         f"(+{memory['added']} MB)",
+    ] + _fine_tuned_lines(c.get("fine_tuned"))
+
+
+def _fine_tuned_lines(f: dict[str, Any] | None) -> list[str]:
+    if not f:
+        return []
+    memory = f["resnet50_service_mb"]
+    return [
+        f"- fine-tuned (fine_tune_layers={f['fine_tune_layers']}, ResNet50's last block with the head), "
+        f"same photos: {f['status']} in {f['seconds']} s ({f['epochs']} epochs: the head's, then the "
+        f"block's with it); published after {f.get('to_published_s')} s, served "
+        f"{f.get('published_to_served_s')} s later (converted and warmed by the ResNet50 service)",
+        f"- its accuracy: held out {f['held_out_accuracy']} ({f['held_out_images']} photos), fresh photos "
+        f"{f['fresh_accuracy']} ({f['fresh_images']})",
+        f"- its cost: the ResNet50 service {memory['before']:.0f} -> {memory['after']:.0f} MB "
+        f"(+{f['added_mb']} MB: a copy of the backbone); batch-1 p50 through Nginx "
+        f"{f['fine_tuned_p50_ms']} ms vs ResNet50's {f['resnet50_p50_ms']} ms",
     ]
 
 

@@ -14,7 +14,8 @@
 9. int8: the same fleet with PRECISION=int8 - ResNet50 at 1 and 8 clients, every process's memory
    after load, and each model's quality-gate figures;
 10. custom classes: a ResNet50 custom model trained through Nginx (time, held-out and fresh
-   accuracy), and the memory ten more custom models add (bench/custom.py), on the default fleet.
+   accuracy), the memory ten more custom models add, and a fine-tuned one's time, accuracy,
+   memory and latency (bench/custom.py), on the default fleet.
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
 (wrk's sixteen connections come from one address, which the limiter counts as one client).
@@ -148,6 +149,12 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
                 f"custom: {t['status']} in {t['seconds']} s ({t['images']} photos, {t['epochs']} epochs), "
                 f"held out {t['held_out_accuracy']}, fresh {t['fresh_accuracy']}; ten more models "
                 f"+{trained['ten_models_mb']['added']} MB"
+            )
+            f = trained["fine_tuned"]
+            log(
+                f"custom, fine-tuned: {f['status']} in {f['seconds']} s (published after "
+                f"{f.get('to_published_s')} s), fresh {f['fresh_accuracy']}, resnet50 service "
+                f"+{f['added_mb']} MB, p50 {f['fine_tuned_p50_ms']} vs {f['resnet50_p50_ms']} ms"
             )
             log(f"overload: open loop at 4x {capacity} req/s")
             pressure = overload.measure_on(

@@ -153,6 +153,7 @@ class TrainingRunner:
         log.info(
             "custom model published", extra={"job_id": job_id, "model": job["model"], "version": version}
         )
+        self._update(job_id, {"published_at": time.time()})
         served = self._wait_served(job["model"], version)
         return {
             "evaluation": learned.evaluation,

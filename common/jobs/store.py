@@ -441,6 +441,7 @@ def _describe_training(job: dict[str, Any]) -> dict[str, Any]:
         "error": job.get("error"),
         "created_at": _iso(job.get("created_at")),
         "started_at": _iso(job.get("started_at")),
+        "published_at": _iso(job.get("published_at")),
         "finished_at": _iso(job.get("finished_at")),
         "expires_at": _iso(job.get("expires_at")),
         "links": {"self": f"/v1/jobs/{job['id']}", "model": f"/v1/models/{job['model']}"},
