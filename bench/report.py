@@ -204,6 +204,11 @@ def _custom_section(results: dict[str, Any]) -> list[str]:
         "",
         "## 10. Custom classes: a ResNet50 head trained on 4 colour classes (default options)",
         "",
+        *(
+            [f"Measured again on its own at {c['measured']} (`python -m bench.run --only custom`).", ""]
+            if c.get("measured")
+            else []
+        ),
         f"- training job: {t['status']} in {t['seconds']} s ({t['images']} photos, {t['epochs']} epochs, "
         "features from the ResNet50 service at batch priority, head fitted with Keras)",
         f"- accuracy: held out {t['held_out_accuracy']} ({t['held_out_images']} photos), fresh photos "

@@ -86,8 +86,12 @@ class BatchStats:
         return round(self.images / self.batches, 2) if self.batches else 0.0
 
 
+class BatcherClosed(ModelNotReady):
+    """The batcher was closed: its model was replaced or removed (look the model up again)."""
+
+
 def _closed(batch: np.ndarray) -> Rows:
-    raise ModelNotReady("this model was replaced or removed")
+    raise BatcherClosed("this model was replaced or removed")
 
 
 class Batcher:
@@ -164,7 +168,7 @@ class Batcher:
         with self._arrived:
             if self._closed:
                 self.admission.dropped(len(inputs))
-                raise ModelNotReady(f"{self.name} was replaced or removed just now: send the request again")
+                raise BatcherClosed(f"{self.name} was replaced or removed just now: send the request again")
             metrics.PENDING.labels(self.name).inc(len(inputs))
             self._waiting[job_priority].append(job)
             self._arrived.notify()

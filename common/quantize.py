@@ -122,11 +122,13 @@ def digest(*arrays: np.ndarray) -> str:
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and mean top-5 overlap of ``candidate`` with ``reference`` (rows: images)."""
+    """Top-1 agreement and mean top-5 overlap of ``candidate`` with ``reference`` (rows: images);
+    a model with fewer than 5 classes is judged on all of them (its top-5 is every class)."""
     top1 = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
-    ref5 = np.argsort(-reference, axis=1, kind="stable")[:, :5]
-    can5 = np.argsort(-candidate, axis=1, kind="stable")[:, :5]
-    overlap = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ref5, can5, strict=True)]))
+    k = min(5, reference.shape[1])
+    ref5 = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    can5 = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref5, can5, strict=True)]))
     return {"top1_agreement": round(top1, 4), "top5_overlap": round(overlap, 4)}
 
 

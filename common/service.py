@@ -18,7 +18,7 @@ import hmac
 import logging
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from flask import Flask, Response, request
 from common import imaging, metrics, repository, web
 from common import labels as labels_mod
 from common.backends import make_runtime
-from common.batching import Batcher, Priority
+from common.batching import Batcher, BatcherClosed, Priority
 from common.custom import finetune
 from common.custom.heads import Custom, FineTuned, Head, HeadSet
 from common.errors import BadRequest, DeadlineExceeded, NotFound, ServiceError, UnknownModel
@@ -72,6 +72,27 @@ def encode_probabilities(probabilities: np.ndarray) -> dict[str, str]:
 
 class StaleCustomModel(ServiceError):
     status, code = 409, "custom_model_stale"
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Which model answers a request: the service's own, a head on its features (``target`` is
+    the service's model), or a fine-tuned model (``target`` is its own)."""
+
+    custom: Custom | None
+    target: LoadedModel
+    info: RuntimeInfo
+    labels: labels_mod.Labels
+
+    @property
+    def head(self) -> Head | None:
+        return self.custom if isinstance(self.custom, Head) else None
+
+
+def _route(heads: HeadSet, name: str, spec: ModelSpec, model: LoadedModel) -> _Route:
+    custom = _custom_for(heads, name, spec, model.require_ready())
+    target = custom.served if isinstance(custom, FineTuned) else model
+    return _Route(custom, target, target.require_ready(), custom.labels if custom else model.labels)
 
 
 def _custom_for(heads: HeadSet, name: str, spec: ModelSpec, info: RuntimeInfo) -> Custom | None:
@@ -236,6 +257,9 @@ def create_app(
                 "features": model.info.features if model.info else None,
                 "custom_models": describe_heads(),
                 "custom_models_broken": [{"name": n, "reason": r} for n, r in sorted(heads.broken().items())],
+                "custom_models_loading": [
+                    {"name": n, "version": str(v)} for n, v in sorted(heads.loading().items())
+                ],
                 "max_fine_tuned": settings.custom_max_fine_tuned,
                 "versions": available,
                 "center_crop": settings.center_crop,
@@ -278,24 +302,18 @@ def create_app(
         started = time.perf_counter()
         deadline = web.deadline(settings.default_deadline_s)
         priority = _request_priority()
-        info = model.require_ready()
-        custom = _custom_for(heads, request.args.get("model", ""), spec, info)
-        head = custom if isinstance(custom, Head) else None
+        name = request.args.get("model", "")
         # A fine-tuned model runs on its own runtime and batcher; a head on the base's.
-        target = custom.served if isinstance(custom, FineTuned) else model
-        queue = target.batcher
-        info = target.require_ready()
-        served_labels = custom.labels if custom else model.labels
+        route = _route(heads, name, spec, model)
         # More than the model has classes is clamped (the gateway's default 5 meets 4-class models).
         top_k = web.query_int("top_k", settings.default_top_k, 1, MAX_TOP_K)
         with_probabilities = web.query_flag("probabilities")
         with_features = web.query_flag("features")
-        if with_features and (not info.features or target is not model):
-            raise BadRequest(f"{spec.name}'s runtime gives no features", code="no_features")
-        served_by: tuple[RuntimeInfo, str] = (info, target.version)
+        if with_features and (not route.info.features or route.target is not model):
+            raise BadRequest(f"{name or spec.name} gives no features (base models do)", code="no_features")
         # Refuse before reading the body when even one image could not be served in time: the
         # cheapest refusal there is (the unread body is drained by web.DrainBody).
-        queue.check(1, deadline)
+        route.target.batcher.check(1, deadline)
         images, batch = _request_images()
         if len(images) > settings.max_batch_images:
             raise BadRequest(
@@ -303,24 +321,34 @@ def create_app(
                 code="too_many_images",
             )
         if len(images) > 1:
-            queue.check(len(images), deadline)
+            route.target.batcher.check(len(images), deadline)
         pixels, decoded, results = _decode_all(images, batch, spec, limits, settings.center_crop)
         del images  # a queued request holds its pixels only, not the encoded photo
         decoded_at = time.perf_counter()
-        outputs = Outputs(np.empty((0, len(served_labels)), np.float32), np.empty((0, info.features)))
+        outputs = Outputs(np.empty((0, len(route.labels)), np.float32), np.empty((0, route.info.features)))
         queue_ms = 0.0
         if pixels:
-            job = queue.submit(np.stack(pixels), deadline=deadline, priority=priority)
+            stacked = np.stack(pixels)
             del pixels
+            try:
+                job = route.target.batcher.submit(stacked, deadline=deadline, priority=priority)
+            except BatcherClosed:  # the model was replaced since it was looked up: its successor answers
+                route = _route(heads, name, spec, model)
+                job = route.target.batcher.submit(stacked, deadline=deadline, priority=priority)
+            del stacked
             try:
                 outputs = job.future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 raise DeadlineExceeded("the model did not answer before the request's deadline") from None
             queue_ms = job.queue_ms
-            if isinstance(job.served_by, tuple):
-                served_by = job.served_by
+            served_by = (
+                job.served_by if isinstance(job.served_by, tuple) else (route.info, route.target.version)
+            )
             metrics.QUEUE_SECONDS.labels(spec.name).observe(queue_ms / 1000)
+        else:
+            served_by = (route.info, route.target.version)
         info, version = served_by
+        custom, head, served_labels = route.custom, route.head, route.labels
         probabilities = outputs.probabilities
         if head is not None:
             _check_fresh(head, info)  # the base may have changed version while this one waited

@@ -97,9 +97,12 @@ def check_room(chosen: dict[str, Any], client: ModelClient) -> None:
     if not chosen["fine_tune_layers"]:
         return
     meta = client.registry.metadata(chosen["base"])
+    if "max_fine_tuned" not in meta:  # no ready replica (or one from before fine-tuning): the trainer checks
+        return
     tuned = {m["name"] for m in meta.get("custom_models") or [] if m.get("kind") == heads.FINE_TUNED}
+    tuned |= {m["name"] for m in meta.get("custom_models_loading") or []}  # only fine-tuned ones load slowly
     tuned.discard(chosen["name"])
-    if meta and len(tuned) >= int(meta.get("max_fine_tuned", 0)):
+    if len(tuned) >= int(meta["max_fine_tuned"]):
         raise TooManyFineTuned(
             f"{chosen['base']} already serves {len(tuned)} fine-tuned models ({', '.join(sorted(tuned))}), "
             f"the most its CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone): delete "

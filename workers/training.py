@@ -42,6 +42,7 @@ from common.runtime import build_keras_model
 from common.service_settings import ServiceSettings
 from common.weights import WeightsPlan
 from gateway.client import ModelClient
+from gateway.training import TooManyFineTuned, check_room
 
 log = logging.getLogger("imagerec.training")
 RETRYABLE = (500, 502, 503, 504)
@@ -141,6 +142,9 @@ class TrainingRunner:
             "training": {**options, **learned.counts, "job_id": job_id},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if learned.kind == heads.FINE_TUNED:  # others may have been trained meanwhile
+            self.client.registry.refresh()
+            self._check_room(job)
         # From "publishing" on, a cancel is refused (the store's cancel script): check once more
         # after setting it, so a cancel that came first is honoured and none comes after.
         self._update(job_id, {"phase": "publishing"})
@@ -155,6 +159,8 @@ class TrainingRunner:
         )
         self._update(job_id, {"published_at": time.time()})
         served = self._wait_served(job["model"], version)
+        if served:  # the new version serves: versions before the ones kept are not needed
+            heads.prune(Path(self.settings.models_dir), job["model"], self.settings.keep_versions)
         return {
             "evaluation": learned.evaluation,
             "served": {"name": job["model"], "version": str(version), "serving": served},
@@ -232,6 +238,7 @@ class TrainingRunner:
         job_id, base, options = job["id"], job["base"], job["options"]
         self._update(job_id, {"phase": "features"})
         base_meta = self._ready_base(base)
+        self._check_room(job)
         spec = importlib.import_module(f"services.{base}").SPEC
         plan = self._served_plan(base, base_meta)
         model = build_keras_model(spec, plan)
@@ -245,10 +252,13 @@ class TrainingRunner:
         part = finetune.cut(model, int(options["fine_tune_layers"]))
         views = self.settings.augment_views if options.get("augment") else 0
         cached = len(dataset.items) + views * len(rows[0])
-        needed_mb = cached * part.bytes_per_image() / 2**20
+        # Held twice at the peak: the activations, and the training and held-out sets made from
+        # them (then the activations go, and Keras copies the training set once).
+        needed_mb = 2 * cached * part.bytes_per_image() / 2**20
         if needed_mb > self.settings.fine_tune_cache_mb:
             raise TrainingFailed(
-                f"the frozen layers' activations for {cached} images would take {needed_mb:.0f} MB, over "
+                f"the frozen layers' activations for {cached} images would take {needed_mb:.0f} MB "
+                f"(counted twice: they and the training set made of them), over "
                 f"TRAINING_FINE_TUNE_CACHE_MB ({self.settings.fine_tune_cache_mb}): fine-tune fewer "
                 f"layers (a deeper cut is smaller), or train on fewer images"
             )
@@ -271,10 +281,14 @@ class TrainingRunner:
             )
             kept = np.array([j for j in range(len(wanted)) if j not in unread], int)
             extra_acts, extra_y = [[a[kept] for a in extra]], [labels[wanted[kept]]]
+            del extra
         train_rows, held_rows = self._readable(job_id, dataset, labels, rows, failed)
         x = [np.concatenate([a[train_rows], *(e[k] for e in extra_acts)]) for k, a in enumerate(acts)]
         y = np.concatenate([labels[train_rows], *extra_y]) if extra_y else labels[train_rows]
         held = ([a[held_rows] for a in acts], labels[held_rows]) if len(held_rows) else None
+        # Evaluated on the held-out photos, or on the training photos (not their views) without any.
+        evaluated = held or ([a[: len(train_rows)] for a in x], labels[train_rows])
+        del acts, extra_acts  # the sets above are all training needs
         epochs, tuning_epochs = int(options["epochs"]), self.settings.fine_tune_epochs
         self._update(job_id, {"epochs_total": epochs + tuning_epochs, "stage": "head"})
         history: list[dict[str, Any]] = []
@@ -303,7 +317,6 @@ class TrainingRunner:
         if self._cancelled(job_id):
             raise Cancelled(job_id)
         self._update(job_id, {"phase": "evaluating"})
-        evaluated = held if held else ([a[train_rows] for a in acts], labels[train_rows])
         evaluation = {
             "evaluated_on": "validation" if held else "training",
             **train.evaluate(tuned.probabilities(evaluated[0]), evaluated[1], dataset.classes),
@@ -437,6 +450,13 @@ class TrainingRunner:
             if time.monotonic() >= give_up:
                 raise TrainingFailed(f"{base} had no ready replica for {self.retry_s:g}s")
             self.sleep(1.0)
+
+    def _check_room(self, job: dict[str, Any]) -> None:
+        """Fail a fine-tuning the base's service would not load (``CUSTOM_MAX_FINE_TUNED``)."""
+        try:
+            check_room({"name": job["model"], "base": job["base"], "fine_tune_layers": 1}, self.client)
+        except TooManyFineTuned as exc:
+            raise TrainingFailed(exc.message) from None
 
     @staticmethod
     def _served_plan(base: str, meta: dict[str, Any]) -> WeightsPlan:

@@ -9,8 +9,8 @@ copy of the backbone.
 A custom model trained with ``fine_tune_layers`` > 0 (``common.custom.finetune``) changed the
 backbone's last layers too, so it is a whole classifier of its own (``model.keras``): the base's
 service loads it beside the base, as a runtime with its own batcher (``FineTuned``), which costs a
-copy of the backbone - at most ``CUSTOM_MAX_FINE_TUNED`` of them per service. It owns its weights,
-so it never goes stale.
+copy of the backbone - at most ``CUSTOM_MAX_FINE_TUNED`` of them per service (one more for a while
+when a new version replaces one). It owns its weights, so it never goes stale.
 
 Repository: ``<CUSTOM_MODELS_DIR>/<name>/<version>/`` with ``head.npz`` (``kernel`` features x
 classes, ``bias``) or ``model.keras``, and ``model.json`` (base, the base weights' hash, classes,
@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,21 @@ def publish(root: Path, name: str, write: Callable[[Path], None], meta: dict[str
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def prune(root: Path, name: str, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` versions of ``name`` (each at once, a rename); returns
+    the versions deleted. Services serve the newest, so only an older one they fall back on while
+    a new one fails to load is lost with them."""
+    doomed = repository.versions(root, name)[:-keep]
+    for version in doomed:
+        gone = root / f".deleted-{name}-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(root / name / str(version), gone)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(gone, ignore_errors=True)
+    return doomed
+
+
 def remove(root: Path, name: str) -> bool:
     """Delete a custom model, every version, at once (a rename) - False when there is none."""
     folder = root / name
@@ -219,11 +235,22 @@ def sweep_staging(root: Path, older_than_s: float = 3600) -> None:
                 continue
 
 
+Identity = tuple[int, int, int]
+"""A published version: its number, its folder's inode and modification time (deleted and trained
+again, a model starts again at version 1: these tell that version 1 from the old one)."""
+
+
 class HeadSet:
     """The custom models a base model's service serves: the newest version of each model in the
-    repository whose base is this service's model, refreshed on a poll. ``load_fine_tuned``
-    loads a fine-tuned one (None: such models are listed as broken); a replaced or removed one is
-    closed ``close_after_s`` later, once requests that already hold it are answered."""
+    repository whose base is this service's model, refreshed on a poll.
+
+    Heads load in ``refresh`` (arrays: milliseconds). Fine-tuned models are loaded by
+    ``load_fine_tuned`` on a loader thread of their own, one at a time (a conversion takes
+    minutes): the poll and the service never wait for one, an older version serves until the new
+    one is ready, and ``loading()`` lists them meanwhile. Without ``load_fine_tuned`` they are listed
+    as broken. A replaced or removed model is closed ``close_after_s`` later, once requests that
+    already hold it are answered. A version that does not load is not tried again (a new version,
+    or the same name trained again, is)."""
 
     def __init__(
         self,
@@ -240,9 +267,12 @@ class HeadSet:
         self.max_fine_tuned = max_fine_tuned
         self.close_after_s = close_after_s
         self._heads: dict[str, Custom] = {}
+        self._served: dict[str, Identity] = {}  # name -> the version of it served
         self._broken: dict[str, str] = {}  # name -> why its newest version does not load
-        self._failed: dict[str, int] = {}  # name -> the version that did not load (not tried again)
+        self._failed: dict[str, Identity] = {}  # name -> the version that did not load
+        self._loading: dict[str, Identity] = {}  # fine-tuned versions on the loader's queue
         self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fine-tuned-{base}")
 
     def get(self, name: str) -> Custom | None:
         return self._heads.get(name)
@@ -250,92 +280,132 @@ class HeadSet:
     def all(self) -> list[Custom]:
         return sorted(self._heads.values(), key=lambda head: head.name)
 
-    def refresh(self) -> bool:
-        """Load new versions, drop removed models; True when anything changed."""
-        with self._lock:
-            found: dict[str, Custom] = {}
-            if self.root is not None and self.root.is_dir():
-                for folder in sorted(self.root.iterdir()):
-                    if folder.name.startswith(".") or not folder.is_dir():
-                        continue
-                    versions = repository.versions(self.root, folder.name)
-                    if not versions:
-                        continue
-                    current = self._heads.get(folder.name)
-                    if (current is not None and current.version == versions[-1]) or self._failed.get(
-                        folder.name
-                    ) == versions[-1]:
-                        if current is not None:
-                            found[folder.name] = current
-                        continue
-                    head = self._load_newest(folder.name, versions[-1], current, found)
-                    if head is not None:
-                        found[folder.name] = head
-            previous, self._heads = self._heads, found  # one assignment: readers see old or new
-        gone = [old for name, old in previous.items() if found.get(name) is not old]
-        if gone:  # requests holding one finish on it; later ones get the new set
-            timer = threading.Timer(self.close_after_s, lambda: [old.close() for old in gone])
-            timer.daemon = True
-            timer.start()
-        return found.keys() != previous.keys() or any(found[n].version != previous[n].version for n in found)
-
-    def _load_newest(
-        self, name: str, version: int, current: Custom | None, found: dict[str, Custom]
-    ) -> Custom | None:
-        assert self.root is not None
-        folder = self.root / name / str(version)
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-            if meta.get("base") != self.base:
-                return None  # another base model's service serves it
-            if meta.get("kind") == FINE_TUNED:
-                head: Custom = self._load_fine_tuned(folder, name, version, meta, current, found)
-            else:
-                head = load(folder, name, version)
-        except Exception as exc:  # noqa: BLE001 - a broken version: keep what was served, say why
-            reason = f"version {version} does not load: {type(exc).__name__}: {exc}"
-            if self._broken.get(name) != reason:
-                log.warning("custom model %s: %s", name, reason)
-                self._broken[name] = reason
-            if not isinstance(exc, OverLimit):  # tried again once another model is gone
-                self._failed[name] = version
-            return current
-        self._broken.pop(name, None)
-        self._failed.pop(name, None)
-        log.info("custom model %s version %d on %s: %d classes", name, version, self.base, len(head.labels))
-        return head
-
-    def _load_fine_tuned(
-        self,
-        folder: Path,
-        name: str,
-        version: int,
-        meta: dict[str, Any],
-        current: Custom | None,
-        found: dict[str, Custom],
-    ) -> FineTuned:
-        if self.load_fine_tuned is None:
-            raise ValueError("this service does not serve fine-tuned models")
-        assert self.root is not None
-        others = {
-            other.name
-            for other in [*found.values(), *self._heads.values()]
-            if isinstance(other, FineTuned) and other.name != name and (self.root / other.name).is_dir()
-        }
-        if len(others) >= self.max_fine_tuned:
-            raise OverLimit(
-                f"{self.base} already serves {len(others)} fine-tuned models, the most "
-                f"CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone)"
-            )
-        del current  # kept serving while the new version loads
-        return self.load_fine_tuned(folder, name, version, meta, labels_mod.from_json(meta["classes"]))
+    def loading(self) -> dict[str, int]:
+        """Fine-tuned versions being loaded (name -> version)."""
+        return {name: identity[0] for name, identity in self._loading.items()}
 
     def broken(self) -> dict[str, str]:
         """Models whose newest version does not load, with why (an older one may still serve)."""
         return dict(self._broken)
 
-    def fine_tuned(self) -> int:
-        return sum(isinstance(head, FineTuned) for head in self._heads.values())
+    def _listing(self) -> dict[str, tuple[Identity, Path]]:
+        """The newest version of every model in the repository (a model removed while it is read
+        is left out)."""
+        found: dict[str, tuple[Identity, Path]] = {}
+        if self.root is None or not self.root.is_dir():
+            return found
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            try:
+                versions = repository.versions(self.root, folder.name)
+                if versions:
+                    newest = folder / str(versions[-1])
+                    stat = newest.stat()
+                    found[folder.name] = ((versions[-1], stat.st_ino, stat.st_mtime_ns), newest)
+            except OSError:  # removed between the listing and the look inside
+                continue
+        return found
+
+    def refresh(self) -> bool:
+        """Load new heads, queue new fine-tuned versions, drop removed models; True when the set
+        served changed."""
+        with self._lock:
+            listing = self._listing()
+            found: dict[str, Custom] = {}
+            for name, (identity, folder) in listing.items():
+                current = self._heads.get(name)
+                if current is not None and self._served.get(name) == identity:
+                    found[name] = current
+                    continue
+                if identity not in (self._failed.get(name), self._loading.get(name)):
+                    head = self._load(name, identity, folder)
+                    if head is not None:
+                        found[name] = head
+                        self._served[name] = identity
+                        continue
+                if current is not None:  # the new version is loading (or failed): the old one serves
+                    found[name] = current
+            for name in [*self._failed, *self._broken]:
+                if name not in listing:  # gone: trained again under that name, it is tried afresh
+                    self._failed.pop(name, None)
+                    self._broken.pop(name, None)
+            previous, self._heads = self._heads, found  # one assignment: readers see old or new
+            self._served = {name: self._served[name] for name in found}
+        self._close_later([old for name, old in previous.items() if found.get(name) is not old])
+        return found.keys() != previous.keys() or any(found[n] is not previous[n] for n in found)
+
+    def _load(self, name: str, identity: Identity, folder: Path) -> Head | None:
+        """A head, loaded; None for another base's model, a broken version, or a fine-tuned one
+        (queued for the loader)."""
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            if meta.get("base") != self.base:
+                return None  # another base model's service serves it
+            if meta.get("kind") == FINE_TUNED:
+                if self.load_fine_tuned is None:
+                    raise ValueError("this service does not serve fine-tuned models")
+                self._loading[name] = identity
+                self._loader.submit(self._load_fine_tuned, name, identity, folder, meta)
+                return None
+            head = load(folder, name, identity[0])
+        except Exception as exc:  # noqa: BLE001 - a broken version: keep what was served, say why
+            self._failed_to_load(name, identity, exc)
+            return None
+        self._broken.pop(name, None)
+        log.info(
+            "custom model %s version %d on %s: %d classes", name, identity[0], self.base, len(head.labels)
+        )
+        return head
+
+    def _failed_to_load(self, name: str, identity: Identity, exc: Exception) -> None:
+        reason = f"version {identity[0]} does not load: {type(exc).__name__}: {exc}"
+        if self._broken.get(name) != reason:
+            log.warning("custom model %s: %s", name, reason)
+            self._broken[name] = reason
+        if not isinstance(exc, OverLimit):  # over the limit: tried again once another one is gone
+            self._failed[name] = identity
+
+    def _load_fine_tuned(self, name: str, identity: Identity, folder: Path, meta: dict[str, Any]) -> None:
+        """On the loader thread: load one fine-tuned version, then serve it if it is still the
+        newest version of its model."""
+        assert self.load_fine_tuned is not None
+        try:
+            others = {n for n, h in self._heads.items() if isinstance(h, FineTuned) and n != name}
+            if len(others) >= self.max_fine_tuned:
+                raise OverLimit(
+                    f"{self.base} already serves {len(others)} fine-tuned models, the most "
+                    f"CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone)"
+                )
+            custom = self.load_fine_tuned(
+                folder, name, identity[0], meta, labels_mod.from_json(meta["classes"])
+            )
+        except Exception as exc:  # noqa: BLE001 - listed as broken; the older version serves on
+            with self._lock:
+                if self._loading.get(name) == identity:
+                    del self._loading[name]
+                self._failed_to_load(name, identity, exc)
+            return
+        with self._lock:
+            if self._loading.get(name) == identity:
+                del self._loading[name]
+            newest = self._listing().get(name)
+            if newest is None or newest[0] != identity:  # removed or replaced while it loaded
+                self._close_later([custom])
+                return
+            old = self._heads.get(name)
+            self._heads = {**self._heads, name: custom}
+            self._served[name] = identity
+            self._broken.pop(name, None)
+        log.info("custom model %s version %d (fine-tuned) on %s: ready", name, identity[0], self.base)
+        self._close_later([old] if old is not None else [])
+
+    def _close_later(self, gone: list[Custom]) -> None:
+        """Close models no longer served, once requests that already hold one are answered."""
+        if gone:
+            timer = threading.Timer(self.close_after_s, lambda: [old.close() for old in gone])
+            timer.daemon = True
+            timer.start()
 
     def poll(self, every_s: float) -> None:
         """Refresh now and every ``every_s`` seconds, in a background thread."""

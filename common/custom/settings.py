@@ -41,6 +41,11 @@ class TrainingSettings:
         "how long a training job waits for the fleet to serve the new version before completing (a "
         "head is served within seconds; a fine-tuned model is converted and warmed first)",
     )
+    keep_versions: int = setting(
+        2,
+        "versions of a custom model kept once a new one is served (the newest ones; older ones are "
+        "deleted - a fine-tuned version is a whole classifier, up to 530 MB)",
+    )
     fine_tune_epochs: int = setting(
         10, "with fine_tune_layers > 0: epochs of the trained layers and the head together, after the head"
     )
@@ -49,8 +54,9 @@ class TrainingSettings:
     )
     fine_tune_cache_mb: int = setting(
         1024,
-        "with fine_tune_layers > 0: most memory the frozen layers' cached activations may take "
-        "(images x views x the size at the cut); a job over it fails saying so",
+        "with fine_tune_layers > 0: most memory the frozen layers' cached activations may take, "
+        "counted twice (they and the training set made of them: images x views x the size at the "
+        "cut x 2); a job over it fails saying so",
     )
 
     @classmethod
@@ -61,5 +67,7 @@ class TrainingSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.default_validation_split < 1:
             raise ValueError("TRAINING_DEFAULT_VALIDATION_SPLIT must be in [0, 1)")
+        if self.keep_versions < 1:
+            raise ValueError("TRAINING_KEEP_VERSIONS must be at least 1 (the version served)")
         if self.min_images_per_class < 2:
             raise ValueError("TRAINING_MIN_IMAGES_PER_CLASS must be at least 2 (one to train, one to test)")

@@ -94,9 +94,9 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], unpack(AR
 return ARGV[1]
 """
 
-NUMBERS = ("total", "chunks", "chunk_images", "done", "failed", "top_k")
+NUMBERS = ("total", "chunks", "chunk_images", "done", "failed", "top_k", "epochs_total")
 TRAINING_JSON = ("classes", "counts", "skipped", "history", "evaluation", "options", "served")
-TIMES = ("created_at", "started_at", "finished_at", "expires_at", "progress_at")
+TIMES = ("created_at", "started_at", "finished_at", "expires_at", "progress_at", "published_at")
 
 
 class JobStoreUnavailable(Exception):
@@ -412,7 +412,7 @@ def _describe_training(job: dict[str, Any]) -> dict[str, Any]:
     (``head``, then ``fine_tune``): ``epochs_total`` counts both, ``stage`` names the one running."""
     total, computed = job["total"], job["done"] + job["failed"]
     history = job.get("history") or []
-    epochs = int(job.get("epochs_total") or job.get("options", {}).get("epochs", 0))
+    epochs = job.get("epochs_total") or int(job.get("options", {}).get("epochs", 0))
     # Features are most of the time on a CPU: they weigh 0.8 of the progress, epochs the rest.
     progress = 0.8 * (computed / total if total else 1.0) + 0.2 * (len(history) / epochs if epochs else 0.0)
     if job["status"] == "completed":

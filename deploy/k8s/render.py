@@ -60,10 +60,14 @@ from deploy.settings import (
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "imagerec.yaml"
 PART_OF = {"app.kubernetes.io/part-of": "imagerec"}
+# Memory: the request is the base model alone; the limit leaves room for fine-tuned custom models,
+# each a copy of the backbone (ResNet50 measured +267 MB fp32; VGG16's weights are 5.6x ResNet50's),
+# CUSTOM_MAX_FINE_TUNED (2) of them plus one while a new version replaces one, and the child
+# process that converts one to OpenVINO (TensorFlow and the Keras model, ~1.2 GB at its peak).
 MODELS = {  # name: (port, memory request, memory limit)
-    "vgg16": (8501, "1600Mi", "2Gi"),
-    "resnet50": (8502, "640Mi", "1Gi"),
-    "inceptionv3": (8503, "640Mi", "1Gi"),
+    "vgg16": (8501, "1600Mi", "7Gi"),
+    "resnet50": (8502, "640Mi", "3Gi"),
+    "inceptionv3": (8503, "640Mi", "3Gi"),
 }
 DRAIN_S = 30  # Gunicorn's graceful_timeout: a pod's grace period is this plus its preStop pause
 PAUSE_S = 5  # preStop: long enough for a Service's endpoints to drop the pod
@@ -266,11 +270,14 @@ def documents() -> list[dict[str, Any]]:
     # backends, shared by every model pod; writable by them through fsGroup (NOTE: NFS-backed
     # volumes ignore fsGroup: export them writable by group APP_ID). Job folders likewise: the
     # uploads and results of JOBS_RETENTION_S (a day), each upload up to JOBS_MAX_ARCHIVE_BYTES.
-    # Custom models are heads of kilobytes (a features x classes matrix) per version.
+    # Custom models are heads of kilobytes (a features x classes matrix) per version, or whole
+    # fine-tuned classifiers (ResNet50 95 MB, VGG16 530 MB per version; the trainer keeps the two
+    # newest versions of each, TRAINING_KEEP_VERSIONS), which the model pods also convert into the
+    # Keras volume.
     docs: list[dict[str, Any]] = [
-        claim("imagerec-keras", "ReadWriteMany", "5Gi"),
+        claim("imagerec-keras", "ReadWriteMany", "20Gi"),
         claim("imagerec-jobs", "ReadWriteMany", "20Gi"),
-        claim("imagerec-custom-models", "ReadWriteMany", "1Gi"),
+        claim("imagerec-custom-models", "ReadWriteMany", "10Gi"),
         *redis(),
     ]
     custom_volume = {

@@ -41,6 +41,17 @@ def test_versions_are_published_whole_and_numbered_in_turn(tmp_path: Path) -> No
     assert head.weights_hash != heads.load(tmp_path / "pets" / "1", "pets", 1).weights_hash
 
 
+def test_pruning_keeps_the_newest_versions_only(tmp_path: Path) -> None:
+    for _ in range(4):
+        publish(tmp_path)
+    assert heads.prune(tmp_path, "pets", 2) == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "pets").iterdir()) == ["3", "4"]
+    assert heads.prune(tmp_path, "pets", 2) == [] and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".")
+    ]
+    assert publish(tmp_path) == 5  # numbering goes on
+
+
 def test_a_version_that_does_not_fit_its_metadata_is_refused(tmp_path: Path) -> None:
     publish(tmp_path)
     folder = tmp_path / "pets" / "1"

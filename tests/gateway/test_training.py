@@ -327,4 +327,9 @@ def test_fine_tuning_is_queued_unless_the_base_holds_its_most_fine_tuned_models(
         and "CUSTOM_MAX_FINE_TUNED" in refused.json["error"]["message"]
     )
     assert post(client, archive, name="cats").status_code == 202  # a head is always welcome
-    assert redis.Redis.from_url(redis_url).llen("training") == 3
+    served["custom_models"].pop()
+    served["custom_models_loading"] = [{"name": "birds", "version": "2"}]  # counted while it loads
+    assert post(client, archive, name="cats", fine_tune_layers="3").status_code == 409
+    del served["max_fine_tuned"]  # a replica from before fine-tuning: the trainer checks
+    assert post(client, archive, name="cats", fine_tune_layers="3").status_code == 202
+    assert redis.Redis.from_url(redis_url).llen("training") == 4

@@ -171,11 +171,20 @@ def publish_tuned(root: Path, name: str, sign: float = 1.0, broken: bool = False
     return heads.publish(root, name, write, meta)
 
 
-def tuned_service(root: Path, **settings: object) -> tuple[Backbone, FlaskClient, heads.HeadSet]:
-    backbone = Backbone()
+def tuned_service(
+    root: Path, backbone: Backbone | None = None, **settings: object
+) -> tuple[Backbone, FlaskClient, heads.HeadSet]:
+    """A service whose fine-tuned models have loaded (they load on a thread of their own)."""
+    backbone = backbone or Backbone()
     config = ServiceSettings(custom_models_dir=str(root), custom_poll_s=3600, backend="keras", **settings)  # type: ignore[arg-type]
     app = create_app(resnet50.SPEC, config, backbone, background_load=False)
-    return backbone, app.test_client(), app.extensions["heads"]
+    custom: heads.HeadSet = app.extensions["heads"]
+    settle(custom)
+    return backbone, app.test_client(), custom
+
+
+def settle(custom: heads.HeadSet) -> None:
+    wait_until(lambda: not custom.loading(), 60, "fine-tuned models to load")
 
 
 def test_a_fine_tuned_model_runs_on_its_own_model_not_the_base(tmp_path: Path) -> None:
@@ -207,9 +216,7 @@ def test_a_fine_tuned_model_runs_on_its_own_model_not_the_base(tmp_path: Path) -
 
 def test_a_fine_tuned_model_is_not_stale_when_the_base_changes_weights(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    backbone = Backbone("base-2")  # other base weights than the model started from
-    config = ServiceSettings(custom_models_dir=str(tmp_path), custom_poll_s=3600, backend="keras")
-    client = create_app(resnet50.SPEC, config, backbone, background_load=False).test_client()
+    _, client, _ = tuned_service(tmp_path, Backbone("base-2"))  # other base weights than it started from
     answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
     assert answer.status_code == 200 and answer.get_json()["base_weights_hash"] == "base-1"
 
@@ -221,7 +228,8 @@ def test_a_new_fine_tuned_version_replaces_the_old_which_is_closed(tmp_path: Pat
     old = custom.get("tuned")
     assert isinstance(old, heads.FineTuned)
     publish_tuned(tmp_path, "tuned", sign=-1.0)
-    assert custom.refresh()
+    custom.refresh()
+    settle(custom)
     answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250)).get_json()
     assert (answer["version"], answer["predictions"][0]["label"]) == ("2", "dark")
     wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
@@ -242,5 +250,46 @@ def test_fine_tuned_models_beyond_the_limit_and_broken_ones_are_listed_not_serve
     assert client.post("/v1/predict?model=second", data=flat(250)).status_code == 404
     heads.remove(tmp_path, "first")  # room again: the one over the limit loads on the next look
     custom.refresh()
+    settle(custom)
     assert [h.name for h in custom.all()] == ["second"]
-    assert custom._failed == {"broken": 1}  # a version that did not load is not loaded again
+    assert set(custom._failed) == {"broken"}  # a version that did not load is not loaded again
+    heads.remove(tmp_path, "broken")  # trained again under that name: version 1 anew, tried afresh
+    custom.refresh()
+    assert custom.broken() == {}
+    heads.remove(tmp_path, "second")
+    publish_tuned(tmp_path, "broken")
+    custom.refresh()
+    settle(custom)
+    assert [h.name for h in custom.all()] == ["broken"] and custom.broken() == {}
+
+
+def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(repository: Path) -> None:
+    settings = ServiceSettings(custom_models_dir=str(repository), custom_poll_s=3600)
+    app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
+    client = app.test_client()
+    first = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
+    heads.remove(repository, "bright")
+    publish(repository, "bright", ["light", "dark"], sign=-1.0)  # between two looks: version 1 again
+    app.extensions["heads"].refresh()
+    again = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
+    assert first["version"] == again["version"] == "1"
+    assert first["predictions"][0]["label"] != again["predictions"][0]["label"]
+    assert first["weights_hash"] != again["weights_hash"]
+
+
+def test_a_request_that_found_a_replaced_version_is_answered_by_its_successor(tmp_path: Path) -> None:
+    publish_tuned(tmp_path, "tuned")
+    _, client, custom = tuned_service(tmp_path)
+    old = custom.get("tuned")
+    assert isinstance(old, heads.FineTuned)
+    publish_tuned(tmp_path, "tuned", sign=-1.0)
+    custom.refresh()
+    settle(custom)
+    old.close()  # what happens close_after_s after the swap
+    wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
+    looked_up = iter([old])  # the request looked the model up just before the swap
+    newest = custom.get
+    custom.get = lambda name: next(looked_up, None) or newest(name)  # type: ignore[method-assign]
+    answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
+    assert answer.status_code == 200, answer.get_json()
+    assert (answer.get_json()["version"], answer.get_json()["predictions"][0]["label"]) == ("2", "dark")

@@ -57,6 +57,8 @@ def test_agreement_counts_top1_and_top5() -> None:
     assert same == {"top1_agreement": 1.0, "top5_overlap": 1.0}
     flipped = reference[:, ::-1].copy()
     assert agreement(reference, flipped)["top1_agreement"] == 0.0
+    few = reference[:, :3]  # fewer than 5 classes: all of them are the top-5
+    assert agreement(few, few[:, ::-1].copy()) == {"top1_agreement": 0.5, "top5_overlap": 1.0}
 
 
 def test_choose_serves_the_first_candidate_the_gate_admits() -> None:

@@ -116,6 +116,7 @@ def test_a_training_job_trains_evaluates_and_publishes_version_1(store: JobStore
     assert shown["evaluation"]["evaluated_on"] == "validation" and shown["evaluation"]["images"] == 8
     assert shown["evaluation"]["accuracy"] >= 0.85, shown["evaluation"]
     assert shown["served"] == {"name": "colours", "version": "1", "serving": False}
+    assert shown["started_at"] < shown["published_at"] <= shown["finished_at"]
     head = heads.load(tmp_path / "models" / "colours" / "1", "colours", 1)
     assert head.meta["base_weights_hash"] == "base-hash" and head.meta["features"] == 12
     assert (
@@ -251,9 +252,10 @@ def resnet50_hash() -> str:
     return weights_digest(build_keras_model(resnet50.SPEC, WeightsPlan("random", seed=0)).get_weights())
 
 
-def serving_base(client: ColourFeatures, weights_hash: str) -> None:
+def serving_base(client: ColourFeatures, weights_hash: str, **fields: Any) -> None:
     """The base as the registry would describe its ready replica."""
     meta = {
+        **fields,
         "weights": "random",
         "weights_source": "seed=0",
         "weights_hash": weights_hash,
@@ -307,4 +309,9 @@ def test_fine_tuning_refuses_a_base_it_cannot_copy_or_cache(
     job_id = submit(store, photos(3, seed=1), fine_tune_layers=11)
     assert runner.run(job_id) == "failed"
     assert "TRAINING_FINE_TUNE_CACHE_MB" in (store.get(job_id) or {})["error"]
+    full = [{"name": "other", "kind": "fine-tuned"}]
+    serving_base(client, resnet50_hash, max_fine_tuned=1, custom_models=full)
+    job_id = submit(store, photos(3, seed=1), fine_tune_layers=11)
+    assert runner.run(job_id) == "failed"
+    assert "CUSTOM_MAX_FINE_TUNED" in (store.get(job_id) or {})["error"]
     assert not (tmp_path / "models" / "colours").exists()
