@@ -145,10 +145,11 @@ def create_app(
     """Build a model service. Tests pass a fake ``runtime`` and ``background_load=False``."""
     settings = settings or ServiceSettings.from_env(spec.name)
 
-    def build(version: int | None = None) -> Runtime:
+    def runtime_for(served: ModelSpec, plan: WeightsPlan) -> Runtime:
+        """A runtime as the settings ask (backend, threads, precision)."""
         return make_runtime(
-            spec,
-            settings.weights_plan(spec, version),
+            served,
+            plan,
             settings.backend,
             cache_dir=settings.cache_dir,
             intra_op_threads=settings.intra_op_threads,
@@ -156,6 +157,9 @@ def create_app(
             precision=settings.precision,
             quantization=settings.quantization,
         )
+
+    def build(version: int | None = None) -> Runtime:
+        return runtime_for(spec, settings.weights_plan(spec, version))
 
     version = ""
     if settings.model_repository:
@@ -185,17 +189,7 @@ def create_app(
         """A fine-tuned custom model as a model of its own: this service's input size and
         preprocessing, its ``model.keras``, the service's backend and precision, its own batcher."""
         own = replace(spec, name=name, builder=None, imagenet_file=None, imagenet_url=None, imagenet_md5=None)
-        plan = WeightsPlan("file", folder / finetune.MODEL_FILE)
-        tuned_runtime = make_runtime(
-            own,
-            plan,
-            settings.backend,
-            cache_dir=settings.cache_dir,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            precision=settings.precision,
-            quantization=settings.quantization,
-        )
+        tuned_runtime = runtime_for(own, WeightsPlan("file", folder / finetune.MODEL_FILE))
         loaded = LoadedModel(own, tuned_runtime, labels, batcher_for(tuned_runtime, name), str(number))
         loaded.load()
         if loaded.info is None:
