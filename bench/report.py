@@ -233,6 +233,8 @@ def _fine_tuned_lines(f: dict[str, Any] | None) -> list[str]:
         f"- its cost: the ResNet50 service {memory['before']:.0f} -> {memory['after']:.0f} MB "
         f"(+{f['added_mb']} MB: a copy of the backbone); batch-1 p50 through Nginx "
         f"{f['fine_tuned_p50_ms']} ms vs ResNet50's {f['resnet50_p50_ms']} ms",
+        f"- deleted, its copy went back in {f.get('released_after_s')} s: the ResNet50 service "
+        f"{memory.get('released', 0):.0f} MB",
     ]
 
 

@@ -267,6 +267,8 @@ def test_a_fine_tuned_model_holds_its_own_backbone_and_classifies_fresh_photos(f
     assert requests.delete(f"{fleet.url}/v1/models/colours-tuned", timeout=10).status_code == 200
     wait_until(lambda: not listed(fleet, "colours-tuned"), 30, "the fine-tuned model to go")
     assert classify(fleet, "colours-tuned", fresh[0][1]).status_code == 404
+    # closed once requests holding it are answered (the default deadline + 5 s): its copy goes back
+    wait_until(lambda: rss_mb(fleet.pids()["resnet50"]) < before + added / 2, 120, "the copy's memory to go")
 
 
 def test_kill_9_of_the_trainer_fails_the_job_cleanly_and_publishes_nothing(fleet: E2EFleet) -> None:
