@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy common gateway deploy client workers
 
-## Speed and memory, measured (not asserted): results in bench/results/ (~15 minutes).
+## Speed and memory, measured (not asserted): results in bench/results/ (~20 minutes).
 bench: $(STAMP) nginx redis bench/.venv-bento/.installed
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
