@@ -61,6 +61,15 @@ def run(client: Client, args: argparse.Namespace) -> int:
     return reporting_errors(client, lambda: command[args.job_command](client, args))
 
 
+def stopped_watching(job_id: str) -> int:
+    """Ctrl-C while waiting: the job carries on; say how to stop it. The exit status (130)."""
+    print(
+        f"\nstopped watching; job {job_id} carries on (python -m client job cancel {job_id} stops it)",
+        file=sys.stderr,
+    )
+    return 130
+
+
 def reporting_errors(client: Client, action: Callable[[], int]) -> int:
     """``action``'s exit status; a refusal (with each problem it names), an unreadable path or an
     unreachable fleet printed on stderr instead, and 1."""
@@ -105,12 +114,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
 
             job = client.wait_for_job(job["job_id"], interval_s=args.interval, on_update=show)
     except KeyboardInterrupt:
-        print(
-            f"\nstopped watching; job {job['job_id']} carries on "
-            f"(python -m client job cancel {job['job_id']} stops it)",
-            file=sys.stderr,
-        )
-        return 130
+        return stopped_watching(job["job_id"])
     print(
         f"job {job['job_id']} {job['status']}: {job['done']} done, {job['failed']} failed of {job['total']}",
         file=sys.stderr,

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from client import Client
-from client.job_commands import reporting_errors
+from client.job_commands import reporting_errors, stopped_watching
 
 BASES = ("vgg16", "resnet50", "inceptionv3")
 SHOWN_SKIPPED = 10  # skipped files listed by name; the rest are counted
@@ -79,12 +79,7 @@ def _train(client: Client, args: argparse.Namespace) -> int:
         with Progress(quiet=args.quiet) as progress:
             job = client.wait_for_job(job["job_id"], interval_s=args.interval, on_update=progress.show)
     except KeyboardInterrupt:
-        print(
-            f"\nstopped watching; job {job['job_id']} carries on "
-            f"(python -m client job cancel {job['job_id']} stops it)",
-            file=sys.stderr,
-        )
-        return 130
+        return stopped_watching(job["job_id"])
     _print_skipped((job.get("skipped") or [])[len(accepted.get("skipped") or []) :], when="while training")
     if job["status"] != "completed":
         reason = f": {job['error']}" if job.get("error") else ""

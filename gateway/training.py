@@ -91,20 +91,18 @@ class TooManyFineTuned(ServiceError):
     status, code = 409, "too_many_fine_tuned"
 
 
-def check_room(chosen: dict[str, Any], client: ModelClient) -> None:
+def check_room(client: ModelClient, base: str, name: str) -> None:
     """Refuse a fine-tuned model the base's service would not load: it already holds as many as
     its ``CUSTOM_MAX_FINE_TUNED`` allows (retraining one of them replaces it, so it is allowed)."""
-    if not chosen["fine_tune_layers"]:
-        return
-    meta = client.registry.metadata(chosen["base"])
+    meta = client.registry.metadata(base)
     if "max_fine_tuned" not in meta:  # no ready replica (or one from before fine-tuning): the trainer checks
         return
     tuned = {m["name"] for m in meta.get("custom_models") or [] if m.get("kind") == heads.FINE_TUNED}
     tuned |= {m["name"] for m in meta.get("custom_models_loading") or []}  # only fine-tuned ones load slowly
-    tuned.discard(chosen["name"])
+    tuned.discard(name)
     if len(tuned) >= int(meta["max_fine_tuned"]):
         raise TooManyFineTuned(
-            f"{chosen['base']} already serves {len(tuned)} fine-tuned models ({', '.join(sorted(tuned))}), "
+            f"{base} already serves {len(tuned)} fine-tuned models ({', '.join(sorted(tuned))}), "
             f"the most its CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone): delete "
             f"one, or train a head on the frozen backbone (fine_tune_layers=0)"
         )
@@ -138,6 +136,10 @@ def create_blueprint(
                 "a valid bearer token is required (TRAINING_TOKEN)", code="unauthorized", status=401
             )
 
+    def check_fine_tuning(chosen: dict[str, Any]) -> None:
+        if chosen["fine_tune_layers"]:
+            check_room(client, chosen["base"], chosen["name"])
+
     @blueprint.post("/v1/training")
     def submit() -> Response:
         request.max_content_length = job_settings.max_archive_bytes
@@ -153,7 +155,7 @@ def create_blueprint(
             )
         early = {key: request.args[key] for key in FIELDS if key in request.args}
         if "name" in early:  # refuse what the query already shows is wrong, before the upload
-            check_room(options(early, settings, client.registry.bases), client)
+            check_fine_tuning(options(early, settings, client.registry.bases))
         staged = store.staging()
         job_id = uuid.uuid4().hex
         try:
@@ -162,7 +164,7 @@ def create_blueprint(
             if doubled:
                 raise BadRequest(f"give {', '.join(doubled)} once: in the query or in the form")
             chosen = options({**early, **received.fields}, settings, client.registry.bases)
-            check_room(chosen, client)
+            check_fine_tuning(chosen)
             entries = [
                 Entry(item["name"], staged / item["file"]) for item in received.items if "file" in item
             ]

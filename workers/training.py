@@ -454,7 +454,7 @@ class TrainingRunner:
     def _check_room(self, job: dict[str, Any]) -> None:
         """Fail a fine-tuning the base's service would not load (``CUSTOM_MAX_FINE_TUNED``)."""
         try:
-            check_room({"name": job["model"], "base": job["base"], "fine_tune_layers": 1}, self.client)
+            check_room(self.client, job["base"], job["model"])
         except TooManyFineTuned as exc:
             raise TrainingFailed(exc.message) from None
 
