@@ -102,3 +102,32 @@ class WeightsUnavailable(ServiceError):
     """Raised at start-up when the requested weights cannot be found or fetched."""
 
     status, code = 500, "weights_unavailable"
+
+
+class Unauthorized(ServiceError):
+    """No key, or a key that is not valid (401)."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A valid key without the scope the route needs (403)."""
+
+    status, code = 403, "forbidden"
+
+
+class QuotaExceeded(ServiceError):
+    """Past one of a principal's (or the fleet's) quotas: the body names it with its figures."""
+
+    status, code, retry_after = 429, "quota_exceeded", 30
+
+    def __init__(self, quota: str, limit: int, used: int, message: str) -> None:
+        super().__init__(message)
+        self.quota, self.limit, self.used = quota, limit, used
+
+    def to_dict(self, request_id: str | None = None) -> dict[str, Any]:
+        return {**super().to_dict(request_id), "quota": self.quota, "limit": self.limit, "used": self.used}
+
+
+class InsufficientStorage(ServiceError):
+    status, code = 507, "insufficient_storage"

@@ -11,8 +11,10 @@ from common import metrics, web
 from common.custom.settings import TrainingSettings
 from common.errors import UnknownModel
 from common.jobs.settings import JobSettings
+from common.tenancy.settings import AuthSettings
+from gateway import auth as access
 from gateway import cache as response_cache
-from gateway import docs, jobs, limits, training, v2
+from gateway import docs, jobs, keys, limits, training, v2
 from gateway.client import ModelClient, build_client
 from gateway.fetch import UrlFetcher
 from gateway.inputs import ImageInput, InputReader
@@ -28,11 +30,13 @@ def create_app(
     poll_health: bool = True,
     job_settings: JobSettings | None = None,
     training_settings: TrainingSettings | None = None,
+    auth_settings: AuthSettings | None = None,
 ) -> Flask:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
     job_settings = job_settings or JobSettings.from_env()
     training_settings = training_settings or TrainingSettings.from_env()
+    auth = access.Auth(auth_settings or AuthSettings.from_env())
     client = client or build_client(settings)
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,
@@ -76,6 +80,7 @@ def create_app(
         return "custom" if name in registry.custom() else "other"
 
     metrics.install(app, "gateway", model_label)
+    access.install(app, auth, settings, registry)
 
     def read_images() -> tuple[list[ImageInput], bool]:
         items, batch = reader.read(request)
@@ -177,11 +182,27 @@ def create_app(
         return web.json_ok({"status": "ready"})
 
     def describe(name: str) -> dict[str, Any]:
-        """A model's listing entry; empty when a custom model went between listing and describing."""
+        """A model's listing entry as this caller may see it: empty when it is someone else's
+        private custom model (or went between listing and describing); replica addresses for the
+        admin alone."""
+        principal = auth.principal()
+        if registry.is_custom(name) and not auth.owners.visible(name, principal):
+            return {}
         try:
-            return registry.describe(name)
+            entry = registry.describe(name)
         except UnknownModel:
             return {}
+        if registry.is_custom(name):
+            found = auth.owners.of(name)
+            entry["public"] = found.public
+            if principal.sees(found.owner):
+                entry["owner"] = found.owner
+        if not principal.is_admin:
+            entry["replicas"] = [
+                {k: v for k, v in replica.items() if k not in ("url", "host")}
+                for replica in entry["replicas"]
+            ]
+        return entry
 
     @app.get("/v1/models")
     def models() -> Response:
@@ -200,7 +221,10 @@ def create_app(
 
     @app.get("/v1/models/<name>")
     def model(name: str) -> Response:
-        return web.json_ok(registry.describe(name))
+        entry = describe(name)
+        if not entry:  # went away, or became private, since the checks before this route
+            raise UnknownModel(f"unknown model {name[:64]!r}")
+        return web.json_ok(entry)
 
     @app.post("/v1/predict")
     def predict() -> Response:
@@ -256,6 +280,7 @@ def create_app(
     app.register_blueprint(docs.create_blueprint())
     app.register_blueprint(jobs.create_blueprint(settings, job_settings, client))
     app.register_blueprint(training.create_blueprint(settings, job_settings, training_settings, client))
+    app.register_blueprint(keys.create_blueprint(auth))
     limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)

@@ -14,7 +14,8 @@ A refusal is a JSON 4xx and leaves nothing behind: the caller removes the stagin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,31 @@ from flask import Request
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
-from common.errors import BadRequest, ImageTooLarge, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from common.errors import (
+    BadRequest,
+    ImageTooLarge,
+    PayloadTooLarge,
+    QuotaExceeded,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from common.jobs import archive
 from common.jobs.settings import JobSettings
 from gateway.inputs import decode_base64
 
 READ_BYTES = 1024 * 1024
 FIELD_BYTES = 8 * 1024  # a form field (callback_url) is short
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What one request may bring: images, and bytes written to disk across all of its parts (files
+    and every archive once unpacked) - the caller's quotas and the free space, whichever is least."""
+
+    max_images: int
+    max_bytes: int
+    images_quota: bool = False  # max_images is the principal's job_images quota (429), not the fleet's
+    bytes_quota: int = 0  # max_bytes is that quota's remainder (429 job_bytes) when this is > 0
 
 
 @dataclass
@@ -61,8 +80,12 @@ class Intake:
             max_file_bytes=max_image_bytes,
         )
 
-    def receive(self, request: Request, staging: Path) -> Received:
+    def receive(self, request: Request, staging: Path, allowance: Allowance | None = None) -> Received:
         """Read ``request``'s images into ``staging`` (``inputs/``); raises a 4xx ``ServiceError``."""
+        self.allowance = allowance or Allowance(
+            self.settings.max_images, self.settings.max_uncompressed_bytes
+        )
+        self.written = 0
         (staging / "inputs").mkdir()
         mimetype = request.mimetype
         if mimetype == "multipart/form-data":
@@ -80,11 +103,34 @@ class Intake:
         return received
 
     def _check_count(self, count: int) -> None:
-        if count > self.settings.max_images:
-            raise BadRequest(
-                f"more than {self.settings.max_images} images in one job (JOBS_MAX_IMAGES)",
-                code="too_many_images",
+        allowed = min(self.settings.max_images, self.allowance.max_images)
+        if count <= allowed:
+            return
+        if self.allowance.images_quota and allowed < self.settings.max_images:
+            raise QuotaExceeded(
+                "job_images", allowed, count, f"more than {allowed} images in one job (your job_images quota)"
             )
+        raise BadRequest(
+            f"more than {self.settings.max_images} images in one job (JOBS_MAX_IMAGES)",
+            code="too_many_images",
+        )
+
+    def _meter(self, size: int) -> None:
+        """Count ``size`` more bytes written to disk by this request (files and unpacked archives)."""
+        self.written += size
+        if self.written <= self.allowance.max_bytes:
+            return
+        if self.allowance.bytes_quota:
+            raise QuotaExceeded(
+                "job_bytes",
+                self.allowance.bytes_quota,
+                self.allowance.bytes_quota - self.allowance.max_bytes + self.written,
+                "this job's inputs would take your job inputs past your quota (job_bytes)",
+            )
+        raise PayloadTooLarge(
+            f"the job's inputs exceed {self.allowance.max_bytes} bytes on disk (JOBS_MAX_UNCOMPRESSED_BYTES "
+            "for one request, or the free space left)"
+        )
 
     # --- multipart --------------------------------------------------------------------------
 
@@ -93,9 +139,11 @@ class Intake:
         boundary = options.get("boundary", "")
         if not boundary:
             raise BadRequest("multipart body without a boundary")
+        if len(boundary) > 200 or not boundary.isascii() or not boundary.isprintable():
+            raise BadRequest("the multipart boundary must be printable ASCII (RFC 2046), at most 200 characters")
         # The decoder's memory bound is on its buffer: one read plus what is left of the last.
         decoder = MultipartDecoder(
-            boundary.encode("latin-1"), 4 * READ_BYTES, max_parts=self.settings.max_images + 16
+            boundary.encode("ascii"), 4 * READ_BYTES, max_parts=self.settings.max_images + 16
         )
         received = Received()
         stream = request.stream
@@ -132,16 +180,22 @@ class Intake:
 
     def _open_part(self, event: File, staging: Path, received: Received) -> _Part | None:
         if event.name == self.archive_field:
+            archives = sum(1 for item in received.items if "archive" in item)
+            if archives >= self.settings.max_archives:
+                raise BadRequest(
+                    f"more than {self.settings.max_archives} '{self.archive_field}' parts in one request "
+                    "(JOBS_MAX_ARCHIVES)",
+                    code="too_many_parts",
+                )
             path = staging / f"upload-{len(received.items)}"
             received.items.append({"archive": path})
             return _Part("archive", path, self.settings.max_archive_bytes)
         if event.name == "files":
             self._check_count(len(received.items) + 1)
             relative = f"inputs/{len(received.items):06d}"
-            received.items.append(
-                {"name": event.filename or f"files[{len(received.items)}]", "file": relative}
-            )
-            return _Part(event.name, staging / relative, self.max_image_bytes)
+            name = (event.filename or f"files[{len(received.items)}]")[: self.settings.max_name_chars]
+            received.items.append({"name": name, "file": relative})
+            return _Part(event.name, staging / relative, self.max_image_bytes, self._meter)
         return None  # an unknown part is read past and ignored, as a form would
 
     def _expand_archives(self, received: Received, staging: Path) -> Received:
@@ -154,9 +208,21 @@ class Intake:
             upload: Path = item["archive"]
             target = staging / "inputs" / upload.name
             target.mkdir()
-            entries = archive.unpack(upload, target, self.limits)
+            # One meter for the whole request: each archive may use what the parts before it left.
+            images_left = min(self.settings.max_images, self.allowance.max_images) - len(items)
+            bytes_left = self.allowance.max_bytes - self.written
+            limits = replace(
+                self.limits,
+                max_images=max(0, images_left),
+                max_uncompressed_bytes=max(0, min(self.limits.max_uncompressed_bytes, bytes_left)),
+            )
+            entries = archive.unpack(upload, target, limits)
             upload.unlink()
-            items += [{"name": e.name, "file": str(e.path.relative_to(staging))} for e in entries]
+            self._meter(sum(e.path.stat().st_size for e in entries))
+            items += [
+                {"name": e.name[: self.settings.max_name_chars], "file": str(e.path.relative_to(staging))}
+                for e in entries
+            ]
         return Received(items, received.fields)
 
     # --- JSON -------------------------------------------------------------------------------
@@ -183,20 +249,34 @@ class Intake:
             if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
                 raise BadRequest("'urls' must be a list of strings")
             self._check_count(len(urls))
-            received.items = [{"name": url[:300], "url": url} for url in urls]
+            self._check_urls(urls)
+            received.items = [{"name": url[: self.settings.max_name_chars], "url": url} for url in urls]
             return received
         images = body.get("images")
         if not isinstance(images, list):
             raise BadRequest("JSON job body needs 'images' (a list) or 'urls' (a list)")
         self._check_count(len(images))
+        self._check_urls([v["url"] for v in images if isinstance(v, dict) and isinstance(v.get("url"), str)])
         for index, value in enumerate(images):
             received.items.append(self._json_item(index, value, staging))
         return received
 
+    def _check_urls(self, urls: list[str]) -> None:
+        if len(urls) > self.settings.max_urls:
+            raise BadRequest(
+                f"{len(urls)} URLs in one job; at most {self.settings.max_urls} (JOBS_MAX_URLS): fetching "
+                "is slow, send the images themselves in an archive",
+                code="too_many_urls",
+            )
+        if any(len(url) > self.settings.max_url_chars for url in urls):
+            raise BadRequest(
+                f"a URL is longer than {self.settings.max_url_chars} characters", code="invalid_url"
+            )
+
     def _json_item(self, index: int, value: object, staging: Path) -> dict[str, Any]:
         name = f"images[{index}]"
         if isinstance(value, dict) and isinstance(value.get("name"), str):
-            name = value["name"][:300]
+            name = value["name"][: self.settings.max_name_chars]
         try:
             if isinstance(value, dict) and "url" in value:
                 if not isinstance(value["url"], str):
@@ -208,6 +288,7 @@ class Intake:
             data = decode_base64(raw, self.max_image_bytes)
         except ServiceError as exc:
             return {"name": name, "error": {**exc.to_dict(), "status": exc.status}}
+        self._meter(len(data))
         relative = f"inputs/{index:06d}"
         (staging / relative).write_bytes(data)
         return {"name": name, "file": relative}
@@ -216,10 +297,13 @@ class Intake:
 class _Part:
     """One multipart part being received: a file written as it arrives, or a short field."""
 
-    def __init__(self, name: str, path: Path | None, max_bytes: int) -> None:
+    def __init__(
+        self, name: str, path: Path | None, max_bytes: int, meter: Callable[[int], None] | None = None
+    ) -> None:
         self.name = name
         self.path = path
         self.max_bytes = max_bytes
+        self.meter = meter
         self.size = 0
         self.buffer = bytearray()
         self.out = path.open("wb") if path is not None else None
@@ -232,6 +316,8 @@ class _Part:
             if self.name == "archive":
                 raise PayloadTooLarge(f"the archive exceeds {self.max_bytes} bytes")
             raise BadRequest(f"form field {self.name!r} is longer than {self.max_bytes} bytes")
+        if self.meter is not None:
+            self.meter(len(data))
         if self.out is not None:
             self.out.write(data)
         else:

@@ -31,9 +31,12 @@ from common import metrics, web
 from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
 from common.jobs.settings import JobSettings
-from common.jobs.store import ACTIVE, JobStore, JobStoreUnavailable, connect, describe
+from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect, describe
+from common.tenancy.quotas import QuotaBook
+from common.tenancy.settings import QuotaSettings
+from gateway.auth import audit, current
 from gateway.client import ModelClient
-from gateway.job_intake import Intake
+from gateway.job_intake import Allowance, Intake
 from gateway.predict import select
 from gateway.settings import GatewaySettings
 
@@ -64,11 +67,15 @@ def check_callback(url: str) -> str:
 class Jobs:
     """The routes' state: the store and the queue, connected on first use (Redis may come later)."""
 
-    def __init__(self, settings: JobSettings, training_queue: str = "training") -> None:
+    def __init__(
+        self, settings: JobSettings, training_queue: str = "training", quotas: QuotaSettings | None = None
+    ) -> None:
         self.settings = settings
         self.training_queue = training_queue
+        self.quota_settings = quotas or QuotaSettings.from_env()
         self._store: JobStore | None = None
         self._queue: Any = None
+        self._quotas: QuotaBook | None = None
 
     @property
     def store(self) -> JobStore:
@@ -81,27 +88,67 @@ class Jobs:
         return self._store
 
     @property
+    def quotas(self) -> QuotaBook:
+        """The quota checks, over the jobs' Redis (after ``store``)."""
+        if self._quotas is None:
+            self._quotas = QuotaBook(self.quota_settings, self.store.redis)
+        return self._quotas
+
+    def admit(self, job_id: str, *, training: bool) -> None:
+        """Count a job against its principal's quotas before its upload is read (``job_id`` '') or
+        once its record exists (reserving its place)."""
+        store_call(lambda: self.quotas.admit_job(current(), job_id, training=training))
+
+    @property
     def queue(self) -> Any:
         """The Celery application tasks are sent with (after ``store``)."""
         return self._queue
 
     def open(self, job_id: str, staged: Path, record: dict[str, Any], send: Callable[[], None]) -> Response:
-        """Write the job (its staged folder moved into place, its record) and queue it with ``send``,
-        then answer 202: no job without its tasks - the broker is Redis too - and nothing left
-        behind when either step fails."""
+        """Write the job (its staged folder moved into place, its record, owned by the caller),
+        count it against the caller's quotas and queue it with ``send``, then answer 202: no job
+        without its tasks - the broker is Redis too - and nothing left behind when a step fails."""
+        principal = current()
+        record = {**record, "owner": principal.id, "owner_name": principal.name}
+        record["input_bytes"] = sum(f.stat().st_size for f in (staged / "inputs").rglob("*") if f.is_file())
         try:
             job = store_call(self.store.create, job_id, staged, record)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         try:
+            self.admit(job_id, training=record["kind"] == "training")
             send()
+        except ServiceError:
+            self._discard(job_id)
+            raise
         except Exception as exc:
-            self.store.discard(job_id)
+            self._discard(job_id)
             raise JobsUnavailable(f"the job could not be queued: {type(exc).__name__}") from None
+        audit(f"{record['kind']}.submit", job_id, model=str(record.get("model", "")), images=record["total"])
         response = web.json_ok(describe(job), status=202)
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return response
+
+    def allowance(self, fleet_max_images: int) -> Allowance:
+        """What the caller's next upload may bring: images and bytes on disk (429 or 507 at none)."""
+        principal = current()
+        book = self.quotas
+        left = store_call(book.bytes_left, principal, Path(self.settings.dir))
+        per_request = self.settings.max_uncompressed_bytes
+        quota = 0 if principal.is_admin else book.quotas(principal).job_bytes
+        return Allowance(
+            max_images=book.job_images(principal, fleet_max_images),
+            max_bytes=min(left, per_request),
+            images_quota=not principal.is_admin,
+            bytes_quota=quota if left < per_request and not principal.is_admin else 0,
+        )
+
+    def _discard(self, job_id: str) -> None:
+        try:
+            self.store.discard(job_id)
+        except Exception:  # Redis went away too: the sweeper removes the folder when it expires
+            pass
 
     def enqueue(self, job_id: str, chunks: int) -> None:
         queue.enqueue(self._queue, job_id, range(chunks))
@@ -135,8 +182,10 @@ class JobMetrics:
 
 
 def _job_or_404(jobs: Jobs, job_id: str) -> dict[str, Any]:
+    """The job, when the caller may see it (its owner, or admin): anyone else gets the same 404 as
+    for an id that does not exist."""
     job = store_call(jobs.store.get, job_id)
-    if job is None:
+    if job is None or not current().sees(str(job.get("owner") or ADMIN)):
         raise NotFound(
             f"no job {job_id!r} (jobs are kept {jobs.settings.retention_s / 3600:g} h)", code="unknown_job"
         )
@@ -146,7 +195,7 @@ def _job_or_404(jobs: Jobs, job_id: str) -> dict[str, Any]:
 def store_call(method: Any, *args: Any) -> Any:
     try:
         return method(*args)
-    except JobStoreUnavailable:
+    except (JobStoreUnavailable, redis.RedisError):
         raise JobsUnavailable("the job store (Redis) cannot be reached") from None
 
 
@@ -208,10 +257,12 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
         selection = select(request.args, gateway, client)
         top_k = web.query_int("top_k", gateway.default_top_k, 1, gateway.max_top_k)
         callback = request.args.get("callback_url")
+        jobs.admit("", training=False)  # refused before the upload is read when already at a quota
+        allowance = jobs.allowance(settings.max_images)
         staged = store.staging()
         job_id = uuid.uuid4().hex
         try:
-            received = intake.receive(request, staged)
+            received = intake.receive(request, staged, allowance)
             if "callback_url" in received.fields and callback is not None:
                 raise BadRequest("give callback_url once: in the query or in the body")
             callback = received.fields.get("callback_url", callback)
@@ -255,7 +306,9 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
         if before and not CURSOR.match(before):
             raise BadRequest("before must be the 'next' cursor of a previous page")
         cursor = float(before) if before else None
-        found = store_call(jobs.store.recent, limit, cursor)
+        principal = current()
+        owner = None if principal.is_admin else principal.id
+        found = store_call(jobs.store.recent, limit, cursor, owner)
         body: dict[str, Any] = {"jobs": [describe(job) for job in found], "next": None}
         if len(found) == limit:
             body["next"] = f"/v1/jobs?limit={limit}&before={found[-1]['created_at']!r}"
@@ -289,6 +342,7 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
     def cancel(job_id: str) -> Response:
         _job_or_404(jobs, job_id)
         state = store_call(jobs.store.cancel, job_id)
+        audit("job.cancel", job_id, str(state))
         if state == "publishing":
             raise JobNotActive(f"job {job_id} is publishing its model; it can no longer be cancelled")
         job = _job_or_404(jobs, job_id)

@@ -1,4 +1,5 @@
-"""Per-client rate limits (Flask-Limiter): one count per client across every limited route.
+"""Per-client rate limits (Flask-Limiter): one count per client across every limited route - per
+key when the request sent a valid one, else per address (``gateway.auth.rate_limit_key``).
 
 Counted in Redis when ``GATEWAY_RATE_LIMIT_STORAGE`` (or ``REDIS_URL``) names one, so every gateway
 worker and replica shares it; else in each worker's memory. A Redis outage falls back to counting in
@@ -17,17 +18,12 @@ import time
 from flask import Flask, Response, request
 from flask_limiter import Limiter
 
+from gateway import auth
 from gateway.settings import GatewaySettings
 
 # Health, metadata, metrics and docs are never limited; every prediction route is.
 EXEMPT = ("live", "ready", "models", "metrics", "static")
 REDIS_TIMEOUTS: dict[str, str | int] = {"socket_connect_timeout": 1, "socket_timeout": 1}
-
-
-def client_address() -> str:
-    """The client as Nginx saw it (X-Real-IP), else the peer. NOTE: only trustworthy while the
-    gateway is reachable through Nginx alone, as in every deployment here."""
-    return request.headers.get("X-Real-IP") or request.remote_addr or "unknown"
 
 
 def _exempt() -> bool:
@@ -44,7 +40,7 @@ def install(app: Flask, settings: GatewaySettings) -> Limiter | None:
         return None
     storage = settings.rate_limit_storage or "memory://"
     limiter = Limiter(
-        client_address,
+        auth.rate_limit_key,
         app=app,
         application_limits=[settings.rate_limit],
         application_limits_exempt_when=_exempt,

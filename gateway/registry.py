@@ -99,8 +99,16 @@ class Registry:
         custom = self.custom()
         if model in custom:
             return custom[model][0]
-        available = ", ".join([*self._replicas, *sorted(custom)])
-        raise UnknownModel(f"unknown model {model[:64]!r}; available: {available}, ensemble")
+        raise self.unknown(model)
+
+    def unknown(self, model: str) -> UnknownModel:
+        """The 404 for a name that is not served - or not the caller's to see: custom models are not
+        named in it (a private one must not be confirmed to others)."""
+        available = ", ".join(self._replicas)
+        return UnknownModel(
+            f"unknown model {model[:64]!r}; available: {available}, ensemble, and the custom models "
+            "GET /v1/models lists for you"
+        )
 
     def is_custom(self, model: str) -> bool:
         return model not in self._replicas

@@ -65,6 +65,10 @@ class GatewaySettings:
         "",
         "where limits are counted: empty = memory per worker, or redis://host:port (falls back to REDIS_URL)",
     )
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.1/32", "::1/128"),
+        "CIDRs of the proxy (Nginx) whose X-Real-IP names the client; any other peer is the client",
+    )
     cache_size: int = setting(1024, "answers kept by the response cache per gateway worker (0: off)")
     cache_ttl_s: float = setting(300.0, "seconds a cached answer is served")
     cache_redis_url: str = setting(

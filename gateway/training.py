@@ -15,7 +15,6 @@ every version; the model services stop serving it on their next look at the repo
 
 from __future__ import annotations
 
-import hmac
 import os
 import shutil
 import uuid
@@ -33,12 +32,14 @@ from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
 from common.jobs.archive import Entry
 from common.jobs.settings import JobSettings
+from common.tenancy.owners import LEGACY, NameTaken
+from gateway.auth import audit, current, owners
 from gateway.client import ModelClient
 from gateway.job_intake import Intake
-from gateway.jobs import Jobs
+from gateway.jobs import Jobs, store_call
 from gateway.settings import GatewaySettings
 
-FIELDS = ("name", "base", "epochs", "validation_split", "augment", "fine_tune_layers")
+FIELDS = ("name", "base", "epochs", "validation_split", "augment", "fine_tune_layers", "public")
 BASES = ("vgg16", "resnet50", "inceptionv3")
 
 
@@ -72,9 +73,12 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
     epochs = number("epochs", int, settings.default_epochs, 1, settings.max_epochs)
     split = number("validation_split", float, settings.default_validation_split, 0.0, 0.5)
     fine_tune = number("fine_tune_layers", int, 0, 0, BACKBONE_LAYERS.get(base, 0))
-    augment = raw.get("augment", "false").strip().lower()
-    if augment not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-        problems.append(f"augment must be true or false, got {augment[:20]!r}")
+    flags = {}
+    for key in ("augment", "public"):
+        flag = raw.get(key, "false").strip().lower()
+        if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            problems.append(f"{key} must be true or false, got {flag[:20]!r}")
+        flags[key] = flag in ("1", "true", "yes", "on")
     if problems:
         raise BadRequest("training refused: " + "; ".join(problems), code="invalid_training_options")
     return {
@@ -82,8 +86,9 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
         "base": base,
         "epochs": epochs,
         "validation_split": split,
-        "augment": augment in ("1", "true", "yes", "on"),
+        "augment": flags["augment"],
         "fine_tune_layers": fine_tune,
+        "public": flags["public"],
     }
 
 
@@ -125,27 +130,44 @@ def create_blueprint(
             raise TrainingUnavailable(f"CUSTOM_MODELS_DIR ({folder}) is not writable")
         return folder
 
-    def authorize() -> None:
-        """With ``TRAINING_TOKEN`` set, training and removing custom models need it as a bearer
-        token (reading and predicting do not)."""
-        if not settings.token:
-            return
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(supplied.encode(), settings.token.encode()):
-            raise ServiceError(
-                "a valid bearer token is required (TRAINING_TOKEN)", code="unauthorized", status=401
-            )
+    def check_name_free(name: str) -> None:
+        """Another principal's name is a 409 - a model from before keys (on disk, with no owner
+        recorded) is the admin's."""
+        principal = current()
+        owners().check_free(name, principal)
+        legacy = owners().of(name) is LEGACY and (repository() / name).is_dir()
+        if legacy and not principal.is_admin:
+            raise NameTaken(f"the model name {name!r} belongs to another principal: choose another name")
 
     def check_fine_tuning(chosen: dict[str, Any]) -> None:
+        check_name_free(chosen["name"])
         if chosen["fine_tune_layers"]:
             check_room(client, chosen["base"], chosen["name"])
+
+    def claim(chosen: dict[str, Any]) -> bool:
+        principal = current()
+        quotas = None if principal.is_admin else jobs.quotas.quotas(principal)
+        return bool(
+            store_call(
+                lambda: owners().claim(
+                    chosen["name"],
+                    principal,
+                    chosen["base"],
+                    fine_tuned=bool(chosen["fine_tune_layers"]),
+                    public=chosen["public"],
+                    quotas=None if quotas is None else (quotas.custom_models, quotas.fine_tuned),
+                    total=jobs.quota_settings.total_custom_models,
+                )
+            )
+        )
 
     @blueprint.post("/v1/training")
     def submit() -> Response:
         request.max_content_length = job_settings.max_archive_bytes
-        authorize()
         repository()
         store = jobs.store
+        jobs.admit("", training=True)  # refused before the upload is read when already at a quota
+        allowance = jobs.allowance(min(job_settings.max_images, settings.max_images))
         if request.mimetype != "multipart/form-data":
             raise BadRequest(
                 "send the training dataset as multipart/form-data: 'dataset' (a zip or tar of one "
@@ -159,7 +181,7 @@ def create_blueprint(
         staged = store.staging()
         job_id = uuid.uuid4().hex
         try:
-            received = intake.receive(request, staged)
+            received = intake.receive(request, staged, allowance)
             doubled = sorted(key for key in FIELDS if key in early and key in received.fields)
             if doubled:
                 raise BadRequest(f"give {', '.join(doubled)} once: in the query or in the form")
@@ -181,7 +203,7 @@ def create_blueprint(
                 "kind": "training",
                 "model": chosen["name"],
                 "base": chosen["base"],
-                "options": {k: v for k, v in chosen.items() if k not in ("name", "base")},
+                "options": {k: v for k, v in chosen.items() if k not in ("name", "base", "public")},
                 "classes": dataset.classes,
                 "counts": dataset.counts(),
                 "skipped": dataset.skipped,
@@ -191,18 +213,47 @@ def create_blueprint(
                 "top_k": 0,
                 "request_id": web.request_id(),
             }
+            fresh = claim(chosen)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        return jobs.open(job_id, staged, record, lambda: queue.enqueue_training(jobs.queue, job_id))
+        try:
+            return jobs.open(job_id, staged, record, lambda: queue.enqueue_training(jobs.queue, job_id))
+        except BaseException:
+            if fresh:  # nothing was trained under it: the name is free again
+                owners().release(chosen["name"])
+            raise
+
+    def owned_or_404(name: str) -> None:
+        """The caller owns ``name`` (or is the admin), or gets the 404 a missing model gets."""
+        if name in client.registry.bases:
+            raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
+        if heads.check_name(name) or not current().sees(owners().of(name).owner):
+            raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
 
     @blueprint.delete("/v1/models/<name>")
     def remove(name: str) -> Response:
-        authorize()
-        if name in client.registry.bases:
-            raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
-        if heads.check_name(name) or not heads.remove(repository(), name):
+        owned_or_404(name)
+        claimed = owners().of(name) is not LEGACY
+        removed = heads.remove(repository(), name)
+        if not removed and not claimed:
+            audit("model.delete", name, "not_found")
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
+        owners().release(name)
+        audit("model.delete", name)
         return web.json_ok({"deleted": name})
+
+    @blueprint.patch("/v1/models/<name>")
+    def share(name: str) -> Response:
+        """``{"public": true}``: every caller may see and use the model; ``false``: its owner alone."""
+        owned_or_404(name)
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("public"), bool) or len(body) != 1:
+            raise BadRequest('send JSON {"public": true} or {"public": false}', code="invalid_json")
+        if owners().of(name) is LEGACY and not (repository() / name).is_dir():
+            raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
+        store_call(lambda: owners().set_public(name, body["public"]))
+        audit("model.share", name, public=body["public"])
+        return web.json_ok({"name": name, "public": body["public"]})
 
     return blueprint

@@ -11,6 +11,7 @@ import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,13 +19,27 @@ from PIL import Image
 
 from common.service import ServiceSettings
 from common.service_settings import RENAMED
+from common.tenancy.settings import AuthSettings
 from deploy.local.running import free_port, wait_until
 from gateway.settings import GatewaySettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")
 _SERVICE_FIELDS = {f.name.upper() for f in dataclasses.fields(ServiceSettings)} | set(RENAMED)
-_PREFIXES = ("GATEWAY_", "FLEET_", "JOBS_", "CUSTOM_", "VGG16_", "RESNET50_", "INCEPTIONV3_", "SHAPES_")
+_PREFIXES = (
+    "GATEWAY_",
+    "FLEET_",
+    "JOBS_",
+    "CUSTOM_",
+    "VGG16_",
+    "RESNET50_",
+    "INCEPTIONV3_",
+    "SHAPES_",
+    "AUTH_",
+    "QUOTA_",
+    "IMAGEREC_",
+)
+ADMIN_KEY = "test-admin-key"  # every test's IMAGEREC_ADMIN_KEY: no test writes a key into run/
 
 
 def _is_project_variable(name: str) -> bool:
@@ -35,10 +50,28 @@ def _is_project_variable(name: str) -> bool:
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the developer's WEIGHTS, GATEWAY_*, <MODEL>_URLS, ... settings."""
+    """No test sees the developer's WEIGHTS, GATEWAY_*, <MODEL>_URLS, ... settings; the admin key
+    is a known one."""
     for name in list(os.environ):
         if _is_project_variable(name):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("IMAGEREC_ADMIN_KEY", ADMIN_KEY)
+
+
+def auth_settings(redis_url: str = "", **overrides: Any) -> AuthSettings:
+    """Key settings over ``redis_url`` with the tests' admin key."""
+    return AuthSettings(redis_url=redis_url, admin_key=ADMIN_KEY, **overrides)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def keyed_client(app: Any, key: str = ADMIN_KEY) -> Any:
+    """A Flask test client that sends ``key`` (the admin's by default) with every request."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
 
 
 def photo(name: str = "chelsea.jpg") -> bytes:

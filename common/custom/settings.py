@@ -33,9 +33,6 @@ class TrainingSettings:
         "a running training job whose heartbeat stopped this long ago (its trainer was killed) is "
         "marked failed; nothing was published",
     )
-    token: str = setting(
-        "", "bearer token POST /v1/training and DELETE /v1/models/<name> require (empty: open to all)"
-    )
     publish_wait_s: float = setting(
         180.0,
         "how long a training job waits for the fleet to serve the new version before completing (a "

@@ -30,7 +30,13 @@ class JobSettings:
         32 * 1024 * 1024, "largest JSON job body ('images' or 'urls'), which is read into memory"
     )
     max_images: int = setting(20_000, "most images in one job")
-    max_uncompressed_bytes: int = setting(2 * 1024**3, "largest archive once unpacked")
+    max_uncompressed_bytes: int = setting(
+        2 * 1024**3, "most bytes one request writes to disk: its files and every archive once unpacked"
+    )
+    max_archives: int = setting(4, "most archive parts in one request")
+    max_urls: int = setting(1_000, "most image URLs in one job (each is fetched by a job worker)")
+    max_url_chars: int = setting(2_000, "longest image URL in a job")
+    max_name_chars: int = setting(255, "longest image name kept (a file's or an archive entry's name)")
     max_ratio: float = setting(100.0, "largest compression ratio of an archive (zip bombs)")
     chunk_images: int = setting(
         32, "images per queued task: the unit of redelivery, written to one result file"

@@ -34,8 +34,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+ADMIN = "admin"  # the owner of jobs made before keys existed (common.tenancy.keys.ADMIN_ID)
+
 PREFIX = "imagerec:job:"
 INDEX = "imagerec:jobs"  # sorted set: job id by creation time
+OWNED = "imagerec:jobs:owner:"  # + owner: the same, one principal's jobs
+ACTIVE_SET = "imagerec:active"  # pending and running jobs (common.tenancy.quotas keeps it)
 ITEMS = "imagerec:jobs:items:"  # + done | failed: items finished, all jobs (for metrics)
 ACTIVE = ("pending", "running")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -172,6 +176,10 @@ class JobStore:
                 pipe.expireat(self.key(job_id), expires)
                 pipe.zadd(INDEX, {job_id: now})
                 pipe.zremrangebyscore(INDEX, 0, now - self.retention_s)  # listing forgets expired jobs
+                owned = OWNED + str(record.get("owner", ADMIN))
+                pipe.zadd(owned, {job_id: now})
+                pipe.zremrangebyscore(owned, 0, now - self.retention_s)
+                pipe.expireat(owned, expires)
                 pipe.execute()
         except redis.RedisError as exc:
             shutil.rmtree(self.folder(job_id), ignore_errors=True)
@@ -182,8 +190,10 @@ class JobStore:
         """Forget a job that could not be queued: no record, no folder."""
         try:
             with self.redis.pipeline() as pipe:
+                owner = self.redis.hget(self.key(job_id), "owner") or ADMIN
                 pipe.delete(self.key(job_id))
                 pipe.zrem(INDEX, job_id)
+                pipe.zrem(OWNED + str(owner), job_id)
                 pipe.execute()
         finally:
             shutil.rmtree(self.folder(job_id), ignore_errors=True)
@@ -196,26 +206,38 @@ class JobStore:
         raw = self._call(self.redis.hgetall, self.key(job_id))
         return self._decode(raw) if raw else None
 
-    def recent(self, limit: int, before: float | None = None) -> list[dict[str, Any]]:
-        """Newest first; ``before`` (a creation time) pages on."""
+    def recent(
+        self, limit: int, before: float | None = None, owner: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; ``before`` (a creation time) pages on; ``owner``: that principal's alone."""
         top = f"({before}" if before is not None else "+inf"
-        ids = self._call(self.redis.zrevrangebyscore, INDEX, top, "-inf", start=0, num=limit)
+        index = INDEX if owner is None else OWNED + owner
+        ids = self._call(self.redis.zrevrangebyscore, index, top, "-inf", start=0, num=limit)
         with self.redis.pipeline() as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))
             found = self._call(pipe.execute)
         return [self._decode(raw) for raw in found if raw]
 
-    def stalled(
-        self, stall_s: float, *, pending_too: bool, newest: int = 1000
-    ) -> list[tuple[str, list[int]]]:
-        """Running jobs (and pending ones, with ``pending_too``) among the ``newest`` that recorded
-        nothing for ``stall_s``, with their unrecorded chunks; each is marked as progressing now, so
-        it is reported once per period."""
+    def active(self, newest: int = 1000) -> list[dict[str, Any]]:
+        """Every pending and running job (the set admission keeps, however many), and any among the
+        ``newest`` that is not in it (made before it existed)."""
+        ids = set(self._call(self.redis.smembers, ACTIVE_SET))
+        ids |= set(self._call(self.redis.zrevrange, INDEX, 0, newest - 1))
+        with self.redis.pipeline() as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.key(job_id))
+            found = self._call(pipe.execute)
+        return [job for job in (self._decode(raw) for raw in found if raw) if job.get("status") in ACTIVE]
+
+    def stalled(self, stall_s: float, *, pending_too: bool) -> list[tuple[str, list[int]]]:
+        """Running jobs (and pending ones, with ``pending_too``) that recorded nothing for
+        ``stall_s``, with their unrecorded chunks; each is marked as progressing now, so it is
+        reported once per period."""
         now = time.time()
         found = []
         states = ("running", "pending") if pending_too else ("running",)
-        for job in self.recent(newest):
+        for job in self.active():
             if job.get("kind", "inference") != "inference":
                 continue  # training jobs have no chunks: see stalled_training
             if job["status"] not in states or now - job.get("progress_at", now) < stall_s:
@@ -227,12 +249,12 @@ class JobStore:
                 found.append((job["id"], missing))
         return found
 
-    def stalled_training(self, stall_s: float, newest: int = 1000) -> list[str]:
-        """Running training jobs among the ``newest`` that reported no progress for ``stall_s``."""
+    def stalled_training(self, stall_s: float) -> list[str]:
+        """Running training jobs that reported no progress for ``stall_s``."""
         now = time.time()
         return [
             job["id"]
-            for job in self.recent(newest)
+            for job in self.active()
             if job.get("kind") == "training"
             and job["status"] == "running"
             and now - job.get("progress_at", now) >= stall_s

@@ -18,7 +18,7 @@ from common.errors import ModelUnavailable, UpstreamTimeout
 from gateway.app import create_app
 from gateway.client import ModelClient, new_session
 from gateway.registry import Registry
-from tests.conftest import encode, gateway_settings, photo
+from tests.conftest import ADMIN_KEY, bearer, encode, gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient, fake_vector
 from tests.services.test_service_app import assert_error
 
@@ -277,8 +277,10 @@ def test_models_listing(client: FlaskClient) -> None:
     body = client.get("/v1/models").get_json()
     assert [m["name"] for m in body["models"]] == ["vgg16", "resnet50", "inceptionv3"]
     resnet = body["models"][1]
-    assert [r["url"] for r in resnet["replicas"]] == ["http://r1:8502", "http://r2:8502"]
+    assert len(resnet["replicas"]) == 2 and all("url" not in r for r in resnet["replicas"])  # admin's alone
     assert body["ensemble"]["members"] == ["vgg16", "resnet50", "inceptionv3"]
+    admin = client.get("/v1/models", headers=bearer(ADMIN_KEY)).get_json()["models"][1]
+    assert [r["url"] for r in admin["replicas"]] == ["http://r1:8502", "http://r2:8502"]
 
 
 def test_health(client: FlaskClient) -> None:

@@ -15,7 +15,7 @@ import redis
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, connect
 from gateway.app import create_app
-from tests.conftest import gateway_settings, metric_value, photo
+from tests.conftest import auth_settings, gateway_settings, keyed_client, metric_value, photo
 from tests.gateway.fakes import FakeModelClient
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
@@ -31,8 +31,14 @@ def client(redis_url: str, jobs_dir: Path) -> Any:
     redis.Redis.from_url(redis_url).flushall()
     settings = gateway_settings(rate_limit="")
     jobs = JobSettings(redis_url=redis_url, dir=str(jobs_dir), chunk_images=4, max_images=10)
-    app = create_app(settings, client=FakeModelClient(settings), poll_health=False, job_settings=jobs)  # type: ignore[arg-type]
-    return app.test_client()
+    app = create_app(
+        settings,
+        client=FakeModelClient(settings),  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=jobs,
+        auth_settings=auth_settings(redis_url),
+    )
+    return keyed_client(app)
 
 
 def zipped(entries: dict[str, bytes]) -> bytes:
@@ -206,7 +212,7 @@ def test_without_redis_the_job_routes_say_so(tmp_path: Path) -> None:
         poll_health=False,
         job_settings=JobSettings(redis_url="", dir=str(tmp_path)),
     )
-    answer = app.test_client().post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]})
+    answer = keyed_client(app).post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]})
     assert answer.status_code == 503 and answer.json["error"]["code"] == "jobs_unavailable"
     down = create_app(
         settings,
@@ -214,7 +220,7 @@ def test_without_redis_the_job_routes_say_so(tmp_path: Path) -> None:
         poll_health=False,
         job_settings=JobSettings(redis_url="redis://127.0.0.1:1", dir=str(tmp_path)),
     )
-    answer = down.test_client().get("/v1/jobs")
+    answer = keyed_client(down).get("/v1/jobs")
     assert answer.status_code == 503 and answer.json["error"]["code"] == "jobs_unavailable"
 
 

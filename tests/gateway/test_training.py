@@ -22,7 +22,7 @@ from gateway.client import build_client
 from gateway.registry import Registry
 from gateway.transport import new_session
 from tests import colours
-from tests.conftest import gateway_settings
+from tests.conftest import auth_settings, gateway_settings, keyed_client
 from tests.gateway.fakes import FakeModelClient
 
 
@@ -43,8 +43,9 @@ def client(redis_url: str, tmp_path: Path, models_dir: Path) -> Any:
         poll_health=False,
         job_settings=jobs,
         training_settings=training,
+        auth_settings=auth_settings(redis_url),
     )
-    return app.test_client()
+    return keyed_client(app)
 
 
 def post(client: Any, archive: bytes, **fields: str) -> Any:
@@ -156,7 +157,7 @@ def test_training_needs_a_models_folder(redis_url: str, tmp_path: Path) -> None:
         job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path)),
         training_settings=TrainingSettings(models_dir=""),
     )
-    answer = post(app.test_client(), colours.archive(3, 1), name="a")
+    answer = post(keyed_client(app), colours.archive(3, 1), name="a")
     assert answer.status_code == 503 and answer.json["error"]["code"] == "training_unavailable"
 
 
@@ -262,30 +263,6 @@ def test_the_client_names_a_custom_model_in_the_query_to_its_base() -> None:
     assert "model=" not in sent.url
 
 
-def test_with_a_token_training_and_removal_need_it(redis_url: str, tmp_path: Path) -> None:
-    settings = gateway_settings(rate_limit="")
-    app = create_app(
-        settings,
-        client=FakeModelClient(settings),  # type: ignore[arg-type]
-        poll_health=False,
-        job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs")),
-        training_settings=TrainingSettings(
-            models_dir=str(tmp_path / "models"), min_images_per_class=3, token="s3cret"
-        ),
-    )
-    client = app.test_client()
-    archive = colours.archive(3, 1, classes=("red", "blue"))
-    refused = post(client, archive, name="pets")
-    assert refused.status_code == 401 and refused.json["error"]["code"] == "unauthorized"
-    assert client.delete("/v1/models/pets").status_code == 401
-    allowed = client.post(
-        "/v1/training",
-        data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "pets"},
-        headers={"Authorization": "Bearer s3cret"},
-    )
-    assert allowed.status_code == 202, allowed.json
-
-
 def test_unknown_form_fields_are_read_past_not_kept(client: Any) -> None:
     archive = colours.archive(3, 1, classes=("red", "blue"))
     answer = client.post(
@@ -310,7 +287,7 @@ def test_fine_tuning_is_queued_unless_the_base_holds_its_most_fine_tuned_models(
         job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs")),
         training_settings=TrainingSettings(models_dir=str(tmp_path / "models"), min_images_per_class=3),
     )
-    client = app.test_client()
+    client = keyed_client(app)
     archive = colours.archive(3, 1, classes=("red", "blue"))
     accepted = post(client, archive, name="birds", fine_tune_layers="11")
     assert accepted.status_code == 202, accepted.json

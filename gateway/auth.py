@@ -1,0 +1,203 @@
+"""Who is calling, and whether they may: keys, scopes, and custom models only their owners see.
+
+Every request's principal comes from ``Authorization: Bearer <key>`` (``common.tenancy.keys``):
+the admin, a key's holder, or anonymous when no key is sent. A key that is sent and not valid is a
+401 on every route but health. Each route needs one scope (``SCOPES``): anonymous callers hold
+``predict`` alone (``AUTH_ANONYMOUS_PREDICT``), so without a key a route that needs more is a 401,
+and with a key that lacks the scope a 403. A custom model named by the request (``model``,
+``models``, the path) that the principal may not see is a 404, exactly like a name that does not
+exist. ``GET /v1/auth/check`` answers the same question for Nginx's ``auth_request`` before it
+reads an upload's body (``X-Original-Method``, ``X-Original-URI``): 204, 401 or 403.
+
+Rate limits count per principal when a key was sent, else per client address: ``X-Real-IP`` is
+believed only from ``GATEWAY_TRUSTED_PROXIES`` (Nginx), never from a direct caller.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
+
+from common import web
+from common.errors import Forbidden, ServiceError, Unauthorized
+from common.tenancy import audit as audit_log
+from common.tenancy import keys as keys_mod
+from common.tenancy.keys import KeyStore, KeysUnavailable, Principal
+from common.tenancy.owners import Owners
+from common.tenancy.settings import AuthSettings
+from gateway.registry import Registry
+from gateway.settings import GatewaySettings
+
+# The scope each route needs; a route not named here needs none (health, listings, docs).
+SCOPES = {
+    "predict": "predict",
+    "seed_predict": "predict",
+    "seed_batch_predict": "predict",
+    "v2.infer": "predict",
+    "v2.infer_version": "predict",
+    "jobs.submit": "jobs",
+    "jobs.listing": "jobs|train",
+    "jobs.status": "jobs|train",
+    "jobs.results": "jobs|train",
+    "jobs.cancel": "jobs|train",
+    "training.submit": "train",
+    "training.remove": "train",
+    "training.share": "train",
+    "keys.create": "admin",
+    "keys.listing": "admin",
+    "keys.revoke": "admin",
+}
+OPEN = ("live", "ready", "auth_check")  # never asks for a key, even a bad one
+BUILTIN = frozenset({"vgg16", "resnet50", "inceptionv3", "ensemble"})
+
+
+class AuthUnavailable(ServiceError):
+    status, code, retry_after = 503, "auth_unavailable", 2
+
+
+class Auth:
+    """The gateway's view of keys and owners; Redis is reached on first use."""
+
+    def __init__(self, settings: AuthSettings, store: KeyStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or KeyStore(settings)
+        self.owners = Owners(self.store.redis, settings.key_cache_s)
+        self.anonymous = keys_mod.anonymous(settings.anonymous_predict)
+
+    def principal(self) -> Principal:
+        """The current request's principal (authenticated once per request)."""
+        if "principal" not in g:
+            g.principal = self._authenticate(request.headers.get("Authorization", ""))
+        return g.principal
+
+    def _authenticate(self, header: str) -> Principal:
+        if not header:
+            return self.anonymous
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+        try:
+            found = self.store.authenticate(key.strip())
+        except KeysUnavailable:
+            raise AuthUnavailable("the key store (Redis) cannot be reached; try again shortly") from None
+        if found is None:
+            raise Unauthorized("the API key is not valid (revoked, mistyped or never issued)")
+        return found
+
+    def require(self, endpoint: str) -> None:
+        """Raise 401/403 unless the current principal holds the scope ``endpoint`` needs."""
+        needed = SCOPES.get(endpoint)
+        principal = self.principal()
+        if needed is None:
+            return
+        options = needed.split("|")
+        if any(principal.can(scope) for scope in options):
+            return
+        wanted = " or ".join(repr(scope) for scope in options)
+        if principal.anonymous:
+            raise Unauthorized(
+                f"this route needs an API key with the {wanted} scope (Authorization: Bearer <key>)"
+            )
+        raise Forbidden(f"this key lacks the {wanted} scope this route needs")
+
+    def check_visible(self, names: list[str], registry: Registry) -> None:
+        """A 404 for any custom model in ``names`` the principal may not see (as if it did not exist)."""
+        principal = self.principal()
+        for name in names:
+            if name in BUILTIN or not registry.is_custom(name):
+                continue
+            if not self.owners.visible(name, principal):
+                raise registry.unknown(name)
+
+
+def named_models() -> list[str]:
+    """Every model name the current request names: ``model``, ``models`` and the path."""
+    names = [request.args.get("model", "")]
+    names += request.args.get("models", "").split(",")
+    view = request.view_args or {}
+    names += [str(view.get("name", "")), str(view.get("model_name", ""))]
+    return [name.strip() for name in names if name.strip()]
+
+
+def trusted(settings: GatewaySettings) -> Callable[[str], bool]:
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
+
+    def check(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    return check
+
+
+def install(app: Flask, auth: Auth, settings: GatewaySettings, registry: Registry) -> None:
+    """Check every request's key, scope and the custom models it names, before its body is read."""
+    from_proxy = trusted(settings)
+
+    def client_address() -> str:
+        peer = request.remote_addr or "unknown"
+        if from_proxy(peer) and request.headers.get("X-Real-IP"):
+            return request.headers["X-Real-IP"]
+        return peer
+
+    app.extensions["imagerec.client_address"] = client_address
+    app.extensions["imagerec.auth"] = auth
+
+    @app.before_request
+    def _authorize() -> None:
+        endpoint = request.endpoint or ""
+        if endpoint in OPEN or endpoint.startswith(("docs.", "static")):
+            return
+        auth.require(endpoint)
+        auth.check_visible(named_models(), registry)
+
+    @app.get("/v1/auth/check")
+    def auth_check() -> Response:
+        """For Nginx's ``auth_request``: may this request's key call the original route?"""
+        method = request.headers.get("X-Original-Method", "GET")
+        path = urlsplit(request.headers.get("X-Original-URI", "/")).path
+        try:
+            endpoint, _ = app.url_map.bind("").match(path, method)
+        except HTTPException:
+            return Response(status=204)  # the route itself answers (404, 405) once the body is in
+        auth.require(str(endpoint))
+        return Response(status=204)
+
+
+def rate_limit_key() -> str:
+    """Flask-Limiter's key: the principal when a valid key was sent, else the client address."""
+    address: Any = current_app.extensions["imagerec.client_address"]()
+    auth: Auth | None = current_app.extensions.get("imagerec.auth")  # None: a test app without auth
+    if auth is None or not request.headers.get("Authorization"):
+        return f"ip:{address}"
+    try:
+        principal = auth.principal()
+    except ServiceError:
+        return f"ip:{address}"
+    return f"ip:{address}" if principal.anonymous else f"key:{principal.id}"
+
+
+def audit(action: str, target: str, outcome: str = "ok", **extra: Any) -> None:
+    """One audit line for the current request's principal (``common.tenancy.audit``)."""
+    audit_log.record(current(), action, target, outcome, web.request_id(), **extra)
+
+
+def current() -> Principal:
+    """The current request's principal."""
+    return _auth().principal()
+
+
+def owners() -> Owners:
+    """Who owns each custom model name."""
+    return _auth().owners
+
+
+def _auth() -> Auth:
+    return current_app.extensions["imagerec.auth"]
