@@ -1,0 +1,280 @@
+"""Keys, scopes, owners and quotas on the gateway, over a real Redis, tried as a hostile client
+would: the anonymous caller, the key without the scope, the second principal who guesses an id,
+the client who brings too much."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from common.custom.settings import TrainingSettings
+from common.jobs.settings import JobSettings
+from gateway.app import create_app
+from tests import colours
+from tests.conftest import ADMIN_KEY, auth_settings, bearer, gateway_settings, photo
+from tests.gateway.fakes import FakeModelClient
+
+CAT = photo("chelsea.jpg")
+URLS = {"urls": ["https://e.com/a.jpg"]}
+
+
+@pytest.fixture
+def fleet(redis_url: str, tmp_path: Path) -> Any:
+    """A gateway app, its fake model client and a function that makes keys through the API."""
+    redis.Redis.from_url(redis_url).flushall()
+    settings = gateway_settings(rate_limit="")
+    fake = FakeModelClient(settings)
+    app = create_app(
+        settings,
+        client=fake,  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=JobSettings(
+            redis_url=redis_url, dir=str(tmp_path / "jobs"), max_uncompressed_bytes=300_000
+        ),
+        training_settings=TrainingSettings(models_dir=str(tmp_path / "models"), min_images_per_class=3),
+        auth_settings=auth_settings(redis_url, key_cache_s=0.2),
+    )
+    return app.test_client(), fake
+
+
+def make_key(client: Any, name: str, scopes: list[str], **quotas: int) -> str:
+    answer = client.post(
+        "/v1/keys", json={"name": name, "scopes": scopes, "quotas": quotas}, headers=bearer(ADMIN_KEY)
+    )
+    assert answer.status_code == 201, answer.json
+    return str(answer.json["key"])
+
+
+def code(answer: Any) -> tuple[int, str]:
+    return answer.status_code, answer.json["error"]["code"]
+
+
+def test_anonymous_callers_predict_and_nothing_else(fleet: Any) -> None:
+    client, _ = fleet
+    assert client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg").status_code == 200
+    assert code(client.post("/v1/jobs?model=vgg16", json=URLS)) == (401, "unauthorized")
+    assert code(client.get("/v1/jobs")) == (401, "unauthorized")
+    assert code(client.delete("/v1/models/pets")) == (401, "unauthorized")
+    assert code(client.get("/v1/keys")) == (401, "unauthorized")
+    assert code(client.post("/v1/keys", json={"name": "me", "scopes": ["admin"]})) == (401, "unauthorized")
+
+
+def test_a_key_without_the_scope_is_403_and_a_bad_key_401_everywhere(fleet: Any) -> None:
+    client, _ = fleet
+    predict_only = bearer(make_key(client, "viewer", ["predict"]))
+    assert (
+        client.post(
+            "/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=predict_only
+        ).status_code
+        == 200
+    )
+    assert code(client.post("/v1/jobs?model=vgg16", json=URLS, headers=predict_only)) == (403, "forbidden")
+    assert code(client.post("/v1/training", headers=predict_only)) == (403, "forbidden")
+    assert code(client.delete("/v1/models/pets", headers=predict_only)) == (403, "forbidden")
+    assert code(client.get("/v1/keys", headers=predict_only)) == (403, "forbidden")
+    for header in ("Bearer irk_000000000000_" + "x" * 43, "Bearer nonsense", "Basic dXNlcjpwdw=="):
+        answer = client.post(
+            "/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers={"Authorization": header}
+        )
+        assert code(answer) == (401, "unauthorized")
+    assert client.get("/health/ready", headers={"Authorization": "Bearer nonsense"}).status_code == 200
+
+
+def test_keys_are_shown_once_listed_without_secrets_and_revoked_everywhere_within_the_cache(
+    fleet: Any,
+) -> None:
+    client, _ = fleet
+    key = make_key(client, "batch team", ["jobs"], active_jobs=2)
+    listed = client.get("/v1/keys", headers=bearer(ADMIN_KEY)).json["keys"]
+    assert [k["name"] for k in listed] == ["batch team"] and listed[0]["quotas"] == {"active_jobs": 2}
+    assert key not in str(listed) and "hash" not in listed[0]
+    assert client.get("/v1/jobs", headers=bearer(key)).status_code == 200
+    revoked = client.delete(f"/v1/keys/{listed[0]['id']}", headers=bearer(ADMIN_KEY))
+    assert revoked.status_code == 200 and revoked.json["revoked"]["name"] == "batch team"
+    time.sleep(0.25)  # NOTE: the key cache's TTL in this app (AUTH_KEY_CACHE_S=0.2), not a guess
+    assert code(client.get("/v1/jobs", headers=bearer(key))) == (401, "unauthorized")
+    assert code(client.delete(f"/v1/keys/{listed[0]['id']}", headers=bearer(ADMIN_KEY))) == (
+        404,
+        "unknown_key",
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "", "scopes": ["jobs"]},
+        {"name": "x" * 65, "scopes": ["jobs"]},
+        {"name": "ok", "scopes": ["root"]},
+        {"name": "ok", "scopes": []},
+        {"name": "ok", "scopes": ["jobs"], "quotas": {"active_jobs": -1}},
+        {"name": "ok", "scopes": ["jobs"], "quotas": {"disk": 1}},
+        ["not", "an", "object"],
+    ],
+)
+def test_a_bad_key_request_is_a_400_naming_it(fleet: Any, body: Any) -> None:
+    client, _ = fleet
+    answer = client.post("/v1/keys", json=body, headers=bearer(ADMIN_KEY))
+    assert answer.status_code == 400 and client.get("/v1/keys", headers=bearer(ADMIN_KEY)).json["keys"] == []
+
+
+def test_jobs_belong_to_their_owner_and_others_get_404(fleet: Any) -> None:
+    client, _ = fleet
+    alice, bob = bearer(make_key(client, "alice", ["jobs"])), bearer(make_key(client, "bob", ["jobs"]))
+    job = client.post("/v1/jobs?model=vgg16", json=URLS, headers=alice).json["job_id"]
+    assert client.get(f"/v1/jobs/{job}", headers=alice).status_code == 200
+    for method, path in (("get", ""), ("get", "/results"), ("delete", "")):
+        answer = getattr(client, method)(f"/v1/jobs/{job}{path}", headers=bob)
+        assert code(answer) == (404, "unknown_job")
+        assert answer.json["error"]["message"] == getattr(client, method)(
+            f"/v1/jobs/{'0' * 32}{path}", headers=bob
+        ).json["error"]["message"].replace("0" * 32, job)
+    assert client.get("/v1/jobs", headers=bob).json["jobs"] == []
+    assert [j["job_id"] for j in client.get("/v1/jobs", headers=alice).json["jobs"]] == [job]
+    assert [j["job_id"] for j in client.get("/v1/jobs", headers=bearer(ADMIN_KEY)).json["jobs"]] == [job]
+    assert (
+        client.get(f"/v1/jobs/{job}", headers=alice).json["status"] == "pending"
+    )  # bob's cancel did nothing
+
+
+def test_a_quota_refuses_with_its_figures_and_leaves_nothing(fleet: Any, tmp_path: Path) -> None:
+    client, _ = fleet
+    carol = bearer(make_key(client, "carol", ["jobs"], active_jobs=1, job_images=2))
+    assert client.post("/v1/jobs?model=vgg16", json=URLS, headers=carol).status_code == 202
+    refused = client.post("/v1/jobs?model=vgg16", json=URLS, headers=carol)
+    assert refused.status_code == 429 and refused.headers["Retry-After"]
+    assert {k: refused.json["error"][k] for k in ("code", "quota", "limit", "used")} == {
+        "code": "quota_exceeded",
+        "quota": "active_jobs",
+        "limit": 1,
+        "used": 1,
+    }
+    assert len(client.get("/v1/jobs", headers=carol).json["jobs"]) == 1
+    assert [p.name for p in (tmp_path / "jobs").iterdir() if not p.name.startswith(".")].__len__() == 1
+    dave = bearer(make_key(client, "dave", ["jobs"], job_images=2))
+    many = client.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"] * 3}, headers=dave)
+    assert code(many) == (429, "quota_exceeded") and many.json["error"]["quota"] == "job_images"
+
+
+def zipped(count: int, size: int) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for n in range(count):
+            archive.writestr(f"{n}.jpg", bytes([n % 256]) * size)
+    return buffer.getvalue()
+
+
+def test_one_meter_counts_every_archive_part_of_a_request(fleet: Any, tmp_path: Path) -> None:
+    """Each archive is under JOBS_MAX_UNCOMPRESSED_BYTES (300 kB here), the request is not."""
+    client, _ = fleet
+    part = zipped(2, 100_000)  # 200 kB unpacked, well compressed
+    answer = client.post(
+        "/v1/jobs?model=vgg16",
+        data={"archive": [(io.BytesIO(part), "a.zip"), (io.BytesIO(part), "b.zip")]},
+        headers=bearer(ADMIN_KEY),
+    )
+    assert answer.status_code == 413, answer.json
+    assert not [p for p in (tmp_path / "jobs").iterdir() if not p.name.startswith(".")]
+    parts = {"archive": [(io.BytesIO(zipped(1, 10)), f"{n}.zip") for n in range(5)]}
+    assert code(client.post("/v1/jobs?model=vgg16", data=parts, headers=bearer(ADMIN_KEY))) == (
+        400,
+        "too_many_parts",
+    )
+
+
+def test_a_multipart_boundary_that_is_not_ascii_is_a_400(fleet: Any) -> None:
+    client, _ = fleet
+    answer = client.post(
+        "/v1/jobs?model=vgg16",
+        data="--é\r\n".encode(),
+        headers={**bearer(ADMIN_KEY), "Content-Type": "multipart/form-data; boundary=é"},
+    )
+    assert answer.status_code == 400 and answer.json["error"]["code"] == "bad_request"
+
+
+def train(client: Any, name: str, key: dict[str, str], **fields: str) -> Any:
+    archive = colours.archive(3, 1, classes=("red", "blue"))
+    return client.post(
+        "/v1/training", data={"dataset": (io.BytesIO(archive), "p.zip"), "name": name, **fields}, headers=key
+    )
+
+
+def test_a_custom_model_name_belongs_to_its_owner(fleet: Any) -> None:
+    client, fake = fleet
+    alice = bearer(make_key(client, "alice", ["train", "predict"], trainings=3))
+    bob = bearer(make_key(client, "bob", ["train", "predict"], custom_models=1, trainings=3))
+    assert train(client, "pets", alice).status_code == 202
+    assert code(train(client, "pets", bob)) == (409, "model_name_taken")
+    assert code(train(client, "pets", alice, base="vgg16")) == (409, "model_name_taken")  # one base per name
+    assert code(client.delete("/v1/models/pets", headers=bob)) == (404, "unknown_model")
+    assert code(client.patch("/v1/models/pets", json={"public": True}, headers=bob)) == (404, "unknown_model")
+    # Served now: the base's replicas list it. Bob neither sees nor uses it until it is public.
+    fake.registry._custom = {"pets": ("resnet50", {"name": "pets", "version": "1", "state": "ready"})}
+    listed = lambda key: [m["name"] for m in client.get("/v1/models", headers=key).json["models"]]  # noqa: E731
+    assert "pets" in listed(alice) and "pets" not in listed(bob) and "pets" not in listed({})
+    assert code(client.get("/v1/models/pets", headers=bob)) == (404, "unknown_model")
+    refused = client.post("/v1/predict?model=pets", data=CAT, content_type="image/jpeg", headers=bob)
+    assert code(refused) == (404, "unknown_model") and "pets" in refused.json["error"]["message"]
+    assert client.patch("/v1/models/pets", json={"public": True}, headers=alice).json == {
+        "name": "pets",
+        "public": True,
+    }
+    time.sleep(0.25)  # the owners cache's TTL (AUTH_KEY_CACHE_S=0.2)
+    assert "pets" in listed(bob) and "pets" in listed({})
+    assert client.get("/v1/models/pets", headers=bob).json["public"] is True
+    # A quota on names: bob's first is fine, his second is refused with its figures.
+    assert train(client, "birds", bob).status_code == 202
+    over = train(client, "fish", bob)
+    assert code(over) == (429, "quota_exceeded") and over.json["error"]["quota"] == "custom_models"
+    assert client.delete("/v1/models/pets", headers=alice).json == {"deleted": "pets"}
+
+
+def test_x_real_ip_is_believed_only_from_the_proxy(redis_url: str, tmp_path: Path) -> None:
+    """The limiter counts per address: a direct caller cannot pick a fresh address per request."""
+    settings = gateway_settings(rate_limit="2/minute", trusted_proxies=("10.9.9.9/32",))
+    app = create_app(
+        settings, client=FakeModelClient(settings), poll_health=False, auth_settings=auth_settings(redis_url)
+    )  # type: ignore[arg-type]
+    client = app.test_client()
+    statuses = [
+        client.post(
+            "/v1/predict?model=vgg16",
+            data=CAT,
+            content_type="image/jpeg",
+            headers={"X-Real-IP": f"1.2.3.{n}"},
+        ).status_code
+        for n in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+    proxied = {"REMOTE_ADDR": "10.9.9.9"}
+    assert all(
+        client.post(
+            "/v1/predict?model=vgg16",
+            data=CAT,
+            content_type="image/jpeg",
+            headers={"X-Real-IP": f"5.6.7.{n}"},
+            environ_base=proxied,
+        ).status_code
+        == 200
+        for n in range(3)
+    )
+
+
+def test_the_nginx_auth_check_answers_for_the_original_route(fleet: Any) -> None:
+    client, _ = fleet
+    viewer = make_key(client, "viewer", ["predict"])
+
+    def check(method: str, uri: str, key: str | None = None) -> int:
+        headers = {"X-Original-Method": method, "X-Original-URI": uri, **(bearer(key) if key else {})}
+        return int(client.get("/v1/auth/check", headers=headers).status_code)
+
+    assert check("POST", "/v1/jobs?model=vgg16") == 401
+    assert check("POST", "/v1/jobs?model=vgg16", viewer) == 403
+    assert check("POST", "/v1/jobs?model=vgg16", ADMIN_KEY) == 204
+    assert check("POST", "/v1/training", "irk_bad") == 401
+    assert check("POST", "/v1/predict?model=vgg16") == 204
