@@ -1,11 +1,14 @@
 """A small Python client for the imagerec fleet.
 
     from client import Client
-    fleet = Client("http://localhost:8080")
+    fleet = Client("http://localhost:8080", api_key="irk_...")  # the key: jobs, training, keys
     fleet.predict("cat.jpg", model="ensemble")["predictions"][0]["label"]
     job = fleet.submit_job("photos/", model="resnet50")  # a folder or a zip/tar: a batch job
     fleet.wait_for_job(job["job_id"])["status"]
     job = fleet.train("pets/", name="pets")  # one folder per class: a training job, then a model
+
+Without ``api_key`` the client predicts anonymously; ``find_key()`` is what the command line uses:
+``IMAGEREC_API_KEY``, else the admin key ``make run`` wrote into ``run/admin.key``.
 
 Retries follow the server: 429 and 503 are retried after the ``Retry-After`` it sends (urllib3's
 ``Retry``), connection failures with a jittered back-off; other errors raise ``ImagerecError``
@@ -29,7 +32,24 @@ from urllib3.util.retry import Retry
 
 from client import upload
 
-__all__ = ["ACTIVE_JOB_STATES", "Client", "ImagerecError"]
+__all__ = ["ACTIVE_JOB_STATES", "Client", "ImagerecError", "find_key"]
+
+ADMIN_KEY_FILE = Path(__file__).resolve().parents[1] / "run" / "admin.key"
+
+
+def find_key(environ: dict[str, str] | None = None, admin_file: Path = ADMIN_KEY_FILE) -> str | None:
+    """``IMAGEREC_API_KEY``, else the admin key of a fleet ``make run`` started from this checkout
+    (``run/admin.key``, readable by whoever started it), else None (anonymous)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if env.get("IMAGEREC_API_KEY"):
+        return env["IMAGEREC_API_KEY"].strip()
+    try:
+        return admin_file.read_text().strip() or None
+    except OSError:
+        return None
+
 
 ACTIVE_JOB_STATES = ("pending", "running")
 """A job in any other state (completed, failed, cancelled) has finished."""
@@ -60,8 +80,10 @@ class Client:
         retries: int = 5,
         backoff_s: float = 0.2,
         pool: int = 16,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.api_key = api_key
         self.timeout_s = timeout_s
         self._retry = Retry(
             total=retries,
@@ -87,6 +109,8 @@ class Client:
             adapter = requests.adapters.HTTPAdapter(max_retries=self._retry, pool_maxsize=self._pool)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            if self.api_key:
+                session.headers["Authorization"] = f"Bearer {self.api_key}"
             self._local.session = session
         return session
 
@@ -262,6 +286,7 @@ class Client:
         validation_split: float | None = None,
         augment: bool = False,
         fine_tune_layers: int = 0,
+        public: bool = False,
     ) -> dict[str, Any]:
         """Start training the custom model ``name`` on ``base`` from a folder of one folder per class
         (zipped on the fly) or a zip/tar of those; returns the training job as accepted (``job_id``,
@@ -281,7 +306,30 @@ class Client:
             params["augment"] = "true"
         if fine_tune_layers:
             params["fine_tune_layers"] = fine_tune_layers
+        if public:
+            params["public"] = "true"
         return self._send_archive("/v1/training", "dataset", Path(source), params)
+
+    def share_model(self, name: str, public: bool = True) -> dict[str, Any]:
+        """Make the custom model ``name`` public (every caller may use it) or private again."""
+        url = f"{self.url}/v1/models/{quote(name, safe='')}"
+        return self._json(self.session.patch(url, json={"public": public}, timeout=self.timeout_s))
+
+    # --- keys (admin) ---------------------------------------------------------------------------
+
+    def create_key(
+        self, name: str, scopes: Sequence[str] = ("predict",), quotas: dict[str, int] | None = None
+    ) -> dict[str, Any]:
+        """A new key: ``key`` (the secret, shown this once), ``id``, ``name``, ``scopes``, ``quotas``."""
+        body = {"name": name, "scopes": list(scopes), "quotas": quotas or {}}
+        return self._json(self.session.post(f"{self.url}/v1/keys", json=body, timeout=self.timeout_s))
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return list(self._json(self.session.get(f"{self.url}/v1/keys", timeout=self.timeout_s))["keys"])
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        url = f"{self.url}/v1/keys/{quote(key_id, safe='')}"
+        return self._json(self.session.delete(url, timeout=self.timeout_s))
 
     def delete_model(self, name: str) -> dict[str, Any]:
         """Remove the custom model ``name``, every version: ``{"deleted": name}``."""

@@ -6,6 +6,7 @@ python -m client models
 python -m client job submit photos/ --model resnet50 --wait   # a batch job (see client/job_commands.py)
 python -m client train pets/ --name pets --wait               # a custom model (see client/train_commands.py)
 python -m client models delete pets
+python -m client keys create alice --scope jobs                # API keys (admin): client/key_commands.py
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from client import Client, ImagerecError, job_commands, train_commands
+from client import Client, ImagerecError, find_key, job_commands, key_commands, train_commands
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -76,6 +77,11 @@ def _classify_dir(client: Client, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default=os.environ.get("IMAGEREC_URL", "http://localhost:8080"))
+    parser.add_argument(
+        "--key",
+        default=None,
+        help="API key (default: IMAGEREC_API_KEY, else run/admin.key of a fleet started here)",
+    )
     parser.add_argument("--retries", type=int, default=5, help="retries on 429/503 (after Retry-After)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     models = commands.add_parser("models", help="list the models and their weights; delete a custom one")
     job_commands.add_parser(commands)
     train_commands.add_parser(commands, models)
+    key_commands.add_parser(commands)
     args = parser.parse_args(argv)
-    client = Client(args.url, timeout_s=args.timeout, retries=args.retries)
+    client = Client(args.url, timeout_s=args.timeout, retries=args.retries, api_key=args.key or find_key())
     if args.command == "predict":
         return _predict(client, args)
     if args.command == "classify-dir":
         return _classify_dir(client, args)
     if args.command == "job":
         return job_commands.run(client, args)
+    if args.command == "keys":
+        return key_commands.run(client, args)
     if args.command == "train" or getattr(args, "models_command", None):
         return train_commands.run(client, args)
     print(json.dumps(client.models(), indent=2))

@@ -40,18 +40,29 @@ def add_parser(
         metavar="N",
         help="train the base's last N layers too (a model with a backbone of its own; default 0: a head)",
     )
+    train.add_argument("--public", action="store_true", help="every caller may use it (default: you alone)")
     train.add_argument("--wait", action="store_true", help="show progress until the model is served")
     train.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --wait")
     train.add_argument("--quiet", action="store_true", help="no progress bars with --wait")
 
-    actions = models.add_subparsers(dest="models_command", metavar="{delete}")
+    actions = models.add_subparsers(dest="models_command", metavar="{delete,share}")
     delete = actions.add_parser("delete", help="remove a custom model, every version")
     delete.add_argument("name")
+    share = actions.add_parser("share", help="make a custom model of yours public (--private: yours alone)")
+    share.add_argument("name")
+    share.add_argument("--private", action="store_true")
 
 
 def run(client: Client, args: argparse.Namespace) -> int:
-    action = _train if args.command == "train" else _delete
+    actions = {"delete": _delete, "share": _share}
+    action = _train if args.command == "train" else actions[args.models_command]
     return reporting_errors(client, lambda: action(client, args))
+
+
+def _share(client: Client, args: argparse.Namespace) -> int:
+    shared = client.share_model(args.name, public=not args.private)
+    print(f"{shared['name']} is now {'public' if shared['public'] else 'private'}")
+    return 0
 
 
 def _train(client: Client, args: argparse.Namespace) -> int:
@@ -63,6 +74,7 @@ def _train(client: Client, args: argparse.Namespace) -> int:
         validation_split=args.validation_split,
         augment=args.augment,
         fine_tune_layers=args.fine_tune_layers,
+        public=args.public,
     )
     print(job["job_id"], flush=True)
     counts = ", ".join(f"{label} {count}" for label, count in (job.get("counts") or {}).items())

@@ -140,7 +140,9 @@ class Intake:
         if not boundary:
             raise BadRequest("multipart body without a boundary")
         if len(boundary) > 200 or not boundary.isascii() or not boundary.isprintable():
-            raise BadRequest("the multipart boundary must be printable ASCII (RFC 2046), at most 200 characters")
+            raise BadRequest(
+                "the multipart boundary must be printable ASCII (RFC 2046), at most 200 characters"
+            )
         # The decoder's memory bound is on its buffer: one read plus what is left of the last.
         decoder = MultipartDecoder(
             boundary.encode("ascii"), 4 * READ_BYTES, max_parts=self.settings.max_images + 16

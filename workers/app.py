@@ -26,6 +26,8 @@ from common.custom.settings import TrainingSettings
 from common.jobs import queue
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, JobStoreUnavailable, connect
+from common.tenancy.keys import KeyStore
+from common.tenancy.settings import AuthSettings
 from gateway.client import build_client
 from gateway.fetch import UrlFetcher
 from gateway.predict import Predictor
@@ -65,7 +67,10 @@ def runner() -> ChunkRunner:
                 allow_networks=gateway.fetch_allow_networks,
                 max_parallel=gateway.fetch_threads,
             )
-            _runner = ChunkRunner(store(), Predictor(client, gateway), fetcher, SETTINGS, gateway)
+            keys = KeyStore(AuthSettings.from_env())  # a revoked key's jobs stop within its cache time
+            _runner = ChunkRunner(
+                store(), Predictor(client, gateway), fetcher, SETTINGS, gateway, is_live=keys.is_live
+            )
         return _runner
 
 

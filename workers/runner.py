@@ -80,7 +80,11 @@ class ChunkRunner:
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        is_live: Callable[[str], bool] = lambda owner: True,
     ) -> None:
+        """``is_live``: whether a job's owner still has a key (``KeyStore.is_live``): a revoked
+        principal's jobs are cancelled at the next chunk or batch."""
+        self.is_live = is_live
         self.store = store
         self.predictor = predictor
         self.fetcher = fetcher
@@ -97,6 +101,9 @@ class ChunkRunner:
             return Outcome(skipped="expired")
         if job["status"] not in ACTIVE:
             return Outcome(skipped=job["status"])
+        if not self.is_live(str(job.get("owner") or "admin")):
+            self.store.finish(job_id, "cancelled", {"error": "key_revoked"})
+            return Outcome(skipped="key revoked")
         if self.store.chunk_done(job_id, chunk):
             return Outcome(skipped="already recorded")
         self.store.mark_running(job_id)
@@ -128,6 +135,9 @@ class ChunkRunner:
 
     def _cancelled(self, job_id: str) -> bool:
         job = self.store.get(job_id)
+        if job is not None and not self.is_live(str(job.get("owner") or "admin")):
+            self.store.finish(job_id, "cancelled", {"error": "key_revoked"})
+            return True
         return job is None or job["status"] not in ACTIVE
 
     def _load(self, job_id: str, batch: list[dict[str, Any]]) -> list[ImageInput]:

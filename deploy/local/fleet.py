@@ -19,6 +19,8 @@ from pathlib import Path
 from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from common.settings import load, setting
+from common.tenancy.keys import admin_key
+from common.tenancy.settings import AuthSettings
 from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxLimits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,6 +152,8 @@ class Fleet:
         if self.settings.redis:
             env["REDIS_URL"] = self.redis_url
         env["JOBS_DIR"] = os.environ.get("JOBS_DIR") or str(self.run_dir / "jobs")
+        # The admin key: IMAGEREC_ADMIN_KEY when set, else generated once into the run folder.
+        env["AUTH_ADMIN_KEY_FILE"] = os.environ.get("AUTH_ADMIN_KEY_FILE") or str(self.run_dir / "admin.key")
         # Custom models trained here: published by the trainer, served by the base models' services.
         env["CUSTOM_MODELS_DIR"] = os.environ.get("CUSTOM_MODELS_DIR") or str(self.run_dir / "custom-models")
         return env
@@ -309,9 +313,13 @@ def main() -> None:
     fleet = Fleet(settings, nginx=load(NginxLimits, ("FLEET_NGINX_",)))
     command = fleet.command()
     os.environ.update(fleet.environment())
+    auth = AuthSettings.from_env()
+    admin_key(auth)  # generated now (0600) unless IMAGEREC_ADMIN_KEY is set, so it can be named
+    where = "IMAGEREC_ADMIN_KEY" if auth.admin_key else auth.admin_key_file
     print(
         f"imagerec fleet: {fleet.url}  (models load in ~30-60 s; watch {fleet.url}/v1/models)\n"
         f"  try: curl -F file=@tests/fixtures/chelsea.jpg '{fleet.url}/v1/predict?model=resnet50'\n"
+        f"  admin key: {where} (python -m client finds it; jobs, training and keys need a key)\n"
         f"  configs and logs: {fleet.run_dir}   stop: Ctrl-C",
         flush=True,
     )

@@ -20,7 +20,7 @@ import pytest
 
 from deploy.local.fleet import ExtraService, Fleet
 from deploy.local.running import RunningFleet, free_port, on_free_ports, running
-from tests.conftest import _is_project_variable
+from tests.conftest import ADMIN_KEY, _is_project_variable
 from tests.e2e import shapes
 from tests.http_fixtures import serve_images
 
@@ -37,6 +37,12 @@ class E2EFleet(RunningFleet):
 
     image_server: str = ""
     repository: Path = Path()
+    admin_key: str = ADMIN_KEY
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers that call as the admin (jobs, training, keys need a key)."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +78,7 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
     env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
     env.update(
         WEIGHTS="random",
+        IMAGEREC_ADMIN_KEY=ADMIN_KEY,
         KERAS_HOME=str(run_dir / "keras"),
         MODEL_CACHE=str(run_dir / "converted"),
         TF_CPP_MIN_LOG_LEVEL="2",

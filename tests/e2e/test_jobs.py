@@ -38,11 +38,11 @@ def shapes_zip(count: int, seed: int) -> tuple[bytes, dict[str, str]]:
 
 
 def submit(fleet: E2EFleet, query: str, **kwargs: Any) -> requests.Response:
-    return requests.post(f"{fleet.url}/v1/jobs?{query}", timeout=120, **kwargs)
+    return requests.post(f"{fleet.url}/v1/jobs?{query}", headers=fleet.admin, timeout=120, **kwargs)
 
 
 def job(fleet: E2EFleet, job_id: str) -> dict[str, Any]:
-    answer = requests.get(f"{fleet.url}/v1/jobs/{job_id}", timeout=10)
+    answer = requests.get(f"{fleet.url}/v1/jobs/{job_id}", headers=fleet.admin, timeout=10)
     assert answer.status_code == 200, answer.text
     return answer.json()  # type: ignore[no-any-return]
 
@@ -62,7 +62,9 @@ def wait_for(fleet: E2EFleet, job_id: str, states: tuple[str, ...], timeout_s: f
 
 
 def results(fleet: E2EFleet, job_id: str, form: str = "json") -> requests.Response:
-    answer = requests.get(f"{fleet.url}/v1/jobs/{job_id}/results?format={form}", timeout=60)
+    answer = requests.get(
+        f"{fleet.url}/v1/jobs/{job_id}/results?format={form}", headers=fleet.admin, timeout=60
+    )
     assert answer.status_code == 200, answer.text
     return answer
 
@@ -75,7 +77,7 @@ def assert_each_image_once_in_order(fleet: E2EFleet, job_id: str, total: int) ->
 
 
 def job_count(fleet: E2EFleet) -> int:
-    return len(requests.get(f"{fleet.url}/v1/jobs?limit=100", timeout=10).json()["jobs"])
+    return len(requests.get(f"{fleet.url}/v1/jobs?limit=100", headers=fleet.admin, timeout=10).json()["jobs"])
 
 
 def test_a_zip_job_classifies_every_image_in_input_order(fleet: E2EFleet) -> None:
@@ -100,7 +102,7 @@ def test_a_zip_job_classifies_every_image_in_input_order(fleet: E2EFleet) -> Non
     assert csv_rows[0] == "index,name,status,label_1,score_1,label_2,score_2,error_code,error_message"
     assert len(csv_rows) == 121 and csv_rows[1].startswith(f"0,{sorted(truth)[0]},ok,")
     assert len(results(fleet, accepted["job_id"], "jsonl").text.splitlines()) == 120
-    listed = requests.get(f"{fleet.url}/v1/jobs?limit=5", timeout=10).json()["jobs"]
+    listed = requests.get(f"{fleet.url}/v1/jobs?limit=5", headers=fleet.admin, timeout=10).json()["jobs"]
     assert accepted["job_id"] in [j["job_id"] for j in listed]
 
 
@@ -182,7 +184,7 @@ def test_a_cancelled_job_stops_within_seconds_and_keeps_its_results(fleet: E2EFl
     assert answer.status_code == 202, answer.text
     job_id = answer.json()["job_id"]
     wait_until(lambda: job(fleet, job_id)["done"] >= 2, 120, "the job to make progress")
-    cancelled = requests.delete(f"{fleet.url}/v1/jobs/{job_id}", timeout=10)
+    cancelled = requests.delete(f"{fleet.url}/v1/jobs/{job_id}", headers=fleet.admin, timeout=10)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     time.sleep(3)  # a call already running may finish and be recorded; nothing after it
     settled = job(fleet, job_id)["done"]
@@ -191,7 +193,7 @@ def test_a_cancelled_job_stops_within_seconds_and_keeps_its_results(fleet: E2EFl
     assert final["status"] == "cancelled" and final["done"] == settled < 160
     kept = results(fleet, job_id).json()["results"]
     assert len(kept) == settled and all("predictions" in r for r in kept)
-    again = requests.delete(f"{fleet.url}/v1/jobs/{job_id}", timeout=10)
+    again = requests.delete(f"{fleet.url}/v1/jobs/{job_id}", headers=fleet.admin, timeout=10)
     assert again.status_code == 200  # cancelling twice is harmless
 
 

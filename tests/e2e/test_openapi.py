@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 # Excluded everywhere: the generic 5xx check (replaced by no_internal_error) and "schema-valid data
 # must be accepted" - a schema cannot say "a decodable image", so random bytes get 415.
 EXCLUDED = [not_a_server_error, positive_data_acceptance]
-OPERATIONS = 23
+OPERATIONS = 28
 
 
 @schemathesis.check
@@ -57,7 +57,11 @@ def test_the_live_fleet_matches_its_openapi_description(fleet: E2EFleet, mode: G
             max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
         )
         def exercise(case: schemathesis.Case) -> None:
-            case.call_and_validate(additional_checks=[no_internal_error], excluded_checks=EXCLUDED)
+            # As the admin, so every route is exercised past its key check (tests/e2e/test_tenancy.py
+            # covers the refusals).
+            case.call_and_validate(
+                headers=fleet.admin, additional_checks=[no_internal_error], excluded_checks=EXCLUDED
+            )
 
         try:
             exercise()
@@ -82,7 +86,9 @@ def checker(fleet: E2EFleet) -> Callable[..., schemathesis.Response]:
 
     def checked(method: str, path: str, **parts: Any) -> schemathesis.Response:
         case = api[path][method].Case(**parts)
-        return case.call_and_validate(additional_checks=[no_internal_error], excluded_checks=EXCLUDED)
+        return case.call_and_validate(
+            headers=fleet.admin, additional_checks=[no_internal_error], excluded_checks=EXCLUDED
+        )
 
     return checked
 
@@ -152,7 +158,11 @@ def test_a_training_job_followed_through_its_routes_matches_the_description(flee
     assert checked("DELETE", "/v1/jobs/{job_id}", path_parameters=job).status_code == 409  # it finished
     model = {"name": "openapi"}
     listed = f"{fleet.url}/v1/models/openapi"  # the gateway sees it on its next look at the replicas
-    wait_until(lambda: requests.get(listed, timeout=10).status_code == 200, 30, "the gateway to list it")
+    wait_until(
+        lambda: requests.get(listed, headers=fleet.admin, timeout=10).status_code == 200,
+        30,
+        "the gateway to list it",
+    )
     entry = checked("GET", "/v1/models/{name}", path_parameters=model).json()
     assert entry["custom"] is True and entry["class_names"] == ["blue", "red"], entry
     assert checked("GET", "/v1/models").status_code == 200  # the listing, with a custom model in it

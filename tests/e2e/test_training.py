@@ -28,7 +28,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def train(fleet: E2EFleet, archive: bytes, **fields: Any) -> requests.Response:
     data = {key: str(value) for key, value in fields.items()}
     return requests.post(
-        f"{fleet.url}/v1/training", files={"dataset": ("photos.zip", archive)}, data=data, timeout=120
+        f"{fleet.url}/v1/training",
+        files={"dataset": ("photos.zip", archive)},
+        data=data,
+        headers=fleet.admin,
+        timeout=120,
     )
 
 
@@ -36,13 +40,13 @@ def classify(fleet: E2EFleet, model: str, image: bytes) -> requests.Response:
     return requests.post(
         f"{fleet.url}/v1/predict?model={model}&top_k=2",
         data=image,
-        headers={"Content-Type": "image/jpeg"},
+        headers={"Content-Type": "image/jpeg", **fleet.admin},
         timeout=60,
     )
 
 
 def listed(fleet: E2EFleet, name: str) -> dict[str, Any]:
-    models = requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
+    models = requests.get(f"{fleet.url}/v1/models", headers=fleet.admin, timeout=10).json()["models"]
     return next((m for m in models if m["name"] == name), {})
 
 
@@ -111,12 +115,18 @@ def test_custom_models_with_one_label_set_vote_and_others_are_refused(
     label, image = colours.images(1, seed=5, classes=("green",))[0]
     jpeg = {"Content-Type": "image/jpeg"}
     voted = requests.post(
-        f"{fleet.url}/v1/predict?models=colours,colours-vgg&vote=soft", data=image, headers=jpeg, timeout=60
+        f"{fleet.url}/v1/predict?models=colours,colours-vgg&vote=soft",
+        data=image,
+        headers={**jpeg, **fleet.admin},
+        timeout=60,
     )
     assert voted.status_code == 200, voted.text
     assert voted.json()["members"] == ["colours", "colours-vgg"]
     mixed = requests.post(
-        f"{fleet.url}/v1/predict?models=colours,resnet50", data=image, headers=jpeg, timeout=60
+        f"{fleet.url}/v1/predict?models=colours,resnet50",
+        data=image,
+        headers={**jpeg, **fleet.admin},
+        timeout=60,
     )
     assert mixed.status_code in (400, 409, 422) and "label" in mixed.text, mixed.text
 
@@ -170,11 +180,11 @@ def test_retraining_under_load_swaps_in_version_2_with_no_failed_request(
 def test_bad_datasets_and_options_are_refused_naming_the_problem(
     fleet: E2EFleet, build: Any, fields: dict[str, str], status: int, expected: str
 ) -> None:
-    before = requests.get(f"{fleet.url}/v1/jobs?limit=100", timeout=10).json()["jobs"]
+    before = requests.get(f"{fleet.url}/v1/jobs?limit=100", headers=fleet.admin, timeout=10).json()["jobs"]
     answer = train(fleet, build(), **fields)
     assert answer.status_code == status, answer.text
     assert expected in answer.json()["error"]["message"], answer.text
-    after = requests.get(f"{fleet.url}/v1/jobs?limit=100", timeout=10).json()["jobs"]
+    after = requests.get(f"{fleet.url}/v1/jobs?limit=100", headers=fleet.admin, timeout=10).json()["jobs"]
     assert [j["job_id"] for j in after] == [j["job_id"] for j in before]  # no job was created
 
 
@@ -190,7 +200,7 @@ def test_unreadable_files_are_skipped_and_listed(fleet: E2EFleet) -> None:
     skipped = {item["name"] for item in answer.json()["skipped"]}
     assert skipped == {"red/broken.jpg", "loose.jpg"}
     assert answer.json()["counts"] == {"blue": 5, "red": 5}
-    requests.delete(f"{fleet.url}/v1/jobs/{answer.json()['job_id']}", timeout=10)
+    requests.delete(f"{fleet.url}/v1/jobs/{answer.json()['job_id']}", headers=fleet.admin, timeout=10)
 
 
 def test_ten_custom_models_on_resnet50_add_under_100_mb(fleet: E2EFleet, trained: dict[str, Any]) -> None:
@@ -217,7 +227,10 @@ def test_ten_custom_models_on_resnet50_add_under_100_mb(fleet: E2EFleet, trained
         assert classify(fleet, name, colours.images(1, seed=30)[0][1]).status_code == 200
     added = resident() - before
     for name in names:
-        assert requests.delete(f"{fleet.url}/v1/models/{name}", timeout=10).status_code == 200
+        assert (
+            requests.delete(f"{fleet.url}/v1/models/{name}", headers=fleet.admin, timeout=10).status_code
+            == 200
+        )
     assert added <= 100, f"ten custom models added {added:.0f} MB"
     wait_until(lambda: not listed(fleet, names[0]), 30, "a deleted model to go")
     gone = classify(fleet, names[0], colours.images(1, seed=31)[0][1])
@@ -264,7 +277,10 @@ def test_a_fine_tuned_model_holds_its_own_backbone_and_classifies_fresh_photos(f
     added = rss_mb(fleet.pids()["resnet50"]) - before
     print(f"fine-tuned ResNet50 model: +{added:.0f} MB in the resnet50 service")  # the README's figure
     assert added >= 40, f"a whole classifier with ResNet50's weights (94 MB) added only {added:.0f} MB"
-    assert requests.delete(f"{fleet.url}/v1/models/colours-tuned", timeout=10).status_code == 200
+    assert (
+        requests.delete(f"{fleet.url}/v1/models/colours-tuned", headers=fleet.admin, timeout=10).status_code
+        == 200
+    )
     wait_until(lambda: not listed(fleet, "colours-tuned"), 30, "the fine-tuned model to go")
     assert classify(fleet, "colours-tuned", fresh[0][1]).status_code == 404
     # closed once requests holding it are answered (the default deadline + 5 s): its copy goes back
@@ -286,4 +302,6 @@ def test_kill_9_of_the_trainer_fails_the_job_cleanly_and_publishes_nothing(fleet
     # The restarted trainer trains the next job.
     again = train(fleet, colours.archive(6, seed=12), name="killed", epochs=5)
     assert wait_for(fleet, again.json()["job_id"], ("completed", "failed"), 300)["status"] == "completed"
-    assert requests.delete(f"{fleet.url}/v1/models/killed", timeout=10).status_code == 200
+    assert (
+        requests.delete(f"{fleet.url}/v1/models/killed", headers=fleet.admin, timeout=10).status_code == 200
+    )

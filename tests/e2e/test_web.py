@@ -125,6 +125,7 @@ def test_a_folder_as_a_batch_job_runs_to_a_csv(
     (folder / ".DS_Store").write_bytes(b"not an image")  # hidden: the page leaves it out
 
     browser.get(f"{fleet.url}/")
+    browser.find_element(By.ID, "api-key").send_keys(fleet.admin_key)  # jobs and training need a key
     wait = WebDriverWait(browser, 30)
     models = wait.until(
         lambda b: (
@@ -150,7 +151,8 @@ def test_a_folder_as_a_batch_job_runs_to_a_csv(
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOTS / "web-job.png"))
 
-    answer = requests.get(href, timeout=30)
+    assert requests.get(href, timeout=30).status_code == 401  # the results are the job owner's
+    answer = requests.get(href, headers=fleet.admin, timeout=30)
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/csv")
     lines = answer.text.splitlines()
     assert len(lines) == 7  # the header and one row per image
@@ -177,6 +179,7 @@ def test_a_folder_of_classes_trains_a_model_the_picker_then_offers(
     name = "web-colours"
 
     browser.get(f"{fleet.url}/")
+    browser.find_element(By.ID, "api-key").send_keys(fleet.admin_key)  # jobs and training need a key
     wait = WebDriverWait(browser, 30)
     wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) >= 6)
     try:
@@ -240,4 +243,4 @@ def test_a_folder_of_classes_trains_a_model_the_picker_then_offers(
         wait.until(lambda b: name in b.find_element(By.ID, "meta").text)
         assert sorted(bars(browser)) == ["blue", "red"]
     finally:
-        requests.delete(f"{fleet.url}/v1/models/{name}", timeout=30)
+        requests.delete(f"{fleet.url}/v1/models/{name}", headers=fleet.admin, timeout=30)

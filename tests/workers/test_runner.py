@@ -14,9 +14,10 @@ import pytest
 from common.errors import BadRequest, ModelUnavailable, Overloaded
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore
+from common.tenancy.keys import KeyStore
 from gateway.fetch import UrlFetcher
 from gateway.predict import Predictor
-from tests.conftest import gateway_settings, photo
+from tests.conftest import auth_settings, gateway_settings, photo
 from tests.http_fixtures import serve
 from tests.workers.conftest import ScriptedClient
 from workers.runner import SIGNATURE_HEADER, TIMESTAMP_HEADER, Cancelled, ChunkRunner, Requeue, sign
@@ -136,6 +137,24 @@ def test_a_cancelled_job_stops_between_calls_and_keeps_what_it_has(store: JobSto
     assert job is not None and (job["status"], job["done"]) == ("cancelled", 4)
     assert runner.run(job_id, 1).skipped == "cancelled"
     assert len(list(store.results(job))) == 4  # the finished chunk stays readable
+
+
+def test_a_revoked_owners_job_is_cancelled_at_its_next_batch(store: JobStore) -> None:
+    keys = KeyStore(auth_settings(key_cache_s=0.1), client=store.redis)
+    made = keys.create("tenant", ["jobs"], {}, "admin")
+    runner, client = make_runner(store, Clock())
+    runner.is_live = keys.is_live
+    job_id = submit(store, [CAT] * 8, owner=made["id"])
+    assert runner.run(job_id, 0).recorded
+    client.after_call = lambda: keys.revoke(made["id"])  # revoke clears this process's cache
+    with pytest.raises(Cancelled):
+        runner.run(job_id, 1)
+    job = store.get(job_id)
+    assert job is not None and job["status"] == "cancelled" and job["error"] == "key_revoked"
+    assert (job["done"], len(client.calls)) == (4, 3)  # chunk 0, then one call of chunk 1
+    assert runner.run(job_id, 1).skipped == "cancelled"
+    other = submit(store, [CAT] * 4, owner=made["id"])  # queued before the revocation
+    assert runner.run(other, 0).skipped == "key revoked" and store.get(other)["status"] == "cancelled"  # type: ignore[index]
 
 
 def test_an_overloaded_model_is_retried_after_its_retry_after(store: JobStore) -> None:
