@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def test_the_command_line_client_classifies_a_folder(
     out = tmp_path / "results.csv"
     command = [sys.executable, "-m", "client", "--url", fleet.url, "classify-dir", str(folder)]
     command += ["--model", "shapes", "--out", str(out), "--concurrency", "4", "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    env = {**os.environ, "IMAGEREC_API_KEY": fleet.admin_key}  # not the checkout's run/admin.key
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     with out.open() as written:
         rows = sorted(csv.DictReader(written), key=lambda row: row["path"])
