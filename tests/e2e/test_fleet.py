@@ -47,7 +47,9 @@ def probabilities(fleet: E2EFleet, model: str, data: bytes) -> np.ndarray:
 
 
 def test_models_are_listed_with_honest_weights(fleet: E2EFleet) -> None:
-    body = requests.get(f"{fleet.url}/v1/models", timeout=10).json()
+    anonymous = requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
+    assert all("url" not in r for m in anonymous for r in m["replicas"])  # addresses are the admin's
+    body = requests.get(f"{fleet.url}/v1/models", headers=fleet.admin, timeout=10).json()
     models = {m["name"]: m for m in body["models"]}
     assert set(models) == {*IMAGENET_MODELS, "shapes", "flaky"}
     assert [r["url"] for r in models["shapes"]["replicas"]] == [
