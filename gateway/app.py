@@ -36,7 +36,7 @@ def create_app(
     settings = settings or GatewaySettings.from_env()
     job_settings = job_settings or JobSettings.from_env()
     training_settings = training_settings or TrainingSettings.from_env()
-    auth = access.Auth(auth_settings or AuthSettings.from_env())
+    auth = access.Auth(auth_settings or AuthSettings.from_env(), settings.trusted_proxies)
     client = client or build_client(settings)
     fetcher = fetcher or UrlFetcher(
         timeout_s=settings.fetch_timeout_s,
@@ -80,7 +80,7 @@ def create_app(
         return "custom" if name in registry.custom() else "other"
 
     metrics.install(app, "gateway", model_label)
-    access.install(app, auth, settings, registry)
+    access.install(app, auth, registry)
 
     def read_images() -> tuple[list[ImageInput], bool]:
         items, batch = reader.read(request)

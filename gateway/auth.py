@@ -16,7 +16,6 @@ believed only from ``GATEWAY_TRUSTED_PROXIES`` (Nginx), never from a direct call
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +30,6 @@ from common.tenancy.keys import KeyStore, KeysUnavailable, Principal
 from common.tenancy.owners import Owners
 from common.tenancy.settings import AuthSettings
 from gateway.registry import Registry
-from gateway.settings import GatewaySettings
 
 # The scope each route needs; a route not named here needs none (health, listings, docs).
 SCOPES = {
@@ -63,11 +61,23 @@ class AuthUnavailable(ServiceError):
 class Auth:
     """The gateway's view of keys and owners; Redis is reached on first use."""
 
-    def __init__(self, settings: AuthSettings, store: KeyStore | None = None) -> None:
+    def __init__(
+        self, settings: AuthSettings, trusted_proxies: tuple[str, ...] = (), store: KeyStore | None = None
+    ) -> None:
         self.settings = settings
         self.store = store or KeyStore(settings)
         self.owners = Owners(self.store.redis, settings.key_cache_s)
         self.anonymous = keys_mod.anonymous(settings.anonymous_predict)
+        self.proxies = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted_proxies]
+
+    def client_address(self) -> str:
+        """The caller's address: ``X-Real-IP`` when the peer is a trusted proxy, else the peer."""
+        peer = request.remote_addr or "unknown"
+        try:
+            proxied = any(ipaddress.ip_address(peer) in network for network in self.proxies)
+        except ValueError:
+            proxied = False
+        return request.headers.get("X-Real-IP", peer) if proxied else peer
 
     def principal(self) -> Principal:
         """The current request's principal (authenticated once per request)."""
@@ -124,30 +134,8 @@ def named_models() -> list[str]:
     return [name.strip() for name in names if name.strip()]
 
 
-def trusted(settings: GatewaySettings) -> Callable[[str], bool]:
-    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
-
-    def check(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in networks)
-
-    return check
-
-
-def install(app: Flask, auth: Auth, settings: GatewaySettings, registry: Registry) -> None:
+def install(app: Flask, auth: Auth, registry: Registry) -> None:
     """Check every request's key, scope and the custom models it names, before its body is read."""
-    from_proxy = trusted(settings)
-
-    def client_address() -> str:
-        peer = request.remote_addr or "unknown"
-        if from_proxy(peer) and request.headers.get("X-Real-IP"):
-            return request.headers["X-Real-IP"]
-        return peer
-
-    app.extensions["imagerec.client_address"] = client_address
     app.extensions["imagerec.auth"] = auth
 
     @app.before_request
@@ -173,9 +161,9 @@ def install(app: Flask, auth: Auth, settings: GatewaySettings, registry: Registr
 
 def rate_limit_key() -> str:
     """Flask-Limiter's key: the principal when a valid key was sent, else the client address."""
-    address: Any = current_app.extensions["imagerec.client_address"]()
-    auth: Auth | None = current_app.extensions.get("imagerec.auth")  # None: a test app without auth
-    if auth is None or not request.headers.get("Authorization"):
+    auth = _auth()
+    address = auth.client_address()
+    if not request.headers.get("Authorization"):
         return f"ip:{address}"
     try:
         principal = auth.principal()

@@ -13,6 +13,7 @@ A refusal is a JSON 4xx and leaves nothing behind: the caller removes the stagin
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,27 +28,16 @@ from common.errors import (
     BadRequest,
     ImageTooLarge,
     PayloadTooLarge,
-    QuotaExceeded,
     ServiceError,
     UnsupportedMediaType,
 )
 from common.jobs import archive
 from common.jobs.settings import JobSettings
+from common.tenancy.quotas import Allowance, unlimited
 from gateway.inputs import decode_base64
 
 READ_BYTES = 1024 * 1024
 FIELD_BYTES = 8 * 1024  # a form field (callback_url) is short
-
-
-@dataclass(frozen=True)
-class Allowance:
-    """What one request may bring: images, and bytes written to disk across all of its parts (files
-    and every archive once unpacked) - the caller's quotas and the free space, whichever is least."""
-
-    max_images: int
-    max_bytes: int
-    images_quota: bool = False  # max_images is the principal's job_images quota (429), not the fleet's
-    bytes_quota: int = 0  # max_bytes is that quota's remainder (429 job_bytes) when this is > 0
 
 
 @dataclass
@@ -57,6 +47,8 @@ class Received:
 
     items: list[dict[str, Any]] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    """Bytes written into the job's ``inputs/``."""
 
 
 class Intake:
@@ -79,13 +71,24 @@ class Intake:
             max_ratio=settings.max_ratio,
             max_file_bytes=max_image_bytes,
         )
+        # What a request may bring, and what it wrote so far: set on each request's own copy.
+        self.allowance: Allowance = unlimited(settings.max_images, settings.max_uncompressed_bytes)
+        self.written = 0
 
     def receive(self, request: Request, staging: Path, allowance: Allowance | None = None) -> Received:
-        """Read ``request``'s images into ``staging`` (``inputs/``); raises a 4xx ``ServiceError``."""
-        self.allowance = allowance or Allowance(
+        """Read ``request``'s images into ``staging`` (``inputs/``) within ``allowance`` (the fleet's
+        limits alone by default); raises a 4xx ``ServiceError``. ``Received.bytes``: what it wrote."""
+        # NOTE: one Intake serves every request thread: each request meters on a copy of its own.
+        reading = copy.copy(self)
+        reading.allowance = allowance or unlimited(
             self.settings.max_images, self.settings.max_uncompressed_bytes
         )
-        self.written = 0
+        reading.written = 0
+        received = reading._receive(request, staging)
+        received.bytes = reading.written
+        return received
+
+    def _receive(self, request: Request, staging: Path) -> Received:
         (staging / "inputs").mkdir()
         mimetype = request.mimetype
         if mimetype == "multipart/form-data":
@@ -106,10 +109,8 @@ class Intake:
         allowed = min(self.settings.max_images, self.allowance.max_images)
         if count <= allowed:
             return
-        if self.allowance.images_quota and allowed < self.settings.max_images:
-            raise QuotaExceeded(
-                "job_images", allowed, count, f"more than {allowed} images in one job (your job_images quota)"
-            )
+        if self.allowance.images_quota:
+            raise self.allowance.over_images(count)
         raise BadRequest(
             f"more than {self.settings.max_images} images in one job (JOBS_MAX_IMAGES)",
             code="too_many_images",
@@ -118,19 +119,8 @@ class Intake:
     def _meter(self, size: int) -> None:
         """Count ``size`` more bytes written to disk by this request (files and unpacked archives)."""
         self.written += size
-        if self.written <= self.allowance.max_bytes:
-            return
-        if self.allowance.bytes_quota:
-            raise QuotaExceeded(
-                "job_bytes",
-                self.allowance.bytes_quota,
-                self.allowance.bytes_quota - self.allowance.max_bytes + self.written,
-                "this job's inputs would take your job inputs past your quota (job_bytes)",
-            )
-        raise PayloadTooLarge(
-            f"the job's inputs exceed {self.allowance.max_bytes} bytes on disk (JOBS_MAX_UNCOMPRESSED_BYTES "
-            "for one request, or the free space left)"
-        )
+        if self.written > self.allowance.max_bytes:
+            raise self.allowance.over_bytes(self.written)
 
     # --- multipart --------------------------------------------------------------------------
 

@@ -32,11 +32,11 @@ from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
 from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect, describe
-from common.tenancy.quotas import QuotaBook
+from common.tenancy.quotas import Allowance, QuotaBook
 from common.tenancy.settings import QuotaSettings
 from gateway.auth import audit, current
 from gateway.client import ModelClient
-from gateway.job_intake import Allowance, Intake
+from gateway.job_intake import Intake
 from gateway.predict import select
 from gateway.settings import GatewaySettings
 
@@ -110,7 +110,6 @@ class Jobs:
         without its tasks - the broker is Redis too - and nothing left behind when a step fails."""
         principal = current()
         record = {**record, "owner": principal.id, "owner_name": principal.name}
-        record["input_bytes"] = sum(f.stat().st_size for f in (staged / "inputs").rglob("*") if f.is_file())
         try:
             job = store_call(self.store.create, job_id, staged, record)
         except BaseException:
@@ -132,17 +131,8 @@ class Jobs:
 
     def allowance(self, fleet_max_images: int) -> Allowance:
         """What the caller's next upload may bring: images and bytes on disk (429 or 507 at none)."""
-        principal = current()
-        book = self.quotas
-        left = store_call(book.bytes_left, principal, Path(self.settings.dir))
-        per_request = self.settings.max_uncompressed_bytes
-        quota = 0 if principal.is_admin else book.quotas(principal).job_bytes
-        return Allowance(
-            max_images=book.job_images(principal, fleet_max_images),
-            max_bytes=min(left, per_request),
-            images_quota=not principal.is_admin,
-            bytes_quota=quota if left < per_request and not principal.is_admin else 0,
-        )
+        directory, per_request = Path(self.settings.dir), self.settings.max_uncompressed_bytes
+        return store_call(lambda: self.quotas.allowance(current(), directory, per_request, fleet_max_images))
 
     def _discard(self, job_id: str) -> None:
         try:
@@ -289,6 +279,7 @@ def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: Mo
                 },
                 "top_k": top_k,
                 "total": len(received.items),
+                "input_bytes": received.bytes,
                 "chunks": chunks,
                 "chunk_images": settings.chunk_images,
                 "callback_url": callback or "",

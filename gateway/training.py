@@ -209,6 +209,7 @@ def create_blueprint(
                 "skipped": dataset.skipped,
                 "phase": "queued",
                 "total": len(dataset.items),
+                "input_bytes": received.bytes,
                 "chunks": 0,
                 "top_k": 0,
                 "request_id": web.request_id(),
@@ -239,7 +240,7 @@ def create_blueprint(
         if not removed and not claimed:
             audit("model.delete", name, "not_found")
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
-        owners().release(name)
+        store_call(owners().release, name)
         audit("model.delete", name)
         return web.json_ok({"deleted": name})
 

@@ -55,6 +55,10 @@ return {'ok', 1}
 """
 
 
+class OwnersUnavailable(ServiceError):
+    status, code, retry_after = 503, "auth_unavailable", 2
+
+
 class NameTaken(ServiceError):
     status, code = 409, "model_name_taken"
 
@@ -85,7 +89,10 @@ class Owners:
                 return self._cache[name]
         found = LEGACY
         if self.redis is not None:
-            record: dict[str, str] = self.redis.hgetall(RECORD + name)  # type: ignore[assignment]
+            try:
+                record: dict[str, str] = self.redis.hgetall(RECORD + name)  # type: ignore[assignment]
+            except redis.RedisError:  # who may see it cannot be told: refuse, do not guess
+                raise OwnersUnavailable("custom models' owners (Redis) cannot be read; try again") from None
             if record:
                 found = Ownership(record["owner"], record.get("base", ""), record.get("public") == "1")
         with self._lock:

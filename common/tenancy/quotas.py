@@ -12,11 +12,12 @@ every owner's) unexpired job records (``input_bytes``). A refusal names the quot
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
-from common.errors import InsufficientStorage, QuotaExceeded
+from common.errors import InsufficientStorage, PayloadTooLarge, QuotaExceeded, ServiceError
 from common.tenancy.keys import Principal
 from common.tenancy.settings import Quotas, QuotaSettings
 
@@ -55,6 +56,65 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 return total
 """
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One limit on the bytes a request may write: ``quota`` names it ('' the per-request limit,
+    ``free_space`` the disk), ``left`` is what remains, ``used`` and ``limit`` its figures."""
+
+    quota: str
+    left: int
+    used: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What one request may bring: images (``images_quota``: that is the principal's ``job_images``
+    quota, not the fleet's limit) and bytes written to disk across all of its parts, within the
+    tightest ``bytes`` bound."""
+
+    max_images: int
+    images_quota: bool
+    bytes: Bound
+
+    @property
+    def max_bytes(self) -> int:
+        return self.bytes.left
+
+    def over_images(self, count: int) -> ServiceError:
+        return QuotaExceeded(
+            "job_images",
+            self.max_images,
+            count,
+            f"more than {self.max_images} images in one job (your job_images quota)",
+        )
+
+    def over_bytes(self, written: int) -> ServiceError:
+        """The refusal for a request that would write ``written`` more bytes than allowed."""
+        bound = self.bytes
+        if bound.quota == "free_space":
+            return InsufficientStorage(
+                "the job store is out of space (below QUOTA_MIN_FREE_BYTES free): try again later"
+            )
+        if bound.quota:
+            whose = "your jobs'" if bound.quota == "job_bytes" else "the fleet's jobs'"
+            return QuotaExceeded(
+                bound.quota,
+                bound.limit,
+                bound.used + written,
+                f"{whose} inputs on disk would pass their quota ({bound.quota} = {bound.limit} bytes, "
+                f"{bound.used} used): they go when the jobs expire",
+            )
+        return PayloadTooLarge(
+            f"the job's inputs exceed {bound.limit} bytes on disk (JOBS_MAX_UNCOMPRESSED_BYTES)"
+        )
+
+
+def unlimited(max_images: int, max_bytes: int) -> Allowance:
+    """An allowance of the fleet's own limits alone (no principal's quotas)."""
+    return Allowance(max_images, False, Bound("", max_bytes, 0, max_bytes))
 
 
 class QuotaBook:
@@ -100,38 +160,33 @@ class QuotaBook:
                 "finish or cancel one",
             )
 
-    def bytes_left(self, principal: Principal, jobs_dir: Path) -> int:
-        """Bytes of job inputs ``principal`` may still write: its quota, the fleet's, and the free
-        space above ``QUOTA_MIN_FREE_BYTES``, whichever is least. Raises 429 or 507 at none."""
+    def allowance(
+        self, principal: Principal, jobs_dir: Path, per_request_bytes: int, fleet_max_images: int
+    ) -> Allowance:
+        """What ``principal``'s next upload may bring. Its bytes on disk are the least of the
+        per-request limit, what is left of its ``job_bytes`` quota and of the fleet's, and the free
+        space above ``QUOTA_MIN_FREE_BYTES``; the allowance remembers which one binds, so a request
+        that passes it is refused by that name. Raises 429 or 507 when nothing is left."""
         total = self.settings
         used_all = int(self._bytes(keys=[INDEX]))
-        left = total.total_job_bytes - used_all
-        if left <= 0:
-            raise QuotaExceeded(
-                "total_job_bytes",
-                total.total_job_bytes,
-                used_all,
-                "the fleet's job inputs are at their quota: try again when older jobs expire",
-            )
+        bounds = [
+            Bound("", per_request_bytes, 0, per_request_bytes),
+            Bound("total_job_bytes", total.total_job_bytes - used_all, used_all, total.total_job_bytes),
+        ]
+        images = fleet_max_images
         if not principal.is_admin:
-            quota = self.quotas(principal).job_bytes
+            quotas = self.quotas(principal)
             used = int(self._bytes(keys=[OWNED + principal.id]))
-            if used >= quota:
-                raise QuotaExceeded(
-                    "job_bytes",
-                    quota,
-                    used,
-                    f"your jobs' inputs take {used} bytes on disk, your quota (job_bytes) is {quota}: "
-                    "they go when your jobs expire",
-                )
-            left = min(left, quota - used)
+            bounds.append(Bound("job_bytes", quotas.job_bytes - used, used, quotas.job_bytes))
+            images = min(fleet_max_images, quotas.job_images)
         jobs_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(jobs_dir).free - total.min_free_bytes
-        if free <= 0:
-            raise InsufficientStorage(
-                "the job store is out of space (below QUOTA_MIN_FREE_BYTES free): try again later"
-            )
-        return min(left, free)
+        bounds.append(Bound("free_space", free, 0, 0))
+        tightest = min(bounds, key=lambda bound: bound.left)
+        allowance = Allowance(images, images < fleet_max_images, tightest)
+        if tightest.left <= 0:
+            raise allowance.over_bytes(0)
+        return allowance
 
     def job_images(self, principal: Principal, fleet_max: int) -> int:
         return fleet_max if principal.is_admin else min(fleet_max, self.quotas(principal).job_images)
