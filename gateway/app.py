@@ -43,6 +43,7 @@ def create_app(
         max_bytes=settings.fetch_max_bytes,
         max_redirects=settings.fetch_max_redirects,
         allow_networks=settings.fetch_allow_networks,
+        allow_ports=settings.fetch_ports,
         max_parallel=settings.fetch_threads,
     )
     reader = InputReader(

@@ -1,9 +1,11 @@
 """Fetch image URLs for a client without letting the client reach our private network (SSRF).
 
-Every hop: http/https only; resolve the host and refuse it unless *every* address is public (or in
-the operator's allow-list); connect to the address that was checked, never resolving again (no DNS
-rebinding), with Host/SNI/certificate still bound to the name; redirects re-checked and capped;
-bytes capped while streaming.
+Every hop: http/https only, on an allowed port (80 and 443 by default); resolve the host and refuse
+it unless *every* address is public (or in the operator's allow-list) - an IPv6 address that carries
+an IPv4 one (IPv4-mapped, IPv4-compatible, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, 6to4
+``2002::/16``) is judged by the IPv4 address it reaches; connect to the address that was checked,
+never resolving again (no DNS rebinding), with Host/SNI/certificate still bound to the name;
+redirects re-checked and capped; bytes capped while streaming.
 
 Time: the URLs of one request are fetched together, at most ``max_parallel`` at once, and all by one
 deadline: the fetch timeout from when the request asked, or the client's deadline if sooner. Name
@@ -28,6 +30,9 @@ from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMe
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = (301, 302, 303, 307, 308)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: bits 48-63 and 72-87 (RFC 6052 /48)
+COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible ::a.b.c.d
 Resolver = Callable[[str, int], Sequence[str]]
 """A host and port -> its addresses (IP literals); raises ``OSError`` when the lookup fails."""
 
@@ -35,6 +40,22 @@ Resolver = Callable[[str, int], Sequence[str]]
 def system_resolver(host: str, port: int) -> list[str]:
     """The addresses the system's resolver (``getaddrinfo``) has for ``host``, for TCP."""
     return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, by every form that routes to one; None if none."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    value = int(address)
+    if address in NAT64 or address in COMPATIBLE:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if address in NAT64_LOCAL:
+        return ipaddress.IPv4Address(((value >> 64) & 0xFFFF) << 16 | (value >> 40) & 0xFFFF)
+    return None
 
 
 class UrlNotAllowed(ServiceError):
@@ -61,6 +82,7 @@ class UrlFetcher:
         max_bytes: int = 10 * 1024 * 1024,
         max_redirects: int = 3,
         allow_networks: tuple[str, ...] = (),
+        allow_ports: tuple[int, ...] = (80, 443),
         max_parallel: int = 8,
         resolver: Resolver = system_resolver,
         resolver_threads: int = 16,
@@ -69,6 +91,7 @@ class UrlFetcher:
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.allow_networks = tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks)
+        self.allow_ports = frozenset(allow_ports)  # empty: any port
         self.max_parallel = max_parallel
         self.resolver = resolver
         # NOTE: bounded and shared by every request of the process: lookups stuck on a name server
@@ -76,12 +99,13 @@ class UrlFetcher:
         self._lookups = ThreadPoolExecutor(resolver_threads, thread_name_prefix="url-resolve")
 
     def is_allowed(self, address: IPAddress) -> bool:
-        """Public unicast addresses, plus whatever the operator allowed explicitly."""
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if any(address in network for network in self.allow_networks):
+        """Public unicast addresses, plus whatever the operator allowed explicitly; an address that
+        carries an IPv4 one is judged by it."""
+        inner = embedded_ipv4(address)
+        if any(a in network for a in (address, inner) if a is not None for network in self.allow_networks):
             return True
-        return address.is_global and not address.is_multicast
+        reached = inner or address
+        return reached.is_global and not reached.is_multicast
 
     def fetch_all(self, urls: Sequence[str], deadline: float | None = None) -> list[bytes | ServiceError]:
         """Fetch ``urls`` in parallel, each answering its image bytes or its own error, in order.
@@ -174,6 +198,9 @@ class UrlFetcher:
             raise UrlNotAllowed("URLs with credentials are not fetched")
         host = parts.hostname
         port = port or (443 if parts.scheme == "https" else 80)
+        if self.allow_ports and port not in self.allow_ports:
+            allowed = ", ".join(str(p) for p in sorted(self.allow_ports))
+            raise UrlNotAllowed(f"port {port} is not fetched (allowed: {allowed}; GATEWAY_FETCH_ALLOW_PORTS)")
         address = str(self._resolve(host, port, deadline))
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -58,6 +58,9 @@ class GatewaySettings:
     fetch_allow_networks: tuple[str, ...] = setting(
         (), "CIDRs the URL fetcher may reach besides public addresses (off)"
     )
+    fetch_allow_ports: tuple[str, ...] = setting(
+        ("80", "443"), "ports the URL fetcher (and job callbacks) may connect to; empty: any"
+    )
     rate_limit: str = setting(
         "100/second", "per-client limit, Flask-Limiter syntax ('100/second;2000/minute'); empty: off"
     )
@@ -97,6 +100,15 @@ class GatewaySettings:
                 if not getattr(base, name)
             }
         return load(cls, ("GATEWAY_",), env, **overrides)
+
+    @property
+    def fetch_ports(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(port) for port in self.fetch_allow_ports)
+        except ValueError:
+            raise ValueError(
+                f"GATEWAY_FETCH_ALLOW_PORTS: port numbers, got {self.fetch_allow_ports}"
+            ) from None
 
     @property
     def ensemble_members(self) -> tuple[str, ...]:

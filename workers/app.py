@@ -65,6 +65,7 @@ def runner() -> ChunkRunner:
                 max_bytes=gateway.fetch_max_bytes,
                 max_redirects=gateway.fetch_max_redirects,
                 allow_networks=gateway.fetch_allow_networks,
+                allow_ports=gateway.fetch_ports,
                 max_parallel=gateway.fetch_threads,
             )
             keys = KeyStore(AuthSettings.from_env())  # a revoked key's jobs stop within its cache time

@@ -83,6 +83,7 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         MODEL_CACHE=str(run_dir / "converted"),
         TF_CPP_MIN_LOG_LEVEL="2",
         GATEWAY_FETCH_ALLOW_NETWORKS="127.0.0.0/8",
+        GATEWAY_FETCH_ALLOW_PORTS="",  # the loopback image and callback servers listen on free ports
         GATEWAY_FETCH_TIMEOUT_S="5",
         # Load tests send hundreds of requests a second from one address; the limiter itself is
         # tested in tests/gateway (memory and a real Redis).

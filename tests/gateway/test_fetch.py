@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -25,7 +26,9 @@ def server() -> Iterator[str]:
 @pytest.fixture
 def fetcher() -> UrlFetcher:
     """An operator who allows loopback (where the test server lives), and nothing else private."""
-    return UrlFetcher(timeout_s=2, max_bytes=1_000_000, max_redirects=3, allow_networks=("127.0.0.0/8",))
+    return UrlFetcher(
+        timeout_s=2, max_bytes=1_000_000, max_redirects=3, allow_networks=("127.0.0.0/8",), allow_ports=()
+    )
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,41 @@ def fetcher() -> UrlFetcher:
 def test_private_and_special_addresses_are_refused_by_default(url: str) -> None:
     with pytest.raises(UrlNotAllowed):
         UrlFetcher().fetch(url)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254 (cloud metadata)
+        "64:ff9b:1:a00:0:100::",  # local-use NAT64 (/48) of 10.0.0.1
+        "2002:a00:1::",  # 6to4 of 10.0.0.1
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "::a00:1",  # IPv4-compatible 10.0.0.1
+        "::c0a8:101",  # IPv4-compatible 192.168.1.1
+    ],
+)
+def test_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(address: str) -> None:
+    """Python calls each of these global: the IPv4 address inside is what the packets reach."""
+    with pytest.raises(UrlNotAllowed, match="non-public"):
+        UrlFetcher(resolver=lambda host, port: [address]).fetch("http://images.example/cat.jpg")
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::", "64:ff9b:1:808:8:800::"])
+def test_ipv6_forms_of_a_public_ipv4_address_pass_the_address_check(address: str) -> None:
+    fetcher = UrlFetcher(resolver=lambda host, port: [address])
+    assert fetcher.is_allowed(ipaddress.ip_address(address))
+
+
+def test_only_ports_80_and_443_are_fetched_by_default() -> None:
+    for url in (
+        "http://images.example:8080/a.jpg",
+        "https://images.example:6379/",
+        "http://images.example:22/",
+    ):
+        with pytest.raises(UrlNotAllowed, match="port"):
+            UrlFetcher(resolver=lambda host, port: ["93.184.215.14"]).fetch(url)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +145,7 @@ def test_bad_responses_are_refused(server: str, fetcher: UrlFetcher, path: str, 
 
 
 def test_slow_drip_hits_the_total_deadline(server: str) -> None:
-    fetcher = UrlFetcher(timeout_s=1, allow_networks=("127.0.0.0/8",))
+    fetcher = UrlFetcher(timeout_s=1, allow_networks=("127.0.0.0/8",), allow_ports=())
     started = time.monotonic()
     with pytest.raises(UrlFetchTimeout):
         fetcher.fetch(f"{server}/drip")
@@ -126,7 +164,7 @@ def slow_server() -> Iterator[str]:
 
 
 def loopback_fetcher(**options: Any) -> UrlFetcher:
-    return UrlFetcher(allow_networks=("127.0.0.0/8",), **options)
+    return UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=(), **options)
 
 
 def test_slow_urls_of_one_request_take_about_as_long_as_one(slow_server: str) -> None:

@@ -27,7 +27,7 @@ def slow_server() -> Iterator[str]:
 
 @pytest.fixture
 def reader() -> InputReader:
-    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",), max_parallel=4)
+    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=(), max_parallel=4)
     return InputReader(max_images=8, max_image_bytes=1_000_000, fetch_all=fetcher.fetch_all)
 
 
@@ -67,7 +67,7 @@ def test_a_single_url_is_cut_off_at_the_clients_deadline(
 
 def test_the_gateway_answers_a_batch_of_slow_urls_within_the_clients_deadline(slow_server: str) -> None:
     settings = gateway_settings()
-    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",))
+    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=())
     app = create_app(settings, client=FakeModelClient(settings), fetcher=fetcher, poll_health=False)  # type: ignore[arg-type]
     images = [{"url": f"{slow_server}/slow?0.4"}] * 6 + [{"url": f"{slow_server}/slow?5"}]
     started = time.monotonic()

@@ -47,7 +47,7 @@ def make_runner(store: JobStore, clock: Clock, **settings: Any) -> tuple[ChunkRu
     runner = ChunkRunner(
         store,
         Predictor(client, gateway),  # type: ignore[arg-type]
-        UrlFetcher(allow_networks=("127.0.0.0/8",)),
+        UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=()),
         jobs,
         gateway,
         sleep=clock.sleep,
