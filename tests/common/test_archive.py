@@ -369,3 +369,21 @@ def test_archive_with_no_files_is_invalid(tmp_path: Path, target: Path) -> None:
     source = make_zip(tmp_path / "upload", [("cats/", b""), (".DS_Store", b"junk")])
     error = refuse(source, target)
     assert error.code == "invalid_archive" and "no files" in error.message
+
+
+@pytest.mark.parametrize("offset", [2**62, 2**64 - 1, 10**9])
+def test_a_zip64_locator_pointing_outside_the_archive_is_a_400(tmp_path: Path, offset: int) -> None:
+    """The end record says 'see zip64' and the locator names an absurd offset: seeking there raised
+    OSError or ValueError (a 500) before."""
+    data = make_zip(tmp_path / "a.zip", [("a.png", png())]).read_bytes()
+    end = data.rfind(b"PK\x05\x06")
+    record = bytearray(data[end:])
+    record[8:12] = b"\xff\xff\xff\xff"  # entries on this disk and in all: 0xFFFF, look in zip64
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, offset, 1)
+    (tmp_path / "b.zip").write_bytes(data[:end] + locator + bytes(record))
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(BadRequest) as refused:
+        unpack(tmp_path / "b.zip", target, LIMITS)
+    assert refused.value.code == "invalid_archive" and "zip64" in refused.value.message
+    assert list(target.iterdir()) == []
