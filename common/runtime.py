@@ -74,7 +74,8 @@ def build_keras_model(spec: ModelSpec, plan: WeightsPlan) -> Any:
     import keras
 
     if plan.kind == "file" and plan.path is not None and plan.path.suffix == ".keras":
-        return keras.models.load_model(plan.path, compile=False)
+        # safe_mode refuses Lambda layers' code (CVE-2025-1550 is fixed from Keras 3.9, pinned)
+        return keras.models.load_model(plan.path, compile=False, safe_mode=True)
     if spec.builder is None:
         raise WeightsUnavailable(f"{spec.name} needs a .keras model file")
     builder = getattr(keras.applications, spec.builder)

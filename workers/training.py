@@ -34,6 +34,7 @@ import numpy as np
 from common import imaging, preprocessing
 from common.custom import heads, train
 from common.custom.dataset import Dataset
+from common.custom.finetune import BACKBONE_LAYERS
 from common.custom.settings import TrainingSettings
 from common.errors import ServiceError
 from common.jobs.store import ACTIVE, JobStore, JobStoreUnavailable
@@ -99,6 +100,10 @@ class TrainingRunner:
             return "expired"
         if job["status"] != "pending" or not self.store.mark_running(job_id):
             return str(job["status"])  # a job is trained once: a second delivery changes nothing
+        # What Redis holds is checked again before it names a folder or a model: the gateway
+        # checked it, but anything that can write to Redis could have written this record.
+        if heads.check_name(str(job.get("model", ""))) or job.get("base") not in BACKBONE_LAYERS:
+            return self._fail(job_id, "the job's model name or base is not valid")
         try:
             with self._heartbeat(job_id):
                 fields = self._train(job)
@@ -107,9 +112,14 @@ class TrainingRunner:
             return "cancelled"
         except TrainingFailed as failure:
             return self._fail(job_id, str(failure))
-        except Exception as exc:  # anything unforeseen fails the job, saying what, not a stall later
+        except Exception as exc:  # anything unforeseen fails the job at once, not a stall later
             log.exception("training crashed", extra={"job_id": job_id})
-            return self._fail(job_id, f"training stopped: {type(exc).__name__}: {exc}"[:1000])
+            # NOTE: the kind of error, not its text: that may hold paths and internals (the log has it)
+            return self._fail(
+                job_id,
+                f"training stopped by an internal error ({type(exc).__name__}); "
+                f"the trainer's log has the details of job {job_id}",
+            )
         return self.store.finish(job_id, "completed", {**fields, "phase": "done"}) or "completed"
 
     def _fail(self, job_id: str, reason: str) -> str:
@@ -152,8 +162,12 @@ class TrainingRunner:
             raise Cancelled(job_id)
         try:
             version = heads.publish(Path(self.settings.models_dir), job["model"], learned.write, meta)
-        except OSError as exc:
-            raise TrainingFailed(f"the model could not be published in CUSTOM_MODELS_DIR: {exc}") from None
+        except OSError as exc:  # the record says what failed; the log says where (a path is internal)
+            log.warning("publishing failed", extra={"job_id": job_id, "reason": str(exc)})
+            raise TrainingFailed(
+                f"the model could not be written to the model repository ({type(exc).__name__}); "
+                "the trainer's log has the details"
+            ) from None
         log.info(
             "custom model published", extra={"job_id": job_id, "model": job["model"], "version": version}
         )
@@ -245,7 +259,7 @@ class TrainingRunner:
         base_hash = weights_digest(model.get_weights())
         if base_hash != base_meta.get("weights_hash"):
             raise TrainingFailed(
-                f"the trainer's copy of {base} ({plan.kind}, {base_meta.get('weights_source')}) has "
+                f"the trainer's copy of {base} ({plan.kind} weights) has "
                 f"weights {base_hash}, but {base} serves {base_meta.get('weights_hash')}: fine-tuning "
                 f"needs the weights the service loads (the same file, or the same seed)"
             )
@@ -467,9 +481,10 @@ class TrainingRunner:
             return WeightsPlan("random", seed=int(source.removeprefix("seed=") or 0))
         path = Path(source)
         if not path.is_file():
+            log.warning("base weights unreadable", extra={"base": base, "path": source})
             raise TrainingFailed(
-                f"{base} loads its weights from {source}, which the trainer cannot read: give the "
-                f"trainer the same file at the same path (as the model services mount it)"
+                f"{base} loads its weights from a file the trainer cannot read (its log names it): "
+                "give the trainer the same file at the same path (as the model services mount it)"
             )
         return WeightsPlan(kind, path)
 

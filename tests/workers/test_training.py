@@ -218,7 +218,8 @@ def test_an_unforeseen_error_fails_the_job_at_once_saying_what(store: JobStore, 
     job_id = submit(store, photos(3, seed=11))
     (store.folder(job_id) / "dataset.json").write_text("{broken")
     assert runner.run(job_id) == "failed"
-    assert "JSONDecodeError" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+    error = describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+    assert "JSONDecodeError" in error and str(tmp_path) not in error and "internal error" in error
 
 
 def test_an_unwritable_repository_fails_the_job_and_nothing_is_published(
@@ -230,7 +231,21 @@ def test_an_unwritable_repository_fails_the_job_and_nothing_is_published(
     runner = TrainingRunner(store, client, TrainingSettings(models_dir=str(blocked), publish_wait_s=0))  # type: ignore[arg-type]
     job_id = submit(store, photos(3, seed=12), epochs=2)
     assert runner.run(job_id) == "failed"
-    assert "could not be published" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+    error = describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+    assert "could not be written" in error and str(blocked) not in error  # the path is the log's
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "resnet50", "x" * 65, ""])
+def test_a_record_whose_name_the_gateway_would_refuse_is_failed_not_trained(
+    store: JobStore, tmp_path: Path, name: str
+) -> None:
+    """The gateway checked the name; the trainer checks again what Redis hands it."""
+    runner = TrainingRunner(store, ColourFeatures(), settings(tmp_path))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=13), epochs=2)
+    store.update(job_id, {"model": name})
+    assert runner.run(job_id) == "failed"
+    assert (store.get(job_id) or {})["error"] == "the job's model name or base is not valid"
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
 
 
 def test_progress_never_brings_back_an_expired_record(store: JobStore) -> None:
