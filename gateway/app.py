@@ -44,6 +44,8 @@ def create_app(
         max_redirects=settings.fetch_max_redirects,
         allow_networks=settings.fetch_allow_networks,
         allow_ports=settings.fetch_ports,
+        max_per_host=settings.fetch_max_per_host,
+        max_total_bytes=settings.fetch_max_total_bytes,
         max_parallel=settings.fetch_threads,
     )
     reader = InputReader(

@@ -7,6 +7,9 @@ an IPv4 one (IPv4-mapped, IPv4-compatible, NAT64 ``64:ff9b::/96`` and ``64:ff9b:
 never resolving again (no DNS rebinding), with Host/SNI/certificate still bound to the name;
 redirects re-checked and capped; bytes capped while streaming.
 
+Bounds: at most ``max_per_host`` fetches from one host at once in a process (a slow host cannot
+take every fetch thread), and at most ``max_total_bytes`` fetched for one request in all.
+
 Time: the URLs of one request are fetched together, at most ``max_parallel`` at once, and all by one
 deadline: the fetch timeout from when the request asked, or the client's deadline if sooner. Name
 resolution counts: ``getaddrinfo`` cannot be cancelled, so it runs on a small pool of its own and
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -58,6 +63,14 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+def _host(url: str) -> str:
+    """The host a fetch's slot is counted on (malformed URLs are refused later, by ``_request``)."""
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 class UrlNotAllowed(ServiceError):
     status, code = 400, "url_not_allowed"
 
@@ -74,6 +87,49 @@ def _late() -> UrlFetchTimeout:
     return UrlFetchTimeout("fetching the image did not finish by the deadline")
 
 
+class _Budget:
+    """Bytes one request may still fetch, shared by its parallel fetches."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.left = total, total
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            self.left -= size
+            if self.left < 0:
+                raise ImageTooLarge(f"the images fetched for this request exceed {self.total} bytes in all")
+
+
+class _HostSlots:
+    """At most ``per_host`` fetches from one host at once; a fetch waits for a slot until its deadline."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self.busy: dict[str, int] = {}  # only hosts being fetched from: it does not grow with history
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, host: str, deadline: float) -> Iterator[None]:
+        with self._changed:
+            while self.busy.get(host, 0) >= self.per_host:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._changed.wait(left):
+                    raise UrlFetchTimeout(
+                        f"{host} already has {self.per_host} fetches in flight (GATEWAY_FETCH_MAX_PER_HOST) "
+                        "and none ended by the deadline"
+                    )
+            self.busy[host] = self.busy.get(host, 0) + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.busy[host] -= 1
+                if not self.busy[host]:
+                    del self.busy[host]
+                self._changed.notify_all()
+
+
 class UrlFetcher:
     def __init__(
         self,
@@ -84,6 +140,8 @@ class UrlFetcher:
         allow_networks: tuple[str, ...] = (),
         allow_ports: tuple[int, ...] = (80, 443),
         max_parallel: int = 8,
+        max_per_host: int = 4,
+        max_total_bytes: int = 64 * 1024 * 1024,
         resolver: Resolver = system_resolver,
         resolver_threads: int = 16,
     ) -> None:
@@ -93,6 +151,8 @@ class UrlFetcher:
         self.allow_networks = tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks)
         self.allow_ports = frozenset(allow_ports)  # empty: any port
         self.max_parallel = max_parallel
+        self.max_total_bytes = max_total_bytes
+        self._hosts = _HostSlots(max_per_host)
         self.resolver = resolver
         # NOTE: bounded and shared by every request of the process: lookups stuck on a name server
         # that never answers (any client can name one) tie up these threads, not unbounded new ones.
@@ -122,36 +182,39 @@ class UrlFetcher:
         if not urls:
             return []
         deadline = self._deadline(deadline)
+        budget = _Budget(self.max_total_bytes)
         pool = ThreadPoolExecutor(min(len(urls), self.max_parallel), thread_name_prefix="url-fetch")
         try:
-            futures = [pool.submit(self._outcome, url, deadline) for url in urls]
+            futures = [pool.submit(self._outcome, url, deadline, budget) for url in urls]
             wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         finally:  # a straggler ends at its own deadline-bound timeouts; nobody waits for it
             pool.shutdown(wait=False, cancel_futures=True)
         return [f.result() if f.done() and not f.cancelled() else _late() for f in futures]
 
-    def fetch(self, url: str, deadline: float | None = None) -> bytes:
+    def fetch(self, url: str, deadline: float | None = None, budget: _Budget | None = None) -> bytes:
         """The image bytes at ``url``, or a ``ServiceError`` saying why not (``deadline`` as for
-        :meth:`fetch_all`)."""
+        :meth:`fetch_all`; ``budget``: the request's bytes, shared with its other fetches)."""
         deadline = self._deadline(deadline)
-        for _hop in range(self.max_redirects + 1):
-            response = self._request(url, deadline)
-            try:
-                if response.status in REDIRECTS and response.headers.get("Location"):
-                    url = urljoin(url, response.headers["Location"])
-                    continue
-                return self._read_image(response, deadline)
-            finally:  # each hop has a connection pool of its own: nothing is kept for later
-                response.close()
+        budget = budget or _Budget(self.max_total_bytes)
+        with self._hosts.hold(_host(url), deadline):
+            for _hop in range(self.max_redirects + 1):
+                response = self._request(url, deadline)
+                try:
+                    if response.status in REDIRECTS and response.headers.get("Location"):
+                        url = urljoin(url, response.headers["Location"])
+                        continue
+                    return self._read_image(response, deadline, budget)
+                finally:  # each hop has a connection pool of its own: nothing is kept for later
+                    response.close()
         raise UrlFetchFailed(f"more than {self.max_redirects} redirects")
 
     def _deadline(self, client_deadline: float | None) -> float:
         own = time.monotonic() + self.timeout_s
         return own if client_deadline is None else min(own, client_deadline)
 
-    def _outcome(self, url: str, deadline: float) -> bytes | ServiceError:
+    def _outcome(self, url: str, deadline: float, budget: _Budget) -> bytes | ServiceError:
         try:
-            return self.fetch(url, deadline)
+            return self.fetch(url, deadline, budget)
         except ServiceError as exc:
             return exc
 
@@ -243,7 +306,7 @@ class UrlFetcher:
         except urllib3.exceptions.HTTPError as exc:
             raise UrlFetchFailed(f"cannot fetch from {host}: {type(exc).__name__}") from None
 
-    def _read_image(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    def _read_image(self, response: urllib3.BaseHTTPResponse, deadline: float, budget: _Budget) -> bytes:
         if response.status != 200:
             raise UrlFetchFailed(f"the image URL answered HTTP {response.status}")
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -258,6 +321,7 @@ class UrlFetcher:
                 total += len(chunk)
                 if total > self.max_bytes:
                     raise ImageTooLarge(f"the image at the URL exceeds {self.max_bytes} bytes")
+                budget.take(len(chunk))
                 if time.monotonic() > deadline:
                     raise _late()
                 chunks.append(chunk)

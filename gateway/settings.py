@@ -55,6 +55,12 @@ class GatewaySettings:
     fetch_timeout_s: float = setting(10.0, "total time for fetching an image URL, redirects included")
     fetch_max_bytes: int = setting(10 * 1024 * 1024, "largest image fetched from a URL")
     fetch_max_redirects: int = setting(3, "redirect hops followed (each one re-checked)")
+    fetch_max_total_bytes: int = setting(
+        64 * 1024 * 1024, "most bytes fetched from image URLs for one request (or one job batch) in all"
+    )
+    fetch_max_per_host: int = setting(
+        4, "fetches from one host at once, per process: a slow host cannot hold every fetch thread"
+    )
     fetch_allow_networks: tuple[str, ...] = setting(
         (), "CIDRs the URL fetcher may reach besides public addresses (off)"
     )

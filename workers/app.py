@@ -66,6 +66,8 @@ def runner() -> ChunkRunner:
                 max_redirects=gateway.fetch_max_redirects,
                 allow_networks=gateway.fetch_allow_networks,
                 allow_ports=gateway.fetch_ports,
+                max_per_host=gateway.fetch_max_per_host,
+                max_total_bytes=gateway.fetch_max_total_bytes,
                 max_parallel=gateway.fetch_threads,
             )
             keys = KeyStore(AuthSettings.from_env())  # a revoked key's jobs stop within its cache time

@@ -140,12 +140,15 @@ class ChunkRunner:
             return True
         return job is None or job["status"] not in ACTIVE
 
-    def _load(self, job_id: str, batch: list[dict[str, Any]]) -> list[ImageInput]:
+    def _load(self, job_id: str, batch: list[dict[str, Any]], budget_end: float) -> list[ImageInput]:
         """The batch's images: files from the job's folder, URLs fetched now (same SSRF rules as
-        the gateway's), errors found at submission kept on their items."""
+        the gateway's) within what is left of the chunk's budget - a job of slow URLs cannot
+        outlive its chunk's budget, or the visibility timeout behind it - and errors found at
+        submission kept on their items."""
         folder = self.store.folder(job_id)
         urls = [item["url"] for item in batch if "url" in item]
-        fetched = iter(self.fetcher.fetch_all(urls) if urls else [])
+        deadline = time.monotonic() + max(0.0, budget_end - self.clock())  # self.clock may be a fake
+        fetched = iter(self.fetcher.fetch_all(urls, deadline) if urls else [])
         inputs = []
         for item in batch:
             if "error" in item:
@@ -169,7 +172,7 @@ class ChunkRunner:
         weights: dict[str, Any],
         final: bool,
     ) -> list[dict[str, Any]]:
-        inputs = self._load(job["id"], batch)
+        inputs = self._load(job["id"], batch, budget_end)
         self.predictor.validate(inputs)
         self.predictor.canonicalize(selection, inputs)
         backoff = 0.5

@@ -180,6 +180,26 @@ def test_no_more_urls_than_the_pool_size_are_fetched_at_once(slow_server: str) -
     assert time.monotonic() - started >= 0.6  # two rounds of two
 
 
+def test_no_more_than_max_per_host_fetches_reach_one_host_at_once(slow_server: str) -> None:
+    """Eight threads, but two at a time for one host: a slow host cannot hold them all."""
+    port = slow_server.rsplit(":", 1)[1]
+    fetcher = loopback_fetcher(max_parallel=8, max_per_host=2, resolver=lambda host, p: ["127.0.0.1"])
+    started = time.monotonic()
+    assert fetcher.fetch_all([f"http://one.example:{port}/slow?0.3"] * 4) == [CAT] * 4
+    assert time.monotonic() - started >= 0.6  # two rounds of two
+    started = time.monotonic()
+    urls = [f"http://{host}.example:{port}/slow?0.3" for host in ("one", "two", "one", "two")]
+    assert fetcher.fetch_all(urls) == [CAT] * 4
+    assert time.monotonic() - started < 0.55  # two hosts, two each: one round
+
+
+def test_the_bytes_fetched_for_one_request_are_capped_in_all(server: str) -> None:
+    fetcher = loopback_fetcher(max_parallel=1, max_total_bytes=len(CAT) * 3 // 2)
+    first, second = fetcher.fetch_all([f"{server}/cat.jpg", f"{server}/cat.jpg"])
+    assert first == CAT
+    assert isinstance(second, ImageTooLarge) and "in all" in second.message
+
+
 def test_the_fetch_timeout_bounds_all_of_a_request_not_each_url(slow_server: str) -> None:
     """One at a time, 1.3 s in all: the third URL gets what the first two left of it."""
     urls = [f"{slow_server}/slow?0.5", f"{slow_server}/slow?0.5", f"{slow_server}/slow?2"]

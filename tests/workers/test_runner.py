@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -18,6 +19,7 @@ from common.tenancy.keys import KeyStore
 from gateway.fetch import UrlFetcher
 from gateway.predict import Predictor
 from tests.conftest import auth_settings, gateway_settings, photo
+from tests.gateway.slow_http import serve_slow_images
 from tests.http_fixtures import serve
 from tests.workers.conftest import ScriptedClient
 from workers.runner import SIGNATURE_HEADER, TIMESTAMP_HEADER, Cancelled, ChunkRunner, Requeue, sign
@@ -155,6 +157,24 @@ def test_a_revoked_owners_job_is_cancelled_at_its_next_batch(store: JobStore) ->
     assert runner.run(job_id, 1).skipped == "cancelled"
     other = submit(store, [CAT] * 4, owner=made["id"])  # queued before the revocation
     assert runner.run(other, 0).skipped == "key revoked" and store.get(other)["status"] == "cancelled"  # type: ignore[index]
+
+
+def test_a_chunk_of_slow_urls_ends_within_its_budget(store: JobStore) -> None:
+    """Each batch used to get a fresh fetch timeout: 4 URLs of 2 s, two per batch, took 4 s+ of a
+    0.5 s budget. Now the chunk's budget is the fetches' deadline too."""
+    runner, _ = make_runner(store, Clock(), chunk_budget_s=0.5)
+    runner.clock = time.monotonic  # real time: the fetches take real time
+    job_id = submit(store, [CAT] * 4)
+    with serve_slow_images() as server:
+        chunk = store.folder(job_id) / "chunks" / "000000.json"
+        items = [{"index": n, "name": f"u{n}", "url": f"{server}/slow?2"} for n in range(4)]
+        chunk.write_text(json.dumps(items))
+        started = time.monotonic()
+        assert runner.run(job_id, 0).finished
+        took = time.monotonic() - started
+    assert took < 1.5, took
+    errors = [outcome["error"]["code"] for outcome in store.results(store.get(job_id))]  # type: ignore[arg-type]
+    assert errors == ["url_fetch_timeout"] * 4
 
 
 def test_an_overloaded_model_is_retried_after_its_retry_after(store: JobStore) -> None:
