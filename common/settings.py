@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
+from urllib.parse import quote
 
 T = TypeVar("T")
 
@@ -61,3 +62,49 @@ def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
         (prefix + f.name.upper(), repr(f.default), f.metadata.get("help", ""))
         for f in dataclasses.fields(cls)
     ]
+
+
+def secret(env: Mapping[str, str], name: str) -> str:
+    """``name``'s value, or the contents of the file ``<name>_FILE`` names (Docker and Kubernetes
+    secrets are files): a secret need not sit in the environment, where ``ps e`` shows it."""
+    if env.get(name):
+        return env[name]
+    path = env.get(f"{name}_FILE", "")
+    if not path:
+        return ""
+    with open(path, encoding="utf-8") as file:
+        return file.read().strip()
+
+
+def with_password(url: str, env: Mapping[str, str]) -> str:
+    """``url`` (redis://...) with ``REDIS_PASSWORD`` (or ``REDIS_PASSWORD_FILE``) in it, unless it
+    names a password of its own or is no Redis URL."""
+    password = secret(env, "REDIS_PASSWORD")
+    if not password or not url.startswith(("redis://", "rediss://")):
+        return url
+    scheme, _, rest = url.partition("://")
+    if "@" in rest.split("/", 1)[0]:
+        return url
+    return f"{scheme}://:{quote(password, safe='')}@{rest}"
+
+
+def load_with_redis(
+    cls: type[T], prefixes: Sequence[str], environ: Mapping[str, str] | None = None, **overrides: Any
+) -> T:
+    """:func:`load`, with the ``redis_url`` field falling back to the fleet-wide ``REDIS_URL`` and
+    ``REDIS_PASSWORD`` put in whichever URL is used."""
+    env = os.environ if environ is None else environ
+    url = (
+        overrides.pop("redis_url", None)
+        or _first(cls, prefixes, env, "redis_url")
+        or env.get("REDIS_URL", "")
+    )
+    return load(cls, prefixes, env, redis_url=with_password(url, env), **overrides)
+
+
+def _first(cls: type, prefixes: Sequence[str], env: Mapping[str, str], name: str) -> str:
+    """The last of ``<PREFIX><NAME>`` that is set (as :func:`load` reads it), else ''."""
+    found = ""
+    for prefix in prefixes:
+        found = env.get(prefix + name.upper(), found)
+    return found

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common.settings import load, setting
+from common.settings import load, setting, with_password
 
 DEFAULT_URLS = {
     "vgg16": "http://127.0.0.1:8501",
@@ -99,12 +99,9 @@ class GatewaySettings:
                 raise ValueError(f"model {name!r} has no replicas: set {name.upper()}_URLS")
             replicas[name] = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
         overrides: dict[str, object] = {"replicas": replicas}
-        if env.get("REDIS_URL"):  # one variable for every Redis user, each may still say otherwise
-            overrides |= {
-                name: env["REDIS_URL"]
-                for name in ("cache_redis_url", "rate_limit_storage")
-                if not getattr(base, name)
-            }
+        for name in ("cache_redis_url", "rate_limit_storage"):
+            # One variable for every Redis user (each may still say otherwise), REDIS_PASSWORD in it.
+            overrides[name] = with_password(getattr(base, name) or env.get("REDIS_URL", ""), env)
         return load(cls, ("GATEWAY_",), env, **overrides)
 
     @property

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.settings import load, setting
+from common.settings import load_with_redis, secret, setting
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,10 +77,7 @@ class JobSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> JobSettings:
         env = os.environ if environ is None else environ
-        base = load(cls, ("JOBS_",), env)
-        if not base.redis_url and env.get("REDIS_URL"):
-            return load(cls, ("JOBS_",), env, redis_url=env["REDIS_URL"])
-        return base
+        return load_with_redis(cls, ("JOBS_",), env, callback_secret=secret(env, "JOBS_CALLBACK_SECRET"))
 
     def __post_init__(self) -> None:
         if self.chunk_budget_s >= self.visibility_timeout_s:

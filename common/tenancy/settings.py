@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from common.settings import load, setting
+from common.settings import load, load_with_redis, secret, setting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUOTA_NAMES = ("active_jobs", "job_images", "job_bytes", "custom_models", "fine_tuned", "trainings")
@@ -21,7 +21,9 @@ QUOTA_NAMES = ("active_jobs", "job_images", "job_bytes", "custom_models", "fine_
 @dataclass(frozen=True)
 class AuthSettings:
     redis_url: str = setting("", "Redis holding keys and owners (falls back to REDIS_URL; empty: memory)")
-    admin_key: str = setting("", "read from IMAGEREC_ADMIN_KEY: the admin principal's key (empty: the file)")
+    admin_key: str = setting(
+        "", "read from IMAGEREC_ADMIN_KEY (or the file IMAGEREC_ADMIN_KEY_FILE names): the admin's key"
+    )
     admin_key_file: str = setting(
         os.path.join(ROOT, "run", "admin.key"),
         "where a generated admin key is written (mode 0600) when IMAGEREC_ADMIN_KEY is empty",
@@ -38,11 +40,7 @@ class AuthSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AuthSettings:
         env = os.environ if environ is None else environ
-        overrides = {"admin_key": env.get("IMAGEREC_ADMIN_KEY", "")}
-        base = load(cls, ("AUTH_",), env, **overrides)
-        if not base.redis_url and env.get("REDIS_URL"):
-            return load(cls, ("AUTH_",), env, redis_url=env["REDIS_URL"], **overrides)
-        return base
+        return load_with_redis(cls, ("AUTH_",), env, admin_key=secret(env, "IMAGEREC_ADMIN_KEY"))
 
     def __post_init__(self) -> None:
         if not 0 < self.key_cache_s <= 4:

@@ -51,6 +51,13 @@ class FleetSettings:
         True, "run redis-server and set REDIS_URL: one rate-limit count and cache for every gateway worker"
     )
     redis_port: int = setting(6380, "Redis port (not 6379, so a system Redis is left alone)")
+    redis_maxmemory: str = setting(
+        "1gb",
+        "Redis memory for the queue, job records, keys and rate limits; never evicted: past it, writes "
+        "fail and the fleet answers 503 (jobs_unavailable) instead of the machine running out",
+    )
+    cache_redis_port: int = setting(6381, "the response cache's own Redis (evicts, keeps nothing on disk)")
+    cache_maxmemory: str = setting("256mb", "the response cache's Redis memory: least recently used go first")
     workers: bool = setting(
         True, "run a job worker (Celery, JOBS_WORKER_PROCESSES processes) for POST /v1/jobs; needs redis"
     )
@@ -151,6 +158,8 @@ class Fleet:
         env["GATEWAY_REQUEST_THREADS"] = str(self.settings.gateway_threads)  # sizes its fan-out pool
         if self.settings.redis:
             env["REDIS_URL"] = self.redis_url
+            # The cache may evict and the queue must not: one Redis each (a policy is per server).
+            env["GATEWAY_CACHE_REDIS_URL"] = os.environ.get("GATEWAY_CACHE_REDIS_URL") or self.cache_redis_url
         env["JOBS_DIR"] = os.environ.get("JOBS_DIR") or str(self.run_dir / "jobs")
         # The admin key: IMAGEREC_ADMIN_KEY when set, else generated once into the run folder.
         env["AUTH_ADMIN_KEY_FILE"] = os.environ.get("AUTH_ADMIN_KEY_FILE") or str(self.run_dir / "admin.key")
@@ -161,6 +170,10 @@ class Fleet:
     @property
     def redis_url(self) -> str:
         return f"redis://{self.settings.host}:{self.settings.redis_port}/0"
+
+    @property
+    def cache_redis_url(self) -> str:
+        return f"redis://{self.settings.host}:{self.settings.cache_redis_port}/0"
 
     def _gunicorn(self, app: str, port: int, workers: int, threads: int) -> str:
         return (
@@ -199,7 +212,14 @@ class Fleet:
             redis = shutil.which("redis-server") or "/usr/bin/redis-server"
             programs["redis"] = (
                 f"{redis} --bind {s.host} --port {s.redis_port} --dir {self.run_dir}/redis "
-                "--appendonly yes --save '' --protected-mode no",
+                f"--appendonly yes --save '' --protected-mode no --maxmemory {s.redis_maxmemory} "
+                "--maxmemory-policy noeviction",
+                {},
+            )
+            programs["redis-cache"] = (
+                f"{redis} --bind {s.host} --port {s.cache_redis_port} --dir {self.run_dir}/redis "
+                f"--appendonly no --save '' --protected-mode no --maxmemory {s.cache_maxmemory} "
+                "--maxmemory-policy allkeys-lru",
                 {},
             )
         if s.redis and s.workers:

@@ -42,7 +42,7 @@ def on_free_ports(run_dir: Path, **overrides: object) -> FleetSettings:
     """Fleet settings for a throw-away fleet: every port free, logs to files in ``run_dir``."""
     ports = {
         f"{name}_port": free_port()
-        for name in ("nginx", "gateway", "vgg16", "resnet50", "inceptionv3", "redis")
+        for name in ("nginx", "gateway", "vgg16", "resnet50", "inceptionv3", "redis", "cache_redis")
     }
     return FleetSettings(**{"run_dir": str(run_dir), "logs_to_console": False, **ports, **overrides})  # type: ignore[arg-type]
 

@@ -74,13 +74,18 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
 
 def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
     text = fleet.render().read_text()
-    programs = re.findall(r"^\[program:(\w+)\]", text, re.MULTILINE)
+    programs = re.findall(r"^\[program:([\w-]+)\]", text, re.MULTILINE)
     assert programs == [
-        *("vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "worker", "trainer", "nginx")
+        *("vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "redis-cache", "worker"),
+        *("trainer", "nginx"),
     ]
     assert text.count("autorestart=true") == len(programs)
     assert "--appendonly yes" in text and f"--dir {fleet.run_dir}/redis" in text  # persistence on
     assert fleet.environment()["REDIS_URL"] == "redis://127.0.0.1:6380/0"
+    # The queue is never evicted, the cache is, each in a Redis of its own with a memory bound.
+    assert "--port 6380" in text and "--maxmemory 1gb --maxmemory-policy noeviction" in text
+    assert "--port 6381" in text and "--maxmemory 256mb --maxmemory-policy allkeys-lru" in text
+    assert fleet.environment()["GATEWAY_CACHE_REDIS_URL"] == "redis://127.0.0.1:6381/0"
     assert fleet.environment()["GATEWAY_REQUEST_THREADS"] == "64"
     assert "'services.resnet50:create_app()'" in text and "--workers 1" in text
     assert 'SHAPES_WEIGHTS="/m/shapes.keras"' in text

@@ -275,3 +275,20 @@ def test_the_nginx_auth_check_answers_for_the_original_route(fleet: Any) -> None
     assert check("POST", "/v1/jobs?model=vgg16", ADMIN_KEY) == 204
     assert check("POST", "/v1/training", "irk_bad") == 401
     assert check("POST", "/v1/predict?model=vgg16") == 204
+
+
+def test_a_redis_at_its_memory_bound_is_a_503_and_leaves_nothing(
+    fleet: Any, redis_url: str, tmp_path: Path
+) -> None:
+    """The fleet's Redis never evicts (noeviction, a maxmemory): past it, writes fail - a clear 503."""
+    client, _ = fleet
+    server = redis.Redis.from_url(redis_url)
+    server.config_set("maxmemory-policy", "noeviction")
+    server.config_set("maxmemory", 1)  # everything is over it
+    try:
+        answer = client.post("/v1/jobs?model=vgg16", json=URLS, headers=bearer(ADMIN_KEY))
+        assert code(answer) == (503, "jobs_unavailable") and answer.headers["Retry-After"]
+    finally:
+        server.config_set("maxmemory", 0)
+    assert list((tmp_path / "jobs").iterdir()) == []  # no job folder, no staging folder
+    assert client.get("/v1/jobs", headers=bearer(ADMIN_KEY)).json["jobs"] == []
