@@ -79,8 +79,17 @@ MODEL_PAUSE_S = GATEWAY_DNS_REFRESH_S + 5
 APP_ID = 10001  # the Dockerfile's non-root `app` user, and its group (same id)
 REDIS_ID = 999  # the redis image's `redis` user and group
 REDIS_PORT = 6379
+SECRET = "imagerec-secrets"  # made by the operator (README "On Kubernetes"): never rendered here
 KERAS_HOME = "/keras"  # the shared volume: ImageNet weights in models/, converted backends below
 MODEL_CACHE = f"{KERAS_HOME}/converted"
+
+
+def from_secret(key: str, optional: bool = False) -> dict[str, Any]:
+    """An environment value read from the ``imagerec-secrets`` Secret's ``key``."""
+    ref: dict[str, Any] = {"name": SECRET, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"secretKeyRef": ref}
 
 
 def labels(component: str) -> dict[str, str]:
@@ -126,7 +135,7 @@ def deployment(
     component: str,
     image: str,
     port: int | None,
-    env: dict[str, str],
+    env: dict[str, Any],
     resources: dict[str, dict[str, str]],
     *,
     startup_failures: int = 0,
@@ -137,14 +146,18 @@ def deployment(
     command: list[str] | None = None,
     grace_s: int | None = None,
 ) -> dict[str, Any]:
-    """A Deployment of one container; ``port`` None: no HTTP (no probes, no pause, no scraping)."""
+    """A Deployment of one container; ``port`` None: no HTTP (no probes, no pause, no scraping).
+    An ``env`` value is a string, or a ``from_secret`` reference."""
     container: dict[str, Any] = {"name": component, "image": image}
     if command:
         container["command"] = command
     if port is not None:
         container["ports"] = [{"name": "http", "containerPort": port}]
     if env:
-        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+        container["env"] = [
+            {"name": k, "value": v} if isinstance(v, str) else {"name": k, "valueFrom": v}
+            for k, v in env.items()
+        ]
     container["resources"] = resources
     if port is not None:
         container |= {
@@ -226,42 +239,79 @@ def autoscaler(component: str, maximum: int, cpu_percent: int = 70) -> dict[str,
     }
 
 
-def redis() -> list[dict[str, Any]]:
-    """One Redis pod with its append-only file on a claim of its own (Recreate: one pod at a time
-    writes it), run as the image's `redis` user; its Service is the ``REDIS_URL`` host."""
-    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}}
-    mounts = [{"name": "data", "mountPath": "/data"}]
+def redis(name: str = "redis", *, cache: bool = False) -> list[dict[str, Any]]:
+    """One Redis pod, run as the image's `redis` user, with a password from the Secret; its Service
+    is the host of ``REDIS_URL`` (``redis``) or of the response cache (``redis-cache``). The queue's
+    keeps an append-only file on a claim of its own (Recreate: one pod at a time writes it) and
+    never evicts: at its maxmemory writes fail, and the fleet answers 503. The cache's keeps
+    nothing and evicts the least recently used (an eviction policy is per server: two servers)."""
+    memory = "256mb" if cache else "1gb"
+    limit = "384Mi" if cache else "1536Mi"  # maxmemory plus Redis's own overhead and the rewrite
+    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": limit}}
+    mounts = [] if cache else [{"name": "data", "mountPath": "/data"}]
     deploy = deployment(
-        "redis",
+        name,
         "redis:7",
         None,
         {},
         resources,
-        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "imagerec-redis"}}],
+        volumes=[] if cache else [{"name": "data", "persistentVolumeClaim": {"claimName": "imagerec-redis"}}],
         mounts=mounts,
         as_app_user=True,
         grace_s=30,  # time to write the append-only file out
     )
     deploy["spec"]["strategy"] = {"type": "Recreate"}
     pod = deploy["spec"]["template"]["spec"]
-    pod["securityContext"] = app_user_security(True, user=REDIS_ID)
+    pod["securityContext"] = app_user_security(not cache, user=REDIS_ID)
+    policy = ["--maxmemory", memory, "--maxmemory-policy", "allkeys-lru" if cache else "noeviction"]
+    keep = ["--appendonly", "no", "--save", ""] if cache else ["--appendonly", "yes"]
+    ping = 'redis-cli -a "$REDIS_PASSWORD" --no-auth-warning ping | grep -q PONG'
     pod["containers"] = [
         {
-            "name": "redis",
+            "name": name,
             "image": "redis:7",
-            "command": ["redis-server", "--appendonly", "yes"],
+            # Kubernetes expands $(REDIS_PASSWORD) from the container's environment.
+            "command": ["redis-server", *keep, "--requirepass", "$(REDIS_PASSWORD)", *policy],
+            "env": [{"name": "REDIS_PASSWORD", "valueFrom": from_secret("redis-password")}],
             "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
             "resources": resources,
-            "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
+            "readinessProbe": {"exec": {"command": ["sh", "-c", ping]}, "periodSeconds": 5},
             "livenessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 10},
-            "volumeMounts": mounts,
+            **({"volumeMounts": mounts} if mounts else {}),
             "securityContext": pod["containers"][0]["securityContext"],
         }
     ]
+    if not pod.get("volumes"):
+        pod.pop("volumes", None)
+    made = [deploy, service(name, REDIS_PORT, port_name="redis")]
+    return made if cache else [claim("imagerec-redis", "ReadWriteOnce", "1Gi"), *made]
+
+
+def network_policy(component: str, sources: tuple[str, ...]) -> dict[str, Any]:
+    """Only pods of ``sources`` may connect to ``component``'s pods (any port)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{component}-ingress", "labels": labels(component)},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": component}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": s}}} for s in sources]}
+            ],
+        },
+    }
+
+
+def network_policies() -> list[dict[str, Any]]:
+    """Redis and the model services answer the gateway, the job worker and the trainer alone; the
+    gateway answers Nginx alone, which is what lets it believe X-Real-IP from any peer
+    (GATEWAY_TRUSTED_PROXIES below). NOTE: a Prometheus that scrapes the pods directly needs a rule
+    of its own added to these (its namespace or labels are the cluster's)."""
+    callers = ("gateway", "worker", "trainer")
     return [
-        claim("imagerec-redis", "ReadWriteOnce", "1Gi"),
-        deploy,
-        service("redis", REDIS_PORT, port_name="redis"),
+        *(network_policy(name, callers) for name in ("redis", "redis-cache", *MODELS)),
+        network_policy("gateway", ("nginx",)),
     ]
 
 
@@ -279,6 +329,8 @@ def documents() -> list[dict[str, Any]]:
         claim("imagerec-jobs", "ReadWriteMany", "20Gi"),
         claim("imagerec-custom-models", "ReadWriteMany", "10Gi"),
         *redis(),
+        *redis("redis-cache", cache=True),
+        *network_policies(),
     ]
     custom_volume = {
         "name": "custom-models",
@@ -315,10 +367,18 @@ def documents() -> list[dict[str, Any]]:
         docs += [service(name, port, headless=True), autoscaler(name, maximum=4)]
     # Each model's headless Service: the gateway resolves it into one replica per ready pod, anew
     # every GATEWAY_DNS_REFRESH_S, stated here because the model pods' preStop pause follows it.
-    gateway_env = {
+    gateway_env: dict[str, Any] = {
         **{f"{name.upper()}_URLS": f"http://{name}-pods:{port}" for name, (port, _, _) in MODELS.items()},
         "GATEWAY_DNS_REFRESH_S": str(GATEWAY_DNS_REFRESH_S),
         "REDIS_URL": f"redis://redis:{REDIS_PORT}/0",
+        "GATEWAY_CACHE_REDIS_URL": f"redis://redis-cache:{REDIS_PORT}/0",
+        # The password goes into both URLs (common.settings.with_password); the admin key and the
+        # callbacks' signing key come from the same Secret.
+        "REDIS_PASSWORD": from_secret("redis-password"),
+        "IMAGEREC_ADMIN_KEY": from_secret("admin-key"),
+        "JOBS_CALLBACK_SECRET": from_secret("callback-secret", optional=True),
+        # Only Nginx's pods reach the gateway (its NetworkPolicy): every peer is the proxy.
+        "GATEWAY_TRUSTED_PROXIES": "0.0.0.0/0,::/0",
         "JOBS_DIR": JOBS_DIR,
         "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
     }

@@ -353,7 +353,9 @@ def k8s_pod(name: str) -> dict[str, Any]:
 
 
 def k8s_env(name: str) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in k8s_pod(name)["containers"][0].get("env", [])}
+    return {
+        e["name"]: e.get("value", e.get("valueFrom")) for e in k8s_pod(name)["containers"][0].get("env", [])
+    }
 
 
 def test_k8s_runs_one_trainer_with_the_gateway_environment() -> None:

@@ -34,8 +34,9 @@ def container(name: str) -> dict[str, Any]:
     return pod(name)["containers"][0]
 
 
-def env_of(name: str) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(name)["env"]}
+def env_of(name: str) -> dict[str, Any]:
+    """A container's environment: a value, or where it comes from (a Secret's key)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(name)["env"]}
 
 
 def services_selecting(name: str) -> list[dict[str, Any]]:
@@ -238,3 +239,44 @@ def test_redis_is_reached_by_its_service_and_keeps_its_data() -> None:
     # One pod at a time writes the append-only file: the old one stops before the new one starts.
     assert BY_KIND["Deployment"]["redis"]["spec"]["strategy"] == {"type": "Recreate"}
     assert BY_KIND["PersistentVolumeClaim"]["imagerec-redis"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_secrets_come_from_the_secret_and_never_sit_in_the_manifest() -> None:
+    for name in ("gateway", "worker", "trainer"):
+        env = env_of(name)
+        for variable, key in (("IMAGEREC_ADMIN_KEY", "admin-key"), ("REDIS_PASSWORD", "redis-password")):
+            assert env[variable] == {"secretKeyRef": {"name": "imagerec-secrets", "key": key}}
+        assert env["JOBS_CALLBACK_SECRET"]["secretKeyRef"]["key"] == "callback-secret"
+    for name in ("redis", "redis-cache"):
+        command = container(name)["command"]
+        assert command[command.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+        assert env_of(name)["REDIS_PASSWORD"]["secretKeyRef"]["key"] == "redis-password"
+        assert "REDIS_PASSWORD" in " ".join(container(name)["readinessProbe"]["exec"]["command"])
+    assert "Secret" not in BY_KIND  # the operator makes it (README); no value is ever rendered
+
+
+def test_the_queue_never_evicts_and_the_cache_does() -> None:
+    queue, cache = container("redis")["command"], container("redis-cache")["command"]
+    assert queue[queue.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in queue
+    assert cache[cache.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert cache[cache.index("--appendonly") + 1] == "no" and "volumes" not in pod("redis-cache")
+    assert urlsplit(env_of("gateway")["GATEWAY_CACHE_REDIS_URL"]).hostname == "redis-cache"
+
+
+def test_network_policies_let_only_the_fleet_reach_redis_and_the_models() -> None:
+    def admitted(name: str) -> set[str]:
+        policies = [
+            p
+            for p in BY_KIND["NetworkPolicy"].values()
+            if p["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        ]
+        assert len(policies) == 1 and policies[0]["spec"]["policyTypes"] == ["Ingress"]
+        [rule] = policies[0]["spec"]["ingress"]
+        assert "ports" not in rule
+        return {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]}
+
+    for name in ("redis", "redis-cache", "vgg16", "resnet50", "inceptionv3"):
+        assert admitted(name) == {"gateway", "worker", "trainer"}
+    # Only Nginx reaches the gateway: so the gateway believes X-Real-IP from any peer.
+    assert admitted("gateway") == {"nginx"}
+    assert env_of("gateway")["GATEWAY_TRUSTED_PROXIES"] == "0.0.0.0/0,::/0"
