@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench convert weights nginx redis chromium clean
+.PHONY: run test test-fast lint bench convert weights nginx redis chromium secrets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,16 @@ convert: $(STAMP)
 ## On a machine with internet: the three ImageNet weight files into the Keras cache.
 weights: $(STAMP)
 	$(PY) -m services.fetch_weights
+
+## For docker compose: the admin key, the Redis password and the callbacks' signing key, each
+## random, written once into run/secrets/ (0600) and never replaced.
+SECRETS ?= run/secrets
+secrets:
+	@mkdir -p $(SECRETS) && chmod 700 $(SECRETS)
+	@for name in admin_key redis_password callback_secret; do \
+	  [ -s $(SECRETS)/$$name ] || (umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(SECRETS)/$$name); \
+	done
+	@echo "secrets in $(SECRETS)/ (the admin key: $(SECRETS)/admin_key)"
 
 clean:
 	rm -rf run .pytest_cache

@@ -3,6 +3,7 @@ trainer and the custom models' folder) match the topology."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -163,7 +164,7 @@ def test_bad_replica_counts_are_refused(tmp_path: Path, pair: str) -> None:
 
 def test_compose_has_the_same_topology() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {*MODEL_PORTS, "gateway", "worker", "trainer", "redis", "nginx"}
+    assert set(services) == {*MODEL_PORTS, "gateway", "worker", "trainer", "redis", "redis-cache", "nginx"}
     assert [p for s in services.values() for p in s.get("ports", [])] == [
         "${NGINX_PUBLISHED_PORT:-8080}:8080"
     ]
@@ -210,8 +211,9 @@ def test_the_worker_command_follows_the_job_settings() -> None:
 def test_compose_redis_keeps_the_queue_across_restarts() -> None:
     services = COMPOSE["services"]
     redis = services["redis"]
-    assert redis["image"].split(":")[0] == "redis" and "--appendonly" in redis["command"]
-    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    command = redis["command"][-1].split()  # sh -c "exec redis-server ...": the password is a secret
+    assert redis["image"].split(":")[0] == "redis" and command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in command
     volume = redis["volumes"][0].split(":")
     assert volume[1] == "/data" and volume[0] in COMPOSE["volumes"]  # a named volume, not the container's
     assert urlsplit(services["gateway"]["environment"]["REDIS_URL"]).netloc == "redis:6379"
@@ -410,3 +412,44 @@ def test_k8s_shares_one_custom_models_claim() -> None:
         claims.add(volume["persistentVolumeClaim"]["claimName"])
     [claim] = claims
     assert K8S["PersistentVolumeClaim", claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_compose_takes_every_secret_from_a_secret_file() -> None:
+    services = COMPOSE["services"]
+    environment = services["gateway"]["environment"]
+    assert {"IMAGEREC_ADMIN_KEY", "REDIS_PASSWORD", "JOBS_CALLBACK_SECRET"}.isdisjoint(environment)
+    for variable, name in (
+        ("IMAGEREC_ADMIN_KEY_FILE", "admin_key"),
+        ("REDIS_PASSWORD_FILE", "redis_password"),
+        ("JOBS_CALLBACK_SECRET_FILE", "callback_secret"),
+    ):
+        assert environment[variable] == f"/run/secrets/{name}"
+        assert COMPOSE["secrets"][name]["file"] == f"./run/secrets/{name}"  # what `make secrets` writes
+        for service in ("gateway", "worker", "trainer"):
+            assert name in services[service]["secrets"]
+    for name in ("redis", "redis-cache"):
+        assert "--requirepass" in services[name]["command"][-1] and services[name]["secrets"] == [
+            "redis_password"
+        ]
+    cache = services["redis-cache"]["command"][-1].split()
+    assert cache[cache.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert urlsplit(environment["GATEWAY_CACHE_REDIS_URL"]).hostname == "redis-cache"
+
+
+def test_compose_gateway_believes_x_real_ip_from_nginx_alone() -> None:
+    nginx = COMPOSE["services"]["nginx"]["networks"]["default"]["ipv4_address"]
+    trusted = COMPOSE["services"]["gateway"]["environment"]["GATEWAY_TRUSTED_PROXIES"]
+    assert trusted == f"{nginx}/32"
+    subnet = COMPOSE["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(nginx) in ipaddress.ip_network(subnet)
+
+
+def test_make_secrets_writes_each_secret_once_readable_by_its_owner_alone(tmp_path: Path) -> None:
+    out = tmp_path / "secrets"
+    subprocess.run(["make", "-s", "secrets", f"SECRETS={out}"], cwd=ROOT, check=True, capture_output=True)
+    first = {p.name: p.read_text() for p in out.iterdir()}
+    assert set(first) == {"admin_key", "redis_password", "callback_secret"}
+    assert all(len(v.strip()) >= 32 for v in first.values()) and len(set(first.values())) == 3
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o600"}
+    subprocess.run(["make", "-s", "secrets", f"SECRETS={out}"], cwd=ROOT, check=True, capture_output=True)
+    assert {p.name: p.read_text() for p in out.iterdir()} == first  # never replaced once made
