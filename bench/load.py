@@ -27,6 +27,9 @@ local nonce = os.getenv("BENCH_NONCE")
 wrk.method = "POST"
 wrk.body = body
 wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+if os.getenv("BENCH_AUTHORIZATION") ~= "" then
+  wrk.headers["Authorization"] = os.getenv("BENCH_AUTHORIZATION")
+end
 local counter = 0
 -- NOTE: request() and response() run in each thread's Lua state, done() in the main one: the
 -- counts are globals of the thread states, collected through setup()'s thread handles.
@@ -103,8 +106,10 @@ def run(
     seconds: int,
     images_per_request: int = 1,
     same_bytes: bool = False,
+    api_key: str = "",
 ) -> dict:
-    """One wrk run. ``img_per_s`` counts 200 answers times images each (refusals are not goodput)."""
+    """One wrk run. ``img_per_s`` counts 200 answers times images each (refusals are not goodput);
+    ``api_key``: sent as ``Authorization: Bearer`` with every request."""
     wrk = shutil.which("wrk")
     if not wrk:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
@@ -117,6 +122,7 @@ def run(
             "BENCH_CONTENT_TYPE": payload.content_type,
             "BENCH_UNIQUE": "0" if same_bytes else "1",
             "BENCH_NONCE": uuid.uuid4().hex,
+            "BENCH_AUTHORIZATION": f"Bearer {api_key}" if api_key else "",
             "PATH": "/usr/bin:/bin",
         }
         done = subprocess.run(

@@ -13,7 +13,8 @@
    (bench/jobs.py), on the same fleet and its one worker;
 9. int8: the same fleet with PRECISION=int8 - ResNet50 at 1 and 8 clients, every process's memory
    after load, and each model's quality-gate figures;
-10. custom classes: a ResNet50 custom model trained through Nginx (time, held-out and fresh
+10. authentication: the p50 a key adds to a ResNet50 prediction at 1 client (bench/auth.py);
+11. custom classes: a ResNet50 custom model trained through Nginx (time, held-out and fresh
    accuracy), the memory ten more custom models add, and a fine-tuned one's time, accuracy,
    memory and latency (bench/custom.py), on the default fleet.
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
@@ -38,7 +39,7 @@ from typing import Any
 
 import requests
 
-from bench import custom, ingest, jobs, load, overload, report
+from bench import auth, custom, ingest, jobs, load, overload, report
 from common.quantize import LAYOUT
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
@@ -131,6 +132,11 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
             warm = fleet.memory_mb()
             runs = [measured_run(fleet, "resnet50", c, seconds) for c in SWEEP]
             runs += [measured_run(fleet, t, c, seconds) for t in (*MODELS[1:], "ensemble") for c in OTHERS]
+            authentication = auth.measure_on(fleet)
+            log(
+                f"auth: a key adds {authentication['median_added_p50_ms']} ms to ResNet50's p50 at 1 client "
+                f"(median of {authentication['rounds']} interleaved rounds)"
+            )
             capacity = max(r["img_per_s"] for r in runs if r["target"] == "resnet50")
             log(f"jobs: {JOB_IMAGES} photos alone, then beside one interactive client")
             batch = jobs.measure_on(fleet, PHOTO, JOB_IMAGES, seconds)
@@ -175,6 +181,7 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
             }
             return {
                 "runs": runs,
+                "auth": authentication,
                 "jobs": batch,
                 "custom": trained,
                 "overload": pressure,
