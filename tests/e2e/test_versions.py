@@ -39,7 +39,7 @@ def test_a_new_version_swaps_in_under_load_with_no_errors(
     fleet: E2EFleet, trained_shapes: shapes.TrainedModel
 ) -> None:
     assert [served_version(fleet, k) for k in (0, 1)] == ["1", "1"]
-    with Load({"shapes": predict(fleet, "model=shapes&top_k=1")}, threads_per_kind=3) as load:  # in_flight
+    with Load({"shapes": predict(fleet, "model=shapes&top_k=1")}, threads_per_kind=3) as load:
         load.wait_for(20)
         publish(fleet.repository, 2, trained_shapes.model_path, 1e-3)
         wait_until(
