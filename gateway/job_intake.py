@@ -80,9 +80,7 @@ class Intake:
         limits alone by default); raises a 4xx ``ServiceError``. ``Received.bytes``: what it wrote."""
         # NOTE: one Intake serves every request thread: each request meters on a copy of its own.
         reading = copy.copy(self)
-        reading.allowance = allowance or unlimited(
-            self.settings.max_images, self.settings.max_uncompressed_bytes
-        )
+        reading.allowance = allowance or self.allowance
         reading.written = 0
         received = reading._receive(request, staging)
         received.bytes = reading.written

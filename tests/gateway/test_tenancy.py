@@ -292,3 +292,26 @@ def test_a_redis_at_its_memory_bound_is_a_503_and_leaves_nothing(
         server.config_set("maxmemory", 0)
     assert list((tmp_path / "jobs").iterdir()) == []  # no job folder, no staging folder
     assert client.get("/v1/jobs", headers=bearer(ADMIN_KEY)).json["jobs"] == []
+
+
+def test_very_long_file_names_in_a_training_upload_are_cut_before_they_are_stored(
+    fleet: Any, redis_url: str
+) -> None:
+    """Each filename is cut to JOBS_MAX_NAME_CHARS (255): 26 files named with 100 kB each put 2.6 MB
+    into one Redis hash field before; the record stays small now, whatever the names."""
+    client, _ = fleet
+    images = colours.images(3, seed=3, classes=("red", "blue"))
+    files = [
+        (io.BytesIO(data), f"{label}/" + "x" * 100_000 + f"{n}.jpg") for n, (label, data) in enumerate(images)
+    ]
+    files += [
+        (io.BytesIO(b"not an image"), "red/" + "y" * 100_000 + f"{n}.jpg") for n in range(20)
+    ]  # skipped
+    answer = client.post(
+        "/v1/training", data={"files": files, "name": "long-names"}, headers=bearer(ADMIN_KEY)
+    )
+    assert answer.status_code == 202, answer.json
+    record = redis.Redis.from_url(redis_url).hgetall(f"imagerec:job:{answer.json['job_id']}")
+    size = sum(len(k) + len(v) for k, v in record.items())
+    assert size < 26 * 300 + 20_000, size  # names of at most 255 characters, and the rest
+    assert all(len(item["name"]) <= 255 for item in answer.json["skipped"])
