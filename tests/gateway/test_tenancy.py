@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.test import encode_multipart
 
 from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
@@ -307,8 +309,16 @@ def test_very_long_file_names_in_a_training_upload_are_cut_before_they_are_store
     files += [
         (io.BytesIO(b"not an image"), "red/" + "y" * 100_000 + f"{n}.jpg") for n in range(20)
     ]  # skipped
+    # NOTE: encoded in memory: werkzeug's test client would spool a body this large to a temporary
+    # file it never closes.
+    boundary, body = encode_multipart(
+        MultiDict([("name", "long-names"), *(("files", FileStorage(f, n)) for f, n in files)])
+    )
     answer = client.post(
-        "/v1/training", data={"files": files, "name": "long-names"}, headers=bearer(ADMIN_KEY)
+        "/v1/training",
+        data=body,
+        content_type=f"multipart/form-data; boundary={boundary}",
+        headers=bearer(ADMIN_KEY),
     )
     assert answer.status_code == 202, answer.json
     record = redis.Redis.from_url(redis_url).hgetall(f"imagerec:job:{answer.json['job_id']}")
