@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 from common import imaging, preprocessing
 from common.custom import heads, train
@@ -41,6 +42,7 @@ from common.jobs.store import ACTIVE, JobStore, JobStoreUnavailable
 from common.models import ModelSpec
 from common.runtime import build_keras_model
 from common.service_settings import ServiceSettings
+from common.tenancy.owners import Owners
 from common.weights import WeightsPlan
 from gateway.client import ModelClient
 from gateway.training import TooManyFineTuned, check_room
@@ -109,18 +111,39 @@ class TrainingRunner:
                 fields = self._train(job)
         except Cancelled:
             log.info("training cancelled", extra={"job_id": job_id})
+            self._release_unpublished(job)
             return "cancelled"
         except TrainingFailed as failure:
-            return self._fail(job_id, str(failure))
+            state = self._fail(job_id, str(failure))
         except Exception as exc:  # anything unforeseen fails the job at once, not a stall later
             log.exception("training crashed", extra={"job_id": job_id})
             # NOTE: the kind of error, not its text: that may hold paths and internals (the log has it)
-            return self._fail(
+            state = self._fail(
                 job_id,
                 f"training stopped by an internal error ({type(exc).__name__}); "
                 f"the trainer's log has the details of job {job_id}",
             )
-        return self.store.finish(job_id, "completed", {**fields, "phase": "done"}) or "completed"
+        else:
+            return self.store.finish(job_id, "completed", {**fields, "phase": "done"}) or "completed"
+        self._release_unpublished(job)
+        return state
+
+    def _release_unpublished(self, job: dict[str, Any]) -> None:
+        """A name claimed for a model that was never published, and that no other training of its
+        owner is about to publish, is free again (and no longer counts against the owner's
+        ``custom_models`` quota)."""
+        name = str(job["model"])
+        if (Path(self.settings.models_dir) / name).exists():
+            return  # an earlier version serves: the name stays its owner's
+        try:
+            if any(
+                other.get("kind") == "training" and other.get("model") == name and other["id"] != job["id"]
+                for other in self.store.active()
+            ):
+                return
+            Owners(self.store.redis).release(name)
+        except (JobStoreUnavailable, redis.RedisError):  # the owner can still DELETE the name
+            log.warning("could not release a model name", extra={"job_id": job["id"], "model": name})
 
     def _fail(self, job_id: str, reason: str) -> str:
         log.warning("training failed", extra={"job_id": job_id, "reason": reason})

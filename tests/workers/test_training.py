@@ -21,6 +21,8 @@ from common.custom.settings import TrainingSettings
 from common.errors import InvalidImage, Overloaded, ServiceError
 from common.jobs.archive import Entry
 from common.jobs.store import JobStore, describe
+from common.tenancy.keys import Principal
+from common.tenancy.owners import LEGACY, Owners
 from tests import colours
 from tests.conftest import gateway_settings
 from tests.workers.conftest import ScriptedClient
@@ -187,6 +189,34 @@ def test_a_refused_request_fails_the_job(store: JobStore, tmp_path: Path) -> Non
     job_id = submit(store, photos(3, seed=7))
     assert runner.run(job_id) == "failed"
     assert "refused" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+
+
+def test_a_failed_first_training_frees_its_name_and_a_later_one_keeps_it(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """A name is claimed when its training is accepted; if nothing was ever published under it
+    and no other training of it is queued, the failure gives it back (and the owner's quota)."""
+    owners = Owners(store.redis, cache_s=0.01)
+    alice = Principal("a1b2c3d4e5f6", "alice", frozenset({"train"}))
+
+    def claim(name: str) -> None:
+        owners.claim(name, alice, "resnet50", fine_tuned=False, public=False, quotas=(5, 1), total=100)
+
+    def failing_run(name: str) -> str:
+        client = ColourFeatures()
+        client.script = [InvalidImage("the service refused the batch")]
+        runner = TrainingRunner(store, client, settings(tmp_path))  # type: ignore[arg-type]
+        return runner.run(submit(store, photos(3, seed=7), name=name))
+
+    claim("fresh")
+    assert failing_run("fresh") == "failed" and owners.of("fresh") is LEGACY  # free again
+    claim("queued")
+    waiting = submit(store, photos(3, seed=8), name="queued")  # a second training of it, pending
+    assert failing_run("queued") == "failed" and owners.of("queued").owner == alice.id
+    store.cancel(waiting)
+    claim("served")
+    (tmp_path / "models" / "served" / "1").mkdir(parents=True)  # a version is published
+    assert failing_run("served") == "failed" and owners.of("served").owner == alice.id
 
 
 def test_the_watchdog_finds_a_training_job_whose_worker_died(store: JobStore, tmp_path: Path) -> None:
