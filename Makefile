@@ -47,7 +47,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common gateway deploy client workers
+	$(VENV)/bin/mypy common serving fleet gateway deploy client workers
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (~20 minutes).
 bench: $(STAMP) nginx redis bench/.venv-bento/.installed

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.backends import OpenVINORuntime
-from common.runtime import KerasRuntime, build_keras_model
-from common.weights import WeightsPlan
 from services import inceptionv3, resnet50, vgg16
+from serving.backends import OpenVINORuntime
+from serving.runtime import KerasRuntime, build_keras_model
+from serving.weights import WeightsPlan
 
 SPECS = (resnet50.SPEC, inceptionv3.SPEC, vgg16.SPEC)
 PLAN = WeightsPlan("random", seed=0)

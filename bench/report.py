@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.quantize import Gate
+from serving.quantize import Gate
 
 
 def _raw_best(results: dict[str, Any], model: str, batch: int) -> dict[str, Any]:

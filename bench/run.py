@@ -40,9 +40,9 @@ from typing import Any
 import requests
 
 from bench import auth, custom, ingest, jobs, load, overload, report
-from common.quantize import LAYOUT
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
+from serving.quantize import LAYOUT
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()  # 600x400, as a phone thumbnail

@@ -7,7 +7,7 @@ import numpy as np
 from flask import Flask, Response, request
 
 from common import labels, web
-from common.service import encode_probabilities
+from common.wire import encode_vector
 
 INDEX = labels.load()
 VECTOR = np.full(len(INDEX), 1 / len(INDEX), np.float32)
@@ -51,9 +51,7 @@ def create_app(name: str = "stub") -> Flask:
             {
                 "index": i,
                 "predictions": top,
-                **(
-                    {"probabilities": encode_probabilities(VECTOR)} if web.query_flag("probabilities") else {}
-                ),
+                **({"probabilities": encode_vector(VECTOR)} if web.query_flag("probabilities") else {}),
             }
             for i in range(count)
         ]

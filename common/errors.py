@@ -131,3 +131,9 @@ class QuotaExceeded(ServiceError):
 
 class InsufficientStorage(ServiceError):
     status, code = 507, "insufficient_storage"
+
+
+class TooManyFineTuned(ServiceError):
+    """A base's service already serves as many fine-tuned models as it may load."""
+
+    status, code = 409, "too_many_fine_tuned"

@@ -10,10 +10,7 @@ the default registry is served. Names map to Triton's in the README ("Metrics").
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 
-from flask import Flask, Response, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -25,6 +22,9 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.registry import Collector
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The Content-Type of what ``scrape`` returns."""
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -110,29 +110,10 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
-def exposition() -> Response:
+def scrape() -> bytes:
+    """Every sample, in Prometheus' text format (``CONTENT_TYPE``): all workers', plus the
+    collectors added with ``add_collector``."""
     extra = CollectorRegistry(auto_describe=False)
     for collector in _COLLECTORS.values():
         extra.register(collector)
-    return Response(generate_latest(_registry()) + generate_latest(extra), mimetype=CONTENT_TYPE_LATEST)
-
-
-def install(app: Flask, component: str, model: Callable[[], str]) -> None:
-    """Count and time every request of ``app`` (on the clock ``common.web.install`` starts) and
-    serve ``GET /metrics``.
-
-    ``model`` names the request's model as a label; it must return a bounded set of values
-    (callers map unknown names to "other"), never what a client typed.
-    """
-
-    @app.after_request
-    def _count(response: Response) -> Response:
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        if route != "/metrics":
-            name = model()
-            REQUESTS.labels(component, route, name, str(response.status_code)).inc()
-            elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-            REQUEST_SECONDS.labels(component, route, name).observe(elapsed)
-        return response
-
-    app.add_url_rule("/metrics", "metrics", exposition, methods=["GET"])
+    return bytes(generate_latest(_registry()) + generate_latest(extra))

@@ -8,6 +8,11 @@ from pathlib import Path
 from common.labels import IMAGENET_INDEX
 
 KERAS_WEIGHTS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
+BASE_MODELS = ("vgg16", "resnet50", "inceptionv3")
+"""The fleet's base models, in the order it lists them; each is a service in ``services/``."""
+BACKBONE_LAYERS = {"vgg16": 21, "resnet50": 175, "inceptionv3": 311}
+"""Layers below each base's classifier (``model.layers[1:-1]``: neither the input nor the ImageNet
+softmax) - the most ``fine_tune_layers`` may name. Checked against Keras by the tests."""
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,7 @@ class ModelSpec:
     input_size: int
     """Square input side in pixels."""
     preprocessing: str
-    """``common.preprocessing`` mode: ``caffe`` or ``tf``."""
+    """``serving.preprocessing`` mode: ``caffe`` or ``tf``."""
     builder: str | None = None
     """``keras.applications`` constructor; ``None`` for a custom model saved as a ``.keras`` file."""
     imagenet_file: str | None = None

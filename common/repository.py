@@ -1,16 +1,48 @@
-"""A model repository: ``<root>/<model>/<version>/<weights file>``, versions are whole numbers.
+"""The model repository: the one on-disk layout every process agrees on.
 
-The highest version is the one to serve. A version folder holds one ``.keras`` file (a whole
+Base model versions: ``<MODEL_REPOSITORY>/<model>/<version>/<weights file>``, versions are whole
+numbers; the highest is the one to serve. A version folder holds one ``.keras`` file (a whole
 model) or one Keras weights file (``.h5``); anything else in it is ignored.
+
+Custom models (trained by the fleet's trainer): ``<CUSTOM_MODELS_DIR>/<name>/<version>/`` with
+``head.npz`` (``kernel`` features x classes, ``bias``) or ``model.keras`` (a fine-tuned whole
+classifier), and ``model.json`` (base, the base weights' hash, classes, evaluation, how it was
+trained; ``kind`` is ``fine-tuned`` for a whole classifier). A version is published whole: written
+in a staging folder, then renamed into place, so a reader never sees half of one. The highest
+version is served; removing the ``<name>`` folder (a rename, then a delete) removes the model.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from common.errors import WeightsUnavailable
 
 SUFFIXES = (".keras", ".h5")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+RESERVED = frozenset({"vgg16", "resnet50", "inceptionv3", "ensemble", "custom"})
+HEAD_FILE, META_FILE, MODEL_FILE = "head.npz", "model.json", "model.keras"
+FINE_TUNED = "fine-tuned"
+
+
+def check_name(name: str, bases: tuple[str, ...] = ()) -> str | None:
+    """Why ``name`` cannot name a custom model (None: it can)."""
+    if not NAME.match(name or ""):
+        return "name must be 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+    if name in RESERVED or name in bases:
+        return f"{name!r} is a model of the fleet or a reserved word; choose another name"
+    return None
 
 
 def versions(root: str | Path, model: str) -> list[int]:
@@ -41,3 +73,100 @@ def weights_file(root: str | Path, model: str, version: int) -> Path:
             f"{folder} must hold exactly one {' or '.join(SUFFIXES)} file, found {len(files)}"
         )
     return files[0]
+
+
+Identity = tuple[int, int, int]
+"""A published version: its number, its folder's inode and modification time (deleted and trained
+again, a model starts again at version 1: these tell that version 1 from the old one)."""
+
+
+def newest(root: Path) -> dict[str, tuple[Identity, Path]]:
+    """The newest version of every model under ``root``, with its identity (a model removed while
+    it is read is left out)."""
+    found: dict[str, tuple[Identity, Path]] = {}
+    if not root.is_dir():
+        return found
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            numbers = versions(root, folder.name)
+            if numbers:
+                path = folder / str(numbers[-1])
+                stat = path.stat()
+                found[folder.name] = ((numbers[-1], stat.st_ino, stat.st_mtime_ns), path)
+        except OSError:  # removed between the listing and the look inside
+            continue
+    return found
+
+
+def write_head(kernel: np.ndarray, bias: np.ndarray) -> Callable[[Path], None]:
+    """What ``publish`` writes for a head."""
+    return lambda folder: np.savez(
+        folder / HEAD_FILE, kernel=kernel.astype(np.float32), bias=bias.astype(np.float32)
+    )
+
+
+def publish(root: Path, name: str, write: Callable[[Path], None], meta: dict[str, Any]) -> int:
+    """Write a new version of ``name`` (the next number) whole - ``write(folder)`` its model's
+    files, then ``model.json`` - and return its number."""
+    model_dir = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".publishing-", dir=root))
+    try:
+        write(staging)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        model_dir.mkdir(exist_ok=True)  # only once the version is written: no empty model folder
+        for _ in range(100):  # another publisher may take the next number first: take the one after
+            version = (versions(root, name) or [0])[-1] + 1
+            try:
+                os.rename(staging, model_dir / str(version))
+                return version
+            except OSError:
+                if not (model_dir / str(version)).exists():
+                    raise
+        raise RuntimeError(f"could not find a free version number for {name}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prune(root: Path, name: str, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` versions of ``name`` (each at once, a rename); returns
+    the versions deleted. Services serve the newest, so only an older one they fall back on while
+    a new one fails to load is lost with them."""
+    doomed = versions(root, name)[:-keep]
+    for version in doomed:
+        gone = root / f".deleted-{name}-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(root / name / str(version), gone)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(gone, ignore_errors=True)
+    return doomed
+
+
+def remove(root: Path, name: str) -> bool:
+    """Delete a custom model, every version, at once (a rename) - False when there is none."""
+    folder = root / name
+    if not folder.is_dir():
+        return False
+    doomed = root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(folder, doomed)
+    except FileNotFoundError:  # another removal got there first
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
+def sweep_staging(root: Path, older_than_s: float = 3600) -> None:
+    """Remove what a publisher killed mid-write left behind (never a published version)."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.name.startswith((".publishing-", ".deleted-")):
+            try:
+                if entry.stat().st_mtime < time.time() - older_than_s:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue

@@ -6,16 +6,18 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from common import metrics
 from common.errors import BadRequest, ServiceError
+from common.wire import DEADLINE_HEADER, REQUEST_ID_HEADER, REQUEST_START_HEADER
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("imagerec.request")
-REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RETRY_STATUSES = (429, 503)  # the only answers that say when to come back (RFC 9110 10.2.3)
 
@@ -155,9 +157,6 @@ def query_flag(name: str) -> bool:
     return request.args.get(name, "").lower() in {"1", "true", "yes"}
 
 
-DEADLINE_HEADER = "X-Deadline-Ms"
-PRIORITY_HEADER = "X-Priority"  # "interactive" (the default) or "batch": see common/batching.py
-REQUEST_START_HEADER = "X-Request-Start"
 MAX_DEADLINE_MS = 600_000
 
 
@@ -203,3 +202,27 @@ def json_ok(payload: dict[str, Any], status: int = 200) -> Response:
     response = jsonify(payload)
     response.status_code = status
     return response
+
+
+def install_metrics(app: Flask, component: str, model: Callable[[], str]) -> None:
+    """Count and time every request of ``app`` (on the clock ``install`` starts) in
+    ``common.metrics``, and serve ``GET /metrics``.
+
+    ``model`` names the request's model as a label; it must return a bounded set of values
+    (callers map unknown names to "other"), never what a client typed.
+    """
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        if route != "/metrics":
+            name = model()
+            metrics.REQUESTS.labels(component, route, name, str(response.status_code)).inc()
+            elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+            metrics.REQUEST_SECONDS.labels(component, route, name).observe(elapsed)
+        return response
+
+    def exposition() -> Response:
+        return Response(metrics.scrape(), mimetype=metrics.CONTENT_TYPE)
+
+    app.add_url_rule("/metrics", "metrics", exposition, methods=["GET"])

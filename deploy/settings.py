@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from common.settings import setting
+from common.training.settings import TrainingSettings
 
 NGINX_TEMPLATES = Path(__file__).resolve().parent / "nginx"
 

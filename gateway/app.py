@@ -8,17 +8,17 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from common import metrics, web
-from common.custom.settings import TrainingSettings
 from common.errors import UnknownModel
 from common.jobs.settings import JobSettings
 from common.tenancy.settings import AuthSettings
+from common.training.settings import TrainingSettings
+from fleet.client import ModelClient, build_client
+from fleet.fetch import UrlFetcher
+from fleet.predict import ImageInput, Predictor, Selection, item_error, select
 from gateway import auth as access
 from gateway import cache as response_cache
 from gateway import docs, jobs, keys, limits, training, v2
-from gateway.client import ModelClient, build_client
-from gateway.fetch import UrlFetcher
-from gateway.inputs import ImageInput, InputReader
-from gateway.predict import Predictor, Selection, item_error, select
+from gateway.inputs import InputReader
 from gateway.settings import GatewaySettings
 
 
@@ -82,7 +82,7 @@ def create_app(
         # Custom models come and go with what users train: one label, or the series would grow.
         return "custom" if name in registry.custom() else "other"
 
-    metrics.install(app, "gateway", model_label)
+    web.install_metrics(app, "gateway", model_label)
     access.install(app, auth, registry)
 
     def read_images() -> tuple[list[ImageInput], bool]:

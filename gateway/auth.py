@@ -29,7 +29,7 @@ from common.tenancy import keys as keys_mod
 from common.tenancy.keys import KeyStore, KeysUnavailable, Principal
 from common.tenancy.owners import Owners
 from common.tenancy.settings import AuthSettings
-from gateway.registry import Registry
+from fleet.registry import Registry
 
 # The scope each route needs; a route not named here needs none (health, listings, docs).
 SCOPES = {

@@ -23,7 +23,7 @@ from flask import Request
 
 from common import web
 from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMediaType
-from common.imaging import ImageInfo
+from fleet.predict import ImageInput
 
 FetchAll = Callable[[Sequence[str], float | None], list[bytes | ServiceError]]
 """URLs and the client's deadline (``time.monotonic()``, or None) -> each URL's bytes or error."""
@@ -40,16 +40,6 @@ class _Url:
 
 
 _Read = tuple[str, bytes | _Url | ServiceError]  # one item: its name, and what was read of it
-
-
-@dataclass
-class ImageInput:
-    """One image of a request: its bytes, or why it could not be read."""
-
-    name: str
-    data: bytes = b""
-    error: ServiceError | None = None
-    info: ImageInfo | None = None  # format and size, once the header has been checked
 
 
 def decode_base64(text: object, max_bytes: int) -> bytes:

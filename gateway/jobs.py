@@ -34,10 +34,10 @@ from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect, describe
 from common.tenancy.quotas import Allowance, QuotaBook
 from common.tenancy.settings import QuotaSettings
+from fleet.client import ModelClient
+from fleet.predict import select
 from gateway.auth import audit, current
-from gateway.client import ModelClient
 from gateway.job_intake import Intake
-from gateway.predict import select
 from gateway.settings import GatewaySettings
 
 CURSOR = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,9})?$")  # a creation time, as the listing wrote it

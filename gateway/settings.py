@@ -1,72 +1,18 @@
-"""Gateway settings: ``GATEWAY_<FIELD>``, plus ``<MODEL>_URLS`` for each model's replicas."""
+"""Gateway settings: the fleet's (``fleet.settings``), and what only the HTTP gateway has - its body
+limit, rate limits, trusted proxies, response cache and the seed article's routes."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from common.settings import load, setting, with_password
-
-DEFAULT_URLS = {
-    "vgg16": "http://127.0.0.1:8501",
-    "resnet50": "http://127.0.0.1:8502",
-    "inceptionv3": "http://127.0.0.1:8503",
-}
+from common.settings import setting, with_password
+from fleet.settings import FleetSettings
 
 
 @dataclass(frozen=True)
-class GatewaySettings:
-    models: tuple[str, ...] = setting(("vgg16", "resnet50", "inceptionv3"), "models routed by name")
-    ensemble_models: tuple[str, ...] = setting((), "members of model=ensemble (empty: all models)")
-    ensemble_quorum: float = setting(0.5, "fraction of members (rounded up) that must answer, else 503")
-    default_top_k: int = setting(5, "predictions returned when top_k is not given")
-    max_top_k: int = setting(1000, "largest top_k accepted")
+class GatewaySettings(FleetSettings):
     max_body_bytes: int = setting(10 * 1024 * 1024, "largest request body, form fields included (413)")
-    max_image_bytes: int = setting(10 * 1024 * 1024, "largest single encoded image (413)")
-    max_image_pixels: int = setting(
-        40_000_000, "largest declared width x height (413), checked before decoding"
-    )
-    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
-    connect_timeout_s: float = setting(1.0, "connect timeout to a model replica")
-    member_timeout_s: float = setting(30.0, "time a model replica has to answer")
-    default_deadline_ms: float = setting(
-        30_000.0,
-        "deadline of a request that brings none (X-Deadline-Ms, timeout_ms), counted from its arrival at "
-        "Nginx; members are told what is left of it, and admit only what they can answer in time",
-    )
-    connect_retries: int = setting(1, "extra rounds over a model's replicas when all refuse to connect")
-    retry_backoff_s: float = setting(0.05, "first back-off before such a round (doubles, +-50% jitter)")
-    breaker_fail_max: int = setting(
-        5, "consecutive failures (connect, time-out, 5xx, garbage) that open a replica's circuit"
-    )
-    breaker_reset_s: float = setting(5.0, "seconds an open circuit waits before one trial call")
-    health_interval_s: float = setting(2.0, "seconds between readiness probes of every replica")
-    request_threads: int = setting(
-        64, "Gunicorn threads per gateway worker: sizes the fan-out pool and connection pool"
-    )
-    fanout_threads: int = setting(
-        0, "threads calling members in parallel per gateway worker (0: request_threads x number of models)"
-    )
-    dns_refresh_s: float = setting(
-        10.0, "seconds between DNS lookups of replica host names, one replica per address (0: never)"
-    )
-    fetch_threads: int = setting(8, "image URLs of one request fetched at once")
-    fetch_timeout_s: float = setting(10.0, "total time for fetching an image URL, redirects included")
-    fetch_max_bytes: int = setting(10 * 1024 * 1024, "largest image fetched from a URL")
-    fetch_max_redirects: int = setting(3, "redirect hops followed (each one re-checked)")
-    fetch_max_total_bytes: int = setting(
-        64 * 1024 * 1024, "most bytes fetched from image URLs for one request (or one job batch) in all"
-    )
-    fetch_max_per_host: int = setting(
-        4, "fetches from one host at once, per process: a slow host cannot hold every fetch thread"
-    )
-    fetch_allow_networks: tuple[str, ...] = setting(
-        (), "CIDRs the URL fetcher may reach besides public addresses (off)"
-    )
-    fetch_allow_ports: tuple[str, ...] = setting(
-        ("80", "443"), "ports the URL fetcher (and job callbacks) may connect to; empty: any"
-    )
     rate_limit: str = setting(
         "100/second", "per-client limit, Flask-Limiter syntax ('100/second;2000/minute'); empty: off"
     )
@@ -85,34 +31,11 @@ class GatewaySettings:
     )
     legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
     legacy_top_k: int = setting(3, "predictions returned by the seed routes")
-    replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    """Replica base URLs per model, from ``<MODEL>_URLS`` (comma-separated)."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
-        env = os.environ if environ is None else environ
-        base = load(cls, ("GATEWAY_",), env)
-        replicas = {}
-        for name in base.models:
-            raw = env.get(f"{name.upper()}_URLS") or DEFAULT_URLS.get(name)
-            if not raw:
-                raise ValueError(f"model {name!r} has no replicas: set {name.upper()}_URLS")
-            replicas[name] = tuple(url.strip().rstrip("/") for url in raw.split(",") if url.strip())
-        overrides: dict[str, object] = {"replicas": replicas}
+    def _derived(cls, base: FleetSettings, env: Mapping[str, str]) -> dict[str, object]:
+        derived = super()._derived(base, env)
         for name in ("cache_redis_url", "rate_limit_storage"):
             # One variable for every Redis user (each may still say otherwise), REDIS_PASSWORD in it.
-            overrides[name] = with_password(getattr(base, name) or env.get("REDIS_URL", ""), env)
-        return load(cls, ("GATEWAY_",), env, **overrides)
-
-    @property
-    def fetch_ports(self) -> tuple[int, ...]:
-        try:
-            return tuple(int(port) for port in self.fetch_allow_ports)
-        except ValueError:
-            raise ValueError(
-                f"GATEWAY_FETCH_ALLOW_PORTS: port numbers, got {self.fetch_allow_ports}"
-            ) from None
-
-    @property
-    def ensemble_members(self) -> tuple[str, ...]:
-        return self.ensemble_models or self.models
+            derived[name] = with_password(getattr(base, name) or env.get("REDIS_URL", ""), env)
+        return derived

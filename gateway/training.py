@@ -7,9 +7,9 @@ frozen backbone; N: the backbone's last N layers trained too, a model with a bac
 refused with 409 when the base's service already holds ``CUSTOM_MAX_FINE_TUNED`` of them). Fields
 may come in the form or the query.
 Everything is checked before a job exists - the options, the archive (the jobs' limits), and the
-dataset (``common.custom.dataset``: classes, readable images per class) - and a refusal names
+dataset (``common.training.dataset``: classes, readable images per class) - and a refusal names
 every problem. The answer is ``202`` and a job in the jobs API (``kind: training``), which the
-training workers run (``workers.training``). ``DELETE /v1/models/<name>`` removes a custom model,
+training workers run (``workers.training.runner``). ``DELETE /v1/models/<name>`` removes a custom model,
 every version; the model services stop serving it on their next look at the repository.
 """
 
@@ -23,18 +23,17 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from common import imaging, web
-from common.custom import heads
-from common.custom.dataset import check
-from common.custom.finetune import BACKBONE_LAYERS
-from common.custom.settings import TrainingSettings
+from common import imaging, repository, web
 from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
 from common.jobs.archive import Entry
 from common.jobs.settings import JobSettings
+from common.models import BACKBONE_LAYERS
 from common.tenancy.owners import LEGACY, NameTaken
+from common.training.dataset import check
+from common.training.settings import TrainingSettings
+from fleet.client import ModelClient
 from gateway.auth import audit, current, owners
-from gateway.client import ModelClient
 from gateway.job_intake import Intake
 from gateway.jobs import Jobs, store_call
 from gateway.settings import GatewaySettings
@@ -51,7 +50,7 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
     """The training options from the form/query, every problem listed in one 400."""
     problems = []
     name = raw.get("name", "")
-    if reason := heads.check_name(name, tuple(bases)):
+    if reason := repository.check_name(name, tuple(bases)):
         problems.append(f"name: {reason}")
     base = raw.get("base") or "resnet50"
     if base not in BASES or base not in bases:
@@ -92,27 +91,6 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
     }
 
 
-class TooManyFineTuned(ServiceError):
-    status, code = 409, "too_many_fine_tuned"
-
-
-def check_room(client: ModelClient, base: str, name: str) -> None:
-    """Refuse a fine-tuned model the base's service would not load: it already holds as many as
-    its ``CUSTOM_MAX_FINE_TUNED`` allows (retraining one of them replaces it, so it is allowed)."""
-    meta = client.registry.metadata(base)
-    if "max_fine_tuned" not in meta:  # no ready replica (or one from before fine-tuning): the trainer checks
-        return
-    tuned = {m["name"] for m in meta.get("custom_models") or [] if m.get("kind") == heads.FINE_TUNED}
-    tuned |= {m["name"] for m in meta.get("custom_models_loading") or []}  # only fine-tuned ones load slowly
-    tuned.discard(name)
-    if len(tuned) >= int(meta["max_fine_tuned"]):
-        raise TooManyFineTuned(
-            f"{base} already serves {len(tuned)} fine-tuned models ({', '.join(sorted(tuned))}), "
-            f"the most its CUSTOM_MAX_FINE_TUNED allows (each holds a copy of the backbone): delete "
-            f"one, or train a head on the frozen backbone (fine_tune_layers=0)"
-        )
-
-
 def create_blueprint(
     gateway: GatewaySettings, job_settings: JobSettings, settings: TrainingSettings, client: ModelClient
 ) -> Blueprint:
@@ -121,7 +99,7 @@ def create_blueprint(
     limits = imaging.ImageLimits(gateway.max_image_bytes, gateway.max_image_pixels)
     blueprint = Blueprint("training", __name__)
 
-    def repository() -> Path:
+    def models_dir() -> Path:
         if not settings.models_dir:
             raise TrainingUnavailable("custom models need CUSTOM_MODELS_DIR (where they are published)")
         folder = Path(settings.models_dir)
@@ -135,14 +113,14 @@ def create_blueprint(
         recorded) is the admin's."""
         principal = current()
         owners().check_free(name, principal)
-        legacy = owners().of(name) is LEGACY and (repository() / name).is_dir()
+        legacy = owners().of(name) is LEGACY and (models_dir() / name).is_dir()
         if legacy and not principal.is_admin:
             raise NameTaken(f"the model name {name!r} belongs to another principal: choose another name")
 
     def check_fine_tuning(chosen: dict[str, Any]) -> None:
         check_name_free(chosen["name"])
         if chosen["fine_tune_layers"]:
-            check_room(client, chosen["base"], chosen["name"])
+            client.registry.check_room_for_fine_tuned(chosen["base"], chosen["name"])
 
     def claim(chosen: dict[str, Any]) -> bool:
         principal = current()
@@ -164,7 +142,7 @@ def create_blueprint(
     @blueprint.post("/v1/training")
     def submit() -> Response:
         request.max_content_length = job_settings.max_archive_bytes
-        repository()
+        models_dir()
         store = jobs.store
         jobs.admit("", training=True)  # refused before the upload is read when already at a quota
         allowance = jobs.allowance(min(job_settings.max_images, settings.max_images))
@@ -229,14 +207,14 @@ def create_blueprint(
         """The caller owns ``name`` (or is the admin), or gets the 404 a missing model gets."""
         if name in client.registry.bases:
             raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
-        if heads.check_name(name) or not current().sees(owners().of(name).owner):
+        if repository.check_name(name) or not current().sees(owners().of(name).owner):
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
 
     @blueprint.delete("/v1/models/<name>")
     def remove(name: str) -> Response:
         owned_or_404(name)
         claimed = owners().of(name) is not LEGACY
-        removed = heads.remove(repository(), name)
+        removed = repository.remove(models_dir(), name)
         if not removed and not claimed:
             audit("model.delete", name, "not_found")
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
@@ -251,7 +229,7 @@ def create_blueprint(
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("public"), bool) or len(body) != 1:
             raise BadRequest('send JSON {"public": true} or {"public": false}', code="invalid_json")
-        if owners().of(name) is LEGACY and not (repository() / name).is_dir():
+        if owners().of(name) is LEGACY and not (models_dir() / name).is_dir():
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
         store_call(lambda: owners().set_public(name, body["public"]))
         audit("model.share", name, public=body["public"])

@@ -29,8 +29,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common import web
 from common.errors import BadRequest, ModelUnavailable, ServiceError
+from fleet.predict import Predictor, Selection, item_error, select
 from gateway import v2_request as read
-from gateway.predict import Predictor, Selection, item_error, select
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

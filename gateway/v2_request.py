@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import BadRequest
-from gateway.inputs import ImageInput, decode_base64
+from fleet.predict import ImageInput
+from gateway.inputs import decode_base64
 
 OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}
 TENSOR_FIELDS = ("name", "datatype", "shape", "data")

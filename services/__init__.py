@@ -1,1 +1,1 @@
-"""One package per model service; each is a ``ModelSpec`` on top of ``common.service``."""
+"""One package per model service; each is a ``ModelSpec`` on top of ``serving.app``."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from common.backends import OpenVINORuntime
-from common.quantize import choose
-from common.service import ServiceSettings
 from services import inceptionv3, resnet50, vgg16
+from serving.app import ServiceSettings
+from serving.backends import OpenVINORuntime
+from serving.quantize import choose
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 from common.errors import WeightsUnavailable
-from common.weights import download, keras_cache_dir
 from services import inceptionv3, resnet50, vgg16
+from serving.weights import download, keras_cache_dir
 
 
 def main() -> int:

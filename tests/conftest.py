@@ -17,11 +17,11 @@ import pytest
 import redis
 from PIL import Image
 
-from common.service import ServiceSettings
-from common.service_settings import RENAMED
 from common.tenancy.settings import AuthSettings
 from deploy.local.running import free_port, wait_until
 from gateway.settings import GatewaySettings
+from serving.app import ServiceSettings
+from serving.settings import RENAMED
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")

@@ -20,20 +20,19 @@ from typing import Any
 from celery import Task
 from celery.signals import setup_logging, worker_ready
 
-from common import logs
-from common.custom import heads
-from common.custom.settings import TrainingSettings
+from common import logs, repository
 from common.jobs import queue
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, JobStoreUnavailable, connect
 from common.tenancy.keys import KeyStore
 from common.tenancy.settings import AuthSettings
-from gateway.client import build_client
-from gateway.fetch import UrlFetcher
-from gateway.predict import Predictor
-from gateway.settings import GatewaySettings
+from common.training.settings import TrainingSettings
+from fleet.client import build_client
+from fleet.fetch import UrlFetcher
+from fleet.predict import Predictor
+from fleet.settings import FleetSettings
 from workers.runner import Cancelled, ChunkRunner, Requeue
-from workers.training import TrainingRunner
+from workers.training.runner import TrainingRunner
 
 log = logging.getLogger("imagerec.jobs")
 SETTINGS = JobSettings.from_env()
@@ -56,7 +55,7 @@ def runner() -> ChunkRunner:
     global _runner
     with _lock:
         if _runner is None:
-            gateway = GatewaySettings.from_env()
+            gateway = FleetSettings.from_env()
             client = build_client(gateway)
             client.registry.refresh()  # sizes and body limits known before the first call
             client.registry.start_polling(gateway.health_interval_s)
@@ -79,7 +78,7 @@ def runner() -> ChunkRunner:
 
 def training_runner() -> TrainingRunner:
     """A runner for one training task (the process ends after it: ``--max-tasks-per-child 1``)."""
-    gateway = GatewaySettings.from_env()
+    gateway = FleetSettings.from_env()
     client = build_client(gateway)
     client.registry.refresh()
     return TrainingRunner(
@@ -160,7 +159,7 @@ def _housekeeping(**_: Any) -> None:
                     if removed := jobs.sweep():
                         log.info("expired job folders removed", extra={"removed": removed})
                     if TRAINING.models_dir:
-                        heads.sweep_staging(Path(TRAINING.models_dir))
+                        repository.sweep_staging(Path(TRAINING.models_dir))
             except Exception:  # noqa: BLE001 - housekeeping must outlive any one failure
                 log.exception("job housekeeping failed")
             time.sleep(SETTINGS.watch_interval_s)

@@ -30,10 +30,9 @@ from werkzeug.datastructures import MultiDict
 from common.errors import ServiceError
 from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, JobStore, describe
-from gateway.fetch import UrlFetcher
-from gateway.inputs import ImageInput
-from gateway.predict import Predictor, Selection, select
-from gateway.settings import GatewaySettings
+from fleet.fetch import UrlFetcher
+from fleet.predict import ImageInput, Predictor, Selection, select
+from fleet.settings import FleetSettings
 
 log = logging.getLogger("imagerec.jobs")
 RETRYABLE = (500, 502, 503, 504)
@@ -76,7 +75,7 @@ class ChunkRunner:
         predictor: Predictor,
         fetcher: UrlFetcher,
         settings: JobSettings,
-        gateway: GatewaySettings,
+        gateway: FleetSettings,
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,

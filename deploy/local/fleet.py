@@ -16,11 +16,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
 from common.settings import load, setting
 from common.tenancy.keys import admin_key
 from common.tenancy.settings import AuthSettings
+from common.training.settings import TrainingSettings
 from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxLimits
 
 ROOT = Path(__file__).resolve().parents[2]

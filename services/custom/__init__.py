@@ -11,9 +11,9 @@ from pathlib import Path
 
 from flask import Flask
 
-from common import service
 from common.models import ModelSpec
 from common.settings import load, setting
+from serving import app as service
 
 
 @dataclass(frozen=True)

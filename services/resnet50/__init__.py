@@ -2,8 +2,8 @@
 
 from flask import Flask
 
-from common import service
 from common.models import keras_application
+from serving import app as service
 
 SPEC = keras_application(
     name="resnet50",

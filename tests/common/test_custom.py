@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import imaging
-from common.custom import dataset, heads, train
+from common import imaging, repository
 from common.jobs.archive import Entry
+from common.training import dataset
+from serving import custom as heads
 from tests import colours
+from workers.training import fit as train
 
 
 def meta(name: str = "pets", base: str = "resnet50", classes: tuple[str, ...] = ("cat", "dog")) -> dict:
@@ -22,7 +24,9 @@ def meta(name: str = "pets", base: str = "resnet50", classes: tuple[str, ...] = 
 
 def publish(root: Path, name: str = "pets", base: str = "resnet50", scale: float = 1.0) -> int:
     kernel = np.array([[1.0, -1.0], [0.0, 0.0], [0.5, 0.5]], np.float32) * scale
-    return heads.publish(root, name, heads.write_head(kernel, np.zeros(2, np.float32)), meta(name, base))
+    return repository.publish(
+        root, name, repository.write_head(kernel, np.zeros(2, np.float32)), meta(name, base)
+    )
 
 
 # --- the repository ------------------------------------------------------------------------------
@@ -44,9 +48,9 @@ def test_versions_are_published_whole_and_numbered_in_turn(tmp_path: Path) -> No
 def test_pruning_keeps_the_newest_versions_only(tmp_path: Path) -> None:
     for _ in range(4):
         publish(tmp_path)
-    assert heads.prune(tmp_path, "pets", 2) == [1, 2]
+    assert repository.prune(tmp_path, "pets", 2) == [1, 2]
     assert sorted(p.name for p in (tmp_path / "pets").iterdir()) == ["3", "4"]
-    assert heads.prune(tmp_path, "pets", 2) == [] and not [
+    assert repository.prune(tmp_path, "pets", 2) == [] and not [
         p for p in tmp_path.iterdir() if p.name.startswith(".")
     ]
     assert publish(tmp_path) == 5  # numbering goes on
@@ -55,7 +59,7 @@ def test_pruning_keeps_the_newest_versions_only(tmp_path: Path) -> None:
 def test_a_version_that_does_not_fit_its_metadata_is_refused(tmp_path: Path) -> None:
     publish(tmp_path)
     folder = tmp_path / "pets" / "1"
-    (folder / heads.META_FILE).write_text(json.dumps({**meta(), "features": 4}))
+    (folder / repository.META_FILE).write_text(json.dumps({**meta(), "features": 4}))
     with pytest.raises(ValueError, match="do not fit"):
         heads.load(folder, "pets", 1)
 
@@ -76,7 +80,7 @@ def test_a_version_that_does_not_fit_its_metadata_is_refused(tmp_path: Path) -> 
     ],
 )
 def test_names(name: str, problem: str | None) -> None:
-    reason = heads.check_name(name)
+    reason = repository.check_name(name)
     assert (reason is None) if problem is None else (problem in (reason or "")), reason
 
 
@@ -91,17 +95,17 @@ def test_the_head_set_follows_the_repository(tmp_path: Path) -> None:
     assert served.refresh() and served.get("pets").version == 2  # type: ignore[union-attr]
     assert not served.refresh()  # nothing new: nothing reloaded
     (tmp_path / "pets" / "3").mkdir()  # a broken newest version: version 2 keeps serving
-    (tmp_path / "pets" / "3" / heads.META_FILE).write_text("{not json")
+    (tmp_path / "pets" / "3" / repository.META_FILE).write_text("{not json")
     served.refresh()
     assert served.get("pets").version == 2  # type: ignore[union-attr]
-    assert heads.remove(tmp_path, "pets") and not heads.remove(tmp_path, "pets")
+    assert repository.remove(tmp_path, "pets") and not repository.remove(tmp_path, "pets")
     assert served.refresh() and served.get("pets") is None
 
 
 def test_staging_left_by_a_killed_publisher_is_swept(tmp_path: Path) -> None:
     (tmp_path / ".publishing-x").mkdir()
     publish(tmp_path)
-    heads.sweep_staging(tmp_path, older_than_s=-1)
+    repository.sweep_staging(tmp_path, older_than_s=-1)
     assert [p.name for p in tmp_path.iterdir()] == ["pets"]
 
 

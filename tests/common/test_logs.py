@@ -8,10 +8,10 @@ import logging
 import pytest
 
 from common import logs
-from common.service import ServiceSettings, create_app
 from services import resnet50
+from serving.app import ServiceSettings, create_app
 from tests.conftest import photo
-from tests.services.test_service_app import EchoRuntime
+from tests.serving.test_service_app import EchoRuntime
 
 
 def test_one_json_line_per_request(caplog: pytest.LogCaptureFixture) -> None:

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.service import ServiceSettings
-from common.service import create_app as create_service
 from gateway.app import create_app as create_gateway
 from services import resnet50
+from serving.app import ServiceSettings
+from serving.app import create_app as create_service
 from tests.conftest import gateway_settings, metric_value, photo
 from tests.gateway.fakes import FakeModelClient
-from tests.services.test_service_app import EchoRuntime
+from tests.serving.test_service_app import EchoRuntime
 
 CAT = photo("chelsea.jpg")
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_worker_processes_are_summed(tmp_path: Path) -> None:
     )
     for n in (3, 4):
         subprocess.run([sys.executable, "-c", count.format(n)], env=env, check=True, cwd=ROOT)
-    scrape = "from common import metrics; print(metrics.exposition().get_data(as_text=True))"
+    scrape = "from common import metrics; print(metrics.scrape().decode())"
     text = subprocess.run(
         [sys.executable, "-c", scrape], env=env, check=True, cwd=ROOT, capture_output=True, text=True
     ).stdout

@@ -17,9 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
-from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
-from common.service_settings import ServiceSettings
+from common.training.settings import TrainingSettings
 from deploy.k8s import render
 from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
 from deploy.settings import (
@@ -35,6 +34,7 @@ from deploy.settings import (
     worker_stop_grace_s,
 )
 from gateway.settings import GatewaySettings
+from serving.settings import ServiceSettings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import imaging, preprocessing
+from common import imaging
+from serving import preprocessing
 
 CLASSES = ("circle", "square", "triangle", "cross")
 INPUT_SIZE = 64

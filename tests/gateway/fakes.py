@@ -9,9 +9,9 @@ import numpy as np
 
 from common.errors import ServiceError
 from common.labels import Labels, load
-from common.service import encode_probabilities
-from gateway.client import new_session
-from gateway.registry import Registry
+from common.wire import encode_vector
+from fleet.client import new_session
+from fleet.registry import Registry
 from gateway.settings import GatewaySettings
 
 
@@ -51,7 +51,7 @@ class FakeModelClient:
             vector = fake_vector(model, data)
             result: dict[str, Any] = {"index": i, "predictions": self.index.top_k(vector, top_k)}
             if probabilities:
-                result["probabilities"] = encode_probabilities(vector)
+                result["probabilities"] = encode_vector(vector)
             results.append(result)
         return {
             "model": model,

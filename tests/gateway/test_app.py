@@ -15,12 +15,12 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from common.errors import ModelUnavailable, UpstreamTimeout
+from fleet.client import ModelClient, new_session
+from fleet.registry import Registry
 from gateway.app import create_app
-from gateway.client import ModelClient, new_session
-from gateway.registry import Registry
 from tests.conftest import ADMIN_KEY, bearer, encode, gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient, fake_vector
-from tests.services.test_service_app import assert_error
+from tests.serving.test_service_app import assert_error
 
 CAT = photo("chelsea.jpg")
 COFFEE = photo("coffee.jpg")

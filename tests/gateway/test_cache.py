@@ -9,10 +9,10 @@ import responses
 from flask.testing import FlaskClient
 
 from common.errors import ModelUnavailable
+from fleet.client import new_session
+from fleet.registry import Registry
 from gateway import cache as response_cache
 from gateway.app import create_app
-from gateway.client import new_session
-from gateway.registry import Registry
 from gateway.settings import GatewaySettings
 from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 from flask import Flask, request
 
+from fleet.fetch import UrlFetcher
 from gateway.app import create_app
-from gateway.fetch import UrlFetcher
 from gateway.inputs import InputReader
 from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient

@@ -14,8 +14,8 @@ import redis
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
-from common.custom.settings import TrainingSettings
 from common.jobs.settings import JobSettings
+from common.training.settings import TrainingSettings
 from gateway.app import create_app
 from tests import colours
 from tests.conftest import ADMIN_KEY, auth_settings, bearer, gateway_settings, photo

@@ -14,13 +14,13 @@ import pytest
 import redis
 import responses
 
-from common.custom import heads
-from common.custom.settings import TrainingSettings
+from common import repository
 from common.jobs.settings import JobSettings
+from common.training.settings import TrainingSettings
+from fleet.client import build_client
+from fleet.registry import Registry
+from fleet.transport import new_session
 from gateway.app import create_app
-from gateway.client import build_client
-from gateway.registry import Registry
-from gateway.transport import new_session
 from tests import colours
 from tests.conftest import auth_settings, gateway_settings, keyed_client
 from tests.gateway.fakes import FakeModelClient
@@ -170,8 +170,11 @@ def test_a_custom_model_is_removed_with_every_version(client: Any, models_dir: P
         "classes": ["a", "b"],
     }
     for _ in range(2):
-        heads.publish(
-            models_dir, "pets", heads.write_head(np.eye(2, dtype=np.float32), np.zeros(2, np.float32)), meta
+        repository.publish(
+            models_dir,
+            "pets",
+            repository.write_head(np.eye(2, dtype=np.float32), np.zeros(2, np.float32)),
+            meta,
         )
     assert client.delete("/v1/models/pets").json == {"deleted": "pets"}
     assert not (models_dir / "pets").exists()

@@ -13,7 +13,7 @@ from gateway import docs
 from gateway.app import create_app
 from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
-from tests.services.test_service_app import assert_error
+from tests.serving.test_service_app import assert_error
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 

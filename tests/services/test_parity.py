@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from common import imaging
-from common.runtime import weights_digest
-from common.service import ServiceSettings, create_app
 from services import inceptionv3, resnet50, vgg16
-from tests.common.test_preprocessing import KERAS_MODULES
+from serving.app import ServiceSettings, create_app
+from serving.runtime import weights_digest
 from tests.conftest import PHOTOS, photo
+from tests.serving.test_preprocessing import KERAS_MODULES
 
 SEED = 1234
 MAX_ABS_DIFF = 1e-5
@@ -77,8 +77,8 @@ def test_service_probabilities_equal_keras_reference(spec, backend: str, convert
 def test_random_weights_are_identical_across_restarts() -> None:
     """Same seed, same numbers, in a fresh process (what a restarted service does)."""
     code = (
-        "from common.runtime import build_keras_model, weights_digest\n"
-        "from common.weights import WeightsPlan\nfrom services import resnet50\n"
+        "from serving.runtime import build_keras_model, weights_digest\n"
+        "from serving.weights import WeightsPlan\nfrom services import resnet50\n"
         f"m = build_keras_model(resnet50.SPEC, WeightsPlan('random', seed={SEED}))\n"
         "print(weights_digest(m.get_weights()))\n"
     )
@@ -101,8 +101,8 @@ def test_reduced_scale_decoding_keeps_the_top1(converted_cache: str) -> None:
 
     from PIL import Image
 
-    from common.backends import OpenVINORuntime
-    from common.weights import WeightsPlan
+    from serving.backends import OpenVINORuntime
+    from serving.weights import WeightsPlan
 
     runtime = OpenVINORuntime(
         resnet50.SPEC, WeightsPlan("random", seed=SEED), cache_dir=Path(converted_cache)

@@ -16,8 +16,8 @@ from common.errors import BadRequest, ModelUnavailable, Overloaded
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore
 from common.tenancy.keys import KeyStore
-from gateway.fetch import UrlFetcher
-from gateway.predict import Predictor
+from fleet.fetch import UrlFetcher
+from fleet.predict import Predictor
 from tests.conftest import auth_settings, gateway_settings, photo
 from tests.gateway.slow_http import serve_slow_images
 from tests.http_fixtures import serve

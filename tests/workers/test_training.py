@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import imaging
-from common.custom import dataset, heads
-from common.custom.settings import TrainingSettings
+from common import imaging, repository
 from common.errors import InvalidImage, Overloaded, ServiceError
 from common.jobs.archive import Entry
 from common.jobs.store import JobStore, describe
 from common.tenancy.keys import Principal
 from common.tenancy.owners import LEGACY, Owners
+from common.training import dataset
+from common.training.settings import TrainingSettings
+from serving import custom as heads
 from tests import colours
 from tests.conftest import gateway_settings
 from tests.workers.conftest import ScriptedClient
-from workers.training import TrainingRunner
+from workers.training.runner import TrainingRunner
 
 
 class ColourFeatures(ScriptedClient):
@@ -290,9 +291,9 @@ def test_progress_never_brings_back_an_expired_record(store: JobStore) -> None:
 
 @pytest.fixture(scope="module")
 def resnet50_hash() -> str:
-    from common.runtime import build_keras_model, weights_digest
-    from common.weights import WeightsPlan
     from services import resnet50
+    from serving.runtime import build_keras_model, weights_digest
+    from serving.weights import WeightsPlan
 
     return weights_digest(build_keras_model(resnet50.SPEC, WeightsPlan("random", seed=0)).get_weights())
 
@@ -331,12 +332,12 @@ def test_fine_tuning_trains_the_last_layers_and_publishes_a_whole_classifier(
     assert stages == [(n, "head") for n in range(1, 21)] + [(n, "fine_tune") for n in range(21, 24)]
     assert shown["evaluation"]["images"] == 8 and shown["evaluation"]["accuracy"] >= 0.75, shown["evaluation"]
     folder = tmp_path / "models" / "colours" / "1"
-    meta = json.loads((folder / heads.META_FILE).read_text())
+    meta = json.loads((folder / repository.META_FILE).read_text())
     assert (meta["kind"], meta["base_weights_hash"], meta["features"]) == ("fine-tuned", resnet50_hash, 2048)
     assert meta["training"]["trained_layers"] == ["conv5_block3_1_conv", "avg_pool"]
     classifier = keras.models.load_model(folder / "model.keras", compile=False)
     assert classifier.input_shape == (None, 224, 224, 3) and classifier.output_shape == (None, 4)
-    assert not (folder / heads.HEAD_FILE).exists()
+    assert not (folder / repository.HEAD_FILE).exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,36 @@
+"""What the gateway, the job workers and the model services say to each other, besides JSON: the
+headers of a member call, the priorities, and how a vector of floats travels.
+
+No Flask and no TensorFlow here: the fleet client (``fleet/``) and the services both import it.
+"""
+
+from __future__ import annotations
+
+import base64
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+REQUEST_ID_HEADER = "X-Request-ID"
+DEADLINE_HEADER = "X-Deadline-Ms"
+PRIORITY_HEADER = "X-Priority"
+REQUEST_START_HEADER = "X-Request-Start"
+
+
+class Priority(StrEnum):
+    """Who waits for the answer (``X-Priority``): a person (``interactive``, the default) or an
+    asynchronous job or training (``batch``: waits until no interactive request does)."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+def encode_vector(vector: np.ndarray) -> dict[str, str]:
+    """A probability or feature vector, compactly: little-endian float32, base64."""
+    return {"dtype": "float32", "data": base64.b64encode(vector.astype("<f4").tobytes()).decode()}
+
+
+def decode_vector(encoded: dict[str, Any]) -> np.ndarray:
+    """``encode_vector``'s inverse (a read-only float32 array; raises on a malformed one)."""
+    return np.frombuffer(base64.b64decode(encoded["data"]), "<f4")

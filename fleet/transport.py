@@ -1,0 +1,163 @@
+"""One HTTP exchange with one replica, and how far it got.
+
+``Transport.predict`` returns the member's parsed answer (``replies.parse``) or raises one outcome:
+``NotSent`` (no connection: refused, unresolvable, connect time-out), ``ReplyLost`` (the request went
+out, the answer did not come back whole), ``NoAnswer`` (read time-out: it may still be running),
+``NotReady`` (503 while loading or draining), or the member's own verdicts: ``Overloaded`` (503 with
+its ``Retry-After``), ``DeadlineExceeded`` (504: the request's budget ran out there), a 4xx
+``ServiceError``, or ``BadUpstreamResponse``. What an outcome means for the replica's circuit and
+for the next try is decided elsewhere (``accounting.py``, ``failover.py``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
+
+from common.errors import DeadlineExceeded, Overloaded
+from common.wire import DEADLINE_HEADER, REQUEST_START_HEADER
+from fleet import answers as replies
+from fleet.replica import Replica
+
+MEMBER_DEADLINE_CODES = frozenset({"deadline_exceeded", "inference_timeout"})
+_NOT_CONNECTED = (NewConnectionError, ConnectTimeoutError, ConnectionRefusedError)
+_CONNECTION_USED = (
+    ProtocolError,
+    http.client.HTTPException,  # RemoteDisconnected, IncompleteRead
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+)
+
+
+class NotSent(Exception):
+    """No connection was made: nothing reached the replica."""
+
+
+class ReplyLost(Exception):
+    """The request went out; the answer was reset, cut off or garbled on its way back."""
+
+
+class NotReady(Exception):
+    """The replica answered 503 without ``overloaded``: it is loading or shutting down."""
+
+
+class NoAnswer(Exception):
+    """No answer within the read time-out; ``clipped`` when that was the request's own deadline."""
+
+    def __init__(self, message: str, *, clipped: bool) -> None:
+        super().__init__(message)
+        self.clipped = clipped
+
+
+def new_session(pool_size: int, hosts: int = 64) -> requests.Session:
+    """A keep-alive session keeping ``pool_size`` connections to each of up to ``hosts`` replicas."""
+    session = requests.Session()
+    # NOTE: member traffic is internal: no proxies or .netrc from the environment. Looking them up
+    # also cost ~0.7 ms per call (requests scans os.environ every time).
+    session.trust_env = False
+    adapter = requests.adapters.HTTPAdapter(pool_connections=hosts, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it wraps: arguments, ``reason`` (urllib3) and explicit causes."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        wrapped = (*error.args, getattr(error, "reason", None), error.__cause__)
+        todo.extend(e for e in wrapped if isinstance(e, BaseException))
+
+
+def sent_nothing(exc: requests.ConnectionError) -> bool:
+    """Did this error happen before the request reached the replica?
+
+    A connect time-out or a failed connect among its causes says so; a used connection that broke
+    (reset, closed without an answer, protocol error) says the request went out. An error that
+    names neither counts as a failed connect, the reading failover has always given it.
+    """
+    causes = list(_causes(exc))
+    if isinstance(exc, requests.ConnectTimeout) or any(isinstance(c, _NOT_CONNECTED) for c in causes):
+        return True
+    return not any(isinstance(c, _CONNECTION_USED) for c in causes)
+
+
+def _body(images: list[bytes], headers: dict[str, str]) -> dict[str, Any]:
+    """One image travels as the raw body (cheapest for both sides), several as multipart ``files``."""
+    if len(images) == 1:
+        return {"data": images[0], "headers": {**headers, "Content-Type": "application/octet-stream"}}
+    files = [("files", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+    return {"files": files, "headers": headers}
+
+
+class Transport:
+    """``POST /v1/predict`` to one replica, with the request's remaining budget."""
+
+    def __init__(self, session: requests.Session, connect_timeout_s: float, read_timeout_s: float) -> None:
+        self.session = session
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+
+    def predict(
+        self,
+        replica: Replica,
+        model: str,
+        images: list[bytes],
+        params: dict[str, str],
+        headers: dict[str, str],
+        deadline: float,
+    ) -> dict[str, Any]:
+        """One exchange; the member's answer with one result per image, or an outcome (see module)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"the request's deadline passed before {model} answered")
+        read_s = min(self.read_timeout_s, remaining)
+        headers = {**replica.headers, **headers}
+        if remaining < float("inf"):  # pass the rest of the budget on: the member drops late work
+            headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
+            # from now: time the call then waits for one of the member's threads counts against it
+            headers[REQUEST_START_HEADER] = f"t={time.time():.3f}"
+        try:
+            response = self.session.post(
+                f"{replica.url}/v1/predict",
+                params=params,
+                timeout=(self.connect_timeout_s, read_s),
+                **_body(images, headers),
+            )
+        except requests.ConnectionError as exc:  # ConnectTimeout included
+            if any(isinstance(c, ReadTimeoutError) for c in _causes(exc)):  # while reading the body
+                raise NoAnswer(f"{model} stopped answering", clipped=read_s < self.read_timeout_s) from exc
+            if sent_nothing(exc):
+                raise NotSent(f"replica unreachable ({type(exc).__name__})") from exc
+            raise ReplyLost(f"replica answered with a broken response ({type(exc).__name__})") from exc
+        except requests.Timeout as exc:
+            raise NoAnswer(
+                f"{model} did not answer within {read_s:g}s", clipped=read_s < self.read_timeout_s
+            ) from exc
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+            raise ReplyLost(f"replica answered with a broken response ({type(exc).__name__})") from exc
+        return self._read(model, replica, response, len(images))
+
+    @staticmethod
+    def _read(model: str, replica: Replica, response: requests.Response, count: int) -> dict[str, Any]:
+        if response.status_code == 503:
+            if replies.error_code(response) == Overloaded.code:
+                raise Overloaded(
+                    f"{model} replica {replica.url} is at capacity", retry_after=replies.retry_after(response)
+                )
+            raise NotReady(f"{model} replica {replica.url} is not ready")
+        if response.status_code == 504 and replies.error_code(response) in MEMBER_DEADLINE_CODES:
+            raise DeadlineExceeded(f"{model} could not answer within the request's deadline")
+        return replies.parse(model, response, count)

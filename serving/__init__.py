@@ -1,0 +1,2 @@
+"""The model-service implementation: each of services/vgg16, resnet50, inceptionv3 and custom is
+``serving.app.create_app`` with its own spec."""

@@ -1,0 +1,334 @@
+"""Runtime backends and the choice between them (``BACKEND`` / ``<MODEL>_BACKEND``).
+
+* ``keras``    - the Keras model behind a compiled call (imports TensorFlow in the service).
+* ``openvino`` - the same weights converted to OpenVINO IR (fp32) in a child process, cached on
+  disk under a key made of the weights' fingerprint and the library versions, and refused unless
+  it passed parity with Keras. The serving process then never imports TensorFlow.
+* ``auto``     - the fastest installed backend that loads and passes parity: openvino, else keras;
+  on a machine with an NVIDIA GPU, keras first (TensorFlow puts the model on the GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import ServiceError
+from common.models import ModelSpec
+from serving.convert import to_json
+from serving.quantize import LAYOUT, Gate, choose
+from serving.runtime import KerasRuntime, Outputs, Runtime, RuntimeInfo
+from serving.weights import WeightsPlan
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "keras", "openvino")
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Where int8 calibrates and is judged (None: the shipped photos' views), the gate, and
+    whether int8 weights alone may serve when full int8 fails it (``serving.quantize``)."""
+
+    calibration: Path | None = None
+    validation: Path | None = None
+    gate: Gate = Gate()
+    weights_fallback: bool = True
+
+    def key(self) -> str:
+        """Names the image sets in the cache key: the shipped set, or the folders' listings."""
+        parts = []
+        for folder in (self.calibration, self.validation):
+            if folder is None:
+                parts.append("shipped1")
+                continue
+            listing = hashlib.blake2b(digest_size=5)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                stat = path.stat()
+                listing.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            parts.append(listing.hexdigest())
+        return "-".join(parts)
+
+
+class BackendUnavailable(ServiceError):
+    status, code = 503, "backend_unavailable"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imagerec" / "converted"
+
+
+def _version(*packages: str) -> str:
+    for package in packages:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def fingerprint(plan: WeightsPlan) -> str:
+    """Identifies the weights without importing TensorFlow: the seed, or a hash of the file."""
+    if plan.kind == "random" or plan.path is None:
+        return f"random{plan.seed}"
+    digest = hashlib.blake2b(digest_size=8)
+    with open(plan.path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return f"{plan.kind}-{digest.hexdigest()}"
+
+
+class OpenVINORuntime:
+    """OpenVINO IR on the CPU, latency hint, fp32 arithmetic (parity with Keras depends on it);
+    with ``precision="int8"``, the fp32 IR quantized (``serving.quantize``): the first int8 form the
+    gate admits, else fp32."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan: WeightsPlan,
+        *,
+        cache_dir: Path,
+        threads: int = 0,
+        convert_timeout_s: float = 1800,
+        precision: str = "fp32",
+        quantization: Quantization = Quantization(),
+    ) -> None:
+        self.spec, self.plan, self.cache_dir = spec, plan, cache_dir
+        self.threads = threads
+        self.convert_timeout_s = convert_timeout_s
+        self.precision = precision
+        self.quantization = quantization
+        self._compiled: Any = None
+
+    def cache_path(self) -> Path:
+        versions = (
+            f"keras{_version('keras')}-tf{_version('tensorflow-cpu', 'tensorflow')}-ov{_version('openvino')}"
+        )
+        return self.cache_dir / f"{self.spec.name}-{fingerprint(self.plan)}-{versions}"
+
+    def int8_path(self) -> Path:
+        return self.cache_path().with_name(
+            f"{self.cache_path().name}-int8v{LAYOUT}-nncf{_version('nncf')}-{self.quantization.key()}"
+        )
+
+    def ensure_quantized(self) -> dict[str, Any]:
+        """The int8 record (gate figures included), quantizing first (child process) when none is
+        cached. Quantizing a new version happens here too, before the swap, like its conversion."""
+        path = self.int8_path()
+        if not (path / "record.json").is_file():
+            log.info("%s: quantizing to int8 into %s (once per weights and image sets)", self.spec.name, path)
+            command = [
+                sys.executable,
+                "-m",
+                "serving.quantize",
+                "--spec",
+                to_json(self.spec),
+                "--fp32",
+                str(self.cache_path() / "model.xml"),
+                "--out",
+                str(path),
+            ]
+            for flag, folder in (
+                ("--calibration", self.quantization.calibration),
+                ("--validation", self.quantization.validation),
+            ):
+                if folder is not None:
+                    command += [flag, str(folder)]
+            self._run_child(command, path, "int8 quantization")
+        record: dict[str, Any] = json.loads((path / "record.json").read_text())
+        return record
+
+    def _int8_verdict(self) -> tuple[Path, str, str]:
+        """(IR to serve, its precision, why not full int8 if not): today's gate on the record."""
+        fp32 = self.cache_path() / "model.xml"
+        try:
+            record = self.ensure_quantized()
+        except Exception as exc:  # noqa: BLE001 - any failure to quantize: serve fp32, say why
+            note = f"int8 unavailable, serving fp32: {exc}"
+            log.warning("%s: %s", self.spec.name, note)
+            return fp32, "fp32", note[:500]
+        precision, note = choose(record, self.quantization.gate, self.quantization.weights_fallback)
+        if note:
+            log.warning("%s: %s", self.spec.name, note)
+        model = fp32 if precision == "fp32" else self.int8_path() / precision / "model.xml"
+        return model, precision, note
+
+    def ensure_converted(self) -> dict[str, Any]:
+        """The conversion record, converting first (in a child process) when none is cached."""
+        path = self.cache_path()
+        if not (path / "record.json").is_file():
+            log.info("%s: converting to OpenVINO into %s (once per weights)", self.spec.name, path)
+            command = [
+                sys.executable,
+                "-m",
+                "serving.convert",
+                "--spec",
+                to_json(self.spec),
+                "--plan",
+                to_json(self.plan),
+                "--out",
+                str(path),
+            ]
+            self._run_child(command, path, "OpenVINO conversion")
+        record: dict[str, Any] = json.loads((path / "record.json").read_text())
+        return record
+
+    def _run_child(self, command: list[str], path: Path, what: str) -> None:
+        """Run a conversion step in a child process (TensorFlow and NNCF stay out of this one);
+        it must leave ``path/record.json`` behind."""
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=self.convert_timeout_s,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        if not (path / "record.json").is_file():
+            raise BackendUnavailable(
+                f"{what} of {self.spec.name} failed (exit {done.returncode}): {done.stderr[-2000:]}"
+            )
+
+    def load(self) -> RuntimeInfo:
+        started = time.perf_counter()
+        record = self.ensure_converted()
+        parity = record["parity"]
+        if not parity["passed"]:
+            raise BackendUnavailable(
+                f"OpenVINO {self.spec.name} failed parity with Keras (max |dp| {parity['max_abs_diff']:.2e}, "
+                f"top-5 match {parity['top5_match']}); refusing to serve it"
+            )
+        import openvino as ov
+
+        model, precision, note = self.cache_path() / "model.xml", "fp32", ""
+        if self.precision != "fp32":
+            model, precision, note = self._int8_verdict()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        core = ov.Core()
+        graph = core.read_model(model)
+        features = _expose_features(graph)
+        self._compiled = core.compile_model(graph, "CPU", config)
+        del graph
+        size = self.spec.input_size
+        self.predict(np.zeros((1, size, size, 3), np.float32))
+        source = str(self.plan.path) if self.plan.path else f"seed={self.plan.seed}"
+        return RuntimeInfo(
+            backend=record["backend"],
+            weights=self.plan.kind,
+            weights_source=source,
+            weights_hash=record["weights_hash"],
+            num_classes=record["classes"],
+            load_seconds=time.perf_counter() - started,
+            precision=precision,
+            precision_note=note,
+            features=features,
+        )
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        # NOTE: the result views the infer request's buffer, which the next call overwrites.
+        return np.array(self._compiled(batch)[0], copy=True)
+
+    def predict_features(self, batch: np.ndarray) -> Outputs:
+        out = self._compiled(batch)
+        features = np.array(out[1], copy=True) if len(out) > 1 else None
+        return Outputs(np.array(out[0], copy=True), features)
+
+
+def _expose_features(graph: Any) -> int:
+    """Make the input of the model's last matrix product (its classifier: the pooled features, or
+    VGG16's fc2) a second output; returns its width (0 when the graph has no such input).
+    Quantization nodes in front of it are skipped: heads get the fp32 activations."""
+    products = [op for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    if not products:
+        return 0
+    source = products[-1].input_value(0)
+    while source.get_node().get_type_name() in ("FakeQuantize", "Convert"):
+        source = source.get_node().input_value(0)
+    shape = source.get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic:
+        return 0
+    graph.add_outputs([source])
+    return int(shape[1].get_length())
+
+
+class FirstWorking:
+    """``auto``: load the candidates in order and serve with the first that loads."""
+
+    def __init__(self, candidates: list[Runtime]) -> None:
+        self.candidates = candidates
+        self.active: Runtime | None = None
+
+    def load(self) -> RuntimeInfo:
+        error: Exception | None = None
+        for candidate in self.candidates:
+            try:
+                info = candidate.load()
+            except Exception as exc:
+                log.warning("backend %s unavailable (%s); trying the next one", type(candidate).__name__, exc)
+                error = exc
+                continue
+            self.active = candidate
+            return info
+        raise error or BackendUnavailable("no backend could be loaded")
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        assert self.active is not None, "predict() before load()"
+        return self.active.predict(batch)
+
+    def predict_features(self, batch: np.ndarray) -> Outputs:
+        assert self.active is not None, "predict_features() before load()"
+        return self.active.predict_features(batch)  # type: ignore[attr-defined]
+
+
+def make_runtime(
+    spec: ModelSpec,
+    plan: WeightsPlan,
+    backend: str,
+    *,
+    cache_dir: Path,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    precision: str = "fp32",
+    quantization: Quantization = Quantization(),
+) -> Runtime:
+    """The runtime the ``BACKEND`` and ``PRECISION`` settings ask for."""
+    if backend not in BACKENDS:
+        raise ValueError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    keras = KerasRuntime(spec, plan, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    openvino = OpenVINORuntime(
+        spec,
+        plan,
+        cache_dir=cache_dir,
+        threads=intra_op_threads,
+        precision=precision,
+        quantization=quantization,
+    )
+    if backend == "keras":
+        return keras
+    if backend == "openvino":
+        return openvino
+    if gpu_present():  # TensorFlow runs the Keras model on the GPU; OpenVINO here is CPU-only
+        return FirstWorking([keras, openvino])
+    installed = importlib.util.find_spec("openvino") is not None
+    return FirstWorking([openvino, keras] if installed else [keras])
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process may use, judged without importing TensorFlow."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return os.path.exists("/dev/nvidiactl") and visible not in ("", "-1")

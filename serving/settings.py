@@ -1,0 +1,145 @@
+"""A model service's settings: ``<FIELD>`` for every service, ``<MODEL>_<FIELD>`` for one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import repository
+from common.models import ModelSpec
+from common.settings import load, setting
+from serving.admission import AdmissionPolicy
+from serving.backends import PRECISIONS, Quantization, default_cache_dir
+from serving.quantize import Gate
+from serving.weights import WeightsPlan, resolve
+
+# Settings whose meaning changed: refused at start-up, naming what replaced them, so a deployment
+# that still sets one learns at once instead of silently running on the new defaults.
+RENAMED = {
+    "MAX_QUEUE_DELAY_MS": "DEFAULT_DEADLINE_MS and MAX_QUEUE_IMAGES (admission is by deadline now)",
+    "MAX_QUEUE": "MAX_QUEUE_IMAGES (the queue is counted in images)",
+    "MAX_BATCH_WAIT_MS": "BATCH_WINDOW_MS",
+    "INFERENCE_TIMEOUT_S": "DEFAULT_DEADLINE_MS",
+}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Model-service settings: ``<FIELD>`` for every service, ``<MODEL>_<FIELD>`` for one."""
+
+    weights: str = setting("auto", "imagenet | random | auto | path to a .keras or weights file")
+    weights_seed: int = setting(0, "seed used when the weights are random")
+    weights_download: bool = setting(True, "with WEIGHTS=imagenet, let Keras download a missing file")
+    keras_home: str = setting("", "Keras cache root (weights in $KERAS_HOME/models); default ~/.keras")
+    max_body_bytes: int = setting(16 * 1024 * 1024, "largest request body the service reads (413 above)")
+    max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image (413 above)")
+    max_image_pixels: int = setting(40_000_000, "largest declared width x height, checked before decoding")
+    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
+    center_crop: float = setting(0.875, "fraction of the shorter side kept by the centre crop")
+    default_top_k: int = setting(5, "predictions returned when top_k is not given")
+    backend: str = setting("auto", "auto | keras | openvino (auto: the fastest that loads and passes parity)")
+    model_cache: str = setting("", "folder for converted backends (default ~/.cache/imagerec/converted)")
+    precision: str = setting(
+        "fp32",
+        "fp32 | int8 (NNCF post-training quantization of the OpenVINO model, served if it passes the gate)",
+    )
+    calibration_dir: str = setting("", "images to calibrate int8 on (default: views of the shipped photos)")
+    validation_dir: str = setting("", "images the int8 gate compares on (default: other views of them)")
+    int8_min_top1: float = setting(0.9, "int8 gate: least share of validation images with fp32's top-1")
+    int8_min_top5: float = setting(0.8, "int8 gate: least mean share of fp32's top-5 in int8's top-5")
+    int8_weights_fallback: bool = setting(
+        True,
+        "when full int8 fails the gate, serve int8 weights with fp32 activations if they pass it "
+        "(the memory saving without the speed); false: fp32",
+    )
+    max_batch_size: int = setting(8, "most images the batcher puts in one model call")
+    batch_window_ms: float = setting(
+        5.0,
+        "longest the first request of a batch waits for more, and only under concurrent load "
+        "(Triton's max_queue_delay)",
+    )
+    batch_priority_max_wait_ms: float = setting(
+        1000.0,
+        "a job or training request (X-Priority: batch) waiting this long goes before interactive "
+        "ones, so a saturated model still serves them one call per period",
+    )
+    max_queue_images: int = setting(
+        64, "images waiting for the model (besides the batch running); beyond it, 503 + Retry-After"
+    )
+    default_deadline_ms: float = setting(
+        30_000.0,
+        "deadline of a request that brings none (X-Deadline-Ms, timeout_ms): admitted only if it "
+        "can be answered within it, 504 if it still is not",
+    )
+    model_repository: str = setting(
+        "", "folder of versions <root>/<model>/<n>/<file>; the highest is served (overrides WEIGHTS)"
+    )
+    repository_poll_s: float = setting(
+        0.0, "seconds between checks for a newer version (0: admin endpoint only)"
+    )
+    custom_models_dir: str = setting(
+        "",
+        "repository of custom models trained here (<dir>/<name>/<n>/); a base model's service serves "
+        "those trained on it (empty: none)",
+    )
+    custom_poll_s: float = setting(2.0, "seconds between checks of CUSTOM_MODELS_DIR for new or removed ones")
+    custom_max_fine_tuned: int = setting(
+        2,
+        "most fine-tuned custom models (fine_tune_layers > 0) one service loads: each is a copy of "
+        "the backbone in memory (heads on the frozen backbone are not counted)",
+    )
+    admin_token: str = setting("", "bearer token for POST /v1/admin/reload (empty: the endpoint is off)")
+    intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
+    inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
+
+    @classmethod
+    def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        env = os.environ if environ is None else environ
+        for old, new in RENAMED.items():
+            for name in (old, f"{model.upper()}_{old}"):
+                if name in env:
+                    raise ValueError(f"{name} is no longer read: use {new} (see the README)")
+        return load(cls, ("", f"{model.upper()}_"), env)
+
+    def weights_plan(self, spec: ModelSpec, version: int | None = None) -> WeightsPlan:
+        """Resolve ``WEIGHTS`` for ``spec`` (may download; fails early with instructions), or the
+        repository's ``version`` (default: the highest) when ``MODEL_REPOSITORY`` is set."""
+        if self.model_repository:
+            chosen = version if version is not None else repository.latest(self.model_repository, spec.name)
+            return resolve(spec, str(repository.weights_file(self.model_repository, spec.name, chosen)))
+        return resolve(
+            spec,
+            self.weights,
+            seed=self.weights_seed,
+            keras_home=self.keras_home,
+            allow_download=self.weights_download,
+        )
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "int8" and self.backend == "keras":
+            raise ValueError("PRECISION=int8 needs the OpenVINO backend (BACKEND=auto or openvino)")
+
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization(
+            Path(self.calibration_dir) if self.calibration_dir else None,
+            Path(self.validation_dir) if self.validation_dir else None,
+            Gate(self.int8_min_top1, self.int8_min_top5),
+            self.int8_weights_fallback,
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.model_cache) if self.model_cache else default_cache_dir()
+
+    @property
+    def admission(self) -> AdmissionPolicy:
+        return AdmissionPolicy(max_queue_images=self.max_queue_images)
+
+    @property
+    def default_deadline_s(self) -> float:
+        return self.default_deadline_ms / 1000

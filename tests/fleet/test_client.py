@@ -1,0 +1,506 @@
+"""The gateway's HTTP client against mocked model services (``responses``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from http.client import RemoteDisconnected
+from typing import Any
+
+import pytest
+import requests
+import responses
+from responses import matchers
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+
+from common.errors import (
+    BadUpstreamResponse,
+    DeadlineExceeded,
+    ModelUnavailable,
+    Overloaded,
+    ServiceError,
+    UpstreamTimeout,
+)
+from common.labels import load
+from fleet.client import ModelClient, build_client, new_session
+from fleet.registry import Registry
+from tests.conftest import gateway_settings
+
+R1, R2 = "http://r1:8502", "http://r2:8502"
+
+
+def reply(count: int = 1, **extra: object) -> dict:
+    results = [
+        {"index": i, "predictions": [{"label": "tabby", "class_id": "n02123045", "index": 281, "score": 0.9}]}
+        for i in range(count)
+    ]
+    return {"model": "resnet50", "weights": "random", "results": results, **extra}
+
+
+def one_replica(**options: Any) -> ModelClient:
+    """A client of ``resnet50`` with the one replica R1, built with ``options``."""
+    session = new_session(2)
+    return ModelClient(Registry({"resnet50": [R1]}, session), session, **options)
+
+
+@pytest.fixture
+def client() -> ModelClient:
+    session = new_session(4)
+    return ModelClient(
+        Registry({"resnet50": [R1, R2]}, session), session, read_timeout_s=5, connect_retries=0
+    )
+
+
+@responses.activate
+def test_sends_images_as_multipart_with_params_and_request_id(client: ModelClient) -> None:
+    call = responses.post(
+        f"{R1}/v1/predict",
+        json=reply(2),
+        match=[
+            matchers.query_param_matcher({"top_k": "3", "probabilities": "true"}),
+            matchers.header_matcher({"X-Request-ID": "rid-1"}),
+        ],
+    )
+    body = client.predict("resnet50", [b"a", b"b"], top_k=3, probabilities=True, request_id="rid-1")
+    assert len(body["results"]) == 2
+    sent = call.calls[0].request
+    assert sent.headers["Content-Type"].startswith("multipart/form-data")
+    assert sent.body.count(b'name="files"') == 2
+
+
+@responses.activate
+def test_connect_error_fails_over_to_next_replica_and_marks_it_down(client: ModelClient) -> None:
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("refused"))
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    first, second = client.registry.replicas("resnet50")
+    assert (first.ready, second.ready) == (False, True)
+    # The failed replica now goes last, so the next request goes straight to r2.
+    assert [r.url for r in client.registry.candidates("resnet50")][0] == R2
+
+
+@responses.activate
+def test_all_replicas_down_is_503(client: ModelClient) -> None:
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("refused"))
+    responses.post(f"{R2}/v1/predict", body=requests.ConnectionError("refused"))
+    with pytest.raises(ModelUnavailable) as info:
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert info.value.status == 503 and info.value.retry_after
+
+
+@responses.activate
+def test_not_ready_replica_is_skipped(client: ModelClient) -> None:
+    responses.post(f"{R1}/v1/predict", status=503, json={"error": {"code": "model_not_ready"}})
+    responses.post(f"{R2}/v1/predict", status=503, json={"error": {"code": "model_not_ready"}})
+    with pytest.raises(ModelUnavailable, match="not ready"):
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 2
+
+
+@responses.activate
+def test_read_timeout_is_504_and_not_retried(client: ModelClient) -> None:
+    responses.post(f"{R1}/v1/predict", body=requests.ReadTimeout("slow"))
+    responses.post(f"{R2}/v1/predict", json=reply())
+    with pytest.raises(UpstreamTimeout) as info:
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert info.value.status == 504 and len(responses.calls) == 1
+
+
+@responses.activate
+def test_member_client_errors_pass_through(client: ModelClient) -> None:
+    responses.post(
+        f"{R1}/v1/predict", status=400, json={"error": {"code": "too_many_images", "message": "33 images"}}
+    )
+    with pytest.raises(ServiceError) as info:
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert (info.value.status, info.value.code, info.value.message) == (400, "too_many_images", "33 images")
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (502, "<html><body>502 Bad Gateway</body></html>"),
+        (200, "not json"),
+        (200, json.dumps([1, 2])),
+        (200, json.dumps({"results": []})),  # wrong length
+        (200, json.dumps({"results": "x"})),
+        (500, json.dumps({"error": {"code": "internal_error"}})),
+        (504, "<html><body>504 Gateway Time-out</body></html>"),  # a proxy's, not the member's verdict
+        (
+            200,
+            json.dumps({"results": [{"predictions": [{"label": "cat", "index": 1, "score": float("nan")}]}]}),
+        ),
+        (200, json.dumps({"results": [{"predictions": [{"label": "cat", "index": 1, "score": 7.5}]}]})),
+        (200, json.dumps({"results": [{"predictions": [{"label": 3, "index": 1, "score": 0.5}]}]})),
+        (200, json.dumps({"results": [{"predictions": []}]})),
+        (200, json.dumps({"results": ["tabby"]})),
+    ],
+)
+@responses.activate
+def test_garbage_replies_are_502(client: ModelClient, status: int, body: str) -> None:
+    responses.post(f"{R1}/v1/predict", status=status, body=body)
+    with pytest.raises(BadUpstreamResponse):
+        client.predict("resnet50", [b"a"], top_k=1)
+
+
+@responses.activate
+def test_labels_are_fetched_once_and_checked_against_their_hash(client: ModelClient) -> None:
+    index = load()
+    call = responses.get(f"{R1}/v1/labels", json={"labels": index.to_json(), "labels_hash": index.digest})
+    assert client.labels("resnet50", index.digest) == index
+    assert client.labels("resnet50", index.digest) == index
+    assert call.call_count == 1
+    with pytest.raises(ModelUnavailable):
+        client.labels("resnet50", "some-other-hash")
+
+
+@responses.activate
+def test_registry_refresh_reads_readiness_from_metadata() -> None:
+    session = new_session(2)
+    registry = Registry({"resnet50": [R1, R2]}, session)
+    responses.get(f"{R1}/v1/model", json={"ready": True, "weights": "random"})
+    responses.get(f"{R2}/v1/model", body=requests.ConnectionError("down"))
+    registry.refresh()
+    entry = registry.describe("resnet50")
+    assert entry["status"] == "ready" and entry["weights"] == "random"
+    assert [(r["url"], r["ready"]) for r in entry["replicas"]] == [(R1, True), (R2, False)]
+
+
+def test_probability_payload_roundtrip_is_compact() -> None:
+    import numpy as np
+
+    from common.wire import encode_vector
+
+    vector = np.linspace(0, 1, 1000, dtype=np.float32)
+    payload = encode_vector(vector)
+    assert len(payload["data"]) < 5400  # 4000 bytes of float32, base64
+    assert np.array_equal(np.frombuffer(base64.b64decode(payload["data"]), "<f4"), vector)
+
+
+@responses.activate
+def test_a_busy_replica_is_not_marked_down_by_one_slow_probe() -> None:
+    registry = Registry({"resnet50": [R1]}, new_session(2))
+    responses.get(f"{R1}/v1/model", json={"ready": True})
+    registry.refresh()
+    responses.replace(responses.GET, f"{R1}/v1/model", body=requests.ReadTimeout("busy"))
+    registry.refresh()
+    registry.refresh()
+    assert registry.replicas("resnet50")[0].ready  # two slow probes: still in rotation
+    registry.refresh()
+    assert not registry.replicas("resnet50")[0].ready  # the third: out
+    responses.replace(responses.GET, f"{R1}/v1/model", json={"ready": True})
+    registry.refresh()
+    assert registry.replicas("resnet50")[0].ready  # answering again: back in
+    responses.replace(responses.GET, f"{R1}/v1/model", body=requests.ConnectionError("refused"))
+    registry.refresh()
+    assert not registry.replicas("resnet50")[0].ready  # a refused connection: out at once
+
+
+@responses.activate
+def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(client: ModelClient) -> None:
+    single = {"model": "resnet50", "weights": "random", "predictions": reply()["results"][0]["predictions"]}
+    call = responses.post(
+        f"{R1}/v1/predict",
+        json=single,
+        match=[matchers.header_matcher({"Content-Type": "application/octet-stream"})],
+    )
+    body = client.predict("resnet50", [b"jpeg-bytes"], top_k=1)
+    assert call.calls[0].request.body == b"jpeg-bytes"
+    assert body["results"] == [{"index": 0, "predictions": single["predictions"]}]
+
+
+@responses.activate
+def test_connection_failures_are_retried_once_after_a_jittered_backoff() -> None:
+    client = one_replica(connect_retries=1, retry_backoff_s=0.01)
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("restarting"))
+    responses.post(f"{R1}/v1/predict", json=reply())
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert len(responses.calls) == 2
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("down"))
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("still down"))
+    with pytest.raises(ModelUnavailable):
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 4  # one retry, capped
+
+
+@responses.activate
+def test_the_remaining_deadline_travels_to_the_member(client: ModelClient) -> None:
+    import time
+
+    call = responses.post(f"{R1}/v1/predict", json=reply())
+    client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() + 2.0)
+    sent = int(call.calls[0].request.headers["X-Deadline-Ms"])
+    assert 1500 < sent <= 2000
+    with pytest.raises(DeadlineExceeded):
+        client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() - 0.1)
+    assert call.call_count == 1  # an expired request is not sent at all
+
+
+@responses.activate
+def test_a_failing_replica_opens_its_circuit_and_is_probed_back() -> None:
+    import time
+
+    client = one_replica(connect_retries=0, breaker_fail_max=3, breaker_reset_s=0.3)
+    garbage = responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
+    for _ in range(3):
+        with pytest.raises(BadUpstreamResponse):
+            client.predict("resnet50", [b"a"], top_k=1)
+    with pytest.raises(ModelUnavailable, match="circuit open"):
+        client.predict("resnet50", [b"a"], top_k=1)  # answered at once, nothing sent
+    assert garbage.call_count == 3
+    responses.replace(responses.POST, f"{R1}/v1/predict", json=reply())
+    time.sleep(0.35)
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]  # the trial call closes the circuit
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+
+
+@responses.activate
+def test_client_errors_do_not_open_the_circuit(client: ModelClient) -> None:
+    responses.post(
+        f"{R1}/v1/predict", status=400, json={"error": {"code": "too_many_images", "message": "x"}}
+    )
+    for _ in range(8):
+        with pytest.raises(ServiceError):
+            client.predict("resnet50", [b"a"], top_k=1)
+    assert client._breaker(R1).state == "closed"
+
+
+def overloaded_reply() -> dict:
+    return {"json": {"error": {"code": "overloaded", "message": "at capacity"}}, "status": 503}
+
+
+@responses.activate
+def test_an_overloaded_replica_passes_the_call_on_and_stays_in_rotation(client: ModelClient) -> None:
+    busy = responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert busy.call_count == 1  # r1 was asked first and said it was full
+    assert all(r.ready for r in client.registry.replicas("resnet50"))
+
+
+@responses.activate
+def test_every_replica_overloaded_is_503_at_once_without_retries_or_tripping_the_circuit() -> None:
+    session = new_session(4)
+    client = ModelClient(
+        Registry({"resnet50": [R1, R2]}, session), session, connect_retries=3, breaker_fail_max=1
+    )
+    first = responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    second = responses.post(f"{R2}/v1/predict", **overloaded_reply())
+    for _ in range(3):
+        with pytest.raises(Overloaded) as info:
+            client.predict("resnet50", [b"a"], top_k=1)
+        assert info.value.status == 503 and info.value.retry_after == 1
+    assert first.call_count == second.call_count == 3  # one round per request, circuits closed
+
+
+@responses.activate
+def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(client: ModelClient) -> None:
+    """Not a 500: the prediction is idempotent, so the next replica is asked; none left is a 503."""
+    responses.post(f"{R1}/v1/predict", body=requests.exceptions.ChunkedEncodingError("connection broken"))
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert all(r.ready for r in client.registry.replicas("resnet50"))  # still in rotation
+    responses.replace(responses.POST, f"{R2}/v1/predict", body=requests.exceptions.ChunkedEncodingError("x"))
+    with pytest.raises(ModelUnavailable, match="broken response"):
+        client.predict("resnet50", [b"a"], top_k=1)
+
+
+@pytest.mark.parametrize("code", ["deadline_exceeded", "inference_timeout"])
+@responses.activate
+def test_a_members_504_is_deadline_exceeded_never_retried_and_never_a_breaker_failure(code: str) -> None:
+    client = one_replica(connect_retries=2, breaker_fail_max=1)
+    late = responses.post(
+        f"{R1}/v1/predict", status=504, json={"error": {"code": code, "message": "the budget ran out"}}
+    )
+    for _ in range(3):
+        with pytest.raises(DeadlineExceeded) as info:
+            client.predict("resnet50", [b"a"], top_k=1)
+        assert (info.value.status, info.value.code) == (504, "deadline_exceeded")
+    assert late.call_count == 3  # one call per request, and the circuit (fail_max=1) never opened
+    assert client._breaker(R1).state == "closed"
+
+
+SENT_THEN_LOST = {
+    "reset": requests.ConnectionError(
+        ProtocolError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer"))
+    ),
+    "closed": requests.ConnectionError(
+        ProtocolError("Connection aborted.", RemoteDisconnected("Remote end closed connection"))
+    ),
+    "cut-off": requests.exceptions.ChunkedEncodingError(ProtocolError("Connection broken: IncompleteRead")),
+}
+NOTHING_SENT = {
+    "connect-timeout": requests.ConnectTimeout("connect timed out"),
+    "refused": requests.ConnectionError(
+        MaxRetryError(None, "/v1/predict", NewConnectionError(None, "Connection refused"))  # type: ignore[arg-type]
+    ),
+}
+
+
+@pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
+@responses.activate
+def test_a_reply_lost_after_sending_is_asked_again_elsewhere_and_the_replica_stays_up(
+    client: ModelClient, lost: Exception
+) -> None:
+    first = responses.post(f"{R1}/v1/predict", body=lost)
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert first.call_count == 1
+    assert all(r.ready for r in client.registry.replicas("resnet50"))  # not a connect failure
+
+
+@pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
+@responses.activate
+def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exception) -> None:
+    client = one_replica(connect_retries=3, retry_backoff_s=0.001)
+    client.registry.replicas("resnet50")[0].ready = True
+    responses.post(f"{R1}/v1/predict", body=lost)
+    responses.post(f"{R1}/v1/predict", json=reply())
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert len(responses.calls) == 2
+    responses.replace(responses.POST, f"{R1}/v1/predict", body=lost)
+    with pytest.raises(ModelUnavailable, match="broken response"):
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 4  # one retry, not a round per connect retry
+    assert client.registry.replicas("resnet50")[0].ready
+
+
+@pytest.mark.parametrize("refusal", NOTHING_SENT.values(), ids=NOTHING_SENT.keys())
+@responses.activate
+def test_nothing_sent_marks_the_replica_down_and_fails_over(client: ModelClient, refusal: Exception) -> None:
+    responses.post(f"{R1}/v1/predict", body=refusal)
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert [r.ready for r in client.registry.replicas("resnet50")] == [False, True]
+
+
+@responses.activate
+def test_overloaded_neither_counts_against_nor_resets_the_circuit() -> None:
+    client = one_replica(connect_retries=0, breaker_fail_max=3)
+    garbage = {"status": 502, "body": "<html>Bad Gateway</html>"}
+    for answer in (garbage, garbage, overloaded_reply(), garbage):
+        responses.post(f"{R1}/v1/predict", **answer)
+    for expected in (BadUpstreamResponse, BadUpstreamResponse, Overloaded, BadUpstreamResponse):
+        with pytest.raises(expected):
+            client.predict("resnet50", [b"a"], top_k=1)
+    with pytest.raises(ModelUnavailable, match="circuit open"):  # three failures in a row, busy aside
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert len(responses.calls) == 4
+
+
+@responses.activate
+def test_an_overloaded_trial_call_leaves_the_next_call_to_be_the_trial() -> None:
+    import time
+
+    client = one_replica(connect_retries=0, breaker_fail_max=1, breaker_reset_s=0.05)
+    responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
+    responses.post(f"{R1}/v1/predict", **overloaded_reply())
+    responses.post(f"{R1}/v1/predict", json=reply())
+    with pytest.raises(BadUpstreamResponse):
+        client.predict("resnet50", [b"a"], top_k=1)
+    time.sleep(0.06)
+    with pytest.raises(Overloaded):
+        client.predict("resnet50", [b"a"], top_k=1)  # the trial: busy, no verdict
+    assert client.predict("resnet50", [b"a"], top_k=1)["results"]  # the next trial goes out
+    assert client._breaker(R1).state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("retry_afters", "expected"),
+    [(("7", "3"), 3), (("5", "5"), 5), (("12", None), 1), (("9", "soon"), 1)],
+)
+@responses.activate
+def test_every_replica_overloaded_answers_the_soonest_retry_after_any_gave(
+    client: ModelClient, retry_afters: tuple[str | None, str | None], expected: int
+) -> None:
+    for url, retry_after in zip((R1, R2), retry_afters, strict=True):
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        responses.post(f"{url}/v1/predict", headers=headers, **overloaded_reply())
+    with pytest.raises(Overloaded) as info:
+        client.predict("resnet50", [b"a"], top_k=1)
+    assert info.value.retry_after == expected
+
+
+def test_the_connection_pool_holds_every_member_call_of_every_request_thread() -> None:
+    client = build_client(gateway_settings(request_threads=4))  # 3 models
+    adapter = client.session.get_adapter("http://r1:8502")
+    assert adapter.poolmanager.connection_pool_kw["maxsize"] >= 12  # type: ignore[attr-defined]
+
+
+def sent_images(request: requests.PreparedRequest) -> list[bytes]:
+    """The images of one member call: the raw body, or each part of a multipart body."""
+    content_type = request.headers["Content-Type"]
+    assert isinstance(request.body, bytes)
+    if not content_type.startswith("multipart/"):
+        return [request.body]
+    boundary = b"--" + content_type.split("boundary=")[1].encode()
+    return [part.split(b"\r\n\r\n", 1)[1][:-2] for part in request.body.split(boundary)[1:-1]]
+
+
+def echo_member(bodies: list[int]) -> Callable[[requests.PreparedRequest], tuple[int, dict[str, str], str]]:
+    """A member that labels each image with its first byte, answering raw and multipart calls."""
+
+    def answer(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        images = sent_images(request)
+        bodies.append(len(request.body or b""))
+        predictions = [[{"label": image[:1].decode(), "index": 1, "score": 0.5}] for image in images]
+        if len(images) == 1 and not request.headers["Content-Type"].startswith("multipart/"):
+            return 200, {}, json.dumps({"weights_hash": "w1", "predictions": predictions[0]})
+        results = [{"index": i, "predictions": p} for i, p in enumerate(predictions)]
+        return 200, {}, json.dumps({"weights_hash": "w1", "results": results})
+
+    return answer
+
+
+@responses.activate
+def test_a_batch_over_the_members_body_limit_is_split_in_order_and_a_huge_image_answers_413(
+    client: ModelClient,
+) -> None:
+    for replica in client.registry.replicas("resnet50"):
+        replica.ready, replica.metadata = True, {"ready": True, "max_body_bytes": 2000}
+    bodies: list[int] = []
+    for url in (R1, R2):
+        responses.add_callback(responses.POST, f"{url}/v1/predict", callback=echo_member(bodies))
+    images = [bytes([ord("A") + i]) * 600 for i in range(6)]
+    images.insert(3, b"Z" * 2500)  # alone over the member's limit
+    body = client.predict("resnet50", images, top_k=1)
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(7))
+    labels = [r["predictions"][0]["label"] if "predictions" in r else None for r in results]
+    assert labels == ["A", "B", "C", None, "D", "E", "F"]
+    assert (results[3]["error"]["code"], results[3]["error"]["status"]) == ("image_too_large", 413)
+    assert len(bodies) >= 3 and max(bodies) <= 2000  # every call fits, the huge image never left
+    assert body["weights_hash"] == "w1"
+
+
+@responses.activate
+def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(client: ModelClient) -> None:
+    bodies: list[int] = []
+    responses.add_callback(responses.POST, f"{R1}/v1/predict", callback=echo_member(bodies))
+    responses.add_callback(responses.POST, f"{R2}/v1/predict", callback=echo_member(bodies))
+    nine_mib = 9 * 1024 * 1024
+    body = client.predict("resnet50", [b"A" * nine_mib, b"B" * nine_mib], top_k=1)
+    assert [r["predictions"][0]["label"] for r in body["results"]] == ["A", "B"]
+    assert len(bodies) == 2 and max(bodies) <= 16 * 1024 * 1024
+
+
+@responses.activate
+@pytest.mark.parametrize(("priority", "sent"), [(None, None), ("interactive", None), ("batch", "batch")])
+def test_only_a_batch_priority_call_carries_x_priority(
+    client: ModelClient, priority: str | None, sent: str | None
+) -> None:
+    call = responses.post(f"{R1}/v1/predict", json=reply())
+    options = {"priority": priority} if priority else {}
+    client.predict("resnet50", [b"a"], top_k=1, **options)
+    assert call.calls[0].request.headers.get("X-Priority") == sent

@@ -1,0 +1,122 @@
+"""Admission by deadline as a unit: a fake clock, measured batch times, no Flask, no threads."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import DeadlineExceeded, Overloaded
+from serving.admission import Admission, AdmissionPolicy, BatchTimes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def admission(max_queue_images: int = 64, jitter: float = 0.0) -> tuple[Admission, Clock]:
+    """ResNet50-like figures: 50 ms for one image, 320 ms for a batch of 8 (40 ms per image)."""
+    times = BatchTimes(max_batch=8)
+    times.observe(1, 0.050)
+    times.observe(8, 0.320)
+    clock = Clock()
+    policy = AdmissionPolicy(max_queue_images=max_queue_images, retry_jitter=jitter)
+    return Admission(policy, times, "resnet50", clock=clock, uniform=lambda low, high: high), clock
+
+
+def test_batch_times_use_what_was_measured_and_scale_the_rest_per_image() -> None:
+    times = BatchTimes(max_batch=8)
+    assert times.seconds(4) == 0.0 and not times.known  # nothing measured: no estimate
+    times.observe(1, 0.050)
+    times.observe(8, 0.320)
+    assert times.seconds(1) == pytest.approx(0.050)
+    assert times.seconds(7) == pytest.approx(0.280)  # nearest measured (8) at 40 ms per image
+    assert times.seconds(2) == pytest.approx(0.100)  # nearest measured (1) at 50 ms per image
+    assert times.seconds(20) == pytest.approx(0.320)  # a call never holds more than max_batch
+    # 19 images drain as 8 + 8 + 3
+    assert times.drain_seconds(19) == pytest.approx(0.320 * 2 + 0.150)
+
+
+def test_batch_times_are_moving_averages() -> None:
+    times = BatchTimes(max_batch=8, smoothing=0.5)
+    times.observe(4, 0.200)
+    times.observe(4, 0.100)
+    assert times.seconds(4) == pytest.approx(0.150)
+
+
+def test_an_idle_model_admits_a_request_whose_deadline_it_can_meet() -> None:
+    gate, clock = admission(max_queue_images=4)
+    gate.check(32, clock.now + 10)  # more images than the queue bound: idle, so taken
+    gate.enqueue(32, clock.now + 10)
+    assert gate.load().queued_images == 32
+
+
+def test_an_idle_model_refuses_a_deadline_it_cannot_meet_with_504() -> None:
+    gate, clock = admission()
+    with pytest.raises(DeadlineExceeded) as info:
+        gate.check(1, clock.now + 0.010)  # 10 ms for a 50 ms model: waiting would not help
+    assert info.value.status == 504 and "50 ms" in info.value.message
+
+
+def test_work_ahead_that_would_miss_the_deadline_is_a_503_with_the_drain_time() -> None:
+    gate, clock = admission()
+    gate.enqueue(16, clock.now + 60)  # two full batches ahead: 640 ms
+    gate.check(1, clock.now + 0.800)  # 640 ms + its own (as part of a third batch) fits 800 ms
+    with pytest.raises(Overloaded) as info:
+        gate.check(1, clock.now + 0.500)
+    assert info.value.status == 503 and info.value.reason == "deadline"
+    assert info.value.retry_after == 1  # 640 ms of work, rounded up to whole seconds
+
+
+def test_retry_after_grows_with_the_queue_and_is_jittered_upwards() -> None:
+    gate, clock = admission(max_queue_images=1000, jitter=0.5)
+    gate.enqueue(80, clock.now + 60)  # ten full batches: 3.2 s
+    with pytest.raises(Overloaded) as info:
+        gate.check(1, clock.now + 1)
+    assert info.value.retry_after == 5  # ceil(3.2 s x 1.5): the fake jitter draws its top
+
+
+def test_the_queue_bound_is_counted_in_images_and_refuses_whatever_the_deadline() -> None:
+    gate, clock = admission(max_queue_images=10)
+    gate.enqueue(8, float("inf"))
+    gate.check(2, float("inf"))
+    with pytest.raises(Overloaded) as info:
+        gate.check(3, float("inf"))
+    assert info.value.reason == "queue_full"
+
+
+def test_the_batch_running_counts_only_for_the_time_it_has_left() -> None:
+    gate, clock = admission()
+    gate.enqueue(8, clock.now + 60)
+    gate.started(8)  # expected to run 320 ms
+    assert gate.load().queued_images == 0
+    clock.now += 0.300
+    assert gate.estimate_finish_s(1) == pytest.approx(0.020 + 0.050)
+    gate.check(1, clock.now + 0.100)
+    clock.now += 1.0  # running longer than expected: nothing negative is ever counted
+    assert gate.estimate_finish_s(1) == pytest.approx(0.050)
+    gate.finished(8, 1.3)
+    assert gate.times.seconds(8) > 0.320  # the slow batch moved the estimate
+
+
+def test_images_still_being_decoded_are_not_model_work() -> None:
+    gate, clock = admission(max_queue_images=8)
+    gate.enqueue(1, clock.now + 60)  # the model is busy, so the bound applies
+    for _ in range(20):  # twenty requests checked, decoding: none of them counts yet
+        gate.check(1, clock.now + 1)
+    assert gate.load().queued_images == 1
+
+
+def test_nothing_measured_means_nothing_promised() -> None:
+    gate = Admission(AdmissionPolicy(), BatchTimes(max_batch=8))
+    gate.enqueue(8, float("inf"))
+    gate.check(1, 0.0)  # a deadline in the past, but no figures to judge it by
+
+
+def test_dropped_work_leaves_the_queue() -> None:
+    gate, clock = admission()
+    gate.enqueue(5, clock.now + 60)
+    gate.dropped(2)
+    assert gate.load().queued_images == 3

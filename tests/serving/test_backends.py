@@ -1,0 +1,131 @@
+"""Backend choice: auto prefers a converted backend that passed parity, refuses one that did not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services import resnet50
+from serving.backends import BackendUnavailable, FirstWorking, OpenVINORuntime, fingerprint, make_runtime
+from serving.convert import compare
+from serving.runtime import KerasRuntime, RuntimeInfo
+from serving.weights import WeightsPlan
+
+PLAN = WeightsPlan("random", seed=5)
+
+
+def test_parity_verdict() -> None:
+    reference = np.array([[0.5, 0.3, 0.1, 0.05, 0.03, 0.02]], np.float32)
+    assert compare(reference, reference + 5e-5)["passed"]
+    assert not compare(reference, reference + 2e-4)["passed"]  # bound
+    swapped = reference.copy()
+    swapped[0, [3, 4]] = swapped[0, [4, 3]]
+    verdict = compare(reference, swapped)
+    assert not verdict["passed"] and not verdict["top5_match"]
+
+
+def test_cache_key_follows_the_weights(tmp_path: Path) -> None:
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"a")
+    first = fingerprint(WeightsPlan("file", weights))
+    weights.write_bytes(b"b")
+    assert fingerprint(WeightsPlan("file", weights)) != first
+    assert fingerprint(WeightsPlan("random", seed=1)) != fingerprint(WeightsPlan("random", seed=2))
+
+
+def write_record(runtime: OpenVINORuntime, passed: bool) -> None:
+    path = runtime.cache_path()
+    path.mkdir(parents=True)
+    (path / "record.json").write_text(
+        json.dumps(
+            {
+                "backend": "openvino-test",
+                "weights_hash": "x",
+                "classes": 1000,
+                "parity": {"passed": passed, "max_abs_diff": 0.3, "top5_match": False},
+            }
+        )
+    )
+
+
+def test_a_backend_that_failed_parity_is_refused(tmp_path: Path) -> None:
+    runtime = OpenVINORuntime(resnet50.SPEC, PLAN, cache_dir=tmp_path)
+    write_record(runtime, passed=False)
+    with pytest.raises(BackendUnavailable, match="failed parity"):
+        runtime.load()
+
+
+class Stub:
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name, self.fail = name, fail
+
+    def load(self) -> RuntimeInfo:
+        if self.fail:
+            raise BackendUnavailable(f"{self.name} refused")
+        return RuntimeInfo(self.name, "random", "seed=5", "h", 1000, 0.0)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.full((len(batch), 1), ord(self.name[0]), np.float32)
+
+
+def test_auto_serves_with_the_first_backend_that_loads() -> None:
+    runtime = FirstWorking([Stub("openvino", fail=True), Stub("keras")])
+    assert runtime.load().backend == "keras"
+    assert runtime.predict(np.zeros((2, 1))).tolist() == [[ord("k")], [ord("k")]]
+    with pytest.raises(BackendUnavailable, match="keras refused"):
+        FirstWorking([Stub("openvino", fail=True), Stub("keras", fail=True)]).load()
+
+
+def test_make_runtime_honours_the_setting(tmp_path: Path) -> None:
+    assert isinstance(make_runtime(resnet50.SPEC, PLAN, "keras", cache_dir=tmp_path), KerasRuntime)
+    assert isinstance(make_runtime(resnet50.SPEC, PLAN, "openvino", cache_dir=tmp_path), OpenVINORuntime)
+    auto = make_runtime(resnet50.SPEC, PLAN, "auto", cache_dir=tmp_path)
+    assert isinstance(auto, FirstWorking) and isinstance(auto.candidates[0], OpenVINORuntime)
+    with pytest.raises(ValueError, match="BACKEND"):
+        make_runtime(resnet50.SPEC, PLAN, "onnx", cache_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_converted_backend_serves_without_importing_tensorflow(tmp_path: Path) -> None:
+    """The conversion runs in a child; the serving process holds OpenVINO only (~0.5 GB less)."""
+    code = (
+        "import sys, time\n"
+        "from serving.app import ServiceSettings, create_app\nfrom services import resnet50\n"
+        "s = ServiceSettings(weights='random', weights_seed=5, backend='openvino',\n"
+        f"                    model_cache={str(tmp_path)!r})\n"
+        "app = create_app(resnet50.SPEC, s, background_load=False)\n"
+        "data = open('tests/fixtures/chelsea.jpg', 'rb').read()\n"
+        "body = app.test_client().post('/v1/predict', data=data, content_type='image/jpeg').get_json()\n"
+        "tf = sorted(m for m in sys.modules if m.startswith('tensorflow'))[:1]\n"
+        "print(body['backend'], body['weights_hash'], tf)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0].startswith("openvino-") and out[-1] == "[]"
+    import keras
+
+    from serving.runtime import weights_digest
+
+    keras.utils.set_random_seed(5)
+    assert out[1] == weights_digest(keras.applications.ResNet50(weights=None).get_weights())
+
+
+def test_auto_prefers_keras_where_a_gpu_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.backends as backends
+
+    monkeypatch.setattr(backends, "gpu_present", lambda: True)
+    auto = make_runtime(resnet50.SPEC, PLAN, "auto", cache_dir=tmp_path)
+    assert isinstance(auto, FirstWorking) and isinstance(auto.candidates[0], KerasRuntime)
+
+
+def test_a_gpu_hidden_by_cuda_visible_devices_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.backends import gpu_present
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not gpu_present()

@@ -1,0 +1,266 @@
+"""The model-service factory with fake runtimes: endpoints, readiness, errors, batches."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from flask.testing import FlaskClient
+from PIL import Image
+from werkzeug.test import TestResponse
+
+from common.errors import WeightsUnavailable
+from common.wire import Priority
+from services import resnet50
+from serving.app import ServiceSettings, create_app
+from serving.runtime import RuntimeInfo
+from tests.conftest import encode, photo
+
+
+def upload(data: bytes, name: str) -> tuple[io.BytesIO, str]:
+    return io.BytesIO(data), name
+
+
+SETTINGS = ServiceSettings(max_batch_images=4, max_body_bytes=2_000_000)
+
+
+class EchoRuntime:
+    """Probabilities from the mean pixel value, so different images give different answers."""
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.gate, self.fail, self.batches = gate, fail, []
+
+    def load(self) -> RuntimeInfo:
+        if self.gate:
+            self.gate.wait(10)
+        if self.fail:
+            raise WeightsUnavailable("no weights here")
+        return RuntimeInfo("echo", "random", "seed=0", "abcd", 1000, 0.0)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.shape)
+        logits = np.zeros((len(batch), 1000), np.float32)
+        for row, image in zip(logits, batch, strict=True):
+            row[int(abs(image.mean())) % 1000] = 5.0
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def runtime() -> EchoRuntime:
+    return EchoRuntime()
+
+
+@pytest.fixture
+def client(runtime: EchoRuntime) -> FlaskClient:
+    app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
+    runtime.batches.clear()  # the warm-up's timing calls
+    return app.test_client()
+
+
+def assert_error(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and body["error"]["code"] == code
+    assert set(body["error"]) == {"code", "message", "request_id"}
+    assert body["error"]["request_id"] == response.headers["X-Request-ID"]
+
+
+def test_not_ready_until_loaded_then_ready() -> None:
+    gate = threading.Event()
+    app = create_app(resnet50.SPEC, SETTINGS, EchoRuntime(gate), background_load=True)
+    client = app.test_client()
+    assert client.get("/health/live").status_code == 200
+    response = client.get("/health/ready")
+    assert_error(response, 503, "model_not_ready")
+    assert response.headers["Retry-After"]
+    assert_error(client.post("/v1/predict", data=photo(), content_type="image/jpeg"), 503, "model_not_ready")
+    gate.set()
+    for _ in range(200):  # poll, do not sleep-and-hope
+        if app.extensions["model"].state != "loading":
+            break
+        threading.Event().wait(0.01)
+    assert client.get("/health/ready").status_code == 200
+
+
+def test_failed_load_is_reported_by_liveness_and_metadata() -> None:
+    client = create_app(resnet50.SPEC, SETTINGS, EchoRuntime(fail=True), background_load=False).test_client()
+    assert_error(client.get("/health/live"), 503, "load_failed")
+    assert_error(client.get("/health/ready"), 503, "model_not_ready")
+    meta = client.get("/v1/model").get_json()
+    assert meta["state"] == "failed" and "no weights here" in meta["error"]
+
+
+def test_metadata(client: FlaskClient) -> None:
+    meta = client.get("/v1/model").get_json()
+    assert meta["name"] == "resnet50" and meta["ready"] is True
+    assert (meta["input_size"], meta["preprocessing"], meta["classes"]) == (224, "caffe", 1000)
+    assert (meta["weights"], meta["weights_hash"], meta["backend"]) == ("random", "abcd", "echo")
+
+
+@pytest.mark.parametrize("how", ["multipart", "raw"])
+def test_predict_single_image(client: FlaskClient, how: str) -> None:
+    if how == "multipart":
+        response = client.post("/v1/predict?top_k=3", data={"file": upload(photo(), "cat.jpg")})
+    else:
+        response = client.post("/v1/predict?top_k=3", data=photo(), content_type="image/jpeg")
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["model"] == "resnet50" and body["weights"] == "random"
+    assert [p["score"] for p in body["predictions"]] == sorted(
+        (p["score"] for p in body["predictions"]), reverse=True
+    )
+    assert len(body["predictions"]) == 3
+    assert set(body["predictions"][0]) == {"label", "class_id", "index", "score"}
+    assert set(body["timing_ms"]) == {"decode", "queue", "inference", "total"}
+
+
+def test_batch_keeps_order_and_isolates_a_bad_image(client: FlaskClient, runtime: EchoRuntime) -> None:
+    black, white = (encode(Image.new("RGB", (50, 50), c)) for c in ("black", "white"))
+    parts = [upload(black, "a.png"), upload(b"nope", "b.txt"), upload(white, "c.png")]
+    response = client.post("/v1/predict", data={"files": parts})
+    body = response.get_json()
+    assert response.status_code == 200
+    results = body["results"]
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert results[1]["error"]["code"] == "unsupported_media_type" and results[1]["error"]["status"] == 415
+    assert results[0]["predictions"][0]["index"] != results[2]["predictions"][0]["index"]
+    assert runtime.batches == [(2, 224, 224, 3)]  # the two good images ran as one batch
+
+
+def test_probabilities_are_returned_compactly(client: FlaskClient) -> None:
+    body = client.post("/v1/predict?probabilities=true", data=photo(), content_type="image/jpeg").get_json()
+    vector = np.frombuffer(base64.b64decode(body["probabilities"]["data"]), "<f4")
+    assert vector.shape == (1000,) and vector.sum() == pytest.approx(1.0, abs=1e-5)
+    assert int(vector.argmax()) == body["predictions"][0]["index"]
+
+
+@pytest.mark.parametrize(
+    ("query", "data", "status", "code"),
+    [
+        ("", b"", 400, "invalid_image"),
+        ("", b"plain text", 415, "unsupported_media_type"),
+        ("?top_k=0", None, 400, "bad_request"),
+        ("?top_k=1001", None, 400, "bad_request"),
+        ("?top_k=abc", None, 400, "bad_request"),
+        ("", b"\xff" * 2_100_000, 413, "request_entity_too_large"),
+    ],
+)
+def test_bad_requests_get_json_errors(
+    client: FlaskClient, query: str, data: bytes | None, status: int, code: str
+) -> None:
+    response = client.post(
+        f"/v1/predict{query}", data=photo() if data is None else data, content_type="image/jpeg"
+    )
+    assert_error(response, status, code)
+
+
+def test_too_many_images_is_refused_before_decoding(client: FlaskClient, runtime: EchoRuntime) -> None:
+    response = client.post("/v1/predict", data={"files": [upload(b"x", f"{i}.jpg") for i in range(5)]})
+    assert_error(response, 400, "too_many_images")
+    assert runtime.batches == []
+
+
+def test_multipart_without_a_file_part(client: FlaskClient) -> None:
+    response = client.post("/v1/predict", data={"other": "x"}, content_type="multipart/form-data")
+    assert_error(response, 400, "bad_request")
+
+
+def test_labels_endpoint(client: FlaskClient) -> None:
+    body = client.get("/v1/labels").get_json()
+    assert body["labels"][281] == ["n02123045", "tabby"] and len(body["labels_hash"]) == 12
+
+
+def test_request_id_is_echoed(client: FlaskClient) -> None:
+    response = client.get("/v1/model", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123"
+    response = client.get("/v1/model", headers={"X-Request-ID": 'bad"id'})
+    assert response.headers["X-Request-ID"] != 'bad"id'
+
+
+class SlowRuntime(EchoRuntime):
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        threading.Event().wait(0.3)
+        return super().predict(batch)
+
+
+def test_a_request_past_its_deadline_gets_504_and_bad_deadlines_400() -> None:
+    client = create_app(resnet50.SPEC, SETTINGS, SlowRuntime(), background_load=False).test_client()
+    response = client.post(
+        "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": "50"}
+    )
+    assert response.status_code == 504 and response.get_json()["error"]["code"] in {
+        "deadline_exceeded",
+        "inference_timeout",
+    }
+    ok = client.post(
+        "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": "5000"}
+    )
+    assert ok.status_code == 200
+    for bad in ("soon", "0", "-5", "999999999"):
+        response = client.post(
+            "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": bad}
+        )
+        assert_error(response, 400, "bad_request")
+
+
+def test_an_overloaded_service_refuses_with_503_before_reading_the_body(runtime: EchoRuntime) -> None:
+    app = create_app(resnet50.SPEC, ServiceSettings(max_queue_images=16), runtime, background_load=False)
+    batcher = app.extensions["batcher"]
+    batcher.times.observe(1, 0.040)
+    batcher.times.observe(8, 0.320)
+    runtime.batches.clear()
+    client = app.test_client()
+    image = encode(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG")
+    batcher.admission.enqueue(16, float("inf"))  # a full queue: 640 ms of work ahead
+    shed = client.post("/v1/predict", data=image, content_type="image/png")
+    assert_error(shed, 503, "overloaded")
+    assert 1 <= int(shed.headers["Retry-After"]) <= 2  # 640 ms drained, jittered by up to 50 %
+    late = client.post("/v1/predict", data=image, content_type="image/png", headers={"X-Deadline-Ms": "300"})
+    assert_error(late, 503, "overloaded")
+    assert runtime.batches == []  # refused: nothing reached the model
+    batcher.admission.dropped(16)
+    assert client.post("/v1/predict", data=image, content_type="image/png").status_code == 200
+    batching = client.get("/v1/model").get_json()["batching"]
+    assert batching["shed"] == 2 and batching["queued_images"] == 0
+    assert batching["max_queue_images"] == 16 and set(batching["batch_ms"]) >= {"1", "8"}
+
+
+def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> None:
+    with pytest.raises(ValueError, match="DEFAULT_DEADLINE_MS"):
+        ServiceSettings.from_env("resnet50", {"MAX_QUEUE_DELAY_MS": "100"})
+    with pytest.raises(ValueError, match="BATCH_WINDOW_MS"):
+        ServiceSettings.from_env("resnet50", {"RESNET50_MAX_BATCH_WAIT_MS": "5"})
+
+
+def test_priority_header_is_interactive_or_batch_and_nothing_else(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batcher = client.application.extensions["batcher"]
+    submitted, submit = [], batcher.submit
+
+    def spy(*args: object, **kwargs: object) -> object:
+        submitted.append(kwargs["priority"])
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(batcher, "submit", spy)
+
+    def post(priority: str) -> TestResponse:
+        return client.post(
+            "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Priority": priority}
+        )
+
+    for priority in ("batch", "interactive"):
+        response = post(priority)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert response.get_json()["predictions"]
+    assert client.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
+    assert submitted == [Priority.BATCH, Priority.INTERACTIVE, Priority.INTERACTIVE]
+    refused = post("bogus")
+    assert_error(refused, 400, "bad_request")
+    assert "interactive, batch" in refused.get_json()["error"]["message"]
+    assert len(submitted) == 3  # refused before it reached the model
+    assert client.get("/v1/model").get_json()["batching"]["queued_batch_images"] == 0

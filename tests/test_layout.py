@@ -1,0 +1,63 @@
+"""The rooms of the house and the arrows allowed between them: an import that runs back up (the
+service implementation reaching into the gateway, say) fails here before it becomes a habit."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = ("common", "serving", "fleet", "gateway", "workers", "services", "deploy", "client", "bench")
+ALLOWED = {
+    "common": {"common"},
+    "serving": {"common", "serving"},
+    "fleet": {"common", "fleet"},
+    "gateway": {"common", "fleet", "gateway"},
+    "workers": {"common", "fleet", "serving", "workers"},
+    "services": {"common", "serving", "services"},
+    "deploy": {"common", "deploy"},
+    "client": {"client"},
+    "bench": set(ROOMS),
+}
+
+
+def imported_rooms(path: Path) -> set[str]:
+    """The project rooms ``path`` imports (absolute imports; the project has no relative ones)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {name.split(".")[0] for name in names} & set(ROOMS)
+    return found
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_every_import_runs_down_the_house(room: str) -> None:
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(imported_rooms(path) - ALLOWED[room])
+        for path in sorted((ROOT / room).rglob("*.py"))
+    }
+    assert {path: rooms for path, rooms in wrong.items() if rooms} == {}
+
+
+def test_the_fleet_library_loads_without_flask_or_tensorflow() -> None:
+    """The job workers and the bench import ``fleet`` as a library: no web framework comes with it."""
+    modules = sorted(p.stem for p in (ROOT / "fleet").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module('fleet.' + name)\n"
+        "heavy = {'flask', 'werkzeug', 'tensorflow', 'keras'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == "[]"
