@@ -3,7 +3,7 @@
 Run in a child process (``python -m serving.convert ...``) so the serving process never imports
 TensorFlow when it serves a converted backend. Output, in ``<cache>/<key>/``: ``model.xml``/``.bin``
 (OpenVINO IR, fp32: ``save_model`` would compress to fp16 by default and shift the outputs) and
-``record.json`` with the Keras weights hash and the parity result on ``common/data/parity``
+``record.json`` with the Keras weights hash and the parity result on ``serving/data/parity``
 photos: same top-5 order and max |dp| <= 1e-4, or the backend is refused.
 """
 

@@ -17,7 +17,7 @@ every candidate's figures; candidates the gate refuses are kept too, so a verdic
 reasons and a changed threshold needs no requantizing.
 
 Images: the folders the operator names (``CALIBRATION_DIR``, ``VALIDATION_DIR``), read through the
-serving pipeline; by default, views of the photos shipped in ``common/data/parity`` - random
+serving pipeline; by default, views of the photos shipped in ``serving/data/parity`` - random
 crops (25-100 % of the area), flips and brightness/contrast changes, 64 for calibration and 48
 others (another seed) for validation. Why that is enough: post-training quantization only
 estimates each activation's range, which a few dozen natural images pin down (NNCF's ImageNet

@@ -82,7 +82,7 @@ def test_choose_serves_the_first_candidate_the_gate_admits() -> None:
 
 
 def test_the_default_image_sets_are_varied_views_and_never_the_same() -> None:
-    photos = [Path("common/data/parity/chelsea.jpg").read_bytes()]
+    photos = [Path("serving/data/parity/chelsea.jpg").read_bytes()]
     calibration, validation = views(photos, 8, 1, 64), views(photos, 8, 2, 64)
     assert calibration.shape == (8, 64, 64, 3) and calibration.dtype == np.uint8
     assert len({view.tobytes() for view in calibration}) == 8  # every view differs
@@ -145,6 +145,6 @@ def test_thresholds_apply_to_the_cached_verdict(trained: shapes.TrainedModel, tm
 
 
 def test_preprocessing_of_views_matches_the_serving_pipeline() -> None:
-    pixels = views([Path("common/data/parity/coffee.jpg").read_bytes()], 2, 3, 224)
+    pixels = views([Path("serving/data/parity/coffee.jpg").read_bytes()], 2, 3, 224)
     prepared = preprocessing.get("caffe")(pixels.copy())
     assert prepared.dtype == np.float32 and prepared.shape == (2, 224, 224, 3)
