@@ -14,6 +14,7 @@ version is served; removing the ``<name>`` folder (a rename, then a delete) remo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -21,7 +22,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +172,17 @@ def sweep_staging(root: Path, older_than_s: float = 3600) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
             except OSError:
                 continue
+
+
+@contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold the repository's writer lock (``<root>/.lock``, an advisory file lock): publishing,
+    pruning and removing take it, so a removal and a publication of one name never interleave,
+    whichever process of the trainer runs each."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -40,6 +40,7 @@ def build_client(settings: FleetSettings) -> ModelClient:
         session,
         probe_timeout_s=settings.connect_timeout_s,
         dns_refresh_s=settings.dns_refresh_s,
+        unknown_probe_s=settings.unknown_model_probe_s,
     )
     return ModelClient(
         registry,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 DEFAULT_BODY_LIMIT = 16 * 1024 * 1024  # a model service's default max_body_bytes
 
 
+def _serves(metadata: dict[str, Any], name: str, version: int) -> bool:
+    """Whether a replica's metadata lists custom model ``name`` at ``version`` or later, ready."""
+    return any(
+        entry.get("name") == name
+        and int(entry.get("version", 0)) >= version
+        and entry.get("state") == "ready"
+        for entry in metadata.get("custom_models") or []
+    )
+
+
 class Registry:
     """Replicas per model; a poller keeps ``ready`` fresh, callers report failures in between."""
 
@@ -41,6 +52,8 @@ class Registry:
         *,
         resolver: dns.Resolver = dns.system_resolver,
         dns_refresh_s: float = 0.0,
+        unknown_probe_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Replicas as configured; host names are resolved only by ``resolve`` (the poller's job).
 
@@ -50,6 +63,10 @@ class Registry:
             probe_timeout_s: how long a probe waits for an answer.
             resolver: looks up host names (tests hand in a fake).
             dns_refresh_s: seconds between lookups while polling; 0 uses the URLs as given.
+            unknown_probe_s: a name no replica lists, asked for, probes every replica first - at
+                most this often (0: never), so a custom model is routed as soon as its service
+                serves it, not a probe round later.
+            clock: ``time.monotonic``, or a test's.
         """
         self._sources = {name: tuple(urls) for name, urls in replicas.items()}
         self._replicas = {
@@ -65,6 +82,10 @@ class Registry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._unknown_probe_s = unknown_probe_s
+        self._clock = clock
+        self._probed_for_unknown = -math.inf
+        self._probing = threading.Lock()
 
     @property
     def models(self) -> list[str]:
@@ -98,9 +119,34 @@ class Registry:
         if model in self._replicas:
             return model
         custom = self.custom()
+        if model not in custom and self._probe_for(model):
+            custom = self.custom()
         if model in custom:
             return custom[model][0]
         raise self.unknown(model)
+
+    def _probe_for(self, model: str) -> bool:
+        """Probe every replica for a name none listed at the last round, unless one did so less than
+        ``unknown_probe_s`` ago (a client naming random models costs a round at most that often).
+        True when a round ran; requests that arrive meanwhile wait for it, then look again."""
+        if self._unknown_probe_s <= 0 or repository.check_name(model):
+            return False
+        with self._probing:
+            if self._clock() - self._probed_for_unknown < self._unknown_probe_s:
+                return model in self._custom
+            self._probed_for_unknown = self._clock()
+            self.refresh()
+            return True
+
+    def serving(self, base: str, name: str, version: int) -> bool:
+        """Whether every ready replica of ``base`` (and at least one) serves ``name`` at ``version``
+        or later, asked now: the trainer's confirmation that what it published is served."""
+        replicas = list(self._replicas[base])
+        with ThreadPoolExecutor(max_workers=min(16, len(replicas)) or 1) as pool:
+            list(pool.map(self._probe, replicas))
+        self._custom = self._find_custom()
+        ready = [r for r in replicas if r.ready]
+        return bool(ready) and all(_serves(r.metadata, name, version) for r in ready)
 
     def unknown(self, model: str) -> UnknownModel:
         """The 404 for a name that is not served - or not the caller's to see: custom models are not

@@ -52,6 +52,11 @@ class FleetSettings:
     fanout_threads: int = setting(
         0, "threads calling members in parallel per gateway worker (0: request_threads x number of models)"
     )
+    unknown_model_probe_s: float = setting(
+        1.0,
+        "a request naming a model no replica listed at the last probe re-probes every replica first, at "
+        "most this often (0: never): a model the trainer just published is routed at once",
+    )
     dns_refresh_s: float = setting(
         10.0, "seconds between DNS lookups of replica host names, one replica per address (0: never)"
     )

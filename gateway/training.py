@@ -15,7 +15,6 @@ every version; the model services stop serving it on their next look at the repo
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -30,6 +29,7 @@ from common.jobs.archive import Entry
 from common.jobs.settings import JobSettings
 from common.models import BACKBONE_LAYERS
 from common.tenancy.owners import LEGACY, NameTaken
+from common.training import removals
 from common.training.dataset import check
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient
@@ -100,13 +100,10 @@ def create_blueprint(
     blueprint = Blueprint("training", __name__)
 
     def models_dir() -> Path:
+        """The model repository, which the gateway only reads (the trainer writes it)."""
         if not settings.models_dir:
             raise TrainingUnavailable("custom models need CUSTOM_MODELS_DIR (where they are published)")
-        folder = Path(settings.models_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise TrainingUnavailable(f"CUSTOM_MODELS_DIR ({folder}) is not writable")
-        return folder
+        return Path(settings.models_dir)
 
     def check_name_free(name: str) -> None:
         """Another principal's name is a 409 - a model from before keys (on disk, with no owner
@@ -214,12 +211,16 @@ def create_blueprint(
     def remove(name: str) -> Response:
         owned_or_404(name)
         claimed = owners().of(name) is not LEGACY
-        removed = repository.remove(models_dir(), name)
-        if not removed and not claimed:
+        if not claimed and not (models_dir() / name).is_dir():
             audit("model.delete", name, "not_found")
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
+        # The trainer, the repository's one writer, removes it; the services stop serving it on
+        # their next look. Not answered in time, the removal stays queued for the trainer: a 202.
+        removed = store_call(removals.ask, jobs.store.redis, name, settings.remove_wait_s)
         store_call(owners().release, name)
-        audit("model.delete", name)
+        audit("model.delete", name, "ok" if removed is not None else "queued")
+        if removed is None:
+            return web.json_ok({"deleted": name, "state": "queued"}, status=202)
         return web.json_ok({"deleted": name})
 
     @blueprint.patch("/v1/models/<name>")

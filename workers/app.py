@@ -26,6 +26,7 @@ from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, JobStoreUnavailable, connect
 from common.tenancy.keys import KeyStore
 from common.tenancy.settings import AuthSettings
+from common.training import removals
 from common.training.settings import TrainingSettings
 from fleet.client import build_client
 from fleet.fetch import UrlFetcher
@@ -81,9 +82,8 @@ def training_runner() -> TrainingRunner:
     gateway = FleetSettings.from_env()
     client = build_client(gateway)
     client.registry.refresh()
-    return TrainingRunner(
-        store(), client, TRAINING, retry_s=SETTINGS.retry_s, probe_interval_s=gateway.health_interval_s
-    )
+    jobs = store()
+    return TrainingRunner(jobs, client, TRAINING, retry_s=SETTINGS.retry_s, removals=jobs.redis)
 
 
 @app.task(name=queue.TRAIN_TASK, acks_late=False, ignore_result=True)
@@ -142,11 +142,28 @@ def watch(jobs: JobStore) -> None:
             log.warning("stalled training job failed", extra={"job_id": job_id})
 
 
+def _is_trainer(consumer: Any) -> bool:
+    """Whether this worker consumes the training queue (``-Q training``): the trainer, the model
+    repository's one writer."""
+    queues = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
+    return bool(TRAINING.models_dir) and TRAINING.queue in (getattr(queues, "consume_from", None) or {})
+
+
 @worker_ready.connect
-def _housekeeping(**_: Any) -> None:
+def _housekeeping(sender: Any = None, **_: Any) -> None:
     """In the main process: the stall watchdog every ``JOBS_WATCH_INTERVAL_S`` and the sweep of
     expired job folders every ``JOBS_SWEEP_INTERVAL_S``. Every worker may do both (each step is
-    idempotent)."""
+    idempotent). The trainer also sweeps the model repository's leftovers, and carries out the
+    gateway's requests to remove custom models (``common.training.removals``)."""
+    trainer = _is_trainer(sender)
+    if trainer:
+        jobs = store()
+        stop = threading.Event()  # never set: the thread ends with the process
+        serve = threading.Thread(
+            target=removals.serve, args=(jobs.redis, Path(TRAINING.models_dir), stop), daemon=True
+        )
+        serve.start()
+        log.info("serving removal requests", extra={"models_dir": TRAINING.models_dir})
 
     def loop() -> None:
         jobs = store()
@@ -158,7 +175,7 @@ def _housekeeping(**_: Any) -> None:
                     next_sweep = time.monotonic() + SETTINGS.sweep_interval_s
                     if removed := jobs.sweep():
                         log.info("expired job folders removed", extra={"removed": removed})
-                    if TRAINING.models_dir:
+                    if trainer:  # the repository's one writer sweeps what a killed publisher left
                         repository.sweep_staging(Path(TRAINING.models_dir))
             except Exception:  # noqa: BLE001 - housekeeping must outlive any one failure
                 log.exception("job housekeeping failed")

@@ -38,6 +38,11 @@ class TrainingSettings:
         "how long a training job waits for the fleet to serve the new version before completing (a "
         "head is served within seconds; a fine-tuned model is converted and warmed first)",
     )
+    remove_wait_s: float = setting(
+        10.0,
+        "how long DELETE /v1/models/<name> waits for the trainer to remove the model (200); past it, "
+        "a 202: the removal stays queued until the trainer is back",
+    )
     keep_versions: int = setting(
         2,
         "versions of a custom model kept once a new one is served (the newest ones; older ones are "

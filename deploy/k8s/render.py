@@ -383,7 +383,12 @@ def documents() -> list[dict[str, Any]]:
         "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
     }
     jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}, custom_volume]
-    jobs_mount = [{"name": "jobs", "mountPath": JOBS_DIR}, custom_mount]
+    # The trainer is the model repository's one writer (it removes models too, when the gateway
+    # asks): the gateway and the job worker read it.
+    jobs_mount: list[dict[str, Any]] = [
+        {"name": "jobs", "mountPath": JOBS_DIR},
+        {**custom_mount, "readOnly": True},
+    ]
     docs += [
         deployment(
             "gateway",
@@ -434,7 +439,11 @@ def documents() -> list[dict[str, Any]]:
                 *jobs_volume,
                 {"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}},
             ],
-            mounts=[*jobs_mount, {"name": "keras", "mountPath": KERAS_HOME, "readOnly": True}],
+            mounts=[
+                {"name": "jobs", "mountPath": JOBS_DIR},
+                custom_mount,
+                {"name": "keras", "mountPath": KERAS_HOME, "readOnly": True},
+            ],
             as_app_user=True,
             grace_s=trainer_stop_grace_s(),
         ),

@@ -333,8 +333,8 @@ def test_compose_trainer_is_the_trainer_image_with_the_gateway_environment() -> 
 
 
 def test_compose_shares_one_custom_models_volume() -> None:
-    """The trainer publishes there and the gateway deletes there (read-write); the model services
-    read it; the worker (the gateway's environment) sweeps leftovers. Same folder everywhere."""
+    """The trainer publishes and removes there (read-write, the repository's one writer); the model
+    services, the gateway and the job worker read it. Same folder everywhere."""
     services = COMPOSE["services"]
     assert "custom-models" in COMPOSE["volumes"]
     users = {name for name, s in services.items() if "CUSTOM_MODELS_DIR" in s.get("environment", {})}
@@ -343,7 +343,7 @@ def test_compose_shares_one_custom_models_volume() -> None:
         service = services[name]
         assert service["environment"]["CUSTOM_MODELS_DIR"] == CUSTOM_MODELS_DIR
         [mount] = [v for v in service["volumes"] if v.split(":")[1] == CUSTOM_MODELS_DIR]
-        read_only = ":ro" if name in MODEL_PORTS else ""
+        read_only = "" if name == "trainer" else ":ro"
         assert mount == f"custom-models:{CUSTOM_MODELS_DIR}{read_only}", name
 
 
@@ -398,8 +398,8 @@ def test_k8s_runs_one_trainer_with_the_gateway_environment() -> None:
 
 
 def test_k8s_shares_one_custom_models_claim() -> None:
-    """Every pod with CUSTOM_MODELS_DIR mounts the one ReadWriteMany claim there: read-only in the
-    model pods, writable in the gateway, the job worker and the trainer."""
+    """Every pod with CUSTOM_MODELS_DIR mounts the one ReadWriteMany claim there: writable in the
+    trainer alone, the repository's one writer; read-only everywhere else."""
     users = {name for kind, name in K8S if kind == "Deployment" and "CUSTOM_MODELS_DIR" in k8s_env(name)}
     assert users == {*render.MODELS, "gateway", "worker", "trainer"}
     claims = set()
@@ -407,7 +407,7 @@ def test_k8s_shares_one_custom_models_claim() -> None:
         assert k8s_env(name)["CUSTOM_MODELS_DIR"] == CUSTOM_MODELS_DIR
         spec = k8s_pod(name)
         [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == CUSTOM_MODELS_DIR]
-        assert bool(mount.get("readOnly")) == (name in render.MODELS), name
+        assert bool(mount.get("readOnly")) == (name != "trainer"), name
         [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
         claims.add(volume["persistentVolumeClaim"]["claimName"])
     [claim] = claims

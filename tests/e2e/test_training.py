@@ -46,8 +46,14 @@ def classify(fleet: E2EFleet, model: str, image: bytes) -> requests.Response:
 
 
 def listed(fleet: E2EFleet, name: str) -> dict[str, Any]:
-    models = requests.get(f"{fleet.url}/v1/models", headers=fleet.admin, timeout=10).json()["models"]
-    return next((m for m in models if m["name"] == name), {})
+    """``GET /v1/models/<name>`` as the admin sees it; empty when it is a 404. Asked the moment a
+    training completes, it answers already: the trainer waited until every replica of the base
+    served the model, and a gateway probes for a name it has not seen yet."""
+    answer = requests.get(f"{fleet.url}/v1/models/{name}", headers=fleet.admin, timeout=10)
+    if answer.status_code == 404:
+        return {}
+    answer.raise_for_status()
+    return dict(answer.json())
 
 
 @pytest.fixture(scope="module")

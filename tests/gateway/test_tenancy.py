@@ -204,7 +204,7 @@ def train(client: Any, name: str, key: dict[str, str], **fields: str) -> Any:
     )
 
 
-def test_a_custom_model_name_belongs_to_its_owner(fleet: Any) -> None:
+def test_a_custom_model_name_belongs_to_its_owner(fleet: Any, trainer_removals: Path) -> None:
     client, fake = fleet
     alice = bearer(make_key(client, "alice", ["train", "predict"], trainings=3))
     bob = bearer(make_key(client, "bob", ["train", "predict"], custom_models=1, trainings=3))

@@ -16,6 +16,7 @@ import responses
 
 from common import repository
 from common.jobs.settings import JobSettings
+from common.training import removals
 from common.training.settings import TrainingSettings
 from fleet.client import build_client
 from fleet.registry import Registry
@@ -161,7 +162,10 @@ def test_training_needs_a_models_folder(redis_url: str, tmp_path: Path) -> None:
     assert answer.status_code == 503 and answer.json["error"]["code"] == "training_unavailable"
 
 
-def test_a_custom_model_is_removed_with_every_version(client: Any, models_dir: Path) -> None:
+def test_a_custom_model_is_removed_with_every_version(
+    client: Any, models_dir: Path, trainer_removals: Path
+) -> None:
+    """The gateway asks; the trainer (here its removal loop) removes every version."""
     meta = {
         "name": "pets",
         "base": "resnet50",
@@ -181,6 +185,35 @@ def test_a_custom_model_is_removed_with_every_version(client: Any, models_dir: P
     assert client.delete("/v1/models/pets").status_code == 404
     base = client.delete("/v1/models/resnet50")
     assert base.status_code == 400 and base.json["error"]["code"] == "not_custom"
+
+
+def test_a_removal_the_trainer_does_not_answer_in_time_stays_queued(
+    redis_url: str, tmp_path: Path, models_dir: Path
+) -> None:
+    """No trainer running: a 202, the model still on disk, and the request waiting for the trainer."""
+    redis.Redis.from_url(redis_url).flushall()
+    settings = gateway_settings(rate_limit="")
+    app = create_app(
+        settings,
+        client=FakeModelClient(settings),  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs")),
+        training_settings=TrainingSettings(models_dir=str(models_dir), remove_wait_s=1),
+        auth_settings=auth_settings(redis_url),
+    )
+    meta = {
+        "name": "pets",
+        "base": "resnet50",
+        "base_weights_hash": "h",
+        "features": 2,
+        "classes": ["a", "b"],
+    }
+    repository.publish(models_dir, "pets", repository.write_head(np.eye(2), np.zeros(2)), meta)
+    answer = keyed_client(app).delete("/v1/models/pets")
+    assert answer.status_code == 202 and answer.json == {"deleted": "pets", "state": "queued"}
+    assert (models_dir / "pets").is_dir()
+    queued = redis.Redis.from_url(redis_url).lrange(removals.QUEUE, 0, -1)
+    assert [json.loads(raw)["name"] for raw in queued] == ["pets"]
 
 
 # --- finding custom models through their base's replicas -------------------------------------------

@@ -36,6 +36,7 @@ from common.errors import ServiceError, TooManyFineTuned
 from common.jobs.store import ACTIVE, JobStore, JobStoreUnavailable
 from common.models import BACKBONE_LAYERS, ModelSpec
 from common.tenancy.owners import Owners
+from common.training import removals
 from common.training.dataset import Dataset
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient
@@ -81,17 +82,17 @@ class TrainingRunner:
         settings: TrainingSettings,
         *,
         retry_s: float = 120.0,
-        probe_interval_s: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
+        removals: redis.Redis | None = None,
     ) -> None:
-        """``probe_interval_s``: how often the gateways probe replicas (``GATEWAY_HEALTH_INTERVAL_S``);
-        once a replica serves the new version, every gateway has seen it one interval later."""
+        """``removals``: where the gateway asks for custom models to be removed (the job store's
+        Redis; ``common.training.removals``), carried out before a publication."""
         self.store = store
         self.client = client
         self.settings = settings
         self.retry_s = retry_s
-        self.probe_interval_s = probe_interval_s
         self.sleep = sleep
+        self.removals = removals
 
     def run(self, job_id: str) -> str:
         """Train, evaluate and publish ``job_id``; returns the state it ended in."""
@@ -182,7 +183,7 @@ class TrainingRunner:
         if self._cancelled(job_id):
             raise Cancelled(job_id)
         try:
-            version = repository.publish(Path(self.settings.models_dir), job["model"], learned.write, meta)
+            version = self._publish(job["model"], learned.write, meta)
         except OSError as exc:  # the record says what failed; the log says where (a path is internal)
             log.warning("publishing failed", extra={"job_id": job_id, "reason": str(exc)})
             raise TrainingFailed(
@@ -193,9 +194,11 @@ class TrainingRunner:
             "custom model published", extra={"job_id": job_id, "model": job["model"], "version": version}
         )
         self._update(job_id, {"published_at": time.time()})
-        served = self._wait_served(job["model"], version)
+        served = self._wait_served(base, job["model"], version)
         if served:  # the new version serves: versions before the ones kept are not needed
-            repository.prune(Path(self.settings.models_dir), job["model"], self.settings.keep_versions)
+            root = Path(self.settings.models_dir)
+            with repository.locked(root):
+                repository.prune(root, job["model"], self.settings.keep_versions)
         return {
             "evaluation": learned.evaluation,
             "served": {"name": job["model"], "version": str(version), "serving": served},
@@ -590,15 +593,22 @@ class TrainingRunner:
                 errors.append(str(result.get("error", {}).get("message", "not readable")))
         return vectors, errors, str(reply.get("weights_hash", ""))
 
-    def _wait_served(self, name: str, version: int) -> bool:
-        """Whether the fleet lists ``name`` at ``version`` (or later) within the publish wait."""
-        registry = self.client.registry
+    def _publish(self, name: str, write: Callable[[Path], None], meta: dict[str, Any]) -> int:
+        """Publish a version under the repository's lock, after every removal asked before it (a
+        name deleted and trained again keeps its new version)."""
+        root = Path(self.settings.models_dir)
+        with repository.locked(root):
+            if self.removals is not None:
+                removals.carry_out(self.removals, root)
+            return repository.publish(root, name, write, meta)
+
+    def _wait_served(self, base: str, name: str, version: int) -> bool:
+        """Whether every ready replica of ``base`` serves ``name`` at ``version`` (or later) within
+        the publish wait, asked of the replicas themselves; the gateways route it from the first
+        request that names it (``Registry.base_of`` probes for a name it does not know)."""
         give_up = time.monotonic() + self.settings.publish_wait_s
         while self.settings.publish_wait_s > 0:
-            registry.refresh()
-            entry = registry.custom().get(name)
-            if entry is not None and int(entry[1]["version"]) >= version:
-                self.sleep(self.probe_interval_s + 0.5)  # every gateway's poller has probed since
+            if self.client.registry.serving(base, name, version):
                 return True
             if time.monotonic() >= give_up:
                 break
