@@ -142,9 +142,7 @@ class Registry:
         """Whether every ready replica of ``base`` (and at least one) serves ``name`` at ``version``
         or later, asked now: the trainer's confirmation that what it published is served."""
         replicas = list(self._replicas[base])
-        with ThreadPoolExecutor(max_workers=min(16, len(replicas)) or 1) as pool:
-            list(pool.map(self._probe, replicas))
-        self._custom = self._find_custom()
+        self.refresh(replicas)
         ready = [r for r in replicas if r.ready]
         return bool(ready) and all(_serves(r.metadata, name, version) for r in ready)
 
@@ -212,9 +210,9 @@ class Registry:
         if replica.probe(self._session, self._probe_timeout_s) and self.on_weights_change:
             self.on_weights_change(replica.model)
 
-    def refresh(self) -> None:
-        """Probe every replica now, in parallel."""
-        everyone = [r for replicas in list(self._replicas.values()) for r in replicas]
+    def refresh(self, replicas: Sequence[Replica] | None = None) -> None:
+        """Probe every replica (or those given) now, in parallel."""
+        everyone = replicas or [r for found in list(self._replicas.values()) for r in found]
         with ThreadPoolExecutor(max_workers=min(16, len(everyone)) or 1) as pool:
             list(pool.map(self._probe, everyone))
         self._custom = self._find_custom()  # one assignment: readers see the old map or the new

@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import redis
 from PIL import Image
 
 from common.tenancy.settings import AuthSettings
+from common.training import removals
 from deploy.local.running import free_port, wait_until
 from gateway.settings import GatewaySettings
 from serving.app import ServiceSettings
@@ -146,3 +148,18 @@ def redis_url() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture
+def trainer_removals(redis_url: str, tmp_path: Path) -> Iterator[Path]:
+    """The trainer's side of a model removal (``common.training.removals.serve``), for the
+    repository at ``tmp_path / "models"``: what answers the gateway's ``DELETE /v1/models/<name>``."""
+    root, stop = tmp_path / "models", threading.Event()
+    root.mkdir(parents=True, exist_ok=True)
+    thread = threading.Thread(
+        target=removals.serve, args=(redis.Redis.from_url(redis_url), root, stop, 1), daemon=True
+    )
+    thread.start()
+    yield root
+    stop.set()
+    thread.join(timeout=5)

@@ -4,7 +4,6 @@ writer, in order with publications (real Redis)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,31 +28,19 @@ def queue(redis_url: str) -> Iterator[redis.Redis]:
     client.delete(removals.QUEUE)
 
 
-@pytest.fixture
-def trainer(queue: redis.Redis, tmp_path: Path) -> Iterator[Path]:
-    """The trainer's removal loop, serving ``tmp_path`` as the repository."""
-    stop = threading.Event()
-    thread = threading.Thread(target=removals.serve, args=(queue, tmp_path, stop, 1), daemon=True)
-    thread.start()
-    yield tmp_path
-    stop.set()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-
-
-def test_the_trainer_removes_a_model_and_says_so(queue: redis.Redis, trainer: Path) -> None:
-    publish(trainer, "pets")
-    publish(trainer, "pets")
+def test_the_trainer_removes_a_model_and_says_so(queue: redis.Redis, trainer_removals: Path) -> None:
+    publish(trainer_removals, "pets")
+    publish(trainer_removals, "pets")
     assert removals.ask(queue, "pets", wait_s=5) is True
-    assert not (trainer / "pets").exists() and repository.newest(trainer) == {}
+    assert not (trainer_removals / "pets").exists() and repository.newest(trainer_removals) == {}
     assert removals.ask(queue, "pets", wait_s=5) is False  # nothing left to remove
 
 
-def test_a_name_that_cannot_name_a_model_removes_nothing(queue: redis.Redis, trainer: Path) -> None:
-    (trainer / "keep").mkdir()
+def test_a_name_that_cannot_name_a_model_removes_nothing(queue: redis.Redis, trainer_removals: Path) -> None:
+    (trainer_removals / "keep").mkdir()
     assert removals.ask(queue, "../keep", wait_s=5) is False
     assert removals.ask(queue, "resnet50", wait_s=5) is False
-    assert (trainer / "keep").is_dir()
+    assert (trainer_removals / "keep").is_dir()
 
 
 def test_without_a_trainer_the_request_waits_for_one(queue: redis.Redis, tmp_path: Path) -> None:
