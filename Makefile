@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench convert weights nginx redis chromium secrets clean
+.PHONY: run test test-fast lint bench convert weights nginx redis chromium secrets clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ chromium:
 run: $(STAMP) nginx redis
 	$(PY) -m deploy.local.fleet
 
-## The whole suite, end-to-end tests included (~10 minutes on 2 cores).
+## The whole suite, end-to-end tests included (~10 minutes on 2 cores); the docs build first.
 test: $(STAMP) nginx redis chromium
+	$(VENV)/bin/mkdocs build --strict -q --site-dir run/site
 	$(PY) -m pytest
+
+## The documentation site (docs/, mkdocs.yml) into run/site/; --strict: a broken link fails it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir run/site
 
 ## Unit tests only (no fleet, no full-size models).
 test-fast: $(STAMP)
