@@ -32,6 +32,7 @@ import certifi
 import urllib3
 
 from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMediaType
+from fleet.settings import FleetSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -157,6 +158,20 @@ class UrlFetcher:
         # NOTE: bounded and shared by every request of the process: lookups stuck on a name server
         # that never answers (any client can name one) tie up these threads, not unbounded new ones.
         self._lookups = ThreadPoolExecutor(resolver_threads, thread_name_prefix="url-resolve")
+
+    @classmethod
+    def from_settings(cls, settings: FleetSettings) -> UrlFetcher:
+        """The fetcher the gateway and the job workers use: every bound from ``GATEWAY_FETCH_*``."""
+        return cls(
+            timeout_s=settings.fetch_timeout_s,
+            max_bytes=settings.fetch_max_bytes,
+            max_redirects=settings.fetch_max_redirects,
+            allow_networks=settings.fetch_allow_networks,
+            allow_ports=settings.fetch_ports,
+            max_per_host=settings.fetch_max_per_host,
+            max_total_bytes=settings.fetch_max_total_bytes,
+            max_parallel=settings.fetch_threads,
+        )
 
     def is_allowed(self, address: IPAddress) -> bool:
         """Public unicast addresses, plus whatever the operator allowed explicitly; an address that

@@ -19,6 +19,10 @@ from typing import Any, Protocol
 
 import cachetools
 
+from common import metrics
+from fleet.predict import Selection
+from fleet.registry import Registry
+
 log = logging.getLogger(__name__)
 PREFIX = "imagerec:cache:"
 
@@ -95,6 +99,52 @@ class RedisCache:
         except self._errors as exc:
             log.warning("response cache unavailable: %s", exc)
         return dropped
+
+
+def served_as(answer: Mapping[str, Any]) -> str | None:
+    """What answered, for the key: the weights' hash and the precision they ran at."""
+    digest = answer.get("weights_hash")
+    return f"{digest}/{answer.get('precision') or 'fp32'}" if digest else None
+
+
+class Policy:
+    """Which answers the cache holds, under which key: whole single-image answers, keyed by the
+    client's bytes (before any re-encoding), the answer's parameters and the weights of every
+    member - and only while every member's weights hash is known."""
+
+    def __init__(self, cache: Cache, registry: Registry) -> None:
+        self.cache = cache
+        self.registry = registry
+        registry.on_weights_change = cache.drop
+
+    def lookup(self, selection: Selection, image: bytes, top_k: int) -> dict[str, Any] | None:
+        """The stored ``{"body", "outcomes"}`` for the weights each member serves now, or None."""
+        expected = {m: served_as(self.registry.metadata(m)) for m in selection.members}
+        found = self._key(selection, image, top_k, expected)
+        hit = self.cache.get(found) if found else None
+        metrics.CACHE.labels("hit" if hit else "miss").inc()
+        return hit
+
+    def store(
+        self,
+        selection: Selection,
+        image: bytes,
+        top_k: int,
+        replies: Mapping[str, Any],
+        entry: dict[str, Any],
+    ) -> None:
+        """Keyed by the weights that actually answered (``replies``): during a rollout the replica
+        that answered may not be the one the lookup's hashes came from."""
+        found = self._key(selection, image, top_k, {m: served_as(r) for m, r in replies.items()})
+        if found:
+            self.cache.put(found, entry)
+
+    @staticmethod
+    def _key(selection: Selection, image: bytes, top_k: int, weights: Mapping[str, str | None]) -> str | None:
+        if not all(weights.values()):
+            return None
+        parameters = {"top_k": top_k, "vote": selection.vote, "member_weights": selection.weights}
+        return key(image, weights, parameters)  # type: ignore[arg-type]
 
 
 def create(size: int, ttl_s: float, redis_url: str) -> Cache | None:

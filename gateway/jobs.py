@@ -235,8 +235,8 @@ def _results_csv(job: dict[str, Any], outcomes: Iterator[dict[str, Any]]) -> Ite
         yield row(values)
 
 
-def create_blueprint(gateway: GatewaySettings, settings: JobSettings, client: ModelClient) -> Blueprint:
-    jobs = Jobs(settings)
+def create_blueprint(gateway: GatewaySettings, client: ModelClient, jobs: Jobs) -> Blueprint:
+    settings = jobs.settings
     intake = Intake(settings, gateway.max_image_bytes)
     blueprint = Blueprint("jobs", __name__)
 

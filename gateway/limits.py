@@ -22,7 +22,7 @@ from gateway import auth
 from gateway.settings import GatewaySettings
 
 # Health, metadata, metrics and docs are never limited; every prediction route is.
-EXEMPT = ("live", "ready", "models", "metrics", "static", "auth_check")
+EXEMPT = ("live", "ready", "models.listing", "metrics", "static", "auth_check")
 REDIS_TIMEOUTS: dict[str, str | int] = {"socket_connect_timeout": 1, "socket_timeout": 1}
 
 

@@ -9,8 +9,8 @@ may come in the form or the query.
 Everything is checked before a job exists - the options, the archive (the jobs' limits), and the
 dataset (``common.training.dataset``: classes, readable images per class) - and a refusal names
 every problem. The answer is ``202`` and a job in the jobs API (``kind: training``), which the
-training workers run (``workers.training.runner``). ``DELETE /v1/models/<name>`` removes a custom model,
-every version; the model services stop serving it on their next look at the repository.
+training workers run (``workers.training.runner``). A custom model's own URL (``GET``, ``DELETE``,
+``PATCH /v1/models/<name>``) is in ``gateway.models``.
 """
 
 from __future__ import annotations
@@ -23,23 +23,20 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from common import imaging, repository, web
-from common.errors import BadRequest, NotFound, ServiceError
+from common.errors import BadRequest, ServiceError
 from common.jobs import queue
 from common.jobs.archive import Entry
-from common.jobs.settings import JobSettings
-from common.models import BACKBONE_LAYERS
+from common.models import BACKBONE_LAYERS, BASE_MODELS
 from common.tenancy.owners import LEGACY, NameTaken
-from common.training import removals
 from common.training.dataset import check
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient
-from gateway.auth import audit, current, owners
+from gateway.auth import current, owners
 from gateway.job_intake import Intake
 from gateway.jobs import Jobs, store_call
 from gateway.settings import GatewaySettings
 
 FIELDS = ("name", "base", "epochs", "validation_split", "augment", "fine_tune_layers", "public")
-BASES = ("vgg16", "resnet50", "inceptionv3")
 
 
 class TrainingUnavailable(ServiceError):
@@ -53,8 +50,9 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
     if reason := repository.check_name(name, tuple(bases)):
         problems.append(f"name: {reason}")
     base = raw.get("base") or "resnet50"
-    if base not in BASES or base not in bases:
-        problems.append(f"base must be one of {', '.join(b for b in BASES if b in bases)}, got {base[:40]!r}")
+    if base not in BASE_MODELS or base not in bases:
+        offered = ", ".join(b for b in BASE_MODELS if b in bases)
+        problems.append(f"base must be one of {offered}, got {base[:40]!r}")
 
     def number(key: str, kind: type, default: Any, low: float, high: float) -> Any:
         text = raw.get(key, "")
@@ -91,26 +89,27 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
     }
 
 
+def models_dir(settings: TrainingSettings) -> Path:
+    """The model repository, which the gateway only reads (the trainer writes it)."""
+    if not settings.models_dir:
+        raise TrainingUnavailable("custom models need CUSTOM_MODELS_DIR (where they are published)")
+    return Path(settings.models_dir)
+
+
 def create_blueprint(
-    gateway: GatewaySettings, job_settings: JobSettings, settings: TrainingSettings, client: ModelClient
+    gateway: GatewaySettings, settings: TrainingSettings, client: ModelClient, jobs: Jobs
 ) -> Blueprint:
-    jobs = Jobs(job_settings, settings.queue)
+    job_settings = jobs.settings
     intake = Intake(job_settings, gateway.max_image_bytes, archive_field="dataset", fields=FIELDS)
     limits = imaging.ImageLimits(gateway.max_image_bytes, gateway.max_image_pixels)
     blueprint = Blueprint("training", __name__)
-
-    def models_dir() -> Path:
-        """The model repository, which the gateway only reads (the trainer writes it)."""
-        if not settings.models_dir:
-            raise TrainingUnavailable("custom models need CUSTOM_MODELS_DIR (where they are published)")
-        return Path(settings.models_dir)
 
     def check_name_free(name: str) -> None:
         """Another principal's name is a 409 - a model from before keys (on disk, with no owner
         recorded) is the admin's."""
         principal = current()
         owners().check_free(name, principal)
-        legacy = owners().of(name) is LEGACY and (models_dir() / name).is_dir()
+        legacy = owners().of(name) is LEGACY and (models_dir(settings) / name).is_dir()
         if legacy and not principal.is_admin:
             raise NameTaken(f"the model name {name!r} belongs to another principal: choose another name")
 
@@ -139,7 +138,7 @@ def create_blueprint(
     @blueprint.post("/v1/training")
     def submit() -> Response:
         request.max_content_length = job_settings.max_archive_bytes
-        models_dir()
+        models_dir(settings)
         store = jobs.store
         jobs.admit("", training=True)  # refused before the upload is read when already at a quota
         allowance = jobs.allowance(min(job_settings.max_images, settings.max_images))
@@ -199,41 +198,5 @@ def create_blueprint(
             if fresh:  # nothing was trained under it: the name is free again
                 owners().release(chosen["name"])
             raise
-
-    def owned_or_404(name: str) -> None:
-        """The caller owns ``name`` (or is the admin), or gets the 404 a missing model gets."""
-        if name in client.registry.bases:
-            raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
-        if repository.check_name(name) or not current().sees(owners().of(name).owner):
-            raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
-
-    @blueprint.delete("/v1/models/<name>")
-    def remove(name: str) -> Response:
-        owned_or_404(name)
-        claimed = owners().of(name) is not LEGACY
-        if not claimed and not (models_dir() / name).is_dir():
-            audit("model.delete", name, "not_found")
-            raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
-        # The trainer, the repository's one writer, removes it; the services stop serving it on
-        # their next look. Not answered in time, the removal stays queued for the trainer: a 202.
-        removed = store_call(removals.ask, jobs.store.redis, name, settings.remove_wait_s)
-        store_call(owners().release, name)
-        audit("model.delete", name, "ok" if removed is not None else "queued")
-        if removed is None:
-            return web.json_ok({"deleted": name, "state": "queued"}, status=202)
-        return web.json_ok({"deleted": name})
-
-    @blueprint.patch("/v1/models/<name>")
-    def share(name: str) -> Response:
-        """``{"public": true}``: every caller may see and use the model; ``false``: its owner alone."""
-        owned_or_404(name)
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("public"), bool) or len(body) != 1:
-            raise BadRequest('send JSON {"public": true} or {"public": false}', code="invalid_json")
-        if owners().of(name) is LEGACY and not (models_dir() / name).is_dir():
-            raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
-        store_call(lambda: owners().set_public(name, body["public"]))
-        audit("model.share", name, public=body["public"])
-        return web.json_ok({"name": name, "public": body["public"]})
 
     return blueprint

@@ -60,16 +60,7 @@ def runner() -> ChunkRunner:
             client = build_client(gateway)
             client.registry.refresh()  # sizes and body limits known before the first call
             client.registry.start_polling(gateway.health_interval_s)
-            fetcher = UrlFetcher(
-                timeout_s=gateway.fetch_timeout_s,
-                max_bytes=gateway.fetch_max_bytes,
-                max_redirects=gateway.fetch_max_redirects,
-                allow_networks=gateway.fetch_allow_networks,
-                allow_ports=gateway.fetch_ports,
-                max_per_host=gateway.fetch_max_per_host,
-                max_total_bytes=gateway.fetch_max_total_bytes,
-                max_parallel=gateway.fetch_threads,
-            )
+            fetcher = UrlFetcher.from_settings(gateway)
             keys = KeyStore(AuthSettings.from_env())  # a revoked key's jobs stop within its cache time
             _runner = ChunkRunner(
                 store(), Predictor(client, gateway), fetcher, SETTINGS, gateway, is_live=keys.is_live
