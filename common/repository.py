@@ -82,23 +82,29 @@ Identity = tuple[int, int, int]
 again, a model starts again at version 1: these tell that version 1 from the old one)."""
 
 
+def newest_version(root: Path, name: str) -> tuple[Identity, Path] | None:
+    """The newest version of model ``name`` under ``root`` with its identity; None when it has none
+    (or was removed while it was read). Base versions and custom models alike."""
+    try:
+        numbers = versions(root, name)
+        if not numbers:
+            return None
+        path = root / name / str(numbers[-1])
+        stat = path.stat()
+    except OSError:  # removed between the listing and the look inside
+        return None
+    return (numbers[-1], stat.st_ino, stat.st_mtime_ns), path
+
+
 def newest(root: Path) -> dict[str, tuple[Identity, Path]]:
-    """The newest version of every model under ``root``, with its identity (a model removed while
-    it is read is left out)."""
-    found: dict[str, tuple[Identity, Path]] = {}
+    """The newest version of every model under ``root``, with its identity."""
     if not root.is_dir():
-        return found
+        return {}
+    found = {}
     for folder in sorted(root.iterdir()):
-        if folder.name.startswith(".") or not folder.is_dir():
-            continue
-        try:
-            numbers = versions(root, folder.name)
-            if numbers:
-                path = folder / str(numbers[-1])
-                stat = path.stat()
-                found[folder.name] = ((numbers[-1], stat.st_ino, stat.st_mtime_ns), path)
-        except OSError:  # removed between the listing and the look inside
-            continue
+        if not folder.name.startswith(".") and folder.is_dir():
+            if (version := newest_version(root, folder.name)) is not None:
+                found[folder.name] = version
     return found
 
 

@@ -47,7 +47,7 @@ the batcher slices back into each request's rows."""
 
 
 @dataclass
-class Job:
+class Waiting:
     """One request's place in the queue: its images, its future, and when it waited."""
 
     inputs: np.ndarray
@@ -55,7 +55,6 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     deadline: float = float("inf")  # time.monotonic() after which the answer is useless
-    served_by: object = None  # the tag of the model that computed it (see Batcher.swap)
     priority: Priority = Priority.INTERACTIVE
 
     @property
@@ -98,30 +97,26 @@ class Batcher:
         name: str = "model",
         batch_max_wait_ms: float = 1000.0,
     ) -> None:
-        self._current: tuple[Callable[[np.ndarray], Rows], object] = (predict, None)
+        self._predict = predict
         self.name = name
         self.batch_max_wait_s = batch_max_wait_ms / 1000
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self.times = BatchTimes(max_batch)
         self.admission = Admission(policy or AdmissionPolicy(), self.times, name)
-        self._waiting: dict[Priority, deque[Job]] = {priority: deque() for priority in Priority}
+        self._waiting: dict[Priority, deque[Waiting]] = {priority: deque() for priority in Priority}
         self._arrived = threading.Condition()  # guards _waiting; notified on every arrival
-        self._carry: Job | None = None  # interactive, taken but did not fit the last batch
+        self._carry: Waiting | None = None  # interactive, taken but did not fit the last batch
         self._concurrent = False
         self._closed = False
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def swap(self, predict: Callable[[np.ndarray], Rows], tag: object) -> None:
-        """Serve the next batches with ``predict``; the batch running now finishes on the old one.
-        Every job records the ``tag`` of the model that computed it."""
-        self._current = (predict, tag)  # one reference assignment: atomic
-
     def close(self) -> None:
-        """Stop once the jobs already queued are answered (a replaced model's batcher): its
-        thread ends and lets go of the model; a later ``submit`` is refused with a 503."""
+        """Stop once the requests already queued are answered (a replaced or removed model's batcher):
+        its thread ends and lets go of the model; a later ``submit`` raises ``BatcherClosed``, on
+        which the service sends the request to the model's successor."""
         with self._arrived:
             self._closed = True
             self._arrived.notify_all()
@@ -148,34 +143,35 @@ class Batcher:
         inputs: np.ndarray,
         deadline: float = float("inf"),
         priority: Priority | str = Priority.INTERACTIVE,
-    ) -> Job:
-        """Queue ``inputs`` (one or more images); ``job.future`` resolves to their outputs.
+    ) -> Waiting:
+        """Queue ``inputs`` (one or more images); the ``future`` of what it returns resolves to their
+        outputs.
 
-        Admission decides once more; a job still waiting at ``deadline`` is dropped, not computed.
-        A ``Priority.BATCH`` job runs alone, after every interactive request waiting (see module).
+        Admission decides once more; a request still waiting at ``deadline`` is dropped, not computed.
+        A ``Priority.BATCH`` request runs alone, after every interactive request waiting (see module).
         """
-        job_priority = Priority(priority)  # "batch" as well as Priority.BATCH; else a ValueError
+        level = Priority(priority)  # "batch" as well as Priority.BATCH; else a ValueError
         with self._counting_refusals():
             self.admission.enqueue(len(inputs), deadline)
-        job = Job(inputs, deadline=deadline, priority=job_priority)
+        waiting = Waiting(inputs, deadline=deadline, priority=level)
         with self._arrived:
             if self._closed:
                 self.admission.dropped(len(inputs))
                 raise BatcherClosed(f"{self.name} was replaced or removed just now: send the request again")
             metrics.PENDING.labels(self.name).inc(len(inputs))
-            self._waiting[job_priority].append(job)
+            self._waiting[level].append(waiting)
             self._arrived.notify()
-        return job
+        return waiting
 
-    def _take(self) -> Job | None:
-        """The oldest interactive job waiting, else the oldest batch-priority one (blocks till one;
+    def _take(self) -> Waiting | None:
+        """The oldest interactive request waiting, else the oldest batch-priority one (blocks till one;
         None once closed and empty); a batch-priority one first when it has waited
         ``batch_max_wait_s``."""
         with self._arrived:
             while True:
-                waiting = self._waiting[Priority.BATCH]
-                if waiting and time.monotonic() - waiting[0].enqueued_at >= self.batch_max_wait_s:
-                    return waiting.popleft()
+                jobs = self._waiting[Priority.BATCH]
+                if jobs and time.monotonic() - jobs[0].enqueued_at >= self.batch_max_wait_s:
+                    return jobs.popleft()
                 for priority in (Priority.INTERACTIVE, Priority.BATCH):
                     if self._waiting[priority]:
                         return self._waiting[priority].popleft()
@@ -183,8 +179,8 @@ class Batcher:
                     return None
                 self._arrived.wait()
 
-    def _take_interactive(self, timeout: float) -> Job | None:
-        """The oldest interactive job, waiting up to ``timeout`` seconds for one; None if none came."""
+    def _take_interactive(self, timeout: float) -> Waiting | None:
+        """The oldest interactive request, waiting up to ``timeout`` seconds for one; None if none came."""
         interactive = self._waiting[Priority.INTERACTIVE]
         with self._arrived:
             if timeout > 0:
@@ -195,21 +191,21 @@ class Batcher:
         with self._arrived:
             return self._carry is not None or bool(self._waiting[Priority.INTERACTIVE])
 
-    def _drop_expired(self, batch: list[Job]) -> list[Job]:
+    def _drop_expired(self, batch: list[Waiting]) -> list[Waiting]:
         now = time.monotonic()
         kept = []
-        for job in batch:
-            if job.deadline > now:
-                kept.append(job)
+        for waiting in batch:
+            if waiting.deadline > now:
+                kept.append(waiting)
                 continue
             self.stats.expired += 1
             metrics.SHED.labels(self.name, "deadline").inc()
-            metrics.PENDING.labels(self.name).dec(len(job.inputs))
-            self.admission.dropped(len(job.inputs))
-            job.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
+            metrics.PENDING.labels(self.name).dec(len(waiting.inputs))
+            self.admission.dropped(len(waiting.inputs))
+            waiting.future.set_exception(DeadlineExceeded("the request's deadline passed while it waited"))
         return kept
 
-    def _collect(self) -> list[Job] | None:
+    def _collect(self) -> list[Waiting] | None:
         first = self._carry or self._take()
         self._carry = None
         if first is None:
@@ -235,21 +231,20 @@ class Batcher:
             batch = self._drop_expired(collected)
             if batch:
                 self._execute(batch)
-        self._current = (_closed, None)  # let go of the model
+        self._predict = _closed  # let go of the model
         log.info("batcher %s closed", self.name)
 
-    def _execute(self, batch: list[Job]) -> None:
+    def _execute(self, batch: list[Waiting]) -> None:
         if batch[0].priority is Priority.INTERACTIVE:  # job requests say nothing of interactive load
             self._concurrent = len(batch) > 1 or self._interactive_waiting()
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         size = len(inputs)
-        predict, tag = self._current
+        predict = self._predict
         self.admission.started(size)
         metrics.PENDING.labels(self.name).dec(size)
         started = time.monotonic()
         for request in batch:
             request.started_at = started
-            request.served_by = tag
         try:
             outputs = predict(inputs)
         except BaseException as exc:  # deliver the failure to every waiter, keep serving
@@ -277,7 +272,7 @@ class Batcher:
         """The batching and admission state, for ``/v1/model``."""
         load = self.admission.load()
         with self._arrived:
-            queued_batch_images = sum(len(job.inputs) for job in self._waiting[Priority.BATCH])
+            queued_batch_images = sum(len(waiting.inputs) for waiting in self._waiting[Priority.BATCH])
         return {
             "max_batch_size": self.max_batch,
             "window_ms": self.window_s * 1000,

@@ -22,6 +22,7 @@ RENAMED = {
     "MAX_QUEUE": "MAX_QUEUE_IMAGES (the queue is counted in images)",
     "MAX_BATCH_WAIT_MS": "BATCH_WINDOW_MS",
     "INFERENCE_TIMEOUT_S": "DEFAULT_DEADLINE_MS",
+    "CUSTOM_POLL_S": "REPOSITORY_POLL_S (one poller looks at MODEL_REPOSITORY and CUSTOM_MODELS_DIR)",
 }
 
 
@@ -77,14 +78,15 @@ class ServiceSettings:
         "", "folder of versions <root>/<model>/<n>/<file>; the highest is served (overrides WEIGHTS)"
     )
     repository_poll_s: float = setting(
-        0.0, "seconds between checks for a newer version (0: admin endpoint only)"
+        2.0,
+        "seconds between looks at MODEL_REPOSITORY and CUSTOM_MODELS_DIR for new, replaced or removed "
+        "versions (0: at start-up, and the base's versions on the admin endpoint, only)",
     )
     custom_models_dir: str = setting(
         "",
         "repository of custom models trained here (<dir>/<name>/<n>/); a base model's service serves "
         "those trained on it (empty: none)",
     )
-    custom_poll_s: float = setting(2.0, "seconds between checks of CUSTOM_MODELS_DIR for new or removed ones")
     custom_max_fine_tuned: int = setting(
         2,
         "most fine-tuned custom models (fine_tune_layers > 0) one service loads: each is a copy of "

@@ -1,4 +1,4 @@
-"""Custom models: the head repository (publish, load, remove, the set a service serves), dataset
+"""Custom models: the head repository (publish, load, remove), dataset
 checks, and training a head (split, fit, fold, evaluate) - on real files and real Keras."""
 
 from __future__ import annotations
@@ -82,24 +82,6 @@ def test_a_version_that_does_not_fit_its_metadata_is_refused(tmp_path: Path) -> 
 def test_names(name: str, problem: str | None) -> None:
     reason = repository.check_name(name)
     assert (reason is None) if problem is None else (problem in (reason or "")), reason
-
-
-def test_the_head_set_follows_the_repository(tmp_path: Path) -> None:
-    served = heads.HeadSet(str(tmp_path), "resnet50")
-    assert not served.refresh() and served.all() == []
-    publish(tmp_path)
-    publish(tmp_path, "birds", base="vgg16")  # another base's service serves it
-    assert served.refresh()
-    assert [(h.name, h.version) for h in served.all()] == [("pets", 1)]
-    publish(tmp_path, scale=3.0)
-    assert served.refresh() and served.get("pets").version == 2  # type: ignore[union-attr]
-    assert not served.refresh()  # nothing new: nothing reloaded
-    (tmp_path / "pets" / "3").mkdir()  # a broken newest version: version 2 keeps serving
-    (tmp_path / "pets" / "3" / repository.META_FILE).write_text("{not json")
-    served.refresh()
-    assert served.get("pets").version == 2  # type: ignore[union-attr]
-    assert repository.remove(tmp_path, "pets") and not repository.remove(tmp_path, "pets")
-    assert served.refresh() and served.get("pets") is None
 
 
 def test_staging_left_by_a_killed_publisher_is_swept(tmp_path: Path) -> None:

@@ -45,11 +45,11 @@ def test_service_probabilities_equal_keras_reference(spec, backend: str, convert
         weights="random", weights_seed=SEED, backend=backend, model_cache=converted_cache
     )
     app = create_app(spec, settings, background_load=False)
-    assert app.extensions["model"].info.backend.startswith(backend)
+    assert app.extensions["models"].base.info.backend.startswith(backend)
     client = app.test_client()
     keras.utils.set_random_seed(SEED)
     reference_model = getattr(keras.applications, spec.builder)(weights=None)
-    assert app.extensions["model"].info.weights_hash == weights_digest(reference_model.get_weights())
+    assert app.extensions["models"].base.info.weights_hash == weights_digest(reference_model.get_weights())
 
     module = KERAS_MODULES[spec.name]
     wrong_mode = "tf" if spec.preprocessing == "caffe" else "caffe"

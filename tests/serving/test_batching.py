@@ -201,21 +201,6 @@ def test_a_failed_batch_leaves_no_work_counted() -> None:
     assert (load.queued_images, load.running_images) == (0, 0)
 
 
-def test_a_swap_lets_the_running_batch_finish_on_the_old_model() -> None:
-    old = GatedModel()
-    batcher = Batcher(old, max_batch=1, window_ms=0)
-    batcher.swap(old, "v1")
-    running = batcher.submit(images(1))
-    assert old.started.wait(5)
-    batcher.swap(lambda batch: batch.reshape(len(batch), -1), "v2")  # while v1 computes
-    queued = batcher.submit(images(1))
-    old.release.set()
-    running.future.result(5)
-    queued.future.result(5)
-    assert (running.served_by, queued.served_by) == ("v1", "v2")
-    assert old.sizes == [1]  # the queued job never touched the old model
-
-
 def test_interactive_requests_start_before_every_waiting_batch_priority_one() -> None:
     model = GatedModel()
     batcher = Batcher(model, max_batch=4, window_ms=0)

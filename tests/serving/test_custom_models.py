@@ -18,6 +18,7 @@ from deploy.local.running import wait_until
 from services import resnet50
 from serving import custom as heads
 from serving.app import ServiceSettings, create_app
+from serving.manager import ModelManager
 from serving.runtime import Outputs, RuntimeInfo
 from tests.conftest import photo
 
@@ -69,7 +70,7 @@ def models_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(models_dir: Path) -> FlaskClient:
-    settings = ServiceSettings(custom_models_dir=str(models_dir), custom_poll_s=3600)
+    settings = ServiceSettings(custom_models_dir=str(models_dir), repository_poll_s=0)
     app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
     return app.test_client()
 
@@ -120,17 +121,17 @@ def test_features_are_returned_on_request(client: FlaskClient) -> None:
 
 
 def test_a_new_version_is_served_after_the_next_look_at_the_repository(models_dir: Path) -> None:
-    settings = ServiceSettings(custom_models_dir=str(models_dir), custom_poll_s=3600)
+    settings = ServiceSettings(custom_models_dir=str(models_dir), repository_poll_s=0)
     app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
     client = app.test_client()
     first = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
     publish(models_dir, "bright", ["light", "dark"], sign=-1.0)
-    app.extensions["heads"].refresh()
+    app.extensions["models"].refresh()
     second = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
     assert (first["version"], second["version"]) == ("1", "2")
     assert first["predictions"][0]["label"] != second["predictions"][0]["label"]
     repository.remove(models_dir, "bright")
-    app.extensions["heads"].refresh()
+    app.extensions["models"].refresh()
     assert client.post("/v1/predict?model=bright", data=photo()).status_code == 404
 
 
@@ -176,17 +177,17 @@ def publish_tuned(root: Path, name: str, sign: float = 1.0, broken: bool = False
 
 def tuned_service(
     root: Path, backbone: Backbone | None = None, **settings: object
-) -> tuple[Backbone, FlaskClient, heads.HeadSet]:
+) -> tuple[Backbone, FlaskClient, ModelManager]:
     """A service whose fine-tuned models have loaded (they load on a thread of their own)."""
     backbone = backbone or Backbone()
-    config = ServiceSettings(custom_models_dir=str(root), custom_poll_s=3600, backend="keras", **settings)  # type: ignore[arg-type]
+    config = ServiceSettings(custom_models_dir=str(root), repository_poll_s=0, backend="keras", **settings)  # type: ignore[arg-type]
     app = create_app(resnet50.SPEC, config, backbone, background_load=False)
-    custom: heads.HeadSet = app.extensions["heads"]
+    custom: ModelManager = app.extensions["models"]
     settle(custom)
     return backbone, app.test_client(), custom
 
 
-def settle(custom: heads.HeadSet) -> None:
+def settle(custom: ModelManager) -> None:
     wait_until(lambda: not custom.loading(), 60, "fine-tuned models to load")
 
 
@@ -227,7 +228,6 @@ def test_a_fine_tuned_model_is_not_stale_when_the_base_changes_weights(tmp_path:
 def test_a_new_fine_tuned_version_replaces_the_old_which_is_closed(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
     _, client, custom = tuned_service(tmp_path)
-    custom.close_after_s = 0.0
     old = custom.get("tuned")
     assert isinstance(old, heads.FineTuned)
     publish_tuned(tmp_path, "tuned", sign=-1.0)
@@ -267,13 +267,13 @@ def test_fine_tuned_models_beyond_the_limit_and_broken_ones_are_listed_not_serve
 
 
 def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(models_dir: Path) -> None:
-    settings = ServiceSettings(custom_models_dir=str(models_dir), custom_poll_s=3600)
+    settings = ServiceSettings(custom_models_dir=str(models_dir), repository_poll_s=0)
     app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
     client = app.test_client()
     first = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
     repository.remove(models_dir, "bright")
     publish(models_dir, "bright", ["light", "dark"], sign=-1.0)  # between two looks: version 1 again
-    app.extensions["heads"].refresh()
+    app.extensions["models"].refresh()
     again = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
     assert first["version"] == again["version"] == "1"
     assert first["predictions"][0]["label"] != again["predictions"][0]["label"]

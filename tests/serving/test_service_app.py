@@ -80,7 +80,7 @@ def test_not_ready_until_loaded_then_ready() -> None:
     assert_error(client.post("/v1/predict", data=photo(), content_type="image/jpeg"), 503, "model_not_ready")
     gate.set()
     for _ in range(200):  # poll, do not sleep-and-hope
-        if app.extensions["model"].state != "loading":
+        if app.extensions["models"].base.state != "loading":
             break
         threading.Event().wait(0.01)
     assert client.get("/health/ready").status_code == 200
@@ -209,7 +209,7 @@ def test_a_request_past_its_deadline_gets_504_and_bad_deadlines_400() -> None:
 
 def test_an_overloaded_service_refuses_with_503_before_reading_the_body(runtime: EchoRuntime) -> None:
     app = create_app(resnet50.SPEC, ServiceSettings(max_queue_images=16), runtime, background_load=False)
-    batcher = app.extensions["batcher"]
+    batcher = app.extensions["models"].base.batcher
     batcher.times.observe(1, 0.040)
     batcher.times.observe(8, 0.320)
     runtime.batches.clear()
@@ -239,7 +239,7 @@ def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> No
 def test_priority_header_is_interactive_or_batch_and_nothing_else(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batcher = client.application.extensions["batcher"]
+    batcher = client.application.extensions["models"].base.batcher
     submitted, submit = [], batcher.submit
 
     def spy(*args: object, **kwargs: object) -> object:

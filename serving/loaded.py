@@ -1,24 +1,21 @@
-"""The model a service serves, and how a newer version replaces it without a pause.
+"""One model a service serves: a runtime with its batcher, state, labels, preprocessing and version.
 
-``LoadedModel`` holds a runtime with its state, labels, preprocessing and version. A new version
-is loaded and warmed beside the old one, then swapped into the batcher in one step: the batch
-running finishes on the old runtime, every later batch uses the new one, and each answer names the
-version that computed it. ``Reloader`` finds the repository's newest version, on a poll or on the
-admin endpoint's call; a version that fails to load leaves the old one serving.
+The service's own model and each fine-tuned custom model is one of these, one per version: a new
+version is a new ``LoadedModel``, loaded, warmed and timed beside the old one, which
+``serving.manager`` swaps in and then closes (its batcher answers what it queued, then stops).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from common import labels as labels_mod
-from common import metrics, repository
-from common.errors import BadRequest, ModelNotReady, ServiceError
+from common import metrics
+from common.errors import ModelNotReady
 from common.models import ModelSpec
 from serving import preprocessing
 from serving.batching import Batcher
@@ -35,19 +32,19 @@ class LoadedModel:
         spec: ModelSpec,
         runtime: Runtime,
         labels: labels_mod.Labels,
-        batcher: Batcher,
+        batcher_for: Callable[[Callable[[np.ndarray], Outputs]], Batcher],
         version: str = "",
     ) -> None:
+        """``batcher_for(predict)``: this model's own batcher, feeding ``predict``."""
         self.spec = spec
         self.runtime = runtime
         self.labels = labels
-        self.batcher = batcher
         self.version = version
         self.preprocess = preprocessing.get(spec.preprocessing)
+        self.batcher = batcher_for(self._pipeline(runtime))
         self.state = "loading"
         self.error = ""
         self.info: RuntimeInfo | None = None
-        self._switching = threading.Lock()
 
     def _load(self, runtime: Runtime) -> RuntimeInfo:
         info = runtime.load()
@@ -82,34 +79,16 @@ class LoadedModel:
             predict(pixels)
             self.batcher.times.observe(batch, time.monotonic() - started)
 
-    def switch(self, runtime: Runtime, version: str) -> RuntimeInfo | None:
-        """Load and warm ``runtime`` (the old one keeps serving meanwhile), then serve it. None when
-        ``version`` is already served (a poll and an admin call can race: one loads it)."""
-        with self._switching:
-            if version == self.version:
-                return None
-            info = self._load(runtime)
-            previous = self.version
-            self.runtime, self.info, self.version = runtime, info, version
-            self.batcher.swap(self._pipeline(runtime), (info, version))
-        log.info(
-            "%s now serves version %s (was %s), weights hash %s",
-            self.spec.name,
-            version,
-            previous,
-            info.weights_hash,
-        )
-        return info
-
-    def load(self) -> None:
+    def load(self) -> bool:
+        """Load, check, warm and time the model; False (``state`` failed, ``error`` why) when it
+        does not load."""
         try:
             info = self._load(self.runtime)
             self._seed_batch_times(self.runtime)
         except Exception as exc:
             log.exception("loading %s failed", self.spec.name)
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            return
-        self.batcher.swap(self._pipeline(self.runtime), (info, self.version))
+            return False
         self.info, self.state = info, "ready"
         metrics.MODEL_LOAD_SECONDS.labels(self.spec.name, info.backend).set(info.load_seconds)
         metrics.MODEL_READY.labels(self.spec.name).set(1)
@@ -127,12 +106,11 @@ class LoadedModel:
             info.load_seconds,
             self.batcher.times.snapshot(),
         )
+        return True
 
-    def start(self, background: bool = True) -> None:
-        if background:
-            threading.Thread(target=self.load, name=f"load-{self.spec.name}", daemon=True).start()
-        else:
-            self.load()
+    def close(self) -> None:
+        """No longer served: answer what is queued, then let the runtime go."""
+        self.batcher.close()
 
     def require_ready(self) -> RuntimeInfo:
         if self.info is None:
@@ -160,51 +138,3 @@ class LoadedModel:
             "labels_hash": self.labels.digest,
             **({"error": self.error} if self.error else {}),
         }
-
-
-class Reloader:
-    """Serves the repository's newest version: on ``reload()`` (admin endpoint) or every ``poll_s``."""
-
-    def __init__(self, model: LoadedModel, root: str, build: Callable[[int], Runtime]) -> None:
-        self.model = model
-        self.root = root
-        self.build = build
-
-    def reload(self) -> dict[str, object]:
-        """Serve the repository's highest version if it is newer than the one served."""
-        model, name = self.model, self.model.spec.name
-        if not self.root:
-            raise BadRequest("this service has no MODEL_REPOSITORY: nothing to reload", code="no_repository")
-        newest = repository.latest(self.root, name)
-        previous = model.version
-        if model.info is None or str(newest) == previous:
-            return {"version": previous, "previous": previous, "changed": False}
-        try:
-            info = model.switch(self.build(newest), str(newest))
-            if info is None:  # another reload (the poller) got there first
-                return {"version": model.version, "previous": previous, "changed": False}
-        except Exception as exc:  # the served version keeps serving
-            log.exception("%s version %d did not load", name, newest)
-            raise ServiceError(
-                f"version {newest} did not load ({type(exc).__name__}: {exc}); still serving {previous}",
-                code="reload_failed",
-            ) from None
-        return {
-            "version": str(newest),
-            "previous": previous,
-            "changed": True,
-            "weights_hash": info.weights_hash,
-        }
-
-    def poll(self, every_s: float) -> None:
-        """Check for a newer version every ``every_s`` seconds, in a background thread."""
-
-        def loop() -> None:
-            while True:
-                time.sleep(every_s)
-                try:
-                    self.reload()
-                except Exception:  # a broken new version: keep serving the old one, say why
-                    log.exception("%s: the newest repository version did not load", self.model.spec.name)
-
-        threading.Thread(target=loop, name=f"repository-{self.model.spec.name}", daemon=True).start()
