@@ -1,5 +1,6 @@
 """What the gateway, the job workers and the model services say to each other, besides JSON: the
-headers of a member call, the priorities, and how a vector of floats travels.
+headers of a member call, the priorities, how a vector of floats travels, and how a moment is
+written (one format in every answer, record and file).
 
 No Flask and no TensorFlow here: the fleet client (``fleet/``) and the services both import it.
 """
@@ -7,6 +8,7 @@ No Flask and no TensorFlow here: the fleet client (``fleet/``) and the services 
 from __future__ import annotations
 
 import base64
+import time
 from enum import StrEnum
 from typing import Any
 
@@ -34,3 +36,12 @@ def encode_vector(vector: np.ndarray) -> dict[str, str]:
 def decode_vector(encoded: dict[str, Any]) -> np.ndarray:
     """``encode_vector``'s inverse (a read-only float32 array; raises on a malformed one)."""
     return np.frombuffer(base64.b64decode(encoded["data"]), "<f4")
+
+
+def timestamp(moment: float | None) -> str | None:
+    """A Unix time as every answer writes it: RFC 3339, UTC, milliseconds,
+    ``2026-12-02T14:05:09.123Z``; None for None or 0 ("never")."""
+    if not moment:
+        return None
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment))
+    return f"{whole}.{int(moment % 1 * 1000):03d}Z"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import requests
+
+from common import wire
 
 log = logging.getLogger(__name__)
 MISSED_PROBES_DOWN = 3  # consecutive probe time-outs before a replica counts as down
@@ -60,13 +61,12 @@ class Replica:
         return False
 
     def describe(self) -> dict[str, Any]:
-        """This replica's entry in ``/v1/models``: as of ``checked_at`` (ISO 8601, None if never)."""
-        checked = datetime.fromtimestamp(self.checked_at, UTC) if self.checked_at else None
+        """This replica's entry in ``/v1/models``, as of ``checked_at`` (None: never probed)."""
         return {
             "url": self.url,
             **({"host": self.host} if self.host else {}),
             "ready": self.ready,
             "weights": self.metadata.get("weights"),
             "state": self.metadata.get("state", "unreachable"),
-            "checked_at": checked.isoformat(timespec="seconds") if checked else None,
+            "checked_at": wire.timestamp(self.checked_at),
         }

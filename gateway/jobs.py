@@ -31,7 +31,8 @@ from common import metrics, web
 from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
 from common.jobs.settings import JobSettings
-from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect, describe
+from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect
+from common.jobs.views import describe
 from common.tenancy.quotas import Allowance, QuotaBook
 from common.tenancy.settings import QuotaSettings
 from fleet.client import ModelClient

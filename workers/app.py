@@ -21,7 +21,7 @@ from celery import Task
 from celery.signals import setup_logging, worker_ready
 
 from common import logs, repository
-from common.jobs import queue
+from common.jobs import queue, upkeep
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, JobStoreUnavailable, connect
 from common.tenancy.keys import KeyStore
@@ -121,10 +121,10 @@ def watch(jobs: JobStore) -> None:
     one whose retry could not be published while Redis was down. Duplicates are harmless: a
     recorded chunk is skipped."""
     waiting = int(jobs.redis.llen(SETTINGS.queue))  # type: ignore[arg-type]
-    for job_id, chunks in jobs.stalled(SETTINGS.stall_s, pending_too=waiting == 0):
+    for job_id, chunks in upkeep.stalled(jobs, SETTINGS.stall_s, pending_too=waiting == 0):
         log.warning("stalled job: chunks queued again", extra={"job_id": job_id, "chunks": len(chunks)})
         queue.enqueue(app, job_id, chunks)
-    for job_id in jobs.stalled_training(TRAINING.stall_s):
+    for job_id in upkeep.stalled_training(jobs, TRAINING.stall_s):
         reason = (
             f"the training worker stopped (killed or crashed): no sign of it for {TRAINING.stall_s:g}s; "
             "nothing was published - submit the training again"
@@ -164,7 +164,7 @@ def _housekeeping(sender: Any = None, **_: Any) -> None:
                 watch(jobs)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SETTINGS.sweep_interval_s
-                    if removed := jobs.sweep():
+                    if removed := upkeep.sweep(jobs.root):
                         log.info("expired job folders removed", extra={"removed": removed})
                     if trainer:  # the repository's one writer sweeps what a killed publisher left
                         repository.sweep_staging(Path(TRAINING.models_dir))

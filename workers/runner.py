@@ -29,7 +29,8 @@ from werkzeug.datastructures import MultiDict
 
 from common.errors import ServiceError
 from common.jobs.settings import JobSettings
-from common.jobs.store import ACTIVE, JobStore, describe
+from common.jobs.store import ACTIVE, JobStore
+from common.jobs.views import describe
 from fleet.fetch import UrlFetcher
 from fleet.predict import ImageInput, Predictor, Selection, select
 from fleet.settings import FleetSettings

@@ -34,6 +34,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from common.jobs import scripts
+
 ADMIN = "admin"  # the owner of jobs made before keys existed (common.tenancy.keys.ADMIN_ID)
 
 PREFIX = "imagerec:job:"
@@ -44,59 +46,6 @@ ITEMS = "imagerec:jobs:items:"  # + done | failed: items finished, all jobs (for
 ACTIVE = ("pending", "running")
 TERMINAL = ("completed", "failed", "cancelled")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-_RECORD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('EXPIREAT', KEYS[2], tonumber(redis.call('HGET', KEYS[1], 'expires_at')))
-redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3])
-redis.call('HSET', KEYS[1], 'progress_at', ARGV[4])
-redis.call('INCRBY', KEYS[3], ARGV[2])
-redis.call('INCRBY', KEYS[4], ARGV[3])
-if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[1], 'weights', ARGV[5]) end
-local status = redis.call('HGET', KEYS[1], 'status')
-local chunks = tonumber(redis.call('HGET', KEYS[1], 'chunks'))
-if redis.call('SCARD', KEYS[2]) >= chunks and (status == 'pending' or status == 'running') then
-  local final = 'completed'
-  if tonumber(redis.call('HGET', KEYS[1], 'done')) == 0 then final = 'failed' end
-  redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[4])
-  return 2
-end
-return 1
-"""
-
-_START = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-return 1
-"""
-
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return nil end
-if status == 'running' and redis.call('HGET', KEYS[1], 'phase') == 'publishing' then
-  return 'publishing'
-end
-if status == 'pending' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
-  return 'cancelled'
-end
-return status
-"""
-
-_UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
-_FINISH = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'pending' and status ~= 'running' then return status end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], unpack(ARGV, 3))
-return ARGV[1]
-"""
 
 NUMBERS = ("total", "chunks", "chunk_images", "done", "failed", "top_k", "epochs_total")
 TRAINING_JSON = ("classes", "counts", "skipped", "history", "evaluation", "options", "served")
@@ -120,6 +69,14 @@ def connect(url: str, *, retries: int) -> redis.Redis:
     )
 
 
+def call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """A Redis call of the store: its failure is ``JobStoreUnavailable``."""
+    try:
+        return method(*args, **kwargs)
+    except redis.RedisError as exc:
+        raise JobStoreUnavailable(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class Recorded:
     """What recording a chunk did: ``first`` (its counts were added now) and ``finished`` (this
@@ -134,11 +91,11 @@ class JobStore:
         self.redis = client
         self.root = root
         self.retention_s = retention_s
-        self._record = client.register_script(_RECORD)
-        self._start = client.register_script(_START)
-        self._cancel = client.register_script(_CANCEL)
-        self._finish = client.register_script(_FINISH)
-        self._update = client.register_script(_UPDATE)
+        self._record = client.register_script(scripts.RECORD)
+        self._start = client.register_script(scripts.START)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._finish = client.register_script(scripts.FINISH)
+        self._update = client.register_script(scripts.UPDATE)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -203,7 +160,7 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         if not JOB_ID.match(job_id):
             return None
-        raw = self._call(self.redis.hgetall, self.key(job_id))
+        raw = call(self.redis.hgetall, self.key(job_id))
         return self._decode(raw) if raw else None
 
     def recent(
@@ -212,61 +169,31 @@ class JobStore:
         """Newest first; ``before`` (a creation time) pages on; ``owner``: that principal's alone."""
         top = f"({before}" if before is not None else "+inf"
         index = INDEX if owner is None else OWNED + owner
-        ids = self._call(self.redis.zrevrangebyscore, index, top, "-inf", start=0, num=limit)
+        ids = call(self.redis.zrevrangebyscore, index, top, "-inf", start=0, num=limit)
         with self.redis.pipeline() as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))
-            found = self._call(pipe.execute)
+            found = call(pipe.execute)
         return [self._decode(raw) for raw in found if raw]
 
     def active(self, newest: int = 1000) -> list[dict[str, Any]]:
         """Every pending and running job (the set admission keeps, however many), and any among the
         ``newest`` that is not in it (made before it existed)."""
-        ids = set(self._call(self.redis.smembers, ACTIVE_SET))
-        ids |= set(self._call(self.redis.zrevrange, INDEX, 0, newest - 1))
+        ids = set(call(self.redis.smembers, ACTIVE_SET))
+        ids |= set(call(self.redis.zrevrange, INDEX, 0, newest - 1))
         with self.redis.pipeline() as pipe:
             for job_id in ids:
                 pipe.hgetall(self.key(job_id))
-            found = self._call(pipe.execute)
+            found = call(pipe.execute)
         return [job for job in (self._decode(raw) for raw in found if raw) if job.get("status") in ACTIVE]
-
-    def stalled(self, stall_s: float, *, pending_too: bool) -> list[tuple[str, list[int]]]:
-        """Running jobs (and pending ones, with ``pending_too``) that recorded nothing for
-        ``stall_s``, with their unrecorded chunks; each is marked as progressing now, so it is
-        reported once per period."""
-        now = time.time()
-        found = []
-        states = ("running", "pending") if pending_too else ("running",)
-        for job in self.active():
-            if job.get("kind", "inference") != "inference":
-                continue  # training jobs have no chunks: see stalled_training
-            if job["status"] not in states or now - job.get("progress_at", now) < stall_s:
-                continue
-            recorded = {int(c) for c in self._call(self.redis.smembers, self.key(job["id"]) + ":chunks")}
-            missing = [c for c in range(job["chunks"]) if c not in recorded]
-            self._call(self.redis.hset, self.key(job["id"]), "progress_at", now)
-            if missing:
-                found.append((job["id"], missing))
-        return found
-
-    def stalled_training(self, stall_s: float) -> list[str]:
-        """Running training jobs that reported no progress for ``stall_s``."""
-        now = time.time()
-        return [
-            job["id"]
-            for job in self.active()
-            if job.get("kind") == "training"
-            and job["status"] == "running"
-            and now - job.get("progress_at", now) >= stall_s
-        ]
 
     def states(self, newest: int = 1000) -> dict[str, int]:
         """Jobs by state among the ``newest`` (for metrics)."""
-        ids = self._call(self.redis.zrevrange, INDEX, 0, newest - 1)
+        ids = call(self.redis.zrevrange, INDEX, 0, newest - 1)
         with self.redis.pipeline() as pipe:
             for job_id in ids:
                 pipe.hget(self.key(job_id), "status")
-            found = self._call(pipe.execute)
+            found = call(pipe.execute)
         counts = dict.fromkeys((*ACTIVE, *TERMINAL), 0)
         for status in found:
             if status in counts:
@@ -274,7 +201,7 @@ class JobStore:
         return counts
 
     def items_finished(self) -> dict[str, int]:
-        done, failed = self._call(self.redis.mget, ITEMS + "done", ITEMS + "failed")
+        done, failed = call(self.redis.mget, ITEMS + "done", ITEMS + "failed")
         return {"done": int(done or 0), "failed": int(failed or 0)}
 
     def chunk_items(self, job_id: str, chunk: int) -> list[dict[str, Any]]:
@@ -294,10 +221,10 @@ class JobStore:
 
     def mark_running(self, job_id: str) -> bool:
         """``pending`` -> ``running``; False when the job was not pending (someone else runs it)."""
-        return bool(self._call(self._start, keys=[self.key(job_id)], args=[time.time()]))
+        return bool(call(self._start, keys=[self.key(job_id)], args=[time.time()]))
 
     def chunk_done(self, job_id: str, chunk: int) -> bool:
-        return bool(self._call(self.redis.sismember, self.key(job_id) + ":chunks", chunk))
+        return bool(call(self.redis.sismember, self.key(job_id) + ":chunks", chunk))
 
     def write_results(self, job_id: str, chunk: int, outcomes: list[dict[str, Any]]) -> None:
         """Write a chunk's results whole, then rename into place: readers never see half a file,
@@ -313,7 +240,7 @@ class JobStore:
     def record(
         self, job_id: str, chunk: int, done: int, failed: int, weights: dict[str, Any] | None
     ) -> Recorded:
-        outcome = self._call(
+        outcome = call(
             self._record,
             keys=[self.key(job_id), self.key(job_id) + ":chunks", ITEMS + "done", ITEMS + "failed"],
             args=[chunk, done, failed, time.time(), json.dumps(weights) if weights else ""],
@@ -326,7 +253,7 @@ class JobStore:
         for key, value in fields.items():
             flat += [key, json.dumps(value) if isinstance(value, dict | list) else value]
         # Only while the record exists: an expired job is not brought back as a stub.
-        self._call(self._update, keys=[self.key(job_id)], args=flat)
+        call(self._update, keys=[self.key(job_id)], args=flat)
 
     def finish(self, job_id: str, status: str, fields: dict[str, Any] | None = None) -> str | None:
         """End a pending or running job as ``status`` with ``fields``; returns the state it is in
@@ -334,41 +261,14 @@ class JobStore:
         flat: list[Any] = []
         for key, value in (fields or {}).items():
             flat += [key, json.dumps(value) if isinstance(value, dict | list) else value]
-        return self._call(self._finish, keys=[self.key(job_id)], args=[status, time.time(), *flat])
+        return call(self._finish, keys=[self.key(job_id)], args=[status, time.time(), *flat])
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a pending or running job; returns the state it is in now (None: no such job), or
         ``publishing``: a training job publishing its model can no longer be cancelled."""
-        return self._call(self._cancel, keys=[self.key(job_id)], args=[time.time()])
-
-    def sweep(self, now: float | None = None) -> int:
-        """Delete job folders whose retention has passed (and stale incoming ones); returns how many."""
-        now = time.time() if now is None else now
-        removed = 0
-        if not self.root.is_dir():
-            return 0
-        for folder in self.root.iterdir():
-            expires = folder / "EXPIRES"
-            try:
-                if expires.exists():
-                    stale = float(expires.read_text()) < now
-                else:  # an upload that never became a job (the gateway died while receiving it)
-                    stale = folder.name.startswith(".incoming-") and folder.stat().st_mtime < now - 3600
-            except (OSError, ValueError):
-                continue
-            if stale:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
-        return removed
+        return call(self._cancel, keys=[self.key(job_id)], args=[time.time()])
 
     # --- helpers ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except redis.RedisError as exc:
-            raise JobStoreUnavailable(str(exc)) from exc
 
     @staticmethod
     def _decode(raw: dict[str, Any]) -> dict[str, Any]:
@@ -383,89 +283,3 @@ class JobStore:
             if isinstance(job.get(name), str) and job[name]:
                 job[name] = json.loads(job[name])
         return job
-
-
-def _iso(moment: float | None) -> str | None:
-    if not moment:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
-
-
-def describe(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """A job as clients see it (``GET /v1/jobs/<id>``, the listing and the callback)."""
-    now = time.time() if now is None else now
-    if job.get("kind") == "training":
-        return _describe_training(job)
-    total, finished = job["total"], job["done"] + job["failed"]
-    started, ended = job.get("started_at"), job.get("finished_at")
-    elapsed = ((ended or now) - started) if started else 0.0
-    rate = finished / elapsed if elapsed > 0 else 0.0
-    active = job["status"] in ACTIVE
-    body: dict[str, Any] = {
-        "job_id": job["id"],
-        "kind": job.get("kind", "inference"),
-        "status": job["status"],
-        "model": job["model"],
-    }
-    if job.get("members") and job["model"] == "ensemble":
-        body |= {"members": job["members"], "vote": job.get("vote")}
-    body |= {
-        "top_k": job.get("top_k"),
-        "total": total,
-        "done": job["done"],
-        "failed": job["failed"],
-        "progress": round(finished / total, 4) if total else 1.0,
-        "images_per_s": round(rate, 2),
-        "eta_s": round((total - finished) / rate, 1) if active and rate > 0 else None,
-        "weights": job.get("weights"),
-        "created_at": _iso(job.get("created_at")),
-        "started_at": _iso(started),
-        "finished_at": _iso(ended),
-        "expires_at": _iso(job.get("expires_at")),
-        "links": {"self": f"/v1/jobs/{job['id']}", "results": f"/v1/jobs/{job['id']}/results"},
-    }
-    return body
-
-
-def _describe_training(job: dict[str, Any]) -> dict[str, Any]:
-    """A training job: its phase (``queued``, ``features``, ``training``, ``evaluating``,
-    ``publishing``, ``done``), features computed so far, each epoch's loss and accuracy, and on
-    completion the evaluation and the model it published. Fine-tuning has two stages of epochs
-    (``head``, then ``fine_tune``): ``epochs_total`` counts both, ``stage`` names the one running."""
-    total, computed = job["total"], job["done"] + job["failed"]
-    history = job.get("history") or []
-    epochs = job.get("epochs_total") or int(job.get("options", {}).get("epochs", 0))
-    # Features are most of the time on a CPU: they weigh 0.8 of the progress, epochs the rest.
-    progress = 0.8 * (computed / total if total else 1.0) + 0.2 * (len(history) / epochs if epochs else 0.0)
-    if job["status"] == "completed":
-        progress = 1.0
-    body: dict[str, Any] = {
-        "job_id": job["id"],
-        "kind": "training",
-        "status": job["status"],
-        "phase": job.get("phase", "queued"),
-        "model": job["model"],
-        "base": job.get("base"),
-        "options": job.get("options"),
-        "classes": job.get("classes"),
-        "counts": job.get("counts"),
-        "skipped": job.get("skipped") or [],
-        "total": total,
-        "features_done": job["done"],
-        "features_failed": job["failed"],
-        "progress": round(min(progress, 1.0), 4),
-        "epoch": len(history),
-        "epochs_total": epochs,
-        **({"stage": job["stage"]} if job.get("stage") else {}),
-        "history": history,
-        "evaluation": job.get("evaluation"),
-        "served": job.get("served"),
-        "error": job.get("error"),
-        "created_at": _iso(job.get("created_at")),
-        "started_at": _iso(job.get("started_at")),
-        "published_at": _iso(job.get("published_at")),
-        "finished_at": _iso(job.get("finished_at")),
-        "expires_at": _iso(job.get("expires_at")),
-        "links": {"self": f"/v1/jobs/{job['id']}", "model": f"/v1/models/{job['model']}"},
-    }
-    return body

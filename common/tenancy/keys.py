@@ -29,6 +29,7 @@ from typing import Any
 import redis
 from cachetools import TTLCache
 
+from common import wire
 from common.tenancy.settings import QUOTA_NAMES, AuthSettings
 
 SCOPES = ("predict", "jobs", "train", "admin")
@@ -268,6 +269,6 @@ def public(record: Mapping[str, str]) -> dict[str, Any]:
         "name": record.get("name", ""),
         "scopes": [s for s in record.get("scopes", "").split(",") if s],
         "quotas": json.loads(record.get("quotas") or "{}"),
-        "created_at": float(record.get("created_at") or 0),
+        "created_at": wire.timestamp(float(record.get("created_at") or 0)),
         "created_by": record.get("created_by", ""),
     }

@@ -36,8 +36,8 @@ workers) running Celery on the training queue with the gateway's environment: on
 at a time, each in a fresh process. It reads a training upload from the jobs claim, calls the base
 model through the gateway's client and publishes the custom model to ``CUSTOM_MODELS_DIR``, the
 ReadWriteMany claim ``imagerec-custom-models``: the model pods mount it read-only (each serves the
-custom models trained on it), the gateway writable (it deletes them), and the job worker, whose
-environment is the gateway's, writable too (its housekeeping sweeps what a killed publisher left).
+custom models trained on it), and so do the gateway and the job worker: the trainer alone writes
+it (it publishes, and removes the models the gateway is asked to delete).
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ from typing import Any
 
 import yaml
 
+from deploy.k8s.objects import (
+    PAUSE_S,
+    REDIS_PORT,
+    autoscaler,
+    claim,
+    deployment,
+    from_secret,
+    network_policy,
+    redis,
+    service,
+)
 from deploy.settings import (
     CUSTOM_MODELS_DIR,
     JOBS_DIR,
@@ -59,7 +70,6 @@ from deploy.settings import (
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "imagerec.yaml"
-PART_OF = {"app.kubernetes.io/part-of": "imagerec"}
 # Memory: the request is the base model alone; the limit leaves room for fine-tuned custom models,
 # each a copy of the backbone (ResNet50 measured +267 MB fp32; VGG16's weights are 5.6x ResNet50's),
 # CUSTOM_MAX_FINE_TUNED (2) of them plus one while a new version replaces one, and the child
@@ -69,238 +79,13 @@ MODELS = {  # name: (port, memory request, memory limit)
     "resnet50": (8502, "640Mi", "3Gi"),
     "inceptionv3": (8503, "640Mi", "3Gi"),
 }
-DRAIN_S = 30  # Gunicorn's graceful_timeout: a pod's grace period is this plus its preStop pause
-PAUSE_S = 5  # preStop: long enough for a Service's endpoints to drop the pod
 # NOTE: the gateway reads each model's headless Service name anew every GATEWAY_DNS_REFRESH_S (its
 # default, stated so the pause below follows it); CoreDNS hands out pod records with a 5 s TTL. A
 # model pod keeps serving until both have passed, so the gateway stops calling it before it drains.
 GATEWAY_DNS_REFRESH_S = 10
 MODEL_PAUSE_S = GATEWAY_DNS_REFRESH_S + 5
-APP_ID = 10001  # the Dockerfile's non-root `app` user, and its group (same id)
-REDIS_ID = 999  # the redis image's `redis` user and group
-REDIS_PORT = 6379
-SECRET = "imagerec-secrets"  # made by the operator (README "On Kubernetes"): never rendered here
 KERAS_HOME = "/keras"  # the shared volume: ImageNet weights in models/, converted backends below
 MODEL_CACHE = f"{KERAS_HOME}/converted"
-
-
-def from_secret(key: str, optional: bool = False) -> dict[str, Any]:
-    """An environment value read from the ``imagerec-secrets`` Secret's ``key``."""
-    ref: dict[str, Any] = {"name": SECRET, "key": key}
-    if optional:
-        ref["optional"] = True
-    return {"secretKeyRef": ref}
-
-
-def labels(component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": component, **PART_OF}
-
-
-def http_probe(path: str, port: int, period_s: int, failures: int) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": port},
-        "periodSeconds": period_s,
-        "timeoutSeconds": 3,
-        "failureThreshold": failures,
-    }
-
-
-def app_user_security(volumes: bool, user: int = APP_ID) -> dict[str, Any]:
-    """The pod runs as the image's `app` user (Pod Security "restricted"). With ``volumes``, fsGroup
-    gives each mounted volume that user's group, group-writable, so the model writes its converted
-    backends to the shared cache (without it conversion fails and the pod serves Keras, over its
-    memory limit), and the gateway and the workers their job folders; OnRootMismatch skips the
-    recursive chown once the volume's root is right."""
-    context: dict[str, Any] = {
-        "runAsNonRoot": True,
-        "runAsUser": user,
-        "runAsGroup": user,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    if volumes:
-        context |= {"fsGroup": user, "fsGroupChangePolicy": "OnRootMismatch"}
-    return context
-
-
-def claim(name: str, access: str, storage: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": name, "labels": PART_OF},
-        "spec": {"accessModes": [access], "resources": {"requests": {"storage": storage}}},
-    }
-
-
-def deployment(
-    component: str,
-    image: str,
-    port: int | None,
-    env: dict[str, Any],
-    resources: dict[str, dict[str, str]],
-    *,
-    startup_failures: int = 0,
-    volumes: list[dict[str, Any]] | None = None,
-    mounts: list[dict[str, Any]] | None = None,
-    pause_s: int = PAUSE_S,
-    as_app_user: bool = False,
-    command: list[str] | None = None,
-    grace_s: int | None = None,
-) -> dict[str, Any]:
-    """A Deployment of one container; ``port`` None: no HTTP (no probes, no pause, no scraping).
-    An ``env`` value is a string, or a ``from_secret`` reference."""
-    container: dict[str, Any] = {"name": component, "image": image}
-    if command:
-        container["command"] = command
-    if port is not None:
-        container["ports"] = [{"name": "http", "containerPort": port}]
-    if env:
-        container["env"] = [
-            {"name": k, "value": v} if isinstance(v, str) else {"name": k, "valueFrom": v}
-            for k, v in env.items()
-        ]
-    container["resources"] = resources
-    if port is not None:
-        container |= {
-            "startupProbe": http_probe("/health/live", port, 5, startup_failures),
-            "readinessProbe": http_probe("/health/ready", port, 5, 2),
-            "livenessProbe": http_probe("/health/live", port, 10, 3),
-            "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(pause_s)]}}},
-        }
-    if mounts:
-        container["volumeMounts"] = mounts
-    grace = grace_s if grace_s is not None else DRAIN_S + pause_s
-    spec: dict[str, Any] = {"terminationGracePeriodSeconds": grace, "containers": [container]}
-    if as_app_user:
-        spec["securityContext"] = app_user_security(bool(volumes))
-        container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    if volumes:
-        spec["volumes"] = volumes
-    template: dict[str, Any] = {"metadata": {"labels": labels(component)}, "spec": spec}
-    if port is not None:
-        template["metadata"]["annotations"] = {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(port),
-            "prometheus.io/path": "/metrics",
-        }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": component, "labels": labels(component)},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app.kubernetes.io/name": component}},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": template,
-        },
-    }
-
-
-def service(
-    component: str, port: int, kind: str = "ClusterIP", *, headless: bool = False, port_name: str = "http"
-) -> dict[str, Any]:
-    """The component's pods behind one virtual IP; or, ``headless``, ``<component>-pods``: a DNS
-    name that answers with every ready pod's address, so a client that resolves it sees each pod.
-    (Through a virtual IP, pooled keep-alive connections stay on the first pods and one circuit
-    breaker covers them all.)"""
-    spec: dict[str, Any] = {"type": kind}
-    if headless:
-        spec |= {"clusterIP": "None", "publishNotReadyAddresses": False}
-    spec |= {
-        "selector": {"app.kubernetes.io/name": component},
-        "ports": [{"name": port_name, "port": port, "targetPort": port_name}],
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"{component}-pods" if headless else component, "labels": labels(component)},
-        "spec": spec,
-    }
-
-
-def autoscaler(component: str, maximum: int, cpu_percent: int = 70) -> dict[str, Any]:
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": component, "labels": labels(component)},
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": component},
-            "minReplicas": 1,
-            "maxReplicas": maximum,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {"type": "Utilization", "averageUtilization": cpu_percent},
-                    },
-                }
-            ],
-        },
-    }
-
-
-def redis(name: str = "redis", *, cache: bool = False) -> list[dict[str, Any]]:
-    """One Redis pod, run as the image's `redis` user, with a password from the Secret; its Service
-    is the host of ``REDIS_URL`` (``redis``) or of the response cache (``redis-cache``). The queue's
-    keeps an append-only file on a claim of its own (Recreate: one pod at a time writes it) and
-    never evicts: at its maxmemory writes fail, and the fleet answers 503. The cache's keeps
-    nothing and evicts the least recently used (an eviction policy is per server: two servers)."""
-    memory = "256mb" if cache else "1gb"
-    limit = "384Mi" if cache else "1536Mi"  # maxmemory plus Redis's own overhead and the rewrite
-    resources = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": limit}}
-    mounts = [] if cache else [{"name": "data", "mountPath": "/data"}]
-    deploy = deployment(
-        name,
-        "redis:7",
-        None,
-        {},
-        resources,
-        volumes=[] if cache else [{"name": "data", "persistentVolumeClaim": {"claimName": "imagerec-redis"}}],
-        mounts=mounts,
-        as_app_user=True,
-        grace_s=30,  # time to write the append-only file out
-    )
-    deploy["spec"]["strategy"] = {"type": "Recreate"}
-    pod = deploy["spec"]["template"]["spec"]
-    pod["securityContext"] = app_user_security(not cache, user=REDIS_ID)
-    policy = ["--maxmemory", memory, "--maxmemory-policy", "allkeys-lru" if cache else "noeviction"]
-    keep = ["--appendonly", "no", "--save", ""] if cache else ["--appendonly", "yes"]
-    ping = 'redis-cli -a "$REDIS_PASSWORD" --no-auth-warning ping | grep -q PONG'
-    pod["containers"] = [
-        {
-            "name": name,
-            "image": "redis:7",
-            # Kubernetes expands $(REDIS_PASSWORD) from the container's environment.
-            "command": ["redis-server", *keep, "--requirepass", "$(REDIS_PASSWORD)", *policy],
-            "env": [{"name": "REDIS_PASSWORD", "valueFrom": from_secret("redis-password")}],
-            "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
-            "resources": resources,
-            "readinessProbe": {"exec": {"command": ["sh", "-c", ping]}, "periodSeconds": 5},
-            "livenessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 10},
-            **({"volumeMounts": mounts} if mounts else {}),
-            "securityContext": pod["containers"][0]["securityContext"],
-        }
-    ]
-    if not pod.get("volumes"):
-        pod.pop("volumes", None)
-    made = [deploy, service(name, REDIS_PORT, port_name="redis")]
-    return made if cache else [claim("imagerec-redis", "ReadWriteOnce", "1Gi"), *made]
-
-
-def network_policy(component: str, sources: tuple[str, ...]) -> dict[str, Any]:
-    """Only pods of ``sources`` may connect to ``component``'s pods (any port)."""
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": f"{component}-ingress", "labels": labels(component)},
-        "spec": {
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": component}},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": s}}} for s in sources]}
-            ],
-        },
-    }
 
 
 def network_policies() -> list[dict[str, Any]]:
@@ -313,6 +98,11 @@ def network_policies() -> list[dict[str, Any]]:
         *(network_policy(name, callers) for name in ("redis", "redis-cache", *MODELS)),
         network_policy("gateway", ("nginx",)),
     ]
+
+
+CUSTOM_VOLUME = {"name": "custom-models", "persistentVolumeClaim": {"claimName": "imagerec-custom-models"}}
+CUSTOM_MOUNT = {"name": "custom-models", "mountPath": CUSTOM_MODELS_DIR}
+KERAS_VOLUME = {"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}}
 
 
 def documents() -> list[dict[str, Any]]:
@@ -332,11 +122,13 @@ def documents() -> list[dict[str, Any]]:
         *redis("redis-cache", cache=True),
         *network_policies(),
     ]
-    custom_volume = {
-        "name": "custom-models",
-        "persistentVolumeClaim": {"claimName": "imagerec-custom-models"},
-    }
-    custom_mount = {"name": "custom-models", "mountPath": CUSTOM_MODELS_DIR}
+    return [*docs, *model_pods(), *job_pods(), *nginx_pods()]
+
+
+def model_pods() -> list[dict[str, Any]]:
+    """Per model: a Deployment, a headless Service (one replica per ready pod to the gateway) and
+    an autoscaler, so each model scales on its own."""
+    docs: list[dict[str, Any]] = []
     for name, (port, memory, memory_limit) in MODELS.items():
         docs.append(
             deployment(
@@ -355,11 +147,11 @@ def documents() -> list[dict[str, Any]]:
                 {"requests": {"cpu": "1", "memory": memory}, "limits": {"cpu": "2", "memory": memory_limit}},
                 startup_failures=60,  # up to 5 minutes to load, convert and warm
                 volumes=[
-                    {"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}},
-                    custom_volume,
+                    KERAS_VOLUME,
+                    CUSTOM_VOLUME,
                 ],
                 # The service only reads the custom models (it serves those trained on it).
-                mounts=[{"name": "keras", "mountPath": KERAS_HOME}, {**custom_mount, "readOnly": True}],
+                mounts=[{"name": "keras", "mountPath": KERAS_HOME}, {**CUSTOM_MOUNT, "readOnly": True}],
                 pause_s=MODEL_PAUSE_S,
                 as_app_user=True,
             )
@@ -367,6 +159,11 @@ def documents() -> list[dict[str, Any]]:
         docs += [service(name, port, headless=True), autoscaler(name, maximum=4)]
     # Each model's headless Service: the gateway resolves it into one replica per ready pod, anew
     # every GATEWAY_DNS_REFRESH_S, stated here because the model pods' preStop pause follows it.
+    return docs
+
+
+def job_pods() -> list[dict[str, Any]]:
+    """The gateway, the job worker and the trainer: one environment, the jobs' folders."""
     gateway_env: dict[str, Any] = {
         **{f"{name.upper()}_URLS": f"http://{name}-pods:{port}" for name, (port, _, _) in MODELS.items()},
         "GATEWAY_DNS_REFRESH_S": str(GATEWAY_DNS_REFRESH_S),
@@ -382,14 +179,14 @@ def documents() -> list[dict[str, Any]]:
         "JOBS_DIR": JOBS_DIR,
         "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
     }
-    jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}, custom_volume]
+    jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}, CUSTOM_VOLUME]
     # The trainer is the model repository's one writer (it removes models too, when the gateway
     # asks): the gateway and the job worker read it.
     jobs_mount: list[dict[str, Any]] = [
         {"name": "jobs", "mountPath": JOBS_DIR},
-        {**custom_mount, "readOnly": True},
+        {**CUSTOM_MOUNT, "readOnly": True},
     ]
-    docs += [
+    return [
         deployment(
             "gateway",
             "imagerec-gateway:latest",
@@ -437,17 +234,21 @@ def documents() -> list[dict[str, Any]]:
             command=trainer_command(),
             volumes=[
                 *jobs_volume,
-                {"name": "keras", "persistentVolumeClaim": {"claimName": "imagerec-keras"}},
+                KERAS_VOLUME,
             ],
             mounts=[
                 {"name": "jobs", "mountPath": JOBS_DIR},
-                custom_mount,
+                CUSTOM_MOUNT,
                 {"name": "keras", "mountPath": KERAS_HOME, "readOnly": True},
             ],
             as_app_user=True,
             grace_s=trainer_stop_grace_s(),
         ),
     ]
+
+
+def nginx_pods() -> list[dict[str, Any]]:
+    """Nginx in front: the only public Service."""
     nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000", **NginxLimits().template_values()}
     nginx = deployment(
         "nginx",
@@ -470,8 +271,7 @@ def documents() -> list[dict[str, Any]]:
     container["readinessProbe"]["httpGet"]["path"] = "/health/ready"
     container["lifecycle"]["preStop"]["exec"]["command"] = ["sh", "-c", f"sleep {PAUSE_S}; nginx -s quit"]
     del nginx["spec"]["template"]["metadata"]["annotations"]  # /metrics is not served by Nginx
-    docs += [nginx, service("nginx", 8080, "LoadBalancer"), autoscaler("nginx", maximum=3)]
-    return docs
+    return [nginx, service("nginx", 8080, "LoadBalancer"), autoscaler("nginx", maximum=3)]
 
 
 def render() -> str:

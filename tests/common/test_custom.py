@@ -13,9 +13,9 @@ import pytest
 from common import imaging, repository
 from common.jobs.archive import Entry
 from common.training import dataset
-from serving import custom as heads
+from serving import custom
 from tests import colours
-from workers.training import fit as train
+from workers.training import fit
 
 
 def meta(name: str = "pets", base: str = "resnet50", classes: tuple[str, ...] = ("cat", "dog")) -> dict:
@@ -37,12 +37,12 @@ def test_versions_are_published_whole_and_numbered_in_turn(tmp_path: Path) -> No
     assert publish(tmp_path, scale=2.0) == 2
     assert sorted(p.name for p in (tmp_path / "pets").iterdir()) == ["1", "2"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
-    head = heads.load(tmp_path / "pets" / "2", "pets", 2)
+    head = custom.load(tmp_path / "pets" / "2", "pets", 2)
     probabilities = head.apply(np.array([[1.0, 0.0, 0.0], [-1.0, 5.0, 0.0]], np.float32))
     expected = np.exp([2.0, -2.0]) / np.exp([2.0, -2.0]).sum()
     assert np.allclose(probabilities[0], expected) and np.allclose(probabilities.sum(axis=1), 1)
     assert head.describe()["class_names"] == ["cat", "dog"] and head.describe()["version"] == "2"
-    assert head.weights_hash != heads.load(tmp_path / "pets" / "1", "pets", 1).weights_hash
+    assert head.weights_hash != custom.load(tmp_path / "pets" / "1", "pets", 1).weights_hash
 
 
 def test_pruning_keeps_the_newest_versions_only(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_a_version_that_does_not_fit_its_metadata_is_refused(tmp_path: Path) -> 
     folder = tmp_path / "pets" / "1"
     (folder / repository.META_FILE).write_text(json.dumps({**meta(), "features": 4}))
     with pytest.raises(ValueError, match="do not fit"):
-        heads.load(folder, "pets", 1)
+        custom.load(folder, "pets", 1)
 
 
 @pytest.mark.parametrize(
@@ -151,10 +151,10 @@ def test_class_and_image_limits(tmp_path: Path) -> None:
 
 def test_the_split_holds_out_each_class_alike_and_never_all_of_it() -> None:
     labels = np.array([0] * 10 + [1] * 5 + [2] * 2)
-    kept, held = train.split(labels, 0.2)
+    kept, held = fit.split(labels, 0.2)
     assert sorted([*kept, *held]) == list(range(17))
     assert [int((labels[held] == c).sum()) for c in range(3)] == [2, 1, 1]
-    assert train.split(labels, 0.0)[1].size == 0
+    assert fit.split(labels, 0.0)[1].size == 0
 
 
 def test_a_fitted_head_on_raw_features_separates_what_it_should() -> None:
@@ -163,9 +163,9 @@ def test_a_fitted_head_on_raw_features_separates_what_it_should() -> None:
     y = rng.integers(0, 3, 300)
     x = (centres[y] + rng.normal(0, 20, (300, 16))).astype(np.float32)
     seen = []
-    fitted = train.fit(x[:240], y[:240], 3, 30, (x[240:], y[240:]), lambda e, f: seen.append(e) or True)
+    fitted = fit.fit(x[:240], y[:240], 3, 30, (x[240:], y[240:]), lambda e, f: seen.append(e) or True)
     assert seen == list(range(1, 31)) and len(fitted.history) == 30 and "val_accuracy" in fitted.history[-1]
-    report = train.evaluate(fitted.probabilities(x[240:]), y[240:], ["a", "b", "c"])
+    report = fit.evaluate(fitted.probabilities(x[240:]), y[240:], ["a", "b", "c"])
     assert report["accuracy"] >= 0.95, report
     matrix = np.array(report["confusion_matrix"]["matrix"])
     assert matrix.sum() == 60 and np.trace(matrix) == round(report["accuracy"] * 60)
@@ -174,14 +174,14 @@ def test_a_fitted_head_on_raw_features_separates_what_it_should() -> None:
 
 def test_stopping_from_the_epoch_callback_ends_training() -> None:
     x = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32)
-    fitted = train.fit(x, np.arange(20) % 2, 2, 50, None, lambda epoch, _: epoch < 3)
+    fitted = fit.fit(x, np.arange(20) % 2, 2, 50, None, lambda epoch, _: epoch < 3)
     assert len(fitted.history) == 3
 
 
 def test_augmented_views_differ_and_stay_images() -> None:
     rng = np.random.default_rng(0)
     original = colours.images(1, 3)[0][1]
-    views = {train.augmented(original, rng) for _ in range(4)}
+    views = {fit.augmented(original, rng) for _ in range(4)}
     assert len(views) == 4
     for view in views:
         assert imaging.probe(view, imaging.ImageLimits()).width > 0

@@ -16,7 +16,7 @@ from PIL import Image
 from common import repository
 from deploy.local.running import wait_until
 from services import resnet50
-from serving import custom as heads
+from serving import custom
 from serving.app import ServiceSettings, create_app
 from serving.manager import ModelManager
 from serving.runtime import Outputs, RuntimeInfo
@@ -182,13 +182,13 @@ def tuned_service(
     backbone = backbone or Backbone()
     config = ServiceSettings(custom_models_dir=str(root), repository_poll_s=0, backend="keras", **settings)  # type: ignore[arg-type]
     app = create_app(resnet50.SPEC, config, backbone, background_load=False)
-    custom: ModelManager = app.extensions["models"]
-    settle(custom)
-    return backbone, app.test_client(), custom
+    models: ModelManager = app.extensions["models"]
+    settle(models)
+    return backbone, app.test_client(), models
 
 
-def settle(custom: ModelManager) -> None:
-    wait_until(lambda: not custom.loading(), 60, "fine-tuned models to load")
+def settle(models: ModelManager) -> None:
+    wait_until(lambda: not models.loading(), 60, "fine-tuned models to load")
 
 
 def test_a_fine_tuned_model_runs_on_its_own_model_not_the_base(tmp_path: Path) -> None:
@@ -227,17 +227,17 @@ def test_a_fine_tuned_model_is_not_stale_when_the_base_changes_weights(tmp_path:
 
 def test_a_new_fine_tuned_version_replaces_the_old_which_is_closed(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    _, client, custom = tuned_service(tmp_path)
-    old = custom.get("tuned")
-    assert isinstance(old, heads.FineTuned)
+    _, client, models = tuned_service(tmp_path)
+    old = models.get("tuned")
+    assert isinstance(old, custom.FineTuned)
     publish_tuned(tmp_path, "tuned", sign=-1.0)
-    custom.refresh()
-    settle(custom)
+    models.refresh()
+    settle(models)
     answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250)).get_json()
     assert (answer["version"], answer["predictions"][0]["label"]) == ("2", "dark")
     wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
     repository.remove(tmp_path, "tuned")
-    custom.refresh()
+    models.refresh()
     assert client.post("/v1/predict?model=tuned", data=flat(250)).status_code == 404
 
 
@@ -245,25 +245,25 @@ def test_fine_tuned_models_beyond_the_limit_and_broken_ones_are_listed_not_serve
     publish_tuned(tmp_path, "first")
     publish_tuned(tmp_path, "second")
     publish_tuned(tmp_path, "broken", broken=True)
-    _, client, custom = tuned_service(tmp_path, custom_max_fine_tuned=1)
+    _, client, models = tuned_service(tmp_path, custom_max_fine_tuned=1)
     model = client.get("/v1/model").get_json()
     assert [m["name"] for m in model["custom_models"]] == ["first"] and model["max_fine_tuned"] == 1
     reasons = {b["name"]: b["reason"] for b in model["custom_models_broken"]}
     assert "CUSTOM_MAX_FINE_TUNED" in reasons["second"] and "does not load" in reasons["broken"]
     assert client.post("/v1/predict?model=second", data=flat(250)).status_code == 404
     repository.remove(tmp_path, "first")  # room again: the one over the limit loads on the next look
-    custom.refresh()
-    settle(custom)
-    assert [h.name for h in custom.all()] == ["second"]
-    assert set(custom._failed) == {"broken"}  # a version that did not load is not loaded again
+    models.refresh()
+    settle(models)
+    assert [h.name for h in models.all()] == ["second"]
+    assert set(models._failed) == {"broken"}  # a version that did not load is not loaded again
     repository.remove(tmp_path, "broken")  # trained again under that name: version 1 anew, tried afresh
-    custom.refresh()
-    assert custom.broken() == {}
+    models.refresh()
+    assert models.broken() == {}
     repository.remove(tmp_path, "second")
     publish_tuned(tmp_path, "broken")
-    custom.refresh()
-    settle(custom)
-    assert [h.name for h in custom.all()] == ["broken"] and custom.broken() == {}
+    models.refresh()
+    settle(models)
+    assert [h.name for h in models.all()] == ["broken"] and models.broken() == {}
 
 
 def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(models_dir: Path) -> None:
@@ -282,17 +282,17 @@ def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(models_di
 
 def test_a_request_that_found_a_replaced_version_is_answered_by_its_successor(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    _, client, custom = tuned_service(tmp_path)
-    old = custom.get("tuned")
-    assert isinstance(old, heads.FineTuned)
+    _, client, models = tuned_service(tmp_path)
+    old = models.get("tuned")
+    assert isinstance(old, custom.FineTuned)
     publish_tuned(tmp_path, "tuned", sign=-1.0)
-    custom.refresh()
-    settle(custom)
+    models.refresh()
+    settle(models)
     old.close()  # what happens close_after_s after the swap
     wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
     looked_up = iter([old])  # the request looked the model up just before the swap
-    newest = custom.get
-    custom.get = lambda name: next(looked_up, None) or newest(name)  # type: ignore[method-assign]
+    newest = models.get
+    models.get = lambda name: next(looked_up, None) or newest(name)  # type: ignore[method-assign]
     answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
     assert answer.status_code == 200, answer.get_json()
     assert (answer.get_json()["version"], answer.get_json()["predictions"][0]["label"]) == ("2", "dark")

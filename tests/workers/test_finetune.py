@@ -12,8 +12,7 @@ import pytest
 
 from common import repository
 from common.models import BACKBONE_LAYERS
-from workers.training import finetune
-from workers.training import fit as train
+from workers.training import finetune, fit
 
 
 @pytest.mark.slow
@@ -86,7 +85,7 @@ def test_fine_tuning_trains_the_last_layers_only_and_publishes_one_classifier(tm
     assert part.layer_names == ["conv2", "bn2", "relu2", "pool"]
     x, y = colour_squares(120, seed=1)
     acts = finetune.activations(part.frozen, x)
-    head = train.fit(finetune.features(part.trained, acts), y, 3, 20)
+    head = fit.fit(finetune.features(part.trained, acts), y, 3, 20)
     history: list[dict[str, float]] = []
     tuned = finetune.fine_tune(part, head, acts, y, 5, 1e-3, on_epoch=lambda e, f: history.append(f) or True)
     assert len(history) == 5 and len(tuned.history) == 5
@@ -98,7 +97,7 @@ def test_fine_tuning_trains_the_last_layers_only_and_publishes_one_classifier(tm
 
     fresh, truth = colour_squares(60, seed=2)
     probabilities = tuned.probabilities(finetune.activations(part.frozen, fresh))
-    assert train.evaluate(probabilities, truth, ["r", "g", "b"])["accuracy"] >= 0.9
+    assert fit.evaluate(probabilities, truth, ["r", "g", "b"])["accuracy"] >= 0.9
 
     classifier = finetune.classifier(part, tuned)
     classifier.save(tmp_path / repository.MODEL_FILE)
@@ -112,6 +111,6 @@ def test_fine_tuning_stops_when_told() -> None:
     part = finetune.cut(tiny_classifier(), 2)
     x, y = colour_squares(30, seed=1)
     acts = finetune.activations(part.frozen, x)
-    head = train.fit(finetune.features(part.trained, acts), y, 3, 2)
+    head = fit.fit(finetune.features(part.trained, acts), y, 3, 2)
     tuned = finetune.fine_tune(part, head, acts, y, 50, 1e-3, on_epoch=lambda epoch, figures: epoch < 2)
     assert len(tuned.history) == 2

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from common.errors import BadRequest, ModelUnavailable, Overloaded
+from common.jobs import upkeep
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore
 from common.tenancy.keys import KeyStore
@@ -245,12 +246,12 @@ def test_a_stalled_job_is_reported_once_per_period_with_its_unrecorded_chunks(st
     running = submit(store, [CAT] * 10)  # 3 chunks
     pending = submit(store, [CAT] * 3)
     runner.run(running, 1)
-    assert store.stalled(60, pending_too=True) == []  # both made progress (or were made) just now
+    assert upkeep.stalled(store, 60, pending_too=True) == []  # both made progress (or were made) just now
     for job_id in (running, pending):
         store.redis.hset(store.key(job_id), "progress_at", 0)
-    assert store.stalled(60, pending_too=False) == [(running, [0, 2])]
-    assert store.stalled(60, pending_too=False) == []  # reported once per stall period
-    assert store.stalled(60, pending_too=True) == [(pending, [0])]
+    assert upkeep.stalled(store, 60, pending_too=False) == [(running, [0, 2])]
+    assert upkeep.stalled(store, 60, pending_too=False) == []  # reported once per stall period
+    assert upkeep.stalled(store, 60, pending_too=True) == [(pending, [0])]
 
 
 def test_expired_job_folders_are_swept_and_live_ones_kept(store: JobStore) -> None:
@@ -260,7 +261,7 @@ def test_expired_job_folders_are_swept_and_live_ones_kept(store: JobStore) -> No
     abandoned = store.staging()  # an upload the gateway never finished
     os.utime(abandoned, (0, 0))
     fresh = store.staging()  # one being received right now
-    assert store.sweep() == 2
+    assert upkeep.sweep(store.root) == 2
     assert store.folder(live).exists() and fresh.exists()
     assert not store.folder(expired).exists() and not abandoned.exists()
     assert store.redis.ttl(store.key(live)) > 3500  # the record expires by itself (retention 1 h)

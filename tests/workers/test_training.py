@@ -17,13 +17,15 @@ from PIL import Image
 
 from common import imaging, repository
 from common.errors import InvalidImage, Overloaded, ServiceError
+from common.jobs import upkeep
 from common.jobs.archive import Entry
-from common.jobs.store import JobStore, describe
+from common.jobs.store import JobStore
+from common.jobs.views import describe
 from common.tenancy.keys import Principal
 from common.tenancy.owners import LEGACY, Owners
 from common.training import dataset
 from common.training.settings import TrainingSettings
-from serving import custom as heads
+from serving import custom
 from tests import colours
 from tests.conftest import gateway_settings
 from tests.workers.conftest import ScriptedClient
@@ -120,7 +122,7 @@ def test_a_training_job_trains_evaluates_and_publishes_version_1(store: JobStore
     assert shown["evaluation"]["accuracy"] >= 0.85, shown["evaluation"]
     assert shown["served"] == {"name": "colours", "version": "1", "serving": False}
     assert shown["started_at"] < shown["published_at"] <= shown["finished_at"]
-    head = heads.load(tmp_path / "models" / "colours" / "1", "colours", 1)
+    head = custom.load(tmp_path / "models" / "colours" / "1", "colours", 1)
     assert head.meta["base_weights_hash"] == "base-hash" and head.meta["features"] == 12
     assert (
         head.meta["classes"] == ["blue", "green", "red", "yellow"]
@@ -135,7 +137,7 @@ def test_augmented_views_add_training_images(store: JobStore, tmp_path: Path) ->
     runner = TrainingRunner(store, client, settings(tmp_path, augment_views=2))  # type: ignore[arg-type]
     job_id = submit(store, photos(4, seed=2), augment=True, epochs=5)
     assert runner.run(job_id) == "completed"
-    training = heads.load(tmp_path / "models" / "colours" / "1", "colours", 1).meta["training"]
+    training = custom.load(tmp_path / "models" / "colours" / "1", "colours", 1).meta["training"]
     assert training["augmented_views"] == 2 * training["images"] == 24
 
 
@@ -223,12 +225,12 @@ def test_a_failed_first_training_frees_its_name_and_a_later_one_keeps_it(
 def test_the_watchdog_finds_a_training_job_whose_worker_died(store: JobStore, tmp_path: Path) -> None:
     job_id = submit(store, photos(3, seed=8))
     store.mark_running(job_id)
-    assert store.stalled_training(60) == []
+    assert upkeep.stalled_training(store, 60) == []
     store.redis.hset(store.key(job_id), "progress_at", time.time() - 120)
-    assert store.stalled_training(60) == [job_id]
-    assert store.stalled(60, pending_too=True) == []  # the inference watchdog leaves it alone
+    assert upkeep.stalled_training(store, 60) == [job_id]
+    assert upkeep.stalled(store, 60, pending_too=True) == []  # the inference watchdog leaves it alone
     assert store.finish(job_id, "failed", {"error": "worker died"}) == "failed"
-    assert store.stalled_training(60) == []
+    assert upkeep.stalled_training(store, 60) == []
     cancelled = submit(store, photos(3, seed=9), name="x")
     store.cancel(cancelled)
     assert store.finish(cancelled, "completed") == "cancelled"  # an ended job keeps its state

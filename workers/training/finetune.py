@@ -7,7 +7,7 @@ beside the base (``serving.custom``), so each costs a copy of the backbone in me
 Training never runs the frozen part more than once per image: the base is cut where the trained
 layers begin (``Cut``), the frozen part's activations at the cut are computed once, and the epochs
 run the trained layers only. Training then goes as Keras' transfer-learning guide does it: the
-head first, on the frozen features (``train.fit``), then the trained layers and the head together
+head first, on the frozen features (``fit.fit``), then the trained layers and the head together
 at a low learning rate, batch normalization kept in inference mode (its statistics frozen: a few
 hundred photos would spoil them). Keras is imported only here, in the trainer.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.training import fit as train
+from workers.training import fit
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Tuned:
 
 def fine_tune(
     part: Cut,
-    head: train.Fitted,
+    head: fit.Fitted,
     x: list[np.ndarray],
     y: np.ndarray,
     epochs: int,
@@ -103,7 +103,7 @@ def fine_tune(
     seed: int = 0,
 ) -> Tuned:
     """Train the cut's trained layers and a softmax layer started from ``head`` together on cached
-    activations ``x`` (class indices ``y``). ``on_epoch`` as for ``train.fit``."""
+    activations ``x`` (class indices ``y``). ``on_epoch`` as for ``fit.fit``."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -121,7 +121,7 @@ def fine_tune(
     softmax = keras.layers.Dense(
         head.kernel.shape[1],
         activation="softmax",
-        kernel_regularizer=keras.regularizers.L2(train.L2),
+        kernel_regularizer=keras.regularizers.L2(fit.L2),
         name="custom_predictions",
     )
     model = keras.Model(inputs if len(inputs) > 1 else inputs[0], softmax(standardize(base_features)))
@@ -137,10 +137,10 @@ def fine_tune(
         x if len(x) > 1 else x[0],
         y,
         epochs=epochs,
-        batch_size=train.BATCH,
+        batch_size=fit.BATCH,
         shuffle=True,
         validation_data=None if held is None else (held[0] if len(held[0]) > 1 else held[0][0], held[1]),
-        callbacks=[train.reporting(history, on_epoch)],
+        callbacks=[fit.reporting(history, on_epoch)],
         verbose=0,
     )
     return Tuned(model, history)
