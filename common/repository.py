@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from common.errors import WeightsUnavailable
+from common.models import BASE_MODELS
 
 SUFFIXES = (".keras", ".h5")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-RESERVED = frozenset({"vgg16", "resnet50", "inceptionv3", "ensemble", "custom"})
+RESERVED = frozenset({*BASE_MODELS, "ensemble", "custom"})
 HEAD_FILE, META_FILE, MODEL_FILE = "head.npz", "model.json", "model.keras"
 FINE_TUNED = "fine-tuned"
 

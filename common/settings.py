@@ -56,12 +56,14 @@ def load(
     return cls(**values)
 
 
-def describe(cls: type, prefix: str) -> list[tuple[str, str, str]]:
-    """(variable, default, help) rows, for the README's settings table."""
-    return [
-        (prefix + f.name.upper(), repr(f.default), f.metadata.get("help", ""))
-        for f in dataclasses.fields(cls)
-    ]
+def refuse_renamed(env: Mapping[str, str], renamed: Mapping[str, str], prefixes: Sequence[str]) -> None:
+    """Refuse to start with a setting whose name or meaning changed (``renamed``: old name under
+    each of ``prefixes`` -> what replaced it), so a deployment that still sets one learns at once
+    instead of silently running on the new defaults."""
+    for old, new in renamed.items():
+        for prefix in prefixes:
+            if prefix + old in env:
+                raise ValueError(f"{prefix + old} is no longer read: use {new} (docs/reference/settings.md)")
 
 
 def secret(env: Mapping[str, str], name: str) -> str:

@@ -75,7 +75,7 @@ def worker_stop_grace_s(jobs: JobSettings | None = None) -> int:
 
 
 @dataclass(frozen=True)
-class NginxLimits:
+class NginxSettings:
     """Body and timeout limits of deploy/nginx/imagerec.conf.template (``FLEET_NGINX_<FIELD>``)."""
 
     max_body_size: str = setting("10m", "largest request body Nginx accepts (413 above)")

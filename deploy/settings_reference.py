@@ -34,7 +34,7 @@ class Entry:
 # (module, class, env prefix, section title), in the order of the page.
 CLASSES = (
     Entry("serving.settings", "ServiceSettings", "", "Model services"),
-    Entry("services.custom", "CustomModelSettings", "CUSTOM_", "Custom model service"),
+    Entry("services.keras_file", "KerasFileSettings", "KERAS_FILE_", "A .keras file service"),
     Entry("fleet.settings", "FleetSettings", "GATEWAY_", "Fleet client: routing, replicas, URL fetching"),
     Entry("gateway.settings", "GatewaySettings", "GATEWAY_", "Gateway"),
     Entry("common.jobs.settings", "JobSettings", "JOBS_", "Asynchronous jobs"),
@@ -42,7 +42,7 @@ CLASSES = (
     Entry("common.tenancy.settings", "AuthSettings", "AUTH_", "Keys"),
     Entry("common.tenancy.settings", "QuotaSettings", "QUOTA_", "Quotas"),
     Entry("deploy.local.fleet", "FleetSettings", "FLEET_", "Local fleet (make run)"),
-    Entry("deploy.settings", "NginxLimits", "FLEET_NGINX_", "Nginx"),
+    Entry("deploy.settings", "NginxSettings", "FLEET_NGINX_", "Nginx"),
 )
 
 # Fields that from_env reads from another variable than <PREFIX><FIELD>: (class, field) -> variable.
@@ -58,7 +58,7 @@ DEFAULTS: dict[tuple[str, str], str] = {}
 # Per class: who reads it and what its from_env reads besides <PREFIX><FIELD>, as Markdown.
 NOTES = {
     "ServiceSettings": """\
-Read by each model service (`services/vgg16`, `resnet50`, `inceptionv3`, `custom`; `serving/`):
+Read by each model service (`services/vgg16`, `resnet50`, `inceptionv3`, `keras_file`; `serving/`):
 `<FIELD>` applies to every service, `<MODEL>_<FIELD>` to one and wins (e.g.
 `RESNET50_WEIGHTS=random`, `RESNET50_MODEL_REPOSITORY=/models`).
 
@@ -73,8 +73,8 @@ Also read:
   Keras (on the GPU).
 - The model image runs `services.${MODEL}:create_app()` on `${PORT}` with `${THREADS}` Gunicorn threads
   (`MODEL`, `PORT`, `THREADS`: the Dockerfile's, default `resnet50`, `8502`, `96`).""",
-    "CustomModelSettings": """\
-Read by `services.custom` (a `.keras` file plus a labels file, served by the same code as the
+    "KerasFileSettings": """\
+Read by `services.keras_file` (a `.keras` file plus a labels file, served by the same code as the
 ImageNet models); its model file is `<NAME>_WEIGHTS` (or `WEIGHTS`), like any service, and every
 model-service setting above applies to it too.""",
     "FleetSettings@fleet.settings": """\
@@ -125,7 +125,7 @@ replica), `GATEWAY_MODELS`, `GATEWAY_ENSEMBLE_MODELS` (unless set), `GATEWAY_REQ
 own Redis, unless set), `JOBS_DIR` (`run/jobs`), `AUTH_ADMIN_KEY_FILE` (`run/admin.key`),
 `CUSTOM_MODELS_DIR` (`run/custom-models`) and one `PROMETHEUS_MULTIPROC_DIR` per program, each
 unless already set where the code says so.""",
-    "NginxLimits": """\
+    "NginxSettings": """\
 The limits of `deploy/nginx/imagerec.conf.template`, rendered from `FLEET_NGINX_<FIELD>` locally
 and from the nginx container's `NGINX_<FIELD>` (`NGINX_MAX_BODY_SIZE`...) in compose; the
 Kubernetes renderer writes the defaults into the nginx Deployment. Bodies up to 1 MB are buffered in
@@ -247,10 +247,14 @@ def _section(entry: Entry, cls: type, module: Any, documented: list[type]) -> st
     urls = getattr(module, "DEFAULT_URLS", None) if entry.prefix == "GATEWAY_" else None
     if urls and "<MODEL>_URLS" in note:
         lines += [f"- `{name.upper()}_URLS`: `{url}`" for name, url in urls.items()] + [""]
-    renamed = getattr(module, "RENAMED", None) if not entry.prefix else None
+    renamed = getattr(module, "RENAMED", None)
     if renamed:
-        lines += ["Settings whose meaning changed are refused at start-up, naming what replaced them:", ""]
-        lines += [f"- `{old}` (and `<MODEL>_{old}`): use {_text(new)}" for old, new in renamed.items()]
+        old_prefix = getattr(module, "RENAMED_PREFIX", entry.prefix)
+        also = " (and `<MODEL>_{}`)" if not old_prefix else ""
+        lines += ["Settings whose name or meaning changed are refused at start-up, naming the new one:", ""]
+        lines += [
+            f"- `{old_prefix}{old}`{also.format(old)}: use {_text(new)}" for old, new in renamed.items()
+        ]
         lines.append("")
     lines += ["| Variable | Default | Meaning |", "|---|---|---|"]
     for field in own_fields(cls, documented):

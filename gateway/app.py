@@ -18,7 +18,7 @@ from fleet.predict import Predictor
 from fleet.registry import Registry
 from gateway import auth as access
 from gateway import cache as response_cache
-from gateway import docs, jobs, keys, limits, models, training, v1, v2
+from gateway import docs, jobs, keys, models, rate_limits, training, v1, v2
 from gateway.classify import Classifier
 from gateway.inputs import InputReader
 from gateway.settings import GatewaySettings
@@ -75,7 +75,7 @@ def create_app(
     app.register_blueprint(training.create_blueprint(settings, training_settings, client, queued))
     app.register_blueprint(keys.create_blueprint(auth))
     app.register_blueprint(docs.create_blueprint())
-    limits.install(app, settings)
+    rate_limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)
     return app

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common import repository
 from common.models import ModelSpec
-from common.settings import load, setting
+from common.settings import load, refuse_renamed, setting
 from serving.admission import AdmissionPolicy
 from serving.backends import PRECISIONS, Quantization, default_cache_dir
 from serving.quantize import Gate
@@ -99,11 +99,9 @@ class ServiceSettings:
     @classmethod
     def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:
         env = os.environ if environ is None else environ
-        for old, new in RENAMED.items():
-            for name in (old, f"{model.upper()}_{old}"):
-                if name in env:
-                    raise ValueError(f"{name} is no longer read: use {new} (see the README)")
-        return load(cls, ("", f"{model.upper()}_"), env)
+        prefixes = ("", f"{model.upper()}_")
+        refuse_renamed(env, RENAMED, prefixes)
+        return load(cls, prefixes, env)
 
     def weights_plan(self, spec: ModelSpec, version: int | None = None) -> WeightsPlan:
         """Resolve ``WEIGHTS`` for ``spec`` (may download; fails early with instructions), or the

@@ -61,7 +61,7 @@ from deploy.k8s.objects import (
 from deploy.settings import (
     CUSTOM_MODELS_DIR,
     JOBS_DIR,
-    NginxLimits,
+    NginxSettings,
     trainer_command,
     trainer_stop_grace_s,
     worker_command,
@@ -249,7 +249,8 @@ def job_pods() -> list[dict[str, Any]]:
 
 def nginx_pods() -> list[dict[str, Any]]:
     """Nginx in front: the only public Service."""
-    nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000", **NginxLimits().template_values()}
+    nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000"}
+    nginx_env |= NginxSettings().template_values()
     nginx = deployment(
         "nginx",
         "nginx:1.27-alpine",

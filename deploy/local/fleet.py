@@ -17,20 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.jobs.settings import JobSettings
+from common.models import BASE_MODELS
 from common.settings import load, setting
 from common.tenancy.keys import admin_key
 from common.tenancy.settings import AuthSettings
 from common.training.settings import TrainingSettings
-from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxLimits
+from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_SERVICES = ("vgg16", "resnet50", "inceptionv3")
+MODEL_SERVICES = BASE_MODELS
 
 
 @dataclass(frozen=True)
 class FleetSettings:
     """Local fleet layout (``FLEET_<FIELD>``); model and gateway settings pass through unchanged.
-    Nginx's limits are the shared ``deploy.settings.NginxLimits`` (``FLEET_NGINX_<FIELD>``)."""
+    Nginx's limits are the shared ``deploy.settings.NginxSettings`` (``FLEET_NGINX_<FIELD>``)."""
 
     run_dir: str = setting(str(ROOT / "run"), "folder for configs, pid files, sockets and logs")
     host: str = setting("127.0.0.1", "address every process binds to")
@@ -84,16 +85,16 @@ class ExtraService:
         input_size: int,
         preprocessing: str = "tf",
     ) -> ExtraService:
-        """A ``.keras`` model with a labels file, served by ``services.custom``."""
+        """A ``.keras`` model with a labels file, served by ``services.keras_file``."""
         return cls(
             name,
             port,
-            "services.custom:create_app()",
+            "services.keras_file:create_app()",
             {
-                "CUSTOM_NAME": name,
-                "CUSTOM_LABELS": labels_path,
-                "CUSTOM_INPUT_SIZE": str(input_size),
-                "CUSTOM_PREPROCESSING": preprocessing,
+                "KERAS_FILE_NAME": name,
+                "KERAS_FILE_LABELS": labels_path,
+                "KERAS_FILE_INPUT_SIZE": str(input_size),
+                "KERAS_FILE_PREPROCESSING": preprocessing,
                 f"{name.upper()}_WEIGHTS": model_path,
             },
         )
@@ -103,7 +104,7 @@ class ExtraService:
 class Fleet:
     settings: FleetSettings
     extra: list[ExtraService] = field(default_factory=list)
-    nginx: NginxLimits = field(default_factory=NginxLimits)
+    nginx: NginxSettings = field(default_factory=NginxSettings)
 
     @property
     def run_dir(self) -> Path:
@@ -330,7 +331,7 @@ class Fleet:
 
 def main() -> None:
     settings = load(FleetSettings, ("FLEET_",))
-    fleet = Fleet(settings, nginx=load(NginxLimits, ("FLEET_NGINX_",)))
+    fleet = Fleet(settings, nginx=load(NginxSettings, ("FLEET_NGINX_",)))
     command = fleet.command()
     os.environ.update(fleet.environment())
     auth = AuthSettings.from_env()

@@ -27,7 +27,7 @@ from deploy.settings import (
     GATEWAY_WORKERS,
     JOBS_DIR,
     SERVICE_THREADS,
-    NginxLimits,
+    NginxSettings,
     trainer_command,
     trainer_stop_grace_s,
     worker_command,
@@ -66,7 +66,7 @@ def test_rendered_nginx_config_is_valid(fleet: Fleet) -> None:
 
 
 def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Path) -> None:
-    limits = NginxLimits(max_body_size="3m", proxy_read_timeout="90s")
+    limits = NginxSettings(max_body_size="3m", proxy_read_timeout="90s")
     fleet = Fleet(FleetSettings(run_dir=str(tmp_path)), nginx=limits)
     fleet.render()
     rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
@@ -103,7 +103,7 @@ def test_redis_can_be_left_out(tmp_path: Path) -> None:
 def test_the_timeouts_nest_from_the_edge_inwards() -> None:
     """Nginx waits longer than the gateway's default deadline, which no service default exceeds:
     every request's deadline passes (504 from the fleet, in JSON) before a proxy gives up on it."""
-    nginx_s = float(NginxLimits().proxy_read_timeout.removesuffix("s"))
+    nginx_s = float(NginxSettings().proxy_read_timeout.removesuffix("s"))
     gateway = GatewaySettings()
     service = ServiceSettings()
     assert nginx_s * 1000 > gateway.default_deadline_ms >= service.default_deadline_ms
@@ -232,7 +232,7 @@ def test_compose_gateway_finds_every_container_of_a_model_by_its_service_name(mo
 
 
 def test_compose_nginx_has_the_shared_limits() -> None:
-    assert NginxLimits().template_values().items() <= COMPOSE["services"]["nginx"]["environment"].items()
+    assert NginxSettings().template_values().items() <= COMPOSE["services"]["nginx"]["environment"].items()
 
 
 def test_compose_references_files_that_exist() -> None:
