@@ -210,7 +210,7 @@ def _custom_section(results: dict[str, Any]) -> list[str]:
             else []
         ),
         f"- training job: {t['status']} in {t['seconds']} s ({t['images']} photos, {t['epochs']} epochs, "
-        "features from the ResNet50 service at batch priority, head fitted with Keras)",
+        "features from the ResNet50 service at background priority, head fitted with Keras)",
         f"- accuracy: held out {t['held_out_accuracy']} ({t['held_out_images']} photos), fresh photos "
         f"through Nginx {t['fresh_accuracy']} ({t['fresh_images']})",
         f"- ten more custom models on ResNet50: resnet50 service + gateway "

@@ -21,11 +21,16 @@ REQUEST_START_HEADER = "X-Request-Start"
 
 
 class Priority(StrEnum):
-    """Who waits for the answer (``X-Priority``): a person (``interactive``, the default) or an
-    asynchronous job or training (``batch``: waits until no interactive request does)."""
+    """Who waits for the answer (``X-Priority``): a person (``interactive``, the default) or nobody
+    at once, an asynchronous job or a training (``background``: waits until no interactive request
+    does). ``batch``, its name before, is still read as ``background``."""
 
     INTERACTIVE = "interactive"
-    BATCH = "batch"
+    BACKGROUND = "background"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Priority | None:
+        return cls.BACKGROUND if value == "batch" else None
 
 
 def encode_vector(vector: np.ndarray) -> dict[str, str]:

@@ -98,8 +98,9 @@ class ModelClient:
         Usually one call; a batch over the member's body limit goes out as several calls, one
         after another, and an image too large for any call gets a 413 result of its own.
         ``deadline`` (``time.monotonic()``) is the request's: the member gets what is left of it.
-        ``priority="batch"`` (asynchronous jobs only) asks the member to run each call after every
-        interactive request waiting, as a batch of its own (``X-Priority``). ``features=True`` asks
+        ``priority=Priority.BACKGROUND`` (asynchronous jobs and training only) asks the member to
+        run each call after every interactive request waiting, as a batch of its own
+        (``X-Priority``). ``features=True`` asks
         for the vectors custom models are trained on, with each result.
         """
         params = {"top_k": str(top_k), **({"probabilities": "true"} if probabilities else {})}

@@ -155,7 +155,7 @@ def _manager(spec: ModelSpec, settings: ServiceSettings, given: Runtime | None) 
             window_ms=settings.batch_window_ms,
             policy=settings.admission,
             name=name,
-            batch_max_wait_ms=settings.batch_priority_max_wait_ms,
+            background_max_wait_ms=settings.background_max_wait_ms,
         )
 
     def build_base(version: int | None) -> LoadedModel:

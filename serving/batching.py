@@ -10,11 +10,11 @@ while it waited is dropped, not computed. What may join the queue is decided by 
 (``serving/admission.py``); the batcher tells it what enters, starts and finishes, and how long each
 batch size took.
 
-Requests of ``Priority.BATCH`` (asynchronous jobs) wait in a second FIFO queue, served only when no
+Requests of ``Priority.BACKGROUND`` (asynchronous jobs) wait in a second FIFO queue, served only when no
 interactive request waits (Triton's priority levels). A job request is already a batch its sender
 chose, so it runs alone: never merged with another job request, never with interactive ones. An
 interactive request therefore waits behind at most the one job request running. Under unbroken
-interactive load a job request would wait for ever, so one that has waited ``batch_max_wait_ms``
+interactive load a job request would wait for ever, so one that has waited ``background_max_wait_ms``
 goes before the interactive queue (aging, against starvation): a saturated model gives jobs and
 training one call per that period, and interactive requests lose no more than that call.
 """
@@ -95,11 +95,11 @@ class Batcher:
         window_ms: float = 5.0,
         policy: AdmissionPolicy | None = None,
         name: str = "model",
-        batch_max_wait_ms: float = 1000.0,
+        background_max_wait_ms: float = 1000.0,
     ) -> None:
         self._predict = predict
         self.name = name
-        self.batch_max_wait_s = batch_max_wait_ms / 1000
+        self.background_max_wait_s = background_max_wait_ms / 1000
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self.times = BatchTimes(max_batch)
@@ -148,9 +148,9 @@ class Batcher:
         outputs.
 
         Admission decides once more; a request still waiting at ``deadline`` is dropped, not computed.
-        A ``Priority.BATCH`` request runs alone, after every interactive request waiting (see module).
+        A ``Priority.BACKGROUND`` request runs alone, after every interactive request waiting (see module).
         """
-        level = Priority(priority)  # "batch" as well as Priority.BATCH; else a ValueError
+        level = Priority(priority)  # "background" as well as Priority.BACKGROUND; else a ValueError
         with self._counting_refusals():
             self.admission.enqueue(len(inputs), deadline)
         waiting = Waiting(inputs, deadline=deadline, priority=level)
@@ -164,15 +164,15 @@ class Batcher:
         return waiting
 
     def _take(self) -> Waiting | None:
-        """The oldest interactive request waiting, else the oldest batch-priority one (blocks till one;
-        None once closed and empty); a batch-priority one first when it has waited
-        ``batch_max_wait_s``."""
+        """The oldest interactive request waiting, else the oldest background one (blocks till one;
+        None once closed and empty); a background one first when it has waited
+        ``background_max_wait_s``."""
         with self._arrived:
             while True:
-                jobs = self._waiting[Priority.BATCH]
-                if jobs and time.monotonic() - jobs[0].enqueued_at >= self.batch_max_wait_s:
+                jobs = self._waiting[Priority.BACKGROUND]
+                if jobs and time.monotonic() - jobs[0].enqueued_at >= self.background_max_wait_s:
                     return jobs.popleft()
-                for priority in (Priority.INTERACTIVE, Priority.BATCH):
+                for priority in (Priority.INTERACTIVE, Priority.BACKGROUND):
                     if self._waiting[priority]:
                         return self._waiting[priority].popleft()
                 if self._closed:
@@ -210,7 +210,7 @@ class Batcher:
         self._carry = None
         if first is None:
             return None
-        if first.priority is Priority.BATCH:
+        if first.priority is Priority.BACKGROUND:
             return [first]  # chosen by its sender: runs alone
         batch, size = [first], len(first.inputs)
         deadline = first.enqueued_at + self.window_s
@@ -272,13 +272,14 @@ class Batcher:
         """The batching and admission state, for ``/v1/model``."""
         load = self.admission.load()
         with self._arrived:
-            queued_batch_images = sum(len(waiting.inputs) for waiting in self._waiting[Priority.BATCH])
+            background = self._waiting[Priority.BACKGROUND]
+            queued_background_images = sum(len(waiting.inputs) for waiting in background)
         return {
             "max_batch_size": self.max_batch,
             "window_ms": self.window_s * 1000,
             "max_queue_images": self.admission.policy.max_queue_images,
             "queued_images": load.queued_images,
-            "queued_batch_images": queued_batch_images,
+            "queued_background_images": queued_background_images,
             "running_images": load.running_images,
             "batch_ms": self.times.snapshot(),
             "requests": self.stats.requests,

@@ -22,6 +22,7 @@ RENAMED = {
     "MAX_QUEUE": "MAX_QUEUE_IMAGES (the queue is counted in images)",
     "MAX_BATCH_WAIT_MS": "BATCH_WINDOW_MS",
     "INFERENCE_TIMEOUT_S": "DEFAULT_DEADLINE_MS",
+    "BATCH_PRIORITY_MAX_WAIT_MS": "BACKGROUND_MAX_WAIT_MS (X-Priority: batch is now background)",
     "CUSTOM_POLL_S": "REPOSITORY_POLL_S (one poller looks at MODEL_REPOSITORY and CUSTOM_MODELS_DIR)",
 }
 
@@ -61,9 +62,9 @@ class ServiceSettings:
         "longest the first request of a batch waits for more, and only under concurrent load "
         "(Triton's max_queue_delay)",
     )
-    batch_priority_max_wait_ms: float = setting(
+    background_max_wait_ms: float = setting(
         1000.0,
-        "a job or training request (X-Priority: batch) waiting this long goes before interactive "
+        "a job or training request (X-Priority: background) waiting this long goes before interactive "
         "ones, so a saturated model still serves them one call per period",
     )
     max_queue_images: int = setting(

@@ -31,6 +31,7 @@ from common.errors import ServiceError
 from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, JobStore
 from common.jobs.views import describe
+from common.wire import Priority
 from fleet.fetch import UrlFetcher
 from fleet.predict import ImageInput, Predictor, Selection, select
 from fleet.settings import FleetSettings
@@ -184,7 +185,7 @@ class ChunkRunner:
                     top_k=job["top_k"],
                     request_id=f"job-{job['id'][:12]}-{batch[0]['index']}",
                     deadline=budget_end,
-                    priority="batch",
+                    priority=Priority.BACKGROUND,
                 )
                 break
             except ServiceError as exc:

@@ -43,7 +43,7 @@ class JobSettings:
     )
     batch_images: int = setting(
         1,
-        "images per model call, sent at batch priority: an interactive request waits behind at most "
+        "images per model call, sent at background priority: an interactive request waits behind at most "
         "one such call (on 2 cores, 1 gave the job 21.3 img/s and a client 1.7x its p50; 2 gave 20.3 "
         "and 2.6x)",
     )

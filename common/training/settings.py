@@ -27,7 +27,7 @@ class TrainingSettings:
     augment_views: int = setting(
         2, "extra views (flip, crop, exposure) of each training image when augment=true"
     )
-    features_batch: int = setting(8, "images per call to the base model for features, at batch priority")
+    features_batch: int = setting(8, "images per call to the base model for features, at background priority")
     stall_s: float = setting(
         120.0,
         "a running training job whose heartbeat stopped this long ago (its trainer was killed) is "

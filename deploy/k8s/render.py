@@ -19,7 +19,7 @@ survive a restart; also the gateways' shared rate-limit count and response cache
 ``worker``, the gateway's image running Celery with the gateway's environment. The gateway writes a
 job's images to ``JOBS_DIR`` and every worker reads them and writes the results there, so both
 mount the same ReadWriteMany claim ``imagerec-jobs``. Workers scale by replicas: each keeps
-``JOBS_WORKER_PROCESSES`` model calls in flight (one per pool process), at batch priority behind
+``JOBS_WORKER_PROCESSES`` model calls in flight (one per pool process), at background priority behind
 interactive requests. The natural autoscaler is an HPA on the queue length the gateway exports,
 ``imagerec_job_queue_length`` (tasks of ``JOBS_CHUNK_IMAGES`` images waiting; every gateway pod
 reports the same number, so take the max). That needs a metrics adapter (prometheus-adapter, KEDA),

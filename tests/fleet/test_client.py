@@ -496,8 +496,10 @@ def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(client: Mo
 
 
 @responses.activate
-@pytest.mark.parametrize(("priority", "sent"), [(None, None), ("interactive", None), ("batch", "batch")])
-def test_only_a_batch_priority_call_carries_x_priority(
+@pytest.mark.parametrize(
+    ("priority", "sent"), [(None, None), ("interactive", None), ("background", "background")]
+)
+def test_only_a_background_call_carries_x_priority(
     client: ModelClient, priority: str | None, sent: str | None
 ) -> None:
     call = responses.post(f"{R1}/v1/predict", json=reply())

@@ -1,5 +1,5 @@
 """The batcher as a unit: fills, waits only under load, fails every waiter, sheds, keeps results apart,
-serves interactive requests before batch-priority ones."""
+serves interactive requests before background ones."""
 
 from __future__ import annotations
 
@@ -201,25 +201,25 @@ def test_a_failed_batch_leaves_no_work_counted() -> None:
     assert (load.queued_images, load.running_images) == (0, 0)
 
 
-def test_interactive_requests_start_before_every_waiting_batch_priority_one() -> None:
+def test_interactive_requests_start_before_every_waiting_background_one() -> None:
     model = GatedModel()
     batcher = Batcher(model, max_batch=4, window_ms=0)
     running = batcher.submit(images(1, 0))
     assert model.started.wait(5)  # the model is busy: everything below waits
     jobs = [
-        batcher.submit(images(2, 10), priority=Priority.BATCH),
-        batcher.submit(images(1, 11), priority=Priority.BATCH),
-        batcher.submit(images(1, 12), priority=Priority.BATCH),
+        batcher.submit(images(2, 10), priority=Priority.BACKGROUND),
+        batcher.submit(images(1, 11), priority=Priority.BACKGROUND),
+        batcher.submit(images(1, 12), priority=Priority.BACKGROUND),
     ]
     interactive = [batcher.submit(images(1, i)) for i in range(1, 7)]
-    assert batcher.describe()["queued_batch_images"] == 4 and batcher.describe()["queued_images"] == 10
+    assert batcher.describe()["queued_background_images"] == 4 and batcher.describe()["queued_images"] == 10
     model.release.set()
     for job in [running, *jobs, *interactive]:
         job.future.result(5)
     # Interactive first, batched as always and in order; then each job request alone, in order.
     assert model.values == [[0], [1, 2, 3, 4], [5, 6], [10, 10], [11], [12]]
     assert max(job.started_at for job in interactive) < min(job.started_at for job in jobs)
-    assert batcher.describe()["queued_batch_images"] == 0
+    assert batcher.describe()["queued_background_images"] == 0
     load = batcher.admission.load()
     assert (load.queued_images, load.running_images) == (0, 0)
 
@@ -227,9 +227,9 @@ def test_interactive_requests_start_before_every_waiting_batch_priority_one() ->
 def test_an_interactive_request_waits_behind_at_most_the_one_job_request_running() -> None:
     model = GatedModel()
     batcher = Batcher(model, max_batch=8, window_ms=0)
-    first_job = batcher.submit(images(1, 10), priority=Priority.BATCH)
+    first_job = batcher.submit(images(1, 10), priority=Priority.BACKGROUND)
     assert model.started.wait(5)
-    next_job = batcher.submit(images(1, 11), priority="batch")  # a plain string does too
+    next_job = batcher.submit(images(1, 11), priority="background")  # a plain string does too
     interactive = [batcher.submit(images(1, i)) for i in (1, 2)]
     model.release.set()
     for job in [first_job, next_job, *interactive]:
@@ -238,14 +238,14 @@ def test_an_interactive_request_waits_behind_at_most_the_one_job_request_running
     assert batcher.stats.batches == 3 and batcher.stats.requests == 4
 
 
-def test_a_batch_priority_request_whose_deadline_passed_is_dropped_not_computed() -> None:
+def test_a_background_request_whose_deadline_passed_is_dropped_not_computed() -> None:
     model = GatedModel()
     batcher = Batcher(model, max_batch=8, window_ms=0)
     blocker = batcher.submit(images(1, 0))
     assert model.started.wait(5)
     late_by = time.monotonic() + 0.05
-    late = batcher.submit(images(2, 10), deadline=late_by, priority=Priority.BATCH).future
-    on_time = batcher.submit(images(1, 11), deadline=time.monotonic() + 60, priority=Priority.BATCH)
+    late = batcher.submit(images(2, 10), deadline=late_by, priority=Priority.BACKGROUND).future
+    on_time = batcher.submit(images(1, 11), deadline=time.monotonic() + 60, priority=Priority.BACKGROUND)
     while time.monotonic() <= late_by:  # let the job's deadline pass while the model is busy
         time.sleep(0.01)
     model.release.set()
@@ -258,13 +258,13 @@ def test_a_batch_priority_request_whose_deadline_passed_is_dropped_not_computed(
     assert (load.queued_images, load.running_images) == (0, 0)
 
 
-def test_a_batch_priority_request_that_waited_long_enough_goes_first() -> None:
+def test_a_background_request_that_waited_long_enough_goes_first() -> None:
     """Aging: under unbroken interactive load a job request still runs, once per max wait."""
     model = GatedModel()
-    batcher = Batcher(model, max_batch=8, window_ms=0, batch_max_wait_ms=50)
+    batcher = Batcher(model, max_batch=8, window_ms=0, background_max_wait_ms=50)
     blocker = batcher.submit(images(1, 0))
     assert model.started.wait(5)
-    job = batcher.submit(images(1, 10), priority=Priority.BATCH)
+    job = batcher.submit(images(1, 10), priority=Priority.BACKGROUND)
     interactive = [batcher.submit(images(1, i)) for i in (1, 2)]
     time.sleep(0.06)  # the job has now waited its 50 ms
     model.release.set()

@@ -234,9 +234,15 @@ def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> No
         ServiceSettings.from_env("resnet50", {"MAX_QUEUE_DELAY_MS": "100"})
     with pytest.raises(ValueError, match="BATCH_WINDOW_MS"):
         ServiceSettings.from_env("resnet50", {"RESNET50_MAX_BATCH_WAIT_MS": "5"})
+    for old, new in (
+        ("CUSTOM_POLL_S", "REPOSITORY_POLL_S"),
+        ("BATCH_PRIORITY_MAX_WAIT_MS", "BACKGROUND_MAX_WAIT_MS"),
+    ):
+        with pytest.raises(ValueError, match=f"{old} is no longer read: use {new}"):
+            ServiceSettings.from_env("resnet50", {old: "1"})
 
 
-def test_priority_header_is_interactive_or_batch_and_nothing_else(
+def test_priority_header_is_interactive_or_background_and_nothing_else(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batcher = client.application.extensions["models"].base.batcher
@@ -253,14 +259,14 @@ def test_priority_header_is_interactive_or_batch_and_nothing_else(
             "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Priority": priority}
         )
 
-    for priority in ("batch", "interactive"):
+    for priority in ("background", "interactive", "batch"):  # batch: background's name before
         response = post(priority)
         assert response.status_code == 200, response.get_data(as_text=True)
         assert response.get_json()["predictions"]
     assert client.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
-    assert submitted == [Priority.BATCH, Priority.INTERACTIVE, Priority.INTERACTIVE]
+    assert submitted == [Priority.BACKGROUND, Priority.INTERACTIVE, Priority.BACKGROUND, Priority.INTERACTIVE]
     refused = post("bogus")
     assert_error(refused, 400, "bad_request")
-    assert "interactive, batch" in refused.get_json()["error"]["message"]
-    assert len(submitted) == 3  # refused before it reached the model
-    assert client.get("/v1/model").get_json()["batching"]["queued_batch_images"] == 0
+    assert "interactive, background" in refused.get_json()["error"]["message"]
+    assert len(submitted) == 4  # refused before it reached the model
+    assert client.get("/v1/model").get_json()["batching"]["queued_background_images"] == 0

@@ -107,8 +107,8 @@ def test_chunks_in_any_order_give_every_image_once_in_input_order(store: JobStor
     assert [r["name"] for r in results] == [f"photo-{i}.jpg" for i in range(10)]
     assert results[2]["error"]["code"] == "unsupported_media_type" and "predictions" not in results[2]
     assert all(len(r["predictions"]) == 3 for i, r in enumerate(results) if i != 2)
-    # Two images a call at most, every call at batch priority: interactive clients go first.
-    assert {n for _, n, _ in client.calls} <= {1, 2} and set(client.priorities) == {"batch"}
+    # Two images a call at most, every call at background priority: interactive clients go first.
+    assert {n for _, n, _ in client.calls} <= {1, 2} and set(client.priorities) == {"background"}
     assert clock.slept == []
 
 

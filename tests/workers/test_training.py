@@ -39,7 +39,7 @@ class ColourFeatures(ScriptedClient):
         super().__init__(gateway_settings())
 
     def answer(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
-        assert kwargs["features"] and kwargs["priority"] == "batch"
+        assert kwargs["features"] and kwargs["priority"] == "background"
         results: list[dict[str, Any]] = []
         for i, data in enumerate(images):
             try:

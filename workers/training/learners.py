@@ -1,7 +1,7 @@
 """The two ways a custom model is learned, behind one sequence (``workers.training.runner``):
 
 - ``HeadLearner``: a softmax layer on the frozen base's features, which the base's service
-  computes (at batch priority, through the fleet client);
+  computes (at background priority, through the fleet client);
 - ``TunedLearner``: the base's last ``fine_tune_layers`` layers and a head, trained together here
   with Keras (``workers.training.finetune``) on a copy of the base the trainer builds itself, from
   the weights the base's service names, and checks against the served weights' hash.
@@ -26,6 +26,7 @@ import numpy as np
 from common import imaging, repository, wire
 from common.errors import ServiceError, TooManyFineTuned
 from common.training.settings import TrainingSettings
+from common.wire import Priority
 from fleet.client import ModelClient
 from serving import preprocessing
 from serving.runtime import build_keras_model
@@ -153,7 +154,7 @@ class HeadLearner:
             try:
                 deadline = time.monotonic() + 60
                 reply = self.client.predict(
-                    self.base, images, top_k=1, features=True, priority="batch", deadline=deadline
+                    self.base, images, top_k=1, features=True, priority=Priority.BACKGROUND, deadline=deadline
                 )
                 break
             except ServiceError as exc:
