@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from common.models import BASE_MODELS
-from common.settings import load, setting
+from common.settings import load, refuse_renamed, setting
 
 S = TypeVar("S", bound="FleetSettings")
 DEFAULT_URLS = {
@@ -18,6 +18,10 @@ DEFAULT_URLS = {
     "resnet50": "http://127.0.0.1:8502",
     "inceptionv3": "http://127.0.0.1:8503",
 }
+
+
+RENAMED = {"MAX_BATCH_IMAGES": "GATEWAY_MAX_REQUEST_IMAGES ('batch' names the services' model calls)"}
+"""Settings whose name changed: refused at start-up (``common.settings.refuse_renamed``)."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class FleetSettings:
     max_image_pixels: int = setting(
         40_000_000, "largest declared width x height (413), checked before decoding"
     )
-    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
+    max_request_images: int = setting(32, "most images in one request, checked before decoding")
     connect_timeout_s: float = setting(1.0, "connect timeout to a model replica")
     member_timeout_s: float = setting(30.0, "time a model replica has to answer")
     default_deadline_ms: float = setting(
@@ -82,6 +86,7 @@ class FleetSettings:
     @classmethod
     def from_env(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
         env = os.environ if environ is None else environ
+        refuse_renamed(env, RENAMED, ("GATEWAY_",))
         return load(cls, ("GATEWAY_",), env, **cls._derived(load(cls, ("GATEWAY_",), env), env))
 
     @classmethod

@@ -44,7 +44,7 @@ def create_app(
     predictor = Predictor(client, settings)
     fetcher = fetcher or UrlFetcher.from_settings(settings)
     reader = InputReader(
-        max_images=settings.max_batch_images,
+        max_images=settings.max_request_images,
         max_image_bytes=settings.max_image_bytes,
         fetch_all=fetcher.fetch_all,
     )

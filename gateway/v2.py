@@ -190,7 +190,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
         wanted = read.outputs(body)
 
         deadline = web.deadline(settings.default_deadline_ms / 1000)
-        items = read.images(tensor, settings.max_batch_images, settings.max_image_bytes)
+        items = read.images(tensor, settings.max_request_images, settings.max_image_bytes)
         predictor.validate(items)
         for item in items:  # a tensor is answered whole or not at all: refuse before any decoding
             if item.error is not None:

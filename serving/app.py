@@ -123,7 +123,7 @@ def metadata(models: ModelManager, settings: ServiceSettings) -> dict[str, Any]:
         "versions": [str(v) for v in models.versions()],
         "center_crop": settings.center_crop,
         "max_body_bytes": settings.max_body_bytes,
-        "max_batch_images": settings.max_batch_images,
+        "max_request_images": settings.max_request_images,
         "default_deadline_ms": settings.default_deadline_ms,
         "batching": base.batcher.describe(),
     }

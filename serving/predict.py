@@ -147,9 +147,9 @@ class Predict:
         # cheapest refusal there is (the unread body is drained by web.DrainBody).
         found.target.batcher.check(1, deadline)
         images, batch = request_images()
-        if len(images) > self.settings.max_batch_images:
+        if len(images) > self.settings.max_request_images:
             raise BadRequest(
-                f"{len(images)} images in one request; the limit is {self.settings.max_batch_images}",
+                f"{len(images)} images in one request; the limit is {self.settings.max_request_images}",
                 code="too_many_images",
             )
         if len(images) > 1:

@@ -23,6 +23,7 @@ RENAMED = {
     "MAX_BATCH_WAIT_MS": "BATCH_WINDOW_MS",
     "INFERENCE_TIMEOUT_S": "DEFAULT_DEADLINE_MS",
     "BATCH_PRIORITY_MAX_WAIT_MS": "BACKGROUND_MAX_WAIT_MS (X-Priority: batch is now background)",
+    "MAX_BATCH_IMAGES": "MAX_REQUEST_IMAGES ('batch' names the batcher's model calls)",
     "CUSTOM_POLL_S": "REPOSITORY_POLL_S (one poller looks at MODEL_REPOSITORY and CUSTOM_MODELS_DIR)",
 }
 
@@ -38,7 +39,7 @@ class ServiceSettings:
     max_body_bytes: int = setting(16 * 1024 * 1024, "largest request body the service reads (413 above)")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image (413 above)")
     max_image_pixels: int = setting(40_000_000, "largest declared width x height, checked before decoding")
-    max_batch_images: int = setting(32, "most images in one request, checked before decoding")
+    max_request_images: int = setting(32, "most images in one request, checked before decoding")
     center_crop: float = setting(0.875, "fraction of the shorter side kept by the centre crop")
     default_top_k: int = setting(5, "predictions returned when top_k is not given")
     backend: str = setting("auto", "auto | keras | openvino (auto: the fastest that loads and passes parity)")

@@ -48,7 +48,7 @@ def fetcher() -> StubFetcher:
 @pytest.fixture
 def client(fake: FakeModelClient, fetcher: StubFetcher) -> FlaskClient:
     app = create_app(
-        gateway_settings(max_batch_images=4),
+        gateway_settings(max_request_images=4),
         client=fake,
         fetcher=fetcher,  # type: ignore[arg-type]
         poll_health=False,

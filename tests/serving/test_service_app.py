@@ -24,7 +24,7 @@ def upload(data: bytes, name: str) -> tuple[io.BytesIO, str]:
     return io.BytesIO(data), name
 
 
-SETTINGS = ServiceSettings(max_batch_images=4, max_body_bytes=2_000_000)
+SETTINGS = ServiceSettings(max_request_images=4, max_body_bytes=2_000_000)
 
 
 class EchoRuntime:
@@ -237,6 +237,7 @@ def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> No
     for old, new in (
         ("CUSTOM_POLL_S", "REPOSITORY_POLL_S"),
         ("BATCH_PRIORITY_MAX_WAIT_MS", "BACKGROUND_MAX_WAIT_MS"),
+        ("MAX_BATCH_IMAGES", "MAX_REQUEST_IMAGES"),
     ):
         with pytest.raises(ValueError, match=f"{old} is no longer read: use {new}"):
             ServiceSettings.from_env("resnet50", {old: "1"})
