@@ -68,6 +68,20 @@ class Learned:
     write: Callable[[Path], None]
 
 
+@dataclass
+class Run:
+    """What a learner is given of the training run: the job, the fleet, and the run's hooks."""
+
+    job: dict[str, Any]
+    client: ModelClient
+    settings: TrainingSettings
+    epochs: Epochs
+    update: Callable[[dict[str, Any]], None]  # progress into the job's record
+    cancelled: Callable[[], bool]
+    retry_s: float  # how long a base that is down or busy is waited for
+    sleep: Callable[[float], None]
+
+
 class Fitted(Protocol):
     def probabilities(self, inputs: Inputs) -> np.ndarray: ...
 
@@ -93,23 +107,10 @@ class _Head:
 class HeadLearner:
     """A softmax layer on the base's features, computed by the base's service."""
 
-    def __init__(
-        self,
-        client: ModelClient,
-        settings: TrainingSettings,
-        job: dict[str, Any],
-        epochs: Epochs,
-        *,
-        retry_s: float,
-        sleep: Callable[[float], None],
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.base = job["base"]
-        self.epochs_asked = int(job["options"]["epochs"])
-        self.epochs = epochs
-        self.retry_s = retry_s
-        self.sleep = sleep
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.client = run.client
+        self.base = run.job["base"]
         self.hashes: set[str] = set()  # the base weights every features call was computed with
 
     def batch(self, images: list[bytes]) -> tuple[Inputs, list[int], dict[int, str]]:
@@ -121,7 +122,8 @@ class HeadLearner:
 
     def fit(self, x: Inputs, y: np.ndarray, held: Held, classes: int) -> Fitted:
         validation = (held[0][0], held[1]) if held else None
-        return _Head(fit.fit(x[0], y, classes, self.epochs_asked, validation, self.epochs()))
+        epochs = int(self.run.job["options"]["epochs"])
+        return _Head(fit.fit(x[0], y, classes, epochs, validation, self.run.epochs()))
 
     def learned(self, fitted: Fitted, evaluation: dict[str, Any], counts: dict[str, Any]) -> Learned:
         """The head, once the base is known to serve the weights its features came from."""
@@ -149,7 +151,8 @@ class HeadLearner:
 
     def _call(self, images: list[bytes]) -> tuple[list[np.ndarray | None], list[str]]:
         """One features call, retried while the model is down or busy: (vectors, errors)."""
-        backoff, give_up = 0.5, time.monotonic() + self.retry_s
+        retry_s = self.run.retry_s
+        backoff, give_up = 0.5, time.monotonic() + retry_s
         while True:
             try:
                 deadline = time.monotonic() + 60
@@ -166,9 +169,9 @@ class HeadLearner:
                 backoff = min(backoff * 2, 5.0)
                 if time.monotonic() + wait > give_up:
                     raise TrainingFailed(
-                        f"{self.base} stayed unavailable for {self.retry_s:g}s: {exc.message}"
+                        f"{self.base} stayed unavailable for {retry_s:g}s: {exc.message}"
                     ) from None
-                self.sleep(wait)
+                self.run.sleep(wait)
         self.hashes.add(str(reply.get("weights_hash", "")))
         vectors: list[np.ndarray | None] = []
         errors: list[str] = []
@@ -185,34 +188,17 @@ class HeadLearner:
 class TunedLearner:
     """The base's last layers and a head, on the trainer's own copy of the base."""
 
-    def __init__(
-        self,
-        client: ModelClient,
-        settings: TrainingSettings,
-        job: dict[str, Any],
-        epochs: Epochs,
-        update: Callable[[dict[str, Any]], None],
-        cancelled: Callable[[], bool],
-        *,
-        retry_s: float,
-        sleep: Callable[[float], None],
-    ) -> None:
+    def __init__(self, run: Run) -> None:
         """Builds the copy (the job's record already says ``features``): ``TrainingFailed`` when
         its weights are not the served ones, or the base's service would not load the result."""
         from serving.runtime import weights_digest
         from workers.training import finetune
 
-        self.client = client
-        self.settings = settings
-        self.job = job
+        self.run = run
+        self.client, self.settings, job = run.client, run.settings, run.job
         self.base = job["base"]
-        self.epochs = epochs
-        self.update = update
-        self.cancelled = cancelled
-        self.retry_s = retry_s
-        self.sleep = sleep
         self.base_meta = self._ready_base()
-        check_room(client, job)
+        check_room(self.client, job)
         spec = importlib.import_module(f"services.{self.base}").SPEC
         plan = self._served_plan()
         model = build_keras_model(spec, plan)
@@ -258,17 +244,18 @@ class TunedLearner:
         """A head on the last layers' outputs first, then those layers and the head together."""
         from workers.training import finetune
 
-        epochs, tuning = int(self.job["options"]["epochs"]), self.settings.fine_tune_epochs
-        self.update({"epochs_total": epochs + tuning, "stage": "head"})
+        run = self.run
+        epochs, tuning = int(run.job["options"]["epochs"]), self.settings.fine_tune_epochs
+        run.update({"epochs_total": epochs + tuning, "stage": "head"})
         features = finetune.features(self.part.trained, x)
         self.features = int(features.shape[1])
         validation = (finetune.features(self.part.trained, held[0]), held[1]) if held else None
-        head = fit.fit(features, y, classes, epochs, validation, self.epochs(stage="head"))
-        if self.cancelled():
-            raise Cancelled(self.job["id"])
-        self.update({"stage": "fine_tune"})
+        head = fit.fit(features, y, classes, epochs, validation, run.epochs(stage="head"))
+        if run.cancelled():
+            raise Cancelled(run.job["id"])
+        run.update({"stage": "fine_tune"})
         rate = self.settings.fine_tune_learning_rate
-        on_epoch = self.epochs(stage="fine_tune", offset=epochs)
+        on_epoch = run.epochs(stage="fine_tune", offset=epochs)
         tuned: Fitted = finetune.fine_tune(self.part, head, x, y, tuning, rate, held, on_epoch)
         return tuned
 
@@ -293,14 +280,14 @@ class TunedLearner:
 
     def _ready_base(self) -> dict[str, Any]:
         """What a ready replica of the base says of itself, waiting up to ``JOBS_RETRY_S`` for one."""
-        registry, give_up = self.client.registry, time.monotonic() + self.retry_s
+        registry, give_up = self.client.registry, time.monotonic() + self.run.retry_s
         while True:
             registry.refresh()
             if found := registry.metadata(self.base):
                 return found
             if time.monotonic() >= give_up:
-                raise TrainingFailed(f"{self.base} had no ready replica for {self.retry_s:g}s")
-            self.sleep(1.0)
+                raise TrainingFailed(f"{self.base} had no ready replica for {self.run.retry_s:g}s")
+            self.run.sleep(1.0)
 
     def _served_plan(self) -> WeightsPlan:
         """The weights the base's service loaded, as it names them: a seed, or a file the trainer

@@ -45,6 +45,7 @@ from workers.training.learners import (
     Learned,
     Learner,
     OnEpoch,
+    Run,
     TrainingFailed,
     TunedLearner,
     check_room,
@@ -252,18 +253,17 @@ class TrainingRunner:
 
             return on_epoch
 
-        if int(job["options"].get("fine_tune_layers") or 0):
-            return TunedLearner(
-                self.client,
-                self.settings,
-                job,
-                epochs,
-                lambda fields: self._update(job["id"], fields),
-                lambda: self._cancelled(job["id"]),
-                retry_s=self.retry_s,
-                sleep=self.sleep,
-            )
-        return HeadLearner(self.client, self.settings, job, epochs, retry_s=self.retry_s, sleep=self.sleep)
+        run = Run(
+            job,
+            self.client,
+            self.settings,
+            epochs,
+            lambda fields: self._update(job["id"], fields),
+            lambda: self._cancelled(job["id"]),
+            self.retry_s,
+            self.sleep,
+        )
+        return TunedLearner(run) if int(job["options"].get("fine_tune_layers") or 0) else HeadLearner(run)
 
     def _inputs(
         self,
