@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -68,7 +69,9 @@ class ModelClient:
         retry_backoff_s: float = 0.05,
         breaker_fail_max: int = 5,
         breaker_reset_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: what the circuit breakers time their resets by (a test's, or monotonic)."""
         self.registry = registry
         self.session = session
         self.transport = Transport(session, connect_timeout_s, read_timeout_s)
@@ -77,6 +80,7 @@ class ModelClient:
         self.retry_backoff_s = retry_backoff_s
         self.breaker_fail_max = breaker_fail_max
         self.breaker_reset_s = breaker_reset_s
+        self.clock = clock
         self._breakers: dict[str, Breaker] = {}
         self._labels: dict[str, Labels] = {}
         self._labels_lock = threading.Lock()
@@ -153,7 +157,7 @@ class ModelClient:
     def _breaker(self, url: str) -> Breaker:
         with self._labels_lock:
             if url not in self._breakers:
-                self._breakers[url] = Breaker(self.breaker_fail_max, self.breaker_reset_s)
+                self._breakers[url] = Breaker(self.breaker_fail_max, self.breaker_reset_s, self.clock)
             return self._breakers[url]
 
     def labels(self, model: str, labels_hash: str) -> Labels:

@@ -1,53 +1,23 @@
-"""Shared fixtures: a clean environment for every test, photos, and small image factories."""
+"""Fixtures every test shares: a clean environment, a real Redis, the trainer's removal loop, a
+slow image server, the small model trained in the run. Helpers are in ``tests.helpers``."""
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import os
 import shutil
-import struct
 import subprocess
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from PIL import Image
 
-from common.tenancy.settings import AuthSettings
 from common.training import removals
 from deploy.local.running import free_port, wait_until
-from gateway.settings import GatewaySettings
-from serving.app import ServiceSettings
-from serving.settings import RENAMED
-
-FIXTURES = Path(__file__).parent / "fixtures"
-PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")
-_SERVICE_FIELDS = {f.name.upper() for f in dataclasses.fields(ServiceSettings)} | set(RENAMED)
-_PREFIXES = (
-    "GATEWAY_",
-    "FLEET_",
-    "JOBS_",
-    "CUSTOM_",
-    "VGG16_",
-    "RESNET50_",
-    "INCEPTIONV3_",
-    "SHAPES_",
-    "AUTH_",
-    "QUOTA_",
-    "IMAGEREC_",
-)
-ADMIN_KEY = "test-admin-key"  # every test's IMAGEREC_ADMIN_KEY: no test writes a key into run/
-
-
-def _is_project_variable(name: str) -> bool:
-    return (
-        name in _SERVICE_FIELDS or name.startswith(_PREFIXES) or name.endswith("_URLS") or name == "REDIS_URL"
-    )
+from tests.e2e import shapes
+from tests.gateway.slow_http import serve_slow_images
+from tests.helpers import ADMIN_KEY, is_project_variable
 
 
 @pytest.fixture(autouse=True)
@@ -55,70 +25,9 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's WEIGHTS, GATEWAY_*, <MODEL>_URLS, ... settings; the admin key
     is a known one."""
     for name in list(os.environ):
-        if _is_project_variable(name):
+        if is_project_variable(name):
             monkeypatch.delenv(name)
     monkeypatch.setenv("IMAGEREC_ADMIN_KEY", ADMIN_KEY)
-
-
-def auth_settings(redis_url: str = "", **overrides: Any) -> AuthSettings:
-    """Key settings over ``redis_url`` with the tests' admin key."""
-    return AuthSettings(redis_url=redis_url, admin_key=ADMIN_KEY, **overrides)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def keyed_client(app: Any, key: str = ADMIN_KEY) -> Any:
-    """A Flask test client that sends ``key`` (the admin's by default) with every request."""
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
-    return client
-
-
-def photo(name: str = "chelsea.jpg") -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny, valid-looking PNG whose header declares ``width x height`` (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-def gateway_settings(**overrides: object) -> GatewaySettings:
-    replicas = {
-        "vgg16": ("http://vgg16:8501",),
-        "resnet50": ("http://r1:8502", "http://r2:8502"),
-        "inceptionv3": ("http://inceptionv3:8503",),
-    }
-    return GatewaySettings(**{"replicas": replicas, **overrides})  # type: ignore[arg-type]
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """One sample from a Prometheus exposition whose labels include ``labels``; 0 when absent."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 # A real redis-server on a free port, for the tests of everything kept in Redis.
@@ -163,3 +72,16 @@ def trainer_removals(redis_url: str, tmp_path: Path) -> Iterator[Path]:
     yield root
     stop.set()
     thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def slow_server() -> Iterator[str]:
+    """A loopback image server whose ``/slow?<seconds>`` answers after that long."""
+    with serve_slow_images() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def trained_shapes(tmp_path_factory: pytest.TempPathFactory) -> shapes.TrainedModel:
+    """The small shapes model, trained once per run (the int8 and end-to-end tests serve it)."""
+    return shapes.train(tmp_path_factory.mktemp("shapes"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.conftest import photo
+from tests.helpers import photo
 
 CAT = photo("chelsea.jpg")
 

@@ -61,3 +61,17 @@ def test_the_fleet_library_loads_without_flask_or_tensorflow() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_no_test_module_imports_another_or_a_conftest() -> None:
+    """What tests share lives in helper modules (``tests/helpers.py``, ``<room>/fakes.py``) and
+    fixtures in conftest.py files, which pytest loads: a test importing a test module runs its
+    module-level code twice and ties the two together."""
+    wrong = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests."):
+                last = node.module.rsplit(".", 1)[-1]
+                if last.startswith("test_") or last == "conftest":
+                    wrong.setdefault(str(path.relative_to(ROOT)), []).append(node.module)
+    assert wrong == {}

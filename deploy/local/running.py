@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,23 +22,65 @@ from common.models import BASE_MODELS
 from deploy.local.fleet import Fleet, FleetSettings
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket() as sock:
+class PortReservations:
+    """Free ports held from when they are chosen to the end of the process, after BentoML's
+    ``reserve_free_port``: each is a socket bound (never listening) with ``SO_REUSEADDR``. No
+    other chooser - in this process or another, binding port 0 - is handed a held port, so two
+    fleets, or two services of one, never race for one between choosing and binding; and the
+    fleet's servers (Nginx, Gunicorn, Redis and Python's HTTP servers all set ``SO_REUSEADDR``)
+    still bind and listen on it, and bind it again after a restart."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, socket.socket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, replicas: int = 3, stride: int = FleetSettings.replica_port_stride) -> int:
+        """A port whose replica siblings (port + k x stride) are free too; all of them held."""
+        with self._lock:
+            while True:
+                first = self._hold(0)
+                if first is None:
+                    raise OSError("no free port to bind on 127.0.0.1")
+                port = int(first.getsockname()[1])
+                siblings = [self._hold(port + k * stride) for k in range(1, replicas)]
+                if all(siblings):
+                    for sock in (first, *siblings):
+                        assert sock is not None
+                        self._held[int(sock.getsockname()[1])] = sock
+                    return port
+                for sock in (first, *siblings):
+                    if sock is not None:
+                        sock.close()
+
+    def release(self) -> None:
+        """Let every held port go (the module's own reservations last as long as the process)."""
+        with self._lock:
+            for sock in self._held.values():
+                sock.close()
+            self._held.clear()
+
+    @staticmethod
+    def _hold(port: int) -> socket.socket | None:
+        if port > 65535:
+            return None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
-            return False
-        return True
+            sock.close()
+            return None
+        return sock
+
+
+RESERVED = PortReservations()
+atexit.register(RESERVED.release)
 
 
 def free_port(replicas: int = 3, stride: int = FleetSettings.replica_port_stride) -> int:
-    """A free port whose replica siblings (port + k x stride) are free too."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if all(_is_free(port + k * stride) for k in range(1, replicas)):
-            return port
+    """A free port whose replica siblings (port + k x stride) are free too, held for this process
+    (``PortReservations``): no later call, here or elsewhere, is given it."""
+    return RESERVED.take(replicas, stride)
 
 
 def on_free_ports(run_dir: Path, **overrides: object) -> FleetSettings:

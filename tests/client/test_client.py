@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import responses
-from werkzeug import Request
 
 from client import Client, ImagerecError
 from client.__main__ import main
+from tests.client.helpers import multipart_files
 
 ANSWER = {
     "model": "resnet50",
@@ -51,7 +51,7 @@ class Fleet(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def fleet() -> Iterator[str]:
+def fleet_url() -> Iterator[str]:
     Fleet.script, Fleet.seen = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Fleet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -60,23 +60,23 @@ def fleet() -> Iterator[str]:
     server.server_close()
 
 
-def test_predict_sends_the_image_and_parameters(fleet: str) -> None:
-    body = Client(fleet).predict(b"jpeg bytes", model="ensemble", top_k=3, vote="hard")
+def test_predict_sends_the_image_and_parameters(fleet_url: str) -> None:
+    body = Client(fleet_url).predict(b"jpeg bytes", model="ensemble", top_k=3, vote="hard")
     assert body["predictions"][0]["label"] == "tabby"
     [(_, path, sent)] = Fleet.seen
     assert path == "/v1/predict?model=ensemble&top_k=3&vote=hard" and sent == b"jpeg bytes"
 
 
-def test_429_and_503_are_retried_after_retry_after(fleet: str) -> None:
+def test_429_and_503_are_retried_after_retry_after(fleet_url: str) -> None:
     busy = {"error": {"code": "overloaded", "message": "at capacity"}}
     Fleet.script = [(503, {"Retry-After": "1"}, busy), (429, {"Retry-After": "1"}, busy)]
-    assert Client(fleet).predict(b"x")["model"] == "resnet50"
+    assert Client(fleet_url).predict(b"x")["model"] == "resnet50"
     times = [t for t, _, _ in Fleet.seen]
     assert len(times) == 3
     assert times[1] - times[0] >= 0.9 and times[2] - times[1] >= 0.9  # it waited as told
 
 
-def test_errors_carry_the_fleets_json_error(fleet: str) -> None:
+def test_errors_carry_the_fleets_json_error(fleet_url: str) -> None:
     Fleet.script = [
         (
             415,
@@ -85,7 +85,7 @@ def test_errors_carry_the_fleets_json_error(fleet: str) -> None:
         )
     ]
     with pytest.raises(ImagerecError) as info:
-        Client(fleet).predict(b"x")
+        Client(fleet_url).predict(b"x")
     assert (info.value.status, info.value.code, info.value.request_id) == (
         415,
         "unsupported_media_type",
@@ -93,16 +93,16 @@ def test_errors_carry_the_fleets_json_error(fleet: str) -> None:
     )
 
 
-def test_giving_up_after_the_retries(fleet: str) -> None:
+def test_giving_up_after_the_retries(fleet_url: str) -> None:
     busy = {"error": {"code": "overloaded", "message": "at capacity"}}
     Fleet.script = [(503, {"Retry-After": "0"}, busy)] * 3
     with pytest.raises(ImagerecError) as info:
-        Client(fleet, retries=2).predict(b"x")
+        Client(fleet_url, retries=2).predict(b"x")
     assert info.value.code == "overloaded" and len(Fleet.seen) == 3
 
 
 def test_classify_dir_writes_one_row_per_image(
-    fleet: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fleet_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for name in ("a.jpg", "b.png", "sub/c.jpeg", "notes.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -113,7 +113,17 @@ def test_classify_dir_writes_one_row_per_image(
     ]
     out = tmp_path / "results.csv"
     code = main(
-        ["--url", fleet, "classify-dir", str(tmp_path), "--out", str(out), "--concurrency", "1", "--quiet"]
+        [
+            "--url",
+            fleet_url,
+            "classify-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--concurrency",
+            "1",
+            "--quiet",
+        ]
     )
     with out.open() as written:
         rows = list(csv.DictReader(written))
@@ -124,11 +134,11 @@ def test_classify_dir_writes_one_row_per_image(
 
 
 def test_predict_command_flags_random_weights(
-    fleet: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fleet_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     photo = tmp_path / "cat.jpg"
     photo.write_bytes(b"image")
-    assert main(["--url", fleet, "predict", str(photo)]) == 0
+    assert main(["--url", fleet_url, "predict", str(photo)]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM weights" in printed and "tabby" in printed
 
@@ -156,19 +166,6 @@ def job(status: str = "pending", done: int = 0, failed: int = 0) -> dict[str, An
     }
 
 
-def multipart_files(body: bytes) -> dict[str, tuple[str, bytes]]:
-    """The file parts of a multipart body sent by the client: field -> (filename, bytes)."""
-    boundary = body.split(b"\r\n", 1)[0][2:].decode()
-    request = Request.from_values(
-        input_stream=io.BytesIO(body),
-        content_length=len(body),
-        content_type=f"multipart/form-data; boundary={boundary}",
-        method="POST",
-    )
-    with request:  # closes the spooled files werkzeug parsed the parts into
-        return {name: (part.filename or "", part.read()) for name, part in request.files.items()}
-
-
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A folder of files to send, hidden ones among them."""
@@ -180,11 +177,11 @@ def photos(tmp_path: Path) -> Path:
 
 
 def test_job_submit_sends_a_folder_as_a_zip_archive_part(
-    fleet: str, photos: Path, capsys: pytest.CaptureFixture[str]
+    fleet_url: str, photos: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     busy = {"error": {"code": "jobs_unavailable", "message": "Redis is restarting"}}
     Fleet.script = [(503, {"Retry-After": "0"}, busy), (202, {"Location": f"/v1/jobs/{JOB_ID}"}, job())]
-    code = main(["--url", fleet, "job", "submit", str(photos), "--model", "shapes", "--top-k", "3"])
+    code = main(["--url", fleet_url, "job", "submit", str(photos), "--model", "shapes", "--top-k", "3"])
     assert code == 0 and capsys.readouterr().out == f"{JOB_ID}\n"
     [(_, path, first), (_, _, sent)] = Fleet.seen
     assert path == "/v1/jobs?model=shapes&top_k=3"
@@ -196,11 +193,11 @@ def test_job_submit_sends_a_folder_as_a_zip_archive_part(
         assert archive.read("sub/c.jpeg") == b"bytes of sub/c.jpeg"
 
 
-def test_job_submit_sends_an_archive_as_it_is(fleet: str, tmp_path: Path) -> None:
+def test_job_submit_sends_an_archive_as_it_is(fleet_url: str, tmp_path: Path) -> None:
     archive = tmp_path / "batch.tar.gz"
     archive.write_bytes(b"\x1f\x8b not really a tarball" * 1000)
     Fleet.script = [(202, {}, job())]
-    accepted = Client(fleet).submit_job(archive, models=["vgg16", "resnet50"], vote="hard")
+    accepted = Client(fleet_url).submit_job(archive, models=["vgg16", "resnet50"], vote="hard")
     assert accepted["job_id"] == JOB_ID
     [(_, path, sent)] = Fleet.seen
     assert path == "/v1/jobs?models=vgg16%2Cresnet50&vote=hard"

@@ -15,7 +15,7 @@ import responses
 
 from client import Client
 from client.__main__ import main
-from tests.client.test_client import multipart_files
+from tests.client.helpers import multipart_files
 
 JOB_ID = "c4ca4238a0b923820dcc509a6f75849b"
 URL = "http://fleet.test"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from common import imaging
 from common.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
-from tests.conftest import encode, photo, png_declaring
+from tests.helpers import encode, photo, png_declaring
 
 LIMITS = imaging.ImageLimits(max_bytes=5_000_000, max_pixels=20_000_000)
 

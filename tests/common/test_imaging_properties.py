@@ -11,7 +11,7 @@ from PIL import Image
 
 from common import imaging
 from common.errors import ServiceError
-from tests.conftest import encode
+from tests.helpers import encode
 
 LIMITS = imaging.ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000)
 # (mode, formats that can store it)

@@ -10,8 +10,8 @@ import pytest
 from common import logs
 from services import resnet50
 from serving.app import ServiceSettings, create_app
-from tests.conftest import photo
-from tests.serving.test_service_app import EchoRuntime
+from tests.helpers import photo
+from tests.serving.fakes import EchoRuntime
 
 
 def test_one_json_line_per_request(caplog: pytest.LogCaptureFixture) -> None:

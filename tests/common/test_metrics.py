@@ -11,9 +11,9 @@ from gateway.app import create_app as create_gateway
 from services import resnet50
 from serving.app import ServiceSettings
 from serving.app import create_app as create_service
-from tests.conftest import gateway_settings, metric_value, photo
 from tests.gateway.fakes import FakeModelClient
-from tests.serving.test_service_app import EchoRuntime
+from tests.helpers import gateway_settings, metric_value, photo
+from tests.serving.fakes import EchoRuntime
 
 CAT = photo("chelsea.jpg")
 ROOT = Path(__file__).resolve().parents[2]

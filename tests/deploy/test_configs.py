@@ -47,21 +47,21 @@ MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
+def shapes_fleet(tmp_path: Path) -> Fleet:
     extra = ExtraService.custom("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
     return Fleet(FleetSettings(run_dir=str(tmp_path / "run"), nginx_port=18080), [extra])
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()), reason="needs nginx")
-def test_rendered_nginx_config_is_valid(fleet: Fleet) -> None:
-    fleet.render()
+def test_rendered_nginx_config_is_valid(shapes_fleet: Fleet) -> None:
+    shapes_fleet.render()
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    conf = fleet.run_dir / "nginx" / "nginx.conf"
+    conf = shapes_fleet.run_dir / "nginx" / "nginx.conf"
     result = subprocess.run(
         [nginx, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
+    rendered = (shapes_fleet.run_dir / "nginx" / "imagerec.conf").read_text()
     assert "${" not in rendered and "client_max_body_size 10m;" in rendered
 
 
@@ -73,25 +73,25 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
     assert "client_max_body_size 3m;" in rendered and "proxy_read_timeout 90s;" in rendered
 
 
-def test_supervisord_runs_every_process_with_restarts(fleet: Fleet) -> None:
-    text = fleet.render().read_text()
+def test_supervisord_runs_every_process_with_restarts(shapes_fleet: Fleet) -> None:
+    text = shapes_fleet.render().read_text()
     programs = re.findall(r"^\[program:([\w-]+)\]", text, re.MULTILINE)
     assert programs == [
         *("vgg16", "resnet50", "inceptionv3", "shapes", "gateway", "redis", "redis-cache", "worker"),
         *("trainer", "nginx"),
     ]
     assert text.count("autorestart=true") == len(programs)
-    assert "--appendonly yes" in text and f"--dir {fleet.run_dir}/redis" in text  # persistence on
-    assert fleet.environment()["REDIS_URL"] == "redis://127.0.0.1:6380/0"
+    assert "--appendonly yes" in text and f"--dir {shapes_fleet.run_dir}/redis" in text  # persistence on
+    assert shapes_fleet.environment()["REDIS_URL"] == "redis://127.0.0.1:6380/0"
     # The queue is never evicted, the cache is, each in a Redis of its own with a memory bound.
     assert "--port 6380" in text and "--maxmemory 1gb --maxmemory-policy noeviction" in text
     assert "--port 6381" in text and "--maxmemory 256mb --maxmemory-policy allkeys-lru" in text
-    assert fleet.environment()["GATEWAY_CACHE_REDIS_URL"] == "redis://127.0.0.1:6381/0"
-    assert fleet.environment()["GATEWAY_REQUEST_THREADS"] == "64"
+    assert shapes_fleet.environment()["GATEWAY_CACHE_REDIS_URL"] == "redis://127.0.0.1:6381/0"
+    assert shapes_fleet.environment()["GATEWAY_REQUEST_THREADS"] == "64"
     assert "'services.resnet50:create_app()'" in text and "--workers 1" in text
     assert 'SHAPES_WEIGHTS="/m/shapes.keras"' in text
-    assert fleet.environment()["RESNET50_URLS"] == "http://127.0.0.1:8502"
-    assert fleet.environment()["GATEWAY_MODELS"] == "vgg16,resnet50,inceptionv3,shapes"
+    assert shapes_fleet.environment()["RESNET50_URLS"] == "http://127.0.0.1:8502"
+    assert shapes_fleet.environment()["GATEWAY_MODELS"] == "vgg16,resnet50,inceptionv3,shapes"
 
 
 def test_redis_can_be_left_out(tmp_path: Path) -> None:
@@ -283,14 +283,14 @@ def test_the_trainer_command_follows_the_training_settings() -> None:
 
 
 def test_the_local_trainer_consumes_what_the_containers_do(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+    shapes_fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CUSTOM_MODELS_DIR", raising=False)
-    local = shlex.split(fleet.programs()["trainer"][0])
+    local = shlex.split(shapes_fleet.programs()["trainer"][0])
     for flag in ("-Q", "--concurrency", "--max-tasks-per-child"):
         assert option(local, flag) == option(trainer_command(), flag)
     assert local[1:6] == trainer_command()[1:6]  # -m celery -A workers.app worker
-    assert fleet.environment()["CUSTOM_MODELS_DIR"] == str(fleet.run_dir / "custom-models")
+    assert shapes_fleet.environment()["CUSTOM_MODELS_DIR"] == str(shapes_fleet.run_dir / "custom-models")
 
 
 def test_the_trainer_image_is_the_model_image_with_the_workers() -> None:

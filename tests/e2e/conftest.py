@@ -13,41 +13,18 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from deploy.local.fleet import ExtraService, Fleet
-from deploy.local.running import RunningFleet, free_port, on_free_ports, running
-from tests.conftest import ADMIN_KEY, _is_project_variable
+from deploy.local.running import free_port, on_free_ports, running
 from tests.e2e import shapes
+from tests.e2e.running import ADMIN_TOKEN, E2EFleet
+from tests.helpers import ADMIN_KEY, is_project_variable
 from tests.http_fixtures import serve_images
 
 pytestmark = pytest.mark.e2e
-
-
-ADMIN_TOKEN = "e2e-admin-token"
-
-
-@dataclass
-class E2EFleet(RunningFleet):
-    """The running fleet plus a loopback image server it is allowed to fetch from, and the model
-    repository the ``shapes`` replicas serve versions from (polled every second)."""
-
-    image_server: str = ""
-    repository: Path = Path()
-    admin_key: str = ADMIN_KEY
-
-    @property
-    def admin(self) -> dict[str, str]:
-        """Headers that call as the admin (jobs, training, keys need a key)."""
-        return {"Authorization": f"Bearer {self.admin_key}"}
-
-
-@pytest.fixture(scope="session")
-def trained_shapes(tmp_path_factory: pytest.TempPathFactory) -> shapes.TrainedModel:
-    return shapes.train(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +52,7 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         dataclasses.replace(custom, env={**custom.env, **versioned}),
         ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()"),
     ]
-    env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
+    env = {k: v for k, v in os.environ.items() if not is_project_variable(k)}
     env.update(
         WEIGHTS="random",
         IMAGEREC_ADMIN_KEY=ADMIN_KEY,

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import requests
 
 from deploy.local.running import wait_until
-from tests.conftest import photo
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
+from tests.helpers import photo
 
 CAT = photo("chelsea.jpg")
 JPEG = {"Content-Type": "image/jpeg"}

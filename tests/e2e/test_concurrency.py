@@ -15,10 +15,9 @@ import pytest
 import requests
 
 from deploy.local.running import wait_until
-from tests.conftest import photo
-from tests.e2e.conftest import E2EFleet
 from tests.e2e.load import JPEG, Load, Send, failures
-from tests.e2e.test_fleet import assert_json_error, post
+from tests.e2e.running import E2EFleet, assert_json_error, post
+from tests.helpers import photo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 COFFEE = photo("coffee.jpg")  # 600x400, like the held-out photo

@@ -14,26 +14,12 @@ import requests
 from PIL import Image
 
 from deploy.local.running import wait_until
-from tests.conftest import encode, metric_value, photo
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import JPEG, E2EFleet, assert_json_error, post
+from tests.helpers import encode, metric_value, photo
 
 pytestmark = pytest.mark.e2e
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
-JPEG = {"Content-Type": "image/jpeg"}
 IMAGENET_MODELS = ("vgg16", "resnet50", "inceptionv3")
-
-
-def post(fleet: E2EFleet, query: str, **kwargs) -> requests.Response:
-    return requests.post(f"{fleet.url}/v1/predict?{query}", timeout=60, **kwargs)
-
-
-def assert_json_error(response: requests.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code
-    assert body["error"]["message"] and body["error"]["request_id"]
-    return body
 
 
 def probabilities(fleet: E2EFleet, model: str, data: bytes) -> np.ndarray:

@@ -14,8 +14,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import encode, photo, png_declaring
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
+from tests.helpers import encode, photo, png_declaring
 
 pytestmark = pytest.mark.e2e
 CAT = photo("chelsea.jpg")

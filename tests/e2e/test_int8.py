@@ -16,9 +16,9 @@ import requests
 
 from deploy.local.fleet import ExtraService, Fleet
 from deploy.local.running import RunningFleet, free_port, on_free_ports, running, wait_until
-from tests.conftest import _is_project_variable
 from tests.e2e import shapes
-from tests.e2e.test_versions import publish
+from tests.e2e.running import publish
+from tests.helpers import is_project_variable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def int8_fleet(trained_shapes: shapes.TrainedModel) -> Iterator[RunningFleet]:
         SHAPES_CALIBRATION_DIR=str(run_dir / "calibration"),
         SHAPES_VALIDATION_DIR=str(run_dir / "validation"),
     )
-    env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
+    env = {k: v for k, v in os.environ.items() if not is_project_variable(k)}
     env.update(MODEL_CACHE=str(run_dir / "converted"), TF_CPP_MIN_LOG_LEVEL="2", GATEWAY_CACHE_SIZE="0")
     settings = on_free_ports(run_dir, models=(), workers=False)
     try:

@@ -13,12 +13,14 @@ import zipfile
 from typing import Any
 
 import pytest
+import redis
 import requests
+from celery import Celery
 
 from deploy.local.running import children, wait_until
-from tests.conftest import photo, png_declaring
 from tests.e2e import shapes
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet, job, wait_for
+from tests.helpers import photo, png_declaring
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -39,26 +41,6 @@ def shapes_zip(count: int, seed: int) -> tuple[bytes, dict[str, str]]:
 
 def submit(fleet: E2EFleet, query: str, **kwargs: Any) -> requests.Response:
     return requests.post(f"{fleet.url}/v1/jobs?{query}", headers=fleet.admin, timeout=120, **kwargs)
-
-
-def job(fleet: E2EFleet, job_id: str) -> dict[str, Any]:
-    answer = requests.get(f"{fleet.url}/v1/jobs/{job_id}", headers=fleet.admin, timeout=10)
-    assert answer.status_code == 200, answer.text
-    return answer.json()  # type: ignore[no-any-return]
-
-
-def wait_for(fleet: E2EFleet, job_id: str, states: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    def reached() -> bool:
-        found.update(job(fleet, job_id))
-        return found["status"] in states
-
-    try:
-        wait_until(reached, timeout_s, f"job {job_id} to be {' or '.join(states)}")
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc}; last seen: {found}") from None
-    return found
 
 
 def results(fleet: E2EFleet, job_id: str, form: str = "json") -> requests.Response:
@@ -186,15 +168,27 @@ def test_a_cancelled_job_stops_within_seconds_and_keeps_its_results(fleet: E2EFl
     wait_until(lambda: job(fleet, job_id)["done"] >= 2, 120, "the job to make progress")
     cancelled = requests.delete(f"{fleet.url}/v1/jobs/{job_id}", headers=fleet.admin, timeout=10)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    time.sleep(3)  # a call already running may finish and be recorded; nothing after it
+    # A chunk already running may finish and be recorded; nothing after it. Settled: no task of
+    # the job is queued (each one left is skipped at once) and no worker runs one (asked of them).
+    wait_until(lambda: not job_tasks(fleet, job_id), 120, "the cancelled job's tasks to drain")
     settled = job(fleet, job_id)["done"]
-    time.sleep(5)
     final = job(fleet, job_id)
     assert final["status"] == "cancelled" and final["done"] == settled < 160
     kept = results(fleet, job_id).json()["results"]
     assert len(kept) == settled and all("predictions" in r for r in kept)
     again = requests.delete(f"{fleet.url}/v1/jobs/{job_id}", headers=fleet.admin, timeout=10)
     assert again.status_code == 200  # cancelling twice is harmless
+
+
+def job_tasks(fleet: E2EFleet, job_id: str) -> int:
+    """Tasks of ``job_id`` queued or running on a worker (Celery's own inspection, over the queue's
+    Redis)."""
+    broker = redis.Redis.from_url(fleet.fleet.redis_url)
+    queued = sum(job_id.encode() in message for message in broker.lrange("jobs", 0, -1))
+    control = Celery(broker=fleet.fleet.redis_url).control
+    active = control.inspect(timeout=2).active() or {}
+    running = sum(job_id in str(task.get("args")) for tasks in active.values() for task in tasks)
+    return queued + running
 
 
 def worker_pids(fleet: E2EFleet) -> list[int]:

@@ -18,8 +18,8 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from deploy.local.running import wait_until
 from tests import colours
-from tests.conftest import photo
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
+from tests.helpers import photo
 
 pytestmark = pytest.mark.e2e
 

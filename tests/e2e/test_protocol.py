@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.conftest import photo
-from tests.e2e.conftest import E2EFleet
-from tests.e2e.test_fleet import JPEG, post
+from tests.e2e.running import JPEG, E2EFleet, post
+from tests.helpers import photo
 
 pytestmark = pytest.mark.e2e
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")

@@ -14,7 +14,7 @@ import requests
 
 from deploy.local.fleet import ROOT
 from tests.e2e import shapes
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
 
 pytestmark = pytest.mark.e2e
 FRESH_IMAGES = 100

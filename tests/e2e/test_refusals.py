@@ -29,8 +29,8 @@ from PIL import Image
 
 from deploy.local.fleet import ExtraService, Fleet
 from deploy.local.running import RunningFleet, free_port, on_free_ports, running
-from tests.conftest import _is_project_variable
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
+from tests.helpers import is_project_variable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LIMIT_PER_MINUTE = 40
@@ -55,7 +55,7 @@ def small_fleet() -> Iterator[RunningFleet]:
     run_dir.chmod(0o755)
     settings = on_free_ports(run_dir, models=(), gateway_workers=2)
     stub = ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()")
-    env = {k: v for k, v in os.environ.items() if not _is_project_variable(k)}
+    env = {k: v for k, v in os.environ.items() if not is_project_variable(k)}
     env.update(
         GATEWAY_RATE_LIMIT=f"{LIMIT_PER_MINUTE}/minute", GATEWAY_CACHE_SIZE="0", GATEWAY_LEGACY_MODEL="flaky"
     )

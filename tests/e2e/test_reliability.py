@@ -20,10 +20,9 @@ import pytest
 import requests
 
 from deploy.local.running import children, wait_until
-from tests.conftest import photo
-from tests.e2e.conftest import E2EFleet
 from tests.e2e.load import CAT, JPEG, Load, Send, failures, predict
-from tests.e2e.test_fleet import assert_json_error, post
+from tests.e2e.running import E2EFleet, assert_json_error, post
+from tests.helpers import photo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import requests
 
 from deploy.local.running import wait_until
 from tests.e2e import shapes
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,7 @@ import requests
 
 from deploy.local.running import children, rss_mb, wait_until
 from tests import colours
-from tests.e2e.conftest import E2EFleet
-from tests.e2e.test_jobs import job, wait_for
+from tests.e2e.running import E2EFleet, job, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -3,32 +3,15 @@ warmed beside the old one and swapped in while clients keep sending requests."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
-import keras
 import pytest
 import requests
 
 from deploy.local.running import wait_until
 from tests.e2e import shapes
-from tests.e2e.conftest import ADMIN_TOKEN, E2EFleet
 from tests.e2e.load import Load, failures, predict
+from tests.e2e.running import ADMIN_TOKEN, E2EFleet, publish
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def publish(repository: Path, version: int, source: Path, logit_shift: float) -> None:
-    """Write ``version`` as a complete folder, then rename it into place: the poller never sees
-    half a version. Adding one constant to every logit leaves the softmax as it was, so the new
-    version answers as well as the old while its weights (and hash) differ."""
-    model = keras.models.load_model(source)
-    kernel, bias = model.layers[-1].get_weights()
-    model.layers[-1].set_weights([kernel, bias + logit_shift])
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=repository / "shapes"))
-    model.save(staging / "model.keras")
-    os.rename(staging, repository / "shapes" / str(version))
 
 
 def served_version(fleet: E2EFleet, replica: int) -> str:

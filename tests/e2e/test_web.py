@@ -23,7 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from deploy.local.fleet import ROOT
 from tests import colours
 from tests.e2e import shapes
-from tests.e2e.conftest import E2EFleet
+from tests.e2e.running import E2EFleet
 
 pytestmark = pytest.mark.e2e
 SCREENSHOTS = ROOT / "run" / "screenshots"

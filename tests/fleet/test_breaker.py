@@ -20,7 +20,7 @@ from fleet.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from fleet.client import ModelClient, new_session
 from fleet.registry import Registry
 from fleet.transport import NoAnswer, NotReady, NotSent, ReplyLost
-from tests.fleet.test_client import R1, reply
+from tests.fleet.fakes import R1, reply
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""The gateway's HTTP client against mocked model services (``responses``)."""
+"""The gateway's HTTP model_client against mocked model services (``responses``)."""
 
 from __future__ import annotations
 
@@ -25,17 +25,18 @@ from common.errors import (
 from common.labels import load
 from fleet.client import ModelClient, build_client, new_session
 from fleet.registry import Registry
-from tests.conftest import gateway_settings
+from tests.fleet.fakes import R1, R2, reply
+from tests.helpers import gateway_settings
 
-R1, R2 = "http://r1:8502", "http://r2:8502"
 
+class Clock:
+    """A clock the test moves: the breakers' resets without waiting for them."""
 
-def reply(count: int = 1, **extra: object) -> dict:
-    results = [
-        {"index": i, "predictions": [{"label": "tabby", "class_id": "n02123045", "index": 281, "score": 0.9}]}
-        for i in range(count)
-    ]
-    return {"model": "resnet50", "weights": "random", "results": results, **extra}
+    def __init__(self) -> None:
+        self.now = 1000.0  # binary fractions from here: 1000.5 - 1000.0 is exactly 0.5
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def one_replica(**options: Any) -> ModelClient:
@@ -45,7 +46,7 @@ def one_replica(**options: Any) -> ModelClient:
 
 
 @pytest.fixture
-def client() -> ModelClient:
+def model_client() -> ModelClient:
     session = new_session(4)
     return ModelClient(
         Registry({"resnet50": [R1, R2]}, session), session, read_timeout_s=5, connect_retries=0
@@ -53,7 +54,7 @@ def client() -> ModelClient:
 
 
 @responses.activate
-def test_sends_images_as_multipart_with_params_and_request_id(client: ModelClient) -> None:
+def test_sends_images_as_multipart_with_params_and_request_id(model_client: ModelClient) -> None:
     call = responses.post(
         f"{R1}/v1/predict",
         json=reply(2),
@@ -62,7 +63,7 @@ def test_sends_images_as_multipart_with_params_and_request_id(client: ModelClien
             matchers.header_matcher({"X-Request-ID": "rid-1"}),
         ],
     )
-    body = client.predict("resnet50", [b"a", b"b"], top_k=3, probabilities=True, request_id="rid-1")
+    body = model_client.predict("resnet50", [b"a", b"b"], top_k=3, probabilities=True, request_id="rid-1")
     assert len(body["results"]) == 2
     sent = call.calls[0].request
     assert sent.headers["Content-Type"].startswith("multipart/form-data")
@@ -70,52 +71,52 @@ def test_sends_images_as_multipart_with_params_and_request_id(client: ModelClien
 
 
 @responses.activate
-def test_connect_error_fails_over_to_next_replica_and_marks_it_down(client: ModelClient) -> None:
+def test_connect_error_fails_over_to_next_replica_and_marks_it_down(model_client: ModelClient) -> None:
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("refused"))
     responses.post(f"{R2}/v1/predict", json=reply())
-    for replica in client.registry.replicas("resnet50"):
+    for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
-    first, second = client.registry.replicas("resnet50")
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    first, second = model_client.registry.replicas("resnet50")
     assert (first.ready, second.ready) == (False, True)
     # The failed replica now goes last, so the next request goes straight to r2.
-    assert [r.url for r in client.registry.candidates("resnet50")][0] == R2
+    assert [r.url for r in model_client.registry.candidates("resnet50")][0] == R2
 
 
 @responses.activate
-def test_all_replicas_down_is_503(client: ModelClient) -> None:
+def test_all_replicas_down_is_503(model_client: ModelClient) -> None:
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("refused"))
     responses.post(f"{R2}/v1/predict", body=requests.ConnectionError("refused"))
     with pytest.raises(ModelUnavailable) as info:
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert info.value.status == 503 and info.value.retry_after
 
 
 @responses.activate
-def test_not_ready_replica_is_skipped(client: ModelClient) -> None:
+def test_not_ready_replica_is_skipped(model_client: ModelClient) -> None:
     responses.post(f"{R1}/v1/predict", status=503, json={"error": {"code": "model_not_ready"}})
     responses.post(f"{R2}/v1/predict", status=503, json={"error": {"code": "model_not_ready"}})
     with pytest.raises(ModelUnavailable, match="not ready"):
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert len(responses.calls) == 2
 
 
 @responses.activate
-def test_read_timeout_is_504_and_not_retried(client: ModelClient) -> None:
+def test_read_timeout_is_504_and_not_retried(model_client: ModelClient) -> None:
     responses.post(f"{R1}/v1/predict", body=requests.ReadTimeout("slow"))
     responses.post(f"{R2}/v1/predict", json=reply())
     with pytest.raises(UpstreamTimeout) as info:
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert info.value.status == 504 and len(responses.calls) == 1
 
 
 @responses.activate
-def test_member_client_errors_pass_through(client: ModelClient) -> None:
+def test_member_client_errors_pass_through(model_client: ModelClient) -> None:
     responses.post(
         f"{R1}/v1/predict", status=400, json={"error": {"code": "too_many_images", "message": "33 images"}}
     )
     with pytest.raises(ServiceError) as info:
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert (info.value.status, info.value.code, info.value.message) == (400, "too_many_images", "33 images")
 
 
@@ -140,21 +141,21 @@ def test_member_client_errors_pass_through(client: ModelClient) -> None:
     ],
 )
 @responses.activate
-def test_garbage_replies_are_502(client: ModelClient, status: int, body: str) -> None:
+def test_garbage_replies_are_502(model_client: ModelClient, status: int, body: str) -> None:
     responses.post(f"{R1}/v1/predict", status=status, body=body)
     with pytest.raises(BadUpstreamResponse):
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
 
 
 @responses.activate
-def test_labels_are_fetched_once_and_checked_against_their_hash(client: ModelClient) -> None:
+def test_labels_are_fetched_once_and_checked_against_their_hash(model_client: ModelClient) -> None:
     index = load()
     call = responses.get(f"{R1}/v1/labels", json={"labels": index.to_json(), "labels_hash": index.digest})
-    assert client.labels("resnet50", index.digest) == index
-    assert client.labels("resnet50", index.digest) == index
+    assert model_client.labels("resnet50", index.digest) == index
+    assert model_client.labels("resnet50", index.digest) == index
     assert call.call_count == 1
     with pytest.raises(ModelUnavailable):
-        client.labels("resnet50", "some-other-hash")
+        model_client.labels("resnet50", "some-other-hash")
 
 
 @responses.activate
@@ -200,72 +201,76 @@ def test_a_busy_replica_is_not_marked_down_by_one_slow_probe() -> None:
 
 
 @responses.activate
-def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(client: ModelClient) -> None:
+def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(
+    model_client: ModelClient,
+) -> None:
     single = {"model": "resnet50", "weights": "random", "predictions": reply()["results"][0]["predictions"]}
     call = responses.post(
         f"{R1}/v1/predict",
         json=single,
         match=[matchers.header_matcher({"Content-Type": "application/octet-stream"})],
     )
-    body = client.predict("resnet50", [b"jpeg-bytes"], top_k=1)
+    body = model_client.predict("resnet50", [b"jpeg-bytes"], top_k=1)
     assert call.calls[0].request.body == b"jpeg-bytes"
     assert body["results"] == [{"index": 0, "predictions": single["predictions"]}]
 
 
 @responses.activate
 def test_connection_failures_are_retried_once_after_a_jittered_backoff() -> None:
-    client = one_replica(connect_retries=1, retry_backoff_s=0.01)
+    model_client = one_replica(connect_retries=1, retry_backoff_s=0.01)
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("restarting"))
     responses.post(f"{R1}/v1/predict", json=reply())
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
     assert len(responses.calls) == 2
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("down"))
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("still down"))
     with pytest.raises(ModelUnavailable):
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert len(responses.calls) == 4  # one retry, capped
 
 
 @responses.activate
-def test_the_remaining_deadline_travels_to_the_member(client: ModelClient) -> None:
+def test_the_remaining_deadline_travels_to_the_member(model_client: ModelClient) -> None:
     import time
 
     call = responses.post(f"{R1}/v1/predict", json=reply())
-    client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() + 2.0)
+    model_client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() + 2.0)
     sent = int(call.calls[0].request.headers["X-Deadline-Ms"])
     assert 1500 < sent <= 2000
     with pytest.raises(DeadlineExceeded):
-        client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() - 0.1)
+        model_client.predict("resnet50", [b"a"], top_k=1, deadline=time.monotonic() - 0.1)
     assert call.call_count == 1  # an expired request is not sent at all
 
 
 @responses.activate
 def test_a_failing_replica_opens_its_circuit_and_is_probed_back() -> None:
-    import time
-
-    client = one_replica(connect_retries=0, breaker_fail_max=3, breaker_reset_s=0.3)
+    clock = Clock()
+    model_client = one_replica(connect_retries=0, breaker_fail_max=3, breaker_reset_s=0.5, clock=clock)
     garbage = responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
     for _ in range(3):
         with pytest.raises(BadUpstreamResponse):
-            client.predict("resnet50", [b"a"], top_k=1)
+            model_client.predict("resnet50", [b"a"], top_k=1)
     with pytest.raises(ModelUnavailable, match="circuit open"):
-        client.predict("resnet50", [b"a"], top_k=1)  # answered at once, nothing sent
+        model_client.predict("resnet50", [b"a"], top_k=1)  # answered at once, nothing sent
     assert garbage.call_count == 3
     responses.replace(responses.POST, f"{R1}/v1/predict", json=reply())
-    time.sleep(0.35)
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]  # the trial call closes the circuit
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    clock.now += 0.25
+    with pytest.raises(ModelUnavailable, match="circuit open"):
+        model_client.predict("resnet50", [b"a"], top_k=1)  # half the reset time: still open
+    clock.now += 0.25
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]  # the trial call closes the circuit
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
 
 
 @responses.activate
-def test_client_errors_do_not_open_the_circuit(client: ModelClient) -> None:
+def test_client_errors_do_not_open_the_circuit(model_client: ModelClient) -> None:
     responses.post(
         f"{R1}/v1/predict", status=400, json={"error": {"code": "too_many_images", "message": "x"}}
     )
     for _ in range(8):
         with pytest.raises(ServiceError):
-            client.predict("resnet50", [b"a"], top_k=1)
-    assert client._breaker(R1).state == "closed"
+            model_client.predict("resnet50", [b"a"], top_k=1)
+    assert model_client._breaker(R1).state == "closed"
 
 
 def overloaded_reply() -> dict:
@@ -273,58 +278,58 @@ def overloaded_reply() -> dict:
 
 
 @responses.activate
-def test_an_overloaded_replica_passes_the_call_on_and_stays_in_rotation(client: ModelClient) -> None:
+def test_an_overloaded_replica_passes_the_call_on_and_stays_in_rotation(model_client: ModelClient) -> None:
     busy = responses.post(f"{R1}/v1/predict", **overloaded_reply())
     responses.post(f"{R2}/v1/predict", json=reply())
-    for replica in client.registry.replicas("resnet50"):
+    for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
     assert busy.call_count == 1  # r1 was asked first and said it was full
-    assert all(r.ready for r in client.registry.replicas("resnet50"))
+    assert all(r.ready for r in model_client.registry.replicas("resnet50"))
 
 
 @responses.activate
 def test_every_replica_overloaded_is_503_at_once_without_retries_or_tripping_the_circuit() -> None:
     session = new_session(4)
-    client = ModelClient(
+    model_client = ModelClient(
         Registry({"resnet50": [R1, R2]}, session), session, connect_retries=3, breaker_fail_max=1
     )
     first = responses.post(f"{R1}/v1/predict", **overloaded_reply())
     second = responses.post(f"{R2}/v1/predict", **overloaded_reply())
     for _ in range(3):
         with pytest.raises(Overloaded) as info:
-            client.predict("resnet50", [b"a"], top_k=1)
+            model_client.predict("resnet50", [b"a"], top_k=1)
         assert info.value.status == 503 and info.value.retry_after == 1
     assert first.call_count == second.call_count == 3  # one round per request, circuits closed
 
 
 @responses.activate
-def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(client: ModelClient) -> None:
+def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(model_client: ModelClient) -> None:
     """Not a 500: the prediction is idempotent, so the next replica is asked; none left is a 503."""
     responses.post(f"{R1}/v1/predict", body=requests.exceptions.ChunkedEncodingError("connection broken"))
     responses.post(f"{R2}/v1/predict", json=reply())
-    for replica in client.registry.replicas("resnet50"):
+    for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
-    assert all(r.ready for r in client.registry.replicas("resnet50"))  # still in rotation
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert all(r.ready for r in model_client.registry.replicas("resnet50"))  # still in rotation
     responses.replace(responses.POST, f"{R2}/v1/predict", body=requests.exceptions.ChunkedEncodingError("x"))
     with pytest.raises(ModelUnavailable, match="broken response"):
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
 
 
 @pytest.mark.parametrize("code", ["deadline_exceeded", "inference_timeout"])
 @responses.activate
 def test_a_members_504_is_deadline_exceeded_never_retried_and_never_a_breaker_failure(code: str) -> None:
-    client = one_replica(connect_retries=2, breaker_fail_max=1)
+    model_client = one_replica(connect_retries=2, breaker_fail_max=1)
     late = responses.post(
         f"{R1}/v1/predict", status=504, json={"error": {"code": code, "message": "the budget ran out"}}
     )
     for _ in range(3):
         with pytest.raises(DeadlineExceeded) as info:
-            client.predict("resnet50", [b"a"], top_k=1)
+            model_client.predict("resnet50", [b"a"], top_k=1)
         assert (info.value.status, info.value.code) == (504, "deadline_exceeded")
     assert late.call_count == 3  # one call per request, and the circuit (fail_max=1) never opened
-    assert client._breaker(R1).state == "closed"
+    assert model_client._breaker(R1).state == "closed"
 
 
 SENT_THEN_LOST = {
@@ -347,73 +352,74 @@ NOTHING_SENT = {
 @pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
 @responses.activate
 def test_a_reply_lost_after_sending_is_asked_again_elsewhere_and_the_replica_stays_up(
-    client: ModelClient, lost: Exception
+    model_client: ModelClient, lost: Exception
 ) -> None:
     first = responses.post(f"{R1}/v1/predict", body=lost)
     responses.post(f"{R2}/v1/predict", json=reply())
-    for replica in client.registry.replicas("resnet50"):
+    for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
     assert first.call_count == 1
-    assert all(r.ready for r in client.registry.replicas("resnet50"))  # not a connect failure
+    assert all(r.ready for r in model_client.registry.replicas("resnet50"))  # not a connect failure
 
 
 @pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
 @responses.activate
 def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exception) -> None:
-    client = one_replica(connect_retries=3, retry_backoff_s=0.001)
-    client.registry.replicas("resnet50")[0].ready = True
+    model_client = one_replica(connect_retries=3, retry_backoff_s=0.001)
+    model_client.registry.replicas("resnet50")[0].ready = True
     responses.post(f"{R1}/v1/predict", body=lost)
     responses.post(f"{R1}/v1/predict", json=reply())
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
     assert len(responses.calls) == 2
     responses.replace(responses.POST, f"{R1}/v1/predict", body=lost)
     with pytest.raises(ModelUnavailable, match="broken response"):
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert len(responses.calls) == 4  # one retry, not a round per connect retry
-    assert client.registry.replicas("resnet50")[0].ready
+    assert model_client.registry.replicas("resnet50")[0].ready
 
 
 @pytest.mark.parametrize("refusal", NOTHING_SENT.values(), ids=NOTHING_SENT.keys())
 @responses.activate
-def test_nothing_sent_marks_the_replica_down_and_fails_over(client: ModelClient, refusal: Exception) -> None:
+def test_nothing_sent_marks_the_replica_down_and_fails_over(
+    model_client: ModelClient, refusal: Exception
+) -> None:
     responses.post(f"{R1}/v1/predict", body=refusal)
     responses.post(f"{R2}/v1/predict", json=reply())
-    for replica in client.registry.replicas("resnet50"):
+    for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]
-    assert [r.ready for r in client.registry.replicas("resnet50")] == [False, True]
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert [r.ready for r in model_client.registry.replicas("resnet50")] == [False, True]
 
 
 @responses.activate
 def test_overloaded_neither_counts_against_nor_resets_the_circuit() -> None:
-    client = one_replica(connect_retries=0, breaker_fail_max=3)
+    model_client = one_replica(connect_retries=0, breaker_fail_max=3)
     garbage = {"status": 502, "body": "<html>Bad Gateway</html>"}
     for answer in (garbage, garbage, overloaded_reply(), garbage):
         responses.post(f"{R1}/v1/predict", **answer)
     for expected in (BadUpstreamResponse, BadUpstreamResponse, Overloaded, BadUpstreamResponse):
         with pytest.raises(expected):
-            client.predict("resnet50", [b"a"], top_k=1)
+            model_client.predict("resnet50", [b"a"], top_k=1)
     with pytest.raises(ModelUnavailable, match="circuit open"):  # three failures in a row, busy aside
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert len(responses.calls) == 4
 
 
 @responses.activate
 def test_an_overloaded_trial_call_leaves_the_next_call_to_be_the_trial() -> None:
-    import time
-
-    client = one_replica(connect_retries=0, breaker_fail_max=1, breaker_reset_s=0.05)
+    clock = Clock()
+    model_client = one_replica(connect_retries=0, breaker_fail_max=1, breaker_reset_s=0.5, clock=clock)
     responses.post(f"{R1}/v1/predict", status=502, body="<html>Bad Gateway</html>")
     responses.post(f"{R1}/v1/predict", **overloaded_reply())
     responses.post(f"{R1}/v1/predict", json=reply())
     with pytest.raises(BadUpstreamResponse):
-        client.predict("resnet50", [b"a"], top_k=1)
-    time.sleep(0.06)
+        model_client.predict("resnet50", [b"a"], top_k=1)
+    clock.now += 0.5
     with pytest.raises(Overloaded):
-        client.predict("resnet50", [b"a"], top_k=1)  # the trial: busy, no verdict
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"]  # the next trial goes out
-    assert client._breaker(R1).state == "closed"
+        model_client.predict("resnet50", [b"a"], top_k=1)  # the trial: busy, no verdict
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]  # the next trial goes out
+    assert model_client._breaker(R1).state == "closed"
 
 
 @pytest.mark.parametrize(
@@ -422,19 +428,19 @@ def test_an_overloaded_trial_call_leaves_the_next_call_to_be_the_trial() -> None
 )
 @responses.activate
 def test_every_replica_overloaded_answers_the_soonest_retry_after_any_gave(
-    client: ModelClient, retry_afters: tuple[str | None, str | None], expected: int
+    model_client: ModelClient, retry_afters: tuple[str | None, str | None], expected: int
 ) -> None:
     for url, retry_after in zip((R1, R2), retry_afters, strict=True):
         headers = {"Retry-After": retry_after} if retry_after else {}
         responses.post(f"{url}/v1/predict", headers=headers, **overloaded_reply())
     with pytest.raises(Overloaded) as info:
-        client.predict("resnet50", [b"a"], top_k=1)
+        model_client.predict("resnet50", [b"a"], top_k=1)
     assert info.value.retry_after == expected
 
 
 def test_the_connection_pool_holds_every_member_call_of_every_request_thread() -> None:
-    client = build_client(gateway_settings(request_threads=4))  # 3 models
-    adapter = client.session.get_adapter("http://r1:8502")
+    model_client = build_client(gateway_settings(request_threads=4))  # 3 models
+    adapter = model_client.session.get_adapter("http://r1:8502")
     assert adapter.poolmanager.connection_pool_kw["maxsize"] >= 12  # type: ignore[attr-defined]
 
 
@@ -465,16 +471,16 @@ def echo_member(bodies: list[int]) -> Callable[[requests.PreparedRequest], tuple
 
 @responses.activate
 def test_a_batch_over_the_members_body_limit_is_split_in_order_and_a_huge_image_answers_413(
-    client: ModelClient,
+    model_client: ModelClient,
 ) -> None:
-    for replica in client.registry.replicas("resnet50"):
+    for replica in model_client.registry.replicas("resnet50"):
         replica.ready, replica.metadata = True, {"ready": True, "max_body_bytes": 2000}
     bodies: list[int] = []
     for url in (R1, R2):
         responses.add_callback(responses.POST, f"{url}/v1/predict", callback=echo_member(bodies))
     images = [bytes([ord("A") + i]) * 600 for i in range(6)]
     images.insert(3, b"Z" * 2500)  # alone over the member's limit
-    body = client.predict("resnet50", images, top_k=1)
+    body = model_client.predict("resnet50", images, top_k=1)
     results = body["results"]
     assert [r["index"] for r in results] == list(range(7))
     labels = [r["predictions"][0]["label"] if "predictions" in r else None for r in results]
@@ -485,12 +491,12 @@ def test_a_batch_over_the_members_body_limit_is_split_in_order_and_a_huge_image_
 
 
 @responses.activate
-def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(client: ModelClient) -> None:
+def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(model_client: ModelClient) -> None:
     bodies: list[int] = []
     responses.add_callback(responses.POST, f"{R1}/v1/predict", callback=echo_member(bodies))
     responses.add_callback(responses.POST, f"{R2}/v1/predict", callback=echo_member(bodies))
     nine_mib = 9 * 1024 * 1024
-    body = client.predict("resnet50", [b"A" * nine_mib, b"B" * nine_mib], top_k=1)
+    body = model_client.predict("resnet50", [b"A" * nine_mib, b"B" * nine_mib], top_k=1)
     assert [r["predictions"][0]["label"] for r in body["results"]] == ["A", "B"]
     assert len(bodies) == 2 and max(bodies) <= 16 * 1024 * 1024
 
@@ -500,9 +506,9 @@ def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(client: Mo
     ("priority", "sent"), [(None, None), ("interactive", None), ("background", "background")]
 )
 def test_only_a_background_call_carries_x_priority(
-    client: ModelClient, priority: str | None, sent: str | None
+    model_client: ModelClient, priority: str | None, sent: str | None
 ) -> None:
     call = responses.post(f"{R1}/v1/predict", json=reply())
     options = {"priority": priority} if priority else {}
-    client.predict("resnet50", [b"a"], top_k=1, **options)
+    model_client.predict("resnet50", [b"a"], top_k=1, **options)
     assert call.calls[0].request.headers.get("X-Priority") == sent

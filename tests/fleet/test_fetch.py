@@ -13,7 +13,6 @@ import pytest
 
 from common.errors import ImageTooLarge, ServiceError, UnsupportedMediaType
 from fleet.fetch import UrlFetcher, UrlFetchFailed, UrlFetchTimeout, UrlNotAllowed
-from tests.gateway.slow_http import serve_slow_images
 from tests.http_fixtures import CAT, serve_images
 
 
@@ -155,12 +154,6 @@ def test_slow_drip_hits_the_total_deadline(server: str) -> None:
 def test_unresolvable_host_is_400() -> None:
     with pytest.raises(UrlFetchFailed, match="resolve"):
         UrlFetcher().fetch("http://no-such-host.invalid/cat.jpg")
-
-
-@pytest.fixture(scope="module")
-def slow_server() -> Iterator[str]:
-    with serve_slow_images() as url:
-        yield url
 
 
 def loopback_fetcher(**options: Any) -> UrlFetcher:

@@ -13,7 +13,7 @@ from responses import matchers
 
 from fleet.client import ModelClient, new_session
 from fleet.registry import Registry
-from tests.fleet.test_client import reply
+from tests.fleet.fakes import reply
 
 PODS = "http://imagerec-resnet50-pods:8502"
 

@@ -6,13 +6,30 @@ import hashlib
 from typing import Any
 
 import numpy as np
+import redis
+from flask import Flask
 
 from common.errors import ServiceError
+from common.jobs.settings import JobSettings
 from common.labels import Labels, load
+from common.training.settings import TrainingSettings
 from common.wire import encode_vector
 from fleet.client import new_session
 from fleet.registry import Registry
+from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.helpers import auth_settings, gateway_settings, photo
+
+
+class StubFetcher:
+    """Fetches nothing: every URL answers with the coffee photo; ``urls`` records what was asked."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def fetch_all(self, urls: list[str], deadline: float | None = None) -> list[bytes]:
+        self.urls.extend(urls)
+        return [photo("coffee.jpg")] * len(urls)
 
 
 def fake_vector(model: str, data: bytes) -> np.ndarray:
@@ -66,3 +83,24 @@ class FakeModelClient:
     def labels(self, model: str, labels_hash: str) -> Labels:
         assert labels_hash == self.index.digest
         return self.index
+
+
+def redis_gateway(
+    redis_url: str,
+    jobs: JobSettings,
+    training: TrainingSettings | None = None,
+    fake: FakeModelClient | None = None,
+    **auth: Any,
+) -> Flask:
+    """The gateway on a fake fleet with its stores in a real, emptied Redis at ``redis_url``: jobs,
+    training, keys and owners, no rate limit; ``auth`` goes to its key settings."""
+    redis.Redis.from_url(redis_url).flushall()
+    settings = gateway_settings(rate_limit="")
+    return create_app(
+        settings,
+        client=fake or FakeModelClient(settings),  # type: ignore[arg-type]
+        poll_health=False,
+        job_settings=jobs,
+        training_settings=training,
+        auth_settings=auth_settings(redis_url, **auth),
+    )

@@ -1,4 +1,4 @@
-"""The gateway's routes with a fake model client: inputs, routing, ensembles, batches, seed routes."""
+"""The gateway's routes with a fake model gateway: inputs, routing, ensembles, batches, seed routes."""
 
 from __future__ import annotations
 
@@ -18,42 +18,11 @@ from common.errors import ModelUnavailable, UpstreamTimeout
 from fleet.client import ModelClient, new_session
 from fleet.registry import Registry
 from gateway.app import create_app
-from tests.conftest import ADMIN_KEY, bearer, encode, gateway_settings, photo
-from tests.gateway.fakes import FakeModelClient, fake_vector
-from tests.serving.test_service_app import assert_error
+from tests.gateway.fakes import FakeModelClient, StubFetcher, fake_vector
+from tests.helpers import ADMIN_KEY, assert_error, bearer, encode, gateway_settings, photo
 
 CAT = photo("chelsea.jpg")
 COFFEE = photo("coffee.jpg")
-
-
-class StubFetcher:
-    def __init__(self) -> None:
-        self.urls: list[str] = []
-
-    def fetch_all(self, urls: list[str], deadline: float | None = None) -> list[bytes]:
-        self.urls.extend(urls)
-        return [COFFEE] * len(urls)
-
-
-@pytest.fixture
-def fake() -> FakeModelClient:
-    return FakeModelClient(gateway_settings())
-
-
-@pytest.fixture
-def fetcher() -> StubFetcher:
-    return StubFetcher()
-
-
-@pytest.fixture
-def client(fake: FakeModelClient, fetcher: StubFetcher) -> FlaskClient:
-    app = create_app(
-        gateway_settings(max_request_images=4),
-        client=fake,
-        fetcher=fetcher,  # type: ignore[arg-type]
-        poll_health=False,
-    )
-    return app.test_client()
 
 
 def top(model: str, data: bytes, k: int = 5) -> list[int]:
@@ -83,8 +52,8 @@ def b64(data: bytes) -> str:
     ],
     ids=["multipart", "json-base64", "json-data-uri", "form-base64", "raw-body", "json-base64-wrapped"],
 )
-def test_every_input_kind_reaches_the_model_unchanged(client: FlaskClient, send) -> None:
-    response = send(client)
+def test_every_input_kind_reaches_the_model_unchanged(gateway: FlaskClient, send) -> None:
+    response = send(gateway)
     body = response.get_json()
     assert response.status_code == 200, body
     assert body["model"] == "resnet50" and body["weights"] == "random"
@@ -93,17 +62,17 @@ def test_every_input_kind_reaches_the_model_unchanged(client: FlaskClient, send)
     assert list(body)[-1] == "timing_ms"
 
 
-def test_url_input_is_fetched(client: FlaskClient, fetcher: StubFetcher) -> None:
-    body = client.post("/v1/predict?model=vgg16", json={"url": "https://example.com/c.jpg"}).get_json()
-    assert fetcher.urls == ["https://example.com/c.jpg"]
+def test_url_input_is_fetched(gateway: FlaskClient, stub_fetcher: StubFetcher) -> None:
+    body = gateway.post("/v1/predict?model=vgg16", json={"url": "https://example.com/c.jpg"}).get_json()
+    assert stub_fetcher.urls == ["https://example.com/c.jpg"]
     assert indices(body["predictions"]) == top("vgg16", COFFEE)
 
 
-def test_large_base64_form_field_is_accepted(client: FlaskClient) -> None:
+def test_large_base64_form_field_is_accepted(gateway: FlaskClient) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noise), "PNG")
     assert len(b64(data)) > 500_000  # over Werkzeug's default form-field limit
-    response = client.post("/v1/predict?model=resnet50", data={"image": b64(data)})
+    response = gateway.post("/v1/predict?model=resnet50", data={"image": b64(data)})
     assert response.status_code == 200, response.get_json()
 
 
@@ -131,41 +100,43 @@ def test_large_base64_form_field_is_accepted(client: FlaskClient) -> None:
     ],
 )
 def test_bad_inputs_get_a_json_error_and_never_reach_a_model(
-    client: FlaskClient, fake: FakeModelClient, kwargs: dict, status: int, code: str
+    gateway: FlaskClient, fake: FakeModelClient, kwargs: dict, status: int, code: str
 ) -> None:
-    assert_error(client.post("/v1/predict?model=resnet50", **kwargs), status, code)
+    assert_error(gateway.post("/v1/predict?model=resnet50", **kwargs), status, code)
     assert fake.calls == []
 
 
-def test_model_selection_errors(client: FlaskClient) -> None:
-    assert_error(client.post("/v1/predict", data=CAT, content_type="image/jpeg"), 400, "bad_request")
-    response = client.post("/v1/predict?model=alexnet", data=CAT, content_type="image/jpeg")
+def test_model_selection_errors(gateway: FlaskClient) -> None:
+    assert_error(gateway.post("/v1/predict", data=CAT, content_type="image/jpeg"), 400, "bad_request")
+    response = gateway.post("/v1/predict?model=alexnet", data=CAT, content_type="image/jpeg")
     assert_error(response, 404, "unknown_model")
     assert all(name in response.get_json()["error"]["message"] for name in ("vgg16", "resnet50", "ensemble"))
     assert_error(
-        client.post("/v1/predict?models=vgg16,alexnet", data=CAT, content_type="image/jpeg"),
+        gateway.post("/v1/predict?models=vgg16,alexnet", data=CAT, content_type="image/jpeg"),
         404,
         "unknown_model",
     )
     assert_error(
-        client.post("/v1/predict?model=ensemble&vote=plurality", data=CAT, content_type="image/jpeg"),
+        gateway.post("/v1/predict?model=ensemble&vote=plurality", data=CAT, content_type="image/jpeg"),
         400,
         "bad_request",
     )
     assert_error(
-        client.post("/v1/predict?model=ensemble&member_weights=vgg16:2", data=CAT, content_type="image/jpeg"),
+        gateway.post(
+            "/v1/predict?model=ensemble&member_weights=vgg16:2", data=CAT, content_type="image/jpeg"
+        ),
         400,
         "bad_request",
     )
     assert_error(
-        client.post("/v1/predict?model=resnet50&top_k=0", data=CAT, content_type="image/jpeg"),
+        gateway.post("/v1/predict?model=resnet50&top_k=0", data=CAT, content_type="image/jpeg"),
         400,
         "bad_request",
     )
 
 
-def test_soft_ensemble_merges_every_member(client: FlaskClient, fake: FakeModelClient) -> None:
-    body = client.post("/v1/predict?model=ensemble&top_k=3", data=CAT, content_type="image/jpeg").get_json()
+def test_soft_ensemble_merges_every_member(gateway: FlaskClient, fake: FakeModelClient) -> None:
+    body = gateway.post("/v1/predict?model=ensemble&top_k=3", data=CAT, content_type="image/jpeg").get_json()
     members = ["vgg16", "resnet50", "inceptionv3"]
     assert body["members"] == members and body["vote"] == "soft" and body["degraded"] is False
     assert body["weights"] == dict.fromkeys(members, "random")
@@ -179,21 +150,23 @@ def test_soft_ensemble_merges_every_member(client: FlaskClient, fake: FakeModelC
     assert all(call[2] for call in fake.calls)  # probabilities were requested
 
 
-def test_weighted_and_hard_votes_on_a_subset(client: FlaskClient) -> None:
+def test_weighted_and_hard_votes_on_a_subset(gateway: FlaskClient) -> None:
     url = "/v1/predict?models=vgg16,resnet50&vote=weighted&member_weights=resnet50:3"
-    body = client.post(url, data=CAT, content_type="image/jpeg").get_json()
+    body = gateway.post(url, data=CAT, content_type="image/jpeg").get_json()
     merged = (fake_vector("vgg16", CAT) + 3 * fake_vector("resnet50", CAT)) / 4
     assert body["members"] == ["vgg16", "resnet50"]
     assert body["member_weights"] == {"vgg16": 1.0, "resnet50": 3.0}
     assert indices(body["predictions"]) == list(np.argsort(-merged, kind="stable")[:5])
-    hard = client.post("/v1/predict?model=ensemble&vote=hard", data=CAT, content_type="image/jpeg").get_json()
+    hard = gateway.post(
+        "/v1/predict?model=ensemble&vote=hard", data=CAT, content_type="image/jpeg"
+    ).get_json()
     winners = {int(fake_vector(m, CAT).argmax()) for m in ("vgg16", "resnet50", "inceptionv3")}
     assert hard["predictions"][0]["index"] in winners and hard["predictions"][0]["votes"] >= 1
 
 
-def test_ensemble_degrades_when_a_member_fails(client: FlaskClient, fake: FakeModelClient) -> None:
+def test_ensemble_degrades_when_a_member_fails(gateway: FlaskClient, fake: FakeModelClient) -> None:
     fake.failures["vgg16"] = ModelUnavailable("vgg16 is unavailable: connection refused")
-    response = client.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+    response = gateway.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
     body = response.get_json()
     assert response.status_code == 200
     assert body["degraded"] is True
@@ -204,30 +177,30 @@ def test_ensemble_degrades_when_a_member_fails(client: FlaskClient, fake: FakeMo
     assert body["weights"]["vgg16"] is None
 
 
-def test_ensemble_below_quorum_is_503(client: FlaskClient, fake: FakeModelClient) -> None:
+def test_ensemble_below_quorum_is_503(gateway: FlaskClient, fake: FakeModelClient) -> None:
     fake.failures["vgg16"] = ModelUnavailable("down")
     fake.failures["inceptionv3"] = UpstreamTimeout("slow")
-    response = client.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+    response = gateway.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
     assert_error(response, 503, "ensemble_quorum_not_met")
     assert response.headers["Retry-After"]
 
 
-def test_single_model_failure_is_passed_on(client: FlaskClient, fake: FakeModelClient) -> None:
+def test_single_model_failure_is_passed_on(gateway: FlaskClient, fake: FakeModelClient) -> None:
     fake.failures["resnet50"] = ModelUnavailable("resnet50 is unavailable")
-    response = client.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
+    response = gateway.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
     assert_error(response, 503, "model_unavailable")
     assert response.headers["Retry-After"]
 
 
 def test_batch_keeps_order_and_one_bad_image_spares_the_rest(
-    client: FlaskClient, fake: FakeModelClient
+    gateway: FlaskClient, fake: FakeModelClient
 ) -> None:
     files = [
         (io.BytesIO(CAT), "cat.jpg"),
         (io.BytesIO(b"not an image"), "bad.txt"),
         (io.BytesIO(COFFEE), "c.jpg"),
     ]
-    body = client.post("/v1/predict?model=inceptionv3", data={"files": files}).get_json()
+    body = gateway.post("/v1/predict?model=inceptionv3", data={"files": files}).get_json()
     results = body["results"]
     assert [r["name"] for r in results] == ["cat.jpg", "bad.txt", "c.jpg"]
     assert indices(results[0]["predictions"]) == top("inceptionv3", CAT)
@@ -236,58 +209,58 @@ def test_batch_keeps_order_and_one_bad_image_spares_the_rest(
     assert fake.calls == [("inceptionv3", 2, False)]  # the bad image never left the gateway
 
 
-def test_json_batch_mixes_base64_and_urls(client: FlaskClient, fetcher: StubFetcher) -> None:
+def test_json_batch_mixes_base64_and_urls(gateway: FlaskClient, stub_fetcher: StubFetcher) -> None:
     images = [b64(CAT), {"url": "https://example.com/c.jpg"}, "!!!", {"image": b64(COFFEE)}]
-    body = client.post("/v1/predict?model=ensemble&top_k=1", json={"images": images}).get_json()
+    body = gateway.post("/v1/predict?model=ensemble&top_k=1", json={"images": images}).get_json()
     results = body["results"]
     assert [("error" in r) for r in results] == [False, False, True, False]
     assert results[2]["error"]["code"] == "invalid_base64"
     assert set(results[0]["member_predictions"]) == {"vgg16", "resnet50", "inceptionv3"}
 
 
-def test_batch_of_only_bad_images_answers_each_error(client: FlaskClient, fake: FakeModelClient) -> None:
-    response = client.post("/v1/predict?model=ensemble", json={"images": ["!!!", b64(b"text")]})
+def test_batch_of_only_bad_images_answers_each_error(gateway: FlaskClient, fake: FakeModelClient) -> None:
+    response = gateway.post("/v1/predict?model=ensemble", json={"images": ["!!!", b64(b"text")]})
     assert response.status_code == 200, response.get_json()
     codes = [r["error"]["code"] for r in response.get_json()["results"]]
     assert codes == ["invalid_base64", "unsupported_media_type"]
     assert fake.calls == []
 
 
-def test_batch_cap_is_checked_before_reading_any_image(client: FlaskClient, fake: FakeModelClient) -> None:
+def test_batch_cap_is_checked_before_reading_any_image(gateway: FlaskClient, fake: FakeModelClient) -> None:
     files = [(io.BytesIO(CAT), f"{i}.jpg") for i in range(5)]
-    assert_error(client.post("/v1/predict?model=vgg16", data={"files": files}), 400, "too_many_images")
-    assert_error(client.post("/v1/predict?model=vgg16", json={"images": ["x"] * 5}), 400, "too_many_images")
+    assert_error(gateway.post("/v1/predict?model=vgg16", data={"files": files}), 400, "too_many_images")
+    assert_error(gateway.post("/v1/predict?model=vgg16", json={"images": ["x"] * 5}), 400, "too_many_images")
     assert fake.calls == []
 
 
-def test_seed_routes_keep_their_shape(client: FlaskClient) -> None:
-    body = client.post("/predict", data={"file": (io.BytesIO(CAT), "cat.jpg")}).get_json()
+def test_seed_routes_keep_their_shape(gateway: FlaskClient) -> None:
+    body = gateway.post("/predict", data={"file": (io.BytesIO(CAT), "cat.jpg")}).get_json()
     assert list(body) == ["predictions"] and len(body["predictions"]) == 3
     assert set(body["predictions"][0]) == {"label", "prob"}
     for prefix in ("", "data:image/jpeg;base64,"):
-        again = client.post("/predict", data={"image": prefix + b64(CAT)}).get_json()
+        again = gateway.post("/predict", data={"image": prefix + b64(CAT)}).get_json()
         assert again == body
     files = [(io.BytesIO(CAT), "a.jpg"), (io.BytesIO(b"zzz"), "b.jpg")]
-    batch = client.post("/batch_predict", data={"files": files}).get_json()
+    batch = gateway.post("/batch_predict", data={"files": files}).get_json()
     assert batch["results"][0] == {"filename": "a.jpg", "predictions": body["predictions"]}
     assert batch["results"][1]["filename"] == "b.jpg" and "error" in batch["results"][1]
 
 
-def test_models_listing(client: FlaskClient) -> None:
-    body = client.get("/v1/models").get_json()
+def test_models_listing(gateway: FlaskClient) -> None:
+    body = gateway.get("/v1/models").get_json()
     assert [m["name"] for m in body["models"]] == ["vgg16", "resnet50", "inceptionv3"]
     resnet = body["models"][1]
     assert len(resnet["replicas"]) == 2 and all("url" not in r for r in resnet["replicas"])  # admin's alone
     assert body["ensemble"]["members"] == ["vgg16", "resnet50", "inceptionv3"]
-    admin = client.get("/v1/models", headers=bearer(ADMIN_KEY)).get_json()["models"][1]
+    admin = gateway.get("/v1/models", headers=bearer(ADMIN_KEY)).get_json()["models"][1]
     assert [r["url"] for r in admin["replicas"]] == ["http://r1:8502", "http://r2:8502"]
 
 
-def test_health(client: FlaskClient) -> None:
-    assert client.get("/health/live").status_code == 200
-    assert client.get("/health/ready").status_code == 200
-    assert_error(client.get("/nowhere"), 404, "not_found")
-    assert_error(client.get("/v1/predict"), 405, "method_not_allowed")
+def test_health(gateway: FlaskClient) -> None:
+    assert gateway.get("/health/live").status_code == 200
+    assert gateway.get("/health/ready").status_code == 200
+    assert_error(gateway.get("/nowhere"), 404, "not_found")
+    assert_error(gateway.get("/v1/predict"), 405, "method_not_allowed")
 
 
 def test_body_cap_is_413_json(fake: FakeModelClient) -> None:
@@ -315,39 +288,39 @@ def test_ensembles_send_members_one_small_canonical_copy_of_a_large_photo(fake: 
         return original_predict(model, images, **kwargs)
 
     fake.predict = recording_predict  # type: ignore[method-assign]
-    client = app.test_client()
-    assert client.post("/v1/predict?model=ensemble", data=big, content_type="image/jpeg").status_code == 200
+    gateway = app.test_client()
+    assert gateway.post("/v1/predict?model=ensemble", data=big, content_type="image/jpeg").status_code == 200
     assert len(seen) == 3 and len(set(seen)) == 1  # one canonical copy for every member
     canonical = Image.open(io.BytesIO(seen[0]))
     assert canonical.format == "PNG" and min(canonical.size) == 342  # 299 / 0.875, rounded up
     seen.clear()
-    assert client.post("/v1/predict?model=resnet50", data=big, content_type="image/jpeg").status_code == 200
+    assert gateway.post("/v1/predict?model=resnet50", data=big, content_type="image/jpeg").status_code == 200
     assert seen == [big]  # a single model decodes the original itself
 
 
 def test_client_deadline_reaches_the_members_and_is_validated(
-    client: FlaskClient, fake: FakeModelClient
+    gateway: FlaskClient, fake: FakeModelClient
 ) -> None:
     import time
 
     before = time.monotonic()
     assert (
-        client.post(
+        gateway.post(
             "/v1/predict?model=resnet50&timeout_ms=1500", data=CAT, content_type="image/jpeg"
         ).status_code
         == 200
     )
     assert before + 1.0 < fake.deadlines[-1] <= time.monotonic() + 1.5
-    client.post(
+    gateway.post(
         "/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg", headers={"X-Deadline-Ms": "800"}
     )
     assert fake.deadlines[-1] <= time.monotonic() + 0.8
     before = time.monotonic()
-    client.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
+    gateway.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg")
     # no budget given: the default deadline (30 s) applies, counted from the request's arrival
     assert before + 29 < fake.deadlines[-1] <= time.monotonic() + 30
     arrived = time.time() - 10  # Nginx saw it 10 s ago: that wait counts against the deadline
-    client.post(
+    gateway.post(
         "/v1/predict?model=resnet50",
         data=CAT,
         content_type="image/jpeg",
@@ -355,7 +328,7 @@ def test_client_deadline_reaches_the_members_and_is_validated(
     )
     assert fake.deadlines[-1] <= time.monotonic() + 20.1
     assert_error(
-        client.post("/v1/predict?model=resnet50&timeout_ms=later", data=CAT, content_type="image/jpeg"),
+        gateway.post("/v1/predict?model=resnet50&timeout_ms=later", data=CAT, content_type="image/jpeg"),
         400,
         "bad_request",
     )
@@ -363,24 +336,24 @@ def test_client_deadline_reaches_the_members_and_is_validated(
 
 def test_per_client_rate_limit_is_a_json_429_with_retry_after(fake: FakeModelClient) -> None:
     app = create_app(gateway_settings(rate_limit="3/minute"), client=fake, poll_health=False)  # type: ignore[arg-type]
-    client = app.test_client()
+    gateway = app.test_client()
     alice, bob = {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "203.0.113.8"}
     for _ in range(3):
         assert (
-            client.post(
+            gateway.post(
                 "/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=alice
             ).status_code
             == 200
         )
-    response = client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=alice)
+    response = gateway.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=alice)
     assert_error(response, 429, "too_many_requests")
     assert int(response.headers["Retry-After"]) > 0
     assert (
-        client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=bob).status_code
+        gateway.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=bob).status_code
         == 200
     )
-    assert client.get("/v1/models", headers=alice).status_code == 200  # metadata and health are not limited
-    assert client.get("/health/ready", headers=alice).status_code == 200
+    assert gateway.get("/v1/models", headers=alice).status_code == 200  # metadata and health are not limited
+    assert gateway.get("/health/ready", headers=alice).status_code == 200
 
 
 def test_concurrent_ensembles_never_queue_a_member_call_behind_another() -> None:
@@ -428,7 +401,7 @@ def test_models_listing_answers_from_the_last_probes_without_calling_any_replica
 
 
 def test_an_ensemble_whose_members_answered_only_item_errors_passes_the_error_on(
-    client: FlaskClient, fake: FakeModelClient
+    gateway: FlaskClient, fake: FakeModelClient
 ) -> None:
     """E.g. an image over every member's body limit: no member predicted, so there is nothing to vote on."""
 
@@ -437,5 +410,5 @@ def test_an_ensemble_whose_members_answered_only_item_errors_passes_the_error_on
         return {"model": model, "results": [{"index": i, "error": error} for i in range(len(images))]}
 
     fake.predict = too_large  # type: ignore[method-assign]
-    response = client.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
+    response = gateway.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")
     assert_error(response, 413, "image_too_large")

@@ -14,8 +14,8 @@ from fleet.registry import Registry
 from gateway import cache as response_cache
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
+from tests.helpers import gateway_settings, photo
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 

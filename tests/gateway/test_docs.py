@@ -10,8 +10,8 @@ from openapi_spec_validator import validate
 
 from gateway import docs
 from gateway.app import create_app
-from tests.conftest import gateway_settings
 from tests.gateway.fakes import FakeModelClient
+from tests.helpers import gateway_settings
 
 
 @pytest.fixture

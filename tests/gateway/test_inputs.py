@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
 
 import pytest
 from flask import Flask, request
@@ -12,17 +11,10 @@ from flask import Flask, request
 from fleet.fetch import UrlFetcher
 from gateway.app import create_app
 from gateway.inputs import InputReader
-from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
-from tests.gateway.slow_http import serve_slow_images
+from tests.helpers import gateway_settings, photo
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
-
-
-@pytest.fixture(scope="module")
-def slow_server() -> Iterator[str]:
-    with serve_slow_images() as url:
-        yield url
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The job routes on a real Redis (the broker and the record) with a fake model client: what a
+"""The job routes on a real Redis (the broker and the record) with a fake model gateway: what a
 submission writes and queues, what a refusal leaves behind (nothing), and how results read."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import redis
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, connect
 from gateway.app import create_app
-from tests.conftest import auth_settings, gateway_settings, keyed_client, metric_value, photo
-from tests.gateway.fakes import FakeModelClient
+from tests.gateway.fakes import FakeModelClient, redis_gateway
+from tests.helpers import gateway_settings, keyed_client, metric_value, photo
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 
@@ -27,18 +27,9 @@ def jobs_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def client(redis_url: str, jobs_dir: Path) -> Any:
-    redis.Redis.from_url(redis_url).flushall()
-    settings = gateway_settings(rate_limit="")
+def jobs_gateway(redis_url: str, jobs_dir: Path) -> Any:
     jobs = JobSettings(redis_url=redis_url, dir=str(jobs_dir), chunk_images=4, max_images=10)
-    app = create_app(
-        settings,
-        client=FakeModelClient(settings),  # type: ignore[arg-type]
-        poll_health=False,
-        job_settings=jobs,
-        auth_settings=auth_settings(redis_url),
-    )
-    return keyed_client(app)
+    return keyed_client(redis_gateway(redis_url, jobs))
 
 
 def zipped(entries: dict[str, bytes]) -> bytes:
@@ -55,9 +46,9 @@ def queued(redis_url: str) -> list[list[Any]]:
     return [json.loads(json.loads(m)["headers"]["argsrepr"].replace("'", '"')) for m in reversed(raw)]
 
 
-def test_an_archive_is_unpacked_chunked_and_queued(client: Any, redis_url: str, jobs_dir: Path) -> None:
+def test_an_archive_is_unpacked_chunked_and_queued(jobs_gateway: Any, redis_url: str, jobs_dir: Path) -> None:
     archive = zipped({f"b/{i}.jpg": CAT for i in range(5)} | {"a.jpg": COFFEE, ".DS_Store": b"x"})
-    answer = client.post(
+    answer = jobs_gateway.post(
         "/v1/jobs?model=resnet50&top_k=3", data={"archive": (io.BytesIO(archive), "photos.zip")}
     )
     assert answer.status_code == 202, answer.json
@@ -70,7 +61,7 @@ def test_an_archive_is_unpacked_chunked_and_queued(client: Any, redis_url: str, 
     assert [item["name"] for item in first] == ["a.jpg", "b/0.jpg", "b/1.jpg", "b/2.jpg"]
     assert (folder / first[0]["file"]).read_bytes() == COFFEE
     assert not list(folder.glob("upload*"))  # the archive itself is not kept once unpacked
-    status = client.get(f"/v1/jobs/{body['job_id']}").json
+    status = jobs_gateway.get(f"/v1/jobs/{body['job_id']}").json
     assert (status["status"], status["done"], status["progress"], status["eta_s"]) == (
         "pending",
         0,
@@ -79,10 +70,10 @@ def test_an_archive_is_unpacked_chunked_and_queued(client: Any, redis_url: str, 
     )
 
 
-def test_files_and_json_bodies(client: Any, redis_url: str) -> None:
-    files = client.post("/v1/jobs?model=vgg16", data={"files": [(io.BytesIO(CAT), "cat.jpg")] * 3})
+def test_files_and_json_bodies(jobs_gateway: Any, redis_url: str) -> None:
+    files = jobs_gateway.post("/v1/jobs?model=vgg16", data={"files": [(io.BytesIO(CAT), "cat.jpg")] * 3})
     assert files.status_code == 202 and files.json["total"] == 3
-    urls = client.post(
+    urls = jobs_gateway.post(
         "/v1/jobs?models=vgg16,resnet50&vote=hard", json={"urls": ["https://example.com/a.jpg"]}
     )
     assert urls.status_code == 202, urls.json
@@ -133,18 +124,26 @@ def test_files_and_json_bodies(client: Any, redis_url: str) -> None:
     ],
 )
 def test_a_refusal_is_a_json_4xx_and_leaves_nothing(
-    client: Any, redis_url: str, jobs_dir: Path, query: str, kwargs: dict[str, Any], status: int, code: str
+    jobs_gateway: Any,
+    redis_url: str,
+    jobs_dir: Path,
+    query: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
 ) -> None:
-    answer = client.post(f"/v1/jobs?{query}", **kwargs)
+    answer = jobs_gateway.post(f"/v1/jobs?{query}", **kwargs)
     assert (answer.status_code, answer.json["error"]["code"]) == (status, code), answer.json
-    assert queued(redis_url) == [] and client.get("/v1/jobs").json["jobs"] == []
+    assert queued(redis_url) == [] and jobs_gateway.get("/v1/jobs").json["jobs"] == []
     assert not jobs_dir.exists() or list(jobs_dir.iterdir()) == []
 
 
-def test_results_read_in_input_order_in_three_formats(client: Any, redis_url: str, jobs_dir: Path) -> None:
-    job_id = client.post("/v1/jobs?model=vgg16&top_k=2", json={"urls": ["https://e.com/a.jpg"] * 6}).json[
-        "job_id"
-    ]
+def test_results_read_in_input_order_in_three_formats(
+    jobs_gateway: Any, redis_url: str, jobs_dir: Path
+) -> None:
+    job_id = jobs_gateway.post(
+        "/v1/jobs?model=vgg16&top_k=2", json={"urls": ["https://e.com/a.jpg"] * 6}
+    ).json["job_id"]
     store = JobStore(connect(redis_url, retries=1), jobs_dir, 3600)
     prediction = [{"label": "tabby", "score": 0.5}, {"label": "tiger_cat", "score": 0.25}]
     store.write_results(job_id, 1, [{"index": i, "name": f"n{i}", "predictions": prediction} for i in (4, 5)])
@@ -156,13 +155,13 @@ def test_results_read_in_input_order_in_three_formats(client: Any, redis_url: st
         + [{"index": i, "name": f"n{i}", "predictions": prediction} for i in (1, 2, 3)],
     )
     store.record(job_id, 0, 3, 1, None)
-    status = client.get(f"/v1/jobs/{job_id}").json
+    status = jobs_gateway.get(f"/v1/jobs/{job_id}").json
     assert (status["status"], status["done"], status["failed"]) == ("completed", 5, 1)
-    as_json = client.get(f"/v1/jobs/{job_id}/results").json
+    as_json = jobs_gateway.get(f"/v1/jobs/{job_id}/results").json
     assert [r["index"] for r in as_json["results"]] == list(range(6)) and as_json["status"] == "completed"
-    lines = client.get(f"/v1/jobs/{job_id}/results?format=jsonl").data.decode().splitlines()
+    lines = jobs_gateway.get(f"/v1/jobs/{job_id}/results?format=jsonl").data.decode().splitlines()
     assert [json.loads(line)["index"] for line in lines] == list(range(6))
-    table = client.get(f"/v1/jobs/{job_id}/results?format=csv")
+    table = jobs_gateway.get(f"/v1/jobs/{job_id}/results?format=csv")
     assert table.headers["Content-Type"] == "text/csv; charset=utf-8"
     rows = table.data.decode().splitlines()
     assert rows[:3] == [
@@ -170,38 +169,38 @@ def test_results_read_in_input_order_in_three_formats(client: Any, redis_url: st
         "0,n0,error,,,,,invalid_image,bad",
         "1,n1,ok,tabby,0.5,tiger_cat,0.25,,",
     ]
-    assert client.get(f"/v1/jobs/{job_id}/results?format=xml").status_code == 400
+    assert jobs_gateway.get(f"/v1/jobs/{job_id}/results?format=xml").status_code == 400
 
 
-def test_cancel_and_unknown_jobs(client: Any) -> None:
-    job_id = client.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
-    assert client.delete(f"/v1/jobs/{job_id}").json["status"] == "cancelled"
-    assert client.delete(f"/v1/jobs/{job_id}").status_code == 200  # twice is harmless
+def test_cancel_and_unknown_jobs(jobs_gateway: Any) -> None:
+    job_id = jobs_gateway.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
+    assert jobs_gateway.delete(f"/v1/jobs/{job_id}").json["status"] == "cancelled"
+    assert jobs_gateway.delete(f"/v1/jobs/{job_id}").status_code == 200  # twice is harmless
     for path in (f"/v1/jobs/{'0' * 32}", "/v1/jobs/../../etc", f"/v1/jobs/{'f' * 32}/results"):
-        answer = client.get(path)
+        answer = jobs_gateway.get(path)
         assert answer.status_code == 404 and answer.json["error"]["code"] in ("unknown_job", "not_found")
 
 
-def test_a_finished_job_cannot_be_cancelled(client: Any, redis_url: str, jobs_dir: Path) -> None:
-    job_id = client.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
+def test_a_finished_job_cannot_be_cancelled(jobs_gateway: Any, redis_url: str, jobs_dir: Path) -> None:
+    job_id = jobs_gateway.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
     store = JobStore(connect(redis_url, retries=1), jobs_dir, 3600)
     store.write_results(job_id, 0, [{"index": 0, "name": "a", "predictions": []}])
     store.record(job_id, 0, 1, 0, None)
-    answer = client.delete(f"/v1/jobs/{job_id}")
+    answer = jobs_gateway.delete(f"/v1/jobs/{job_id}")
     assert answer.status_code == 409 and answer.json["error"]["code"] == "job_not_active"
 
 
-def test_the_listing_pages_newest_first(client: Any) -> None:
+def test_the_listing_pages_newest_first(jobs_gateway: Any) -> None:
     ids = [
-        client.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
+        jobs_gateway.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
         for _ in range(5)
     ]
-    first = client.get("/v1/jobs?limit=3").json
+    first = jobs_gateway.get("/v1/jobs?limit=3").json
     assert [j["job_id"] for j in first["jobs"]] == ids[::-1][:3]
-    second = client.get(first["next"]).json
+    second = jobs_gateway.get(first["next"]).json
     assert [j["job_id"] for j in second["jobs"]] == ids[::-1][3:] and second["next"] is None
     for cursor in ("nan", "1e400", "-1", "1_000"):
-        assert client.get(f"/v1/jobs?before={cursor}").status_code == 400
+        assert jobs_gateway.get(f"/v1/jobs?before={cursor}").status_code == 400
 
 
 def test_without_redis_the_job_routes_say_so(tmp_path: Path) -> None:
@@ -224,10 +223,10 @@ def test_without_redis_the_job_routes_say_so(tmp_path: Path) -> None:
     assert answer.status_code == 503 and answer.json["error"]["code"] == "jobs_unavailable"
 
 
-def test_metrics_count_jobs_by_state_and_the_queue(client: Any) -> None:
+def test_metrics_count_jobs_by_state_and_the_queue(jobs_gateway: Any) -> None:
     for _ in range(2):
-        client.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"] * 5})
-    text = client.get("/metrics").data.decode()
+        jobs_gateway.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"] * 5})
+    text = jobs_gateway.get("/metrics").data.decode()
     assert metric_value(text, "imagerec_jobs", state="pending") == 2
     assert metric_value(text, "imagerec_job_queue_length") == 4  # 2 chunks each
     assert metric_value(text, "imagerec_job_images_total", outcome="done") == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import redis
 
 from gateway.app import create_app
-from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
+from tests.helpers import gateway_settings, photo
 
 CAT = photo("chelsea.jpg")
 ALICE, BOB = {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "203.0.113.8"}

@@ -18,30 +18,20 @@ from common.jobs.settings import JobSettings
 from common.training.settings import TrainingSettings
 from gateway.app import create_app
 from tests import colours
-from tests.conftest import ADMIN_KEY, auth_settings, bearer, gateway_settings, photo
-from tests.gateway.fakes import FakeModelClient
+from tests.gateway.fakes import FakeModelClient, redis_gateway
+from tests.helpers import ADMIN_KEY, auth_settings, bearer, gateway_settings, photo
 
 CAT = photo("chelsea.jpg")
 URLS = {"urls": ["https://e.com/a.jpg"]}
 
 
 @pytest.fixture
-def fleet(redis_url: str, tmp_path: Path) -> Any:
+def keyed_gateway(redis_url: str, tmp_path: Path) -> Any:
     """A gateway app, its fake model client and a function that makes keys through the API."""
-    redis.Redis.from_url(redis_url).flushall()
-    settings = gateway_settings(rate_limit="")
-    fake = FakeModelClient(settings)
-    app = create_app(
-        settings,
-        client=fake,  # type: ignore[arg-type]
-        poll_health=False,
-        job_settings=JobSettings(
-            redis_url=redis_url, dir=str(tmp_path / "jobs"), max_uncompressed_bytes=300_000
-        ),
-        training_settings=TrainingSettings(models_dir=str(tmp_path / "models"), min_images_per_class=3),
-        auth_settings=auth_settings(redis_url, key_cache_s=0.2),
-    )
-    return app.test_client(), fake
+    fake = FakeModelClient(gateway_settings(rate_limit=""))
+    jobs = JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs"), max_uncompressed_bytes=300_000)
+    training = TrainingSettings(models_dir=str(tmp_path / "models"), min_images_per_class=3)
+    return redis_gateway(redis_url, jobs, training, fake, key_cache_s=0.2).test_client(), fake
 
 
 def make_key(client: Any, name: str, scopes: list[str], **quotas: int) -> str:
@@ -56,8 +46,8 @@ def code(answer: Any) -> tuple[int, str]:
     return answer.status_code, answer.json["error"]["code"]
 
 
-def test_anonymous_callers_predict_and_nothing_else(fleet: Any) -> None:
-    client, _ = fleet
+def test_anonymous_callers_predict_and_nothing_else(keyed_gateway: Any) -> None:
+    client, _ = keyed_gateway
     assert client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg").status_code == 200
     assert code(client.post("/v1/jobs?model=vgg16", json=URLS)) == (401, "unauthorized")
     assert code(client.get("/v1/jobs")) == (401, "unauthorized")
@@ -66,8 +56,8 @@ def test_anonymous_callers_predict_and_nothing_else(fleet: Any) -> None:
     assert code(client.post("/v1/keys", json={"name": "me", "scopes": ["admin"]})) == (401, "unauthorized")
 
 
-def test_a_key_without_the_scope_is_403_and_a_bad_key_401_everywhere(fleet: Any) -> None:
-    client, _ = fleet
+def test_a_key_without_the_scope_is_403_and_a_bad_key_401_everywhere(keyed_gateway: Any) -> None:
+    client, _ = keyed_gateway
     predict_only = bearer(make_key(client, "viewer", ["predict"]))
     assert (
         client.post(
@@ -88,9 +78,9 @@ def test_a_key_without_the_scope_is_403_and_a_bad_key_401_everywhere(fleet: Any)
 
 
 def test_keys_are_shown_once_listed_without_secrets_and_revoked_everywhere_within_the_cache(
-    fleet: Any,
+    keyed_gateway: Any,
 ) -> None:
-    client, _ = fleet
+    client, _ = keyed_gateway
     key = make_key(client, "batch team", ["jobs"], active_jobs=2)
     listed = client.get("/v1/keys", headers=bearer(ADMIN_KEY)).json["keys"]
     assert [k["name"] for k in listed] == ["batch team"] and listed[0]["quotas"] == {"active_jobs": 2}
@@ -117,14 +107,14 @@ def test_keys_are_shown_once_listed_without_secrets_and_revoked_everywhere_withi
         ["not", "an", "object"],
     ],
 )
-def test_a_bad_key_request_is_a_400_naming_it(fleet: Any, body: Any) -> None:
-    client, _ = fleet
+def test_a_bad_key_request_is_a_400_naming_it(keyed_gateway: Any, body: Any) -> None:
+    client, _ = keyed_gateway
     answer = client.post("/v1/keys", json=body, headers=bearer(ADMIN_KEY))
     assert answer.status_code == 400 and client.get("/v1/keys", headers=bearer(ADMIN_KEY)).json["keys"] == []
 
 
-def test_jobs_belong_to_their_owner_and_others_get_404(fleet: Any) -> None:
-    client, _ = fleet
+def test_jobs_belong_to_their_owner_and_others_get_404(keyed_gateway: Any) -> None:
+    client, _ = keyed_gateway
     alice, bob = bearer(make_key(client, "alice", ["jobs"])), bearer(make_key(client, "bob", ["jobs"]))
     job = client.post("/v1/jobs?model=vgg16", json=URLS, headers=alice).json["job_id"]
     assert client.get(f"/v1/jobs/{job}", headers=alice).status_code == 200
@@ -142,8 +132,8 @@ def test_jobs_belong_to_their_owner_and_others_get_404(fleet: Any) -> None:
     )  # bob's cancel did nothing
 
 
-def test_a_quota_refuses_with_its_figures_and_leaves_nothing(fleet: Any, tmp_path: Path) -> None:
-    client, _ = fleet
+def test_a_quota_refuses_with_its_figures_and_leaves_nothing(keyed_gateway: Any, tmp_path: Path) -> None:
+    client, _ = keyed_gateway
     carol = bearer(make_key(client, "carol", ["jobs"], active_jobs=1, job_images=2))
     assert client.post("/v1/jobs?model=vgg16", json=URLS, headers=carol).status_code == 202
     refused = client.post("/v1/jobs?model=vgg16", json=URLS, headers=carol)
@@ -169,9 +159,9 @@ def zipped(count: int, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_one_meter_counts_every_archive_part_of_a_request(fleet: Any, tmp_path: Path) -> None:
+def test_one_meter_counts_every_archive_part_of_a_request(keyed_gateway: Any, tmp_path: Path) -> None:
     """Each archive is under JOBS_MAX_UNCOMPRESSED_BYTES (300 kB here), the request is not."""
-    client, _ = fleet
+    client, _ = keyed_gateway
     part = zipped(2, 100_000)  # 200 kB unpacked, well compressed
     answer = client.post(
         "/v1/jobs?model=vgg16",
@@ -187,8 +177,8 @@ def test_one_meter_counts_every_archive_part_of_a_request(fleet: Any, tmp_path: 
     )
 
 
-def test_a_multipart_boundary_that_is_not_ascii_is_a_400(fleet: Any) -> None:
-    client, _ = fleet
+def test_a_multipart_boundary_that_is_not_ascii_is_a_400(keyed_gateway: Any) -> None:
+    client, _ = keyed_gateway
     answer = client.post(
         "/v1/jobs?model=vgg16",
         data="--é\r\n".encode(),
@@ -204,8 +194,8 @@ def train(client: Any, name: str, key: dict[str, str], **fields: str) -> Any:
     )
 
 
-def test_a_custom_model_name_belongs_to_its_owner(fleet: Any, trainer_removals: Path) -> None:
-    client, fake = fleet
+def test_a_custom_model_name_belongs_to_its_owner(keyed_gateway: Any, trainer_removals: Path) -> None:
+    client, fake = keyed_gateway
     alice = bearer(make_key(client, "alice", ["train", "predict"], trainings=3))
     bob = bearer(make_key(client, "bob", ["train", "predict"], custom_models=1, trainings=3))
     assert train(client, "pets", alice).status_code == 202
@@ -264,8 +254,8 @@ def test_x_real_ip_is_believed_only_from_the_proxy(redis_url: str, tmp_path: Pat
     )
 
 
-def test_the_nginx_auth_check_answers_for_the_original_route(fleet: Any) -> None:
-    client, _ = fleet
+def test_the_nginx_auth_check_answers_for_the_original_route(keyed_gateway: Any) -> None:
+    client, _ = keyed_gateway
     viewer = make_key(client, "viewer", ["predict"])
 
     def check(method: str, uri: str, key: str | None = None) -> int:
@@ -280,10 +270,10 @@ def test_the_nginx_auth_check_answers_for_the_original_route(fleet: Any) -> None
 
 
 def test_a_redis_at_its_memory_bound_is_a_503_and_leaves_nothing(
-    fleet: Any, redis_url: str, tmp_path: Path
+    keyed_gateway: Any, redis_url: str, tmp_path: Path
 ) -> None:
     """The fleet's Redis never evicts (noeviction, a maxmemory): past it, writes fail - a clear 503."""
-    client, _ = fleet
+    client, _ = keyed_gateway
     server = redis.Redis.from_url(redis_url)
     server.config_set("maxmemory-policy", "noeviction")
     server.config_set("maxmemory", 1)  # everything is over it
@@ -297,11 +287,11 @@ def test_a_redis_at_its_memory_bound_is_a_503_and_leaves_nothing(
 
 
 def test_very_long_file_names_in_a_training_upload_are_cut_before_they_are_stored(
-    fleet: Any, redis_url: str
+    keyed_gateway: Any, redis_url: str
 ) -> None:
     """Each filename is cut to JOBS_MAX_NAME_CHARS (255): 26 files named with 100 kB each put 2.6 MB
     into one Redis hash field before; the record stays small now, whatever the names."""
-    client, _ = fleet
+    client, _ = keyed_gateway
     images = colours.images(3, seed=3, classes=("red", "blue"))
     files = [
         (io.BytesIO(data), f"{label}/" + "x" * 100_000 + f"{n}.jpg") for n, (label, data) in enumerate(images)

@@ -1,4 +1,4 @@
-"""The training routes on a real Redis with a fake model client: a dataset is checked, written and
+"""The training routes on a real Redis with a fake model gateway: a dataset is checked, written and
 queued on the training queue; every refusal names its problems and leaves nothing behind; custom
 models are found through their base's replicas and removed."""
 
@@ -23,8 +23,8 @@ from fleet.registry import Registry
 from fleet.transport import new_session
 from gateway.app import create_app
 from tests import colours
-from tests.conftest import auth_settings, gateway_settings, keyed_client
-from tests.gateway.fakes import FakeModelClient
+from tests.gateway.fakes import FakeModelClient, redis_gateway
+from tests.helpers import auth_settings, gateway_settings, keyed_client
 
 
 @pytest.fixture
@@ -33,31 +33,24 @@ def models_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def client(redis_url: str, tmp_path: Path, models_dir: Path) -> Any:
-    redis.Redis.from_url(redis_url).flushall()
-    settings = gateway_settings(rate_limit="")
+def training_gateway(redis_url: str, tmp_path: Path, models_dir: Path) -> Any:
     jobs = JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs"))
     training = TrainingSettings(models_dir=str(models_dir), min_images_per_class=3)
-    app = create_app(
-        settings,
-        client=FakeModelClient(settings),  # type: ignore[arg-type]
-        poll_health=False,
-        job_settings=jobs,
-        training_settings=training,
-        auth_settings=auth_settings(redis_url),
-    )
-    return keyed_client(app)
+    return keyed_client(redis_gateway(redis_url, jobs, training))
 
 
-def post(client: Any, archive: bytes, **fields: str) -> Any:
-    return client.post("/v1/training", data={"dataset": (io.BytesIO(archive), "photos.zip"), **fields})
+def post(gateway: Any, archive: bytes, **fields: str) -> Any:
+    return gateway.post("/v1/training", data={"dataset": (io.BytesIO(archive), "photos.zip"), **fields})
 
 
 def test_a_dataset_is_checked_written_and_queued_for_training(
-    client: Any, redis_url: str, tmp_path: Path
+    training_gateway: Any, redis_url: str, tmp_path: Path
 ) -> None:
     answer = post(
-        client, colours.archive(3, 1, classes=("red", "blue"), root="photos"), name="pets", epochs="7"
+        training_gateway,
+        colours.archive(3, 1, classes=("red", "blue"), root="photos"),
+        name="pets",
+        epochs="7",
     )
     assert answer.status_code == 202, answer.json
     body = answer.json
@@ -75,16 +68,16 @@ def test_a_dataset_is_checked_written_and_queued_for_training(
     assert not redis.Redis.from_url(redis_url).llen("jobs")  # never on the inference queue
     manifest = json.loads((tmp_path / "jobs" / body["job_id"] / "dataset.json").read_text())
     assert len(manifest["items"]) == 6
-    assert client.get(f"/v1/jobs/{body['job_id']}").json["kind"] == "training"
+    assert training_gateway.get(f"/v1/jobs/{body['job_id']}").json["kind"] == "training"
 
 
-def test_options_may_come_in_the_query(client: Any) -> None:
+def test_options_may_come_in_the_query(training_gateway: Any) -> None:
     archive = colours.archive(3, 1, classes=("red", "blue"))
-    answer = client.post(
+    answer = training_gateway.post(
         "/v1/training?name=pets&base=vgg16", data={"dataset": (io.BytesIO(archive), "p.zip")}
     )
     assert answer.status_code == 202 and answer.json["base"] == "vgg16"
-    twice = client.post(
+    twice = training_gateway.post(
         "/v1/training?name=pets", data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "x"}
     )
     assert twice.status_code == 400 and "once" in twice.json["error"]["message"]
@@ -126,7 +119,7 @@ def test_options_may_come_in_the_query(client: Any) -> None:
     ],
 )
 def test_refusals_name_the_problem_and_leave_nothing(
-    client: Any,
+    training_gateway: Any,
     redis_url: str,
     tmp_path: Path,
     archive: bytes,
@@ -134,7 +127,7 @@ def test_refusals_name_the_problem_and_leave_nothing(
     code: str,
     expected: str,
 ) -> None:
-    answer = post(client, archive, **fields)
+    answer = post(training_gateway, archive, **fields)
     assert answer.status_code == 400, answer.json
     assert expected in answer.json["error"]["message"], answer.json
     if code != "invalid_archive":
@@ -143,8 +136,8 @@ def test_refusals_name_the_problem_and_leave_nothing(
     assert not list((tmp_path / "jobs").glob("*"))  # no job folder, no staging left
 
 
-def test_a_dataset_refusal_lists_every_problem(client: Any) -> None:
-    answer = post(client, colours.archive(1, 1, classes=("red", "blue")), name="a")
+def test_a_dataset_refusal_lists_every_problem(training_gateway: Any) -> None:
+    answer = post(training_gateway, colours.archive(1, 1, classes=("red", "blue")), name="a")
     problems = answer.json["error"]["problems"]
     assert len(problems) >= 2 and all("needs at least 3" in p for p in problems[:2])
 
@@ -163,7 +156,7 @@ def test_training_needs_a_models_folder(redis_url: str, tmp_path: Path) -> None:
 
 
 def test_a_custom_model_is_removed_with_every_version(
-    client: Any, models_dir: Path, trainer_removals: Path
+    training_gateway: Any, models_dir: Path, trainer_removals: Path
 ) -> None:
     """The gateway asks; the trainer (here its removal loop) removes every version."""
     meta = {
@@ -180,10 +173,10 @@ def test_a_custom_model_is_removed_with_every_version(
             repository.write_head(np.eye(2, dtype=np.float32), np.zeros(2, np.float32)),
             meta,
         )
-    assert client.delete("/v1/models/pets").json == {"deleted": "pets"}
+    assert training_gateway.delete("/v1/models/pets").json == {"deleted": "pets"}
     assert not (models_dir / "pets").exists()
-    assert client.delete("/v1/models/pets").status_code == 404
-    base = client.delete("/v1/models/resnet50")
+    assert training_gateway.delete("/v1/models/pets").status_code == 404
+    base = training_gateway.delete("/v1/models/resnet50")
     assert base.status_code == 400 and base.json["error"]["code"] == "not_custom"
 
 
@@ -281,8 +274,8 @@ def test_the_client_names_a_custom_model_in_the_query_to_its_base() -> None:
         responses.get(f"{url}/v1/model", json=model_json([entry("pets")]))
     responses.get("http://vgg16:8501/v1/model", json={**model_json([]), "name": "vgg16"})
     responses.get("http://inceptionv3:8503/v1/model", json={**model_json([]), "name": "inceptionv3"})
-    client = build_client(settings)
-    client.registry.refresh()
+    model_client = build_client(settings)
+    model_client.registry.refresh()
     for url in ("http://r1:8502", "http://r2:8502"):
         responses.post(
             f"{url}/v1/predict",
@@ -291,17 +284,17 @@ def test_the_client_names_a_custom_model_in_the_query_to_its_base() -> None:
                 "predictions": [{"label": "a", "class_id": "a", "index": 0, "score": 1.0}],
             },
         )
-    client.predict("pets", [b"image"], top_k=1)
+    model_client.predict("pets", [b"image"], top_k=1)
     sent = [c.request for c in responses.calls if c.request.method == "POST"][0]
     assert "model=pets" in sent.url
-    client.predict("resnet50", [b"image"], top_k=1)
+    model_client.predict("resnet50", [b"image"], top_k=1)
     sent = [c.request for c in responses.calls if c.request.method == "POST"][1]
     assert "model=" not in sent.url
 
 
-def test_unknown_form_fields_are_read_past_not_kept(client: Any) -> None:
+def test_unknown_form_fields_are_read_past_not_kept(training_gateway: Any) -> None:
     archive = colours.archive(3, 1, classes=("red", "blue"))
-    answer = client.post(
+    answer = training_gateway.post(
         "/v1/training",
         data={"dataset": (io.BytesIO(archive), "p.zip"), "name": "pets", "junk": "x" * 5000},
     )
@@ -323,15 +316,15 @@ def test_fine_tuning_is_queued_unless_the_base_holds_its_most_fine_tuned_models(
         job_settings=JobSettings(redis_url=redis_url, dir=str(tmp_path / "jobs")),
         training_settings=TrainingSettings(models_dir=str(tmp_path / "models"), min_images_per_class=3),
     )
-    client = keyed_client(app)
+    gateway = keyed_client(app)
     archive = colours.archive(3, 1, classes=("red", "blue"))
-    accepted = post(client, archive, name="birds", fine_tune_layers="11")
+    accepted = post(gateway, archive, name="birds", fine_tune_layers="11")
     assert accepted.status_code == 202, accepted.json
     assert accepted.json["options"]["fine_tune_layers"] == 11
     served["custom_models"].append({"name": "birds", "kind": "fine-tuned"})
-    again = post(client, archive, name="birds", fine_tune_layers="11")  # retraining it replaces it
+    again = post(gateway, archive, name="birds", fine_tune_layers="11")  # retraining it replaces it
     assert again.status_code == 202, again.json
-    refused = client.post(
+    refused = gateway.post(
         "/v1/training?name=cats&fine_tune_layers=3", data={"dataset": (io.BytesIO(archive), "a.zip")}
     )
     assert refused.status_code == 409 and refused.json["error"]["code"] == "too_many_fine_tuned"
@@ -339,10 +332,10 @@ def test_fine_tuning_is_queued_unless_the_base_holds_its_most_fine_tuned_models(
         "birds" in refused.json["error"]["message"]
         and "CUSTOM_MAX_FINE_TUNED" in refused.json["error"]["message"]
     )
-    assert post(client, archive, name="cats").status_code == 202  # a head is always welcome
+    assert post(gateway, archive, name="cats").status_code == 202  # a head is always welcome
     served["custom_models"].pop()
     served["custom_models_loading"] = [{"name": "birds", "version": "2"}]  # counted while it loads
-    assert post(client, archive, name="cats", fine_tune_layers="3").status_code == 409
+    assert post(gateway, archive, name="cats", fine_tune_layers="3").status_code == 409
     del served["max_fine_tuned"]  # a replica from before fine-tuning: the trainer checks
-    assert post(client, archive, name="cats", fine_tune_layers="3").status_code == 202
+    assert post(gateway, archive, name="cats", fine_tune_layers="3").status_code == 202
     assert redis.Redis.from_url(redis_url).llen("training") == 4

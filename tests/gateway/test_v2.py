@@ -1,4 +1,4 @@
-"""The Open Inference Protocol v2 routes of the gateway, against a fake model client."""
+"""The Open Inference Protocol v2 routes of the gateway, against a fake model gateway."""
 
 from __future__ import annotations
 
@@ -11,21 +11,10 @@ from flask.testing import FlaskClient
 
 from gateway import docs
 from gateway.app import create_app
-from tests.conftest import gateway_settings, photo
 from tests.gateway.fakes import FakeModelClient
-from tests.serving.test_service_app import assert_error
+from tests.helpers import assert_error, gateway_settings, photo
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
-
-
-@pytest.fixture
-def fake() -> FakeModelClient:
-    return FakeModelClient(gateway_settings())
-
-
-@pytest.fixture
-def client(fake: FakeModelClient) -> FlaskClient:
-    return create_app(gateway_settings(), client=fake, poll_health=False).test_client()  # type: ignore[arg-type]
 
 
 def make_ready(fake: FakeModelClient) -> None:
@@ -47,31 +36,31 @@ def assert_v2_error(response, status: int, code: str) -> None:  # type: ignore[n
     assert body["code"] == code and body["request_id"] == response.headers["X-Request-ID"]
 
 
-def test_health_and_readiness_follow_the_protocol(client: FlaskClient, fake: FakeModelClient) -> None:
-    assert client.get("/v2/health/live").get_json() == {"live": True}
-    assert_v2_error(client.get("/v2/health/ready"), 503, "model_unavailable")
-    assert_v2_error(client.get("/v2/models/resnet50/ready"), 503, "model_unavailable")
+def test_health_and_readiness_follow_the_protocol(gateway: FlaskClient, fake: FakeModelClient) -> None:
+    assert gateway.get("/v2/health/live").get_json() == {"live": True}
+    assert_v2_error(gateway.get("/v2/health/ready"), 503, "model_unavailable")
+    assert_v2_error(gateway.get("/v2/models/resnet50/ready"), 503, "model_unavailable")
     make_ready(fake)
-    assert client.get("/v2/health/ready").get_json() == {"ready": True}
-    assert client.get("/v2/models/resnet50/ready").get_json() == {"name": "resnet50", "ready": True}
-    assert client.get("/v2/models/ensemble/ready").status_code == 200
-    assert client.get("/v2").get_json()["name"] == "imagerec"
+    assert gateway.get("/v2/health/ready").get_json() == {"ready": True}
+    assert gateway.get("/v2/models/resnet50/ready").get_json() == {"name": "resnet50", "ready": True}
+    assert gateway.get("/v2/models/ensemble/ready").status_code == 200
+    assert gateway.get("/v2").get_json()["name"] == "imagerec"
 
 
-def test_model_metadata(client: FlaskClient, fake: FakeModelClient) -> None:
+def test_model_metadata(gateway: FlaskClient, fake: FakeModelClient) -> None:
     make_ready(fake)
-    meta = client.get("/v2/models/resnet50").get_json()
+    meta = gateway.get("/v2/models/resnet50").get_json()
     assert meta["name"] == "resnet50" and meta["versions"] == ["1"]
     assert meta["platform"] == "imagerec-openvino-fp32"
     assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert [o["name"] for o in meta["outputs"]] == ["labels", "scores", "indices"]
-    ensemble = client.get("/v2/models/ensemble").get_json()
+    ensemble = gateway.get("/v2/models/ensemble").get_json()
     assert ensemble["parameters"]["members"] == ["vgg16", "resnet50", "inceptionv3"]
-    assert_v2_error(client.get("/v2/models/alexnet"), 404, "unknown_model")
+    assert_v2_error(gateway.get("/v2/models/alexnet"), 404, "unknown_model")
 
 
-def test_infer_answers_as_v1_does(client: FlaskClient) -> None:
-    response = client.post(
+def test_infer_answers_as_v1_does(gateway: FlaskClient) -> None:
+    response = gateway.post(
         "/v2/models/resnet50/infer",
         json={"id": "req-7", "inputs": [tensor(CAT, COFFEE)], "parameters": {"top_k": 3}},
     )
@@ -84,14 +73,14 @@ def test_infer_answers_as_v1_does(client: FlaskClient) -> None:
         "scores": ("FP32", [2, 3]),
         "indices": ("INT64", [2, 3]),
     }
-    v1 = client.post("/v1/predict?model=resnet50&top_k=3", data=COFFEE, content_type="image/jpeg").get_json()
+    v1 = gateway.post("/v1/predict?model=resnet50&top_k=3", data=COFFEE, content_type="image/jpeg").get_json()
     assert outputs["labels"]["data"][3:] == [p["label"] for p in v1["predictions"]]
     assert outputs["scores"]["data"][3:] == [p["score"] for p in v1["predictions"]]
     assert body["parameters"]["weights"] == {"resnet50": "random"}
 
 
-def test_infer_on_an_ensemble_with_a_subset_of_outputs(client: FlaskClient) -> None:
-    body = client.post(
+def test_infer_on_an_ensemble_with_a_subset_of_outputs(gateway: FlaskClient) -> None:
+    body = gateway.post(
         "/v2/models/ensemble/infer",
         json={
             "inputs": [tensor(CAT, shape=[1])],
@@ -167,7 +156,7 @@ BAD_INFER_REQUESTS = {
 
 @pytest.mark.parametrize(("payload", "status", "code"), BAD_INFER_REQUESTS.values(), ids=BAD_INFER_REQUESTS)
 def test_bad_infer_requests_get_protocol_errors(
-    client: FlaskClient, fake: FakeModelClient, payload: object, status: int, code: str
+    gateway: FlaskClient, fake: FakeModelClient, payload: object, status: int, code: str
 ) -> None:
     kwargs = (
         {"data": payload, "content_type": "application/json"}
@@ -176,30 +165,30 @@ def test_bad_infer_requests_get_protocol_errors(
     )
     make_ready(fake)
     for path in ("/v2/models/resnet50/infer", "/v2/models/resnet50/versions/1/infer"):
-        assert_v2_error(client.post(path, **kwargs), status, code)
+        assert_v2_error(gateway.post(path, **kwargs), status, code)
     assert fake.calls == []  # refused before any model was asked
 
 
-def test_optional_fields_may_be_null(client: FlaskClient) -> None:
+def test_optional_fields_may_be_null(gateway: FlaskClient) -> None:
     tensor_with_null = tensor(CAT, parameters=None)
     body = {"id": None, "inputs": [tensor_with_null], "parameters": None, "outputs": None}
-    response = client.post("/v2/models/resnet50/infer", json=body)
+    response = gateway.post("/v2/models/resnet50/infer", json=body)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert [o["name"] for o in response.get_json()["outputs"]] == ["labels", "scores", "indices"]
 
 
-def test_versions_come_from_the_model_repository(client: FlaskClient, fake: FakeModelClient) -> None:
+def test_versions_come_from_the_model_repository(gateway: FlaskClient, fake: FakeModelClient) -> None:
     make_ready(fake)
     for replica in fake.registry.replicas("resnet50"):
         replica.metadata["versions"] = ["1", "2"]
-    assert client.get("/v2/models/resnet50").get_json()["versions"] == ["1", "2"]
+    assert gateway.get("/v2/models/resnet50").get_json()["versions"] == ["1", "2"]
     answer = fake.predict
 
     def versioned(*args: object, **kwargs: object) -> dict:
         return {**answer(*args, **kwargs), "version": "2"}  # type: ignore[arg-type]
 
     fake.predict = versioned  # type: ignore[method-assign]
-    body = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    body = gateway.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
     assert body["model_version"] == "2"
 
 
@@ -218,31 +207,31 @@ def served(fake: FakeModelClient, model: str, version: str, versions: list[str])
 
 
 def test_the_served_version_answers_as_the_unversioned_routes_do(
-    client: FlaskClient, fake: FakeModelClient
+    gateway: FlaskClient, fake: FakeModelClient
 ) -> None:
     served(fake, "resnet50", "3", ["1", "3"])
     assert (
-        client.get("/v2/models/resnet50/versions/3").get_json()
-        == client.get("/v2/models/resnet50").get_json()
+        gateway.get("/v2/models/resnet50/versions/3").get_json()
+        == gateway.get("/v2/models/resnet50").get_json()
     )
-    assert client.get("/v2/models/resnet50/versions/3/ready").get_json() == {
+    assert gateway.get("/v2/models/resnet50/versions/3/ready").get_json() == {
         "name": "resnet50",
         "ready": True,
     }
-    body = client.post("/v2/models/resnet50/versions/3/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    body = gateway.post("/v2/models/resnet50/versions/3/infer", json={"inputs": [tensor(CAT)]}).get_json()
     assert body["model_name"] == "resnet50" and body["model_version"] == "3"
-    unversioned = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    unversioned = gateway.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
     assert body["outputs"] == unversioned["outputs"]
 
 
 @pytest.mark.parametrize("model", ["vgg16", "ensemble"])
 def test_models_without_a_repository_and_the_ensemble_have_version_1(
-    client: FlaskClient, fake: FakeModelClient, model: str
+    gateway: FlaskClient, fake: FakeModelClient, model: str
 ) -> None:
     make_ready(fake)
-    assert client.get(f"/v2/models/{model}/versions/1").get_json()["versions"] == ["1"]
-    assert client.get(f"/v2/models/{model}/versions/1/ready").status_code == 200
-    body = client.post(f"/v2/models/{model}/versions/1/infer", json={"inputs": [tensor(CAT)]}).get_json()
+    assert gateway.get(f"/v2/models/{model}/versions/1").get_json()["versions"] == ["1"]
+    assert gateway.get(f"/v2/models/{model}/versions/1/ready").status_code == 200
+    body = gateway.post(f"/v2/models/{model}/versions/1/infer", json={"inputs": [tensor(CAT)]}).get_json()
     assert body["model_version"] == "1"
 
 
@@ -258,8 +247,8 @@ def test_a_version_the_model_has_but_the_fleet_does_not_serve_is_not_ready(
     fake: FakeModelClient, method: str, path: str
 ) -> None:
     served(fake, "resnet50", "3", ["1", "2", "3"])
-    client = create_app(gateway_settings(rate_limit=""), client=fake, poll_health=False).test_client()  # type: ignore[arg-type]
-    response = client.open(path, method=method, json={"inputs": [tensor(CAT)]})
+    gateway = create_app(gateway_settings(rate_limit=""), client=fake, poll_health=False).test_client()  # type: ignore[arg-type]
+    response = gateway.open(path, method=method, json={"inputs": [tensor(CAT)]})
     assert_v2_error(response, 503, "version_not_served")
     assert "serves only its newest version, 3" in response.get_json()["error"]
     assert "Retry-After" not in response.headers  # waiting will not bring an old version back
@@ -275,33 +264,33 @@ def test_a_version_the_model_has_but_the_fleet_does_not_serve_is_not_ready(
         "/v2/models/vgg16/versions/3/ready",
     ],
 )
-def test_an_unknown_version_is_a_404(client: FlaskClient, fake: FakeModelClient, path: str) -> None:
+def test_an_unknown_version_is_a_404(gateway: FlaskClient, fake: FakeModelClient, path: str) -> None:
     served(fake, "resnet50", "3", ["1", "3"])
-    assert_v2_error(client.get(path), 404, "unknown_version")
+    assert_v2_error(gateway.get(path), 404, "unknown_version")
     assert_v2_error(
-        client.post(path.removesuffix("/ready") + "/infer", json={"inputs": [tensor(CAT)]}),
+        gateway.post(path.removesuffix("/ready") + "/infer", json={"inputs": [tensor(CAT)]}),
         404,
         "unknown_version",
     )
     assert fake.calls == []
 
 
-def test_an_unknown_model_with_a_version_is_a_404(client: FlaskClient) -> None:
-    assert_v2_error(client.get("/v2/models/alexnet/versions/1"), 404, "unknown_model")
+def test_an_unknown_model_with_a_version_is_a_404(gateway: FlaskClient) -> None:
+    assert_v2_error(gateway.get("/v2/models/alexnet/versions/1"), 404, "unknown_model")
 
 
-def test_a_version_cannot_be_checked_while_no_replica_is_ready(client: FlaskClient) -> None:
-    assert_v2_error(client.get("/v2/models/resnet50/versions/1"), 503, "model_unavailable")
-    assert_v2_error(client.get("/v2/models/resnet50/versions/1/ready"), 503, "model_unavailable")
+def test_a_version_cannot_be_checked_while_no_replica_is_ready(gateway: FlaskClient) -> None:
+    assert_v2_error(gateway.get("/v2/models/resnet50/versions/1"), 503, "model_unavailable")
+    assert_v2_error(gateway.get("/v2/models/resnet50/versions/1/ready"), 503, "model_unavailable")
 
 
 def test_an_answer_from_another_version_is_not_passed_off_as_the_one_asked_for(
-    client: FlaskClient, fake: FakeModelClient
+    gateway: FlaskClient, fake: FakeModelClient
 ) -> None:
     served(fake, "resnet50", "3", ["2", "3"])
     for replica in fake.registry.replicas("resnet50"):  # the probes still say 2; the replica moved on
         replica.metadata.update(version="2")
-    response = client.post("/v2/models/resnet50/versions/2/infer", json={"inputs": [tensor(CAT)]})
+    response = gateway.post("/v2/models/resnet50/versions/2/infer", json={"inputs": [tensor(CAT)]})
     assert_v2_error(response, 503, "version_not_served")
     assert "version 3" in response.get_json()["error"]
 
@@ -317,21 +306,21 @@ def test_an_answer_from_another_version_is_not_passed_off_as_the_one_asked_for(
     ],
 )
 def test_routing_errors_under_v2_are_in_the_protocol_shape(
-    client: FlaskClient, method: str, path: str, status: int, code: str
+    gateway: FlaskClient, method: str, path: str, status: int, code: str
 ) -> None:
-    assert_v2_error(client.open(path, method=method), status, code)
+    assert_v2_error(gateway.open(path, method=method), status, code)
 
 
-def test_routing_errors_elsewhere_keep_the_fleet_shape(client: FlaskClient) -> None:
-    assert_error(client.get("/v2x"), 404, "not_found")
-    assert_error(client.get("/v1/nowhere"), 404, "not_found")
-    response = client.get("/v1/predict")
+def test_routing_errors_elsewhere_keep_the_fleet_shape(gateway: FlaskClient) -> None:
+    assert_error(gateway.get("/v2x"), 404, "not_found")
+    assert_error(gateway.get("/v1/nowhere"), 404, "not_found")
+    response = gateway.get("/v1/predict")
     assert_error(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"] and "GET" not in response.headers["Allow"]
 
 
-def test_a_405_under_v2_names_the_allowed_methods(client: FlaskClient) -> None:
-    allowed = client.get("/v2/models/resnet50/infer").headers["Allow"]
+def test_a_405_under_v2_names_the_allowed_methods(gateway: FlaskClient) -> None:
+    allowed = gateway.get("/v2/models/resnet50/infer").headers["Allow"]
     assert "POST" in allowed and "GET" not in allowed
 
 
@@ -346,32 +335,32 @@ def test_a_body_over_the_limit_is_a_protocol_413(fake: FakeModelClient) -> None:
 def test_the_rate_limit_answers_a_protocol_429_with_retry_after(fake: FakeModelClient) -> None:
     make_ready(fake)
     app = create_app(gateway_settings(rate_limit="2/minute"), client=fake, poll_health=False)  # type: ignore[arg-type]
-    client = app.test_client()
+    gateway = app.test_client()
     for path in ("/v2/models/resnet50/infer", "/v2/models/resnet50/versions/1/infer"):
-        client.post(path, json={"inputs": [tensor(CAT)]})  # the versioned route counts too
-    response = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]})
+        gateway.post(path, json={"inputs": [tensor(CAT)]})  # the versioned route counts too
+    response = gateway.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]})
     assert_v2_error(response, 429, "too_many_requests")
     assert int(response.headers["Retry-After"]) > 0
 
 
 def test_an_unexpected_failure_is_a_protocol_500_without_internals(
-    client: FlaskClient, fake: FakeModelClient, caplog: pytest.LogCaptureFixture
+    gateway: FlaskClient, fake: FakeModelClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*args: object, **kwargs: object) -> dict:
         raise RuntimeError("password=hunter2 at /srv/secret.py")
 
     fake.predict = broken  # type: ignore[method-assign]
-    response = client.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]})
+    response = gateway.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]})
     assert_v2_error(response, 500, "internal_error")
     assert "hunter2" not in response.get_data(as_text=True)
     assert any("hunter2" in str(r.exc_info) for r in caplog.records)  # the log has it, with the request id
     assert response.headers["X-Request-ID"] in caplog.text
 
 
-def test_every_v2_route_is_described_with_its_path_parameters(client: FlaskClient) -> None:
+def test_every_v2_route_is_described_with_its_path_parameters(gateway: FlaskClient) -> None:
     routes = {
         re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
-        for rule in client.application.url_map.iter_rules()
+        for rule in gateway.application.url_map.iter_rules()
         if rule.rule.startswith("/v2/")
     }
     described = docs.spec()["paths"]

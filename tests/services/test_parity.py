@@ -19,8 +19,8 @@ from common import imaging
 from services import inceptionv3, resnet50, vgg16
 from serving.app import ServiceSettings, create_app
 from serving.runtime import weights_digest
-from tests.conftest import PHOTOS, photo
-from tests.serving.test_preprocessing import KERAS_MODULES
+from tests.helpers import PHOTOS, photo
+from tests.serving.fakes import KERAS_MODULES
 
 SEED = 1234
 MAX_ABS_DIFF = 1e-5

@@ -112,7 +112,13 @@ def test_images_still_being_decoded_are_not_model_work() -> None:
 def test_nothing_measured_means_nothing_promised() -> None:
     gate = Admission(AdmissionPolicy(), BatchTimes(max_batch=8))
     gate.enqueue(8, float("inf"))
-    gate.check(1, 0.0)  # a deadline in the past, but no figures to judge it by
+    assert not gate.times.known
+    # A deadline in the past, but no figures to judge it by: admitted, and counted as queued.
+    gate.enqueue(1, 0.0)
+    assert gate.load().queued_images == 9
+    gate.times.observe(1, 0.5)  # once a batch is measured, the work ahead says it cannot be in time
+    with pytest.raises(Overloaded, match="before its deadline"):
+        gate.check(1, 0.0)
 
 
 def test_dropped_work_leaves_the_queue() -> None:

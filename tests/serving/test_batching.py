@@ -164,9 +164,11 @@ def test_work_whose_deadline_passed_is_dropped_not_computed() -> None:
     batcher = Batcher(model, max_batch=8, window_ms=0)
     blocker = batcher.submit(images(1)).future
     assert model.started.wait(5)
-    late = batcher.submit(images(1), deadline=time.monotonic() + 0.05).future
+    late_by = time.monotonic() + 0.05
+    late = batcher.submit(images(1), deadline=late_by).future
     on_time = batcher.submit(images(1), deadline=time.monotonic() + 60).future
-    time.sleep(0.1)  # let the first job's deadline pass while the model is busy
+    while time.monotonic() <= late_by:  # let its deadline pass while the model is busy
+        time.sleep(0.01)
     model.release.set()
     blocker.result(5)
     assert len(on_time.result(5)) == 1
@@ -266,7 +268,8 @@ def test_a_background_request_that_waited_long_enough_goes_first() -> None:
     assert model.started.wait(5)
     job = batcher.submit(images(1, 10), priority=Priority.BACKGROUND)
     interactive = [batcher.submit(images(1, i)) for i in (1, 2)]
-    time.sleep(0.06)  # the job has now waited its 50 ms
+    while time.monotonic() - job.enqueued_at <= 0.05:  # until the job has waited its 50 ms
+        time.sleep(0.01)
     model.release.set()
     for request in [blocker, job, *interactive]:
         request.future.result(5)

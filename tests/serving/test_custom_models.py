@@ -20,7 +20,7 @@ from serving import custom
 from serving.app import ServiceSettings, create_app
 from serving.manager import ModelManager
 from serving.runtime import Outputs, RuntimeInfo
-from tests.conftest import photo
+from tests.helpers import photo
 
 FEATURES = 4
 
@@ -62,23 +62,23 @@ def publish(root: Path, name: str, classes: list[str], base_hash: str = "base-1"
 
 
 @pytest.fixture
-def models_dir(tmp_path: Path) -> Path:
+def custom_models_dir(tmp_path: Path) -> Path:
     publish(tmp_path, "bright", ["light", "dark"])
     publish(tmp_path, "old", ["a", "b"], base_hash="base-0")
     return tmp_path
 
 
 @pytest.fixture
-def client(models_dir: Path) -> FlaskClient:
-    settings = ServiceSettings(custom_models_dir=str(models_dir), repository_poll_s=0)
+def custom_service(custom_models_dir: Path) -> FlaskClient:
+    settings = ServiceSettings(custom_models_dir=str(custom_models_dir), repository_poll_s=0)
     app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
     return app.test_client()
 
 
 def test_a_custom_model_answers_with_its_own_labels_and_version(
-    client: FlaskClient, models_dir: Path
+    custom_service: FlaskClient, custom_models_dir: Path
 ) -> None:
-    answer = client.post("/v1/predict?model=bright&top_k=2", data=photo())
+    answer = custom_service.post("/v1/predict?model=bright&top_k=2", data=photo())
     assert answer.status_code == 200, answer.get_json()
     body = answer.get_json()
     assert (body["model"], body["version"], body["base"], body["weights"]) == (
@@ -89,50 +89,50 @@ def test_a_custom_model_answers_with_its_own_labels_and_version(
     )
     assert {p["label"] for p in body["predictions"]} == {"light", "dark"}
     assert body["weights_hash"] != "base-1" and body["base_weights_hash"] == "base-1"
-    labels = client.get("/v1/labels?model=bright").get_json()
+    labels = custom_service.get("/v1/labels?model=bright").get_json()
     assert (
         labels["labels"] == [["light", "light"], ["dark", "dark"]]
         and labels["labels_hash"] == body["labels_hash"]
     )
-    own = client.post("/v1/predict?top_k=1", data=photo()).get_json()
+    own = custom_service.post("/v1/predict?top_k=1", data=photo()).get_json()
     assert own["model"] == "resnet50" and "base" not in own
 
 
-def test_the_service_lists_its_custom_models_and_which_are_stale(client: FlaskClient) -> None:
-    listed = {m["name"]: m for m in client.get("/v1/model").get_json()["custom_models"]}
+def test_the_service_lists_its_custom_models_and_which_are_stale(custom_service: FlaskClient) -> None:
+    listed = {m["name"]: m for m in custom_service.get("/v1/model").get_json()["custom_models"]}
     assert listed["bright"]["state"] == "ready" and listed["bright"]["classes"] == 2
     assert listed["bright"]["evaluation"] == {"accuracy": 1.0}
     assert listed["old"]["state"] == "stale" and "train it again" in listed["old"]["reason"]
-    assert client.get("/v1/model").get_json()["features"] == FEATURES
+    assert custom_service.get("/v1/model").get_json()["features"] == FEATURES
 
 
-def test_unknown_and_stale_custom_models_are_refused(client: FlaskClient) -> None:
-    unknown = client.post("/v1/predict?model=nope", data=photo())
+def test_unknown_and_stale_custom_models_are_refused(custom_service: FlaskClient) -> None:
+    unknown = custom_service.post("/v1/predict?model=nope", data=photo())
     assert unknown.status_code == 404 and unknown.get_json()["error"]["code"] == "unknown_model"
-    stale = client.post("/v1/predict?model=old", data=photo())
+    stale = custom_service.post("/v1/predict?model=old", data=photo())
     assert stale.status_code == 409 and stale.get_json()["error"]["code"] == "custom_model_stale"
-    assert client.get("/v1/labels?model=nope").status_code == 404
+    assert custom_service.get("/v1/labels?model=nope").status_code == 404
 
 
-def test_features_are_returned_on_request(client: FlaskClient) -> None:
-    body = client.post("/v1/predict?features=true&top_k=1", data=photo()).get_json()
+def test_features_are_returned_on_request(custom_service: FlaskClient) -> None:
+    body = custom_service.post("/v1/predict?features=true&top_k=1", data=photo()).get_json()
     vector = np.frombuffer(base64.b64decode(body["features"]["data"]), "<f4")
     assert vector.shape == (FEATURES,) and np.allclose(vector, vector[0])
 
 
-def test_a_new_version_is_served_after_the_next_look_at_the_repository(models_dir: Path) -> None:
-    settings = ServiceSettings(custom_models_dir=str(models_dir), repository_poll_s=0)
+def test_a_new_version_is_served_after_the_next_look_at_the_repository(custom_models_dir: Path) -> None:
+    settings = ServiceSettings(custom_models_dir=str(custom_models_dir), repository_poll_s=0)
     app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
-    client = app.test_client()
-    first = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
-    publish(models_dir, "bright", ["light", "dark"], sign=-1.0)
+    service = app.test_client()
+    first = service.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
+    publish(custom_models_dir, "bright", ["light", "dark"], sign=-1.0)
     app.extensions["models"].refresh()
-    second = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
+    second = service.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
     assert (first["version"], second["version"]) == ("1", "2")
     assert first["predictions"][0]["label"] != second["predictions"][0]["label"]
-    repository.remove(models_dir, "bright")
+    repository.remove(custom_models_dir, "bright")
     app.extensions["models"].refresh()
-    assert client.post("/v1/predict?model=bright", data=photo()).status_code == 404
+    assert service.post("/v1/predict?model=bright", data=photo()).status_code == 404
 
 
 # --- fine-tuned custom models: a whole classifier of their own, served beside the base ----------
@@ -193,13 +193,13 @@ def settle(models: ModelManager) -> None:
 
 def test_a_fine_tuned_model_runs_on_its_own_model_not_the_base(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    backbone, client, _ = tuned_service(tmp_path)
+    backbone, service, _ = tuned_service(tmp_path)
     calls = len(backbone.batches)
-    bright = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
+    bright = service.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
     assert bright.status_code == 200, bright.get_json()
     body = bright.get_json()
     assert body["predictions"][0]["label"] == "light"
-    dark = client.post("/v1/predict?model=tuned&top_k=1", data=flat(5)).get_json()
+    dark = service.post("/v1/predict?model=tuned&top_k=1", data=flat(5)).get_json()
     assert dark["predictions"][0]["label"] == "dark"
     assert len(backbone.batches) == calls  # the base's backbone never ran for it
     assert (body["model"], body["version"], body["base"], body["fine_tune_layers"]) == (
@@ -210,47 +210,47 @@ def test_a_fine_tuned_model_runs_on_its_own_model_not_the_base(tmp_path: Path) -
     )
     assert body["weights"] == "random" and body["weights_hash"] not in ("base-1", "")
     assert body["backend"].startswith("keras")
-    listed = {m["name"]: m for m in client.get("/v1/model").get_json()["custom_models"]}
+    listed = {m["name"]: m for m in service.get("/v1/model").get_json()["custom_models"]}
     assert listed["tuned"]["kind"] == "fine-tuned" and listed["tuned"]["state"] == "ready"
     assert listed["tuned"]["weights_hash"] == body["weights_hash"]
-    features = client.post("/v1/predict?model=tuned&features=true", data=flat(250))
+    features = service.post("/v1/predict?model=tuned&features=true", data=flat(250))
     assert features.status_code == 400 and features.get_json()["error"]["code"] == "no_features"
-    assert client.post("/v1/predict?top_k=1", data=flat(250)).get_json()["model"] == "resnet50"
+    assert service.post("/v1/predict?top_k=1", data=flat(250)).get_json()["model"] == "resnet50"
 
 
 def test_a_fine_tuned_model_is_not_stale_when_the_base_changes_weights(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    _, client, _ = tuned_service(tmp_path, Backbone("base-2"))  # other base weights than it started from
-    answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
+    _, service, _ = tuned_service(tmp_path, Backbone("base-2"))  # other base weights than it started from
+    answer = service.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
     assert answer.status_code == 200 and answer.get_json()["base_weights_hash"] == "base-1"
 
 
 def test_a_new_fine_tuned_version_replaces_the_old_which_is_closed(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    _, client, models = tuned_service(tmp_path)
+    _, service, models = tuned_service(tmp_path)
     old = models.get("tuned")
     assert isinstance(old, custom.FineTuned)
     publish_tuned(tmp_path, "tuned", sign=-1.0)
     models.refresh()
     settle(models)
-    answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250)).get_json()
+    answer = service.post("/v1/predict?model=tuned&top_k=1", data=flat(250)).get_json()
     assert (answer["version"], answer["predictions"][0]["label"]) == ("2", "dark")
     wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
     repository.remove(tmp_path, "tuned")
     models.refresh()
-    assert client.post("/v1/predict?model=tuned", data=flat(250)).status_code == 404
+    assert service.post("/v1/predict?model=tuned", data=flat(250)).status_code == 404
 
 
 def test_fine_tuned_models_beyond_the_limit_and_broken_ones_are_listed_not_served(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "first")
     publish_tuned(tmp_path, "second")
     publish_tuned(tmp_path, "broken", broken=True)
-    _, client, models = tuned_service(tmp_path, custom_max_fine_tuned=1)
-    model = client.get("/v1/model").get_json()
+    _, service, models = tuned_service(tmp_path, custom_max_fine_tuned=1)
+    model = service.get("/v1/model").get_json()
     assert [m["name"] for m in model["custom_models"]] == ["first"] and model["max_fine_tuned"] == 1
     reasons = {b["name"]: b["reason"] for b in model["custom_models_broken"]}
     assert "CUSTOM_MAX_FINE_TUNED" in reasons["second"] and "does not load" in reasons["broken"]
-    assert client.post("/v1/predict?model=second", data=flat(250)).status_code == 404
+    assert service.post("/v1/predict?model=second", data=flat(250)).status_code == 404
     repository.remove(tmp_path, "first")  # room again: the one over the limit loads on the next look
     models.refresh()
     settle(models)
@@ -266,15 +266,15 @@ def test_fine_tuned_models_beyond_the_limit_and_broken_ones_are_listed_not_serve
     assert [h.name for h in models.all()] == ["broken"] and models.broken() == {}
 
 
-def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(models_dir: Path) -> None:
-    settings = ServiceSettings(custom_models_dir=str(models_dir), repository_poll_s=0)
+def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(custom_models_dir: Path) -> None:
+    settings = ServiceSettings(custom_models_dir=str(custom_models_dir), repository_poll_s=0)
     app = create_app(resnet50.SPEC, settings, Backbone(), background_load=False)
-    client = app.test_client()
-    first = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
-    repository.remove(models_dir, "bright")
-    publish(models_dir, "bright", ["light", "dark"], sign=-1.0)  # between two looks: version 1 again
+    service = app.test_client()
+    first = service.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
+    repository.remove(custom_models_dir, "bright")
+    publish(custom_models_dir, "bright", ["light", "dark"], sign=-1.0)  # between two looks: version 1 again
     app.extensions["models"].refresh()
-    again = client.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
+    again = service.post("/v1/predict?model=bright&top_k=1", data=photo()).get_json()
     assert first["version"] == again["version"] == "1"
     assert first["predictions"][0]["label"] != again["predictions"][0]["label"]
     assert first["weights_hash"] != again["weights_hash"]
@@ -282,7 +282,7 @@ def test_a_model_deleted_and_trained_again_is_served_anew_at_version_1(models_di
 
 def test_a_request_that_found_a_replaced_version_is_answered_by_its_successor(tmp_path: Path) -> None:
     publish_tuned(tmp_path, "tuned")
-    _, client, models = tuned_service(tmp_path)
+    _, service, models = tuned_service(tmp_path)
     old = models.get("tuned")
     assert isinstance(old, custom.FineTuned)
     publish_tuned(tmp_path, "tuned", sign=-1.0)
@@ -293,6 +293,6 @@ def test_a_request_that_found_a_replaced_version_is_answered_by_its_successor(tm
     looked_up = iter([old])  # the request looked the model up just before the swap
     newest = models.get
     models.get = lambda name: next(looked_up, None) or newest(name)  # type: ignore[method-assign]
-    answer = client.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
+    answer = service.post("/v1/predict?model=tuned&top_k=1", data=flat(250))
     assert answer.status_code == 200, answer.get_json()
     assert (answer.get_json()["version"], answer.get_json()["predictions"][0]["label"]) == ("2", "dark")

@@ -9,13 +9,8 @@ import pytest
 from common import imaging
 from services import inceptionv3, resnet50, vgg16
 from serving import preprocessing
-from tests.conftest import PHOTOS, photo
-
-KERAS_MODULES = {
-    vgg16.SPEC.name: keras.applications.vgg16,
-    resnet50.SPEC.name: keras.applications.resnet50,
-    inceptionv3.SPEC.name: keras.applications.inception_v3,
-}
+from tests.helpers import PHOTOS, photo
+from tests.serving.fakes import KERAS_MODULES
 
 
 @pytest.mark.parametrize("spec", [vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC], ids=lambda s: s.name)

@@ -21,11 +21,6 @@ from tests.e2e import shapes
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> shapes.TrainedModel:
-    return shapes.train(tmp_path_factory.mktemp("shapes"))
-
-
 def spec_of(model: shapes.TrainedModel) -> ModelSpec:
     return ModelSpec("shapes", shapes.INPUT_SIZE, shapes.MODE, labels_path=model.labels_path)
 
@@ -90,13 +85,13 @@ def test_the_default_image_sets_are_varied_views_and_never_the_same() -> None:
 
 
 def test_a_model_trained_here_keeps_its_accuracy_in_int8(
-    trained: shapes.TrainedModel, tmp_path: Path
+    trained_shapes: shapes.TrainedModel, tmp_path: Path
 ) -> None:
     calibration = write_images(tmp_path / "calibration", shapes.dataset(64, seed=21)[0])
     validation = write_images(tmp_path / "validation", shapes.dataset(64, seed=22)[0])
     sets = Quantization(calibration, validation, Gate())
-    fp32 = runtime(trained, tmp_path / "cache", "fp32", sets)
-    int8 = runtime(trained, tmp_path / "cache", "int8", sets)
+    fp32 = runtime(trained_shapes, tmp_path / "cache", "fp32", sets)
+    int8 = runtime(trained_shapes, tmp_path / "cache", "int8", sets)
     assert fp32.load().precision == "fp32"
     info = int8.load()
     assert (info.precision, info.precision_note) == ("int8", "")
@@ -108,7 +103,7 @@ def test_a_model_trained_here_keeps_its_accuracy_in_int8(
 
 @pytest.mark.parametrize("fallback", [True, False])
 def test_the_gate_refuses_a_badly_calibrated_model(
-    trained: shapes.TrainedModel, tmp_path: Path, fallback: bool
+    trained_shapes: shapes.TrainedModel, tmp_path: Path, fallback: bool
 ) -> None:
     """The control: calibrated on black images, every activation range is near zero, so real
     images saturate the int8 model. The gate must see it; int8 weights (no calibration) serve
@@ -118,7 +113,7 @@ def test_the_gate_refuses_a_badly_calibrated_model(
     calibration = write_images(tmp_path / "black", [black.getvalue()] * 32)
     validation = write_images(tmp_path / "validation", shapes.dataset(64, seed=24)[0])
     sets = Quantization(calibration, validation, Gate(), weights_fallback=fallback)
-    served = runtime(trained, tmp_path / "cache", "int8", sets)
+    served = runtime(trained_shapes, tmp_path / "cache", "int8", sets)
     info = served.load()
     assert info.precision == ("int8-weights" if fallback else "fp32"), info
     assert "int8 refused by the quality gate" in info.precision_note, info
@@ -129,17 +124,17 @@ def test_the_gate_refuses_a_badly_calibrated_model(
     assert accuracy(served, fresh, labels) >= 0.9
 
 
-def test_thresholds_apply_to_the_cached_verdict(trained: shapes.TrainedModel, tmp_path: Path) -> None:
+def test_thresholds_apply_to_the_cached_verdict(trained_shapes: shapes.TrainedModel, tmp_path: Path) -> None:
     """The gate's figures are cached with the int8 model; raising a threshold needs no requantizing."""
     calibration = write_images(tmp_path / "calibration", shapes.dataset(32, seed=26)[0])
     validation = write_images(tmp_path / "validation", shapes.dataset(32, seed=27)[0])
     cache = tmp_path / "cache"
     assert (
-        runtime(trained, cache, "int8", Quantization(calibration, validation, Gate())).load().precision
+        runtime(trained_shapes, cache, "int8", Quantization(calibration, validation, Gate())).load().precision
         == "int8"
     )
     strict = Quantization(calibration, validation, Gate(min_top1=1.01))
-    info = runtime(trained, cache, "int8", strict).load()
+    info = runtime(trained_shapes, cache, "int8", strict).load()
     assert info.precision == "fp32" and "needs 1.01" in info.precision_note
     assert "int8-weights refused" in info.precision_note  # both candidates, each with its figures
 

@@ -12,12 +12,11 @@ from flask.testing import FlaskClient
 from PIL import Image
 from werkzeug.test import TestResponse
 
-from common.errors import WeightsUnavailable
 from common.wire import Priority
 from services import resnet50
 from serving.app import ServiceSettings, create_app
-from serving.runtime import RuntimeInfo
-from tests.conftest import encode, photo
+from tests.helpers import assert_error, encode, photo
+from tests.serving.fakes import EchoRuntime
 
 
 def upload(data: bytes, name: str) -> tuple[io.BytesIO, str]:
@@ -27,86 +26,56 @@ def upload(data: bytes, name: str) -> tuple[io.BytesIO, str]:
 SETTINGS = ServiceSettings(max_request_images=4, max_body_bytes=2_000_000)
 
 
-class EchoRuntime:
-    """Probabilities from the mean pixel value, so different images give different answers."""
-
-    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
-        self.gate, self.fail, self.batches = gate, fail, []
-
-    def load(self) -> RuntimeInfo:
-        if self.gate:
-            self.gate.wait(10)
-        if self.fail:
-            raise WeightsUnavailable("no weights here")
-        return RuntimeInfo("echo", "random", "seed=0", "abcd", 1000, 0.0)
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        self.batches.append(batch.shape)
-        logits = np.zeros((len(batch), 1000), np.float32)
-        for row, image in zip(logits, batch, strict=True):
-            row[int(abs(image.mean())) % 1000] = 5.0
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
-
-
 @pytest.fixture
 def runtime() -> EchoRuntime:
     return EchoRuntime()
 
 
 @pytest.fixture
-def client(runtime: EchoRuntime) -> FlaskClient:
+def service(runtime: EchoRuntime) -> FlaskClient:
     app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
     runtime.batches.clear()  # the warm-up's timing calls
     return app.test_client()
 
 
-def assert_error(response, status: int, code: str) -> None:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"} and body["error"]["code"] == code
-    assert set(body["error"]) == {"code", "message", "request_id"}
-    assert body["error"]["request_id"] == response.headers["X-Request-ID"]
-
-
 def test_not_ready_until_loaded_then_ready() -> None:
     gate = threading.Event()
     app = create_app(resnet50.SPEC, SETTINGS, EchoRuntime(gate), background_load=True)
-    client = app.test_client()
-    assert client.get("/health/live").status_code == 200
-    response = client.get("/health/ready")
+    service = app.test_client()
+    assert service.get("/health/live").status_code == 200
+    response = service.get("/health/ready")
     assert_error(response, 503, "model_not_ready")
     assert response.headers["Retry-After"]
-    assert_error(client.post("/v1/predict", data=photo(), content_type="image/jpeg"), 503, "model_not_ready")
+    assert_error(service.post("/v1/predict", data=photo(), content_type="image/jpeg"), 503, "model_not_ready")
     gate.set()
     for _ in range(200):  # poll, do not sleep-and-hope
         if app.extensions["models"].base.state != "loading":
             break
         threading.Event().wait(0.01)
-    assert client.get("/health/ready").status_code == 200
+    assert service.get("/health/ready").status_code == 200
 
 
 def test_failed_load_is_reported_by_liveness_and_metadata() -> None:
-    client = create_app(resnet50.SPEC, SETTINGS, EchoRuntime(fail=True), background_load=False).test_client()
-    assert_error(client.get("/health/live"), 503, "load_failed")
-    assert_error(client.get("/health/ready"), 503, "model_not_ready")
-    meta = client.get("/v1/model").get_json()
+    service = create_app(resnet50.SPEC, SETTINGS, EchoRuntime(fail=True), background_load=False).test_client()
+    assert_error(service.get("/health/live"), 503, "load_failed")
+    assert_error(service.get("/health/ready"), 503, "model_not_ready")
+    meta = service.get("/v1/model").get_json()
     assert meta["state"] == "failed" and "no weights here" in meta["error"]
 
 
-def test_metadata(client: FlaskClient) -> None:
-    meta = client.get("/v1/model").get_json()
+def test_metadata(service: FlaskClient) -> None:
+    meta = service.get("/v1/model").get_json()
     assert meta["name"] == "resnet50" and meta["ready"] is True
     assert (meta["input_size"], meta["preprocessing"], meta["classes"]) == (224, "caffe", 1000)
     assert (meta["weights"], meta["weights_hash"], meta["backend"]) == ("random", "abcd", "echo")
 
 
 @pytest.mark.parametrize("how", ["multipart", "raw"])
-def test_predict_single_image(client: FlaskClient, how: str) -> None:
+def test_predict_single_image(service: FlaskClient, how: str) -> None:
     if how == "multipart":
-        response = client.post("/v1/predict?top_k=3", data={"file": upload(photo(), "cat.jpg")})
+        response = service.post("/v1/predict?top_k=3", data={"file": upload(photo(), "cat.jpg")})
     else:
-        response = client.post("/v1/predict?top_k=3", data=photo(), content_type="image/jpeg")
+        response = service.post("/v1/predict?top_k=3", data=photo(), content_type="image/jpeg")
     body = response.get_json()
     assert response.status_code == 200, body
     assert body["model"] == "resnet50" and body["weights"] == "random"
@@ -118,10 +87,10 @@ def test_predict_single_image(client: FlaskClient, how: str) -> None:
     assert set(body["timing_ms"]) == {"decode", "queue", "inference", "total"}
 
 
-def test_batch_keeps_order_and_isolates_a_bad_image(client: FlaskClient, runtime: EchoRuntime) -> None:
+def test_batch_keeps_order_and_isolates_a_bad_image(service: FlaskClient, runtime: EchoRuntime) -> None:
     black, white = (encode(Image.new("RGB", (50, 50), c)) for c in ("black", "white"))
     parts = [upload(black, "a.png"), upload(b"nope", "b.txt"), upload(white, "c.png")]
-    response = client.post("/v1/predict", data={"files": parts})
+    response = service.post("/v1/predict", data={"files": parts})
     body = response.get_json()
     assert response.status_code == 200
     results = body["results"]
@@ -131,8 +100,8 @@ def test_batch_keeps_order_and_isolates_a_bad_image(client: FlaskClient, runtime
     assert runtime.batches == [(2, 224, 224, 3)]  # the two good images ran as one batch
 
 
-def test_probabilities_are_returned_compactly(client: FlaskClient) -> None:
-    body = client.post("/v1/predict?probabilities=true", data=photo(), content_type="image/jpeg").get_json()
+def test_probabilities_are_returned_compactly(service: FlaskClient) -> None:
+    body = service.post("/v1/predict?probabilities=true", data=photo(), content_type="image/jpeg").get_json()
     vector = np.frombuffer(base64.b64decode(body["probabilities"]["data"]), "<f4")
     assert vector.shape == (1000,) and vector.sum() == pytest.approx(1.0, abs=1e-5)
     assert int(vector.argmax()) == body["predictions"][0]["index"]
@@ -150,34 +119,34 @@ def test_probabilities_are_returned_compactly(client: FlaskClient) -> None:
     ],
 )
 def test_bad_requests_get_json_errors(
-    client: FlaskClient, query: str, data: bytes | None, status: int, code: str
+    service: FlaskClient, query: str, data: bytes | None, status: int, code: str
 ) -> None:
-    response = client.post(
+    response = service.post(
         f"/v1/predict{query}", data=photo() if data is None else data, content_type="image/jpeg"
     )
     assert_error(response, status, code)
 
 
-def test_too_many_images_is_refused_before_decoding(client: FlaskClient, runtime: EchoRuntime) -> None:
-    response = client.post("/v1/predict", data={"files": [upload(b"x", f"{i}.jpg") for i in range(5)]})
+def test_too_many_images_is_refused_before_decoding(service: FlaskClient, runtime: EchoRuntime) -> None:
+    response = service.post("/v1/predict", data={"files": [upload(b"x", f"{i}.jpg") for i in range(5)]})
     assert_error(response, 400, "too_many_images")
     assert runtime.batches == []
 
 
-def test_multipart_without_a_file_part(client: FlaskClient) -> None:
-    response = client.post("/v1/predict", data={"other": "x"}, content_type="multipart/form-data")
+def test_multipart_without_a_file_part(service: FlaskClient) -> None:
+    response = service.post("/v1/predict", data={"other": "x"}, content_type="multipart/form-data")
     assert_error(response, 400, "bad_request")
 
 
-def test_labels_endpoint(client: FlaskClient) -> None:
-    body = client.get("/v1/labels").get_json()
+def test_labels_endpoint(service: FlaskClient) -> None:
+    body = service.get("/v1/labels").get_json()
     assert body["labels"][281] == ["n02123045", "tabby"] and len(body["labels_hash"]) == 12
 
 
-def test_request_id_is_echoed(client: FlaskClient) -> None:
-    response = client.get("/v1/model", headers={"X-Request-ID": "abc-123"})
+def test_request_id_is_echoed(service: FlaskClient) -> None:
+    response = service.get("/v1/model", headers={"X-Request-ID": "abc-123"})
     assert response.headers["X-Request-ID"] == "abc-123"
-    response = client.get("/v1/model", headers={"X-Request-ID": 'bad"id'})
+    response = service.get("/v1/model", headers={"X-Request-ID": 'bad"id'})
     assert response.headers["X-Request-ID"] != 'bad"id'
 
 
@@ -188,20 +157,20 @@ class SlowRuntime(EchoRuntime):
 
 
 def test_a_request_past_its_deadline_gets_504_and_bad_deadlines_400() -> None:
-    client = create_app(resnet50.SPEC, SETTINGS, SlowRuntime(), background_load=False).test_client()
-    response = client.post(
+    service = create_app(resnet50.SPEC, SETTINGS, SlowRuntime(), background_load=False).test_client()
+    response = service.post(
         "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": "50"}
     )
     assert response.status_code == 504 and response.get_json()["error"]["code"] in {
         "deadline_exceeded",
         "inference_timeout",
     }
-    ok = client.post(
+    ok = service.post(
         "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": "5000"}
     )
     assert ok.status_code == 200
     for bad in ("soon", "0", "-5", "999999999"):
-        response = client.post(
+        response = service.post(
             "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Deadline-Ms": bad}
         )
         assert_error(response, 400, "bad_request")
@@ -213,18 +182,18 @@ def test_an_overloaded_service_refuses_with_503_before_reading_the_body(runtime:
     batcher.times.observe(1, 0.040)
     batcher.times.observe(8, 0.320)
     runtime.batches.clear()
-    client = app.test_client()
+    service = app.test_client()
     image = encode(Image.new("RGB", (64, 64), (9, 9, 9)), "PNG")
     batcher.admission.enqueue(16, float("inf"))  # a full queue: 640 ms of work ahead
-    shed = client.post("/v1/predict", data=image, content_type="image/png")
+    shed = service.post("/v1/predict", data=image, content_type="image/png")
     assert_error(shed, 503, "overloaded")
     assert 1 <= int(shed.headers["Retry-After"]) <= 2  # 640 ms drained, jittered by up to 50 %
-    late = client.post("/v1/predict", data=image, content_type="image/png", headers={"X-Deadline-Ms": "300"})
+    late = service.post("/v1/predict", data=image, content_type="image/png", headers={"X-Deadline-Ms": "300"})
     assert_error(late, 503, "overloaded")
     assert runtime.batches == []  # refused: nothing reached the model
     batcher.admission.dropped(16)
-    assert client.post("/v1/predict", data=image, content_type="image/png").status_code == 200
-    batching = client.get("/v1/model").get_json()["batching"]
+    assert service.post("/v1/predict", data=image, content_type="image/png").status_code == 200
+    batching = service.get("/v1/model").get_json()["batching"]
     assert batching["shed"] == 2 and batching["queued_images"] == 0
     assert batching["max_queue_images"] == 16 and set(batching["batch_ms"]) >= {"1", "8"}
 
@@ -244,9 +213,9 @@ def test_renamed_settings_are_refused_at_start_up_naming_their_successor() -> No
 
 
 def test_priority_header_is_interactive_or_background_and_nothing_else(
-    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+    service: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batcher = client.application.extensions["models"].base.batcher
+    batcher = service.application.extensions["models"].base.batcher
     submitted, submit = [], batcher.submit
 
     def spy(*args: object, **kwargs: object) -> object:
@@ -256,7 +225,7 @@ def test_priority_header_is_interactive_or_background_and_nothing_else(
     monkeypatch.setattr(batcher, "submit", spy)
 
     def post(priority: str) -> TestResponse:
-        return client.post(
+        return service.post(
             "/v1/predict", data=photo(), content_type="image/jpeg", headers={"X-Priority": priority}
         )
 
@@ -264,10 +233,10 @@ def test_priority_header_is_interactive_or_background_and_nothing_else(
         response = post(priority)
         assert response.status_code == 200, response.get_data(as_text=True)
         assert response.get_json()["predictions"]
-    assert client.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
+    assert service.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
     assert submitted == [Priority.BACKGROUND, Priority.INTERACTIVE, Priority.BACKGROUND, Priority.INTERACTIVE]
     refused = post("bogus")
     assert_error(refused, 400, "bad_request")
     assert "interactive, background" in refused.get_json()["error"]["message"]
     assert len(submitted) == 4  # refused before it reached the model
-    assert client.get("/v1/model").get_json()["batching"]["queued_background_images"] == 0
+    assert service.get("/v1/model").get_json()["batching"]["queued_background_images"] == 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from serving import app as service
 from serving.app import ServiceSettings, create_app
 from serving.runtime import RuntimeInfo
 from serving.weights import WeightsPlan
-from tests.conftest import encode
+from tests.helpers import encode
 
 IMAGE = encode(Image.new("RGB", (64, 64), (40, 90, 160)), "PNG")
 
@@ -25,13 +26,14 @@ class VersionRuntime:
     """Answers with a class that depends on the version folder it was built from."""
 
     loads: list[int] = []
+    hold: Callable[[], object] = staticmethod(lambda: None)  # what a load waits for
 
     def __init__(self, plan: WeightsPlan) -> None:
         self.version = int(Path(str(plan.path)).parent.name)
 
     def load(self) -> RuntimeInfo:
         VersionRuntime.loads.append(self.version)
-        time.sleep(0.1)  # a load takes a while: long enough for a second reload to arrive
+        VersionRuntime.hold()
         if self.version == 99:
             raise ValueError("corrupt weights")
         return RuntimeInfo("fake", "file", "repo", f"hash-v{self.version}", 1000, 0.0)
@@ -51,12 +53,13 @@ def publish(root: Path, version: int) -> None:
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(service, "make_runtime", lambda spec, plan, *a, **k: VersionRuntime(plan))
+    monkeypatch.setattr(VersionRuntime, "hold", staticmethod(lambda: None))
     publish(tmp_path, 1)
     return tmp_path
 
 
 def client_for(repo: Path, token: str = "s3cret") -> FlaskClient:
-    settings = ServiceSettings(model_repository=str(repo), admin_token=token)
+    settings = ServiceSettings(model_repository=str(repo), admin_token=token, repository_poll_s=0)
     return create_app(resnet50.SPEC, settings, background_load=False).test_client()
 
 
@@ -93,16 +96,29 @@ def test_reload_swaps_to_a_new_version_behind_a_token(repo: Path) -> None:
     assert again["changed"] is False
 
 
-def test_racing_reloads_load_a_version_once(repo: Path) -> None:
+def test_racing_reloads_load_a_version_once(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = client_for(repo)
     publish(repo, 2)
     VersionRuntime.loads.clear()
     auth = {"Authorization": "Bearer s3cret"}
+    # The load waits until both reloads have asked the loader for version 2: the second one
+    # arrives while the first is loading, every time.
+    models, asked = client.application.extensions["models"], threading.Semaphore(0)
+    queue = models._queue
+
+    def counted(*args: object) -> object:
+        asked.release()
+        return queue(*args)
+
+    monkeypatch.setattr(models, "_queue", counted)
+    forced: list[bool] = []
+    both = staticmethod(lambda: forced.append(all([asked.acquire(timeout=10) for _ in "ab"])))
+    monkeypatch.setattr(VersionRuntime, "hold", both)
     with ThreadPoolExecutor(2) as pool:  # e.g. the poller and an operator at the same moment
         answers = list(pool.map(lambda _: client.post("/v1/admin/reload", headers=auth).get_json(), range(2)))
     assert sorted(a["changed"] for a in answers) == [False, True]
     assert [a["version"] for a in answers] == ["2", "2"]  # the one that lost the race says so too
-    assert VersionRuntime.loads == [2]
+    assert VersionRuntime.loads == [2] and forced == [True]
 
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(repo: Path) -> None:

@@ -114,7 +114,7 @@ def test_service_serves_an_imagenet_file_from_the_keras_cache(tmp_path: Path) ->
 
     from serving.app import ServiceSettings, create_app
     from serving.runtime import weights_digest
-    from tests.conftest import photo
+    from tests.helpers import photo
 
     keras.utils.set_random_seed(42)
     source = keras.applications.ResNet50(weights=None)

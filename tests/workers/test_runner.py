@@ -19,10 +19,10 @@ from common.jobs.store import JobStore
 from common.tenancy.keys import KeyStore
 from fleet.fetch import UrlFetcher
 from fleet.predict import Predictor
-from tests.conftest import auth_settings, gateway_settings, photo
 from tests.gateway.slow_http import serve_slow_images
+from tests.helpers import auth_settings, gateway_settings, photo
 from tests.http_fixtures import serve
-from tests.workers.conftest import ScriptedClient
+from tests.workers.fakes import ScriptedClient
 from workers.runner import SIGNATURE_HEADER, TIMESTAMP_HEADER, Cancelled, ChunkRunner, Requeue, sign
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")

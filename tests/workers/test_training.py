@@ -27,8 +27,8 @@ from common.training import dataset
 from common.training.settings import TrainingSettings
 from serving import custom
 from tests import colours
-from tests.conftest import gateway_settings
-from tests.workers.conftest import ScriptedClient
+from tests.helpers import gateway_settings
+from tests.workers.fakes import ScriptedClient
 from workers.training.runner import TrainingRunner
 
 
