@@ -36,7 +36,7 @@ from common.jobs.views import describe
 from common.tenancy.quotas import Allowance, QuotaBook
 from common.tenancy.settings import QuotaSettings
 from fleet.client import ModelClient
-from fleet.predict import select
+from fleet.predict import Selection, select
 from gateway.auth import audit, current
 from gateway.job_intake import Intake
 from gateway.settings import GatewaySettings
@@ -236,6 +236,35 @@ def _results_csv(job: dict[str, Any], outcomes: Iterator[dict[str, Any]]) -> Ite
         yield row(values)
 
 
+def write_chunks(staged: Path, items: list[dict[str, Any]], chunk_images: int) -> int:
+    """The job's items as ``chunks/<n>.json`` of ``chunk_images`` each (the tasks' units); how many."""
+    chunks = math.ceil(len(items) / chunk_images)
+    (staged / "chunks").mkdir()
+    for chunk in range(chunks):
+        start = chunk * chunk_images
+        part = [{"index": start + i, **item} for i, item in enumerate(items[start : start + chunk_images])]
+        (staged / "chunks" / f"{chunk:06d}.json").write_text(json.dumps(part))
+    return chunks
+
+
+def inference_record(selection: Selection, top_k: int, chunks: int, chunk_images: int) -> dict[str, Any]:
+    """What an inference job's record says it was asked, from the request's query."""
+    asked = {
+        key: request.args[key] for key in ("model", "models", "vote", "member_weights") if key in request.args
+    }
+    return {
+        "kind": "inference",
+        "model": selection.name,
+        "members": list(selection.members),
+        "vote": selection.vote or "",
+        "selection": asked,
+        "top_k": top_k,
+        "chunks": chunks,
+        "chunk_images": chunk_images,
+        "request_id": web.request_id(),
+    }
+
+
 def create_blueprint(gateway: GatewaySettings, client: ModelClient, jobs: Jobs) -> Blueprint:
     settings = jobs.settings
     intake = Intake(settings, gateway.max_image_bytes)
@@ -259,32 +288,12 @@ def create_blueprint(gateway: GatewaySettings, client: ModelClient, jobs: Jobs) 
             callback = received.fields.get("callback_url", callback)
             if callback is not None:
                 check_callback(callback)
-            chunks = math.ceil(len(received.items) / settings.chunk_images)
-            (staged / "chunks").mkdir()
-            for chunk in range(chunks):
-                start = chunk * settings.chunk_images
-                part = [
-                    {"index": start + i, **item}
-                    for i, item in enumerate(received.items[start : start + settings.chunk_images])
-                ]
-                (staged / "chunks" / f"{chunk:06d}.json").write_text(json.dumps(part))
+            chunks = write_chunks(staged, received.items, settings.chunk_images)
             record = {
-                "kind": "inference",
-                "model": selection.name,
-                "members": list(selection.members),
-                "vote": selection.vote or "",
-                "selection": {
-                    key: request.args[key]
-                    for key in ("model", "models", "vote", "member_weights")
-                    if key in request.args
-                },
-                "top_k": top_k,
+                **inference_record(selection, top_k, chunks, settings.chunk_images),
                 "total": len(received.items),
                 "input_bytes": received.bytes,
-                "chunks": chunks,
-                "chunk_images": settings.chunk_images,
                 "callback_url": callback or "",
-                "request_id": web.request_id(),
             }
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)

@@ -28,7 +28,7 @@ from common.jobs import queue
 from common.jobs.archive import Entry
 from common.models import BACKBONE_LAYERS, BASE_MODELS
 from common.tenancy.owners import LEGACY, NameTaken
-from common.training.dataset import check
+from common.training.dataset import Dataset, check
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient
 from gateway.auth import current, owners
@@ -89,6 +89,52 @@ def options(raw: dict[str, str], settings: TrainingSettings, bases: list[str]) -
     }
 
 
+def require_multipart() -> None:
+    if request.mimetype != "multipart/form-data":
+        raise BadRequest(
+            "send the training dataset as multipart/form-data: 'dataset' (a zip or tar of one "
+            "folder per class) and 'name'",
+            code="unsupported_media_type",
+            status=415,
+        )
+
+
+def checked_dataset(
+    items: list[dict[str, Any]], staged: Path, limits: imaging.ImageLimits, settings: TrainingSettings
+) -> Dataset:
+    """The upload's images as a dataset (``common.training.dataset``: classes, readable images per
+    class, within the limits; every problem named in one refusal), written beside them."""
+    entries = [Entry(item["name"], staged / item["file"]) for item in items if "file" in item]
+    dataset = check(
+        entries,
+        staged,
+        limits,
+        min_images_per_class=settings.min_images_per_class,
+        max_classes=settings.max_classes,
+        max_images=settings.max_images,
+    )
+    dataset.write(staged)
+    return dataset
+
+
+def training_record(chosen: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """What a training job's record says it was asked and given."""
+    return {
+        "kind": "training",
+        "model": chosen["name"],
+        "base": chosen["base"],
+        "options": {k: v for k, v in chosen.items() if k not in ("name", "base", "public")},
+        "classes": dataset.classes,
+        "counts": dataset.counts(),
+        "skipped": dataset.skipped,
+        "phase": "queued",
+        "total": len(dataset.items),
+        "chunks": 0,
+        "top_k": 0,
+        "request_id": web.request_id(),
+    }
+
+
 def models_dir(settings: TrainingSettings) -> Path:
     """The model repository, which the gateway only reads (the trainer writes it)."""
     if not settings.models_dir:
@@ -142,13 +188,7 @@ def create_blueprint(
         store = jobs.store
         jobs.admit("", training=True)  # refused before the upload is read when already at a quota
         allowance = jobs.allowance(min(job_settings.max_images, settings.max_images))
-        if request.mimetype != "multipart/form-data":
-            raise BadRequest(
-                "send the training dataset as multipart/form-data: 'dataset' (a zip or tar of one "
-                "folder per class) and 'name'",
-                code="unsupported_media_type",
-                status=415,
-            )
+        require_multipart()
         early = {key: request.args[key] for key in FIELDS if key in request.args}
         if "name" in early:  # refuse what the query already shows is wrong, before the upload
             check_fine_tuning(options(early, settings, client.registry.bases))
@@ -161,33 +201,8 @@ def create_blueprint(
                 raise BadRequest(f"give {', '.join(doubled)} once: in the query or in the form")
             chosen = options({**early, **received.fields}, settings, client.registry.bases)
             check_fine_tuning(chosen)
-            entries = [
-                Entry(item["name"], staged / item["file"]) for item in received.items if "file" in item
-            ]
-            dataset = check(
-                entries,
-                staged,
-                limits,
-                min_images_per_class=settings.min_images_per_class,
-                max_classes=settings.max_classes,
-                max_images=settings.max_images,
-            )
-            dataset.write(staged)
-            record = {
-                "kind": "training",
-                "model": chosen["name"],
-                "base": chosen["base"],
-                "options": {k: v for k, v in chosen.items() if k not in ("name", "base", "public")},
-                "classes": dataset.classes,
-                "counts": dataset.counts(),
-                "skipped": dataset.skipped,
-                "phase": "queued",
-                "total": len(dataset.items),
-                "input_bytes": received.bytes,
-                "chunks": 0,
-                "top_k": 0,
-                "request_id": web.request_id(),
-            }
+            dataset = checked_dataset(received.items, staged, limits, settings)
+            record = {**training_record(chosen, dataset), "input_bytes": received.bytes}
             fresh = claim(chosen)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
@@ -174,13 +175,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
     @v2.post("/models/<name>/versions/<version>/infer")
     def infer(name: str, version: str | None) -> Response:
         check_version(selection(name), version)
-        try:
-            body = json.loads(request.get_data(cache=False))
-        except (ValueError, RecursionError):
-            raise BadRequest("body is not valid JSON", code="invalid_json") from None
-        body = read.object_field(body, "the body")
-        if not isinstance(body.get("id"), str | None):
-            raise BadRequest("'id' must be a string")
+        body = read_body()
         tensor = read.tensor(body)
         parameters = read.parameters(body, "the request's")
         chosen = selection(name, str(parameters.get("vote", "soft")))
@@ -188,7 +183,6 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= settings.max_top_k:
             raise BadRequest(f"parameter top_k must be an integer between 1 and {settings.max_top_k}")
         wanted = read.outputs(body)
-
         deadline = web.deadline(settings.default_deadline_ms / 1000)
         items = read.images(tensor, settings.max_request_images, settings.max_image_bytes)
         predictor.validate(items)
@@ -198,38 +192,58 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
                 raise ServiceError(f"{item.name}: {error.message}", code=error.code, status=error.status)
         predictor.canonicalize(chosen, items)
         result = predictor.run(chosen, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
-        failed = next((o for o in result["outcomes"] if "error" in o), None)
-        if failed:
-            raise item_error(failed)
-        rows = [o["predictions"] for o in result["outcomes"]]
-        k = min(len(row) for row in rows)
-        columns = {
-            "labels": [p["label"] for row in rows for p in row[:k]],
-            "scores": [p["score"] for row in rows for p in row[:k]],
-            "indices": [p["index"] for row in rows for p in row[:k]],
-        }
-        replies = result["replies"]
-        # a model served from a repository names the version that answered; others are "1"
-        answered = {str(reply.get("version") or VERSION) for reply in replies.values()}
-        answered_by = answered.pop() if chosen.vote is None and len(answered) == 1 else VERSION
-        if version is not None and answered_by != version:  # the model moved on during the request
-            raise VersionNotServed(
-                f"{name} switched to version {answered_by}; version {version} is not served"
-            )
-        return web.json_ok(
-            {
-                "model_name": name,
-                "model_version": answered_by,
-                "id": body.get("id") or web.request_id(),
-                "parameters": {
-                    "weights": {m: r.get("weights") for m, r in replies.items()},
-                    "degraded": bool(result["failures"]),
-                },
-                "outputs": [
-                    {"name": n, "datatype": read.OUTPUTS[n], "shape": [len(rows), k], "data": columns[n]}
-                    for n in wanted
-                ],
-            }
-        )
+        return web.json_ok(answer(name, version, chosen, body, wanted, result))
 
     return v2
+
+
+def read_body() -> dict[str, Any]:
+    """The inference request's JSON object, its ``id`` a string when given."""
+    try:
+        body = json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON", code="invalid_json") from None
+    body = read.object_field(body, "the body")
+    if not isinstance(body.get("id"), str | None):
+        raise BadRequest("'id' must be a string")
+    return body
+
+
+def answer(
+    name: str,
+    version: str | None,
+    chosen: Selection,
+    body: dict[str, Any],
+    wanted: list[str],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """The inference response: the ``wanted`` outputs, ``[N, k]`` each, and the version that answered."""
+    failed = next((o for o in result["outcomes"] if "error" in o), None)
+    if failed:
+        raise item_error(failed)
+    rows = [o["predictions"] for o in result["outcomes"]]
+    k = min(len(row) for row in rows)
+    columns = {
+        "labels": [p["label"] for row in rows for p in row[:k]],
+        "scores": [p["score"] for row in rows for p in row[:k]],
+        "indices": [p["index"] for row in rows for p in row[:k]],
+    }
+    replies = result["replies"]
+    # a model served from a repository names the version that answered; others are "1"
+    answered = {str(reply.get("version") or VERSION) for reply in replies.values()}
+    answered_by = answered.pop() if chosen.vote is None and len(answered) == 1 else VERSION
+    if version is not None and answered_by != version:  # the model moved on during the request
+        raise VersionNotServed(f"{name} switched to version {answered_by}; version {version} is not served")
+    return {
+        "model_name": name,
+        "model_version": answered_by,
+        "id": body.get("id") or web.request_id(),
+        "parameters": {
+            "weights": {m: r.get("weights") for m, r in replies.items()},
+            "degraded": bool(result["failures"]),
+        },
+        "outputs": [
+            {"name": n, "datatype": read.OUTPUTS[n], "shape": [len(rows), k], "data": columns[n]}
+            for n in wanted
+        ],
+    }
