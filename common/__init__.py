@@ -1,1 +1,1 @@
-"""Code shared by the gateway and the model services (see README.md for the import rules)."""
+"""What every process of the fleet shares, and nothing else (common/README.md has the rooms' rules)."""

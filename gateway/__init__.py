@@ -1,1 +1,2 @@
-"""The gateway: routing by model name, ensembles, batches, ingestion. Never imports TensorFlow."""
+"""The gateway: the HTTP app in front of the fleet (routes, keys, rate limits, the response cache,
+jobs and training intake). Never imports TensorFlow."""
