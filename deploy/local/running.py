@@ -24,14 +24,16 @@ from deploy.local.fleet import Fleet, FleetSettings
 
 class PortReservations:
     """Free ports held from when they are chosen to the end of the process, after BentoML's
-    ``reserve_free_port``: each is a socket bound (never listening) with ``SO_REUSEADDR``. No
-    other chooser - in this process or another, binding port 0 - is handed a held port, so two
-    fleets, or two services of one, never race for one between choosing and binding; and the
-    fleet's servers (Nginx, Gunicorn, Redis and Python's HTTP servers all set ``SO_REUSEADDR``)
-    still bind and listen on it, and bind it again after a restart."""
+    ``reserve_free_port``: each is a socket bound (never listening), then marked ``SO_REUSEADDR``.
+    No other chooser - in this process or another, binding port 0 or probing a sibling - is
+    handed a held port, so two fleets, or two services of one, never race for one between
+    choosing and binding; and the fleet's servers (Nginx, Gunicorn, Redis and Python's HTTP
+    servers all set ``SO_REUSEADDR``) still bind and listen on it, and bind it again after a
+    restart. A port handed out once is never handed out again by the same reservations."""
 
     def __init__(self) -> None:
         self._held: dict[int, socket.socket] = {}
+        self._given: set[int] = set()  # every port handed out, held or released since
         self._lock = threading.Lock()
 
     def take(self, replicas: int = 3, stride: int = FleetSettings.replica_port_stride) -> int:
@@ -42,18 +44,21 @@ class PortReservations:
                 if first is None:
                     raise OSError("no free port to bind on 127.0.0.1")
                 port = int(first.getsockname()[1])
-                siblings = [self._hold(port + k * stride) for k in range(1, replicas)]
-                if all(siblings):
+                wanted = [port + k * stride for k in range(1, replicas)]
+                siblings = [None if p in self._given else self._hold(p) for p in wanted]
+                if port not in self._given and all(siblings):
                     for sock in (first, *siblings):
                         assert sock is not None
                         self._held[int(sock.getsockname()[1])] = sock
+                    self._given.update((port, *wanted))
                     return port
                 for sock in (first, *siblings):
                     if sock is not None:
                         sock.close()
 
     def release(self) -> None:
-        """Let every held port go (the module's own reservations last as long as the process)."""
+        """Let every held port go (the module's own reservations last as long as the process); none
+        is handed out again."""
         with self._lock:
             for sock in self._held.values():
                 sock.close()
@@ -61,15 +66,18 @@ class PortReservations:
 
     @staticmethod
     def _hold(port: int) -> socket.socket | None:
+        """A socket bound to ``port`` (0: any free one), or None when something holds it. It binds
+        without ``SO_REUSEADDR`` - so a port another reservation holds, here or in another process,
+        is refused - and sets it after, so the server the port is for can still bind it."""
         if port > 65535:
             return None
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
             sock.close()
             return None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         return sock
 
 

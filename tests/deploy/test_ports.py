@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from deploy.local.running import PortReservations
 
 
@@ -38,3 +40,27 @@ def test_a_server_still_binds_and_listens_on_its_reserved_port() -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
     ports.release()
+
+
+def test_a_sibling_held_elsewhere_is_refused_and_no_port_is_handed_out_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sibling (port + k x stride) another reservation holds - in this process or another - is
+    refused, and these reservations never give a port out twice, even once it is released and the
+    system offers it again."""
+    mine, theirs = PortReservations(), PortReservations()
+    try:
+        held = theirs.take(replicas=1)
+        assert PortReservations._hold(held) is None  # how a sibling is probed
+        given = mine.take(replicas=1)
+        mine.release()
+        hold, offers = PortReservations._hold, [given]  # the system offers the released port first
+
+        def offer_again(port: int) -> socket.socket | None:
+            return hold(offers.pop(0) if port == 0 and offers else port)
+
+        monkeypatch.setattr(mine, "_hold", offer_again)
+        assert mine.take(replicas=1) != given and offers == []
+    finally:
+        mine.release()
+        theirs.release()
