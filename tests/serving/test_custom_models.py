@@ -288,7 +288,7 @@ def test_a_request_that_found_a_replaced_version_is_answered_by_its_successor(tm
     publish_tuned(tmp_path, "tuned", sign=-1.0)
     models.refresh()
     settle(models)
-    old.close()  # what happens close_after_s after the swap
+    old.close()  # the swap closed it already: closing again changes nothing
     wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
     looked_up = iter([old])  # the request looked the model up just before the swap
     newest = models.get
