@@ -68,12 +68,14 @@ class LoadedModel:
         return predict
 
     def _seed_batch_times(self, runtime: Runtime) -> None:
-        """Time one call at batch 1 and at the largest batch, so admission has figures before the
-        first request (each timed on its second call: the first may compile for the new shape)."""
+        """Warm and time every batch size the batcher can form, 1 to ``max_batch``, before the model
+        serves: a runtime's first call at a new shape compiles for it (1.5-3x a warm call), which
+        no request should pay, and admission has a measured figure for every size from the first
+        request (each size timed on its second call)."""
         size = self.spec.input_size
-        for batch in sorted({1, self.batcher.max_batch}):
+        predict = self._pipeline(runtime)
+        for batch in range(1, self.batcher.max_batch + 1):
             pixels = np.zeros((batch, size, size, 3), np.uint8)
-            predict = self._pipeline(runtime)
             predict(pixels)
             started = time.monotonic()
             predict(pixels)

@@ -240,3 +240,14 @@ def test_priority_header_is_interactive_or_background_and_nothing_else(
     assert "interactive, background" in refused.get_json()["error"]["message"]
     assert len(submitted) == 4  # refused before it reached the model
     assert service.get("/v1/model").get_json()["batching"]["queued_background_images"] == 0
+
+
+def test_every_batch_size_is_warmed_and_timed_before_the_service_is_ready() -> None:
+    """A runtime's first call at a new shape compiles for it: no request should pay for that, and
+    admission has a measured time for every size the batcher can form."""
+    runtime = EchoRuntime()
+    app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
+    sizes = [shape[0] for shape in runtime.batches]
+    assert sizes == [n for n in range(1, 9) for _ in (0, 1)]  # each size twice: warmed, then timed
+    batching = app.test_client().get("/v1/model").get_json()["batching"]
+    assert set(batching["batch_ms"]) == {str(n) for n in range(1, 9)}
