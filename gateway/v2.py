@@ -3,7 +3,8 @@
 ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``; ``GET /v2/models/{name}[/versions/{v}]``,
 ``GET .../ready`` and ``POST .../infer``, where ``name`` is a model or ``ensemble``. The one input
 is a BYTES tensor of shape ``[N]`` (or ``[N, 1]``) whose elements are base64-encoded image files
-(what Triton's JSON clients send for BYTES); parameters ``top_k`` and, for ensembles, ``vote``.
+(what Triton's JSON clients send for BYTES), or raw image files with the binary tensor data
+extension (``gateway.v2_request``, both ways); parameters ``top_k`` and, for ensembles, ``vote``.
 Outputs, all ``[N, top_k]``: ``labels`` (BYTES), ``scores`` (FP32), ``indices`` (INT64); ask for a
 subset with ``outputs``.
 
@@ -175,7 +176,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
     @v2.post("/models/<name>/versions/<version>/infer")
     def infer(name: str, version: str | None) -> Response:
         check_version(selection(name), version)
-        body = read_body()
+        body, blob = read_body()
         tensor = read.tensor(body)
         parameters = read.parameters(body, "the request's")
         chosen = selection(name, str(parameters.get("vote", "soft")))
@@ -184,7 +185,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
             raise BadRequest(f"parameter top_k must be an integer between 1 and {settings.max_top_k}")
         wanted = read.outputs(body)
         deadline = web.deadline(settings.default_deadline_ms / 1000)
-        items = read.images(tensor, settings.max_request_images, settings.max_image_bytes)
+        items = read.images(tensor, blob, settings.max_request_images, settings.max_image_bytes)
         predictor.validate(items)
         for item in items:  # a tensor is answered whole or not at all: refuse before any decoding
             if item.error is not None:
@@ -192,21 +193,29 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
                 raise ServiceError(f"{item.name}: {error.message}", code=error.code, status=error.status)
         predictor.canonicalize(chosen, items)
         result = predictor.run(chosen, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
-        return web.json_ok(answer(name, version, chosen, body, wanted, result))
+        head, binary = answer(name, version, chosen, body, wanted, result)
+        if not binary:
+            return web.json_ok(head)
+        encoded = json.dumps(head, separators=(",", ":")).encode()
+        response = Response(encoded + binary, content_type=read.BINARY_CONTENT_TYPE)
+        response.headers[read.HEADER_LENGTH] = str(len(encoded))
+        return response
 
     return v2
 
 
-def read_body() -> dict[str, Any]:
-    """The inference request's JSON object, its ``id`` a string when given."""
+def read_body() -> tuple[dict[str, Any], bytes]:
+    """The inference request's JSON object (its ``id`` a string when given) and the binary tensor
+    data after it, if an ``Inference-Header-Content-Length`` says where the JSON ends."""
+    header, blob = read.split(request.get_data(cache=False), request.headers.get(read.HEADER_LENGTH))
     try:
-        body = json.loads(request.get_data(cache=False))
+        body = json.loads(header)
     except (ValueError, RecursionError):
         raise BadRequest("body is not valid JSON", code="invalid_json") from None
     body = read.object_field(body, "the body")
     if not isinstance(body.get("id"), str | None):
         raise BadRequest("'id' must be a string")
-    return body
+    return body, blob
 
 
 def answer(
@@ -214,10 +223,11 @@ def answer(
     version: str | None,
     chosen: Selection,
     body: dict[str, Any],
-    wanted: list[str],
+    wanted: list[tuple[str, bool]],
     result: dict[str, Any],
-) -> dict[str, Any]:
-    """The inference response: the ``wanted`` outputs, ``[N, k]`` each, and the version that answered."""
+) -> tuple[dict[str, Any], bytes]:
+    """The inference response: the ``wanted`` outputs, ``[N, k]`` each, and the version that
+    answered; with the binary data of the outputs asked for as binary (empty: none)."""
     failed = next((o for o in result["outcomes"] if "error" in o), None)
     if failed:
         raise item_error(failed)
@@ -234,7 +244,17 @@ def answer(
     answered_by = answered.pop() if chosen.vote is None and len(answered) == 1 else VERSION
     if version is not None and answered_by != version:  # the model moved on during the request
         raise VersionNotServed(f"{name} switched to version {answered_by}; version {version} is not served")
-    return {
+    outputs, binary = [], []
+    for output, as_binary in wanted:
+        datatype = read.OUTPUTS[output]
+        entry: dict[str, Any] = {"name": output, "datatype": datatype, "shape": [len(rows), k]}
+        if as_binary:
+            binary.append(read.encode(datatype, columns[output]))
+            entry["parameters"] = {"binary_data_size": len(binary[-1])}
+        else:
+            entry["data"] = columns[output]
+        outputs.append(entry)
+    head = {
         "model_name": name,
         "model_version": answered_by,
         "id": body.get("id") or web.request_id(),
@@ -242,8 +262,6 @@ def answer(
             "weights": {m: r.get("weights") for m, r in replies.items()},
             "degraded": bool(result["failures"]),
         },
-        "outputs": [
-            {"name": n, "datatype": read.OUTPUTS[n], "shape": [len(rows), k], "data": columns[n]}
-            for n in wanted
-        ],
+        "outputs": outputs,
     }
+    return head, b"".join(binary)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
+import struct
 from typing import Any
 
+import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
@@ -382,3 +385,115 @@ def resolved(node: dict[str, Any]) -> dict[str, Any]:
     for part in node["$ref"].removeprefix("#/").split("/"):
         target = target[part]
     return dict(target)
+
+
+# --- the binary tensor data extension -----------------------------------------------------------
+
+
+def binary_request(
+    images: list[bytes], outputs: list[dict[str, Any]] | None = None, **request: Any
+) -> tuple[bytes, dict[str, str]]:
+    """What Triton's clients send with binary_data=True: the JSON header, then each image as a
+    4-byte little-endian length and its bytes."""
+    blob = b"".join(struct.pack("<I", len(image)) + image for image in images)
+    head = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [len(images)],
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        ],
+        **({"outputs": outputs} if outputs is not None else {}),
+        **request,
+    }
+    encoded = json.dumps(head).encode()
+    return encoded + blob, {"Inference-Header-Content-Length": str(len(encoded))}
+
+
+def split_answer(response: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A binary answer's JSON header and each binary output's bytes, in order."""
+    length = int(response.headers["Inference-Header-Content-Length"])
+    raw = response.get_data()
+    head, blob, found, offset = json.loads(raw[:length]), raw[length:], {}, 0
+    for output in head["outputs"]:
+        if "parameters" in output:
+            size = output["parameters"]["binary_data_size"]
+            found[output["name"]] = blob[offset : offset + size]
+            offset += size
+    assert offset == len(blob)
+    return head, found
+
+
+def test_binary_images_in_and_binary_outputs_back_answer_as_json_does(gateway: FlaskClient) -> None:
+    body, headers = binary_request(
+        [CAT, COFFEE],
+        outputs=[{"name": "labels", "parameters": {"binary_data": True}}, {"name": "scores"}],
+        parameters={"top_k": 3},
+    )
+    binary = gateway.post("/v2/models/resnet50/infer", data=body, headers=headers)
+    assert binary.status_code == 200, binary.get_data(as_text=True)
+    assert binary.headers["Content-Type"] == "application/octet-stream"
+    head, blobs = split_answer(binary)
+    as_json = gateway.post(
+        "/v2/models/resnet50/infer", json={"inputs": [tensor(CAT, COFFEE)], "parameters": {"top_k": 3}}
+    ).get_json()
+    expected = {o["name"]: o for o in as_json["outputs"]}
+    labels = head["outputs"][0]
+    assert labels["shape"] == [2, 3] and "data" not in labels
+    labels_back, offset, raw = [], 0, blobs["labels"]
+    while offset < len(raw):
+        (size,) = struct.unpack_from("<I", raw, offset)
+        labels_back.append(raw[offset + 4 : offset + 4 + size].decode())
+        offset += 4 + size
+    assert labels_back == expected["labels"]["data"]
+    assert head["outputs"][1]["data"] == expected["scores"]["data"]  # asked for without binary_data
+
+
+def test_binary_data_output_makes_every_output_binary(gateway: FlaskClient) -> None:
+    body, headers = binary_request([CAT], parameters={"top_k": 2, "binary_data_output": True})
+    head, blobs = split_answer(gateway.post("/v2/models/resnet50/infer", data=body, headers=headers))
+    assert set(blobs) == {"labels", "scores", "indices"}
+    scores, indices = np.frombuffer(blobs["scores"], "<f4"), np.frombuffer(blobs["indices"], "<i8")
+    assert scores.shape == indices.shape == (2,) and head["outputs"][2]["shape"] == [1, 2]
+
+
+BAD_BINARY = {
+    "header length not a number": (lambda b, h: (b, {**h, "Inference-Header-Content-Length": "ten"})),
+    "header length past the body": (
+        lambda b, h: (b, {**h, "Inference-Header-Content-Length": str(len(b) + 1)})
+    ),
+    "an element's length past the end": (lambda b, h: (b[:-5], h)),
+    "bytes left after the last element": (lambda b, h: (b + b"\x00\x00", h)),
+}
+
+
+@pytest.mark.parametrize("spoil", BAD_BINARY.values(), ids=BAD_BINARY)
+def test_malformed_binary_requests_are_400s_before_any_model_is_asked(
+    gateway: FlaskClient, fake: FakeModelClient, spoil: Any
+) -> None:
+    make_ready(fake)
+    body, headers = spoil(*binary_request([CAT, COFFEE]))
+    assert_v2_error(gateway.post("/v2/models/resnet50/infer", data=body, headers=headers), 400, "bad_request")
+    assert fake.calls == []
+
+
+def test_binary_inputs_keep_the_image_limits(gateway: FlaskClient, fake: FakeModelClient) -> None:
+    make_ready(fake)
+    body, headers = binary_request([CAT] * 33)
+    assert_v2_error(
+        gateway.post("/v2/models/resnet50/infer", data=body, headers=headers), 400, "too_many_images"
+    )
+    both, headers = binary_request([CAT])
+    head_length = int(headers["Inference-Header-Content-Length"])
+    head = json.loads(both[:head_length])
+    head["inputs"][0]["data"] = [base64.b64encode(CAT).decode()]  # data and binary_data_size at once
+    encoded = json.dumps(head).encode()
+    mixed = gateway.post(
+        "/v2/models/resnet50/infer",
+        data=encoded + both[head_length:],
+        headers={"Inference-Header-Content-Length": str(len(encoded))},
+    )
+    assert_v2_error(mixed, 400, "bad_request")
+    assert fake.calls == []
