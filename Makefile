@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench convert weights nginx redis chromium secrets clean docs
+.PHONY: run test test-fast lint bench profile convert weights nginx redis chromium secrets clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ lint: $(STAMP)
 bench: $(STAMP) nginx redis bench/.venv-bento/.installed
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
+
+## Where Nginx's and the gateway's time goes, with stub models (bench/results/profile.md).
+profile: $(STAMP) nginx redis
+	$(call need,command -v wrk,wrk)
+	$(PY) -m bench.profile
 
 # BentoML, the comparison point, in a virtualenv of its own (its pins are not ours); if it does not
 # install, make bench runs without it and says so.

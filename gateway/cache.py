@@ -27,12 +27,16 @@ log = logging.getLogger(__name__)
 PREFIX = "imagerec:cache:"
 
 
-def key(image: bytes, models: Mapping[str, str], parameters: Mapping[str, object]) -> str:
+def digest(image: bytes) -> str:
+    """The image's part of a key: SHA-256 of the client's bytes (computed once per request)."""
+    return hashlib.sha256(image).hexdigest()
+
+
+def key(image_digest: str, models: Mapping[str, str], parameters: Mapping[str, object]) -> str:
     """``models``: member name -> weights hash. The members lead the key, so ``drop`` can find them."""
-    digest = hashlib.sha256(image).hexdigest()
     shape = json.dumps(sorted(parameters.items()), separators=(",", ":"))
     members = ",".join(f"{name}@{weights}" for name, weights in sorted(models.items()))
-    return f"{PREFIX}{members}:{hashlib.sha256(shape.encode()).hexdigest()[:16]}:{digest}"
+    return f"{PREFIX}{members}:{hashlib.sha256(shape.encode()).hexdigest()[:16]}:{image_digest}"
 
 
 def _members(cache_key: str) -> set[str]:
@@ -109,18 +113,19 @@ def served_as(answer: Mapping[str, Any]) -> str | None:
 
 class Policy:
     """Which answers the cache holds, under which key: whole single-image answers, keyed by the
-    client's bytes (before any re-encoding), the answer's parameters and the weights of every
-    member - and only while every member's weights hash is known."""
+    digest of the client's bytes (before any re-encoding; ``digest``, once per request), the
+    answer's parameters and the weights of every member - and only while every member's weights
+    hash is known."""
 
     def __init__(self, cache: Cache, registry: Registry) -> None:
         self.cache = cache
         self.registry = registry
         registry.on_weights_change = cache.drop
 
-    def lookup(self, selection: Selection, image: bytes, top_k: int) -> dict[str, Any] | None:
+    def lookup(self, selection: Selection, image_digest: str, top_k: int) -> dict[str, Any] | None:
         """The stored ``{"body", "outcomes"}`` for the weights each member serves now, or None."""
         expected = {m: served_as(self.registry.metadata(m)) for m in selection.members}
-        found = self._key(selection, image, top_k, expected)
+        found = self._key(selection, image_digest, top_k, expected)
         hit = self.cache.get(found) if found else None
         metrics.CACHE.labels("hit" if hit else "miss").inc()
         return hit
@@ -128,23 +133,25 @@ class Policy:
     def store(
         self,
         selection: Selection,
-        image: bytes,
+        image_digest: str,
         top_k: int,
         replies: Mapping[str, Any],
         entry: dict[str, Any],
     ) -> None:
         """Keyed by the weights that actually answered (``replies``): during a rollout the replica
         that answered may not be the one the lookup's hashes came from."""
-        found = self._key(selection, image, top_k, {m: served_as(r) for m, r in replies.items()})
+        found = self._key(selection, image_digest, top_k, {m: served_as(r) for m, r in replies.items()})
         if found:
             self.cache.put(found, entry)
 
     @staticmethod
-    def _key(selection: Selection, image: bytes, top_k: int, weights: Mapping[str, str | None]) -> str | None:
+    def _key(
+        selection: Selection, image_digest: str, top_k: int, weights: Mapping[str, str | None]
+    ) -> str | None:
         if not all(weights.values()):
             return None
         parameters = {"top_k": top_k, "vote": selection.vote, "member_weights": selection.weights}
-        return key(image, weights, parameters)  # type: ignore[arg-type]
+        return key(image_digest, weights, parameters)  # type: ignore[arg-type]
 
 
 def create(size: int, ttl_s: float, redis_url: str) -> Cache | None:

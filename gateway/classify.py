@@ -11,6 +11,7 @@ from flask import g, request
 
 from common import web
 from fleet.predict import ImageInput, Predictor, Selection
+from gateway import cache as response_cache
 from gateway import shaping
 from gateway.cache import Policy
 from gateway.inputs import InputReader
@@ -38,8 +39,9 @@ class Classifier:
         deadline = web.deadline(self.settings.default_deadline_ms / 1000)
         items, batch = self._read()
         cacheable = self.cache is not None and not batch and items[0].error is None
-        original = items[0].data  # the key is the client's bytes, before any canonical re-encoding
-        if cacheable and (hit := self._cached(selection, original, top_k, started)):
+        # The key is the client's bytes, before any canonical re-encoding, hashed once.
+        image = response_cache.digest(items[0].data) if cacheable else ""
+        if cacheable and (hit := self._cached(selection, image, top_k, started)):
             return hit
         self.predictor.canonicalize(selection, items)  # a hit never pays for the ensemble's re-encoding
         if not batch and items[0].error:
@@ -52,7 +54,7 @@ class Classifier:
         outcomes = result["outcomes"]
         if cacheable and self.cache and not result["failures"] and "error" not in outcomes[0]:
             entry = {"body": dict(body), "outcomes": outcomes}
-            self.cache.store(selection, original, top_k, result["replies"], entry)
+            self.cache.store(selection, image, top_k, result["replies"], entry)
         body["timing_ms"] = {
             "ingest": round(ingest_ms, 2),
             **result["timing_ms"],
@@ -70,7 +72,7 @@ class Classifier:
             raise items[0].error
         return items, batch
 
-    def _cached(self, selection: Selection, image: bytes, top_k: int, started: float) -> Classified | None:
+    def _cached(self, selection: Selection, image: str, top_k: int, started: float) -> Classified | None:
         assert self.cache is not None
         hit = self.cache.lookup(selection, image, top_k)
         g.cache = "HIT" if hit else "MISS"  # the X-Cache header (gateway.v1)

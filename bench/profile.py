@@ -1,0 +1,205 @@
+"""Where the plumbing's time goes: CPU per answered request of each process, and the gateway's
+functions by their share of its samples, under closed-loop load (``python -m bench.profile``).
+
+The fleet as ``make run`` starts it (rate limit off: wrk's connections are one client), with stub
+model services (``bench.stub_service``: the same HTTP surface, a canned answer), so what is measured
+is Nginx and the gateway alone - what every answered image costs outside the model. Every request
+carries new bytes, so the response cache never answers. While wrk runs, py-spy samples every
+gateway worker (``--idle`` off: on-CPU time only) and each process's CPU seconds are read from
+``/proc``. Writes ``bench/results/profile.json`` and ``profile.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import load
+from deploy.local.fleet import ExtraService, Fleet
+from deploy.local.running import children, free_port, on_free_ports, running
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PHOTO = (ROOT / "tests" / "fixtures" / "chelsea.jpg").read_bytes()
+MODELS = ("vgg16", "resnet50", "inceptionv3")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def processes(fleet: Any) -> dict[str, list[int]]:
+    """The fleet's processes by program (the stub services together), each with its children:
+    Nginx's workers, Gunicorn's; the program's own process first."""
+    found: dict[str, list[int]] = {}
+    for program, pid in fleet.pids().items():
+        role = "stubs" if program in MODELS else program
+        found.setdefault(role, []).extend([pid, *sorted(children(pid))])
+    return found
+
+
+def profile_gateway(pids: list[int], seconds: int, folder: Path) -> list[Path]:
+    """py-spy ``raw`` (folded) stacks of each gateway worker for ``seconds``."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    outputs, procs = [], []
+    for pid in pids:
+        out = folder / f"gateway-{pid}.txt"
+        outputs.append(out)
+        procs.append(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(seconds),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    for proc in procs:
+        proc.wait(seconds + 60)
+    return [out for out in outputs if out.exists()]
+
+
+def shares(stacks: list[Path], top: int = 25) -> dict[str, Any]:
+    """Functions by share of the samples: ``self`` (the sample's innermost frame) and ``total``
+    (anywhere on its stack), project functions and libraries alike."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for path in stacks:
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            frames = [
+                frame.split(" (")[0] + " " + frame.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                for frame in stack.split(";")
+                if frame
+            ]
+            total += n
+            if frames:
+                own[frames[-1]] += n
+            for frame in set(frames):
+                inclusive[frame] += n
+
+    def table(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(100 * n / total, 1)) for name, n in counter.most_common(top)] if total else []
+
+    return {"samples": total, "self": table(own), "total": table(inclusive)}
+
+
+def run(connections: int, seconds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="imagerec-profile-") as folder:
+        Path(folder).chmod(0o755)
+        stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
+        settings = on_free_ports(Path(folder), models=())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_"))}
+        env["GATEWAY_RATE_LIMIT"] = ""
+        with running(Fleet(settings, stubs), env) as fleet:
+            url = f"{fleet.url}/v1/predict?model=resnet50"
+            payload = load.Payload.raw(PHOTO)
+            load.run(url, payload, connections=connections, seconds=3)  # warm the connections
+            roles = processes(fleet)
+            before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+            sampled: list[Path] = []
+            spy = threading.Thread(
+                target=lambda: sampled.extend(
+                    profile_gateway(roles["gateway"][1:], seconds - 2, Path(folder))
+                )
+            )
+            spy.start()
+            result = load.run(url, payload, connections=connections, seconds=seconds)
+            spy.join()
+            after = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+            answered = result["statuses"].get("200", 0) if "statuses" in result else None
+            answered = answered or round(result["img_per_s"] * seconds)
+            cpu_ms = {
+                role: round(1000 * (after[role] - before[role]) / max(answered, 1), 2) for role in roles
+            }
+            profile = shares(sampled)
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "req_per_s": result["img_per_s"],
+        "p50_ms": result["p50_ms"],
+        "answered": answered,
+        "cpu_ms_per_request": cpu_ms,
+        "gateway_profile": profile,
+    }
+
+
+def report(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Where the plumbing's time goes (stub models: Nginx and the gateway alone)",
+        "",
+        f"`python -m bench.profile`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{os.cpu_count()} cores; wrk, new bytes every request, the response cache never answers.",
+        "",
+    ]
+    roles = sorted({role for r in runs for role in r["cpu_ms_per_request"]})
+    lines += [
+        "| clients | req/s | p50 ms | " + " | ".join(f"CPU ms per request: {role}" for role in roles) + " |",
+        "|---|---|---|" + "---|" * len(roles),
+    ]
+    for r in runs:
+        cpu = r["cpu_ms_per_request"]
+        lines.append(
+            f"| {r['connections']} | {r['req_per_s']} | {r['p50_ms']} | "
+            + " | ".join(str(cpu.get(role, "")) for role in roles)
+            + " |"
+        )
+    for r in runs:
+        profile = r["gateway_profile"]
+        lines += ["", f"## Gateway workers at {r['connections']} clients ({profile['samples']} samples)", ""]
+        lines += ["| function (file) | share of samples, anywhere on the stack |", "|---|---|"]
+        lines += [f"| `{name}` | {share} % |" for name, share in profile["total"]]
+        lines += ["", "| function (file) | share of samples, innermost |", "|---|---|"]
+        lines += [f"| `{name}` | {share} % |" for name, share in profile["self"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("bench.profile needs wrk: apt-get install wrk")
+    runs = [run(c, args.seconds) for c in args.clients]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "profile.json").write_text(json.dumps(runs, indent=2))
+    (RESULTS / "profile.md").write_text(report(runs))
+    print(report(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
