@@ -112,7 +112,9 @@ class Predict:
         top_k = web.query_int("top_k", self.settings.default_top_k, 1, MAX_TOP_K)
         with_probabilities = web.query_flag("probabilities")
         with_features = web.query_flag("features")
-        if with_features and (not found.info.features or found.target is not self.models.base):
+        # Features come from the base's backbone: the base and its heads give them, a fine-tuned
+        # model (a classifier of its own) does not.
+        if with_features and (not found.info.features or isinstance(found.custom, FineTuned)):
             served = name or self.spec.name
             raise BadRequest(f"{served} gives no features (base models do)", code="no_features")
         pixels, decoded, results, batch = self._read(found, deadline)
