@@ -187,13 +187,21 @@ class RunningFleet:
             return {}
         return {model["name"]: model["status"] for model in response.json()["models"]}
 
-    def wait_ready(self, timeout_s: float = 300) -> None:
+    def wait_ready(self, timeout_s: float = 300, held_s: float = 2.5) -> None:
+        """Until every model is ready to every gateway worker. /v1/models is answered by one worker,
+        and each worker probes on its own, every GATEWAY_HEALTH_INTERVAL_S (2 s): a model seen ready
+        without a break for longer than that (``held_s``) has been probed ready by all of them."""
         names = set(self.fleet.service_ports())
-        wait_until(
-            lambda: self.statuses() == dict.fromkeys(names, "ready"),
-            timeout_s,
-            f"models {sorted(names)} to be ready",
-        )
+        since: list[float] = []
+
+        def held() -> bool:
+            if self.statuses() != dict.fromkeys(names, "ready"):
+                since.clear()
+                return False
+            since[:] = since or [time.monotonic()]
+            return time.monotonic() - since[0] >= held_s
+
+        wait_until(held, timeout_s, f"models {sorted(names)} to be ready to every gateway worker")
 
     def logs(self) -> str:
         folder = self.fleet.run_dir / "logs"
