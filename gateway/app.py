@@ -1,7 +1,8 @@
 """The gateway: one public API in front of every model service. Never imports TensorFlow.
 
 ``create_app`` builds the parts and registers the route tables; each blueprint's module handles
-its URLs (the route -> module table is in docs/architecture.md).
+its URLs (the route -> module table is in docs/architecture.md). ``serve`` is what Gunicorn runs in
+each worker: the app, and the v2 gRPC service beside it (``gateway.v2_grpc``).
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ def create_app(
     rate_limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)
+    return app
+
+
+def serve() -> Flask:
+    """The gateway as a Gunicorn worker runs it (``gateway.app:serve()``): the app and, when
+    ``GATEWAY_GRPC_BIND`` names an address, the v2 gRPC service on it, answered by this app.
+    NOTE: started here, in the worker, never before Gunicorn forks: gRPC's threads do not survive
+    a fork."""
+    settings = GatewaySettings.from_env()
+    app = create_app(settings)
+    if settings.grpc_bind:
+        from gateway import v2_grpc  # gRPC and protoc load only where the service runs
+
+        v2_grpc.serve(app, settings)
     return app
 
 

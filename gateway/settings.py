@@ -29,6 +29,16 @@ class GatewaySettings(FleetSettings):
     cache_redis_url: str = setting(
         "", "redis://host:6379 to share the cache across workers and gateways (falls back to REDIS_URL)"
     )
+    grpc_bind: str = setting(
+        "",
+        "host:port of the v2 gRPC service (KServe's GRPCInferenceService) in every gateway worker, "
+        "e.g. 0.0.0.0:8001; empty: off (the local fleet and compose turn it on, behind Nginx's gRPC port)",
+    )
+    grpc_threads: int = setting(32, "threads answering gRPC calls per gateway worker")
+    grpc_max_concurrent: int = setting(
+        128, "gRPC calls a gateway worker holds at once, answering or waiting (more: RESOURCE_EXHAUSTED)"
+    )
+    grpc_grace_s: float = setting(10.0, "seconds a stopping gateway worker lets its gRPC calls finish")
     legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
     legacy_top_k: int = setting(3, "predictions returned by the seed routes")
 

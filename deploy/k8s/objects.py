@@ -76,14 +76,18 @@ def deployment(
     as_app_user: bool = False,
     command: list[str] | None = None,
     grace_s: int | None = None,
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
-    """A Deployment of one container; ``port`` None: no HTTP (no probes, no pause, no scraping).
-    An ``env`` value is a string, or a ``from_secret`` reference."""
+    """A Deployment of one container; ``port`` None: no HTTP (no probes, no pause, no scraping);
+    ``grpc_port``: a second port, named ``grpc``. An ``env`` value is a string, or a ``from_secret``
+    reference."""
     container: dict[str, Any] = {"name": component, "image": image}
     if command:
         container["command"] = command
     if port is not None:
         container["ports"] = [{"name": "http", "containerPort": port}]
+    if grpc_port is not None:
+        container.setdefault("ports", []).append({"name": "grpc", "containerPort": grpc_port})
     if env:
         container["env"] = [
             {"name": k, "value": v} if isinstance(v, str) else {"name": k, "valueFrom": v}
@@ -127,7 +131,13 @@ def deployment(
 
 
 def service(
-    component: str, port: int, kind: str = "ClusterIP", *, headless: bool = False, port_name: str = "http"
+    component: str,
+    port: int,
+    kind: str = "ClusterIP",
+    *,
+    headless: bool = False,
+    port_name: str = "http",
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """The component's pods behind one virtual IP; or, ``headless``, ``<component>-pods``: a DNS
     name that answers with every ready pod's address, so a client that resolves it sees each pod.
@@ -140,6 +150,10 @@ def service(
         "selector": {"app.kubernetes.io/name": component},
         "ports": [{"name": port_name, "port": port, "targetPort": port_name}],
     }
+    if grpc_port is not None:  # cleartext HTTP/2, so a load balancer that reads it does not guess
+        spec["ports"].append(
+            {"name": "grpc", "port": grpc_port, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -74,6 +74,7 @@ OUTPUT = HERE / "imagerec.yaml"
 # each a copy of the backbone (ResNet50 measured +267 MB fp32; VGG16's weights are 5.6x ResNet50's),
 # CUSTOM_MAX_FINE_TUNED (2) of them plus one while a new version replaces one, and the child
 # process that converts one to OpenVINO (TensorFlow and the Keras model, ~1.2 GB at its peak).
+GATEWAY_GRPC_PORT, NGINX_GRPC_PORT = 8001, 8081  # the v2 gRPC service: the gateway's, the public one
 MODELS = {  # name: (port, memory request, memory limit)
     "vgg16": (8501, "1600Mi", "7Gi"),
     "resnet50": (8502, "640Mi", "3Gi"),
@@ -176,6 +177,8 @@ def job_pods() -> list[dict[str, Any]]:
         "JOBS_CALLBACK_SECRET": from_secret("callback-secret", optional=True),
         # Only Nginx's pods reach the gateway (its NetworkPolicy): every peer is the proxy.
         "GATEWAY_TRUSTED_PROXIES": "0.0.0.0/0,::/0",
+        # each gateway worker's v2 gRPC service (the job worker and the trainer do not start it)
+        "GATEWAY_GRPC_BIND": f"0.0.0.0:{GATEWAY_GRPC_PORT}",
         "JOBS_DIR": JOBS_DIR,
         "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
     }
@@ -197,8 +200,9 @@ def job_pods() -> list[dict[str, Any]]:
             volumes=jobs_volume,
             mounts=jobs_mount,
             as_app_user=True,
+            grpc_port=GATEWAY_GRPC_PORT,
         ),
-        service("gateway", 8000),
+        service("gateway", 8000, grpc_port=GATEWAY_GRPC_PORT),
         autoscaler("gateway", maximum=4),
         # The job worker: the gateway's image, environment and job folders; no Service (it only
         # takes tasks from Redis) and no autoscaler (see the module's docstring). Memory: three
@@ -249,7 +253,12 @@ def job_pods() -> list[dict[str, Any]]:
 
 def nginx_pods() -> list[dict[str, Any]]:
     """Nginx in front: the only public Service."""
-    nginx_env = {"NGINX_PORT": "8080", "GATEWAY_UPSTREAM": "gateway:8000"}
+    nginx_env = {
+        "NGINX_PORT": "8080",
+        "GATEWAY_UPSTREAM": "gateway:8000",
+        "NGINX_GRPC_PORT": str(NGINX_GRPC_PORT),
+        "GATEWAY_GRPC_UPSTREAM": f"gateway:{GATEWAY_GRPC_PORT}",
+    }
     nginx_env |= NginxSettings().template_values()
     nginx = deployment(
         "nginx",
@@ -263,6 +272,7 @@ def nginx_pods() -> list[dict[str, Any]]:
         # NOTE: not as_app_user: the nginx image renders its templates and starts as root.
         volumes=[{"name": "templates", "configMap": {"name": "imagerec-nginx"}}],
         mounts=[{"name": "templates", "mountPath": "/etc/nginx/templates", "readOnly": True}],
+        grpc_port=NGINX_GRPC_PORT,
     )
     container = nginx["spec"]["template"]["spec"]["containers"][0]
     # Nginx is alive when it accepts connections, and ready when it reaches a gateway.
@@ -272,7 +282,11 @@ def nginx_pods() -> list[dict[str, Any]]:
     container["readinessProbe"]["httpGet"]["path"] = "/health/ready"
     container["lifecycle"]["preStop"]["exec"]["command"] = ["sh", "-c", f"sleep {PAUSE_S}; nginx -s quit"]
     del nginx["spec"]["template"]["metadata"]["annotations"]  # /metrics is not served by Nginx
-    return [nginx, service("nginx", 8080, "LoadBalancer"), autoscaler("nginx", maximum=3)]
+    return [
+        nginx,
+        service("nginx", 8080, "LoadBalancer", grpc_port=NGINX_GRPC_PORT),
+        autoscaler("nginx", maximum=3),
+    ]
 
 
 def render() -> str:

@@ -37,6 +37,8 @@ class FleetSettings:
     host: str = setting("127.0.0.1", "address every process binds to")
     nginx_port: int = setting(8080, "public port (Nginx)")
     gateway_port: int = setting(8000, "gateway port")
+    nginx_grpc_port: int = setting(8081, "public port of the v2 gRPC service (Nginx)")
+    gateway_grpc_port: int = setting(8001, "the gateway workers' v2 gRPC port (GATEWAY_GRPC_BIND)")
     vgg16_port: int = setting(8501, "VGG16 service port")
     resnet50_port: int = setting(8502, "ResNet50 service port")
     inceptionv3_port: int = setting(8503, "InceptionV3 service port")
@@ -113,6 +115,11 @@ class Fleet:
     @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.nginx_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the v2 gRPC service, through Nginx."""
+        return f"{self.settings.host}:{self.settings.nginx_grpc_port}"
 
     @property
     def nginx_temp_dir(self) -> Path:
@@ -203,8 +210,8 @@ class Fleet:
                     {**env, **self._metrics_env(program)},
                 )
         programs["gateway"] = (
-            self._gunicorn("gateway.app:create_app()", s.gateway_port, s.gateway_workers, s.gateway_threads),
-            self._metrics_env("gateway"),
+            self._gunicorn("gateway.app:serve()", s.gateway_port, s.gateway_workers, s.gateway_threads),
+            {**self._metrics_env("gateway"), "GATEWAY_GRPC_BIND": f"{s.host}:{s.gateway_grpc_port}"},
         )
         if s.redis:
             # Persistence on (append-only file under the run folder): counts and cached answers,
@@ -263,6 +270,8 @@ class Fleet:
         values = {
             "NGINX_PORT": f"{s.host}:{s.nginx_port}",
             "GATEWAY_UPSTREAM": f"{s.host}:{s.gateway_port}",
+            "NGINX_GRPC_PORT": f"{s.host}:{s.nginx_grpc_port}",
+            "GATEWAY_GRPC_UPSTREAM": f"{s.host}:{s.gateway_grpc_port}",
             **self.nginx.template_values(),
             "NGINX_WORKERS": str(s.nginx_workers),
             "NGINX_DIR": str(nginx_dir),

@@ -94,7 +94,8 @@ def free_port(replicas: int = 3, stride: int = FleetSettings.replica_port_stride
 def on_free_ports(run_dir: Path, **overrides: object) -> FleetSettings:
     """Fleet settings for a throw-away fleet: every port free, logs to files in ``run_dir``."""
     ports = {
-        f"{name}_port": free_port() for name in ("nginx", "gateway", *BASE_MODELS, "redis", "cache_redis")
+        f"{name}_port": free_port()
+        for name in ("nginx", "gateway", "nginx_grpc", "gateway_grpc", *BASE_MODELS, "redis", "cache_redis")
     }
     return FleetSettings(**{"run_dir": str(run_dir), "logs_to_console": False, **ports, **overrides})  # type: ignore[arg-type]
 

@@ -165,9 +165,12 @@ def test_bad_replica_counts_are_refused(tmp_path: Path, pair: str) -> None:
 def test_compose_has_the_same_topology() -> None:
     services = COMPOSE["services"]
     assert set(services) == {*MODEL_PORTS, "gateway", "worker", "trainer", "redis", "redis-cache", "nginx"}
-    assert [p for s in services.values() for p in s.get("ports", [])] == [
-        "${NGINX_PUBLISHED_PORT:-8080}:8080"
+    assert [p for s in services.values() for p in s.get("ports", [])] == [  # Nginx's alone: REST, gRPC
+        "${NGINX_PUBLISHED_PORT:-8080}:8080",
+        "${NGINX_PUBLISHED_GRPC_PORT:-8081}:8081",
     ]
+    nginx, gateway = services["nginx"]["environment"], services["gateway"]["environment"]
+    assert nginx["GATEWAY_GRPC_UPSTREAM"] == "gateway:" + gateway["GATEWAY_GRPC_BIND"].rpartition(":")[2]
     for model, port in MODEL_PORTS.items():
         service = services[model]
         assert service["build"]["target"] == "model" and service["environment"]["MODEL"] == model
