@@ -31,6 +31,22 @@ if os.getenv("BENCH_AUTHORIZATION") ~= "" then
   wrk.headers["Authorization"] = os.getenv("BENCH_AUTHORIZATION")
 end
 local counter = 0
+-- The Open Inference Protocol's binary form (BENCH_V2=1): a JSON header, then the image as one
+-- length-prefixed BYTES element. Every image has the same length (nonce and counter are fixed
+-- width), so the header - and Inference-Header-Content-Length - is the same for every request.
+local v2 = os.getenv("BENCH_V2") == "1"
+local v2_header = ""
+local function le32(n)
+  local b = math.floor
+  return string.char(n % 256, b(n / 256) % 256, b(n / 65536) % 256, b(n / 16777216) % 256)
+end
+if v2 then
+  local size = #body + (unique and (#nonce + 16) or 0)
+  v2_header = '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":' ..
+    '{"binary_data_size":' .. (size + 4) .. '}}],"parameters":{"top_k":5,"binary_data_output":true}}'
+  wrk.headers["Inference-Header-Content-Length"] = tostring(#v2_header)
+  wrk.body = v2_header .. le32(size) .. body
+end
 -- NOTE: request() and response() run in each thread's Lua state, done() in the main one: the
 -- counts are globals of the thread states, collected through setup()'s thread handles.
 statuses = {}
@@ -45,7 +61,11 @@ function request()
     return wrk.format()
   end
   counter = counter + 1
-  return wrk.format(nil, nil, nil, body .. nonce .. string.format("%016d", counter))
+  local image = body .. nonce .. string.format("%016d", counter)
+  if v2 then
+    return wrk.format(nil, nil, nil, v2_header .. le32(#image) .. image)
+  end
+  return wrk.format(nil, nil, nil, image)
 end
 
 function response(status, headers, body)
@@ -77,10 +97,16 @@ end
 class Payload:
     body: bytes
     content_type: str
+    v2_binary: bool = False  # the image as the v2 binary tensor extension carries it
 
     @staticmethod
     def raw(image: bytes) -> Payload:
         return Payload(image, "image/jpeg")
+
+    @staticmethod
+    def v2(image: bytes) -> Payload:
+        """A v2 infer request in the binary form: a JSON header, then the image file as it is."""
+        return Payload(image, "application/octet-stream", v2_binary=True)
 
     @staticmethod
     def multipart(image: bytes, field: str = "file", filename: str = "photo.jpg") -> Payload:
@@ -123,6 +149,7 @@ def run(
             "BENCH_UNIQUE": "0" if same_bytes else "1",
             "BENCH_NONCE": uuid.uuid4().hex,
             "BENCH_AUTHORIZATION": f"Bearer {api_key}" if api_key else "",
+            "BENCH_V2": "1" if payload.v2_binary else "0",
             "PATH": "/usr/bin:/bin",
         }
         done = subprocess.run(

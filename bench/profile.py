@@ -7,6 +7,10 @@ is Nginx and the gateway alone - what every answered image costs outside the mod
 carries new bytes, so the response cache never answers. While wrk runs, py-spy samples every
 gateway worker (``--idle`` off: on-CPU time only) and each process's CPU seconds are read from
 ``/proc``. Writes ``bench/results/profile.json`` and ``profile.md``.
+
+``--precision int8`` (or fp32) profiles the default fleet with ResNet50 itself instead of stubs:
+the model service's worker is sampled too, after the gateway, and its CPU is split by thread
+(OpenVINO's inference threads against Gunicorn's and the batcher's), into ``profile-int8.*``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
+from bench.run import base_env
 from deploy.local.fleet import ExtraService, Fleet
 from deploy.local.running import children, free_port, on_free_ports, running
 
@@ -116,35 +121,50 @@ def shares(stacks: list[Path], top: int = 25) -> dict[str, Any]:
     return {"samples": total, "self": table(own), "total": table(inclusive)}
 
 
-def run(connections: int, seconds: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="imagerec-profile-") as folder:
-        Path(folder).chmod(0o755)
-        stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
-        settings = on_free_ports(Path(folder), models=())
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_"))}
-        env["GATEWAY_RATE_LIMIT"] = ""
-        with running(Fleet(settings, stubs), env) as fleet:
-            url = f"{fleet.url}/v1/predict?model=resnet50"
-            payload = load.Payload.raw(PHOTO)
-            load.run(url, payload, connections=connections, seconds=3)  # warm the connections
-            roles = processes(fleet)
-            before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
-            sampled: list[Path] = []
-            spy = threading.Thread(
-                target=lambda: sampled.extend(
-                    profile_gateway(roles["gateway"][1:], seconds - 2, Path(folder))
-                )
-            )
-            spy.start()
-            result = load.run(url, payload, connections=connections, seconds=seconds)
-            spy.join()
-            after = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
-            answered = result["statuses"].get("200", 0) if "statuses" in result else None
-            answered = answered or round(result["img_per_s"] * seconds)
-            cpu_ms = {
-                role: round(1000 * (after[role] - before[role]) / max(answered, 1), 2) for role in roles
-            }
-            profile = shares(sampled)
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each of ``pid``'s threads so far, summed by thread name."""
+    found: dict[str, float] = collections.defaultdict(float)
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[name] += (int(fields[11]) + int(fields[12])) / TICK
+    return dict(found)
+
+
+def measure(
+    fleet: Any, connections: int, seconds: int, folder: Path, sampled_roles: tuple[str, ...]
+) -> dict[str, Any]:
+    """One closed-loop run on ``fleet``: CPU per answered request of every process, each thread of
+    the model service's worker by name, and py-spy's profile of the workers of ``sampled_roles``."""
+    url = f"{fleet.url}/v1/predict?model=resnet50"
+    payload = load.Payload.raw(PHOTO)
+    load.run(url, payload, connections=connections, seconds=3)  # warm the connections
+    roles = processes(fleet)
+    before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+    service = roles.get("resnet50", [])[1:]  # the Gunicorn worker (a real service only)
+    threads_before = thread_cpu(service[0]) if service else {}
+    sampled: dict[str, list[Path]] = {}
+
+    def sample() -> None:
+        for role in sampled_roles:  # one at a time: py-spy itself costs CPU on 2 cores
+            sampled[role] = profile_gateway(roles[role][1:], (seconds - 2) // len(sampled_roles), folder)
+
+    spy = threading.Thread(target=sample)
+    spy.start()
+    result = load.run(url, payload, connections=connections, seconds=seconds)
+    spy.join()
+    after = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+    threads_after = thread_cpu(service[0]) if service else {}
+    answered = max(round(result["img_per_s"] * result["seconds"]), 1)
+    cpu_ms = {role: round(1000 * (after[role] - before[role]) / answered, 2) for role in roles}
+    service_threads = {
+        name: round(1000 * (spent - threads_before.get(name, 0.0)) / answered, 2)
+        for name, spent in sorted(threads_after.items(), key=lambda item: -item[1])
+        if spent - threads_before.get(name, 0.0) > 0.005
+    }
     return {
         "connections": connections,
         "seconds": seconds,
@@ -152,15 +172,42 @@ def run(connections: int, seconds: int) -> dict[str, Any]:
         "p50_ms": result["p50_ms"],
         "answered": answered,
         "cpu_ms_per_request": cpu_ms,
-        "gateway_profile": profile,
+        "service_threads_cpu_ms_per_request": service_threads,
+        "profiles": {role: shares(stacks) for role, stacks in sampled.items()},
     }
 
 
-def report(runs: list[dict[str, Any]]) -> str:
+def run(clients: list[int], seconds: int, precision: str | None) -> list[dict[str, Any]]:
+    """Every run on one fleet: stub services (``precision`` None) or ResNet50 itself at
+    ``precision`` (the other models are not started: they would idle)."""
+    with tempfile.TemporaryDirectory(prefix="imagerec-profile-") as folder:
+        Path(folder).chmod(0o755)
+        if precision is None:
+            stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
+            fleet = Fleet(on_free_ports(Path(folder), models=()), stubs)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_"))}
+            roles: tuple[str, ...] = ("gateway",)
+        else:
+            cache = Path(os.environ.get("MODEL_CACHE") or Path.home() / ".cache" / "imagerec" / "converted")
+            fleet = Fleet(on_free_ports(Path(folder), models=("resnet50",)))
+            env = {**base_env(cache), "PRECISION": precision}
+            roles = ("gateway", "resnet50")
+        env["GATEWAY_RATE_LIMIT"] = ""
+        with running(fleet, env, timeout_s=1200) as live:
+            return [measure(live, c, seconds, Path(folder), roles) for c in clients]
+
+
+def report(runs: list[dict[str, Any]], precision: str | None) -> str:
+    what = (
+        "stub models: Nginx and the gateway alone"
+        if precision is None
+        else f"ResNet50 {precision} on OpenVINO, the default fleet"
+    )
+    command = "python -m bench.profile" + (f" --precision {precision}" if precision else "")
     lines = [
-        "# Where the plumbing's time goes (stub models: Nginx and the gateway alone)",
+        f"# Where the time goes ({what})",
         "",
-        f"`python -m bench.profile`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} cores; wrk, new bytes every request, the response cache never answers.",
         "",
     ]
@@ -177,12 +224,17 @@ def report(runs: list[dict[str, Any]]) -> str:
             + " |"
         )
     for r in runs:
-        profile = r["gateway_profile"]
-        lines += ["", f"## Gateway workers at {r['connections']} clients ({profile['samples']} samples)", ""]
-        lines += ["| function (file) | share of samples, anywhere on the stack |", "|---|---|"]
-        lines += [f"| `{name}` | {share} % |" for name, share in profile["total"]]
-        lines += ["", "| function (file) | share of samples, innermost |", "|---|---|"]
-        lines += [f"| `{name}` | {share} % |" for name, share in profile["self"]]
+        if r["service_threads_cpu_ms_per_request"]:
+            lines += ["", f"## The model service's threads at {r['connections']} clients", ""]
+            lines += ["| thread (name) | CPU ms per request |", "|---|---|"]
+            lines += [f"| `{n}` | {ms} |" for n, ms in r["service_threads_cpu_ms_per_request"].items()]
+        for role, profile in r["profiles"].items():
+            title = f"## {role} workers at {r['connections']} clients ({profile['samples']} samples)"
+            lines += ["", title, ""]
+            lines += ["| function (file) | share of samples, anywhere on the stack |", "|---|---|"]
+            lines += [f"| `{name}` | {share} % |" for name, share in profile["total"]]
+            lines += ["", "| function (file) | share of samples, innermost |", "|---|---|"]
+            lines += [f"| `{name}` | {share} % |" for name, share in profile["self"]]
     return "\n".join(lines) + "\n"
 
 
@@ -190,14 +242,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        help="profile ResNet50 itself at this precision (default: stubs)",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench.profile needs wrk: apt-get install wrk")
-    runs = [run(c, args.seconds) for c in args.clients]
+    runs = run(args.clients, args.seconds, args.precision)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "profile.json").write_text(json.dumps(runs, indent=2))
-    (RESULTS / "profile.md").write_text(report(runs))
-    print(report(runs))
+    name = f"profile-{args.precision}" if args.precision else "profile"
+    (RESULTS / f"{name}.json").write_text(json.dumps(runs, indent=2))
+    (RESULTS / f"{name}.md").write_text(report(runs, args.precision))
+    print(report(runs, args.precision))
     return 0
 
 

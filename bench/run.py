@@ -67,7 +67,7 @@ def base_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def settle(fleet: Any) -> None:
+def settle(fleet: Any, models: tuple[str, ...] = MODELS) -> None:
     """Wait out what a load run left queued (wrk leaves its last requests behind), so runs do not
     overlap: until every model's queue is empty. NOTE: not by sending one more request and waiting
     for it - the same bytes again would be a cache hit, answered at once."""
@@ -75,7 +75,7 @@ def settle(fleet: Any) -> None:
     def idle() -> bool:
         return all(
             not (stats := batching(fleet, model))["queued_images"] and not stats["running_images"]
-            for model in MODELS
+            for model in models
         )
 
     wait_until(idle, 300, "the models' queues to empty")
@@ -396,6 +396,11 @@ def main() -> int:
     results["custom"] = results["e2e"].pop("custom")
     log("9/9 int8: the same fleet with PRECISION=int8")
     results["int8"] = int8_fleet(cache, seconds)
+    log("9b/9 int8: goodput of the JPEG body, binary REST v2 and gRPC (bench/results/protocols.md)")
+    from bench import protocols  # it builds on this module's fleet helpers
+
+    results["protocols"] = protocols.measure(cache, "int8", seconds, rounds=3)
+    protocols.write({**results["protocols"], "measured": results["started"], "cpus": os.cpu_count()})
     log("3/7 seed-style baseline")
     results["seed"] = seed_baseline(seconds, SWEEP)
     log("3b/7 BentoML serving the same model")

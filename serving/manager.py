@@ -259,8 +259,7 @@ class ModelManager:
             labels = labels_mod.from_json(meta["classes"])
             loaded = self.load_fine_tuned(folder, name, identity[0], meta, labels)
         except Exception as exc:  # noqa: BLE001 - listed as broken; the older version serves on
-            with self._lock:
-                self._failed_to_load(name, identity, exc)
+            self._failed_to_load(name, identity, exc)
             return
         assert self.custom_dir is not None
         with self._lock:
@@ -281,6 +280,10 @@ class ModelManager:
             old.close()
 
     def _failed_to_load(self, name: str, identity: Identity, exc: Exception) -> None:
+        with self._lock:  # the poller reads both records (an RLock: callers may hold it already)
+            self._record_failure(name, identity, exc)
+
+    def _record_failure(self, name: str, identity: Identity, exc: Exception) -> None:
         reason = f"version {identity[0]} does not load: {type(exc).__name__}: {exc}"
         if self._broken.get(name) != reason:
             log.warning("%s: %s", name, reason)

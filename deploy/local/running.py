@@ -196,7 +196,11 @@ class RunningFleet:
         since: list[float] = []
 
         def held() -> bool:
-            if self.statuses() != dict.fromkeys(names, "ready"):
+            try:
+                ready = self.statuses() == dict.fromkeys(names, "ready")
+            except requests.RequestException:
+                ready = False  # no answer is a break too
+            if not ready:
                 since.clear()
                 return False
             since[:] = since or [time.monotonic()]

@@ -62,6 +62,19 @@ class ColourFeatures(ScriptedClient):
         return {"model": model, "weights": "random", "weights_hash": "base-hash", "results": results}
 
 
+class SwappedMidway(ColourFeatures):
+    """The base serves other weights from its second features call on (a new version swapped in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+
+    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+        self.answered += 1
+        reply = super().answer(model, images, **kwargs)
+        return {**reply, "weights_hash": "base-hash" if self.answered == 1 else "new-hash"}
+
+
 def settings(tmp_path: Path, **overrides: Any) -> TrainingSettings:
     return TrainingSettings(models_dir=str(tmp_path / "models"), publish_wait_s=0, **overrides)
 
@@ -192,6 +205,18 @@ def test_a_refused_request_fails_the_job(store: JobStore, tmp_path: Path) -> Non
     job_id = submit(store, photos(3, seed=7))
     assert runner.run(job_id) == "failed"
     assert "refused" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+
+
+def test_features_from_two_weights_fail_the_training_before_any_fitting(
+    store: JobStore, tmp_path: Path
+) -> None:
+    runner = TrainingRunner(store, SwappedMidway(), settings(tmp_path, features_batch=4))  # type: ignore[arg-type]
+    job_id = submit(store, photos(8, seed=1))
+    assert runner.run(job_id) == "failed"
+    job = describe(store.get(job_id))  # type: ignore[arg-type]
+    assert "changed weights while features were computed" in job["error"]
+    assert job["features_done"] == 4 and not job.get("epoch")  # the second batch, never the fit
+    assert not (tmp_path / "models" / "colours").exists()
 
 
 def test_a_failed_first_training_frees_its_name_and_a_later_one_keeps_it(

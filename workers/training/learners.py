@@ -115,6 +115,8 @@ class HeadLearner:
 
     def batch(self, images: list[bytes]) -> tuple[Inputs, list[int], dict[int, str]]:
         vectors, errors = self._call(images)
+        if len(self.hashes - {""}) > 1:  # found at the batch it happens, before any fitting
+            raise TrainingFailed(f"{self.base} changed weights while features were computed: train again")
         found = [(k, vector) for k, vector in enumerate(vectors) if vector is not None]
         readable = [k for k, _ in found]
         rows = [np.stack([vector for _, vector in found])] if found else []
@@ -128,8 +130,6 @@ class HeadLearner:
     def learned(self, fitted: Fitted, evaluation: dict[str, Any], counts: dict[str, Any]) -> Learned:
         """The head, once the base is known to serve the weights its features came from."""
         assert isinstance(fitted, _Head)
-        if len(self.hashes - {""}) > 1:
-            raise TrainingFailed(f"{self.base} changed weights while features were computed: train again")
         base_hash = next(iter(self.hashes - {""}), "")
         registry = self.client.registry
         registry.refresh()
