@@ -49,12 +49,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def processes(fleet: Any) -> dict[str, list[int]]:
-    """The fleet's processes by program (the stub services together), each with its children:
-    Nginx's workers, Gunicorn's; the program's own process first."""
+def processes(fleet: Any, stubs: bool = True) -> dict[str, list[int]]:
+    """The fleet's processes by program (``stubs``: the model programs together, as "stubs"),
+    each with its children: Nginx's workers, Gunicorn's; the program's own process first."""
     found: dict[str, list[int]] = {}
     for program, pid in fleet.pids().items():
-        role = "stubs" if program in MODELS else program
+        role = "stubs" if stubs and program in MODELS else program
         found.setdefault(role, []).extend([pid, *sorted(children(pid))])
     return found
 
@@ -142,7 +142,7 @@ def measure(
     url = f"{fleet.url}/v1/predict?model=resnet50"
     payload = load.Payload.raw(PHOTO)
     load.run(url, payload, connections=connections, seconds=3)  # warm the connections
-    roles = processes(fleet)
+    roles = processes(fleet, stubs="resnet50" not in sampled_roles)
     before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
     service = roles.get("resnet50", [])[1:]  # the Gunicorn worker (a real service only)
     threads_before = thread_cpu(service[0]) if service else {}

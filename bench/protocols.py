@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 
 from bench import load
+from bench.profile import cpu_seconds, processes
 from bench.run import base_env, settle
 from deploy.local.fleet import Fleet
 from deploy.local.running import on_free_ports, running
@@ -125,9 +126,21 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
                 measure_path(3)
                 settle_resnet(fleet)
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+            roles = processes(fleet, stubs=False)
             for round_ in range(rounds):
                 for name, measure_path in paths.items():
+                    before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+                    client_before = time.process_time()
                     result = measure_path(seconds)
+                    spent = {
+                        role: sum(cpu_seconds(p) for p in pids) - before[role] for role, pids in roles.items()
+                    }
+                    if name == "v2 gRPC":  # the load generator is this process (wrk is its own)
+                        spent["load generator"] = time.process_time() - client_before
+                    answered = max(result["img_per_s"] * result["seconds"], 1)
+                    result["cpu_ms_per_image"] = {
+                        role: round(1000 * cpu / answered, 2) for role, cpu in spent.items()
+                    }
                     settle_resnet(fleet)
                     runs[name].append(result)
                     print(
@@ -139,6 +152,10 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
         name: {
             "median_img_per_s": statistics.median(r["img_per_s"] for r in results),
             "median_p50_ms": statistics.median(r["p50_ms"] for r in results if r["p50_ms"] is not None),
+            "median_cpu_ms_per_image": {
+                role: statistics.median(r["cpu_ms_per_image"][role] for r in results)
+                for role in results[0]["cpu_ms_per_image"]
+            },
         }
         for name, results in runs.items()
     }
@@ -170,6 +187,20 @@ def write(results: dict[str, Any]) -> None:
         lines.append(
             f"| {name} | {entry['median_img_per_s']} | {entry['median_p50_ms']} | {entry['vs_jpeg']} |"
         )
+    roles = sorted(
+        {role for entry in results["summary"].values() for role in entry["median_cpu_ms_per_image"]}
+    )
+    lines += [
+        "",
+        "CPU ms per answered image, by process (medians; the gRPC load generator is Python, in the",
+        "bench's own process, on the same 2 cores; wrk's CPU is not counted):",
+        "",
+        "| path | " + " | ".join(roles) + " |",
+        "|---|" + "---|" * len(roles),
+    ]
+    for name, entry in results["summary"].items():
+        cpu = entry["median_cpu_ms_per_image"]
+        lines.append(f"| {name} | " + " | ".join(str(cpu.get(role, "")) for role in roles) + " |")
     (RESULTS / "protocols.md").write_text("\n".join(lines) + "\n")
 
 

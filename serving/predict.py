@@ -3,7 +3,7 @@ and the answer.
 
 Query: ``model`` (a custom model trained on this one; default: this one), ``top_k``,
 ``probabilities`` and ``features`` (the vectors custom models are trained on). Headers:
-``X-Deadline-Ms`` (the budget) and ``X-Priority`` (``interactive``, the default, or ``batch``:
+``X-Deadline-Ms`` (the budget) and ``X-Priority`` (``interactive``, the default, or ``background``:
 waits until no interactive request does, and runs as a batch of its own). A prediction is admitted
 by deadline before its body is read (``serving.admission``), decoded in its request thread and
 answered by the batcher of the model that serves it: a head rides its base's batches, a fine-tuned
