@@ -29,7 +29,7 @@ import grpc
 
 from bench import load
 from bench.profile import cpu_seconds, processes
-from bench.run import base_env, settle
+from bench.run import base_env, batching, settle
 from deploy.local.fleet import Fleet
 from deploy.local.running import on_free_ports, running
 from gateway import v2_proto as proto
@@ -148,6 +148,8 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
                         f"p50 {result['p50_ms']} ms",
                         flush=True,
                     )
+            # ms per model call by batch size as the service measured them under this load (EWMA)
+            under_load = batching(fleet, "resnet50")
     summary = {
         name: {
             "median_img_per_s": statistics.median(r["img_per_s"] for r in results),
@@ -162,7 +164,15 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
     jpeg = summary["v1 JPEG body"]["median_img_per_s"]
     for entry in summary.values():
         entry["vs_jpeg"] = round(entry["median_img_per_s"] / jpeg, 3) if jpeg else None
-    return {"precision": precision, "clients": CLIENTS, "seconds": seconds, "runs": runs, "summary": summary}
+    return {
+        "precision": precision,
+        "clients": CLIENTS,
+        "seconds": seconds,
+        "runs": runs,
+        "summary": summary,
+        "batch_ms_under_load": under_load["batch_ms"],
+        "average_batch": under_load.get("average_batch"),
+    }
 
 
 def settle_resnet(fleet: Any) -> None:
@@ -201,6 +211,18 @@ def write(results: dict[str, Any]) -> None:
     for name, entry in results["summary"].items():
         cpu = entry["median_cpu_ms_per_image"]
         lines.append(f"| {name} | " + " | ".join(str(cpu.get(role, "")) for role in roles) + " |")
+    per_call = results.get("batch_ms_under_load") or {}
+    if per_call:
+        lines += [
+            "",
+            "The service's ms per model call by batch size after these runs (its moving averages, what",
+            "admission estimates with), and per image:",
+            "",
+            "| batch size | " + " | ".join(per_call) + " |",
+            "|---|" + "---|" * len(per_call),
+            "| ms per call | " + " | ".join(str(ms) for ms in per_call.values()) + " |",
+            "| ms per image | " + " | ".join(str(round(ms / int(n), 2)) for n, ms in per_call.items()) + " |",
+        ]
     (RESULTS / "protocols.md").write_text("\n".join(lines) + "\n")
 
 
