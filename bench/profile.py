@@ -9,8 +9,8 @@ gateway worker (``--idle`` off: on-CPU time only) and each process's CPU seconds
 ``/proc``. Writes ``bench/results/profile.json`` and ``profile.md``.
 
 ``--precision int8`` (or fp32) profiles the default fleet with ResNet50 itself instead of stubs:
-the model service's worker is sampled too, after the gateway, and its CPU is split by thread
-(OpenVINO's inference threads against Gunicorn's and the batcher's), into ``profile-int8.*``.
+the model service's worker is sampled too, after the gateway, into ``profile-int8.*``. (py-spy
+sees Python threads only: OpenVINO's own inference threads are not in its samples.)
 """
 
 from __future__ import annotations
@@ -29,34 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
-from bench.run import base_env
+from bench.fleets import base_env, cpu_seconds, processes
 from deploy.local.fleet import ExtraService, Fleet
-from deploy.local.running import children, free_port, on_free_ports, running
+from deploy.local.running import free_port, on_free_ports, running
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "chelsea.jpg").read_bytes()
 MODELS = ("vgg16", "resnet50", "inceptionv3")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def processes(fleet: Any, stubs: bool = True) -> dict[str, list[int]]:
-    """The fleet's processes by program (``stubs``: the model programs together, as "stubs"),
-    each with its children: Nginx's workers, Gunicorn's; the program's own process first."""
-    found: dict[str, list[int]] = {}
-    for program, pid in fleet.pids().items():
-        role = "stubs" if stubs and program in MODELS else program
-        found.setdefault(role, []).extend([pid, *sorted(children(pid))])
-    return found
 
 
 def profile_gateway(pids: list[int], seconds: int, folder: Path) -> list[Path]:
@@ -121,31 +101,16 @@ def shares(stacks: list[Path], top: int = 25) -> dict[str, Any]:
     return {"samples": total, "self": table(own), "total": table(inclusive)}
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of each of ``pid``'s threads so far, summed by thread name."""
-    found: dict[str, float] = collections.defaultdict(float)
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[name] += (int(fields[11]) + int(fields[12])) / TICK
-    return dict(found)
-
-
 def measure(
     fleet: Any, connections: int, seconds: int, folder: Path, sampled_roles: tuple[str, ...]
 ) -> dict[str, Any]:
-    """One closed-loop run on ``fleet``: CPU per answered request of every process, each thread of
-    the model service's worker by name, and py-spy's profile of the workers of ``sampled_roles``."""
+    """One closed-loop run on ``fleet``: CPU per answered request of every process, and py-spy's
+    profile of the workers of ``sampled_roles``."""
     url = f"{fleet.url}/v1/predict?model=resnet50"
     payload = load.Payload.raw(PHOTO)
     load.run(url, payload, connections=connections, seconds=3)  # warm the connections
     roles = processes(fleet, stubs="resnet50" not in sampled_roles)
     before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
-    service = roles.get("resnet50", [])[1:]  # the Gunicorn worker (a real service only)
-    threads_before = thread_cpu(service[0]) if service else {}
     sampled: dict[str, list[Path]] = {}
 
     def sample() -> None:
@@ -157,14 +122,8 @@ def measure(
     result = load.run(url, payload, connections=connections, seconds=seconds)
     spy.join()
     after = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
-    threads_after = thread_cpu(service[0]) if service else {}
     answered = max(round(result["img_per_s"] * result["seconds"]), 1)
     cpu_ms = {role: round(1000 * (after[role] - before[role]) / answered, 2) for role in roles}
-    service_threads = {
-        name: round(1000 * (spent - threads_before.get(name, 0.0)) / answered, 2)
-        for name, spent in sorted(threads_after.items(), key=lambda item: -item[1])
-        if spent - threads_before.get(name, 0.0) > 0.005
-    }
     return {
         "connections": connections,
         "seconds": seconds,
@@ -172,7 +131,6 @@ def measure(
         "p50_ms": result["p50_ms"],
         "answered": answered,
         "cpu_ms_per_request": cpu_ms,
-        "service_threads_cpu_ms_per_request": service_threads,
         "profiles": {role: shares(stacks) for role, stacks in sampled.items()},
     }
 
@@ -224,10 +182,6 @@ def report(runs: list[dict[str, Any]], precision: str | None) -> str:
             + " |"
         )
     for r in runs:
-        if r["service_threads_cpu_ms_per_request"]:
-            lines += ["", f"## The model service's threads at {r['connections']} clients", ""]
-            lines += ["| thread (name) | CPU ms per request |", "|---|---|"]
-            lines += [f"| `{n}` | {ms} |" for n, ms in r["service_threads_cpu_ms_per_request"].items()]
         for role, profile in r["profiles"].items():
             title = f"## {role} workers at {r['connections']} clients ({profile['samples']} samples)"
             lines += ["", title, ""]

@@ -28,8 +28,7 @@ from typing import Any
 import grpc
 
 from bench import load
-from bench.profile import cpu_seconds, processes
-from bench.run import base_env, batching, settle
+from bench.fleets import base_env, batching, cpu_seconds, processes, settle
 from deploy.local.fleet import Fleet
 from deploy.local.running import on_free_ports, running
 from gateway import v2_proto as proto

@@ -39,14 +39,14 @@ from typing import Any
 
 import requests
 
-from bench import auth, custom, ingest, jobs, load, overload, report
+from bench import auth, custom, ingest, jobs, load, overload, protocols, report
+from bench.fleets import MODELS, base_env, batching, settle
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
 from serving.quantize import LAYOUT
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()  # 600x400, as a phone thumbnail
-MODELS = ("resnet50", "inceptionv3", "vgg16")
 SWEEP = (1, 2, 8, 32, 64)  # ResNet50 and the baselines
 OTHERS = (1, 8, 32)  # the other models and the ensemble
 JOB_IMAGES = 2000
@@ -54,31 +54,6 @@ JOB_IMAGES = 2000
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def base_env(cache: Path) -> dict[str, str]:
-    """The default settings (``make run``'s): only the weights are random, as they must be here."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GATEWAY_", "FLEET_", "REDIS_URL")) and k not in ("BACKEND", "WEIGHTS")
-    }
-    env.update(WEIGHTS="random", MODEL_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2")
-    return env
-
-
-def settle(fleet: Any, models: tuple[str, ...] = MODELS) -> None:
-    """Wait out what a load run left queued (wrk leaves its last requests behind), so runs do not
-    overlap: until every model's queue is empty. NOTE: not by sending one more request and waiting
-    for it - the same bytes again would be a cache hit, answered at once."""
-
-    def idle() -> bool:
-        return all(
-            not (stats := batching(fleet, model))["queued_images"] and not stats["running_images"]
-            for model in models
-        )
-
-    wait_until(idle, 300, "the models' queues to empty")
 
 
 def raw_throughput(cache: Path, budget: float) -> list[dict[str, Any]]:
@@ -92,10 +67,6 @@ def raw_throughput(cache: Path, budget: float) -> list[dict[str, Any]]:
     )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
-
-
-def batching(fleet: Any, model: str) -> dict[str, Any]:
-    return requests.get(f"{fleet.service_url(model)}/v1/model", timeout=10).json()["batching"]
 
 
 def measured_run(fleet: Any, target: str, connections: int, seconds: int) -> dict[str, Any]:
@@ -397,8 +368,6 @@ def main() -> int:
     log("9/9 int8: the same fleet with PRECISION=int8")
     results["int8"] = int8_fleet(cache, seconds)
     log("9b/9 int8: goodput of the JPEG body, binary REST v2 and gRPC (bench/results/protocols.md)")
-    from bench import protocols  # it builds on this module's fleet helpers
-
     results["protocols"] = protocols.measure(cache, "int8", seconds, rounds=3)
     protocols.write({**results["protocols"], "measured": results["started"], "cpus": os.cpu_count()})
     log("3/7 seed-style baseline")
