@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -130,6 +131,16 @@ def test_grpc_errors_and_limits_reach_the_triton_client(fleet: E2EFleet) -> None
     bad_key = refused("resnet50", CAT, headers={"authorization": "Bearer not-a-key"})
     assert bad_key.status() == "StatusCode.UNAUTHENTICATED"
     assert client.is_server_live()
+    # a service this port does not serve: Nginx's own gRPC status, not an HTML page
+    with grpc.insecure_channel(fleet.fleet.grpc_address) as channel:
+        unknown = channel.unary_unary(
+            "/other.Service/Method", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            unknown(b"", timeout=10)
+    assert (
+        info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "GRPCInferenceService" in info.value.details()
+    )
     metrics = requests.get(
         f"http://{fleet.fleet.settings.host}:{fleet.fleet.settings.gateway_port}/metrics", timeout=10
     )
