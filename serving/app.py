@@ -146,6 +146,7 @@ def _manager(spec: ModelSpec, settings: ServiceSettings, given: Runtime | None) 
             inter_op_threads=settings.inter_op_threads,
             precision=settings.precision,
             quantization=settings.quantization,
+            fused_preprocessing=settings.fused_preprocessing,
         )
 
     def batcher_for(name: str) -> Callable[[Callable[[np.ndarray], Outputs]], Batcher]:

@@ -55,15 +55,17 @@ class LoadedModel:
     def _pipeline(self, runtime: Runtime) -> Callable[[np.ndarray], Outputs]:
         """What the batcher calls: queued uint8 pixels in, ``Outputs`` out (with the features custom
         heads need, when the runtime gives them). Requests wait as uint8 pixels (a quarter of
-        float32) and are preprocessed a whole batch at a time."""
+        float32) and are preprocessed a whole batch at a time - here, or inside a runtime that takes
+        the pixels themselves (``pixels_in``: OpenVINO with the preprocessing in its graph)."""
         preprocess = self.preprocess
         with_features = getattr(runtime, "predict_features", None)
 
         def predict(pixels: np.ndarray) -> Outputs:
+            batch = pixels if getattr(runtime, "pixels_in", False) else preprocess(pixels)
             if with_features is not None:
-                outputs: Outputs = with_features(preprocess(pixels))
+                outputs: Outputs = with_features(batch)
                 return outputs
-            return Outputs(runtime.predict(preprocess(pixels)))
+            return Outputs(runtime.predict(batch))
 
         return predict
 

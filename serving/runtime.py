@@ -54,7 +54,8 @@ class Outputs:
 class Runtime(Protocol):
     """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities.
     Runtimes whose ``RuntimeInfo.features`` is not 0 also have ``predict_features(batch) ->
-    Outputs`` (one model call for both)."""
+    Outputs`` (one model call for both). A runtime whose ``pixels_in`` is true once loaded takes the
+    uint8 pixels themselves and preprocesses them inside (``serving.loaded`` asks)."""
 
     def load(self) -> RuntimeInfo: ...
 

@@ -97,6 +97,11 @@ class ServiceSettings:
     admin_token: str = setting("", "bearer token for POST /v1/admin/reload (empty: the endpoint is off)")
     intra_op_threads: int = setting(0, "threads per model call, TensorFlow or OpenVINO (0: library decides)")
     inter_op_threads: int = setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
+    fused_preprocessing: bool = setting(
+        True,
+        "OpenVINO runs the model's preprocessing (uint8 pixels in) as its graph's first operations; "
+        "false: NumPy does it before the call (the same arithmetic, ~0.5 ms an image more on ResNet50)",
+    )
 
     @classmethod
     def from_env(cls, model: str, environ: Mapping[str, str] | None = None) -> ServiceSettings:

@@ -10,13 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import imaging
+from common.models import ModelSpec
 from services import resnet50
+from serving import preprocessing
 from serving.backends import BackendUnavailable, FirstWorking, OpenVINORuntime, fingerprint, make_runtime
 from serving.convert import compare
 from serving.runtime import KerasRuntime, RuntimeInfo
 from serving.weights import WeightsPlan
+from tests.e2e import shapes
+from tests.helpers import photo
 
 PLAN = WeightsPlan("random", seed=5)
+PHOTOS = ("chelsea.jpg", "coffee.jpg")
 
 
 def test_parity_verdict() -> None:
@@ -129,3 +135,25 @@ def test_a_gpu_hidden_by_cuda_visible_devices_does_not_count(monkeypatch: pytest
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert not gpu_present()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["caffe", "tf"])
+def test_preprocessing_in_the_graph_answers_as_numpy_does(
+    tmp_path: Path, trained_shapes: shapes.TrainedModel, mode: str
+) -> None:
+    """OpenVINO with the preprocessing folded into its graph, fed the uint8 pixels, gives what it
+    gives fed NumPy's preprocessed floats - probabilities and features - for each mode."""
+    spec = ModelSpec("shapes", shapes.INPUT_SIZE, mode, labels_path=trained_shapes.labels_path)
+    plan = WeightsPlan("file", trained_shapes.model_path)
+    limits = imaging.ImageLimits()
+    pixels = np.stack([imaging.load_pixels(photo(name), spec.input_size, limits) for name in PHOTOS])
+    fused = OpenVINORuntime(spec, plan, cache_dir=tmp_path, fused_preprocessing=True)
+    plain = OpenVINORuntime(spec, plan, cache_dir=tmp_path)
+    fused.load(), plain.load()
+    assert fused.pixels_in and not plain.pixels_in
+    ours, reference = fused.predict_features(pixels), plain.predict_features(preprocessing.get(mode)(pixels))
+    np.testing.assert_allclose(ours.probabilities, reference.probabilities, rtol=1e-5, atol=1e-6)
+    assert ours.features is not None and reference.features is not None
+    np.testing.assert_allclose(ours.features, reference.features, rtol=1e-5, atol=1e-5)
+    assert (ours.probabilities.argmax(1) == reference.probabilities.argmax(1)).all()
