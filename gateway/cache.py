@@ -4,8 +4,9 @@ Key: SHA-256 of the image bytes + the model (or ensemble members and vote) + eve
 weights hash + the parameters that shape the answer. Because the weights hashes are in the key, an
 answer computed with old weights is never served; ``drop(model)`` also deletes a model's entries
 as soon as the gateway sees its weights change. In memory by default (cachetools' TTL+LRU, per
-gateway worker); in Redis when ``GATEWAY_CACHE_REDIS_URL`` (or ``REDIS_URL``) is set, shared by
-every worker and gateway replica. Only whole single-image answers are cached.
+gateway worker, ``GATEWAY_CACHE_SIZE`` entries); with ``GATEWAY_CACHE_REDIS_URL`` (or
+``REDIS_URL``) in Redis too, shared by every worker and gateway replica, with each worker's memory
+in front of it (``TieredCache``). Only whole single-image answers are cached.
 """
 
 from __future__ import annotations
@@ -50,17 +51,24 @@ class Cache(Protocol):
 
 
 class MemoryCache:
+    """One gateway worker's entries: least recently used first out past ``size``, each for its own
+    time (``ttl_s``, or what ``put`` says: a copy of a Redis entry lives no longer than it)."""
+
     def __init__(self, size: int, ttl_s: float) -> None:
-        self._entries: cachetools.TTLCache[str, dict[str, Any]] = cachetools.TTLCache(size, ttl_s)
+        self.ttl_s = ttl_s
+        self._entries: cachetools.TLRUCache[str, tuple[dict[str, Any], float]] = cachetools.TLRUCache(
+            size, lambda _key, entry, now: now + entry[1]
+        )
         self._lock = threading.Lock()
 
     def get(self, cache_key: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._entries.get(cache_key)
+            found = self._entries.get(cache_key)
+        return found[0] if found else None
 
-    def put(self, cache_key: str, body: dict[str, Any]) -> None:
+    def put(self, cache_key: str, body: dict[str, Any], ttl_s: float | None = None) -> None:
         with self._lock:
-            self._entries[cache_key] = body
+            self._entries[cache_key] = (body, self.ttl_s if ttl_s is None else ttl_s)
 
     def drop(self, model: str) -> int:
         with self._lock:
@@ -81,12 +89,22 @@ class RedisCache:
         self._errors = (redis.RedisError, OSError)
 
     def get(self, cache_key: str) -> dict[str, Any] | None:
+        found = self.get_with_ttl(cache_key)
+        return found[0] if found else None
+
+    def get_with_ttl(self, cache_key: str) -> tuple[dict[str, Any], float] | None:
+        """The entry and the seconds it has left, in one round trip (GET and PTTL pipelined)."""
         try:
-            raw = self._redis.get(cache_key)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(cache_key)
+            pipe.pttl(cache_key)
+            raw, left_ms = pipe.execute()
         except self._errors as exc:
             log.warning("response cache unavailable: %s", exc)
             return None
-        return json.loads(raw) if raw else None  # type: ignore[arg-type]
+        if not raw or left_ms is None or left_ms <= 0:
+            return None
+        return json.loads(raw), left_ms / 1000
 
     def put(self, cache_key: str, body: dict[str, Any]) -> None:
         try:
@@ -103,6 +121,36 @@ class RedisCache:
         except self._errors as exc:
             log.warning("response cache unavailable: %s", exc)
         return dropped
+
+
+class TieredCache:
+    """Redis, shared by every worker and gateway replica, with each worker's own memory in front:
+    an answer this worker stored or read before is a hit without a round trip. A copy in memory
+    lives no longer than its Redis entry (it takes the entry's remaining time), ``drop`` empties
+    both, and the key holds every member's weights, so no tier can serve an answer of old weights.
+    While Redis is down, what this worker holds still answers."""
+
+    def __init__(self, size: int, ttl_s: float, url: str) -> None:
+        self.local = MemoryCache(size, ttl_s)
+        self.shared = RedisCache(url, ttl_s)
+
+    def get(self, cache_key: str) -> dict[str, Any] | None:
+        found = self.local.get(cache_key)
+        if found is not None:
+            return found
+        shared = self.shared.get_with_ttl(cache_key)
+        if shared is None:
+            return None
+        self.local.put(cache_key, *shared)
+        return shared[0]
+
+    def put(self, cache_key: str, body: dict[str, Any]) -> None:
+        self.local.put(cache_key, body)
+        self.shared.put(cache_key, body)
+
+    def drop(self, model: str) -> int:
+        self.local.drop(model)
+        return self.shared.drop(model)
 
 
 def served_as(answer: Mapping[str, Any]) -> str | None:
@@ -157,4 +205,4 @@ class Policy:
 def create(size: int, ttl_s: float, redis_url: str) -> Cache | None:
     if size <= 0 or ttl_s <= 0:
         return None
-    return RedisCache(redis_url, ttl_s) if redis_url else MemoryCache(size, ttl_s)
+    return TieredCache(size, ttl_s, redis_url) if redis_url else MemoryCache(size, ttl_s)

@@ -24,7 +24,10 @@ class GatewaySettings(FleetSettings):
         ("127.0.0.1/32", "::1/128"),
         "CIDRs of the proxy (Nginx) whose X-Real-IP names the client; any other peer is the client",
     )
-    cache_size: int = setting(1024, "answers kept by the response cache per gateway worker (0: off)")
+    cache_size: int = setting(
+        1024,
+        "answers the response cache keeps in each gateway worker's memory, in front of Redis if set (0: off)",
+    )
     cache_ttl_s: float = setting(300.0, "seconds a cached answer is served")
     cache_redis_url: str = setting(
         "", "redis://host:6379 to share the cache across workers and gateways (falls back to REDIS_URL)"

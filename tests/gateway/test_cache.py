@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import redis
 import responses
@@ -118,10 +119,28 @@ def test_redis_is_shared_by_gateways_and_dropped_on_new_weights(redis_url: str) 
 
 
 def test_a_redis_outage_is_a_miss_not_an_error() -> None:
+    """With Redis down, answers are computed (and what this worker stored still answers)."""
     client, fake = gateway(cache_redis_url="redis://127.0.0.1:1")  # nothing listens there
-    responses_ = [ask(client) for _ in range(2)]
-    assert [r.status_code for r in responses_] == [200, 200]
-    assert [r.headers["X-Cache"] for r in responses_] == ["MISS", "MISS"] and len(fake.calls) == 2
+    responses_ = [ask(client), ask(client, "model=vgg16"), ask(client)]
+    assert [r.status_code for r in responses_] == [200, 200, 200]
+    assert [r.headers["X-Cache"] for r in responses_] == ["MISS", "MISS", "HIT"] and len(fake.calls) == 2
+
+
+def test_a_worker_answers_its_repeats_from_memory_no_longer_than_redis_keeps_them(redis_url: str) -> None:
+    store = redis.Redis.from_url(redis_url)
+    store.flushall()
+    first, _ = gateway(cache_redis_url=redis_url)
+    second, fake = gateway(cache_redis_url=redis_url, rate_limit="")  # it asks as fast as it can below
+    assert ask(first).headers["X-Cache"] == "MISS"
+    (entry,) = store.keys(f"{response_cache.PREFIX}*")
+    store.pexpire(entry, 400)  # the shared entry has 0.4 s left when the second worker reads it
+    assert ask(second).headers["X-Cache"] == "HIT"  # from Redis, into the second worker's memory
+    store.delete(entry)
+    assert ask(second).headers["X-Cache"] == "HIT" and fake.calls == []  # memory: no round trip
+    deadline = time.monotonic() + 5
+    while ask(second).headers["X-Cache"] == "HIT":  # until the copy's 0.4 s are over
+        assert time.monotonic() < deadline, "the worker's copy outlived its Redis entry"
+    assert len(fake.calls) == 1
 
 
 def test_redis_url_configures_every_redis_user_unless_each_says_otherwise() -> None:
