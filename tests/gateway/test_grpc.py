@@ -5,6 +5,7 @@ Nginx, is in tests/e2e/test_protocol.py."""
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -240,3 +241,42 @@ def test_peer_addresses() -> None:
     assert v2_grpc.peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"
     assert v2_grpc.peer_address("ipv6:[::1]:5555") == "::1"
     assert v2_grpc.peer_address("unix:/tmp/socket") == "unix:/tmp/socket"
+
+
+def test_calls_past_the_bound_are_refused_at_once_and_the_rest_answered(
+    grpc_app: Any, fake: FakeModelClient
+) -> None:
+    """Clients that all call at once, and call again when refused: past GATEWAY_GRPC_MAX_CONCURRENT
+    they get RESOURCE_EXHAUSTED without waiting; the calls held are answered; it keeps serving."""
+    release, entered = threading.Event(), threading.Semaphore(0)
+    answer = fake.predict
+
+    def held(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        entered.release()
+        assert release.wait(10), "the test never let the held calls go"
+        return answer(*args, **kwargs)
+
+    fake.predict = held  # type: ignore[method-assign]
+    settings = gateway_settings(grpc_threads=2, grpc_max_concurrent=2)
+    server, port = v2_grpc.serve(grpc_app, settings, bind="127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request_class, response_class = proto.METHODS["ModelInfer"]
+            call = channel.unary_unary(
+                f"/{proto.SERVICE}/ModelInfer",
+                request_serializer=request_class.SerializeToString,
+                response_deserializer=response_class.FromString,
+            )
+            request = request_class(**infer_request(CAT))
+            first = [call.future(request, timeout=20) for _ in range(2)]
+            for _ in first:  # both held calls reached the fleet
+                assert entered.acquire(timeout=10), "the first two calls never reached the fleet"
+            refused = [call.future(request, timeout=20) for _ in range(6)]
+            codes = [f.exception().code() for f in refused]  # type: ignore[union-attr]
+            assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 6
+            release.set()
+            assert all(len(labels(f.result())) == 3 for f in first)
+            assert len(labels(call(request, timeout=20))) == 3
+    finally:
+        release.set()
+        server.stop(None)
