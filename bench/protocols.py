@@ -123,7 +123,7 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
             }
             for measure_path in paths.values():  # warm every path (connections, caches) once
                 measure_path(3)
-                settle_resnet(fleet)
+                settle(fleet, ("resnet50",))
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
             roles = processes(fleet, stubs=False)
             for round_ in range(rounds):
@@ -140,7 +140,7 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
                     result["cpu_ms_per_image"] = {
                         role: round(1000 * cpu / answered, 2) for role, cpu in spent.items()
                     }
-                    settle_resnet(fleet)
+                    settle(fleet, ("resnet50",))
                     runs[name].append(result)
                     print(
                         f"[protocols] round {round_ + 1} {name}: {result['img_per_s']} img/s "
@@ -172,10 +172,6 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
         "batch_ms_under_load": under_load["batch_ms"],
         "average_batch": under_load.get("average_batch"),
     }
-
-
-def settle_resnet(fleet: Any) -> None:
-    settle(fleet, ("resnet50",))
 
 
 def write(results: dict[str, Any]) -> None:

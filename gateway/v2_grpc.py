@@ -29,9 +29,9 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -44,7 +44,7 @@ from common.web import MAX_DEADLINE_MS
 from common.wire import DEADLINE_HEADER
 from gateway import v2_proto as proto
 from gateway.settings import GatewaySettings
-from gateway.v2_request import BINARY_CONTENT_TYPE, HEADER_LENGTH
+from gateway.v2_request import BINARY_CONTENT_TYPE, HEADER_LENGTH, pack_bytes
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -72,14 +72,15 @@ FORWARDED = {
     "x-real-ip": "X-Real-IP",
     "x-request-start": "X-Request-Start",
 }
-_LENGTH = struct.Struct("<I")
 
 
+@dataclass(frozen=True)
 class Answer:
     """What the REST route answered: its status, headers and body."""
 
-    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
+    status: int
+    headers: Headers
+    body: bytes
 
     def json(self) -> dict[str, Any]:
         return json.loads(self.body)
@@ -103,14 +104,7 @@ class Transcoder:
         forwarded = {header: str(sent[key]) for key, header in FORWARDED.items() if key in sent}
         remaining = context.time_remaining()
         if remaining is not None:
-            budget = max(1.0, min(remaining * 1000, MAX_DEADLINE_MS))
-            if DEADLINE_HEADER in forwarded:
-                try:
-                    budget = min(budget, float(forwarded[DEADLINE_HEADER]))
-                except ValueError:
-                    budget = -1  # the route refuses what the client sent, as on HTTP
-            if budget > 0:
-                forwarded[DEADLINE_HEADER] = f"{budget:.0f}"
+            forwarded[DEADLINE_HEADER] = _budget_ms(remaining, forwarded.get(DEADLINE_HEADER))
         environ = EnvironBuilder(
             path=path,
             method=method,
@@ -147,6 +141,20 @@ class Transcoder:
             message = message.get("message")
         context.abort(CODES.get(answer.status, Code.INTERNAL), str(message or f"HTTP {answer.status}"))
         raise AssertionError("unreachable: abort raises")
+
+
+def _budget_ms(remaining_s: float, sent: str | None) -> str:
+    """``X-Deadline-Ms`` for a call with ``remaining_s`` of its gRPC deadline left: the shorter of
+    that and what the client sent; what the client sent as it is when it is not a positive number,
+    so the route refuses it as on HTTP."""
+    budget = max(1.0, min(remaining_s * 1000, MAX_DEADLINE_MS))
+    if sent is None:
+        return f"{budget:.0f}"
+    try:
+        asked = float(sent)
+    except ValueError:
+        return sent
+    return f"{min(budget, asked):.0f}" if asked > 0 else sent
 
 
 def peer_address(peer: str) -> str:
@@ -207,7 +215,7 @@ def infer_body(request: Any) -> tuple[bytes, dict[str, str]]:
             "shape": list(tensor.shape),
             "parameters": parameters_json(tensor.parameters),
         }
-        blob = raw[i] if raw else b"".join(_LENGTH.pack(len(e)) + e for e in tensor.contents.bytes_contents)
+        blob = raw[i] if raw else pack_bytes(list(tensor.contents.bytes_contents))
         if raw or tensor.contents.bytes_contents:
             entry["parameters"]["binary_data_size"] = len(blob)
             blobs.append(blob)

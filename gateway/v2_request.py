@@ -63,11 +63,15 @@ def unpack_bytes(blob: bytes, max_elements: int, max_bytes: int) -> list[bytes]:
     return elements
 
 
+def pack_bytes(elements: list[bytes]) -> bytes:
+    """A BYTES tensor's elements as the binary extension carries them (``unpack_bytes`` reads it)."""
+    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
+
+
 def encode(datatype: str, values: list[Any]) -> bytes:
     """An output tensor's values as the binary extension carries them (row-major, little-endian)."""
     if datatype == "BYTES":
-        parts = [str(value).encode() for value in values]
-        return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
+        return pack_bytes([str(value).encode() for value in values])
     return np.asarray(values, {"FP32": "<f4", "INT64": "<i8"}[datatype]).tobytes()
 
 
