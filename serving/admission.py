@@ -2,14 +2,16 @@
 before its deadline.
 
 Every request carries a deadline (the client's, or the service's default). Its estimated finish is
-what is left of the batch running, plus the images queued ahead of it and its own images drained in
-batches of ``max_batch`` at the speed measured for the batch sizes actually formed (``BatchTimes``,
-seeded at warm-up). It is admitted when that finish is before its deadline and the queue, counted in
-images, has room. Otherwise it is refused at once: 503 ``overloaded`` with a ``Retry-After`` from the
-estimated drain time, jittered so refused clients do not all return together; or, when the model is
-idle and still could not finish in time, 504 ``deadline_exceeded`` (waiting would not help). Images
-still being decoded are not model work: they count from the moment they join the queue. An idle
-model admits any request whose deadline it can meet, so one large batch is never refused as overload.
+what is left of the batches running, plus the images queued ahead of it and its own images drained
+in batches of ``max_batch`` at the speed measured for the batch sizes actually formed (``BatchTimes``,
+seeded at warm-up), shared out over the ``streams`` that compute batches at once - but never sooner
+than its own images alone would take on one of them. It is admitted when that finish is before its
+deadline and the queue, counted in images, has room. Otherwise it is refused at once: 503
+``overloaded`` with a ``Retry-After`` from the estimated drain time, jittered so refused clients do
+not all return together; or, when the model is idle and still could not finish in time, 504
+``deadline_exceeded`` (waiting would not help). Images still being decoded are not model work: they
+count from the moment they join the queue. An idle model admits any request whose deadline it can
+meet, so one large batch is never refused as overload.
 """
 
 from __future__ import annotations
@@ -83,7 +85,16 @@ class Load:
 
     queued_images: int = 0
     running_images: int = 0
-    running_left_s: float = 0.0
+    running_left_s: float = 0.0  # of every batch running, added up
+
+
+@dataclass(frozen=True, eq=False)
+class Running:
+    """One batch running: from ``Admission.started`` to its ``finished``."""
+
+    images: int
+    since: float
+    expected_s: float
 
 
 class Admission:
@@ -99,29 +110,28 @@ class Admission:
         times: BatchTimes,
         name: str = "model",
         *,
+        streams: int = 1,
         clock: Callable[[], float] = time.monotonic,
         uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.policy = policy
         self.times = times
         self.name = name
+        self.streams = streams  # batches the model computes at once (the batcher sets it)
         self._clock = clock
         self._uniform = uniform
         self._lock = threading.Lock()
         self._queued = 0
-        self._running = 0
-        self._running_since = 0.0
-        self._running_expected = 0.0
+        self._running: set[Running] = set()
 
     def load(self) -> Load:
         with self._lock:
             return self._load()
 
     def _load(self) -> Load:
-        left = 0.0
-        if self._running:
-            left = max(0.0, self._running_expected - (self._clock() - self._running_since))
-        return Load(self._queued, self._running, left)
+        now = self._clock()
+        left = sum(max(0.0, batch.expected_s - (now - batch.since)) for batch in self._running)
+        return Load(self._queued, sum(batch.images for batch in self._running), left)
 
     def estimate_finish_s(self, images: int) -> float:
         """Seconds from now until a request of ``images`` joining the queue now would be answered."""
@@ -129,7 +139,8 @@ class Admission:
             return self._finish_s(self._load(), images)
 
     def _finish_s(self, load: Load, images: int) -> float:
-        return load.running_left_s + self.times.drain_seconds(load.queued_images + images)
+        ahead = load.running_left_s + self.times.drain_seconds(load.queued_images + images)
+        return max(ahead / self.streams, self.times.drain_seconds(images))
 
     def check(self, images: int, deadline: float) -> None:
         """Raise ``Overloaded`` or ``DeadlineExceeded`` unless ``images`` could be served by ``deadline``
@@ -181,17 +192,17 @@ class Admission:
         with self._lock:
             self._queued -= images
 
-    def started(self, images: int) -> None:
-        """A batch of ``images`` left the queue and started running."""
+    def started(self, images: int) -> Running:
+        """A batch of ``images`` left the queue and started running; hand it to ``finished``."""
         with self._lock:
             self._queued -= images
-            self._running = images
-            self._running_since = self._clock()
-            self._running_expected = self.times.seconds(images)
+            batch = Running(images, self._clock(), self.times.seconds(images))
+            self._running.add(batch)
+            return batch
 
-    def finished(self, images: int, seconds: float | None) -> None:
-        """The batch running ended; ``seconds`` is its measured time (None when it failed)."""
+    def finished(self, batch: Running, seconds: float | None) -> None:
+        """``batch`` ended; ``seconds`` is its measured time (None when it failed)."""
         with self._lock:
-            self._running = 0
+            self._running.discard(batch)
             if seconds is not None:
-                self.times.observe(images, seconds)
+                self.times.observe(batch.images, seconds)

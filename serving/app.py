@@ -144,6 +144,7 @@ def _manager(spec: ModelSpec, settings: ServiceSettings, given: Runtime | None) 
             cache_dir=settings.cache_dir,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
+            streams=settings.inference_streams,
             precision=settings.precision,
             quantization=settings.quantization,
             fused_preprocessing=settings.fused_preprocessing,

@@ -1,10 +1,13 @@
 """Adaptive batching: many request threads, one model call per batch.
 
-Interactive requests (each one or more images) wait in one FIFO queue; one worker thread takes the
+Interactive requests (each one or more images) wait in one FIFO queue; a worker thread takes the
 first, drains whatever else is already waiting (up to ``max_batch`` images), and - only when traffic
 is concurrent - waits up to ``window_ms`` after the first arrival for more (Triton's
 ``max_queue_delay``), a budget that ends as soon as the batch is full. Light traffic pays no batching
-tax; under load the queue that builds while the model runs makes full batches. Each request gets its
+tax; under load the queue that builds while the model runs makes full batches. A runtime that
+computes several batches at once (OpenVINO streams: ``run_at_once``) gets a worker thread per
+stream; they take their batches from the queue one at a time, so one collects the next batch while
+the others' run. Each request gets its
 own future; a failed batch fails every waiter with the same error; a request whose deadline passed
 while it waited is dropped, not computed. What may join the queue is decided by the admission policy
 (``serving/admission.py``); the batcher tells it what enters, starts and finishes, and how long each
@@ -110,8 +113,42 @@ class Batcher:
         self._concurrent = False
         self._closed = False
         self.stats = BatchStats()
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._collecting = threading.Lock()  # one worker forms a batch at a time
+        self._counting = threading.Lock()  # guards stats, and _working
+        self._threads: list[threading.Thread] = []
+        self._working = 0
+        self._start_worker()
+
+    @property
+    def streams(self) -> int:
+        """Batches computed at once: one per worker thread."""
+        return len(self._threads)
+
+    def run_at_once(self, streams: int) -> None:
+        """Compute up to ``streams`` batches at once (what the runtime said it can, once loaded):
+        start the worker threads missing, and let admission count on them."""
+        with self._arrived:
+            if self._closed:
+                return
+            while len(self._threads) < streams:
+                self._start_worker()
+            self.admission.streams = len(self._threads)
+
+    def _start_worker(self) -> None:
+        number = len(self._threads) + 1
+        thread = threading.Thread(target=self._run, name=f"batcher-{self.name}-{number}", daemon=True)
+        with self._counting:
+            self._working += 1
+        self._threads.append(thread)
+        thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the worker threads to end (after ``close``); True
+        when none is left."""
+        ends = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, ends - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     def close(self) -> None:
         """Stop once the requests already queued are answered (a replaced or removed model's batcher):
@@ -206,6 +243,10 @@ class Batcher:
         return kept
 
     def _collect(self) -> list[Waiting] | None:
+        with self._collecting:
+            return self._form_batch()
+
+    def _form_batch(self) -> list[Waiting] | None:
         first = self._carry or self._take()
         self._carry = None
         if first is None:
@@ -231,8 +272,12 @@ class Batcher:
             batch = self._drop_expired(collected)
             if batch:
                 self._execute(batch)
-        self._predict = _closed  # let go of the model
-        log.info("batcher %s closed", self.name)
+        with self._counting:
+            self._working -= 1
+            last = not self._working
+        if last:
+            self._predict = _closed  # let go of the model
+            log.info("batcher %s closed", self.name)
 
     def _execute(self, batch: list[Waiting]) -> None:
         if batch[0].priority is Priority.INTERACTIVE:  # job requests say nothing of interactive load
@@ -240,7 +285,7 @@ class Batcher:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         size = len(inputs)
         predict = self._predict
-        self.admission.started(size)
+        running = self.admission.started(size)
         metrics.PENDING.labels(self.name).dec(size)
         started = time.monotonic()
         for request in batch:
@@ -248,17 +293,18 @@ class Batcher:
         try:
             outputs = predict(inputs)
         except BaseException as exc:  # deliver the failure to every waiter, keep serving
-            self.admission.finished(size, None)
+            self.admission.finished(running, None)
             log.exception("batch of %d images failed", size)
             for request in batch:
                 request.future.set_exception(exc)
             return
         elapsed = time.monotonic() - started
-        self.admission.finished(size, elapsed)
-        self.stats.requests += len(batch)
-        self.stats.images += size
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, size)
+        self.admission.finished(running, elapsed)
+        with self._counting:
+            self.stats.requests += len(batch)
+            self.stats.images += size
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, size)
         metrics.INFERENCE_SECONDS.labels(self.name).observe(elapsed)
         metrics.BATCH_SIZE.labels(self.name).observe(size)
         metrics.INFERENCES.labels(self.name).inc(size)
@@ -276,6 +322,7 @@ class Batcher:
             queued_background_images = sum(len(waiting.inputs) for waiting in background)
         return {
             "max_batch_size": self.max_batch,
+            "streams": self.streams,
             "window_ms": self.window_s * 1000,
             "max_queue_images": self.admission.policy.max_queue_images,
             "queued_images": load.queued_images,

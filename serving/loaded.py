@@ -8,8 +8,10 @@ version is a new ``LoadedModel``, loaded, warmed and timed beside the old one, w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -69,26 +71,37 @@ class LoadedModel:
 
         return predict
 
-    def _seed_batch_times(self, runtime: Runtime) -> None:
+    def _seed_batch_times(self, runtime: Runtime, streams: int) -> None:
         """Warm and time every batch size the batcher can form, 1 to ``max_batch``, before the model
         serves: a runtime's first call at a new shape compiles for it (1.5-3x a warm call), which
         no request should pay, and admission has a measured figure for every size from the first
-        request (each size timed on its second call)."""
+        request (each size timed on its second call). With several streams, each size runs on
+        ``streams`` threads at once, so every stream sees it, and is timed as under load: while the
+        other streams compute too."""
         size = self.spec.input_size
         predict = self._pipeline(runtime)
-        for batch in range(1, self.batcher.max_batch + 1):
-            pixels = np.zeros((batch, size, size, 3), np.uint8)
-            predict(pixels)
+        together = threading.Barrier(streams, timeout=60)
+
+        def timed(pixels: np.ndarray) -> float:
+            together.wait()  # every call on a thread, and so a stream, of its own
             started = time.monotonic()
             predict(pixels)
-            self.batcher.times.observe(batch, time.monotonic() - started)
+            return time.monotonic() - started
+
+        with ThreadPoolExecutor(streams, thread_name_prefix=f"warm-{self.spec.name}") as pool:
+            for batch in range(1, self.batcher.max_batch + 1):
+                pixels = [np.zeros((batch, size, size, 3), np.uint8) for _ in range(streams)]
+                list(pool.map(timed, pixels))
+                took = list(pool.map(timed, pixels))
+                self.batcher.times.observe(batch, sum(took) / streams)
 
     def load(self) -> bool:
         """Load, check, warm and time the model; False (``state`` failed, ``error`` why) when it
         does not load."""
         try:
             info = self._load(self.runtime)
-            self._seed_batch_times(self.runtime)
+            self._seed_batch_times(self.runtime, info.streams)
+            self.batcher.run_at_once(info.streams)
         except Exception as exc:
             log.exception("loading %s failed", self.spec.name)
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -100,13 +113,14 @@ class LoadedModel:
             8 if info.precision.startswith("int8") else 32
         )
         log.info(
-            "%s ready: weights=%s (%s) hash=%s backend=%s precision=%s in %.1fs; ms per batch %s",
+            "%s ready: weights=%s (%s) hash=%s backend=%s precision=%s streams=%d in %.1fs; ms per batch %s",
             self.spec.name,
             info.weights,
             info.weights_source,
             info.weights_hash,
             info.backend,
             info.precision,
+            info.streams,
             info.load_seconds,
             self.batcher.times.snapshot(),
         )
@@ -136,6 +150,7 @@ class LoadedModel:
             "weights_hash": info.weights_hash if info else None,
             "backend": info.backend if info else None,
             "precision": info.precision if info else None,
+            "streams": info.streams if info else None,
             **({"precision_note": info.precision_note} if info and info.precision_note else {}),
             "version": self.version or None,
             "classes": len(self.labels),

@@ -33,6 +33,7 @@ class RuntimeInfo:
     precision: str = "fp32"
     precision_note: str = ""  # why the precision served is not the one asked for, if it is not
     features: int = 0  # numbers per image predict_features gives (custom heads); 0: none
+    streams: int = 1  # batches it computes at once, each from its own thread (OpenVINO streams)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class Runtime(Protocol):
     """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities.
     Runtimes whose ``RuntimeInfo.features`` is not 0 also have ``predict_features(batch) ->
     Outputs`` (one model call for both). A runtime whose ``pixels_in`` is true once loaded takes the
-    uint8 pixels themselves and preprocesses them inside (``serving.loaded`` asks)."""
+    uint8 pixels themselves and preprocesses them inside (``serving.loaded`` asks). One whose
+    ``RuntimeInfo.streams`` is N may be called from N threads at once."""
 
     def load(self) -> RuntimeInfo: ...
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import DeadlineExceeded, Overloaded
-from serving.admission import Admission, AdmissionPolicy, BatchTimes
+from serving.admission import Admission, AdmissionPolicy, BatchTimes, Load
 
 
 class Clock:
@@ -16,14 +16,15 @@ class Clock:
         return self.now
 
 
-def admission(max_queue_images: int = 64, jitter: float = 0.0) -> tuple[Admission, Clock]:
+def admission(max_queue_images: int = 64, jitter: float = 0.0, streams: int = 1) -> tuple[Admission, Clock]:
     """ResNet50-like figures: 50 ms for one image, 320 ms for a batch of 8 (40 ms per image)."""
     times = BatchTimes(max_batch=8)
     times.observe(1, 0.050)
     times.observe(8, 0.320)
     clock = Clock()
     policy = AdmissionPolicy(max_queue_images=max_queue_images, retry_jitter=jitter)
-    return Admission(policy, times, "resnet50", clock=clock, uniform=lambda low, high: high), clock
+    gate = Admission(policy, times, "resnet50", streams=streams, clock=clock, uniform=lambda low, high: high)
+    return gate, clock
 
 
 def test_batch_times_use_what_was_measured_and_scale_the_rest_per_image() -> None:
@@ -90,15 +91,34 @@ def test_the_queue_bound_is_counted_in_images_and_refuses_whatever_the_deadline(
 def test_the_batch_running_counts_only_for_the_time_it_has_left() -> None:
     gate, clock = admission()
     gate.enqueue(8, clock.now + 60)
-    gate.started(8)  # expected to run 320 ms
+    batch = gate.started(8)  # expected to run 320 ms
     assert gate.load().queued_images == 0
     clock.now += 0.300
     assert gate.estimate_finish_s(1) == pytest.approx(0.020 + 0.050)
     gate.check(1, clock.now + 0.100)
     clock.now += 1.0  # running longer than expected: nothing negative is ever counted
     assert gate.estimate_finish_s(1) == pytest.approx(0.050)
-    gate.finished(8, 1.3)
+    gate.finished(batch, 1.3)
     assert gate.times.seconds(8) > 0.320  # the slow batch moved the estimate
+    assert gate.load().running_images == 0
+
+
+def test_streams_share_the_work_ahead_but_not_a_requests_own_images() -> None:
+    gate, clock = admission(streams=2)
+    assert gate.estimate_finish_s(8) == pytest.approx(0.320)  # idle: one stream computes it all
+    gate.enqueue(32, clock.now + 60)
+    first, second = gate.started(8), gate.started(8)  # two batches at once, 320 ms each
+    assert gate.load() == Load(queued_images=16, running_images=16, running_left_s=0.640)
+    clock.now += 0.120
+    # (200 + 200 ms left running, 2 x 320 queued, 320 its own) over two streams
+    assert gate.estimate_finish_s(8) == pytest.approx((0.400 + 0.960) / 2)
+    with pytest.raises(Overloaded, match="before its deadline"):
+        gate.check(8, clock.now + 0.600)
+    gate.check(8, clock.now + 0.700)  # one stream would need 1.36 s: refused at 0.7 s
+    gate.finished(first, 0.320)
+    assert gate.load().running_images == 8  # the other batch still runs
+    gate.finished(second, None)  # failed: no figure, but no longer running
+    assert gate.load().running_images == 0 and gate.times.seconds(8) == pytest.approx(0.320)
 
 
 def test_images_still_being_decoded_are_not_model_work() -> None:

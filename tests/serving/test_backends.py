@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,15 @@ from common import imaging
 from common.models import ModelSpec
 from services import resnet50
 from serving import preprocessing
-from serving.backends import BackendUnavailable, FirstWorking, OpenVINORuntime, fingerprint, make_runtime
+from serving.backends import (
+    BackendUnavailable,
+    FirstWorking,
+    OpenVINORuntime,
+    compile_config,
+    fingerprint,
+    make_runtime,
+    streams_for,
+)
 from serving.convert import compare
 from serving.runtime import KerasRuntime, RuntimeInfo
 from serving.weights import WeightsPlan
@@ -157,3 +167,50 @@ def test_preprocessing_in_the_graph_answers_as_numpy_does(
     assert ours.features is not None and reference.features is not None
     np.testing.assert_allclose(ours.features, reference.features, rtol=1e-5, atol=1e-5)
     assert (ours.probabilities.argmax(1) == reference.probabilities.argmax(1)).all()
+
+
+@pytest.mark.slow
+def test_two_streams_answer_two_threads_at_once_as_one_stream_answers_each(
+    tmp_path: Path, trained_shapes: shapes.TrainedModel
+) -> None:
+    """INFERENCE_STREAMS=2: the runtime says so, and threads calling at once - each on an infer
+    request of its own - get exactly what the latency hint's single stream gives their images."""
+    spec = ModelSpec("shapes", shapes.INPUT_SIZE, "caffe", labels_path=trained_shapes.labels_path)
+    plan = WeightsPlan("file", trained_shapes.model_path)
+    limits = imaging.ImageLimits()
+    batches = [
+        np.stack([imaging.load_pixels(photo(name), spec.input_size, limits)] * size)
+        for name, size in zip(PHOTOS, (3, 1), strict=True)
+    ]
+    one = OpenVINORuntime(spec, plan, cache_dir=tmp_path, fused_preprocessing=True, streams=1)
+    two = OpenVINORuntime(spec, plan, cache_dir=tmp_path, fused_preprocessing=True, streams=2)
+    assert (one.load().streams, two.load().streams) == (1, 2)
+    expected = [one.predict(batch) for batch in batches]
+    together = threading.Barrier(2, timeout=30)
+
+    def calls(which: int) -> list[np.ndarray]:
+        together.wait()
+        return [two.predict(batches[which]) for _ in range(20)]
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(calls, (0, 1)))
+    for which, answered in enumerate(answers):
+        for probabilities in answered:
+            np.testing.assert_allclose(probabilities, expected[which], rtol=1e-5, atol=1e-6)
+
+
+def test_streams_by_default_follow_the_precision_served() -> None:
+    """INFERENCE_STREAMS=0: full int8 gets the throughput hint's streams, fp32 arithmetic (int8
+    weights included) the latency hint's one; a number set is compiled as it is."""
+    assert compile_config(streams_for("int8"), 0) == {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "THROUGHPUT",
+    }
+    for precision in ("fp32", "int8-weights"):
+        assert compile_config(streams_for(precision), 0)["PERFORMANCE_HINT"] == "LATENCY"
+    assert compile_config(3, 2) == {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "NUM_STREAMS": 3,
+        "INFERENCE_NUM_THREADS": 2,
+    }

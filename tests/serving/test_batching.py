@@ -287,5 +287,48 @@ def test_a_closed_batcher_answers_what_it_queued_then_stops_and_refuses_more() -
         batcher.submit(images(1))
     model.release.set()
     assert [f.result(5).ravel().tolist() for f in [running, *queued]] == [[8.0], [0.0], [8.0], [16.0]]
-    batcher._thread.join(5)
-    assert not batcher._thread.is_alive() and model.sizes == [1, 2, 1]
+    assert batcher.join(5) and model.sizes == [1, 2, 1]
+
+
+class TwoAtOnce:
+    """A model whose first two calls each wait until the other is running too (a barrier of two):
+    with one worker the barrier breaks and the batch fails. Later calls run at once."""
+
+    def __init__(self) -> None:
+        self.together = threading.Barrier(2, timeout=5)
+        self.threads: set[str] = set()
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+            self.calls += 1
+            first_two = self.calls <= 2
+        if first_two:
+            self.together.wait()
+        return batch.sum(axis=(1, 2, 3))[:, None]
+
+
+def test_with_two_streams_two_batches_run_at_once_and_the_queue_still_forms_batches() -> None:
+    model = TwoAtOnce()
+    batcher = Batcher(model, max_batch=2, window_ms=0)
+    batcher.run_at_once(2)
+    assert batcher.streams == 2 and batcher.admission.streams == 2
+    assert batcher.describe()["streams"] == 2
+    futures = [batcher.submit(images(1, i)).future for i in range(6)]
+    assert [f.result(10).item() for f in futures] == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0]
+    assert len(model.threads) == 2  # each batch on a worker of its own
+    assert batcher.stats.images == 6 and batcher.stats.batches >= 3 and batcher.stats.largest_batch <= 2
+    batcher.close()
+    assert batcher.join(5)  # every worker ends
+
+
+def test_one_stream_runs_one_batch_at_a_time() -> None:
+    model = TwoAtOnce()
+    batcher = Batcher(model, max_batch=1, window_ms=0)
+    futures = [batcher.submit(images(1, i)).future for i in range(2)]
+    with pytest.raises(threading.BrokenBarrierError):
+        futures[0].result(10)  # it waited alone for a second call that never came
+    batcher.close()
+    assert batcher.join(5)

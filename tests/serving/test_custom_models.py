@@ -235,7 +235,7 @@ def test_a_new_fine_tuned_version_replaces_the_old_which_is_closed(tmp_path: Pat
     settle(models)
     answer = service.post("/v1/predict?model=tuned&top_k=1", data=flat(250)).get_json()
     assert (answer["version"], answer["predictions"][0]["label"]) == ("2", "dark")
-    wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
+    assert old.served.batcher.join(10), "the old batcher did not stop"
     repository.remove(tmp_path, "tuned")
     models.refresh()
     assert service.post("/v1/predict?model=tuned", data=flat(250)).status_code == 404
@@ -289,7 +289,7 @@ def test_a_request_that_found_a_replaced_version_is_answered_by_its_successor(tm
     models.refresh()
     settle(models)
     old.close()  # the swap closed it already: closing again changes nothing
-    wait_until(lambda: not old.served.batcher._thread.is_alive(), 10, "the old batcher to stop")
+    assert old.served.batcher.join(10), "the old batcher did not stop"
     looked_up = iter([old])  # the request looked the model up just before the swap
     newest = models.get
     models.get = lambda name: next(looked_up, None) or newest(name)  # type: ignore[method-assign]

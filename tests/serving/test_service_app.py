@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from werkzeug.test import TestResponse
 from common.wire import Priority
 from services import resnet50
 from serving.app import ServiceSettings, create_app
+from serving.runtime import RuntimeInfo
 from tests.helpers import assert_error, encode, photo
 from tests.serving.fakes import EchoRuntime
 
@@ -251,3 +253,44 @@ def test_every_batch_size_is_warmed_and_timed_before_the_service_is_ready() -> N
     assert sizes == [n for n in range(1, 9) for _ in (0, 1)]  # each size twice: warmed, then timed
     batching = app.test_client().get("/v1/model").get_json()["batching"]
     assert set(batching["batch_ms"]) == {str(n) for n in range(1, 9)}
+    assert batching["streams"] == 1
+
+
+class TwoStreamRuntime(EchoRuntime):
+    """Says it computes two batches at once. Its warm-up calls (the first ``warm_calls``) each wait
+    for another to run beside them (a barrier of two): a warm-up that called them one at a time
+    would break the barrier and fail the load."""
+
+    def __init__(self, warm_calls: int) -> None:
+        super().__init__()
+        self.warm_calls = warm_calls
+        self.together = threading.Barrier(2, timeout=5)
+        self.threads: set[str] = set()
+
+    def load(self) -> RuntimeInfo:
+        return replace(super().load(), streams=2)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if len(self.batches) < self.warm_calls:
+            self.threads.add(threading.current_thread().name)
+            self.together.wait()
+        return super().predict(batch)
+
+
+def test_with_two_streams_every_size_is_warmed_on_both_at_once_and_two_batchers_run() -> None:
+    runtime = TwoStreamRuntime(warm_calls=8 * 4)
+    app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
+    sizes = [shape[0] for shape in runtime.batches]
+    assert sizes == [n for n in range(1, 9) for _ in range(4)]  # twice on each stream: warm, timed
+    assert len(runtime.threads) == 2
+    model = app.test_client().get("/v1/model").get_json()
+    assert model["state"] == "ready" and model["streams"] == 2 and model["batching"]["streams"] == 2
+    assert app.extensions["models"].base.batcher.admission.streams == 2
+    answer = app.test_client().post("/v1/predict", data=photo("chelsea.jpg"), content_type="image/jpeg")
+    assert answer.status_code == 200
+
+
+def test_a_negative_stream_count_is_refused_at_start_up() -> None:
+    with pytest.raises(ValueError, match="INFERENCE_STREAMS"):
+        ServiceSettings.from_env("resnet50", {"INFERENCE_STREAMS": "-1"})
+    assert ServiceSettings.from_env("resnet50", {"RESNET50_INFERENCE_STREAMS": "2"}).inference_streams == 2
