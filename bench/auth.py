@@ -20,9 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from bench import load
+from bench.fleets import admin_session
 from deploy.local.fleet import ROOT, Fleet
 from deploy.local.running import on_free_ports, running
 
@@ -32,12 +31,8 @@ PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()
 
 def predict_key(fleet: Any) -> str:
     """A ``predict`` key, made as the admin (whose key the fleet generated in its run folder)."""
-    admin = (Path(fleet.fleet.environment()["AUTH_ADMIN_KEY_FILE"])).read_text().strip()
-    made = requests.post(
-        f"{fleet.url}/v1/keys",
-        json={"name": "bench-auth", "scopes": ["predict"]},
-        headers={"Authorization": f"Bearer {admin}"},
-        timeout=10,
+    made = admin_session(fleet).post(
+        f"{fleet.url}/v1/keys", json={"name": "bench-auth", "scopes": ["predict"]}, timeout=10
     )
     made.raise_for_status()
     return str(made.json()["key"])

@@ -24,6 +24,7 @@ from typing import Any
 import requests
 
 from bench import jobs
+from bench.fleets import admin_session
 from bench.jobs import moment
 from deploy.local.running import RunningFleet, rss_mb, wait_until
 from tests import colours
@@ -31,22 +32,28 @@ from tests import colours
 NAME, TUNED = "bench-colours", "bench-colours-tuned"
 
 
-def _listed(url: str) -> set[str]:
-    return {m["name"] for m in requests.get(f"{url}/v1/models", timeout=10).json()["models"]}
+def _listed(session: requests.Session, url: str) -> set[str]:
+    return {m["name"] for m in session.get(f"{url}/v1/models", timeout=10).json()["models"]}
 
 
 def _train(
-    url: str, name: str, per_class: int, fresh: list[tuple[str, bytes]], **fields: Any
+    session: requests.Session,
+    url: str,
+    name: str,
+    per_class: int,
+    fresh: list[tuple[str, bytes]],
+    **fields: Any,
 ) -> dict[str, Any]:
-    """Train ``name`` through Nginx, wait for it, and score it on the fresh photos."""
-    answer = requests.post(
+    """Train ``name`` through Nginx as ``session``'s principal, wait for it, and score it on the
+    fresh photos."""
+    answer = session.post(
         f"{url}/v1/training",
         files={"dataset": ("photos.zip", colours.archive(per_class, seed=1))},
         data={"name": name, "base": "resnet50", **{k: str(v) for k, v in fields.items()}},
         timeout=300,
     )
     answer.raise_for_status()
-    last = jobs.wait_finished(url, answer.json()["job_id"], 1800)
+    last = jobs.wait_finished(session, url, answer.json()["job_id"], 1800)
     trained = {
         "status": last["status"],
         "images": last["total"],
@@ -63,15 +70,15 @@ def _train(
         )
     right = 0
     for label, image in fresh:
-        reply = classify(url, name, image)
+        reply = classify(session, url, name, image)
         right += reply.status_code == 200 and reply.json()["predictions"][0]["label"] == label
     trained["fresh_accuracy"] = round(right / len(fresh), 4)
     trained["fresh_images"] = len(fresh)
     return trained
 
 
-def classify(url: str, model: str, image: bytes) -> requests.Response:
-    return requests.post(
+def classify(session: requests.Session, url: str, model: str, image: bytes) -> requests.Response:
+    return session.post(
         f"{url}/v1/predict?model={model}&top_k=1",
         data=image,
         headers={"Content-Type": "image/jpeg"},
@@ -79,19 +86,19 @@ def classify(url: str, model: str, image: bytes) -> requests.Response:
     )
 
 
-def _p50_ms(url: str, model: str, photos: list[tuple[str, bytes]]) -> float:
+def _p50_ms(session: requests.Session, url: str, model: str, photos: list[tuple[str, bytes]]) -> float:
     times = []
     for _, image in photos:
         started = time.perf_counter()
-        classify(url, model, image).raise_for_status()
+        classify(session, url, model, image).raise_for_status()
         times.append((time.perf_counter() - started) * 1000)
     return round(float(sorted(times)[len(times) // 2]), 1)
 
 
 def measure_on(fleet: RunningFleet, per_class: int = 25, fresh: int = 25) -> dict[str, Any]:
-    url = fleet.url
+    url, session = fleet.url, admin_session(fleet)  # custom models are their owner's: train as one
     photos = colours.images(fresh, seed=1234)
-    trained = _train(url, NAME, per_class, photos)
+    trained = _train(session, url, NAME, per_class, photos)
 
     pids = fleet.pids()
     holders = ("resnet50", "gateway")
@@ -101,19 +108,19 @@ def measure_on(fleet: RunningFleet, per_class: int = 25, fresh: int = 25) -> dic
     names = [f"bench-copy-{n}" for n in range(10)]
     for name in names:
         shutil.copytree(source, repository / name / "1")
-    wait_until(lambda: set(names) <= _listed(url), 60, "ten more custom models to be listed")
+    wait_until(lambda: set(names) <= _listed(session, url), 60, "ten more custom models to be listed")
     for name in names:
-        classify(url, name, photos[0][1])
+        classify(session, url, name, photos[0][1])
     time.sleep(1)
     after = {name: rss_mb(pids[name]) for name in holders}
     for name in [*names, NAME]:
-        requests.delete(f"{url}/v1/models/{name}", timeout=10)
+        session.delete(f"{url}/v1/models/{name}", timeout=10)
 
     service_before = rss_mb(pids["resnet50"])
-    tuned = _train(url, TUNED, per_class, photos, fine_tune_layers=11)
+    tuned = _train(session, url, TUNED, per_class, photos, fine_tune_layers=11)
     latency = {  # each request a photo of its own: the response cache never answers
-        "resnet50_p50_ms": _p50_ms(url, "resnet50", colours.images(5, seed=4321)),
-        "fine_tuned_p50_ms": _p50_ms(url, TUNED, colours.images(5, seed=5432)),
+        "resnet50_p50_ms": _p50_ms(session, url, "resnet50", colours.images(5, seed=4321)),
+        "fine_tuned_p50_ms": _p50_ms(session, url, TUNED, colours.images(5, seed=5432)),
     }
     tuned |= {
         "fine_tune_layers": 11,
@@ -121,7 +128,7 @@ def measure_on(fleet: RunningFleet, per_class: int = 25, fresh: int = 25) -> dic
         **latency,
     }
     tuned["added_mb"] = round(tuned["resnet50_service_mb"]["after"] - service_before, 1)
-    requests.delete(f"{url}/v1/models/{TUNED}", timeout=10)
+    session.delete(f"{url}/v1/models/{TUNED}", timeout=10)
     # The service closes a removed model once requests that hold it are answered (the default
     # deadline + 5 s): the copy's memory goes back then - and before the benchmark measures on.
     deleted = time.monotonic()

@@ -16,6 +16,15 @@ STUBBED = ("vgg16", "resnet50", "inceptionv3")  # the programs bench.stub_servic
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def admin_session(fleet: Any) -> requests.Session:
+    """Calls as the fleet's admin, with the key the fleet generated in its run folder: jobs,
+    training and custom models need a key."""
+    key = Path(fleet.fleet.environment()["AUTH_ADMIN_KEY_FILE"]).read_text().strip()
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {key}"
+    return session
+
+
 def base_env(cache: Path) -> dict[str, str]:
     """The default settings (``make run``'s): only the weights are random, as they must be here."""
     env = {

@@ -20,6 +20,7 @@ from typing import Any
 import requests
 
 from bench import load
+from bench.fleets import admin_session
 from deploy.local.running import wait_until
 
 
@@ -41,27 +42,29 @@ def duration_s(job: dict[str, Any]) -> float:
     return moment(job["finished_at"]) - moment(job["started_at"])
 
 
-def wait_finished(url: str, job_id: str, timeout_s: float) -> dict[str, Any]:
-    """The job once it is no longer pending or running."""
+def wait_finished(session: requests.Session, url: str, job_id: str, timeout_s: float) -> dict[str, Any]:
+    """The job once it is no longer pending or running (``session``: as its owner)."""
     last: dict[str, Any] = {}
 
     def finished() -> bool:
-        last.update(requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
+        last.update(session.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
         return last["status"] not in ("pending", "running")
 
     wait_until(finished, timeout_s, f"job {job_id} to finish")
     return last
 
 
-def run_job(url: str, photo: bytes, images: int, seed: str, timeout_s: float = 1800) -> dict[str, Any]:
-    answer = requests.post(
+def run_job(
+    session: requests.Session, url: str, photo: bytes, images: int, seed: str, timeout_s: float = 1800
+) -> dict[str, Any]:
+    answer = session.post(
         f"{url}/v1/jobs?model=resnet50&top_k=1",
         files={"archive": ("photos.zip", archive(photo, images, seed), "application/zip")},
         timeout=300,
     )
     answer.raise_for_status()
     job_id = answer.json()["job_id"]
-    last = wait_finished(url, job_id, timeout_s)
+    last = wait_finished(session, url, job_id, timeout_s)
     elapsed = duration_s(last)
     return {
         "job_id": job_id,
@@ -78,11 +81,14 @@ def measure_on(fleet: Any, photo: bytes, images: int, seconds: int) -> dict[str,
     interactive = f"{fleet.url}/v1/predict?model=resnet50"
     payload = load.Payload.raw(photo)
     alone = load.run(interactive, payload, connections=1, seconds=seconds)
-    job = run_job(fleet.url, photo, images, "alone")
+    session = admin_session(fleet)
+    job = run_job(session, fleet.url, photo, images, "alone")
 
     started = time.monotonic()
     answer: dict[str, Any] = {}
-    worker = threading.Thread(target=lambda: answer.update(run_job(fleet.url, photo, images, "beside")))
+    worker = threading.Thread(
+        target=lambda: answer.update(run_job(session, fleet.url, photo, images, "beside"))
+    )
     worker.start()
     time.sleep(5)  # the job is under way: chunks queued, both worker processes busy
     beside = load.run(interactive, payload, connections=1, seconds=seconds)

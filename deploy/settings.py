@@ -18,9 +18,10 @@ from common.training.settings import TrainingSettings
 NGINX_TEMPLATES = Path(__file__).resolve().parent / "nginx"
 
 # Gunicorn threads. A request waiting for its model parks a thread, so a model service needs one
-# per image it may queue (MAX_QUEUE_IMAGES, 64) plus the batch running (MAX_BATCH_SIZE, 8) plus
-# spares that decode or refuse: with fewer, requests would wait for a thread where admission cannot
-# see them, never refused and never counted. The gateway's threads wait on members the same way.
+# per image it may queue (MAX_QUEUE_IMAGES, 64) plus the batches running (MAX_BATCH_SIZE, 8, on
+# each stream: two for int8 on 2 cores) plus spares that decode or refuse: with fewer, requests
+# would wait for a thread where admission cannot see them, never refused and never counted. The
+# gateway's threads wait on members the same way.
 SERVICE_THREADS = 96
 GATEWAY_WORKERS = 2
 GATEWAY_THREADS = 64
