@@ -8,31 +8,28 @@ from typing import Any
 from serving.quantize import Gate
 
 
-def _raw_best(results: dict[str, Any], model: str, batch: int) -> dict[str, Any]:
-    """The fastest fp32 runtime at ``batch``, one call at a time (what one client could get)."""
-    served = [
-        r
-        for r in results["raw"]
-        if r["model"] == model
-        and r["batch"] == batch
-        and r.get("streams", 1) == 1
-        and "model.predict" not in r["backend"]
-        and "PRECISION=int8" not in r["backend"]
-    ]
-    return max(served, key=lambda r: r["img_per_s"])
-
-
-def _raw_top(results: dict[str, Any], model: str, int8: bool) -> dict[str, Any]:
-    """The runtime's best rate in any form measured (batch 1 or 8, one call at a time or its
-    streams at once), fp32 or PRECISION=int8: issue 19's reference."""
-    rows = [
+def _raw_rows(results: dict[str, Any], model: str, int8: bool) -> list[dict[str, Any]]:
+    """``model``'s raw rows of the runtimes the fleet can serve with (not Keras' ``model.predict``),
+    fp32 or ``PRECISION=int8``."""
+    return [
         r
         for r in results["raw"]
         if r["model"] == model
         and "model.predict" not in r["backend"]
         and ("PRECISION=int8" in r["backend"]) == int8
     ]
-    return max(rows, key=lambda r: r["img_per_s"])
+
+
+def _raw_best(results: dict[str, Any], model: str, batch: int) -> dict[str, Any]:
+    """The fastest fp32 runtime at ``batch``, one call at a time (what one client could get)."""
+    single = [r for r in _raw_rows(results, model, False) if r["batch"] == batch and r.get("streams", 1) == 1]
+    return max(single, key=lambda r: r["img_per_s"])
+
+
+def _raw_top(results: dict[str, Any], model: str, int8: bool) -> dict[str, Any]:
+    """The runtime's best rate in any form measured (batch 1 or 8, one call at a time or its
+    streams at once), fp32 or PRECISION=int8: issue 19's reference."""
+    return max(_raw_rows(results, model, int8), key=lambda r: r["img_per_s"])
 
 
 def _raw_form(row: dict[str, Any]) -> str:

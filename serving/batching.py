@@ -7,11 +7,10 @@ is concurrent - waits up to ``window_ms`` after the first arrival for more (Trit
 tax; under load the queue that builds while the model runs makes full batches. A runtime that
 computes several batches at once (OpenVINO streams: ``run_at_once``) gets a worker thread per
 stream; they take their batches from the queue one at a time, so one collects the next batch while
-the others' run. Each request gets its
-own future; a failed batch fails every waiter with the same error; a request whose deadline passed
-while it waited is dropped, not computed. What may join the queue is decided by the admission policy
-(``serving/admission.py``); the batcher tells it what enters, starts and finishes, and how long each
-batch size took.
+the others' run. Each request gets its own future; a failed batch fails every waiter with the same
+error; a request whose deadline passed while it waited is dropped, not computed. What may join the
+queue is decided by the admission policy (``serving/admission.py``); the batcher tells it what
+enters, starts and finishes, and how long each batch size took.
 
 Requests of ``Priority.BACKGROUND`` (asynchronous jobs) wait in a second FIFO queue, served only when no
 interactive request waits (Triton's priority levels). A job request is already a batch its sender

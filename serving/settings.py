@@ -138,7 +138,7 @@ class ServiceSettings:
             raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.inference_streams < 0:
             streams = self.inference_streams
-            raise ValueError(f"INFERENCE_STREAMS must be 0 (OpenVINO's choice) or more, got {streams}")
+            raise ValueError(f"INFERENCE_STREAMS must be 0 (by precision) or more, got {streams}")
         if self.precision == "int8" and self.backend == "keras":
             raise ValueError("PRECISION=int8 needs the OpenVINO backend (BACKEND=auto or openvino)")
 
