@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench profile convert weights nginx redis chromium secrets clean docs
+.PHONY: run test test-fast lint bench profile convert weights nginx redis chromium docker secrets clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,18 @@ redis:
 	$(call need,command -v redis-server,redis-server)
 chromium:
 	$(call need,command -v chromedriver,chromium chromium-driver)
+# Debian's Docker engine, Compose v1 and debootstrap for the compose tests (tests/e2e/test_compose.py
+# starts its own dockerd and makes the images' base from Debian's packages).
+docker:
+	$(call need,test -x /usr/sbin/dockerd && test -x /usr/bin/docker-compose && test -x /usr/sbin/debootstrap,docker.io docker-compose debootstrap)
 
 ## The whole fleet in the foreground: Nginx :8080 -> gateway :8000 -> vgg16/resnet50/inceptionv3.
 run: $(STAMP) nginx redis
 	$(PY) -m deploy.local.fleet
 
-## The whole suite, end-to-end tests included (~10 minutes on 2 cores); the docs build first.
-test: $(STAMP) nginx redis chromium
+## The whole suite, end-to-end tests and the compose fleet included (~20 minutes on 2 cores); the
+## docs build first.
+test: $(STAMP) nginx redis chromium docker
 	$(VENV)/bin/mkdocs build --strict -q --site-dir run/site
 	$(PY) -m pytest
 
@@ -79,12 +84,15 @@ weights: $(STAMP)
 	$(PY) -m services.fetch_weights
 
 ## For docker compose: the admin key, the Redis password and the callbacks' signing key, each
-## random, written once into run/secrets/ (0600) and never replaced.
+## random, written once into run/secrets/ and never replaced. The folder is the owner's alone (0700);
+## the files are 0644 because compose bind-mounts them as they are, and the containers' non-root
+## user must read them.
 SECRETS ?= run/secrets
 secrets:
 	@mkdir -p $(SECRETS) && chmod 700 $(SECRETS)
 	@for name in admin_key redis_password callback_secret; do \
-	  [ -s $(SECRETS)/$$name ] || (umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(SECRETS)/$$name); \
+	  [ -s $(SECRETS)/$$name ] || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(SECRETS)/$$name; \
+	  chmod 644 $(SECRETS)/$$name; \
 	done
 	@echo "secrets in $(SECRETS)/ (the admin key: $(SECRETS)/admin_key)"
 

@@ -25,6 +25,9 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # buffer, CRLF included) always fits, so an over-long URL gets Nginx's JSON 414, never Gunicorn's
 # HTML one (schemathesis found a 5.7 kB query string answered in HTML).
 limit_request_line = 8190
+# Gunicorn's control socket (gunicornc) is not used, and its default path (~/.gunicorn) would be
+# shared by every Gunicorn of the local fleet and is read-only in the containers.
+control_socket_disable = True
 
 # One JSON line per log record (LOG_FORMAT=text for classic lines), Gunicorn's own included.
 logconfig_dict = logs.gunicorn_config()

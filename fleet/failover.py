@@ -8,7 +8,9 @@
   back-off); when none took the call the caller gets 503 with the soonest ``Retry-After`` given.
 - A reply lost after the request went out: a prediction is a pure function of the image, so the call
   goes out once more - exactly once - to another ready replica (the same one when there is none),
-  and that try is the last. The replica stays in rotation: only a failed connect takes one out.
+  and that try is the last one sent. A ready replica that refuses it unsent (one leaving as the
+  fleet scales in) does not count: the next ready one is asked. The replica stays in rotation: only
+  a failed connect takes one out.
 - No answer within the read time-out: never retried (it may still be running); 504.
 - Anything else (the member's 4xx or 504, a broken contract): the call ends with it.
 """
@@ -65,9 +67,11 @@ class Failover:
             self._retry_after = soonest if self._retry_after is None else min(self._retry_after, soonest)
         elif isinstance(outcome, ReplyLost):
             self.reason = str(outcome)
-            if not self._last_try:
+            if self._last_try:
+                self._queue.clear()  # the one retry went out and was lost too
+            else:
                 others = [r for r in self.registry.candidates(self.model) if r.ready and r.url != replica.url]
-                self._queue = deque([others[0] if others else replica])
+                self._queue = deque(others or [replica])
                 self._last_try = True
         elif isinstance(outcome, NoAnswer):
             if outcome.clipped:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ from workers.runner import Cancelled, ChunkRunner, Requeue
 from workers.training.runner import TrainingRunner
 
 log = logging.getLogger("imagerec.jobs")
+# Model calls count into PROMETHEUS_MULTIPROC_DIR (the fleet client's metrics), which must exist
+# before the first one: Gunicorn makes the gateway's, and a container's /tmp starts empty.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 SETTINGS = JobSettings.from_env()
 TRAINING = TrainingSettings.from_env()
 app = queue.create(SETTINGS, TRAINING.queue)

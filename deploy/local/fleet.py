@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import string
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from common.settings import load, setting
 from common.tenancy.keys import admin_key
 from common.tenancy.settings import AuthSettings
 from common.training.settings import TrainingSettings
-from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, NGINX_TEMPLATES, SERVICE_THREADS, NginxSettings
+from deploy.nginx import render as nginx_config
+from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, SERVICE_THREADS, NginxSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_SERVICES = BASE_MODELS
@@ -275,16 +275,11 @@ class Fleet:
             **self.nginx.template_values(),
             "NGINX_WORKERS": str(s.nginx_workers),
             "NGINX_DIR": str(nginx_dir),
-            "LOG_DIR": str(log_dir),
+            "NGINX_ERROR_LOG": str(log_dir / "nginx-error.log"),
             "NGINX_TEMP_DIR": str(temp_dir),
             "NGINX_USER_DIRECTIVE": user,
         }
-        for template, target in (
-            ("imagerec.conf.template", "imagerec.conf"),
-            ("nginx.local.conf.template", "nginx.conf"),
-        ):
-            text = (NGINX_TEMPLATES / template).read_text()
-            (nginx_dir / target).write_text(string.Template(text).safe_substitute(values))
+        nginx_config.render(values, nginx_dir)
         conf = self.run_dir / "supervisord.conf"
         conf.write_text(self._supervisord_conf(log_dir))
         return conf

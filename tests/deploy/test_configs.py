@@ -21,6 +21,7 @@ from common.jobs.settings import JobSettings
 from common.training.settings import TrainingSettings
 from deploy.k8s import render
 from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
+from deploy.nginx import render as nginx_config
 from deploy.settings import (
     CUSTOM_MODELS_DIR,
     GATEWAY_THREADS,
@@ -39,7 +40,7 @@ from serving.settings import ServiceSettings
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
 GATEWAY_STAGE = DOCKERFILE.split("AS gateway", 1)[1].split("\nFROM ", 1)[0]
-BASE_STAGE = DOCKERFILE.split("AS base", 1)[1].split("\nFROM ", 1)[0]
+BASE_STAGE = DOCKERFILE.split("AS os", 1)[1].split("\nFROM ", 1)[0]
 [(TRAINER_FROM, TRAINER_STAGE)] = re.findall(
     r"^FROM (\S+) AS trainer\n(.*?)(?=^FROM |\Z)", DOCKERFILE, re.M | re.S
 )
@@ -167,8 +168,8 @@ def test_compose_has_the_same_topology() -> None:
     services = COMPOSE["services"]
     assert set(services) == {*MODEL_PORTS, "gateway", "worker", "trainer", "redis", "redis-cache", "nginx"}
     assert [p for s in services.values() for p in s.get("ports", [])] == [  # Nginx's alone: REST, gRPC
-        "${NGINX_PUBLISHED_PORT:-8080}:8080",
-        "${NGINX_PUBLISHED_GRPC_PORT:-8081}:8081",
+        "${NGINX_PUBLISHED_ADDRESS:-0.0.0.0}:${NGINX_PUBLISHED_PORT:-8080}:8080",
+        "${NGINX_PUBLISHED_ADDRESS:-0.0.0.0}:${NGINX_PUBLISHED_GRPC_PORT:-8081}:8081",
     ]
     nginx, gateway = services["nginx"]["environment"], services["gateway"]["environment"]
     assert nginx["GATEWAY_GRPC_UPSTREAM"] == "gateway:" + gateway["GATEWAY_GRPC_BIND"].rpartition(":")[2]
@@ -216,7 +217,7 @@ def test_compose_redis_keeps_the_queue_across_restarts() -> None:
     services = COMPOSE["services"]
     redis = services["redis"]
     command = redis["command"][-1].split()  # sh -c "exec redis-server ...": the password is a secret
-    assert redis["image"].split(":")[0] == "redis" and command[command.index("--appendonly") + 1] == "yes"
+    assert redis["build"]["target"] == "redis" and command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in command
     volume = redis["volumes"][0].split(":")
     assert volume[1] == "/data" and volume[0] in COMPOSE["volumes"]  # a named volume, not the container's
@@ -246,21 +247,22 @@ def test_compose_references_files_that_exist() -> None:
         if "build" in service:
             assert (ROOT / service["build"]["dockerfile"]) == dockerfile
             assert service["build"]["target"] in stages
-    template = COMPOSE["services"]["nginx"]["volumes"][0].split(":")[0]
-    assert (ROOT / template).is_file()
-    needed = set(re.findall(r"\$\{(\w+)\}", (ROOT / template).read_text()))
+    # Nginx is the project's image: the templates the local fleet renders, rendered the same way.
+    assert COMPOSE["services"]["nginx"]["build"]["target"] == "nginx"
+    assert re.search(r"^COPY deploy/nginx ./deploy/nginx$", DOCKERFILE, re.MULTILINE)
+    needed = nginx_config.names() - set(nginx_config.container_values({}))  # the image sets its paths
     assert needed <= set(COMPOSE["services"]["nginx"]["environment"])
 
 
 def test_compose_is_valid_against_the_compose_specification() -> None:
-    """The Compose Specification's JSON schema (tests/fixtures/ATTRIBUTION.md). That copy predates
-    the top-level ``name`` (added to the spec in 2022), so ``name`` is checked on its own."""
+    """The Compose Specification's JSON schema (tests/fixtures/ATTRIBUTION.md), with nothing only
+    Compose v2 reads: Debian's docker-compose 1.29 refuses a top-level ``name``."""
     schema = jsonschema.Draft201909Validator(
         json.loads((ROOT / "tests" / "fixtures" / "compose-spec.json").read_text())
     )
-    document = {k: v for k, v in COMPOSE.items() if k != "name"}
+    document = dict(COMPOSE)
     schema.validate(document)
-    assert re.fullmatch(r"[a-z0-9][a-z0-9_-]*", COMPOSE["name"])  # the spec's project-name rule
+    assert "name" not in document
     typo = {**document["services"]["gateway"], "healtcheck": {}}
     with pytest.raises(jsonschema.ValidationError, match="healtcheck"):  # strict enough to catch typos
         schema.validate({**document, "services": {**document["services"], "gateway": typo}})
@@ -308,11 +310,15 @@ def test_the_trainer_image_is_the_model_image_with_the_workers() -> None:
     assert re.search(rf"^ENV .*\bJOBS_DIR={JOBS_DIR}\b", TRAINER_STAGE, re.MULTILINE)
     core = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
     assert core and "celery[redis]" in core.group(1) and "redis" in core.group(1)
-    # It runs as `app` (the model stage's last USER; none of its own), which can make the Prometheus
-    # folder its model calls need under /tmp but not a folder at /.
+    # It runs as `app` (the model stage's last USER; none of its own). Its /tmp is an empty tmpfs
+    # in compose, so the Celery app makes the Prometheus folder its model calls need itself.
     assert not re.search(r"^USER ", TRAINER_STAGE, re.MULTILINE)
     [metrics] = re.findall(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", DOCKERFILE)
-    assert metrics.startswith("/tmp/") and re.search(rf"^RUN mkdir -p {metrics}$", TRAINER_STAGE, re.M)
+    assert metrics.startswith("/tmp/")
+    assert (
+        'os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)'
+        in (ROOT / "workers" / "app.py").read_text()
+    )
 
 
 def test_every_image_has_the_custom_models_folder_owned_by_the_app_user() -> None:
@@ -448,12 +454,15 @@ def test_compose_gateway_believes_x_real_ip_from_nginx_alone() -> None:
     assert ipaddress.ip_address(nginx) in ipaddress.ip_network(subnet)
 
 
-def test_make_secrets_writes_each_secret_once_readable_by_its_owner_alone(tmp_path: Path) -> None:
+def test_make_secrets_writes_each_secret_once_in_a_folder_of_its_owners_alone(tmp_path: Path) -> None:
+    """Compose bind-mounts a file secret as it is, so the containers' user must be able to read the
+    file (0644); the folder keeps everyone else on the host out (0700)."""
     out = tmp_path / "secrets"
     subprocess.run(["make", "-s", "secrets", f"SECRETS={out}"], cwd=ROOT, check=True, capture_output=True)
     first = {p.name: p.read_text() for p in out.iterdir()}
     assert set(first) == {"admin_key", "redis_password", "callback_secret"}
     assert all(len(v.strip()) >= 32 for v in first.values()) and len(set(first.values())) == 3
-    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o600"}
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+    assert oct(out.stat().st_mode & 0o777) == "0o700"
     subprocess.run(["make", "-s", "secrets", f"SECRETS={out}"], cwd=ROOT, check=True, capture_output=True)
     assert {p.name: p.read_text() for p in out.iterdir()} == first  # never replaced once made

@@ -100,7 +100,7 @@ def test_the_gateway_forgets_a_stopping_model_pod_before_it_drains() -> None:
 
 
 DOCKERFILE = (render.HERE.parent / "docker" / "Dockerfile").read_text()
-MODEL_STAGE = DOCKERFILE.split("AS model", 1)[1]
+MODEL_STAGE = DOCKERFILE.split("AS model", 1)[1].split("\nFROM ", 1)[0]
 
 
 def image_user() -> dict[str, Any]:

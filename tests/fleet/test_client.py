@@ -381,6 +381,31 @@ def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exc
 
 @pytest.mark.parametrize("refusal", NOTHING_SENT.values(), ids=NOTHING_SENT.keys())
 @responses.activate
+def test_the_retry_of_a_lost_reply_refused_unsent_goes_on_to_the_next_ready_replica(
+    refusal: Exception,
+) -> None:
+    """Scaling in: the reply is lost on a leaving replica and the retry is refused by another leaving
+    one. Nothing reached that one, so the retry is not spent: the replica that stays answers."""
+    r3 = "http://r3:8502"
+    session = new_session(4)
+    model_client = ModelClient(Registry({"resnet50": [R1, R2, r3]}, session), session, connect_retries=0)
+    for replica in model_client.registry.replicas("resnet50"):
+        replica.ready = True
+    lost = responses.post(f"{R1}/v1/predict", body=SENT_THEN_LOST["closed"])
+    refused = responses.post(f"{R2}/v1/predict", body=refusal)
+    stays = responses.post(f"{r3}/v1/predict", json=reply())
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert (lost.call_count, refused.call_count, stays.call_count) == (1, 1, 1)
+    assert [r.ready for r in model_client.registry.replicas("resnet50")] == [True, False, True]
+    responses.replace(responses.POST, f"{r3}/v1/predict", body=SENT_THEN_LOST["reset"])
+    for replica in model_client.registry.replicas("resnet50"):
+        replica.ready = True
+    with pytest.raises(ModelUnavailable):  # a second lost reply still ends the call
+        model_client.predict("resnet50", [b"a"], top_k=1)
+
+
+@pytest.mark.parametrize("refusal", NOTHING_SENT.values(), ids=NOTHING_SENT.keys())
+@responses.activate
 def test_nothing_sent_marks_the_replica_down_and_fails_over(
     model_client: ModelClient, refusal: Exception
 ) -> None:

@@ -1,0 +1,201 @@
+"""The compose project as the end-to-end tests drive it: our own ``dockerd`` (``deploy.docker.engine``),
+the images built from deploy/docker/Dockerfile on a base made from Debian's packages, and
+``docker-compose`` (Debian's v1) with the published ports chosen free.
+
+Everything waits on what Docker reports (healthchecks, container states), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from deploy.docker.engine import DEBIAN_BIN, ROOT, Engine
+from deploy.local.running import free_port, wait_until
+
+PROJECT = "imagerec-e2e"
+SECRETS = ROOT / "run" / "secrets"
+BUILT = ("model", "trainer", "gateway", "nginx", "redis")  # the Dockerfile's final stages
+SERVICES = (
+    "vgg16",
+    "resnet50",
+    "inceptionv3",
+    "gateway",
+    "worker",
+    "trainer",
+    "redis",
+    "redis-cache",
+    "nginx",
+)
+
+
+@dataclass
+class ComposeFleet:
+    engine: Engine
+    base_image: str
+    port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin_key(self) -> str:
+        return (SECRETS / "admin_key").read_text().strip()
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+    def env(self) -> dict[str, str]:
+        return {
+            **self.engine.env(),
+            "COMPOSE_PROJECT_NAME": PROJECT,
+            "BASE_IMAGE": self.base_image,
+            # No ImageNet files here and no download at run time: seeded random weights, labelled so.
+            "WEIGHTS": "random",
+            "NGINX_PUBLISHED_ADDRESS": "127.0.0.1",
+            "NGINX_PUBLISHED_PORT": str(self.port),
+            "NGINX_PUBLISHED_GRPC_PORT": str(self.grpc_port),
+        }
+
+    def compose(
+        self, *args: str, timeout: float = 900, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [f"{DEBIAN_BIN}/docker-compose", "--no-ansi", "-f", str(ROOT / "docker-compose.yml"), *args],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode:
+            raise RuntimeError(
+                f"docker-compose {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.engine.docker(*args, check=check)
+
+    def build(self) -> float:
+        """``docker-compose build`` (BuildKit through Debian's docker client); seconds taken."""
+        started = time.monotonic()
+        self.compose("build", timeout=1800)
+        return time.monotonic() - started
+
+    def containers(self, service: str) -> list[str]:
+        return self.compose("ps", "-q", service).stdout.split()
+
+    def inspect(self, container: str) -> dict[str, Any]:
+        return json.loads(self.docker("inspect", container).stdout)[0]  # type: ignore[no-any-return]
+
+    def state(self, container: str) -> str:
+        """``healthy`` once its healthcheck passes (``running`` for one without a healthcheck)."""
+        found = self.inspect(container)["State"]
+        health = found.get("Health")
+        return str(health["Status"] if health and found["Running"] else found["Status"])
+
+    def wait_green(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 600) -> float:
+        """Until every container of ``services`` is healthy (or running, without a healthcheck);
+        seconds waited."""
+        started = time.monotonic()
+
+        def green() -> bool:
+            for service in services:
+                ids = self.containers(service)
+                if not ids or any(self.state(c) not in ("healthy", "running") for c in ids):
+                    return False
+                if any(self.state(c) == "running" and self.inspect(c)["State"].get("Health") for c in ids):
+                    return False
+            return True
+
+        try:
+            wait_until(green, timeout_s, "every compose container healthy")
+        except TimeoutError:
+            raise TimeoutError(f"not green in {timeout_s:.0f} s:\n{self.describe()}") from None
+        return time.monotonic() - started
+
+    def describe(self) -> str:
+        """Each container's state and the last lines of its log, for a failure's message."""
+        lines = []
+        for service in SERVICES:
+            for container in self.containers(service):
+                lines.append(f"--- {service} {container[:12]}: {self.state(container)}")
+                logs = self.docker("logs", "--tail", "15", container, check=False)
+                lines.append((logs.stdout + logs.stderr)[-2500:])
+        return "\n".join(lines)
+
+    def up(self, *args: str) -> float:
+        """``up -d`` (no build: the images are built) and every healthcheck green; seconds taken."""
+        started = time.monotonic()
+        self.compose("up", "-d", "--no-build", *args)
+        self.wait_green()
+        return time.monotonic() - started
+
+    def replica_images(self, service: str = "resnet50", model: str = "resnet50") -> dict[str, float]:
+        """Images each container of ``service`` has run through its model (its own /metrics)."""
+        port = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}[model]
+        code = (
+            "import urllib.request;"
+            f"print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+        )
+        counts = {}
+        for container in self.containers(service):
+            text = self.docker("exec", container, "python", "-c", code).stdout
+            counts[container[:12]] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(f'imagerec_inference_images_total{{model="{model}"}}')
+            )
+        return counts
+
+    def ready_replicas(self, model: str = "resnet50") -> int:
+        """Replicas of ``model`` the gateway lists as ready (the admin sees every one)."""
+        answer = requests.get(f"{self.url}/v1/models/{model}", headers=self.admin, timeout=10)
+        answer.raise_for_status()
+        return sum(bool(replica["ready"]) for replica in answer.json()["replicas"])
+
+    def crash(self, container: str) -> None:
+        """SIGKILL to the container's init from the host, as a crash would: unlike ``docker kill``
+        (a manual stop), it leaves the restart policy to act."""
+        pid = self.inspect(container)["State"]["Pid"]
+        subprocess.run(["kill", "-9", str(pid)], check=True)
+
+    def restarted(self, container: str, before: int, timeout_s: float = 300) -> None:
+        """Until Docker has restarted ``container`` (RestartCount past ``before``) and it is green."""
+        wait_until(
+            lambda: (
+                self.inspect(container)["RestartCount"] > before
+                and self.state(container) in ("healthy", "running")
+                and not (
+                    self.state(container) == "running" and self.inspect(container)["State"].get("Health")
+                )
+            ),
+            timeout_s,
+            f"{container[:12]} restarted and green",
+        )
+
+
+def project_volumes(fleet: ComposeFleet) -> list[str]:
+    return fleet.docker(
+        "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"
+    ).stdout.split()
+
+
+def secrets(root: Path = ROOT) -> None:
+    """``make secrets``, as the README says."""
+    subprocess.run(["make", "-s", "secrets"], cwd=root, check=True, capture_output=True)
