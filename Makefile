@@ -60,7 +60,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy common serving fleet gateway deploy client workers
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (~20 minutes).
-bench: $(STAMP) nginx redis bench/.venv-bento/.installed
+bench: $(STAMP) nginx redis docker bench/.venv-bento/.installed
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
 

@@ -16,7 +16,9 @@
 10. authentication: the p50 a key adds to a ResNet50 prediction at 1 client (bench/auth.py);
 11. custom classes: a ResNet50 custom model trained through Nginx (time, held-out and fresh
    accuracy), the memory ten more custom models add, and a fine-tuned one's time, accuracy,
-   memory and latency (bench/custom.py), on the default fleet.
+   memory and latency (bench/custom.py), on the default fleet;
+12. containers: image sizes, compose's start times and memory, and ResNet50 at 8 clients through
+   compose next to make run's fleet (bench/containers.py, bench/results/containers.md).
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
 (wrk's sixteen connections come from one address, which the limiter counts as one client).
@@ -39,7 +41,7 @@ from typing import Any
 
 import requests
 
-from bench import auth, custom, ingest, jobs, load, overload, protocols, report
+from bench import auth, containers, custom, ingest, jobs, load, overload, protocols, report
 from bench.fleets import MODELS, base_env, batching, settle
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
@@ -378,6 +380,12 @@ def main() -> int:
     results["bentoml"] = bentoml_baseline(seconds, SWEEP)
     log("4/7 gateway + Nginx overhead with stub services, cache hits")
     results["overhead"] = overhead(cache, seconds)
+    log("12: the compose fleet against make run's (bench/results/containers.md)")
+    reason = containers.docker_engine.why_not()
+    if reason:
+        log(f"containers skipped: {reason}")
+    else:
+        containers.write(containers.measure(seconds))
     results["duration_s"] = round(time.time() - started)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2))
     report.write(results, RESULTS)

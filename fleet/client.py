@@ -63,7 +63,7 @@ class ModelClient:
         registry: Registry,
         session: requests.Session,
         *,
-        connect_timeout_s: float = 1.0,
+        connect_timeout_s: float = 2.5,
         read_timeout_s: float = 30.0,
         connect_retries: int = 1,
         retry_backoff_s: float = 0.05,

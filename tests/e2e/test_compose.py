@@ -25,10 +25,10 @@ import tritonclient.grpc as triton_grpc
 from limits import parse_many
 
 from deploy.docker import engine as docker_engine
+from deploy.docker import project as compose
 from deploy.local.running import wait_until
 from gateway.settings import GatewaySettings
 from tests import colours
-from tests.e2e import compose
 from tests.e2e.load import Load
 from tests.e2e.running import wait_for
 from tests.helpers import photo

@@ -1,6 +1,7 @@
-"""The compose project as the end-to-end tests drive it: our own ``dockerd`` (``deploy.docker.engine``),
-the images built from deploy/docker/Dockerfile on a base made from Debian's packages, and
-``docker-compose`` (Debian's v1) with the published ports chosen free.
+"""The compose project driven from Python, as the end-to-end tests and ``make bench`` run it: our
+own ``dockerd`` (``deploy.docker.engine``), the images built from deploy/docker/Dockerfile on a base
+made from Debian's packages, and ``docker-compose`` (Debian's v1) with the published ports chosen
+free and bound to 127.0.0.1.
 
 Everything waits on what Docker reports (healthchecks, container states), never on sleeps.
 """
@@ -19,9 +20,8 @@ import requests
 from deploy.docker.engine import DEBIAN_BIN, ROOT, Engine
 from deploy.local.running import free_port, wait_until
 
-PROJECT = "imagerec-e2e"
+PROJECT = "imagerec-e2e"  # never the folder's default, so a user's own project is left alone
 SECRETS = ROOT / "run" / "secrets"
-BUILT = ("model", "trainer", "gateway", "nginx", "redis")  # the Dockerfile's final stages
 SERVICES = (
     "vgg16",
     "resnet50",
@@ -37,6 +37,8 @@ SERVICES = (
 
 @dataclass
 class ComposeFleet:
+    """One compose project on ``engine``: its URLs, its containers, and the calls that change it."""
+
     engine: Engine
     base_image: str
     port: int = field(default_factory=free_port)
@@ -101,7 +103,7 @@ class ComposeFleet:
         return self.compose("ps", "-q", service).stdout.split()
 
     def inspect(self, container: str) -> dict[str, Any]:
-        return json.loads(self.docker("inspect", container).stdout)[0]  # type: ignore[no-any-return]
+        return json.loads(self.docker("inspect", container).stdout)[0]
 
     def state(self, container: str) -> str:
         """``healthy`` once its healthcheck passes (``running`` for one without a healthcheck)."""
