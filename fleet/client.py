@@ -63,7 +63,7 @@ class ModelClient:
         registry: Registry,
         session: requests.Session,
         *,
-        connect_timeout_s: float = 2.5,
+        connect_timeout_s: float = 1.0,
         read_timeout_s: float = 30.0,
         connect_retries: int = 1,
         retry_backoff_s: float = 0.05,
@@ -144,7 +144,9 @@ class ModelClient:
                 continue
             started = time.perf_counter()
             try:
-                reply = self.transport.predict(replica, model, images, params, headers, deadline)
+                reply = self.transport.predict(
+                    replica, model, images, params, headers, deadline, fresh=failover.retrying_lost_reply
+                )
             except BaseException as exc:
                 accounting.record(breaker, model, exc)
                 failover.failed(replica, exc)  # raises when the call ends here

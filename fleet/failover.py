@@ -8,8 +8,9 @@
   back-off); when none took the call the caller gets 503 with the soonest ``Retry-After`` given.
 - A reply lost after the request went out: a prediction is a pure function of the image, so the call
   goes out once more - exactly once - to another ready replica (the same one when there is none),
-  and that try is the last one sent. A ready replica that refuses it unsent (one leaving as the
-  fleet scales in) does not count: the next ready one is asked. The replica stays in rotation: only
+  and that try is the last one sent. It goes out on a new connection: a replica leaving as the
+  fleet scales in refuses that unsent (where a pooled keep-alive connection it is closing would
+  lose it), which does not count, and the next ready one is asked. The replica stays in rotation: only
   a failed connect takes one out.
 - No answer within the read time-out: never retried (it may still be running); 504.
 - Anything else (the member's 4xx or 504, a broken contract): the call ends with it.
@@ -52,6 +53,11 @@ class Failover:
             time.sleep(self._backoff_s * 2 ** (self._round - 1) * random.uniform(0.5, 1.5))
             self._queue.extend(self.registry.candidates(self.model))
         return self._queue.popleft()
+
+    @property
+    def retrying_lost_reply(self) -> bool:
+        """The one retry after a lost reply is under way: it goes out on a new connection."""
+        return self._last_try
 
     def skip(self, reason: str) -> None:
         """The replica was passed over without a try (its circuit is open)."""

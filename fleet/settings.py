@@ -36,11 +36,7 @@ class FleetSettings:
         40_000_000, "largest declared width x height (413), checked before decoding"
     )
     max_request_images: int = setting(32, "most images in one request, checked before decoding")
-    # NOTE: above Linux's first SYN retransmission (1 s): at 1.0 one lost packet failed the try, and
-    # a compose scale-in (veths leaving the bridge) lost one for every client at once.
-    connect_timeout_s: float = setting(
-        2.5, "connect timeout to a model replica (room for one retransmitted SYN)"
-    )
+    connect_timeout_s: float = setting(1.0, "connect timeout to a model replica")
     member_timeout_s: float = setting(30.0, "time a model replica has to answer")
     default_deadline_ms: float = setting(
         30_000.0,

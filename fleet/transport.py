@@ -118,8 +118,13 @@ class Transport:
         params: dict[str, str],
         headers: dict[str, str],
         deadline: float,
+        fresh: bool = False,
     ) -> dict[str, Any]:
-        """One exchange; the member's answer with one result per image, or an outcome (see module)."""
+        """One exchange; the member's answer with one result per image, or an outcome (see module).
+
+        ``fresh``: on a new connection, not a pooled one. The retry of a lost reply goes out so: a
+        replica shutting down closes its idle keep-alive connections, and a request written onto one
+        of those is lost, where a new connection is refused unsent and the next replica asked."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"the request's deadline passed before {model} answered")
@@ -130,12 +135,11 @@ class Transport:
             # from now: time the call then waits for one of the member's threads counts against it
             headers[REQUEST_START_HEADER] = f"t={time.time():.3f}"
         try:
-            response = self.session.post(
-                f"{replica.url}/v1/predict",
-                params=params,
-                timeout=(self.connect_timeout_s, read_s),
-                **_body(images, headers),
-            )
+            if fresh:
+                with requests.Session() as once:
+                    response = self._post(once, replica, params, read_s, images, headers)
+            else:
+                response = self._post(self.session, replica, params, read_s, images, headers)
         except requests.ConnectionError as exc:  # ConnectTimeout included
             if any(isinstance(c, ReadTimeoutError) for c in _causes(exc)):  # while reading the body
                 raise NoAnswer(f"{model} stopped answering", clipped=read_s < self.read_timeout_s) from exc
@@ -149,6 +153,22 @@ class Transport:
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
             raise ReplyLost(f"replica answered with a broken response ({type(exc).__name__})") from exc
         return self._read(model, replica, response, len(images))
+
+    def _post(
+        self,
+        session: requests.Session,
+        replica: Replica,
+        params: dict[str, str],
+        read_s: float,
+        images: list[bytes],
+        headers: dict[str, str],
+    ) -> requests.Response:
+        return session.post(
+            f"{replica.url}/v1/predict",
+            params=params,
+            timeout=(self.connect_timeout_s, read_s),
+            **_body(images, headers),
+        )
 
     @staticmethod
     def _read(model: str, replica: Replica, response: requests.Response, count: int) -> dict[str, Any]:

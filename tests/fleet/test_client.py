@@ -363,6 +363,27 @@ def test_a_reply_lost_after_sending_is_asked_again_elsewhere_and_the_replica_sta
     assert all(r.ready for r in model_client.registry.replicas("resnet50"))  # not a connect failure
 
 
+@responses.activate
+def test_the_retry_of_a_lost_reply_goes_out_on_a_new_connection(model_client: ModelClient) -> None:
+    """A pooled keep-alive connection to a replica that is shutting down may lose the retry too; a new
+    connection to it would be refused unsent, and the next replica asked."""
+    responses.post(f"{R1}/v1/predict", body=SENT_THEN_LOST["closed"])
+    responses.post(f"{R2}/v1/predict", json=reply())
+    for replica in model_client.registry.replicas("resnet50"):
+        replica.ready = True
+    pooled, sent = model_client.transport.session, []
+    post = pooled.post
+
+    def counted(url: str, **options: Any) -> requests.Response:
+        sent.append(url)
+        return post(url, **options)
+
+    pooled.post = counted  # type: ignore[method-assign]
+    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert [call.request.url.split("/v1")[0] for call in responses.calls] == [R1, R2]
+    assert sent == [f"{R1}/v1/predict"]  # the retry to R2 did not use the pool
+
+
 @pytest.mark.parametrize("lost", SENT_THEN_LOST.values(), ids=SENT_THEN_LOST.keys())
 @responses.activate
 def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exception) -> None:
