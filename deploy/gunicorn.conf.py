@@ -4,12 +4,15 @@ The fleet launcher and the Dockerfiles pass ``--bind``, ``--workers`` and ``--th
 """
 
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, before --chdir applies
-from common import logs  # noqa: E402
+from common import draining, logs  # noqa: E402
 
 # NOTE: TensorFlow is not fork-safe (tensorflow/tensorflow#2448): models load in the worker.
 preload_app = False
@@ -39,6 +42,39 @@ def on_starting(server: object) -> None:
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
+
+
+def _drain_s(server: object) -> float:
+    """``DRAIN_S`` of a model service (``services.<model>:...``); 0 for the gateway."""
+    found = re.match(r"services\.(\w+):", str(server.cfg.wsgi_app or ""))  # type: ignore[attr-defined]
+    if not found:
+        return 0.0
+    return draining.DrainSettings.from_env(found.group(1)).drain_s
+
+
+def when_ready(server: object) -> None:
+    """A model service drains on SIGTERM (common/draining.py): the first TERM marks the drain and
+    asks for a second after ``DRAIN_S``; the second (or the operator's next) stops Gunicorn."""
+    drain_s = _drain_s(server)
+    marker = draining.marker(os.getpid())
+    marker.unlink(missing_ok=True)
+    if drain_s <= 0:
+        return
+    stop = server.handle_term  # type: ignore[attr-defined]
+
+    def handle_term() -> None:
+        if marker.exists():
+            stop()
+            return
+        marker.touch()
+        server.log.info("draining for %.1f s before stopping", drain_s)  # type: ignore[attr-defined]
+        threading.Timer(drain_s, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    server.handle_term = handle_term  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    draining.marker(os.getpid()).unlink(missing_ok=True)
 
 
 def child_exit(server: object, worker: object) -> None:

@@ -34,6 +34,7 @@ class Entry:
 # (module, class, env prefix, section title), in the order of the page.
 CLASSES = (
     Entry("serving.settings", "ServiceSettings", "", "Model services"),
+    Entry("common.draining", "DrainSettings", "", "Model services: stopping"),
     Entry("services.keras_file", "KerasFileSettings", "KERAS_FILE_", "A .keras file service"),
     Entry("fleet.settings", "FleetSettings", "GATEWAY_", "Fleet client: routing, replicas, URL fetching"),
     Entry("gateway.settings", "GatewaySettings", "GATEWAY_", "Gateway"),

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, request
 
+from common import draining, repository, web
 from common import labels as labels_mod
-from common import repository, web
-from common.errors import NotFound, ServiceError, UnknownModel
+from common.errors import ModelNotReady, NotFound, ServiceError, UnknownModel
 from common.models import ModelSpec
 from serving.backends import make_runtime
 from serving.batching import Batcher
@@ -62,6 +62,12 @@ def create_app(
     def ready() -> Response:
         models.base.require_ready()
         return web.json_ok({"status": "ready"})
+
+    @app.before_request
+    def _drain() -> None:
+        """Stopping: predictions and readiness say not ready, so gateways go elsewhere."""
+        if request.endpoint in ("predict", "ready", "v2_ready") and draining.draining():
+            raise ModelNotReady(f"{spec.name} is stopping (draining); ask another replica")
 
     def reload() -> Response:
         """Load the newest version beside the served one and swap (Authorization: Bearer <ADMIN_TOKEN>)."""
@@ -119,6 +125,7 @@ def metadata(models: ModelManager, settings: ServiceSettings) -> dict[str, Any]:
         "custom_models_loading": [
             {"name": n, "version": str(v)} for n, v in sorted(models.loading().items())
         ],
+        **({"ready": False, "state": "draining"} if draining.draining() else {}),
         "max_fine_tuned": settings.custom_max_fine_tuned,
         "versions": [str(v) for v in models.versions()],
         "center_crop": settings.center_crop,

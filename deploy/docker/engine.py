@@ -102,15 +102,16 @@ class HostState:
         )
 
     def differences(self, other: HostState) -> list[str]:
-        """What ``other`` (a later look) has that this state had not, or lacks that it had."""
+        """What ``other`` (a later look) has that this state had not: links, rules, ip_forward.
+        (What went missing since is not counted: a kept run's leftovers, cleaned by dockerd.)"""
         found = (
             [f"ip_forward {self.ip_forward} -> {other.ip_forward}"]
             if self.ip_forward != other.ip_forward
             else []
         )
-        found += [f"link {link}" for link in sorted(self.links ^ other.links)]
-        for key, before in self.rules.items():
-            found += [f"{' '.join(key)}: {rule}" for rule in sorted(before ^ other.rules.get(key, set()))]
+        found += [f"link {link}" for link in sorted(other.links - self.links)]
+        for key, after in other.rules.items():
+            found += [f"{' '.join(key)}: {rule}" for rule in sorted(after - self.rules.get(key, set()))]
         return found
 
     def restore(self) -> None:

@@ -27,6 +27,7 @@ class Outcome:
     degraded: bool = False
     retry_after: str | None = None
     version: str = ""  # the model version that answered, when it has versions
+    message: str = ""  # the error's message, if any
 
 
 class Load:
@@ -61,6 +62,7 @@ class Load:
                         bool(body.get("degraded")),
                         response.headers.get("Retry-After"),
                         str(body.get("version") or ""),
+                        str(body.get("error", {}).get("message", ""))[:160],
                     )
                 )
                 if self.polite and response.status_code in (429, 503):

@@ -97,8 +97,8 @@ def resnet50_load(fleet: compose.ComposeFleet, threads: int = 4) -> Load:
     return Load({"resnet50": send}, threads_per_kind=threads)
 
 
-def failures(load: Load) -> Counter[tuple[int, str]]:
-    return Counter((o.status, o.code) for o in load.outcomes if o.status != 200)
+def failures(load: Load) -> Counter[tuple[int, str, str]]:
+    return Counter((o.status, o.code, o.message) for o in load.outcomes if o.status != 200)
 
 
 def test_every_image_runs_as_a_non_root_user_on_a_read_only_root(fleet: compose.ComposeFleet) -> None:

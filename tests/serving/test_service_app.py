@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import tempfile
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 from werkzeug.test import TestResponse
 
+from common import draining
 from common.wire import Priority
 from services import resnet50
 from serving.app import ServiceSettings, create_app
@@ -55,6 +59,23 @@ def test_not_ready_until_loaded_then_ready() -> None:
             break
         threading.Event().wait(0.01)
     assert service.get("/health/ready").status_code == 200
+
+
+def test_a_draining_service_says_not_ready_to_predictions_and_probes(
+    service: FlaskClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its Gunicorn master marked the drain (SIGTERM): gateways are told to go elsewhere, while
+    liveness and everything else still answer."""
+    assert service.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    draining.marker(os.getppid()).touch()
+    assert_error(service.post("/v1/predict", data=photo(), content_type="image/jpeg"), 503, "model_not_ready")
+    assert_error(service.get("/health/ready"), 503, "model_not_ready")
+    described = service.get("/v1/model").get_json()
+    assert (described["ready"], described["state"]) == (False, "draining")
+    assert service.get("/health/live").status_code == 200
+    draining.marker(os.getppid()).unlink()
+    assert service.post("/v1/predict", data=photo(), content_type="image/jpeg").status_code == 200
 
 
 def test_failed_load_is_reported_by_liveness_and_metadata() -> None:
