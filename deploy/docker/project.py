@@ -111,19 +111,19 @@ class ComposeFleet:
         health = found.get("Health")
         return str(health["Status"] if health and found["Running"] else found["Status"])
 
+    def green(self, container: str) -> bool:
+        """Healthy, or running when it has no healthcheck (``state`` says ``running`` only then)."""
+        return self.state(container) in ("healthy", "running")
+
     def wait_green(self, services: tuple[str, ...] = SERVICES, timeout_s: float = 600) -> float:
         """Until every container of ``services`` is healthy (or running, without a healthcheck);
         seconds waited."""
         started = time.monotonic()
 
         def green() -> bool:
-            for service in services:
-                ids = self.containers(service)
-                if not ids or any(self.state(c) not in ("healthy", "running") for c in ids):
-                    return False
-                if any(self.state(c) == "running" and self.inspect(c)["State"].get("Health") for c in ids):
-                    return False
-            return True
+            return all(
+                (ids := self.containers(service)) and all(self.green(c) for c in ids) for service in services
+            )
 
         try:
             wait_until(green, timeout_s, "every compose container healthy")
@@ -180,13 +180,7 @@ class ComposeFleet:
     def restarted(self, container: str, before: int, timeout_s: float = 300) -> None:
         """Until Docker has restarted ``container`` (RestartCount past ``before``) and it is green."""
         wait_until(
-            lambda: (
-                self.inspect(container)["RestartCount"] > before
-                and self.state(container) in ("healthy", "running")
-                and not (
-                    self.state(container) == "running" and self.inspect(container)["State"].get("Health")
-                )
-            ),
+            lambda: self.inspect(container)["RestartCount"] > before and self.green(container),
             timeout_s,
             f"{container[:12]} restarted and green",
         )

@@ -163,21 +163,27 @@ def test_the_readme_requests_through_the_published_port(fleet: compose.ComposeFl
     assert [str(label, "utf-8") for label in result.as_numpy("labels")[0]] == labels[:3]
 
 
-@pytest.fixture(scope="module")
-def job_result(fleet: compose.ComposeFleet) -> dict[str, Any]:
-    """A job of 12 photos run to completion with the admin key from run/secrets/admin_key."""
+def submit_job(fleet: compose.ComposeFleet, query: str, photos: int, first: int) -> str:
+    """A zip of ``photos`` new photos posted as a job with the admin key; its id."""
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
-        for n in range(12):
-            zipped.writestr(f"photos/{n}.jpg", _nudged(1000 + n))
+        for n in range(photos):
+            zipped.writestr(f"photos/{n}.jpg", _nudged(first + n))
     answer = requests.post(
-        f"{fleet.url}/v1/jobs?model=resnet50&top_k=2",
+        f"{fleet.url}/v1/jobs?{query}",
         files={"archive": ("photos.zip", archive.getvalue())},
         headers=fleet.admin,
         timeout=120,
     )
     assert answer.status_code == 202, answer.text
-    done = wait_for(fleet, answer.json()["job_id"], ("completed", "failed", "cancelled"), 300)  # type: ignore[arg-type]
+    return str(answer.json()["job_id"])
+
+
+@pytest.fixture(scope="module")
+def job_result(fleet: compose.ComposeFleet) -> dict[str, Any]:
+    """A job of 12 photos run to completion with the admin key from run/secrets/admin_key."""
+    job_id = submit_job(fleet, "model=resnet50&top_k=2", 12, first=1000)
+    done = wait_for(fleet, job_id, ("completed", "failed", "cancelled"), 300)  # type: ignore[arg-type]
     assert done["status"] == "completed", done
     return done
 
@@ -269,18 +275,7 @@ def test_a_killed_replica_loses_only_what_it_held_and_comes_back(fleet: compose.
 
 
 def test_a_job_survives_its_gateway_redis_and_worker_being_killed(fleet: compose.ComposeFleet) -> None:
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zipped:
-        for n in range(60):
-            zipped.writestr(f"photos/{n}.jpg", _nudged(5000 + n))
-    answer = requests.post(
-        f"{fleet.url}/v1/jobs?model=vgg16&top_k=1",
-        files={"archive": ("photos.zip", archive.getvalue())},
-        headers=fleet.admin,
-        timeout=120,
-    )
-    assert answer.status_code == 202, answer.text
-    job_id = answer.json()["job_id"]
+    job_id = submit_job(fleet, "model=vgg16&top_k=1", 60, first=5000)
     for service in ("worker", "redis", "gateway"):
         [container] = fleet.containers(service)
         restarts = fleet.inspect(container)["RestartCount"]
