@@ -11,6 +11,7 @@ for the next try is decided elsewhere (``accounting.py``, ``failover.py``).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import time
 from collections.abc import Iterator
@@ -135,11 +136,13 @@ class Transport:
             # from now: time the call then waits for one of the member's threads counts against it
             headers[REQUEST_START_HEADER] = f"t={time.time():.3f}"
         try:
-            if fresh:
-                with requests.Session() as once:
-                    response = self._post(once, replica, params, read_s, images, headers)
-            else:
-                response = self._post(self.session, replica, params, read_s, images, headers)
+            with requests.Session() if fresh else contextlib.nullcontext(self.session) as session:
+                response = session.post(
+                    f"{replica.url}/v1/predict",
+                    params=params,
+                    timeout=(self.connect_timeout_s, read_s),
+                    **_body(images, headers),
+                )
         except requests.ConnectionError as exc:  # ConnectTimeout included
             if any(isinstance(c, ReadTimeoutError) for c in _causes(exc)):  # while reading the body
                 raise NoAnswer(f"{model} stopped answering", clipped=read_s < self.read_timeout_s) from exc
@@ -153,22 +156,6 @@ class Transport:
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
             raise ReplyLost(f"replica answered with a broken response ({type(exc).__name__})") from exc
         return self._read(model, replica, response, len(images))
-
-    def _post(
-        self,
-        session: requests.Session,
-        replica: Replica,
-        params: dict[str, str],
-        read_s: float,
-        images: list[bytes],
-        headers: dict[str, str],
-    ) -> requests.Response:
-        return session.post(
-            f"{replica.url}/v1/predict",
-            params=params,
-            timeout=(self.connect_timeout_s, read_s),
-            **_body(images, headers),
-        )
 
     @staticmethod
     def _read(model: str, replica: Replica, response: requests.Response, count: int) -> dict[str, Any]:
