@@ -46,7 +46,10 @@ def on_starting(server: object) -> None:
 
 def _drain_s(server: object) -> float:
     """``DRAIN_S`` of a model service (``services.<model>:...``); 0 for the gateway."""
-    found = re.match(r"services\.(\w+):", str(server.cfg.wsgi_app or ""))  # type: ignore[attr-defined]
+    # NOTE: the app named on the command line (as every launcher does) is the application's
+    # ``app_uri``; ``cfg.wsgi_app`` is only the config file's ``wsgi_app`` and stays None then.
+    uri = getattr(server.app, "app_uri", None) or server.cfg.wsgi_app  # type: ignore[attr-defined]
+    found = re.match(r"services\.(\w+):", str(uri or ""))
     if not found:
         return 0.0
     return draining.DrainSettings.from_env(found.group(1)).drain_s

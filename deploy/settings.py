@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from common.draining import DrainSettings
 from common.jobs.settings import JobSettings
 from common.settings import setting
 from common.training.settings import TrainingSettings
@@ -32,6 +33,15 @@ JOBS_DIR = "/jobs"
 # publishes there and the gateway deletes there; the model services read it (they serve the custom
 # models trained on them). The job worker has it too (its housekeeping sweeps leftover staging).
 CUSTOM_MODELS_DIR = "/custom-models"
+
+# deploy/gunicorn.conf.py's graceful_timeout: what a stopping Gunicorn gives the requests it holds.
+GUNICORN_GRACEFUL_S = 30
+
+
+def model_stop_grace_s(drain: DrainSettings | None = None) -> int:
+    """Seconds a stopping model service gets before it is killed: it answers not-ready for its
+    ``DRAIN_S`` (common/draining.py) while gateways move away, then Gunicorn finishes what it holds."""
+    return math.ceil((drain or DrainSettings()).drain_s) + GUNICORN_GRACEFUL_S
 
 
 def worker_command(jobs: JobSettings | None = None) -> list[str]:

@@ -7,6 +7,7 @@ settles each with the replica's circuit breaker (``accounting.py``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +24,11 @@ from fleet.breaker import Breaker
 from fleet.failover import Failover
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
-from fleet.transport import Transport, new_session
+from fleet.transport import NoAnswer, NotSent, ReplyLost, Transport, new_session
 
 __all__ = ["ModelClient", "build_client", "fanout_size", "new_session"]
+
+log = logging.getLogger(__name__)
 
 
 def fanout_size(settings: FleetSettings) -> int:
@@ -148,6 +151,15 @@ class ModelClient:
                     replica, model, images, params, headers, deadline, fresh=failover.retrying_lost_reply
                 )
             except BaseException as exc:
+                if isinstance(exc, NotSent | ReplyLost | NoAnswer):  # the replica's fault, maybe: say which
+                    log.warning(
+                        "%s replica %s%s: %s (%r)",
+                        model,
+                        replica.url,
+                        " on a new connection" if failover.retrying_lost_reply else "",
+                        exc,
+                        exc.__cause__,
+                    )
                 accounting.record(breaker, model, exc)
                 failover.failed(replica, exc)  # raises when the call ends here
                 continue

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from deploy.settings import GUNICORN_GRACEFUL_S  # a pod's grace: this plus its preStop pause
+
 PART_OF = {"app.kubernetes.io/part-of": "imagerec"}
-DRAIN_S = 30  # Gunicorn's graceful_timeout: a pod's grace period is this plus its preStop pause
 PAUSE_S = 5  # preStop: long enough for a Service's endpoints to drop the pod
 APP_ID = 10001  # the Dockerfile's non-root `app` user, and its group (same id)
 REDIS_ID = 999  # the redis image's `redis` user and group
@@ -103,7 +104,7 @@ def deployment(
         }
     if mounts:
         container["volumeMounts"] = mounts
-    grace = grace_s if grace_s is not None else DRAIN_S + pause_s
+    grace = grace_s if grace_s is not None else GUNICORN_GRACEFUL_S + pause_s
     spec: dict[str, Any] = {"terminationGracePeriodSeconds": grace, "containers": [container]}
     if as_app_user:
         spec["securityContext"] = app_user_security(bool(volumes))

@@ -62,6 +62,7 @@ from deploy.settings import (
     CUSTOM_MODELS_DIR,
     JOBS_DIR,
     NginxSettings,
+    model_stop_grace_s,
     trainer_command,
     trainer_stop_grace_s,
     worker_command,
@@ -154,6 +155,7 @@ def model_pods() -> list[dict[str, Any]]:
                 # The service only reads the custom models (it serves those trained on it).
                 mounts=[{"name": "keras", "mountPath": KERAS_HOME}, {**CUSTOM_MOUNT, "readOnly": True}],
                 pause_s=MODEL_PAUSE_S,
+                grace_s=MODEL_PAUSE_S + model_stop_grace_s(),  # the pause, then DRAIN_S and Gunicorn's
                 as_app_user=True,
             )
         )

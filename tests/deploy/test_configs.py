@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
+from common.draining import DrainSettings
 from common.jobs.settings import JobSettings
 from common.training.settings import TrainingSettings
 from deploy.k8s import render
@@ -29,6 +30,7 @@ from deploy.settings import (
     JOBS_DIR,
     SERVICE_THREADS,
     NginxSettings,
+    model_stop_grace_s,
     trainer_command,
     trainer_stop_grace_s,
     worker_command,
@@ -234,6 +236,12 @@ def test_compose_gateway_finds_every_container_of_a_model_by_its_service_name(mo
     variable = f"{model.upper()}_URLS"
     assert gateway_env[variable] == f"${{{variable}:-http://{model}:{MODEL_PORTS[model]}}}"
     assert re.fullmatch(r"\$\{GATEWAY_DNS_REFRESH_S:-[1-9]\d*\}", gateway_env["GATEWAY_DNS_REFRESH_S"])
+
+
+@pytest.mark.parametrize("model", MODEL_PORTS)
+def test_a_stopping_model_container_gets_its_drain_and_gunicorns_graceful_stop(model: str) -> None:
+    assert COMPOSE["services"][model]["stop_grace_period"] == f"{model_stop_grace_s()}s"
+    assert model_stop_grace_s() >= DrainSettings().drain_s + 30
 
 
 def test_compose_nginx_has_the_shared_limits() -> None:

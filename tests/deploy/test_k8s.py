@@ -17,7 +17,13 @@ import yaml
 
 from common.jobs.settings import JobSettings
 from deploy.k8s import render
-from deploy.settings import JOBS_DIR, NGINX_TEMPLATES, worker_command, worker_stop_grace_s
+from deploy.settings import (
+    JOBS_DIR,
+    NGINX_TEMPLATES,
+    model_stop_grace_s,
+    worker_command,
+    worker_stop_grace_s,
+)
 
 KUBERNETES = "1.30.0"
 DOCS = list(yaml.safe_load_all(render.OUTPUT.read_text()))
@@ -96,7 +102,8 @@ def test_the_gateway_forgets_a_stopping_model_pod_before_it_drains() -> None:
     for model in render.MODELS:
         pause_s = int(container(model)["lifecycle"]["preStop"]["exec"]["command"][-1])
         assert pause_s >= refresh_s + 5  # the next refresh, and CoreDNS's 5 s record TTL
-        assert pod(model)["terminationGracePeriodSeconds"] >= pause_s + 30  # then Gunicorn's drain
+        # then its own drain (answering not-ready) and Gunicorn's graceful stop
+        assert pod(model)["terminationGracePeriodSeconds"] == pause_s + model_stop_grace_s() >= pause_s + 35
 
 
 DOCKERFILE = (render.HERE.parent / "docker" / "Dockerfile").read_text()
