@@ -22,7 +22,13 @@ from common.tenancy.keys import admin_key
 from common.tenancy.settings import AuthSettings
 from common.training.settings import TrainingSettings
 from deploy.nginx import render as nginx_config
-from deploy.settings import GATEWAY_THREADS, GATEWAY_WORKERS, SERVICE_THREADS, NginxSettings
+from deploy.settings import (
+    GATEWAY_THREADS,
+    GATEWAY_WORKERS,
+    SERVICE_THREADS,
+    NginxSettings,
+    model_stop_grace_s,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_SERVICES = BASE_MODELS
@@ -314,8 +320,10 @@ class Fleet:
                 "startsecs=1",
                 "startretries=10",
                 "stopsignal=" + ("QUIT" if name == "nginx" else "TERM"),
-                "stopwaitsecs=35",
-                "stopasgroup=true",
+                f"stopwaitsecs={model_stop_grace_s()}",
+                # A Gunicorn master alone gets the TERM: it stops its workers itself, after a model
+                # service's drain (common/draining.py); a worker signalled directly stops at once.
+                "stopasgroup=" + ("false" if "gunicorn" in command else "true"),
                 "killasgroup=true",
                 "redirect_stderr=true",
             ]

@@ -92,6 +92,13 @@ def test_supervisord_runs_every_process_with_restarts(shapes_fleet: Fleet) -> No
     assert shapes_fleet.environment()["GATEWAY_CACHE_REDIS_URL"] == "redis://127.0.0.1:6381/0"
     assert shapes_fleet.environment()["GATEWAY_REQUEST_THREADS"] == "64"
     assert "'services.resnet50:create_app()'" in text and "--workers 1" in text
+    sections = dict(re.findall(r"^\[program:([\w-]+)\]\n(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL))
+    for name in ("vgg16", "resnet50", "inceptionv3", "shapes", "gateway"):
+        # The Gunicorn master alone is stopped: it drains, then stops its workers itself.
+        assert (
+            "stopasgroup=false" in sections[name] and f"stopwaitsecs={model_stop_grace_s()}" in sections[name]
+        )
+    assert "stopasgroup=true" in sections["worker"]
     assert 'SHAPES_WEIGHTS="/m/shapes.keras"' in text
     assert shapes_fleet.environment()["RESNET50_URLS"] == "http://127.0.0.1:8502"
     assert shapes_fleet.environment()["GATEWAY_MODELS"] == "vgg16,resnet50,inceptionv3,shapes"

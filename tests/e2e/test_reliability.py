@@ -58,7 +58,7 @@ def test_sigterm_lets_an_in_flight_request_finish(fleet: E2EFleet) -> None:
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, fleet, "model=vgg16&top_k=1", files=files)
         wait_until(lambda: batching(fleet, "vgg16")["running_images"] >= 16, 60, "the batch to reach vgg16")
-        fleet.ctl("restart", "vgg16")  # SIGTERM to the process group; returns once it has exited
+        fleet.ctl("restart", "vgg16")  # SIGTERM to its master: drains, then stops; returns once exited
         response = pending.result(timeout=120)
     assert response.status_code == 200, response.text
     assert [len(r["predictions"]) for r in response.json()["results"]] == [1] * 16
