@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import yaml
 
 from deploy.docker.engine import DEBIAN_BIN, ROOT, Engine
 from deploy.local.running import free_port, wait_until
@@ -33,6 +34,14 @@ SERVICES = (
     "redis-cache",
     "nginx",
 )
+
+_FILE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+MODEL_PORTS = {
+    model: int(_FILE[model]["environment"]["PORT"]) for model in ("vgg16", "resnet50", "inceptionv3")
+}
+# Nginx's fixed address on the project's network and its port there (not the published one).
+NGINX_ADDRESS = _FILE["nginx"]["networks"]["default"]["ipv4_address"]
+NGINX_PORT = int(_FILE["nginx"]["environment"]["NGINX_PORT"])
 
 
 @dataclass
@@ -150,7 +159,7 @@ class ComposeFleet:
 
     def replica_images(self, service: str = "resnet50", model: str = "resnet50") -> dict[str, float]:
         """Images each container of ``service`` has run through its model (its own /metrics)."""
-        port = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}[model]
+        port = MODEL_PORTS[model]
         code = (
             "import urllib.request;"
             f"print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
