@@ -129,6 +129,10 @@ class QuotaExceeded(ServiceError):
         return {**super().to_dict(request_id), "quota": self.quota, "limit": self.limit, "used": self.used}
 
 
+class UploadTooSlow(ServiceError):
+    status, code = 408, "upload_too_slow"
+
+
 class InsufficientStorage(ServiceError):
     status, code = 507, "insufficient_storage"
 

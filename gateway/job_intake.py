@@ -7,8 +7,11 @@ and written part by part into the job's staging folder, one open file at a time;
 under its own, smaller limit. Form fields and JSON may carry ``callback_url``.
 
 Limits are checked as bytes arrive: the upload's size (``JOBS_MAX_ARCHIVE_BYTES``; Nginx enforces
-it first), images per job, each file's size, and the archive's own limits (``common.jobs.archive``).
-A refusal is a JSON 4xx and leaves nothing behind: the caller removes the staging folder.
+it first), images per job, each file's size, the inputs' size (``JOBS_MAX_UNCOMPRESSED_BYTES``) and
+the archive's own limits (``common.jobs.archive``). Every byte written to disk - an archive as it
+arrives, then the files unpacked from it - is reserved first against the caller's quotas
+(``common.tenancy.quotas.Reservation``). A refusal is a JSON 4xx and leaves nothing behind: the
+caller removes the staging folder and releases the reservation.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from common.errors import (
 )
 from common.jobs import archive
 from common.jobs.settings import JobSettings
-from common.tenancy.quotas import Allowance, unlimited
+from common.tenancy.quotas import Reservation
 from gateway.inputs import decode_base64
 
 READ_BYTES = 1024 * 1024
@@ -48,7 +51,7 @@ class Received:
     items: list[dict[str, Any]] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
-    """Bytes written into the job's ``inputs/``."""
+    """Bytes written into the job's ``inputs/`` (what the job keeps on disk)."""
 
 
 class Intake:
@@ -71,16 +74,16 @@ class Intake:
             max_ratio=settings.max_ratio,
             max_file_bytes=max_image_bytes,
         )
-        # What a request may bring, and what it wrote so far: set on each request's own copy.
-        self.allowance: Allowance = unlimited(settings.max_images, settings.max_uncompressed_bytes)
+        # What a request holds, and the inputs it wrote so far: set on each request's own copy.
+        self.reservation: Reservation | None = None
         self.written = 0
 
-    def receive(self, request: Request, staging: Path, allowance: Allowance | None = None) -> Received:
-        """Read ``request``'s images into ``staging`` (``inputs/``) within ``allowance`` (the fleet's
-        limits alone by default); raises a 4xx ``ServiceError``. ``Received.bytes``: what it wrote."""
+    def receive(self, request: Request, staging: Path, reservation: Reservation) -> Received:
+        """Read ``request``'s images into ``staging`` (``inputs/``), every byte on disk reserved in
+        ``reservation`` first; raises a 4xx ``ServiceError``. ``Received.bytes``: the inputs' bytes."""
         # NOTE: one Intake serves every request thread: each request meters on a copy of its own.
         reading = copy.copy(self)
-        reading.allowance = allowance or self.allowance
+        reading.reservation = reservation
         reading.written = 0
         received = reading._receive(request, staging)
         received.bytes = reading.written
@@ -103,22 +106,31 @@ class Intake:
         self._check_count(len(received.items))
         return received
 
+    @property
+    def _held(self) -> Reservation:
+        assert self.reservation is not None, "receive() sets it"
+        return self.reservation
+
     def _check_count(self, count: int) -> None:
-        allowed = min(self.settings.max_images, self.allowance.max_images)
+        allowed = min(self.settings.max_images, self._held.max_images)
         if count <= allowed:
             return
-        if self.allowance.images_quota:
-            raise self.allowance.over_images(count)
+        if self._held.images_quota:
+            raise self._held.over_images(count)
         raise BadRequest(
             f"more than {self.settings.max_images} images in one job (JOBS_MAX_IMAGES)",
             code="too_many_images",
         )
 
     def _meter(self, size: int) -> None:
-        """Count ``size`` more bytes written to disk by this request (files and unpacked archives)."""
+        """Count ``size`` more bytes of inputs (files, unpacked archives) before they are written."""
         self.written += size
-        if self.written > self.allowance.max_bytes:
-            raise self.allowance.over_bytes(self.written)
+        if self.written > self.settings.max_uncompressed_bytes:
+            raise PayloadTooLarge(
+                f"the job's inputs exceed {self.settings.max_uncompressed_bytes} bytes on disk "
+                "(JOBS_MAX_UNCOMPRESSED_BYTES)"
+            )
+        self._held.grow(size)
 
     # --- multipart --------------------------------------------------------------------------
 
@@ -179,7 +191,7 @@ class Intake:
                 )
             path = staging / f"upload-{len(received.items)}"
             received.items.append({"archive": path})
-            return _Part("archive", path, self.settings.max_archive_bytes)
+            return _Part("archive", path, self.settings.max_archive_bytes, self._held.grow)  # on disk too
         if event.name == "files":
             self._check_count(len(received.items) + 1)
             relative = f"inputs/{len(received.items):06d}"
@@ -199,16 +211,15 @@ class Intake:
             target = staging / "inputs" / upload.name
             target.mkdir()
             # One meter for the whole request: each archive may use what the parts before it left.
-            images_left = min(self.settings.max_images, self.allowance.max_images) - len(items)
-            bytes_left = self.allowance.max_bytes - self.written
+            images_left = min(self.settings.max_images, self._held.max_images) - len(items)
+            bytes_left = self.settings.max_uncompressed_bytes - self.written
             limits = replace(
                 self.limits,
                 max_images=max(0, images_left),
                 max_uncompressed_bytes=max(0, min(self.limits.max_uncompressed_bytes, bytes_left)),
             )
-            entries = archive.unpack(upload, target, limits)
+            entries = archive.unpack(upload, target, limits, on_write=self._meter)
             upload.unlink()
-            self._meter(sum(e.path.stat().st_size for e in entries))
             items += [
                 {"name": e.name[: self.settings.max_name_chars], "file": str(e.path.relative_to(staging))}
                 for e in entries

@@ -33,7 +33,7 @@ from common.jobs import queue
 from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect
 from common.jobs.views import describe
-from common.tenancy.quotas import Allowance, QuotaBook
+from common.tenancy.quotas import QuotaBook, Reservation
 from common.tenancy.settings import QuotaSettings
 from fleet.client import ModelClient
 from fleet.predict import Selection, select
@@ -95,19 +95,33 @@ class Jobs:
             self._quotas = QuotaBook(self.quota_settings, self.store.redis)
         return self._quotas
 
-    def admit(self, job_id: str, *, training: bool) -> None:
-        """Count a job against its principal's quotas before its upload is read (``job_id`` '') or
-        once its record exists (reserving its place)."""
-        store_call(lambda: self.quotas.admit_job(current(), job_id, training=training))
+    def reserve(self, fleet_max_images: int, *, training: bool) -> Reservation:
+        """The caller's place for one more job, and the bytes its Content-Length declares, taken
+        before its upload is read (429 or 507 when they do not fit); more is reserved as the
+        upload writes more (unpacked archives)."""
+        directory = Path(self.settings.dir)
+        declared = min(request.content_length or 0, self.settings.max_archive_bytes)
+        return store_call(
+            lambda: self.quotas.reserve(
+                current(), directory, fleet_max_images, training=training, declared=declared
+            )
+        )
 
     @property
     def queue(self) -> Any:
         """The Celery application tasks are sent with (after ``store``)."""
         return self._queue
 
-    def open(self, job_id: str, staged: Path, record: dict[str, Any], send: Callable[[], None]) -> Response:
+    def open(
+        self,
+        job_id: str,
+        staged: Path,
+        record: dict[str, Any],
+        send: Callable[[], None],
+        reservation: Reservation,
+    ) -> Response:
         """Write the job (its staged folder moved into place, its record, owned by the caller),
-        count it against the caller's quotas and queue it with ``send``, then answer 202: no job
+        hand it what ``reservation`` holds and queue it with ``send``, then answer 202: no job
         without its tasks - the broker is Redis too - and nothing left behind when a step fails."""
         principal = current()
         record = {**record, "owner": principal.id, "owner_name": principal.name}
@@ -117,26 +131,22 @@ class Jobs:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         try:
-            self.admit(job_id, training=record["kind"] == "training")
+            store_call(reservation.commit, job_id, int(record["input_bytes"]), float(job["expires_at"]))
             send()
         except ServiceError:
-            self._discard(job_id)
+            self._discard(job_id, reservation)
             raise
         except Exception as exc:
-            self._discard(job_id)
+            self._discard(job_id, reservation)
             raise JobsUnavailable(f"the job could not be queued: {type(exc).__name__}") from None
         audit(f"{record['kind']}.submit", job_id, model=str(record.get("model", "")), images=record["total"])
         response = web.json_ok(describe(job), status=202)
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         return response
 
-    def allowance(self, fleet_max_images: int) -> Allowance:
-        """What the caller's next upload may bring: images and bytes on disk (429 or 507 at none)."""
-        directory, per_request = Path(self.settings.dir), self.settings.max_uncompressed_bytes
-        return store_call(lambda: self.quotas.allowance(current(), directory, per_request, fleet_max_images))
-
-    def _discard(self, job_id: str) -> None:
+    def _discard(self, job_id: str, reservation: Reservation) -> None:
         try:
+            reservation.forget(job_id)
             self.store.discard(job_id)
         except Exception:  # Redis went away too: the sweeper removes the folder when it expires
             pass
@@ -273,16 +283,19 @@ def create_blueprint(gateway: GatewaySettings, client: ModelClient, jobs: Jobs) 
     @blueprint.post("/v1/jobs")
     def submit() -> Response:
         request.max_content_length = settings.max_archive_bytes
-        store = jobs.store
         selection = select(request.args, gateway, client)
         top_k = web.query_int("top_k", gateway.default_top_k, 1, gateway.max_top_k)
+        # The caller's place, taken before the upload is read (refused at once when a quota is
+        # full) and given back unless the job is queued.
+        with jobs.reserve(settings.max_images, training=False) as reservation:
+            return receive(selection, top_k, reservation)
+
+    def receive(selection: Selection, top_k: int, reservation: Reservation) -> Response:
         callback = request.args.get("callback_url")
-        jobs.admit("", training=False)  # refused before the upload is read when already at a quota
-        allowance = jobs.allowance(settings.max_images)
-        staged = store.staging()
+        staged = jobs.store.staging()
         job_id = uuid.uuid4().hex
         try:
-            received = intake.receive(request, staged, allowance)
+            received = intake.receive(request, staged, reservation)
             if "callback_url" in received.fields and callback is not None:
                 raise BadRequest("give callback_url once: in the query or in the body")
             callback = received.fields.get("callback_url", callback)
@@ -298,7 +311,7 @@ def create_blueprint(gateway: GatewaySettings, client: ModelClient, jobs: Jobs) 
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        return jobs.open(job_id, staged, record, lambda: jobs.enqueue(job_id, chunks))
+        return jobs.open(job_id, staged, record, lambda: jobs.enqueue(job_id, chunks), reservation)
 
     @blueprint.get("/v1/jobs")
     def listing() -> Response:

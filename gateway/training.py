@@ -28,6 +28,7 @@ from common.jobs import queue
 from common.jobs.archive import Entry
 from common.models import BACKBONE_LAYERS, BASE_MODELS
 from common.tenancy.owners import LEGACY, NameTaken
+from common.tenancy.quotas import Reservation
 from common.training.dataset import Dataset, check
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient
@@ -185,17 +186,20 @@ def create_blueprint(
     def submit() -> Response:
         request.max_content_length = job_settings.max_archive_bytes
         models_dir(settings)
-        store = jobs.store
-        jobs.admit("", training=True)  # refused before the upload is read when already at a quota
-        allowance = jobs.allowance(min(job_settings.max_images, settings.max_images))
         require_multipart()
         early = {key: request.args[key] for key in FIELDS if key in request.args}
         if "name" in early:  # refuse what the query already shows is wrong, before the upload
             check_fine_tuning(options(early, settings, client.registry.bases))
-        staged = store.staging()
+        # The caller's place, taken before the upload is read (refused at once when a quota is
+        # full) and given back unless the training is queued.
+        with jobs.reserve(min(job_settings.max_images, settings.max_images), training=True) as reservation:
+            return receive(early, reservation)
+
+    def receive(early: dict[str, str], reservation: Reservation) -> Response:
+        staged = jobs.store.staging()
         job_id = uuid.uuid4().hex
         try:
-            received = intake.receive(request, staged, allowance)
+            received = intake.receive(request, staged, reservation)
             doubled = sorted(key for key in FIELDS if key in early and key in received.fields)
             if doubled:
                 raise BadRequest(f"give {', '.join(doubled)} once: in the query or in the form")
@@ -208,7 +212,9 @@ def create_blueprint(
             shutil.rmtree(staged, ignore_errors=True)
             raise
         try:
-            return jobs.open(job_id, staged, record, lambda: queue.enqueue_training(jobs.queue, job_id))
+            return jobs.open(
+                job_id, staged, record, lambda: queue.enqueue_training(jobs.queue, job_id), reservation
+            )
         except BaseException:
             if fresh:  # nothing was trained under it: the name is free again
                 owners().release(chosen["name"])

@@ -105,14 +105,17 @@ class _Stream(Protocol):
     def seek(self, offset: int, whence: int = ..., /) -> int: ...
 
 
-def unpack(source: Path, target: Path, limits: ArchiveLimits) -> list[Entry]:
+def unpack(
+    source: Path, target: Path, limits: ArchiveLimits, on_write: Callable[[int], None] | None = None
+) -> list[Entry]:
     """Unpack ``source`` (zip or tar, compressed or not, detected from its bytes) into ``target``.
 
     ``target`` is an existing empty folder: files are written as target/000000, target/000001, ...
     in the order of the sorted entry names, and returned in that order. Folders, names with a
     component starting with '.' and anything under ``__MACOSX/`` are skipped. Compression ratios
     are guarded only once more than 1 MiB is unpacked (per zip entry and for the whole archive):
-    tiny files legitimately compress absurdly well.
+    tiny files legitimately compress absurdly well. ``on_write`` is told of every chunk before it is
+    written (a quota's meter): what it raises stops the unpacking and removes what was written.
 
     Raises:
         BadRequest: ``invalid_archive`` (not a zip/tar, corrupt, truncated, encrypted, no files),
@@ -124,7 +127,7 @@ def unpack(source: Path, target: Path, limits: ArchiveLimits) -> list[Entry]:
     created: list[Path] = []
     try:
         with ExitStack() as stack:
-            return _unpack(source, target, limits, stack, created)
+            return _unpack(source, target, limits, stack, created, on_write)
     except _Refused as refused:
         _remove(created)
         raise _refusal(refused.problems) from refused.__cause__
@@ -134,10 +137,16 @@ def unpack(source: Path, target: Path, limits: ArchiveLimits) -> list[Entry]:
 
 
 def _unpack(
-    source: Path, target: Path, limits: ArchiveLimits, stack: ExitStack, created: list[Path]
+    source: Path,
+    target: Path,
+    limits: ArchiveLimits,
+    stack: ExitStack,
+    created: list[Path],
+    on_write: Callable[[int], None] | None,
 ) -> list[Entry]:
     file = stack.enter_context(source.open("rb"))
     meter = _Meter(limits, os.fstat(file.fileno()).st_size)
+    meter.on_write = on_write
     magic = file.read(6)
     file.seek(0)
     problems: list[tuple[str, str]] = []
@@ -228,6 +237,7 @@ class _Meter:
 
     def __init__(self, limits: ArchiveLimits, source_size: int) -> None:
         self.limits, self.source_size, self.total = limits, source_size, 0
+        self.on_write: Callable[[int], None] | None = None
 
     def file_problem(self, name: str, size: int, packed: int | None) -> str | None:
         limits = self.limits
@@ -265,6 +275,8 @@ def _copy(stream: IO[bytes], out: BinaryIO, name: str, packed: int | None, meter
         problem = meter.file_problem(name, written, packed) or meter.total_problem(meter.total)
         if problem:
             raise _Refused(("archive_too_large", problem))
+        if meter.on_write is not None:
+            meter.on_write(len(chunk))
         out.write(chunk)
 
 

@@ -15,7 +15,15 @@ from dataclasses import dataclass, fields
 from common.settings import load, load_with_redis, secret, setting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QUOTA_NAMES = ("active_jobs", "job_images", "job_bytes", "custom_models", "fine_tuned", "trainings")
+QUOTA_NAMES = (
+    "active_jobs",
+    "kept_jobs",
+    "job_images",
+    "job_bytes",
+    "custom_models",
+    "fine_tuned",
+    "trainings",
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Quotas:
     override (``POST /v1/keys`` ``{"quotas": {...}}``). Admin is bound by the totals alone."""
 
     active_jobs: int
+    kept_jobs: int
     job_images: int
     job_bytes: int
     custom_models: int
@@ -68,6 +77,9 @@ class QuotaSettings:
     """``QUOTA_<FIELD>``: each principal's defaults and the fleet's totals."""
 
     active_jobs: int = setting(4, "pending or running jobs (inference and training) of one principal")
+    kept_jobs: int = setting(
+        1_000, "job records one principal keeps, ended ones included, until they expire (JOBS_RETENTION_S)"
+    )
     job_images: int = setting(5_000, "images in one job of one principal (JOBS_MAX_IMAGES bounds all)")
     job_bytes: int = setting(
         2 * 1024**3, "bytes of job inputs one principal keeps on disk (until its jobs expire)"
@@ -81,6 +93,16 @@ class QuotaSettings:
     total_trainings: int = setting(4, "training jobs pending or running, all principals together")
     min_free_bytes: int = setting(
         2 * 1024**3, "free space the jobs folder must keep: an upload is refused (507) below it"
+    )
+    reservation_step_bytes: int = setting(
+        4 * 1024**2,
+        "bytes an upload reserves at a time as it writes: one upload holds at most this much more than "
+        "it wrote, until it ends",
+    )
+    reservation_s: float = setting(
+        300.0,
+        "an upload's reserved places and bytes lapse after this long without news (a gateway that died "
+        "mid-upload); an upload stalled that long is refused (408)",
     )
 
     @classmethod

@@ -5,7 +5,9 @@ the client who brings too much."""
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,79 @@ def test_one_meter_counts_every_archive_part_of_a_request(keyed_gateway: Any, tm
         400,
         "too_many_parts",
     )
+
+
+def job_folders(root: Path) -> list[Path]:
+    """Jobs written, staging folders of uploads under way or left behind included."""
+    return sorted(root.iterdir()) if root.exists() else []
+
+
+def test_four_uploads_at_once_under_one_key_keep_no_more_than_its_job_bytes(
+    keyed_gateway: Any, redis_url: str, tmp_path: Path
+) -> None:
+    """Each upload reserves the bytes it declares before a byte is read: of four 120 kB uploads
+    against 300 kB, two are kept; the others are refused unread, and so is a fifth."""
+    client, _ = keyed_gateway
+    erin = bearer(make_key(client, "erin", ["jobs"], job_bytes=300_000, active_jobs=8))
+    start = threading.Barrier(4)
+
+    def send(n: int) -> Any:
+        files = {"files": (io.BytesIO(bytes([n]) * 120_000), f"{n}.jpg")}
+        start.wait()
+        return client.application.test_client().post("/v1/jobs?model=vgg16", data=files, headers=erin)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, range(4)))
+    assert sorted(a.status_code for a in answers) == [202, 202, 429, 429], [a.json for a in answers]
+    assert {a.json["error"]["quota"] for a in answers if a.status_code == 429} == {"job_bytes"}
+    server = redis.Redis.from_url(redis_url)
+    kept = [
+        int(server.hget(f"imagerec:job:{a.json['job_id']}", "input_bytes"))
+        for a in answers
+        if a.status_code == 202
+    ]
+    assert kept == [120_000, 120_000]
+    assert len(job_folders(tmp_path / "jobs")) == 2  # the refused wrote nothing, not even a staging folder
+    fifth = client.post(
+        "/v1/jobs?model=vgg16", data={"files": (io.BytesIO(b"5" * 120_000), "5.jpg")}, headers=erin
+    )
+    assert code(fifth) == (429, "quota_exceeded") and fifth.json["error"]["quota"] == "job_bytes"
+
+
+def test_an_archive_counts_while_it_is_on_disk(keyed_gateway: Any, tmp_path: Path) -> None:
+    """A stored (uncompressed) archive of 280 kB unpacks to 280 kB: both are on disk at once, so
+    a 500 kB job_bytes quota refuses it part-way, and what it wrote is gone."""
+    client, _ = keyed_gateway
+    frank = bearer(make_key(client, "frank", ["jobs"], job_bytes=500_000))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for n in range(2):
+            archive.writestr(f"{n}.jpg", bytes([n + 1]) * 140_000)
+    photos = {"archive": (io.BytesIO(buffer.getvalue()), "photos.zip")}
+    answer = client.post("/v1/jobs?model=vgg16", data=photos, headers=frank)
+    assert code(answer) == (429, "quota_exceeded") and answer.json["error"]["quota"] == "job_bytes"
+    assert job_folders(tmp_path / "jobs") == []
+    small = client.post(
+        "/v1/jobs?model=vgg16", data={"archive": (io.BytesIO(zipped(2, 50_000)), "a.zip")}, headers=frank
+    )
+    assert small.status_code == 202, small.json  # and nothing of the refused one is still counted
+
+
+def test_job_records_a_key_keeps_are_bounded_and_refusals_store_nothing(
+    keyed_gateway: Any, redis_url: str
+) -> None:
+    """Jobs that store no bytes still count: past ``kept_jobs`` (ended ones too, until they
+    expire) a key is refused with the quota named, and a refusal adds nothing to Redis."""
+    client, _ = keyed_gateway
+    gina = bearer(make_key(client, "gina", ["jobs"], kept_jobs=2, active_jobs=8))
+    for _ in range(2):
+        assert client.post("/v1/jobs?model=vgg16", json=URLS, headers=gina).status_code == 202
+    server = redis.Redis.from_url(redis_url)
+    before = server.dbsize()
+    for _ in range(50):
+        refused = client.post("/v1/jobs?model=vgg16", json=URLS, headers=gina)
+        assert code(refused) == (429, "quota_exceeded") and refused.json["error"]["quota"] == "kept_jobs"
+    assert server.dbsize() == before
 
 
 def test_a_multipart_boundary_that_is_not_ascii_is_a_400(keyed_gateway: Any) -> None:
