@@ -16,11 +16,13 @@ believed only from ``GATEWAY_TRUSTED_PROXIES`` (Nginx), never from a direct call
 from __future__ import annotations
 
 import ipaddress
+import posixpath
+import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
 from flask import Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from common import web
 from common.errors import Forbidden, ServiceError, Unauthorized
@@ -57,6 +59,8 @@ PUBLIC = frozenset(
     | {"v2.ready_model"}
 )
 OPEN = ("live", "ready", "auth_check")  # never asks for a key, even a bad one
+# The status the key check gives a route or method the gateway does not serve (Nginx answers it).
+REFUSAL_HEADER = "X-Imagerec-Refusal"
 BUILTIN = frozenset((*BASE_MODELS, "ensemble"))
 
 
@@ -154,15 +158,32 @@ def install(app: Flask, auth: Auth, registry: Registry) -> None:
 
     @app.get("/v1/auth/check")
     def auth_check() -> Response:
-        """For Nginx's ``auth_request``: may this request's key call the original route?"""
+        """For Nginx's ``auth_request``, before an upload's body is read: may this request's key
+        call the original route? The path is read as Nginx matched its location (``nginx_path``),
+        and Nginx sends the upload to that route. A route or method the gateway does not serve is
+        refused here too, never spooled: auth_request passes only 401 and 403 on, so the answer is
+        a 403 with the real status in ``X-Imagerec-Refusal`` (and ``Allow`` for a 405)."""
         method = request.headers.get("X-Original-Method", "GET")
-        path = urlsplit(request.headers.get("X-Original-URI", "/")).path
+        # NOTE: not urlsplit: a request target '//v1//jobs' would read as host 'v1'
+        path = nginx_path(request.headers.get("X-Original-URI", "/").split("?", 1)[0].split("#", 1)[0])
         try:
             endpoint, _ = app.url_map.bind("").match(path, method)
-        except HTTPException:
-            return Response(status=204)  # the route itself answers (404, 405) once the body is in
+        except MethodNotAllowed as exc:
+            refused = Response(status=403, headers={REFUSAL_HEADER: "405"})
+            refused.headers["Allow"] = ", ".join(sorted(exc.valid_methods or ()))
+            return refused
+        except HTTPException:  # no such route (or only a redirect to one)
+            return Response(status=403, headers={REFUSAL_HEADER: "404"})
         auth.require(str(endpoint))
         return Response(status=204)
+
+
+def nginx_path(raw: str) -> str:
+    """A request path as Nginx matches locations: percent-decoded, runs of slashes merged, dot
+    segments resolved (a trailing slash kept)."""
+    path = re.sub("/{2,}", "/", unquote(raw)) or "/"
+    normal = posixpath.normpath(path)
+    return normal + "/" if path.endswith("/") and normal != "/" else normal
 
 
 def rate_limit_key() -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import socket
 import time
 import zipfile
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -60,6 +63,43 @@ def test_an_upload_without_a_valid_key_is_refused_by_nginx_before_its_body(fleet
         f"{fleet.url}/v1/predict?model=shapes", files={"file": ("a.png", image)}, timeout=30
     )
     assert anonymous.status_code == 200  # anonymous callers still predict
+
+
+def answer_before_the_body(fleet: E2EFleet, method: str, target: str) -> tuple[int, dict[str, Any]]:
+    """Declare a 300 MB upload, send 1 MB of it, then wait for the answer: an Nginx that spooled
+    the body would wait for the other 299 MB, and this read would time out."""
+    address = urlsplit(fleet.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        head = (
+            f"{method} {target} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Length: {300 * 1024 * 1024}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        sock.sendall(b"x" * 1024 * 1024)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+
+def test_an_upload_to_a_wrong_method_or_spelling_is_refused_before_its_body(fleet: E2EFleet) -> None:
+    """Every way to the upload routes gets the key check (or a route's refusal) before Nginx reads
+    the body; every other spelling is held to the 10 MB every other route allows."""
+    for method, target, expected in (
+        ("PUT", "/v1/jobs?model=shapes", (405, "method_not_allowed")),
+        ("PATCH", "/v1/training", (405, "method_not_allowed")),
+        ("DELETE", "/v1/jobs", (405, "method_not_allowed")),
+        ("POST", "/v1/%6Aobs?model=shapes", (401, "unauthorized")),
+        ("POST", "//v1//training", (401, "unauthorized")),
+        ("POST", "/v1/jobs/", (413, "payload_too_large")),
+        ("POST", "/v1/JOBS", (413, "payload_too_large")),
+    ):
+        status, body = answer_before_the_body(fleet, method, target)
+        assert (status, body["error"]["code"]) == expected, (method, target, body)
 
 
 def test_a_keyed_upload_larger_than_other_routes_allow_is_taken(fleet: E2EFleet) -> None:

@@ -342,6 +342,28 @@ def test_the_nginx_auth_check_answers_for_the_original_route(keyed_gateway: Any)
     assert check("POST", "/v1/jobs?model=vgg16", ADMIN_KEY) == 204
     assert check("POST", "/v1/training", "irk_bad") == 401
     assert check("POST", "/v1/predict?model=vgg16") == 204
+    # Read as Nginx matched its location (decoded, slashes merged, dots resolved): the same route.
+    for spelling in ("/v1/%6Aobs", "//v1//jobs", "/v1/./x/../jobs"):
+        assert check("POST", spelling) == 401, spelling
+        assert check("POST", spelling, ADMIN_KEY) == 204, spelling
+
+
+def test_the_nginx_auth_check_refuses_what_the_gateway_does_not_serve(keyed_gateway: Any) -> None:
+    """Never a 204 for an unknown route or method: Nginx would spool the body for nothing. A 403
+    (auth_request passes only 401 and 403) carrying the real status for Nginx to answer."""
+    client, _ = keyed_gateway
+    for method, uri, refusal, allow in (
+        ("PUT", "/v1/jobs", "405", "GET, HEAD, OPTIONS, POST"),
+        ("PATCH", "/v1/training", "405", "OPTIONS, POST"),
+        ("POST", "/v1/jobs/", "404", None),
+        ("POST", "/v1/nothing", "404", None),
+    ):
+        answer = client.get(
+            "/v1/auth/check",
+            headers={"X-Original-Method": method, "X-Original-URI": uri, **bearer(ADMIN_KEY)},
+        )
+        assert (answer.status_code, answer.headers.get("X-Imagerec-Refusal")) == (403, refusal), (method, uri)
+        assert answer.headers.get("Allow") == allow
 
 
 def test_a_redis_at_its_memory_bound_is_a_503_and_leaves_nothing(
