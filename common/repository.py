@@ -31,6 +31,7 @@ import numpy as np
 
 from common.errors import WeightsUnavailable
 from common.models import BASE_MODELS
+from common.wire import whole_number
 
 SUFFIXES = (".keras", ".h5")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -52,7 +53,8 @@ def versions(root: str | Path, model: str) -> list[int]:
     folder = Path(root) / model
     if not folder.is_dir():
         return []
-    return sorted(int(entry.name) for entry in folder.iterdir() if entry.is_dir() and entry.name.isdigit())
+    found = (whole_number(entry.name) for entry in folder.iterdir() if entry.is_dir())
+    return sorted(number for number in found if number is not None)
 
 
 def latest(root: str | Path, model: str) -> int:

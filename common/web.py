@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from common import metrics
 from common.errors import BadRequest, ServiceError
-from common.wire import DEADLINE_HEADER, REQUEST_ID_HEADER, REQUEST_START_HEADER
+from common.wire import DEADLINE_HEADER, REQUEST_ID_HEADER, REQUEST_START_HEADER, whole_number
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("imagerec.request")
@@ -79,8 +80,8 @@ class DrainBody:
 
     def drain(self, environ: dict[str, Any]) -> None:
         stream = environ.get("wsgi.input")
-        declared = environ.get("CONTENT_LENGTH") or ""
-        if stream is None or (declared.isdigit() and int(declared) > self.max_bytes):
+        declared = whole_number(environ.get("CONTENT_LENGTH") or "")
+        if stream is None or (declared is not None and declared > self.max_bytes):
             return
         left = self.max_bytes
         try:
@@ -190,9 +191,11 @@ def deadline_s() -> float | None:
     if raw is None:
         return None
     try:
-        value = float(raw)
+        value = float(raw) if raw.isascii() else math.nan  # float() also reads '٣' and '1_0'
     except ValueError:
         raise BadRequest(f"{DEADLINE_HEADER} / timeout_ms must be a number of milliseconds") from None
+    if "_" in raw or not math.isfinite(value):
+        raise BadRequest(f"{DEADLINE_HEADER} / timeout_ms must be a number of milliseconds")
     if not 0 < value <= MAX_DEADLINE_MS:
         raise BadRequest(f"{DEADLINE_HEADER} / timeout_ms must be between 0 and {MAX_DEADLINE_MS}")
     return value / 1000

@@ -50,3 +50,11 @@ def timestamp(moment: float | None) -> str | None:
         return None
     whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment))
     return f"{whole}.{int(moment % 1 * 1000):03d}Z"
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` (surrounding spaces aside) as a whole number when it is ASCII digits alone, as HTTP
+    means them (RFC 9110 ``1*DIGIT``); None otherwise. ``str.isdigit`` also takes '²' and '٣',
+    which ``int`` refuses or reads."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None

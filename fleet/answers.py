@@ -12,6 +12,7 @@ from typing import Any
 import requests
 
 from common.errors import BadUpstreamResponse, ServiceError
+from common.wire import whole_number
 
 
 def error_code(response: requests.Response) -> str:
@@ -24,11 +25,8 @@ def error_code(response: requests.Response) -> str:
 
 def retry_after(response: requests.Response, fallback: int = 1) -> int:
     """The whole seconds of the ``Retry-After`` header; ``fallback`` when absent or not a number."""
-    try:
-        seconds = int(response.headers.get("Retry-After", ""))
-    except ValueError:
-        return fallback
-    return seconds if seconds >= 0 else fallback
+    seconds = whole_number(response.headers.get("Retry-After", ""))
+    return fallback if seconds is None else seconds
 
 
 def _valid_prediction(prediction: object) -> bool:

@@ -139,10 +139,11 @@ class ModelClient:
         failover = Failover(
             self.registry, model, connect_retries=self.connect_retries, backoff_s=self.retry_backoff_s
         )
+        base = self.registry.base_of(model)  # metrics name the base: a custom model may be private
         for replica in failover:
             breaker = self._breaker(replica.url)
             if not breaker.allow():  # open: this replica is skipped, not hammered
-                metrics.MEMBER_FAILURES.labels(model, "circuit_open").inc()
+                metrics.MEMBER_FAILURES.labels(base, "circuit_open").inc()
                 failover.skip("replica failing repeatedly (circuit open)")
                 continue
             started = time.perf_counter()
@@ -160,11 +161,11 @@ class ModelClient:
                         exc,
                         exc.__cause__,
                     )
-                accounting.record(breaker, model, exc)
+                accounting.record(breaker, base, exc)
                 failover.failed(replica, exc)  # raises when the call ends here
                 continue
-            accounting.record(breaker, model, None)
-            metrics.MEMBER_SECONDS.labels(model).observe(time.perf_counter() - started)
+            accounting.record(breaker, base, None)
+            metrics.MEMBER_SECONDS.labels(base).observe(time.perf_counter() - started)
             return reply
         raise failover.give_up()
 

@@ -32,6 +32,7 @@ import certifi
 import urllib3
 
 from common.errors import BadRequest, ImageTooLarge, ServiceError, UnsupportedMediaType
+from common.wire import whole_number
 from fleet.settings import FleetSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -327,8 +328,8 @@ class UrlFetcher:
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not content_type.startswith("image/"):
             raise UnsupportedMediaType(f"the URL's content type is {content_type or 'missing'}, not image/*")
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = whole_number(response.headers.get("Content-Length", ""))
+        if declared is not None and declared > self.max_bytes:
             raise ImageTooLarge(f"the image at the URL is {declared} bytes; the limit is {self.max_bytes}")
         chunks, total = [], 0
         try:

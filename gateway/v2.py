@@ -132,8 +132,9 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
 
     @v2.get("/health/ready")
     def ready() -> Response:
-        """Ready when every routed model has a ready replica (the protocol's server readiness)."""
-        missing = [name for name in registry.models if not registry.metadata(name)]
+        """Ready when every base model has a ready replica (the protocol's server readiness); a
+        custom model is ready with its base, and is never named here (it may be private)."""
+        missing = [name for name in registry.bases if not registry.metadata(name)]
         if missing:
             raise ModelUnavailable(f"not ready: {', '.join(missing)}")
         return web.json_ok({"ready": True})

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import BadRequest, ImageTooLarge
+from common.wire import whole_number
 from fleet.predict import ImageInput
 from gateway.inputs import decode_base64
 
@@ -33,9 +34,9 @@ def split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON request and the binary data after it (none without ``Inference-Header-Content-Length``)."""
     if header_length is None:
         return raw, b""
-    if not header_length.strip().isdigit():
+    length = whole_number(header_length)
+    if length is None:
         raise BadRequest(f"{HEADER_LENGTH} must be a whole number of bytes, got {header_length[:20]!r}")
-    length = int(header_length)
     if not 0 < length <= len(raw):
         raise BadRequest(f"{HEADER_LENGTH} {length} is not within the body's {len(raw)} bytes")
     return raw[:length], raw[length:]

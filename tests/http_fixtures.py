@@ -39,6 +39,14 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"<html>hi</html>", {"Content-Type": "text/html"})
         elif path == "/missing":
             self._send(404, b"nope", {"Content-Type": "text/plain"})
+        elif path == "/superscript-length":  # '¹²' is digits to str.isdigit, not to HTTP
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "¹²")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(CAT)
+            self.close_connection = True
         elif path == "/declared-huge":
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from http.client import RemoteDisconnected
 from typing import Any
 
+import prometheus_client
 import pytest
 import requests
 import responses
@@ -558,3 +559,27 @@ def test_only_a_background_call_carries_x_priority(
     options = {"priority": priority} if priority else {}
     model_client.predict("resnet50", [b"a"], top_k=1, **options)
     assert call.calls[0].request.headers.get("X-Priority") == sent
+
+
+@responses.activate
+def test_member_call_metrics_name_the_base_never_a_custom_model() -> None:
+    """A custom model may be private: the gateway's /metrics count its calls under its base."""
+    responses.get(
+        f"{R1}/v1/model",
+        json={
+            "name": "resnet50",
+            "state": "ready",
+            "ready": True,
+            "custom_models": [
+                {"name": "alices-secret-pets", "version": "1", "base": "resnet50", "state": "ready"}
+            ],
+        },
+    )
+    responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("refused"))
+    client = one_replica(connect_retries=0)
+    client.registry.refresh()
+    with pytest.raises(ModelUnavailable):
+        client.predict("alices-secret-pets", [b"a"], top_k=1)
+    exposed = prometheus_client.generate_latest().decode()
+    assert 'imagerec_gateway_member_failures_total{model="resnet50",reason="unreachable"}' in exposed
+    assert "alices-secret-pets" not in exposed

@@ -143,6 +143,11 @@ def test_bad_responses_are_refused(server: str, fetcher: UrlFetcher, path: str, 
         fetcher.fetch(server + path)
 
 
+def test_a_length_in_superscript_digits_is_no_length(server: str, fetcher: UrlFetcher) -> None:
+    """A hostile host's ``Content-Length: ¹²`` is read as absent (the body until close), not a 500."""
+    assert fetcher.fetch(f"{server}/superscript-length") == CAT
+
+
 def test_slow_drip_hits_the_total_deadline(server: str) -> None:
     fetcher = UrlFetcher(timeout_s=1, allow_networks=("127.0.0.0/8",), allow_ports=())
     started = time.monotonic()

@@ -39,6 +39,19 @@ def assert_v2_error(response, status: int, code: str) -> None:  # type: ignore[n
     assert body["code"] == code and body["request_id"] == response.headers["X-Request-ID"]
 
 
+def test_server_readiness_never_names_a_custom_model(gateway: FlaskClient, fake: FakeModelClient) -> None:
+    """Anonymous callers may ask: a private custom model whose base is down stays unnamed."""
+    make_ready(fake)
+    for replica in fake.registry.replicas("resnet50"):
+        replica.ready = False
+        replica.metadata = {"custom_models": [{"name": "alices-secret", "version": "1", "state": "ready"}]}
+    fake.registry._custom = fake.registry._find_custom()  # what the next round of probes would find
+    assert "alices-secret" in fake.registry.models
+    answer = gateway.get("/v2/health/ready")
+    assert_v2_error(answer, 503, "model_unavailable")
+    assert answer.get_json()["error"] == "not ready: resnet50"
+
+
 def test_health_and_readiness_follow_the_protocol(gateway: FlaskClient, fake: FakeModelClient) -> None:
     assert gateway.get("/v2/health/live").get_json() == {"live": True}
     assert_v2_error(gateway.get("/v2/health/ready"), 503, "model_unavailable")
@@ -461,6 +474,8 @@ def test_binary_data_output_makes_every_output_binary(gateway: FlaskClient) -> N
 
 BAD_BINARY = {
     "header length not a number": (lambda b, h: (b, {**h, "Inference-Header-Content-Length": "ten"})),
+    # digits to str.isdigit, not to HTTP: int() refused '²' (a 500 once)
+    "header length in superscript digits": (lambda b, h: (b, {**h, "Inference-Header-Content-Length": "¹²"})),
     "header length past the body": (
         lambda b, h: (b, {**h, "Inference-Header-Content-Length": str(len(b) + 1)})
     ),
