@@ -65,6 +65,8 @@ def create_app(
         app, drain_max_bytes=max(2 * settings.max_body_bytes, job_settings.max_archive_bytes + 1024 * 1024)
     )
     web.install_metrics(app, "gateway", lambda: model_label(registry))
+    # The rate limit first: a flood of bad or made-up keys is refused before each costs a lookup.
+    rate_limits.install(app, settings, auth)
     access.install(app, auth, registry)
 
     app.add_url_rule("/health/live", "live", lambda: web.json_ok({"status": "alive"}))
@@ -76,7 +78,6 @@ def create_app(
     app.register_blueprint(training.create_blueprint(settings, training_settings, client, queued))
     app.register_blueprint(keys.create_blueprint(auth))
     app.register_blueprint(docs.create_blueprint())
-    rate_limits.install(app, settings)
     if poll_health:
         registry.start_polling(settings.health_interval_s)
     return app

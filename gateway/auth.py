@@ -187,16 +187,21 @@ def nginx_path(raw: str) -> str:
 
 
 def rate_limit_key() -> str:
-    """Flask-Limiter's key: the principal when a valid key was sent, else the client address."""
+    """Flask-Limiter's key, decided before the key check (which may ask Redis): the principal of
+    a key this process has already verified, else the client's address. A bad or made-up key -
+    each one would cost a Redis lookup - counts against its address, and so does a good key's
+    first request here."""
     auth = _auth()
-    address = auth.client_address()
-    if not request.headers.get("Authorization"):
-        return f"ip:{address}"
-    try:
-        principal = auth.principal()
-    except ServiceError:
-        return f"ip:{address}"
-    return f"ip:{address}" if principal.anonymous else f"key:{principal.id}"
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    known = auth.store.cached(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    return f"key:{known.id}" if known is not None else f"ip:{auth.client_address()}"
+
+
+def cache_scope() -> str:
+    """Whose response-cache entries the current request may see: its key's principal, or the
+    address of an anonymous caller (anonymous callers do not share entries with one another)."""
+    principal = current()
+    return f"ip:{_auth().client_address()}" if principal.anonymous else f"key:{principal.id}"
 
 
 def audit(action: str, target: str, outcome: str = "ok", **extra: Any) -> None:

@@ -1,7 +1,9 @@
 """Response cache: the same image, model, weights and parameters get the stored answer.
 
-Key: SHA-256 of the image bytes + the model (or ensemble members and vote) + every member's
-weights hash + the parameters that shape the answer. Because the weights hashes are in the key, an
+Key: SHA-256 of the caller and the image bytes + the model (or ensemble members and vote) + every
+member's weights hash + the parameters that shape the answer. The caller is the key's principal,
+or an anonymous caller's address: one client never learns from a hit (``X-Cache`` or its speed)
+that another sent the same photo. Because the weights hashes are in the key, an
 answer computed with old weights is never served; ``drop(model)`` also deletes a model's entries
 as soon as the gateway sees its weights change. In memory by default (cachetools' TTL+LRU, per
 gateway worker, ``GATEWAY_CACHE_SIZE`` entries); with ``GATEWAY_CACHE_REDIS_URL`` (or
@@ -28,9 +30,12 @@ log = logging.getLogger(__name__)
 PREFIX = "imagerec:cache:"
 
 
-def digest(image: bytes) -> str:
-    """The image's part of a key: SHA-256 of the client's bytes (computed once per request)."""
-    return hashlib.sha256(image).hexdigest()
+def digest(image: bytes, caller: str) -> str:
+    """The image's part of a key: SHA-256 of the caller and the client's bytes (computed once per
+    request); ``caller`` names whose entries these are (``gateway.auth.cache_scope``)."""
+    hashed = hashlib.sha256(caller.encode() + b"\n")
+    hashed.update(image)
+    return hashed.hexdigest()
 
 
 def key(image_digest: str, models: Mapping[str, str], parameters: Mapping[str, object]) -> str:

@@ -13,6 +13,7 @@ from common import web
 from fleet.predict import ImageInput, Predictor, Selection
 from gateway import cache as response_cache
 from gateway import shaping
+from gateway.auth import cache_scope
 from gateway.cache import Policy
 from gateway.inputs import InputReader
 from gateway.settings import GatewaySettings
@@ -39,8 +40,8 @@ class Classifier:
         deadline = web.deadline(self.settings.default_deadline_ms / 1000)
         items, batch = self._read()
         cacheable = self.cache is not None and not batch and items[0].error is None
-        # The key is the client's bytes, before any canonical re-encoding, hashed once.
-        image = response_cache.digest(items[0].data) if cacheable else ""
+        # The key is the caller and the client's bytes, before any canonical re-encoding, hashed once.
+        image = response_cache.digest(items[0].data, cache_scope()) if cacheable else ""
         if cacheable and (hit := self._cached(selection, image, top_k, started)):
             return hit
         self.predictor.canonicalize(selection, items)  # a hit never pays for the ensemble's re-encoding

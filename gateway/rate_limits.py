@@ -1,5 +1,7 @@
 """Per-client rate limits (Flask-Limiter): one count per client across every limited route - per
-key when the request sent a valid one, else per address (``gateway.auth.rate_limit_key``).
+key when the request sent one this process has verified, else per address
+(``gateway.auth.rate_limit_key``). Checked before the key is, so a flood of bad keys is refused
+before each costs a Redis lookup.
 
 Counted in Redis when ``GATEWAY_RATE_LIMIT_STORAGE`` (or ``REDIS_URL``) names one, so every gateway
 worker and replica shares it; else in each worker's memory. A Redis outage falls back to counting in
@@ -33,9 +35,11 @@ def _exempt() -> bool:
     return endpoint in EXEMPT or endpoint.startswith(("docs.", "v2."))
 
 
-def install(app: Flask, settings: GatewaySettings) -> Limiter | None:
-    """Limit every prediction route with one shared count per client. Returns None when
+def install(app: Flask, settings: GatewaySettings, access: auth.Auth) -> Limiter | None:
+    """Limit every prediction route with one shared count per client, checked before the key is
+    (installed first: Flask runs its before-request checks in order). Returns None when
     ``GATEWAY_RATE_LIMIT`` is empty (limits off)."""
+    app.extensions["imagerec.auth"] = access  # the limiter's key reads it
     if not settings.rate_limit:
         return None
     storage = settings.rate_limit_storage or "memory://"

@@ -158,6 +158,15 @@ class KeyStore:
             self._cache[hashed] = found
         return found
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal ``key`` was last found to belong to, from this process's cache alone
+        (never Redis); None when it is unknown here or invalid (the rate limiter's view)."""
+        hashed = digest(key)
+        if hmac.compare_digest(hashed, self.admin_digest):
+            return ADMIN
+        with self._lock:
+            return self._cache.get(hashed)
+
     def is_live(self, principal_id: str) -> bool:
         """Whether ``principal_id`` still has a key (admin always): job workers stop a revoked
         principal's jobs. Cached like ``authenticate``; an unreachable Redis counts as live."""

@@ -16,7 +16,7 @@ from gateway import cache as response_cache
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.gateway.fakes import FakeModelClient
-from tests.helpers import gateway_settings, photo
+from tests.helpers import ADMIN_KEY, bearer, gateway_settings, photo
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 
@@ -52,6 +52,28 @@ def test_a_repeated_request_is_served_from_the_cache() -> None:
     assert seed.status_code == 200 and "X-Cache" in seed.headers
 
 
+def test_no_caller_learns_from_the_cache_what_another_sent() -> None:
+    """Entries are per key, or per address for anonymous callers: a hit (its header, its speed)
+    says only that this caller sent the same photo before."""
+    client, fake = gateway()
+
+    def from_address(address: str, headers: dict[str, str] | None = None) -> str:
+        answer = client.post(
+            "/v1/predict?model=resnet50",
+            data=CAT,
+            content_type="image/jpeg",
+            headers=headers or {},
+            environ_base={"REMOTE_ADDR": address},
+        )
+        return str(answer.headers["X-Cache"])
+
+    assert from_address("10.0.0.1") == "MISS"
+    assert from_address("10.0.0.2") == "MISS"  # another anonymous caller
+    assert from_address("10.0.0.1", bearer(ADMIN_KEY)) == "MISS"  # a key, from the same address
+    assert [from_address("10.0.0.1"), from_address("10.0.0.3", bearer(ADMIN_KEY))] == ["HIT", "HIT"]
+    assert len(fake.calls) == 3
+
+
 def test_new_weights_are_never_answered_from_old_entries() -> None:
     client, fake = gateway()
     ask(client)
@@ -84,9 +106,12 @@ def test_the_cache_can_be_turned_off() -> None:
 def test_memory_drop_removes_every_entry_of_a_model() -> None:
     cache = response_cache.MemoryCache(16, 60)
     for members in ({"resnet50": "a"}, {"vgg16": "b"}, {"resnet50": "a", "vgg16": "b"}):
-        cache.put(response_cache.key(response_cache.digest(CAT), members, {}), {"body": {}})
+        cache.put(response_cache.key(response_cache.digest(CAT, "ip:1.2.3.4"), members, {}), {"body": {}})
     assert cache.drop("vgg16") == 2
-    assert cache.get(response_cache.key(response_cache.digest(CAT), {"resnet50": "a"}, {})) is not None
+    assert (
+        cache.get(response_cache.key(response_cache.digest(CAT, "ip:1.2.3.4"), {"resnet50": "a"}, {}))
+        is not None
+    )
 
 
 @responses.activate

@@ -298,6 +298,31 @@ def test_a_custom_model_name_belongs_to_its_owner(keyed_gateway: Any, trainer_re
     assert client.delete("/v1/models/pets", headers=alice).json == {"deleted": "pets"}
 
 
+def test_the_rate_limit_comes_before_the_key_lookup(redis_url: str) -> None:
+    """Made-up keys count against their address, before each costs a Redis lookup: past the limit
+    they are refused without one. A verified key counts on its own."""
+    redis.Redis.from_url(redis_url).flushall()
+    settings = gateway_settings(rate_limit="5/minute")
+    app = create_app(
+        settings, client=FakeModelClient(settings), poll_health=False, auth_settings=auth_settings(redis_url)
+    )  # type: ignore[arg-type]
+    client, server = app.test_client(), redis.Redis.from_url(redis_url)
+    made = client.post("/v1/keys", json={"name": "kim", "scopes": ["predict"]}, headers=bearer(ADMIN_KEY))
+    kim = bearer(made.json["key"])
+
+    def predict(headers: dict[str, str]) -> int:
+        answer = client.post("/v1/predict?model=vgg16", data=CAT, content_type="image/jpeg", headers=headers)
+        return int(answer.status_code)
+
+    assert predict(kim) == 200  # verified here from now on (counted against the address once)
+    server.config_resetstat()
+    made_up = [bearer(f"irk_{n:012x}_{'A' * 43}") for n in range(10)]
+    assert [predict(key) for key in made_up] == [401] * 4 + [429] * 6
+    lookups = server.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+    assert lookups == 4  # none for the refused six
+    assert [predict(kim) for _ in range(5)] == [200] * 5  # its own count, not the address's
+
+
 def test_x_real_ip_is_believed_only_from_the_proxy(redis_url: str, tmp_path: Path) -> None:
     """The limiter counts per address: a direct caller cannot pick a fresh address per request."""
     settings = gateway_settings(rate_limit="2/minute", trusted_proxies=("10.9.9.9/32",))
