@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from common.jobs.settings import JobSettings
 from common.models import BASE_MODELS
-from common.settings import load, setting
+from common.settings import load, secret, setting, with_password
 from common.tenancy.keys import admin_key
 from common.tenancy.settings import AuthSettings
 from common.training.settings import TrainingSettings
@@ -179,7 +180,40 @@ class Fleet:
         env["AUTH_ADMIN_KEY_FILE"] = os.environ.get("AUTH_ADMIN_KEY_FILE") or str(self.run_dir / "admin.key")
         # Custom models trained here: published by the trainer, served by the base models' services.
         env["CUSTOM_MODELS_DIR"] = os.environ.get("CUSTOM_MODELS_DIR") or str(self.run_dir / "custom-models")
+        return env | self.secret_env()
+
+    def secret_env(self) -> dict[str, str]:
+        """The Redis password and the callbacks' signing key, as compose has them: the caller's
+        (``REDIS_PASSWORD``, ``JOBS_CALLBACK_SECRET`` or their ``_FILE``), else files made once in
+        the run folder. Files, not values: the environment shows in ``ps e``."""
+        env = {}
+        for name, file_name in (
+            ("REDIS_PASSWORD", "redis_password"),
+            ("JOBS_CALLBACK_SECRET", "callback_secret"),
+        ):
+            if not (os.environ.get(name) or os.environ.get(f"{name}_FILE")):
+                env[f"{name}_FILE"] = str(self._secret(file_name))
         return env
+
+    def _secret(self, name: str) -> Path:
+        """``run/secrets/<name>``: random, written once (0600, in a 0700 folder), never replaced."""
+        folder = self.run_dir / "secrets"
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        path = folder / name
+        if not path.exists() or not path.read_text().strip():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_urlsafe(32) + "\n")
+        return path
+
+    @property
+    def redis_password(self) -> str:
+        return secret({**os.environ, **self.secret_env()}, "REDIS_PASSWORD")
+
+    def authenticated(self, url: str) -> str:
+        """``url`` (one of this fleet's Redis URLs) with its password, for a client of our own."""
+        return with_password(url, {"REDIS_PASSWORD": self.redis_password})
 
     @property
     def redis_url(self) -> str:
@@ -224,15 +258,22 @@ class Fleet:
             # and later the job queue, survive a restart of Redis.
             (self.run_dir / "redis").mkdir(parents=True, exist_ok=True)
             redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+            # A password, as compose's Redis has: any local user could otherwise write a key record.
+            # In a config file of the owner's alone, not on the command line that `ps` shows.
+            conf = self.run_dir / "redis" / "auth.conf"
+            descriptor = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                quoted = self.redis_password.replace("\\", "\\\\").replace('"', '\\"')
+                file.write(f'requirepass "{quoted}"\n')
             programs["redis"] = (
-                f"{redis} --bind {s.host} --port {s.redis_port} --dir {self.run_dir}/redis "
-                f"--appendonly yes --save '' --protected-mode no --maxmemory {s.redis_maxmemory} "
+                f"{redis} {conf} --bind {s.host} --port {s.redis_port} --dir {self.run_dir}/redis "
+                f"--appendonly yes --save '' --maxmemory {s.redis_maxmemory} "
                 "--maxmemory-policy noeviction",
                 {},
             )
             programs["redis-cache"] = (
-                f"{redis} --bind {s.host} --port {s.cache_redis_port} --dir {self.run_dir}/redis "
-                f"--appendonly no --save '' --protected-mode no --maxmemory {s.cache_maxmemory} "
+                f"{redis} {conf} --bind {s.host} --port {s.cache_redis_port} --dir {self.run_dir}/redis "
+                f"--appendonly no --save '' --maxmemory {s.cache_maxmemory} "
                 "--maxmemory-policy allkeys-lru",
                 {},
             )

@@ -76,6 +76,37 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
     assert "client_max_body_size 3m;" in rendered and "proxy_read_timeout 90s;" in rendered
 
 
+def test_the_local_redis_has_a_password_and_callbacks_are_signed(
+    shapes_fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As compose has them: made once in the run folder, the owner's alone, passed as files (never
+    on a command line or in the environment, which ``ps`` shows)."""
+    for name in (
+        "REDIS_PASSWORD",
+        "REDIS_PASSWORD_FILE",
+        "JOBS_CALLBACK_SECRET",
+        "JOBS_CALLBACK_SECRET_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    text = shapes_fleet.render().read_text()
+    env = shapes_fleet.environment()
+    password = Path(env["REDIS_PASSWORD_FILE"]).read_text().strip()
+    signing = Path(env["JOBS_CALLBACK_SECRET_FILE"]).read_text().strip()
+    assert len(password) >= 32 and len(signing) >= 32 and password != signing
+    for path in (
+        env["REDIS_PASSWORD_FILE"],
+        env["JOBS_CALLBACK_SECRET_FILE"],
+        shapes_fleet.run_dir / "redis" / "auth.conf",
+    ):
+        assert Path(path).stat().st_mode & 0o077 == 0, path
+    assert (shapes_fleet.run_dir / "redis" / "auth.conf").read_text() == f'requirepass "{password}"\n'
+    assert password not in text and signing not in text and password not in " ".join(env.values())
+    assert "protected-mode no" not in text and text.count("redis/auth.conf --bind") == 2
+    assert JobSettings.from_env(env).callback_secret == signing  # what the workers sign with
+    assert shapes_fleet.environment() == env  # made once: the same files again
+    assert shapes_fleet.authenticated(shapes_fleet.redis_url) == f"redis://:{password}@127.0.0.1:6380/0"
+
+
 def test_supervisord_runs_every_process_with_restarts(shapes_fleet: Fleet) -> None:
     text = shapes_fleet.render().read_text()
     programs = re.findall(r"^\[program:([\w-]+)\]", text, re.MULTILINE)

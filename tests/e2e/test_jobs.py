@@ -183,9 +183,9 @@ def test_a_cancelled_job_stops_within_seconds_and_keeps_its_results(fleet: E2EFl
 def job_tasks(fleet: E2EFleet, job_id: str) -> int:
     """Tasks of ``job_id`` queued or running on a worker (Celery's own inspection, over the queue's
     Redis)."""
-    broker = redis.Redis.from_url(fleet.fleet.redis_url)
+    broker = redis.Redis.from_url(fleet.fleet.authenticated(fleet.fleet.redis_url))
     queued = sum(job_id.encode() in message for message in broker.lrange("jobs", 0, -1))
-    control = Celery(broker=fleet.fleet.redis_url).control
+    control = Celery(broker=fleet.fleet.authenticated(fleet.fleet.redis_url)).control
     active = control.inspect(timeout=2).active() or {}
     running = sum(job_id in str(task.get("args")) for tasks in active.values() for task in tasks)
     return queued + running
