@@ -93,9 +93,22 @@ def create_blueprint(
         except NotFound:
             audit("model.delete", name, "not_found")
             raise
+        # A training of it in flight is cancelled, and the name stays its owner's until that
+        # training has stopped: the trainer publishes nothing of it and then frees the name.
+        in_flight = [
+            job["id"]
+            for job in store_call(jobs.store.active)
+            if job.get("kind") == "training" and job.get("model") == name
+        ]
+        if in_flight:
+            store_call(owners().mark_deleting, name)
+        for job_id in in_flight:
+            store_call(jobs.store.cancel, job_id)
+            audit("training.cancel", job_id, "model_deleted")
         # Not answered within TRAINING_REMOVE_WAIT_S, the removal stays queued for the trainer: a 202.
         removed = store_call(removals.ask, jobs.store.redis, name, training.remove_wait_s)
-        store_call(owners().release, name)
+        if not in_flight:
+            store_call(owners().release, name)
         audit("model.delete", name, "ok" if removed is not None else "queued")
         if removed is None:
             return web.json_ok({"deleted": name, "state": "queued"}, status=202)

@@ -79,7 +79,10 @@ def training_runner() -> TrainingRunner:
     client = build_client(gateway)
     client.registry.refresh()
     jobs = store()
-    return TrainingRunner(jobs, client, TRAINING, retry_s=SETTINGS.retry_s, removals=jobs.redis)
+    keys = KeyStore(AuthSettings.from_env())  # a revoked key's training stops at its next step
+    return TrainingRunner(
+        jobs, client, TRAINING, retry_s=SETTINGS.retry_s, removals=jobs.redis, is_live=keys.is_live
+    )
 
 
 @app.task(name=queue.TRAIN_TASK, acks_late=False, ignore_result=True)

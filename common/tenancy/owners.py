@@ -46,12 +46,25 @@ if ARGV[3] == '1' and redis.call('SISMEMBER', KEYS[4], KEYS[1]) == 0 then
   end
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'base', ARGV[2])
+redis.call('HDEL', KEYS[1], 'deleting')  -- its owner trains it again: the name is wanted after all
 if not owner then redis.call('HSET', KEYS[1], 'public', ARGV[4]) end
 redis.call('SADD', KEYS[2], KEYS[1])
 redis.call('SADD', KEYS[3], KEYS[1])
 if ARGV[3] == '1' then redis.call('SADD', KEYS[4], KEYS[1]) else redis.call('SREM', KEYS[4], KEYS[1]) end
 if owner then return {'ok', 0} end
 return {'ok', 1}
+"""
+
+
+# KEYS: record, all names. Forgets the name (as ``release``) only while it is marked deleting.
+_RELEASE_DELETING = """
+if redis.call('HGET', KEYS[1], 'deleting') ~= '1' then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], KEYS[1])
+redis.call('SREM', 'imagerec:models:owner:' .. owner, KEYS[1])
+redis.call('SREM', 'imagerec:models:owner:' .. owner .. ':fine-tuned', KEYS[1])
+return 1
 """
 
 
@@ -79,6 +92,7 @@ class Owners:
     def __init__(self, client: redis.Redis | None, cache_s: float = 2.0) -> None:
         self.redis = client
         self._claim = client.register_script(_CLAIM) if client is not None else None
+        self._release_deleting = client.register_script(_RELEASE_DELETING) if client is not None else None
         self._cache: TTLCache[str, Ownership] = TTLCache(10_000, cache_s)
         self._lock = threading.Lock()
 
@@ -169,6 +183,33 @@ class Owners:
             pipe.execute()
         with self._lock:
             self._cache.pop(name, None)
+
+    def mark_deleting(self, name: str) -> None:
+        """``name`` was deleted while a training of it is in flight: it stays its owner's (no one
+        else may claim it) until that training stops and the trainer releases it
+        (``release_if_deleting``), and nothing of it may be published meanwhile."""
+        if self.redis is not None:
+            self.redis.hset(RECORD + name, "deleting", "1")
+        with self._lock:
+            self._cache.pop(name, None)
+
+    def release_if_deleting(self, name: str) -> bool:
+        """Forget ``name``'s owner if it was deleted during a training (the trainer, once the
+        training stopped); True when it was."""
+        if self._release_deleting is None:
+            return False
+        released = bool(self._release_deleting(keys=[RECORD + name, NAMES]))
+        with self._lock:
+            self._cache.pop(name, None)
+        return released
+
+    def publishable(self, name: str, owner: str) -> bool:
+        """Whether a training of ``owner``'s may publish ``name`` now (read from Redis, uncached):
+        the name is still its owner's and not being deleted. Nothing is published without an owner."""
+        if self.redis is None:
+            return True  # no owners kept at all (one process, no Redis)
+        record: dict[str, str] = self.redis.hgetall(RECORD + name)  # type: ignore[assignment]
+        return bool(record) and record.get("owner") == owner and record.get("deleting") != "1"
 
     def release(self, name: str) -> None:
         """Forget ``name``'s owner (the model was deleted): anyone may claim it again."""

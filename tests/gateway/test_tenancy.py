@@ -17,7 +17,9 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
 from common.jobs.settings import JobSettings
+from common.tenancy.owners import Owners
 from common.training.settings import TrainingSettings
+from deploy.local.running import wait_until
 from gateway.app import create_app
 from tests import colours
 from tests.gateway.fakes import FakeModelClient, redis_gateway
@@ -296,6 +298,23 @@ def test_a_custom_model_name_belongs_to_its_owner(keyed_gateway: Any, trainer_re
     over = train(client, "fish", bob)
     assert code(over) == (429, "quota_exceeded") and over.json["error"]["quota"] == "custom_models"
     assert client.delete("/v1/models/pets", headers=alice).json == {"deleted": "pets"}
+
+
+def test_deleting_a_model_in_training_cancels_it_and_holds_its_name_until_it_stops(
+    keyed_gateway: Any, trainer_removals: Path, redis_url: str
+) -> None:
+    """No one may claim a deleted name while a training of it is in flight (it would publish
+    into someone else's model); the trainer frees it once the training has stopped."""
+    client, _ = keyed_gateway
+    alice = bearer(make_key(client, "alice", ["train", "predict", "jobs"], trainings=3))
+    bob = bearer(make_key(client, "bob", ["train", "predict"], trainings=3))
+    job_id = train(client, "pets", alice).json["job_id"]
+    assert client.delete("/v1/models/pets", headers=alice).status_code in (200, 202)
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json["status"] == "cancelled"
+    assert code(train(client, "pets", bob)) == (409, "model_name_taken")
+    assert Owners(redis.Redis.from_url(redis_url)).release_if_deleting("pets")  # as the trainer does
+    # the gateway trusts what it read of an owner for AUTH_KEY_CACHE_S (0.2 s here)
+    wait_until(lambda: train(client, "pets", bob).status_code == 202, 5, "bob to get the freed name")
 
 
 def test_the_rate_limit_comes_before_the_key_lookup(redis_url: str) -> None:

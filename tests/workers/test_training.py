@@ -21,8 +21,8 @@ from common.jobs import upkeep
 from common.jobs.archive import Entry
 from common.jobs.store import JobStore
 from common.jobs.views import describe
-from common.tenancy.keys import Principal
-from common.tenancy.owners import LEGACY, Owners
+from common.tenancy.keys import ADMIN, Principal
+from common.tenancy.owners import LEGACY, NameTaken, Owners
 from common.training import dataset
 from common.training.settings import TrainingSettings
 from serving import custom
@@ -79,8 +79,20 @@ def settings(tmp_path: Path, **overrides: Any) -> TrainingSettings:
     return TrainingSettings(models_dir=str(tmp_path / "models"), publish_wait_s=0, **overrides)
 
 
-def submit(store: JobStore, files: dict[str, bytes], name: str = "colours", **options: Any) -> str:
-    """A training job as the gateway writes one."""
+def submit(
+    store: JobStore, files: dict[str, bytes], name: str = "colours", owner: Principal = ADMIN, **options: Any
+) -> str:
+    """A training job as the gateway writes one, its name claimed for ``owner`` (unless it is)."""
+    if Owners(store.redis, cache_s=0.01).of(name) is LEGACY:
+        Owners(store.redis).claim(
+            name,
+            owner,
+            "resnet50",
+            fine_tuned=bool(options.get("fine_tune_layers")),
+            public=False,
+            quotas=None,
+            total=1000,
+        )
     staged = store.staging()
     (staged / "inputs").mkdir()
     found = []
@@ -98,6 +110,7 @@ def submit(store: JobStore, files: dict[str, bytes], name: str = "colours", **op
         {
             "kind": "training",
             "model": name,
+            "owner": owner.id,
             "base": "resnet50",
             "options": {
                 "epochs": 40,
@@ -234,12 +247,12 @@ def test_a_failed_first_training_frees_its_name_and_a_later_one_keeps_it(
         client = ColourFeatures()
         client.script = [InvalidImage("the service refused the batch")]
         runner = TrainingRunner(store, client, settings(tmp_path))  # type: ignore[arg-type]
-        return runner.run(submit(store, photos(3, seed=7), name=name))
+        return runner.run(submit(store, photos(3, seed=7), name=name, owner=alice))
 
     claim("fresh")
     assert failing_run("fresh") == "failed" and owners.of("fresh") is LEGACY  # free again
     claim("queued")
-    waiting = submit(store, photos(3, seed=8), name="queued")  # a second training of it, pending
+    waiting = submit(store, photos(3, seed=8), name="queued", owner=alice)  # a second training of it, pending
     assert failing_run("queued") == "failed" and owners.of("queued").owner == alice.id
     store.cancel(waiting)
     claim("served")
@@ -268,6 +281,45 @@ def test_a_job_publishing_its_model_can_no_longer_be_cancelled(store: JobStore, 
     store.update(job_id, {"phase": "publishing"})
     assert store.cancel(job_id) == "publishing"
     assert store.get(job_id)["status"] == "running"  # type: ignore[index]
+
+
+def test_a_model_deleted_as_it_publishes_is_not_published_and_its_name_freed_after(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Too late to cancel (publishing), the delete marks the name: the trainer publishes nothing
+    without its owner, ends the job, and only then frees the name, so no one claims it before."""
+    owners = Owners(store.redis, cache_s=0.01)
+    alice = Principal("a1b2c3d4e5f6", "alice", frozenset({"train"}))
+    bob = Principal("b1b2c3d4e5f6", "bob", frozenset({"train"}))
+    client = ColourFeatures()
+    runner = TrainingRunner(store, client, settings(tmp_path))  # type: ignore[arg-type]
+    job_id = submit(store, photos(3, seed=12), name="pets", owner=alice)
+
+    def deleted_meanwhile() -> None:  # what DELETE /v1/models/pets does while the job runs
+        owners.mark_deleting("pets")
+        with pytest.raises(NameTaken):  # the name is not free while its training is in flight
+            owners.claim("pets", bob, "resnet50", fine_tuned=False, public=False, quotas=(5, 1), total=100)
+
+    client.after_call = deleted_meanwhile
+    assert runner.run(job_id) == "cancelled"
+    assert "deleted" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+    assert not (tmp_path / "models" / "pets").exists()
+    assert owners.of("pets") is LEGACY  # free now: bob may have it
+    owners.claim("pets", bob, "resnet50", fine_tuned=False, public=False, quotas=(5, 1), total=100)
+
+
+def test_a_revoked_keys_training_stops_at_its_next_step(store: JobStore, tmp_path: Path) -> None:
+    revoked: set[str] = set()
+    client = ColourFeatures()
+    runner = TrainingRunner(
+        store, client, settings(tmp_path, features_batch=2), is_live=lambda owner: owner not in revoked
+    )  # type: ignore[arg-type]
+    alice = Principal("a1b2c3d4e5f6", "alice", frozenset({"train"}))
+    job_id = submit(store, photos(4, seed=13), name="alices", owner=alice)
+    client.after_call = lambda: revoked.add(alice.id)
+    assert runner.run(job_id) == "cancelled"
+    assert store.get(job_id)["error"] == "key_revoked" and client.calls_made == 1  # type: ignore[index]
+    assert not (tmp_path / "models" / "alices").exists() and Owners(store.redis).of("alices") is LEGACY
 
 
 def test_an_unforeseen_error_fails_the_job_at_once_saying_what(store: JobStore, tmp_path: Path) -> None:

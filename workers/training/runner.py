@@ -54,6 +54,10 @@ from workers.training.learners import (
 log = logging.getLogger("imagerec.training")
 
 
+class ModelDeleted(Exception):
+    """The model was deleted (or is no longer the job owner's) before it could be published."""
+
+
 class TrainingRunner:
     def __init__(
         self,
@@ -64,9 +68,13 @@ class TrainingRunner:
         retry_s: float = 120.0,
         sleep: Callable[[float], None] = time.sleep,
         removals: redis.Redis | None = None,
+        is_live: Callable[[str], bool] = lambda owner: True,
     ) -> None:
         """``removals``: where the gateway asks for custom models to be removed (the job store's
-        Redis; ``common.training.removals``), carried out before a publication."""
+        Redis; ``common.training.removals``), carried out before a publication. ``is_live``:
+        whether a job's owner still has a key (``KeyStore.is_live``): a revoked principal's
+        training stops at its next step."""
+        self.is_live = is_live
         self.store = store
         self.client = client
         self.settings = settings
@@ -92,6 +100,15 @@ class TrainingRunner:
             log.info("training cancelled", extra={"job_id": job_id})
             self._release_unpublished(job)
             return "cancelled"
+        except ModelDeleted:
+            log.info("training stopped: its model was deleted", extra={"job_id": job_id})
+            state = self.store.finish(
+                job_id,
+                "cancelled",
+                {"phase": "cancelled", "error": "the model was deleted during its training"},
+            )
+            self._release_unpublished(job)
+            return state or "cancelled"
         except TrainingFailed as failure:
             state = self._fail(job_id, str(failure))
         except Exception as exc:  # anything unforeseen fails the job at once, not a stall later
@@ -112,15 +129,18 @@ class TrainingRunner:
         owner is about to publish, is free again (and no longer counts against the owner's
         ``custom_models`` quota)."""
         name = str(job["model"])
-        if (Path(self.settings.models_dir) / name).exists():
-            return  # an earlier version serves: the name stays its owner's
         try:
             if any(
                 other.get("kind") == "training" and other.get("model") == name and other["id"] != job["id"]
                 for other in self.store.active()
             ):
                 return
-            Owners(self.store.redis).release(name)
+            owners = Owners(self.store.redis)
+            if owners.release_if_deleting(name):
+                return  # deleted during its training: the name is free now
+            if (Path(self.settings.models_dir) / name).exists():
+                return  # an earlier version serves: the name stays its owner's
+            owners.release(name)
         except (JobStoreUnavailable, redis.RedisError):  # the owner can still DELETE the name
             log.warning("could not release a model name", extra={"job_id": job["id"], "model": name})
 
@@ -162,7 +182,7 @@ class TrainingRunner:
         if self._cancelled(job_id):
             raise Cancelled(job_id)
         try:
-            version = self._publish(job["model"], learned.write, meta)
+            version = self._publish(job["model"], learned.write, meta, str(job.get("owner") or "admin"))
         except OSError as exc:  # the record says what failed; the log says where (a path is internal)
             log.warning("publishing failed", extra={"job_id": job_id, "reason": str(exc)})
             raise TrainingFailed(
@@ -313,13 +333,17 @@ class TrainingRunner:
         self._update(job_id, {"phase": "training", "skipped": skipped})
         return train_rows, held_rows
 
-    def _publish(self, name: str, write: Callable[[Path], None], meta: dict[str, Any]) -> int:
+    def _publish(self, name: str, write: Callable[[Path], None], meta: dict[str, Any], owner: str) -> int:
         """Publish a version under the repository's lock, after every removal asked before it (a
         name deleted and trained again keeps its new version)."""
         root = Path(self.settings.models_dir)
         with repository.locked(root):
             if self.removals is not None:
                 removals.carry_out(self.removals, root)
+            # Nothing is published without its owner: not once the model was deleted (or its name
+            # went to someone else) during the training.
+            if not Owners(self.store.redis).publishable(name, owner):
+                raise ModelDeleted(name)
             return repository.publish(root, name, write, meta)
 
     def _wait_served(self, base: str, name: str, version: int) -> bool:
@@ -367,8 +391,16 @@ class TrainingRunner:
             log.warning("training progress not recorded: job store unreachable", extra={"job_id": job_id})
 
     def _cancelled(self, job_id: str) -> bool:
+        """Cancelled, gone, or its owner's key revoked (then cancelled here, as the job workers do)."""
         try:
             job = self.store.get(job_id)
+            if (
+                job is not None
+                and job.get("status") in ACTIVE
+                and not self.is_live(str(job.get("owner") or "admin"))
+            ):
+                self.store.finish(job_id, "cancelled", {"phase": "cancelled", "error": "key_revoked"})
+                return True
         except JobStoreUnavailable:
             return False  # cannot tell: go on, and look again at the next step
         return job is None or job.get("status") not in ACTIVE
