@@ -21,7 +21,7 @@ from gateway import auth as access
 from gateway import cache as response_cache
 from gateway import docs, jobs, keys, models, rate_limits, training, v1, v2
 from gateway.classify import Classifier
-from gateway.inputs import InputReader
+from gateway.inputs import InputReader, UrlGate
 from gateway.settings import GatewaySettings
 
 
@@ -48,6 +48,8 @@ def create_app(
         max_images=settings.max_request_images,
         max_image_bytes=settings.max_image_bytes,
         fetch_all=fetcher.fetch_all,
+        gate=UrlGate(settings.url_requests, settings.url_requests_per_client),
+        caller=access.caller,
     )
     cache = response_cache.create(settings.cache_size, settings.cache_ttl_s, settings.cache_redis_url)
     policy = response_cache.Policy(cache, registry) if cache is not None else None

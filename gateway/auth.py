@@ -197,9 +197,9 @@ def rate_limit_key() -> str:
     return f"key:{known.id}" if known is not None else f"ip:{auth.client_address()}"
 
 
-def cache_scope() -> str:
-    """Whose response-cache entries the current request may see: its key's principal, or the
-    address of an anonymous caller (anonymous callers do not share entries with one another)."""
+def caller() -> str:
+    """Who the current request counts as, for what is shared out per client (its response-cache
+    entries, its URL fetches): its key's principal, or an anonymous caller's address."""
     principal = current()
     return f"ip:{_auth().client_address()}" if principal.anonymous else f"key:{principal.id}"
 

@@ -32,7 +32,7 @@ PREFIX = "imagerec:cache:"
 
 def digest(image: bytes, caller: str) -> str:
     """The image's part of a key: SHA-256 of the caller and the client's bytes (computed once per
-    request); ``caller`` names whose entries these are (``gateway.auth.cache_scope``)."""
+    request); ``caller`` names whose entries these are (``gateway.auth.caller``)."""
     hashed = hashlib.sha256(caller.encode() + b"\n")
     hashed.update(image)
     return hashed.hexdigest()

@@ -13,7 +13,7 @@ from common import web
 from fleet.predict import ImageInput, Predictor, Selection
 from gateway import cache as response_cache
 from gateway import shaping
-from gateway.auth import cache_scope
+from gateway.auth import caller
 from gateway.cache import Policy
 from gateway.inputs import InputReader
 from gateway.settings import GatewaySettings
@@ -41,7 +41,7 @@ class Classifier:
         items, batch = self._read()
         cacheable = self.cache is not None and not batch and items[0].error is None
         # The key is the caller and the client's bytes, before any canonical re-encoding, hashed once.
-        image = response_cache.digest(items[0].data, cache_scope()) if cacheable else ""
+        image = response_cache.digest(items[0].data, caller()) if cacheable else ""
         if cacheable and (hit := self._cached(selection, image, top_k, started)):
             return hit
         self.predictor.canonicalize(selection, items)  # a hit never pays for the ensemble's re-encoding

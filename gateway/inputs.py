@@ -6,6 +6,8 @@ or ``url``; JSON ``{"image": "<base64 or data: URI>"}``, ``{"url": "..."}`` or
 (or ``application/octet-stream``) Content-Type. Counts are capped before anything is decoded. The
 URLs of a request are read first and then fetched together, by the client's deadline if it gave
 one (``X-Deadline-Ms`` or ``?timeout_ms=``): a URL that fails, or misses it, fails its item alone.
+Requests that fetch are admitted by a ``UrlGate``: a bounded share of the worker's threads, and of
+that a bounded share per client, refused at once past either (never parked on a thread).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import binascii
 import functools
 import json
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flask import Request
@@ -61,19 +65,72 @@ def decode_base64(text: object, max_bytes: int) -> bytes:
         raise BadRequest("image is not valid base64", code="invalid_base64") from None
 
 
-class InputReader:
-    """Reads a Flask request into ``ImageInput`` items (``fetch_all`` downloads ``url`` items)."""
+class FetchBusy(ServiceError):
+    status, code, retry_after = 503, "fetch_busy", 1
 
-    def __init__(self, *, max_images: int, max_image_bytes: int, fetch_all: FetchAll) -> None:
+
+class UrlGate:
+    """At most ``total`` requests fetching image URLs at once in this process, and ``per_client``
+    of one client's: a request past either is refused at once (503 ``fetch_busy`` with
+    ``Retry-After``), never parked on a thread, so hosts that never answer hold at most ``total``
+    of the worker's threads and one client at most ``per_client``."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.in_flight = 0
+        self.by_client: dict[str, int] = {}  # only clients fetching now: it does not grow with history
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def enter(self, client: str) -> Iterator[None]:
+        with self._lock:
+            if self.in_flight >= self.total:
+                raise FetchBusy(
+                    f"{self.total} requests are fetching image URLs already (GATEWAY_URL_REQUESTS); "
+                    "retry shortly, or send the image itself"
+                )
+            if self.by_client.get(client, 0) >= self.per_client:
+                raise FetchBusy(
+                    f"you have {self.per_client} requests fetching image URLs already "
+                    "(GATEWAY_URL_REQUESTS_PER_CLIENT); retry when one has answered"
+                )
+            self.in_flight += 1
+            self.by_client[client] = self.by_client.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.by_client[client] -= 1
+                if not self.by_client[client]:
+                    del self.by_client[client]
+
+
+class InputReader:
+    """Reads a Flask request into ``ImageInput`` items (``fetch_all`` downloads ``url`` items,
+    admitted by ``gate`` as ``caller()``'s)."""
+
+    def __init__(
+        self,
+        *,
+        max_images: int,
+        max_image_bytes: int,
+        fetch_all: FetchAll,
+        gate: UrlGate | None = None,
+        caller: Callable[[], str] = lambda: "",
+    ) -> None:
         self.max_images = max_images
         self.max_image_bytes = max_image_bytes
         self.fetch_all = fetch_all
+        self.gate = gate
+        self.caller = caller
 
     def read(self, request: Request) -> tuple[list[ImageInput], bool]:
         """The request's images and whether the client asked for a batch answer."""
         read, batch = self._read(request)
         urls = [value.url for _, value in read if isinstance(value, _Url)]
-        fetched = iter(self.fetch_all(urls, self._deadline()) if urls else [])
+        fetched = iter(self._fetch(urls) if urls else [])
         items = []
         for name, value in read:
             found = next(fetched) if isinstance(value, _Url) else value
@@ -81,6 +138,12 @@ class InputReader:
                 ImageInput(name, error=found) if isinstance(found, ServiceError) else ImageInput(name, found)
             )
         return items, batch
+
+    def _fetch(self, urls: list[str]) -> list[bytes | ServiceError]:
+        if self.gate is None:
+            return self.fetch_all(urls, self._deadline())
+        with self.gate.enter(self.caller()):
+            return self.fetch_all(urls, self._deadline())
 
     @staticmethod
     def _deadline() -> float | None:

@@ -42,6 +42,14 @@ class GatewaySettings(FleetSettings):
         128, "gRPC calls a gateway worker holds at once, answering or waiting (more: RESOURCE_EXHAUSTED)"
     )
     grpc_grace_s: float = setting(10.0, "seconds a stopping gateway worker lets its gRPC calls finish")
+    url_requests: int = setting(
+        16,
+        "requests with image URLs one gateway worker fetches for at once; more are refused at once "
+        "(503 fetch_busy), so a slow host never holds the threads photos sent as bytes need",
+    )
+    url_requests_per_client: int = setting(
+        4, "of those, one client's at once (its key, or its address when anonymous)"
+    )
     legacy_model: str = setting("resnet50", "model behind the seed routes /predict and /batch_predict")
     legacy_top_k: int = setting(3, "predictions returned by the seed routes")
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import base64
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from flask import Flask, request
 
+from deploy.local.running import wait_until
 from fleet.fetch import UrlFetcher
 from gateway.app import create_app
 from gateway.inputs import InputReader
@@ -68,3 +74,65 @@ def test_the_gateway_answers_a_batch_of_slow_urls_within_the_clients_deadline(sl
     results = response.get_json()["results"]
     assert ["predictions" in r for r in results] == [True] * 6 + [False]
     assert results[6]["error"]["code"] == "url_fetch_timeout"
+
+
+@pytest.fixture
+def silent_host() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A host that accepts connections and never answers: its URL, and the connections it took."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                taken.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/photo.jpg", taken
+    finally:
+        stop.set()
+        thread.join()
+        for connection in taken:  # the fetches still waiting fail at once
+            connection.close()
+        listener.close()
+
+
+def test_a_host_that_never_answers_holds_only_the_url_share_of_the_threads(
+    silent_host: tuple[str, list[socket.socket]],
+) -> None:
+    """Requests that fetch are admitted up to GATEWAY_URL_REQUESTS (2 here) and one client's up
+    to GATEWAY_URL_REQUESTS_PER_CLIENT (1): the next is refused at once, not parked on a thread,
+    and a photo sent as bytes is answered meanwhile."""
+    url, taken = silent_host
+    settings = gateway_settings(url_requests=2, url_requests_per_client=1, rate_limit="")
+    fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=(), timeout_s=30)
+    app = create_app(settings, client=FakeModelClient(settings), fetcher=fetcher, poll_health=False)  # type: ignore[arg-type]
+
+    def ask(address: str, **body: Any) -> Any:
+        return app.test_client().post(
+            "/v1/predict?model=resnet50", environ_base={"REMOTE_ADDR": address}, **body
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, "10.0.0.1", json={"url": url})
+        wait_until(lambda: len(taken) >= 1, 10, "the first fetch to reach the silent host")
+        started = time.monotonic()
+        again = ask("10.0.0.1", json={"url": url})  # the same client: its share is taken
+        assert (again.status_code, again.json["error"]["code"]) == (503, "fetch_busy")
+        assert again.headers["Retry-After"] == "1"
+        second = pool.submit(ask, "10.0.0.2", json={"url": url})
+        wait_until(lambda: len(taken) >= 2, 10, "the second fetch to reach the silent host")
+        third = ask("10.0.0.3", json={"url": url})  # every URL slot is taken
+        assert (third.status_code, third.json["error"]["code"]) == (503, "fetch_busy")
+        photo_sent = ask("10.0.0.3", data=CAT, content_type="image/jpeg")
+        assert photo_sent.status_code == 200
+        assert time.monotonic() - started < 5  # nothing above waited for the silent host
+        for connection in taken:
+            connection.close()
+        assert {first.result().status_code, second.result().status_code} <= {200, 400, 502}
