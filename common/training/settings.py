@@ -23,6 +23,11 @@ class TrainingSettings:
     max_images: int = setting(5_000, "most images in one dataset")
     default_epochs: int = setting(60, "epochs when the request names none")
     max_epochs: int = setting(500, "most epochs a request may ask for")
+    max_wall_s: float = setting(
+        3600.0,
+        "longest one training may run, features to publication; past it the job fails saying so, and "
+        "the trainer takes the next (one tenant's long training cannot hold it)",
+    )
     default_validation_split: float = setting(0.2, "share of each class held out for the evaluation")
     augment_views: int = setting(
         2, "extra views (flip, crop, exposure) of each training image when augment=true"

@@ -440,3 +440,17 @@ def test_fine_tuning_refuses_a_base_it_cannot_copy_or_cache(
     assert runner.run(job_id) == "failed"
     assert "CUSTOM_MAX_FINE_TUNED" in (store.get(job_id) or {})["error"]
     assert not (tmp_path / "models" / "colours").exists()
+
+
+def test_a_training_past_its_wall_clock_cap_fails_saying_so(store: JobStore, tmp_path: Path) -> None:
+    """TRAINING_MAX_WALL_S: one tenant's long training cannot hold the trainer."""
+    clock = [0.0]
+    client = ColourFeatures()
+    client.after_call = lambda: clock.__setitem__(0, 120.0)  # the first features call takes "two minutes"
+    runner = TrainingRunner(
+        store, client, settings(tmp_path, features_batch=2, max_wall_s=60), clock=lambda: clock[0]
+    )  # type: ignore[arg-type]
+    job_id = submit(store, photos(4, seed=14))
+    assert runner.run(job_id) == "failed"
+    assert "TRAINING_MAX_WALL_S" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
+    assert client.calls_made == 1 and not (tmp_path / "models" / "colours").exists()

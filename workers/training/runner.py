@@ -69,12 +69,15 @@ class TrainingRunner:
         sleep: Callable[[float], None] = time.sleep,
         removals: redis.Redis | None = None,
         is_live: Callable[[str], bool] = lambda owner: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``removals``: where the gateway asks for custom models to be removed (the job store's
         Redis; ``common.training.removals``), carried out before a publication. ``is_live``:
         whether a job's owner still has a key (``KeyStore.is_live``): a revoked principal's
         training stops at its next step."""
         self.is_live = is_live
+        self.clock = clock  # for TRAINING_MAX_WALL_S
+        self._give_up_at = float("inf")  # set when a training starts (TRAINING_MAX_WALL_S)
         self.store = store
         self.client = client
         self.settings = settings
@@ -93,6 +96,7 @@ class TrainingRunner:
         # checked it, but anything that can write to Redis could have written this record.
         if repository.check_name(str(job.get("model", ""))) or job.get("base") not in BACKBONE_LAYERS:
             return self._fail(job_id, "the job's model name or base is not valid")
+        self._give_up_at = self.clock() + self.settings.max_wall_s
         try:
             with self._heartbeat(job_id):
                 fields = self._train(job)
@@ -391,7 +395,13 @@ class TrainingRunner:
             log.warning("training progress not recorded: job store unreachable", extra={"job_id": job_id})
 
     def _cancelled(self, job_id: str) -> bool:
-        """Cancelled, gone, or its owner's key revoked (then cancelled here, as the job workers do)."""
+        """Cancelled, gone, or its owner's key revoked (then cancelled here, as the job workers do).
+        Raises ``TrainingFailed`` once the training has run for ``TRAINING_MAX_WALL_S``."""
+        if self.clock() > self._give_up_at:
+            raise TrainingFailed(
+                f"the training ran for longer than TRAINING_MAX_WALL_S ({self.settings.max_wall_s:g} s); "
+                "ask for fewer epochs or images"
+            )
         try:
             job = self.store.get(job_id)
             if (
