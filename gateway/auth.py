@@ -169,13 +169,20 @@ def install(app: Flask, auth: Auth, registry: Registry) -> None:
         try:
             endpoint, _ = app.url_map.bind("").match(path, method)
         except MethodNotAllowed as exc:
-            refused = Response(status=403, headers={REFUSAL_HEADER: "405"})
-            refused.headers["Allow"] = ", ".join(sorted(exc.valid_methods or ()))
+            allowed = ", ".join(sorted(exc.valid_methods or ()))
+            refused = refusal(f"{method[:16]} is not allowed on {path[:64]} (Allow: {allowed})", "405")
+            refused.headers["Allow"] = allowed
             return refused
         except HTTPException:  # no such route (or only a redirect to one)
-            return Response(status=403, headers={REFUSAL_HEADER: "404"})
+            return refusal(f"no route {path[:64]}", "404")
         auth.require(str(endpoint))
         return Response(status=204)
+
+    def refusal(message: str, status: str) -> Response:
+        """A 403 for Nginx carrying the real status; JSON like every other answer."""
+        refused = web.error_response(Forbidden(message))
+        refused.headers[REFUSAL_HEADER] = status
+        return refused
 
 
 def nginx_path(raw: str) -> str:

@@ -407,7 +407,7 @@ def test_the_nginx_auth_check_refuses_what_the_gateway_does_not_serve(keyed_gate
             headers={"X-Original-Method": method, "X-Original-URI": uri, **bearer(ADMIN_KEY)},
         )
         assert (answer.status_code, answer.headers.get("X-Imagerec-Refusal")) == (403, refusal), (method, uri)
-        assert answer.headers.get("Allow") == allow
+        assert answer.headers.get("Allow") == allow and answer.json["error"]["code"] == "forbidden"
 
 
 def test_a_redis_at_its_memory_bound_is_a_503_and_leaves_nothing(
