@@ -17,6 +17,7 @@ import json
 import math
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from common import metrics, web
 from common.errors import BadRequest, NotFound, ServiceError
 from common.jobs import queue
+from common.jobs.fair import FairQueue
 from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, ADMIN, JobStore, JobStoreUnavailable, connect
 from common.jobs.views import describe
@@ -152,7 +154,9 @@ class Jobs:
             pass
 
     def enqueue(self, job_id: str, chunks: int) -> None:
-        queue.enqueue(self._queue, job_id, range(chunks))
+        """The job's chunks into its owner's backlog; the ones its share allows to Celery now."""
+        fair = FairQueue(self.store.redis, self.settings.chunks_per_principal, self.settings.fair_stale_s)
+        queue.send(self._queue, fair.submit(current().id, job_id, range(chunks), time.time()))
 
 
 class JobMetrics:
@@ -166,7 +170,8 @@ class JobMetrics:
         try:
             store = self.jobs.store
             states, items = store.states(), store.items_finished()
-            waiting = int(store.redis.llen(self.jobs.settings.queue))  # type: ignore[arg-type]
+            queued = int(store.redis.llen(self.jobs.settings.queue))  # type: ignore[arg-type]
+            backlog = FairQueue(store.redis, 1, 0).backlog()
         except (JobsUnavailable, JobStoreUnavailable, redis.RedisError):
             return
         by_state = GaugeMetricFamily("imagerec_jobs", "Jobs by state (the newest 1000)", labels=["state"])
@@ -179,7 +184,11 @@ class JobMetrics:
             finished.add_metric([outcome], count)
         yield by_state
         yield finished
-        yield GaugeMetricFamily("imagerec_job_queue_length", "Job tasks waiting in the queue", waiting)
+        yield GaugeMetricFamily(
+            "imagerec_job_queue_length",
+            "Job chunks waiting: in the task queue, and in the principals' backlogs (fair shares)",
+            queued + backlog,
+        )
 
 
 def _job_or_404(jobs: Jobs, job_id: str) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from celery.signals import setup_logging, worker_ready
 
 from common import logs, repository
 from common.jobs import queue, upkeep
+from common.jobs.fair import FairQueue
 from common.jobs.settings import JobSettings
-from common.jobs.store import JobStore, JobStoreUnavailable, connect
+from common.jobs.store import ADMIN, JobStore, JobStoreUnavailable, connect
 from common.tenancy.keys import KeyStore
 from common.tenancy.settings import AuthSettings
 from common.training import removals
@@ -95,23 +96,41 @@ def train(job_id: str) -> str:
 @app.task(name=queue.CHUNK_TASK, bind=True, max_retries=MAX_REQUEUES)
 def chunk(self: Task, job_id: str, index: int) -> str:
     extra = {"job_id": job_id, "chunk": index}
+    ended = True  # the task ends here (not queued again): its owner's next chunk may go
     try:
         outcome = runner().run(job_id, index, final=self.request.retries >= MAX_REQUEUES)
     except Requeue as requeue:
+        ended = False
         raise self.retry(countdown=requeue.countdown_s) from None
     except JobStoreUnavailable:
         # Redis stayed away longer than the client's reconnecting: queue the chunk again. If even
         # that fails, the watchdog queues it once the job has stalled (JOBS_STALL_S).
+        ended = False
         log.warning("job store unreachable: chunk queued again", extra=extra)
         raise self.retry(countdown=5, max_retries=None) from None
     except Cancelled:
         log.info("job chunk stopped: the job was cancelled", extra=extra)
         return "cancelled"
+    finally:
+        if ended:
+            hand_over(job_id, index)
     if outcome.skipped:
         log.info("job chunk skipped", extra={**extra, "reason": outcome.skipped})
         return outcome.skipped
     log.info("job chunk done", extra={**extra, "finished": outcome.finished})
     return "finished" if outcome.finished else "recorded"
+
+
+def hand_over(job_id: str, index: int) -> None:
+    """Give the chunk's place in its owner's share back and send the owner's next chunks
+    (``common.jobs.fair``). Redis away: the place lapses, and the watchdog sends what stalled."""
+    jobs = runner().store
+    try:
+        owner = str(jobs.redis.hget(jobs.key(job_id), "owner") or ADMIN)
+        fair = FairQueue(jobs.redis, SETTINGS.chunks_per_principal, SETTINGS.fair_stale_s)
+        queue.send(app, fair.done(owner, job_id, index, time.time()))
+    except Exception as exc:  # noqa: BLE001 - never lose the chunk's own outcome to this
+        log.warning("could not hand over to the next chunk", extra={"job_id": job_id, "error": repr(exc)})
 
 
 @setup_logging.connect
@@ -129,9 +148,17 @@ def watch(jobs: JobStore) -> None:
     one whose retry could not be published while Redis was down. Duplicates are harmless: a
     recorded chunk is skipped."""
     waiting = int(jobs.redis.llen(SETTINGS.queue))  # type: ignore[arg-type]
-    for job_id, chunks in upkeep.stalled(jobs, SETTINGS.stall_s, pending_too=waiting == 0):
+    fair = FairQueue(jobs.redis, SETTINGS.chunks_per_principal, SETTINGS.fair_stale_s)
+    for job_id, chunks in upkeep.stalled(
+        jobs,
+        SETTINGS.stall_s,
+        pending_too=waiting == 0,
+        waiting=lambda job: fair.waiting(str(job.get("owner") or ADMIN), job["id"]),
+    ):
         log.warning("stalled job: chunks queued again", extra={"job_id": job_id, "chunks": len(chunks)})
         queue.enqueue(app, job_id, chunks)
+    for owner in fair.owners():  # places given back as stale: the owners' next chunks go
+        queue.send(app, fair.next(owner, time.time()))
     for job_id in upkeep.stalled_training(jobs, TRAINING.stall_s):
         reason = (
             f"the training worker stopped (killed or crashed): no sign of it for {TRAINING.stall_s:g}s; "

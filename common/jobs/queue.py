@@ -50,8 +50,13 @@ def create(settings: JobSettings, training_queue: str = "training") -> Celery:
 
 def enqueue(app: Celery, job_id: str, chunks: Iterable[int]) -> None:
     """Queue one task per chunk, over one connection."""
+    send(app, [(job_id, chunk) for chunk in chunks])
+
+
+def send(app: Celery, chunks: Iterable[tuple[str, int]]) -> None:
+    """Queue one task per ``(job id, chunk)``, over one connection."""
     with app.producer_or_acquire() as producer:
-        for chunk in chunks:
+        for job_id, chunk in chunks:
             app.send_task(CHUNK_TASK, args=[job_id, chunk], producer=producer)
 
 

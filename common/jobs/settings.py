@@ -70,6 +70,12 @@ class JobSettings:
     worker_processes: int = setting(
         2, "worker processes, each with one model call in flight (keeps a model busy between calls)"
     )
+    chunks_per_principal: int = setting(
+        2,
+        "chunks of one principal's jobs queued or running at once (the rest wait in its own backlog): "
+        "another key's job waits behind at most this many of each busy key; set it to the job worker "
+        "processes of the whole fleet",
+    )
     sweep_interval_s: float = setting(600.0, "seconds between sweeps of expired job folders")
     watch_interval_s: float = setting(15.0, "seconds between the workers' checks for stalled jobs")
     list_limit: int = setting(100, "most jobs one page of GET /v1/jobs returns")
@@ -79,11 +85,19 @@ class JobSettings:
         env = os.environ if environ is None else environ
         return load_with_redis(cls, ("JOBS_",), env, callback_secret=secret(env, "JOBS_CALLBACK_SECRET"))
 
+    @property
+    def fair_stale_s(self) -> float:
+        """A chunk sent to Celery this long ago without ending was lost (its retries included): its
+        place in its owner's share is given back (``common.jobs.fair``)."""
+        return 10 * self.visibility_timeout_s
+
     def __post_init__(self) -> None:
         if self.chunk_budget_s >= self.visibility_timeout_s:
             raise ValueError(
                 "JOBS_CHUNK_BUDGET_S must be below JOBS_VISIBILITY_TIMEOUT_S, or a task still "
                 "running would be handed to a second worker"
             )
+        if self.chunks_per_principal < 1:
+            raise ValueError("JOBS_CHUNKS_PER_PRINCIPAL must be at least 1")
         if self.batch_images < 1 or self.chunk_images < self.batch_images:
             raise ValueError("JOBS_CHUNK_IMAGES must be at least JOBS_BATCH_IMAGES (>= 1)")

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common.jobs.store import JobStore, call
 
 
-def stalled(store: JobStore, stall_s: float, *, pending_too: bool) -> list[tuple[str, list[int]]]:
+def stalled(
+    store: JobStore,
+    stall_s: float,
+    *,
+    pending_too: bool,
+    waiting: Callable[[dict[str, Any]], set[int]] = lambda job: set(),
+) -> list[tuple[str, list[int]]]:
     """Running inference jobs (and pending ones, with ``pending_too``) that recorded nothing for
-    ``stall_s``, with their unrecorded chunks; each is marked as progressing now, so it is
-    reported once per period."""
+    ``stall_s``, with their unrecorded chunks but those still ``waiting`` their turn (in the owner's
+    fair backlog, ``common.jobs.fair``); each is marked as progressing now, so it is reported once
+    per period."""
     now = time.time()
     found = []
     states = ("running", "pending") if pending_too else ("running",)
@@ -23,7 +32,8 @@ def stalled(store: JobStore, stall_s: float, *, pending_too: bool) -> list[tuple
         if job["status"] not in states or now - job.get("progress_at", now) < stall_s:
             continue
         recorded = {int(c) for c in call(store.redis.smembers, store.key(job["id"]) + ":chunks")}
-        missing = [c for c in range(job["chunks"]) if c not in recorded]
+        queued = waiting(job)
+        missing = [c for c in range(job["chunks"]) if c not in recorded and c not in queued]
         call(store.redis.hset, store.key(job["id"]), "progress_at", now)
         if missing:
             found.append((job["id"], missing))

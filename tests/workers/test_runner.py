@@ -14,6 +14,7 @@ import pytest
 
 from common.errors import BadRequest, ModelUnavailable, Overloaded
 from common.jobs import upkeep
+from common.jobs.fair import FairQueue
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore
 from common.tenancy.keys import KeyStore
@@ -252,6 +253,19 @@ def test_a_stalled_job_is_reported_once_per_period_with_its_unrecorded_chunks(st
     assert upkeep.stalled(store, 60, pending_too=False) == [(running, [0, 2])]
     assert upkeep.stalled(store, 60, pending_too=False) == []  # reported once per stall period
     assert upkeep.stalled(store, 60, pending_too=True) == [(pending, [0])]
+
+
+def test_the_watchdog_leaves_alone_chunks_still_waiting_their_turn(store: JobStore) -> None:
+    """A job whose chunks wait in its owner's fair backlog is not stalled: queueing them again
+    would put them past every other key's."""
+    runner, _ = make_runner(store, Clock())
+    job_id = submit(store, [CAT] * 10)  # 3 chunks
+    runner.run(job_id, 0)
+    store.redis.hset(store.key(job_id), "progress_at", 0)
+    fair = FairQueue(store.redis, per_principal=1, stale_s=600)
+    fair.submit("admin", job_id, [1, 2], now=time.time())  # 1 sent, 2 in the backlog
+    found = upkeep.stalled(store, 60, pending_too=False, waiting=lambda job: fair.waiting("admin", job["id"]))
+    assert found == []
 
 
 def test_expired_job_folders_are_swept_and_live_ones_kept(store: JobStore) -> None:
