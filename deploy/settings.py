@@ -76,13 +76,11 @@ def trainer_stop_grace_s(training: TrainingSettings | None = None) -> int:
 
 def worker_stop_grace_s(jobs: JobSettings | None = None) -> int:
     """Seconds a stopping worker gets before it is killed. On SIGTERM Celery takes no new task and
-    finishes those it runs, each within ``JOBS_CHUNK_BUDGET_S``; the one that ends a job then posts
-    its callback (every attempt, with the back-off between them). Killed sooner, a task is handed out
-    again after ``JOBS_VISIBILITY_TIMEOUT_S``, but a callback due is lost."""
+    finishes those it runs, each within ``JOBS_CHUNK_BUDGET_S``. Killed sooner, a task is handed out
+    again after ``JOBS_VISIBILITY_TIMEOUT_S``. Callbacks are delivered outside the tasks
+    (``workers.callbacks``): those queued wait in Redis for any worker; one under way is lost."""
     jobs = jobs or JobSettings()
-    attempts = jobs.callback_attempts
-    callback_s = attempts * jobs.callback_timeout_s + sum(2.0**a for a in range(1, attempts))
-    return math.ceil(jobs.chunk_budget_s + callback_s) + 15  # + a chunk's files, and Celery's exit
+    return math.ceil(jobs.chunk_budget_s) + 15  # + a chunk's files, and Celery's exit
 
 
 @dataclass(frozen=True)

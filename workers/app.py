@@ -34,6 +34,7 @@ from fleet.client import build_client
 from fleet.fetch import UrlFetcher
 from fleet.predict import Predictor
 from fleet.settings import FleetSettings
+from workers import callbacks
 from workers.runner import Cancelled, ChunkRunner, Requeue
 from workers.training.runner import TrainingRunner
 
@@ -190,6 +191,17 @@ def _housekeeping(sender: Any = None, **_: Any) -> None:
         )
         serve.start()
         log.info("serving removal requests", extra={"models_dir": TRAINING.models_dir})
+
+    else:  # a job worker: callbacks are delivered here, never inside a chunk task
+        jobs = store()
+        fetcher = UrlFetcher.from_settings(FleetSettings.from_env())
+        deliverer = callbacks.Deliverer(jobs, fetcher, SETTINGS)
+        threading.Thread(
+            target=callbacks.serve,
+            args=(jobs.redis, deliverer, SETTINGS.callback_threads, threading.Event()),
+            name="job-callbacks",
+            daemon=True,
+        ).start()
 
     def loop() -> None:
         jobs = store()

@@ -66,6 +66,12 @@ class JobSettings:
     callback_secret: str = setting("", "HMAC-SHA256 key for signing callbacks (empty: unsigned)")
     callback_timeout_s: float = setting(10.0, "time a callback URL has to answer, per attempt")
     callback_attempts: int = setting(3, "attempts to deliver a callback")
+    callback_threads: int = setting(
+        4, "callbacks each job worker delivers at once, outside its chunk tasks (in its main process)"
+    )
+    callback_queue_max: int = setting(
+        10_000, "callbacks waiting for delivery, all jobs together; past it one is dropped (logged)"
+    )
     queue: str = setting("jobs", "Celery queue the inference tasks go to")
     worker_processes: int = setting(
         2, "worker processes, each with one model call in flight (keeps a model busy between calls)"

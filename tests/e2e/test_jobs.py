@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import tarfile
 import time
 import zipfile
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,8 @@ from deploy.local.running import children, wait_until
 from tests.e2e import shapes
 from tests.e2e.running import E2EFleet, job, wait_for
 from tests.helpers import photo, png_declaring
+from tests.http_fixtures import serve
+from workers.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -109,6 +114,32 @@ def test_json_images_and_urls_with_poisonous_ones_fail_alone(fleet: E2EFleet) ->
     codes = [o.get("error", {}).get("code") for o in outcomes]
     assert codes[0] is None and codes[1] is None and codes[6] is None and outcomes[6]["name"] == "second.png"
     assert codes[2:6] == ["unsupported_media_type", "image_too_large", "url_fetch_failed", "invalid_base64"]
+
+
+def test_a_finished_job_calls_back_signed_from_outside_the_chunk_tasks(fleet: E2EFleet) -> None:
+    """The job worker's main process delivers the callback, signed with the key `make run` made
+    in run/secrets (as compose's `make secrets` does)."""
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+    images, _ = shapes.dataset(1, seed=13)
+    with serve(Hook) as url:
+        body = {"images": [base64.b64encode(images[0]).decode()], "callback_url": f"{url}/done"}
+        answer = submit(fleet, "model=shapes&top_k=1", json=body)
+        assert answer.status_code == 202, answer.text
+        wait_until(lambda: bool(received), 120, "the job's callback")
+    [(headers, sent)] = received
+    assert json.loads(sent)["job_id"] == answer.json()["job_id"] and json.loads(sent)["status"] == "completed"
+    secret = Path(fleet.fleet.secret_env()["JOBS_CALLBACK_SECRET_FILE"]).read_text().strip()
+    assert headers[SIGNATURE_HEADER] == sign(secret, headers[TIMESTAMP_HEADER], sent)
 
 
 def tar_with(member: tarfile.TarInfo, data: bytes = b"") -> bytes:

@@ -18,13 +18,16 @@ from common.jobs.fair import FairQueue
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore
 from common.tenancy.keys import KeyStore
+from deploy.local.running import wait_until
 from fleet.fetch import UrlFetcher
 from fleet.predict import Predictor
 from tests.gateway.slow_http import serve_slow_images
 from tests.helpers import auth_settings, gateway_settings, photo
 from tests.http_fixtures import serve
 from tests.workers.fakes import ScriptedClient
-from workers.runner import SIGNATURE_HEADER, TIMESTAMP_HEADER, Cancelled, ChunkRunner, Requeue, sign
+from workers import callbacks
+from workers.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from workers.runner import Cancelled, ChunkRunner, Requeue
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 
@@ -231,15 +234,64 @@ def test_the_finished_job_is_posted_to_its_callback_signed(store: JobStore) -> N
             arrived.set()
 
     runner, _ = make_runner(store, Clock(), callback_secret="s3cret")
+    stop = threading.Event()
+    deliverer = callbacks.Deliverer(store, runner.fetcher, runner.settings)
+    delivering = threading.Thread(target=callbacks.serve, args=(store.redis, deliverer, 2, stop))
     with serve(Hook) as url:
         job_id = submit(store, [CAT] * 5, callback_url=f"{url}/done")
         runner.run(job_id, 0)
-        assert not received  # only the chunk that ends the job calls back
+        assert store.redis.llen(callbacks.QUEUE) == 0  # only the chunk that ends the job calls back
         runner.run(job_id, 1)
-        assert arrived.wait(5)
+        # Queued, not delivered by the task: a slow callback host holds no job worker.
+        assert store.redis.lrange(callbacks.QUEUE, 0, -1) == [job_id] and not received
+        delivering.start()
+        try:
+            assert arrived.wait(5)
+        finally:
+            stop.set()
+            delivering.join()
     [(headers, body)] = received
     assert json.loads(body)["status"] == "completed" and json.loads(body)["done"] == 5
     assert headers[SIGNATURE_HEADER] == sign("s3cret", headers[TIMESTAMP_HEADER], body)
+
+
+def test_a_slow_callback_host_holds_one_delivery_thread_not_the_others(store: JobStore) -> None:
+    """Callbacks are delivered ``threads`` at a time: one to a host that never answers leaves the
+    others going."""
+    runner, _ = make_runner(store, Clock(), callback_timeout_s=30, callback_attempts=1)
+    got: list[str] = []
+    arrived = threading.Event()
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/slow":
+                arrived.wait(30)  # answers only once the other callback has arrived
+            got.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+            if self.path == "/fast":
+                arrived.set()
+
+    stop = threading.Event()
+    deliverer = callbacks.Deliverer(store, runner.fetcher, runner.settings)
+    delivering = threading.Thread(target=callbacks.serve, args=(store.redis, deliverer, 2, stop))
+    with serve(Hook) as url:
+        slow = submit(store, [CAT], callback_url=f"{url}/slow")
+        fast = submit(store, [CAT, CAT], callback_url=f"{url}/fast")  # its id differs by its size
+        runner.run(slow, 0)
+        runner.run(fast, 0)
+        delivering.start()
+        try:
+            assert arrived.wait(10)  # delivered while the slow one still waits
+            wait_until(lambda: "/slow" in got, 10, "the slow callback to end")
+        finally:
+            stop.set()
+            delivering.join()
+    assert got == ["/fast", "/slow"]
 
 
 def test_a_stalled_job_is_reported_once_per_period_with_its_unrecorded_chunks(store: JobStore) -> None:
