@@ -18,7 +18,10 @@
    accuracy), the memory ten more custom models add, and a fine-tuned one's time, accuracy,
    memory and latency (bench/custom.py), on the default fleet;
 12. containers: image sizes, compose's start times and memory, and ResNet50 at 8 clients through
-   compose next to make run's fleet (bench/containers.py, bench/results/containers.md).
+   compose next to make run's fleet (bench/containers.py, bench/results/containers.md);
+13. fair sharing under hostile load: a photo's p50 under a URL flood to a host that never answers,
+   another key's job behind four 1,000-URL jobs, 10,000 one-URL jobs and Redis memory
+   (bench/fairness.py, bench/results/fairness.md; the fetcher may reach loopback there).
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
 (wrk's sixteen connections come from one address, which the limiter counts as one client).
@@ -41,7 +44,7 @@ from typing import Any
 
 import requests
 
-from bench import auth, containers, custom, ingest, jobs, load, overload, protocols, report
+from bench import auth, containers, custom, fairness, ingest, jobs, load, overload, protocols, report
 from bench.fleets import MODELS, base_env, batching, settle
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
@@ -386,6 +389,8 @@ def main() -> int:
         log(f"containers skipped: {reason}")
     else:
         containers.write(containers.measure(seconds, int(os.environ.get("BENCH_ROUNDS", "3"))))
+    log("13: fair sharing under hostile load (bench/results/fairness.md)")
+    fairness.write(fairness.measure(seconds))
     results["duration_s"] = round(time.time() - started)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2))
     report.write(results, RESULTS)
