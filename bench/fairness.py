@@ -203,8 +203,9 @@ def kept_jobs(fleet: Any, attempts: int = 10_000) -> dict[str, Any]:
         body = {"urls": [f"http://127.0.0.1:1/{n}.jpg"]}  # a refused port: the job ends at once
         answer = requests.post(f"{fleet.url}/v1/jobs?model=resnet50", json=body, headers=key, timeout=60)
         label = str(answer.status_code)
-        if answer.status_code == 429:
-            label += " " + str(answer.json()["error"].get("quota"))
+        if answer.status_code == 429:  # the quota it names, or the rate limit
+            error = answer.json()["error"]
+            label += " " + str(error.get("quota") or error["code"])
         with lock:
             statuses[label] += 1
             if label == "429 kept_jobs" and not at_quota:
