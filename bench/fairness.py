@@ -139,15 +139,23 @@ def url_flood(fleet: Any, silent: str, seconds: float, clients: int = 300) -> di
     for thread in threads:
         thread.start()
     time.sleep(3)  # pacing: let the flood reach its steady state before measuring
+    cpu_started, wall_started = time.process_time(), time.monotonic()
     loaded = photo_p50(fleet, key, seconds)
+    client_cores = (time.process_time() - cpu_started) / (time.monotonic() - wall_started)
     stop.set()
-    log(f"photo p50 under {clients} URL clients {loaded['p50_ms']} ms; flood answers {dict(statuses)}")
+    log(
+        f"photo p50 under {clients} URL clients {loaded['p50_ms']} ms; flood answers {dict(statuses)}; "
+        f"the clients used {client_cores:.2f} cores"
+    )
     return {
         "clients": clients,
         "unloaded": unloaded,
         "under_flood": loaded,
         "flood_statuses": dict(statuses),
         "ratio": round(loaded["p50_ms"] / unloaded["p50_ms"], 2) if loaded["p50_ms"] else None,
+        # the load generator's own CPU (its 300 threads and the photo client), in cores: it shares
+        # the machine with the fleet
+        "client_cores": round(client_cores, 2),
         "threads": threads,
     }
 
@@ -270,7 +278,8 @@ def write(results: dict[str, Any]) -> None:
         "|---|---|",
         f"| a photo's p50 with {flood['clients']} anonymous URL clients hanging, within 2x unloaded | "
         f"{flood['under_flood']['p50_ms']} ms against {flood['unloaded']['p50_ms']} ms ({flood['ratio']}x); "
-        f"the flood's answers {flood['flood_statuses']} |",
+        f"the flood's answers {flood['flood_statuses']}; the load generator itself used "
+        f"{flood['client_cores']} of the cores |",
         f"| another key's 10-image job behind four 1,000-URL jobs, within 60 s | {jobs['state']} in "
         f"{jobs['seconds']} s |",
         f"| {kept['attempts']:,} one-URL jobs from one key: refused past kept_jobs, Redis flat | "
