@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
-from bench.fleets import MODELS, base_env, settle
+from bench.fleets import MODELS, base_env, cpu_name, settle
 from deploy.docker import engine as docker_engine
 from deploy.docker import project
 from deploy.local.fleet import ROOT, Fleet
@@ -146,7 +145,7 @@ def measure(seconds: int, rounds: int) -> dict[str, Any]:
     order alternating round by round; medians of ``rounds`` runs each."""
     results: dict[str, Any] = {
         "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": platform.processor() or _cpu_name(),
+        "cpu": cpu_name(),
         "cpus": os.cpu_count(),
         "seconds_per_run": seconds,
         "rounds": rounds,
@@ -191,13 +190,6 @@ def measure(seconds: int, rounds: int) -> dict[str, Any]:
     figures = results["resnet50_8_clients"]
     results["compose_vs_local"] = round(figures["compose"]["img_per_s"] / figures["make_run"]["img_per_s"], 3)
     return results
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def write(results: dict[str, Any]) -> None:

@@ -20,25 +20,22 @@ from __future__ import annotations
 import base64
 import json
 import os
-import platform
-import socket
 import statistics
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 import requests
 
-from bench.fleets import admin_session, base_env
+from bench.fleets import admin_session, base_env, cpu_name
 from deploy.local.fleet import ROOT, Fleet
 from deploy.local.running import on_free_ports, running, wait_until
+from tests.http_fixtures import silent_host
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()
@@ -53,33 +50,6 @@ def nudged(n: int) -> bytes:
     """The photo with a JPEG comment: the same image, new bytes (the response cache never answers)."""
     comment = f"bench {n} {time.time()}".encode()
     return PHOTO[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + PHOTO[2:]
-
-
-@contextmanager
-def silent_host() -> Iterator[str]:
-    """A loopback host that accepts connections and never answers: its base URL."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    taken: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                taken.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-        for connection in taken:
-            connection.close()
-        listener.close()
 
 
 def make_key(fleet: Any, name: str, scopes: list[str], **quotas: int) -> dict[str, str]:
@@ -239,10 +209,10 @@ def measure(seconds: float) -> dict[str, Any]:
     env = {**base_env(cache), "GATEWAY_FETCH_ALLOW_NETWORKS": "127.0.0.0/8", "GATEWAY_FETCH_ALLOW_PORTS": ""}
     results: dict[str, Any] = {
         "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": platform.processor() or _cpu_name(),
+        "cpu": cpu_name(),
         "cpus": os.cpu_count(),
     }
-    with tempfile.TemporaryDirectory(prefix="imagerec-fairness-") as folder, silent_host() as silent:
+    with tempfile.TemporaryDirectory(prefix="imagerec-fairness-") as folder, silent_host() as (silent, _):
         Path(folder).chmod(0o755)
         with running(Fleet(on_free_ports(Path(folder), models=MODELS)), env) as fleet:
             flood = url_flood(fleet, silent, seconds)
@@ -253,13 +223,6 @@ def measure(seconds: float) -> dict[str, Any]:
     for thread in threads:  # the silent host closed their connections
         thread.join(timeout=60)
     return results
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def write(results: dict[str, Any]) -> None:

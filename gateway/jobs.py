@@ -79,6 +79,7 @@ class Jobs:
         self._store: JobStore | None = None
         self._queue: Any = None
         self._quotas: QuotaBook | None = None
+        self._fair: FairQueue | None = None
 
     @property
     def store(self) -> JobStore:
@@ -96,6 +97,13 @@ class Jobs:
         if self._quotas is None:
             self._quotas = QuotaBook(self.quota_settings, self.store.redis)
         return self._quotas
+
+    @property
+    def fair(self) -> FairQueue:
+        """The principals' job backlogs, over the jobs' Redis (after ``store``)."""
+        if self._fair is None:
+            self._fair = FairQueue.of(self.store.redis, self.settings)
+        return self._fair
 
     def reserve(self, fleet_max_images: int, *, training: bool) -> Reservation:
         """The caller's place for one more job, and the bytes its Content-Length declares, taken
@@ -155,8 +163,7 @@ class Jobs:
 
     def enqueue(self, job_id: str, chunks: int) -> None:
         """The job's chunks into its owner's backlog; the ones its share allows to Celery now."""
-        fair = FairQueue(self.store.redis, self.settings.chunks_per_principal, self.settings.fair_stale_s)
-        queue.send(self._queue, fair.submit(current().id, job_id, range(chunks), time.time()))
+        queue.send(self._queue, self.fair.submit(current().id, job_id, range(chunks), time.time()))
 
 
 class JobMetrics:
@@ -171,7 +178,7 @@ class JobMetrics:
             store = self.jobs.store
             states, items = store.states(), store.items_finished()
             queued = int(store.redis.llen(self.jobs.settings.queue))  # type: ignore[arg-type]
-            backlog = FairQueue(store.redis, 1, 0).backlog()
+            backlog = self.jobs.fair.backlog()
         except (JobsUnavailable, JobStoreUnavailable, redis.RedisError):
             return
         by_state = GaugeMetricFamily("imagerec_jobs", "Jobs by state (the newest 1000)", labels=["state"])

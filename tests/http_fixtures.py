@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -94,3 +95,31 @@ def serve(
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextmanager
+def silent_host() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A loopback host that accepts connections and never answers: its base URL, and the
+    connections it took (closed on the way out, so fetches still waiting fail at once)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                taken.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    finally:
+        stop.set()
+        thread.join()
+        for connection in taken:
+            connection.close()
+        listener.close()

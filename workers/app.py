@@ -128,7 +128,7 @@ def hand_over(job_id: str, index: int) -> None:
     jobs = runner().store
     try:
         owner = str(jobs.redis.hget(jobs.key(job_id), "owner") or ADMIN)
-        fair = FairQueue(jobs.redis, SETTINGS.chunks_per_principal, SETTINGS.fair_stale_s)
+        fair = FairQueue.of(jobs.redis, SETTINGS)
         queue.send(app, fair.done(owner, job_id, index, time.time()))
     except Exception as exc:  # noqa: BLE001 - never lose the chunk's own outcome to this
         log.warning("could not hand over to the next chunk", extra={"job_id": job_id, "error": repr(exc)})
@@ -149,7 +149,7 @@ def watch(jobs: JobStore) -> None:
     one whose retry could not be published while Redis was down. Duplicates are harmless: a
     recorded chunk is skipped."""
     waiting = int(jobs.redis.llen(SETTINGS.queue))  # type: ignore[arg-type]
-    fair = FairQueue(jobs.redis, SETTINGS.chunks_per_principal, SETTINGS.fair_stale_s)
+    fair = FairQueue.of(jobs.redis, SETTINGS)
     for job_id, chunks in upkeep.stalled(
         jobs,
         SETTINGS.stall_s,

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 
 import redis
 
+from common.jobs.settings import JobSettings
+
 BACKLOG = "imagerec:fair:backlog:"
 SENT = "imagerec:fair:sent:"
 OWNERS = "imagerec:fair:owners"  # principals with chunks in a backlog or sent
@@ -69,6 +71,11 @@ class FairQueue:
         self.per_principal = per_principal
         self.stale_s = stale_s
         self._top_up = client.register_script(_TOP_UP)
+
+    @classmethod
+    def of(cls, client: redis.Redis, settings: JobSettings) -> FairQueue:
+        """The fair queue ``JOBS_CHUNKS_PER_PRINCIPAL`` and the visibility timeout describe."""
+        return cls(client, settings.chunks_per_principal, settings.fair_stale_s)
 
     def submit(self, owner: str, job_id: str, chunks: Iterable[int], now: float) -> list[tuple[str, int]]:
         """Put a job's chunks at the end of its owner's backlog; the ones to send now."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from gateway.app import create_app
 from gateway.inputs import InputReader
 from tests.gateway.fakes import FakeModelClient
 from tests.helpers import gateway_settings, photo
+from tests.http_fixtures import silent_host
 
 CAT, COFFEE = photo("chelsea.jpg"), photo("coffee.jpg")
 
@@ -77,39 +77,18 @@ def test_the_gateway_answers_a_batch_of_slow_urls_within_the_clients_deadline(sl
 
 
 @pytest.fixture
-def silent_host() -> Iterator[tuple[str, list[socket.socket]]]:
-    """A host that accepts connections and never answers: its URL, and the connections it took."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    taken: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                taken.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/photo.jpg", taken
-    finally:
-        stop.set()
-        thread.join()
-        for connection in taken:  # the fetches still waiting fail at once
-            connection.close()
-        listener.close()
+def silent() -> Iterator[tuple[str, list[socket.socket]]]:
+    with silent_host() as (url, taken):
+        yield f"{url}/photo.jpg", taken
 
 
 def test_a_host_that_never_answers_holds_only_the_url_share_of_the_threads(
-    silent_host: tuple[str, list[socket.socket]],
+    silent: tuple[str, list[socket.socket]],
 ) -> None:
     """Requests that fetch are admitted up to GATEWAY_URL_REQUESTS (2 here) and one client's up
     to GATEWAY_URL_REQUESTS_PER_CLIENT (1): the next is refused at once, not parked on a thread,
     and a photo sent as bytes is answered meanwhile."""
-    url, taken = silent_host
+    url, taken = silent
     settings = gateway_settings(url_requests=2, url_requests_per_client=1, rate_limit="")
     fetcher = UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=(), timeout_s=30)
     app = create_app(settings, client=FakeModelClient(settings), fetcher=fetcher, poll_health=False)  # type: ignore[arg-type]
