@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
-from bench.fleets import base_env, cpu_seconds, processes
+from bench.fleets import NO_EDGE_LIMIT, base_env, cpu_seconds, processes
 from deploy.local.fleet import ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, running
 
@@ -142,12 +142,12 @@ def run(clients: list[int], seconds: int, precision: str | None) -> list[dict[st
         Path(folder).chmod(0o755)
         if precision is None:
             stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
-            fleet = Fleet(on_free_ports(Path(folder), models=()), stubs)
+            fleet = Fleet(on_free_ports(Path(folder), models=()), stubs, nginx=NO_EDGE_LIMIT)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FLEET_"))}
             roles: tuple[str, ...] = ("gateway",)
         else:
             cache = Path(os.environ.get("MODEL_CACHE") or Path.home() / ".cache" / "imagerec" / "converted")
-            fleet = Fleet(on_free_ports(Path(folder), models=("resnet50",)))
+            fleet = Fleet(on_free_ports(Path(folder), models=("resnet50",)), nginx=NO_EDGE_LIMIT)
             env = {**base_env(cache), "PRECISION": precision}
             roles = ("gateway", "resnet50")
         env["GATEWAY_RATE_LIMIT"] = ""

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from bench import load
-from bench.fleets import base_env, batching, cpu_seconds, processes, settle
+from bench.fleets import NO_EDGE_LIMIT, base_env, batching, cpu_seconds, processes, settle
 from deploy.local.fleet import Fleet
 from deploy.local.running import on_free_ports, running
 from gateway import v2_proto as proto
@@ -105,7 +105,7 @@ def measure(cache: Path, precision: str, seconds: int, rounds: int) -> dict[str,
         Path(folder).chmod(0o755)
         env = {**base_env(cache), "PRECISION": precision, "GATEWAY_RATE_LIMIT": ""}
         fleet_settings = on_free_ports(Path(folder), models=("resnet50",))
-        with running(Fleet(fleet_settings), env, timeout_s=1200) as fleet:
+        with running(Fleet(fleet_settings, nginx=NO_EDGE_LIMIT), env, timeout_s=1200) as fleet:
             paths = {
                 "v1 JPEG body": lambda s: load.run(
                     f"{fleet.url}/v1/predict?model=resnet50",

@@ -22,9 +22,14 @@
 13. fair sharing under hostile load: a photo's p50 under a URL flood to a host that never answers,
    another key's job behind four 1,000-URL jobs, 10,000 one-URL jobs and Redis memory
    (bench/fairness.py, bench/results/fairness.md; the fetcher may reach loopback there).
+14. a soak: 30 minutes (``BENCH_SOAK_S``) of mixed traffic on the whole default fleet, every
+   process's memory and descriptors, Redis memory, the run folder's bytes and the interactive
+   p50/p99 per five minutes (bench/soak.py, bench/results/soak.md).
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
-Only two settings differ from ``make run``: WEIGHTS=random, and no rate limit in part 4's cache run
-(wrk's sixteen connections come from one address, which the limiter counts as one client).
+Settings differ from ``make run`` only in WEIGHTS=random; no rate limits (the gateway's, and
+Nginx's for requests without a key) in part 4's cache run and part 9's int8 run (wrk's connections
+come from one address, which the limiters count as one client); and the fetcher reaching loopback
+in parts 13 and 14.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ from typing import Any
 
 import requests
 
-from bench import auth, containers, custom, fairness, ingest, jobs, load, overload, protocols, report
-from bench.fleets import MODELS, base_env, batching, settle
+from bench import auth, containers, custom, fairness, ingest, jobs, load, overload, protocols, report, soak
+from bench.fleets import MODELS, NO_EDGE_LIMIT, base_env, batching, settle
 from deploy.local.fleet import ROOT, ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
 from serving.quantize import LAYOUT
@@ -176,7 +181,8 @@ def int8_fleet(cache: Path, seconds: int) -> dict[str, Any]:
         # Rate limit off, as in every int8 part: wrk's 8 connections are one client, which the
         # default limit refuses above its rate (run of 13:37 UTC, 2026-12-06: 4,196 refused, 99.8 img/s)
         env = {**base_env(cache), "PRECISION": "int8", "GATEWAY_RATE_LIMIT": ""}
-        with running(Fleet(on_free_ports(Path(folder), models=MODELS)), env, timeout_s=900) as fleet:
+        int8 = Fleet(on_free_ports(Path(folder), models=MODELS), nginx=NO_EDGE_LIMIT)
+        with running(int8, env, timeout_s=900) as fleet:
             loaded = fleet.memory_mb()
             url = f"{fleet.url}/v1/predict?model=resnet50"
             load.run(url, load.Payload.raw(PHOTO), connections=8, seconds=min(seconds, 5))
@@ -297,7 +303,7 @@ def overhead(cache: Path, seconds: int) -> dict[str, Any]:
         stubs = [ExtraService(name, free_port(), "bench.stub_service:create_app()") for name in MODELS]
         settings = on_free_ports(Path(folder), models=())
         env = {**base_env(cache), "GATEWAY_RATE_LIMIT": ""}  # wrk's connections are one client
-        with running(Fleet(settings, stubs), env) as fleet:
+        with running(Fleet(settings, stubs, nginx=NO_EDGE_LIMIT), env) as fleet:
             payload = load.Payload.raw(PHOTO)
             url = f"{fleet.url}/v1/predict?model=resnet50"
             direct = load.run(
@@ -391,6 +397,8 @@ def main() -> int:
         containers.write(containers.measure(seconds, int(os.environ.get("BENCH_ROUNDS", "3"))))
     log("13: fair sharing under hostile load (bench/results/fairness.md)")
     fairness.write(fairness.measure(seconds))
+    log("14: a soak of mixed traffic (bench/results/soak.md)")
+    soak.write(soak.measure(float(os.environ.get("BENCH_SOAK_S", "1800")), 20.0))
     results["duration_s"] = round(time.time() - started)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2))
     report.write(results, RESULTS)

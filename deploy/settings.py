@@ -8,6 +8,7 @@ defaults out and a test holds it to them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from common.settings import setting
 from common.training.settings import TrainingSettings
 
 NGINX_TEMPLATES = Path(__file__).resolve().parent / "nginx"
+RATE = re.compile(r"(\d+r/[sm])?")  # limit_req_zone's rate=, or empty (off)
 
 # Gunicorn threads. A request waiting for its model parks a thread, so a model service needs one
 # per image it may queue (MAX_QUEUE_IMAGES, 64) plus the batches running (MAX_BATCH_SIZE, 8, on
@@ -98,7 +100,38 @@ class NginxSettings:
     jobs_read_timeout: str = setting(
         "300s", "Nginx -> gateway read timeout for a job upload (the gateway unpacks it before 202)"
     )
+    anonymous_rate: str = setting(
+        "100r/s",
+        "requests a second one client address may send without a key, counted at Nginx (limit_req, "
+        "REST and gRPC): the gateway's own per-client default, refused for a few microseconds at the "
+        "edge instead of ~1.75 ms of a gateway thread; empty: no limit at the edge",
+    )
+    anonymous_burst: int = setting(
+        500,
+        "requests without a key one address may have above its rate before Nginx answers 429: they "
+        "wait in Nginx (a connection each, no gateway thread) until the rate lets them through",
+    )
+    anonymous_no_delay: int = setting(
+        100, "of that burst, how many pass at once (limit_req's delay=): a page's burst is not slowed"
+    )
 
     def template_values(self) -> dict[str, str]:
-        """The limits by the template's variable names, e.g. ``NGINX_MAX_BODY_SIZE``."""
-        return {f"NGINX_{field.name.upper()}": getattr(self, field.name) for field in fields(self)}
+        """The limits by the template's variable names, e.g. ``NGINX_MAX_BODY_SIZE``, and the
+        anonymous limit's directive (``NGINX_ANONYMOUS_LIMIT``: empty when the limit is off)."""
+        values = {
+            f"NGINX_{field.name.upper()}": getattr(self, field.name)
+            for field in fields(self)
+            if field.type == "str"  # the burst and no-delay counts go into the directive
+        }
+        if not RATE.fullmatch(self.anonymous_rate):
+            raise ValueError(
+                f"FLEET_NGINX_ANONYMOUS_RATE: expected e.g. 100r/s or 600r/m, got {self.anonymous_rate!r}"
+            )
+        values["NGINX_ANONYMOUS_RATE"] = self.anonymous_rate or "1r/s"  # a zone no location uses
+        delay = f" delay={self.anonymous_no_delay}" if self.anonymous_no_delay else ""  # 0: Nginx's default
+        values["NGINX_ANONYMOUS_LIMIT"] = (
+            f"limit_req zone=imagerec_anonymous burst={self.anonymous_burst}{delay};"
+            if self.anonymous_rate
+            else "# no limit for requests without a key (FLEET_NGINX_ANONYMOUS_RATE is empty)"
+        )
+        return values

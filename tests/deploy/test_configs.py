@@ -76,6 +76,40 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
     assert "client_max_body_size 3m;" in rendered and "proxy_read_timeout 90s;" in rendered
 
 
+@pytest.mark.skipif(not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()), reason="needs nginx")
+@pytest.mark.parametrize(
+    ("edge", "directive"),
+    [
+        (NginxSettings(), "limit_req zone=imagerec_anonymous burst=500 delay=100;"),
+        (
+            NginxSettings(anonymous_rate="5r/m", anonymous_no_delay=0),
+            "limit_req zone=imagerec_anonymous burst=500;",
+        ),
+        (NginxSettings(anonymous_rate=""), "# no limit for requests without a key"),
+    ],
+)
+def test_the_edge_limit_for_requests_without_a_key_renders_valid_or_off(
+    tmp_path: Path, edge: NginxSettings, directive: str
+) -> None:
+    fleet = Fleet(FleetSettings(run_dir=str(tmp_path)), nginx=edge)
+    fleet.render()
+    conf = fleet.run_dir / "nginx" / "nginx.conf"
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
+    assert rendered.count(directive) == 2  # REST and gRPC
+    assert ("limit_req zone=" in rendered) == bool(edge.anonymous_rate)
+
+
+@pytest.mark.parametrize("rate", ["100", "100r/h", "fast", "100 r/s"])
+def test_a_malformed_edge_rate_is_refused_with_the_variable_named(rate: str) -> None:
+    with pytest.raises(ValueError, match="FLEET_NGINX_ANONYMOUS_RATE"):
+        NginxSettings(anonymous_rate=rate).template_values()
+
+
 def test_the_local_redis_has_a_password_and_callbacks_are_signed(
     shapes_fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from deploy.local.fleet import ExtraService, Fleet
 from deploy.local.running import free_port, on_free_ports, running
+from deploy.settings import NginxSettings
 from tests.e2e import shapes
 from tests.e2e.running import ADMIN_TOKEN, E2EFleet
 from tests.helpers import ADMIN_KEY, is_project_variable
@@ -63,7 +64,7 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         GATEWAY_FETCH_ALLOW_PORTS="",  # the loopback image and callback servers listen on free ports
         GATEWAY_FETCH_TIMEOUT_S="5",
         # Load tests send hundreds of requests a second from one address; the limiter itself is
-        # tested in tests/gateway (memory and a real Redis).
+        # tested in tests/gateway (memory and a real Redis), the edge's in tests/e2e/test_edge.py.
         GATEWAY_RATE_LIMIT="1000/second",
         # The fault tests make one member fail several times in a row on purpose; each gateway
         # worker keeps its own circuits, so a low threshold would leave one open for later tests.
@@ -77,7 +78,7 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         TRAINING_STALL_S="20",
     )
     try:
-        with serve_images() as image_server, running(Fleet(settings, extra), env) as handle:
+        with serve_images() as image_server, running(Fleet(settings, extra, nginx=NginxSettings(anonymous_rate="1000r/s")), env) as handle:
             yield E2EFleet(handle.fleet, handle.process, image_server, repository)
     finally:
         if os.environ.get("E2E_KEEP_LOGS"):  # a folder to copy every process's log into

@@ -6,7 +6,7 @@ with ``POST /chaos {"fault": ..., "delay_s": ...}``:
 - ``slow``: every prediction waits ``delay_s`` first (released early when the fault is cleared);
 - ``garbage``: 200 with HTML; ``nan``: 200 with NaN scores; ``short``: 200 with too few results.
 
-``GET /chaos`` reports the fault and how many predictions are in flight. Health probes are never
+``GET /chaos`` reports the fault, how many predictions are in flight and how many it has received. Health probes are never
 affected: the gateway must judge the member by its answers.
 """
 
@@ -25,7 +25,7 @@ FAULTS = ("none", "slow", "garbage", "nan", "short")
 
 def create_app() -> Flask:
     app = stub_service.create_app("flaky")
-    state = {"fault": "none", "delay_s": 0.0, "in_flight": 0}
+    state = {"fault": "none", "delay_s": 0.0, "in_flight": 0, "received": 0}
     lock, cleared = threading.Lock(), threading.Event()
 
     @app.post("/chaos")
@@ -49,6 +49,7 @@ def create_app() -> Flask:
             return None
         with lock:
             state["in_flight"] += 1
+            state["received"] += 1
             fault, delay_s = state["fault"], state["delay_s"]
         if fault == "slow":
             cleared.wait(delay_s)
