@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.outcomes import Label
+
 IMAGENET_INDEX = Path(__file__).parent / "data" / "imagenet_class_index.json"
 
 
@@ -32,19 +34,11 @@ class Labels:
     def to_json(self) -> list[list[str]]:
         return [list(pair) for pair in zip(self.class_ids, self.names, strict=True)]
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[dict[str, object]]:
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[Label]:
         """Top ``k`` predictions, highest first (ties keep the lower index first, like Keras)."""
         k = min(k, len(probabilities))
         order = np.argsort(-probabilities, kind="stable")[:k]
-        return [
-            {
-                "label": self.names[i],
-                "class_id": self.class_ids[i],
-                "index": int(i),
-                "score": float(probabilities[i]),
-            }
-            for i in order
-        ]
+        return [Label(self.names[i], int(i), float(probabilities[i]), self.class_ids[i]) for i in order]
 
 
 def from_json(data: object) -> Labels:

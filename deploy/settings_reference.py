@@ -42,7 +42,7 @@ CLASSES = (
     Entry("common.training.settings", "TrainingSettings", "TRAINING_", "Custom classes: training"),
     Entry("common.tenancy.settings", "AuthSettings", "AUTH_", "Keys"),
     Entry("common.tenancy.settings", "QuotaSettings", "QUOTA_", "Quotas"),
-    Entry("deploy.local.fleet", "FleetSettings", "FLEET_", "Local fleet (make run)"),
+    Entry("deploy.local.fleet", "LocalFleetSettings", "FLEET_", "Local fleet (make run)"),
     Entry("deploy.settings", "NginxSettings", "FLEET_NGINX_", "Nginx"),
 )
 
@@ -78,7 +78,7 @@ Also read:
 Read by `services.keras_file` (a `.keras` file plus a labels file, served by the same code as the
 ImageNet models); its model file is `<NAME>_WEIGHTS` (or `WEIGHTS`), like any service, and every
 model-service setting above applies to it too.""",
-    "FleetSettings@fleet.settings": """\
+    "FleetSettings": """\
 How the gateway and the job workers reach the model services: `fleet/`, no Flask. The variables are
 the gateway's (`GATEWAY_<FIELD>`), and the job workers read the same ones.
 
@@ -117,7 +117,7 @@ in the process's memory (one process only: tests). `AUTH_KEY_CACHE_S` must be in
 Each principal's defaults (the first six) and the fleet's totals, which bind the admin too; a key
 may override any of the six (`POST /v1/keys` `{"quotas": {...}}`, or `client keys create --quota
 name=value`). Read by the gateway and the job workers.""",
-    "FleetSettings@deploy.local.fleet": """\
+    "LocalFleetSettings": """\
 `python -m deploy.local.fleet` (`make run`); model and gateway settings pass through unchanged.
 
 It sets for the processes it starts, on top of the caller's environment: `<MODEL>_URLS` (every
@@ -205,12 +205,6 @@ def _default(cls: type, field: dataclasses.Field[Any]) -> str:
     return cell
 
 
-def _note_key(entry: Entry) -> str:
-    """Class names repeat (two FleetSettings): such a note is keyed ``Class@module``."""
-    keyed = f"{entry.name}@{entry.module}"
-    return keyed if keyed in NOTES else entry.name
-
-
 def load_classes() -> list[tuple[Entry, type, Any]]:
     """(entry, class, module) for every line of :data:`CLASSES`."""
     loaded = []
@@ -242,7 +236,7 @@ def variable(entry: Entry, field: dataclasses.Field[Any]) -> str:
 def _section(entry: Entry, cls: type, module: Any, documented: list[type]) -> str:
     prefix = f"`{entry.prefix}<FIELD>`" if entry.prefix else "`<FIELD>`, or `<MODEL>_<FIELD>` for one model"
     lines = [f"## {entry.title}", "", f"`{entry.module}.{entry.name}`, prefix {prefix}.", ""]
-    note = NOTES.get(_note_key(entry), "")
+    note = NOTES.get(entry.name, "")
     if note:
         lines += [note, ""]
     urls = getattr(module, "DEFAULT_URLS", None) if entry.prefix == "GATEWAY_" else None

@@ -97,7 +97,7 @@ class ModelClient:
         probabilities: bool = False,
         request_id: str = "",
         deadline: float = float("inf"),
-        priority: str = Priority.INTERACTIVE,
+        priority: Priority = Priority.INTERACTIVE,
         features: bool = False,
     ) -> dict[str, Any]:
         """The member's answer for ``images``: one result per image, in order.

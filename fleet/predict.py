@@ -1,12 +1,14 @@
-"""Routing a request to one model or an ensemble, and shaping the merged answer."""
+"""The prediction core: one call, ``Predictor.predict(selection, items, ...) -> Prediction``, that
+every protocol and the job workers make. It checks each image from its header, re-encodes large
+photos once for an ensemble, calls the members (in parallel for an ensemble) and merges their
+answers into typed outcomes (``common.outcomes``); an image's own error stays on its outcome."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +16,18 @@ import numpy as np
 from common import imaging, wire
 from common.errors import BadRequest, BadUpstreamResponse, ServiceError, UpstreamTimeout
 from common.imaging import ImageInfo
+from common.labels import Labels
+from common.outcomes import (
+    Failed,
+    Outcome,
+    Predicted,
+    Prediction,
+    Selection,
+    Served,
+    error_from_json,
+    labels_from_json,
+)
+from common.wire import Priority
 from fleet import ensemble
 from fleet.client import ModelClient, fanout_size
 from fleet.settings import FleetSettings
@@ -27,51 +41,6 @@ class ImageInput:
     data: bytes = b""
     error: ServiceError | None = None
     info: ImageInfo | None = None  # format and size, once the header has been checked
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which models answer: one (``vote`` is None) or an ensemble."""
-
-    name: str
-    members: tuple[str, ...]
-    vote: str | None = None
-    weights: dict[str, float] = field(default_factory=dict)
-
-
-def select(args: Mapping[str, str], settings: FleetSettings, client: ModelClient) -> Selection:
-    """Parse ``model``/``models``/``vote``/``member_weights``; unknown names are a 404."""
-    if args.get("models"):
-        members = tuple(dict.fromkeys(m.strip() for m in args["models"].split(",") if m.strip()))
-        name = "ensemble"
-    elif args.get("model") == "ensemble":
-        members, name = settings.ensemble_members, "ensemble"
-    elif args.get("model"):
-        members = (args["model"],)
-        name = members[0]
-    else:
-        raise BadRequest(f"choose a model: ?model=<{'|'.join(settings.models)}|ensemble> or ?models=a,b")
-    for member in members:
-        client.registry.replicas(member)  # raises UnknownModel listing what exists
-    if name != "ensemble":
-        return Selection(name, members)
-    vote = args.get("vote", "soft")
-    if vote not in ensemble.VOTES:
-        raise BadRequest(f"vote must be one of {', '.join(ensemble.VOTES)}, got {vote!r}")
-    if args.get("member_weights") and vote == "soft":
-        raise BadRequest("member_weights needs vote=weighted or vote=hard")
-    weights = ensemble.parse_member_weights(args.get("member_weights", ""), list(members))
-    return Selection(name, members, vote, weights)
-
-
-def item_error(outcome: dict[str, Any]) -> ServiceError:
-    """The error recorded on one image's outcome, to raise when that image was the whole request."""
-    error = outcome["error"]
-    return ServiceError(
-        str(error.get("message", "invalid image")),
-        code=str(error.get("code")),
-        status=int(error.get("status", 400)),
-    )
 
 
 def _probabilities(result: dict[str, Any], model: str, classes: int) -> np.ndarray:
@@ -92,7 +61,41 @@ class Predictor:
         # Every request thread's every member at once: a member call never queues behind another.
         self.pool = ThreadPoolExecutor(fanout_size(settings), thread_name_prefix="fanout")
 
-    def validate(self, items: list[ImageInput]) -> None:
+    def predict(
+        self,
+        selection: Selection,
+        items: list[ImageInput],
+        *,
+        top_k: int,
+        request_id: str,
+        deadline: float = float("inf"),
+        priority: Priority = Priority.INTERACTIVE,
+        whole: bool = False,
+    ) -> Prediction:
+        """Answer ``items`` with ``selection``: an outcome per image, in order.
+
+        ``deadline`` (``time.monotonic()``) is the client's: members get what is left of it.
+        ``priority`` ``background`` (the job workers') lets every interactive request go first.
+        ``whole``: the request is answered whole or not at all (a v2 tensor): its first image that
+        is not one refuses it, named, before any member is called or any photo decoded.
+
+        Raises:
+            UnknownModel: a member the fleet no longer serves.
+            ServiceError: what the request itself met (a member's 4xx verdict, no quorum, no replica).
+        """
+        started = time.perf_counter()
+        for member in selection.members:  # a stored selection's model may be gone since
+            self.client.registry.replicas(member)
+        self._validate(items)
+        if whole and (bad := next((item for item in items if item.error is not None), None)):
+            assert bad.error is not None
+            error = bad.error
+            raise ServiceError(f"{bad.name}: {error.message}", code=error.code, status=error.status)
+        self._canonicalize(selection, items)
+        prepared_ms = (time.perf_counter() - started) * 1000
+        return self._run(selection, items, top_k, request_id, deadline, priority, prepared_ms)
+
+    def _validate(self, items: list[ImageInput]) -> None:
         """Reject non-images and oversized images from their headers, before any member sees them."""
         for item in items:
             if item.error is None:
@@ -101,7 +104,7 @@ class Predictor:
                 except ServiceError as exc:
                     item.error = exc
 
-    def canonicalize(self, selection: Selection, items: list[ImageInput]) -> None:
+    def _canonicalize(self, selection: Selection, items: list[ImageInput]) -> None:
         """For ensembles: decode each large photo once and send members a small canonical PNG.
 
         Only when every member's input size is known and the photo is over twice the size the
@@ -130,7 +133,7 @@ class Predictor:
         top_k: int,
         request_id: str,
         deadline: float,
-        priority: str,
+        priority: Priority,
     ) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
         if len(selection.members) == 1:  # no fan-out: call in this thread, skip the hand-off
             member = selection.members[0]
@@ -200,21 +203,17 @@ class Predictor:
                 retry_after=2,
             )
 
-    def run(
+    def _run(
         self,
         selection: Selection,
         items: list[ImageInput],
-        *,
         top_k: int,
         request_id: str,
-        deadline: float = float("inf"),
-        priority: str = "interactive",
-    ) -> dict[str, Any]:
-        """Call the members for every valid item and merge; item errors stay on their items.
-
-        ``deadline`` (``time.monotonic()``) is the client's: members get what is left of it.
-        ``priority`` ``batch`` (the job workers') lets every interactive request go first.
-        """
+        deadline: float,
+        priority: Priority,
+        prepared_ms: float,
+    ) -> Prediction:
+        """Call the members for every valid item and merge; item errors stay on their items."""
         started = time.perf_counter()
         valid = [i for i, item in enumerate(items) if item.error is None]
         replies, failures = (
@@ -227,47 +226,21 @@ class Predictor:
         upstream_ms = (time.perf_counter() - started) * 1000
         if valid:  # a batch of only bad images asks nobody, so it cannot miss a quorum
             self._check_quorum(selection, replies, failures)
-
-        labels = None
-        answering = {  # a reply of only item errors (e.g. every image too large) votes on nothing
-            m: reply for m, reply in replies.items() if any("predictions" in r for r in reply["results"])
-        }
-        if selection.vote is not None and answering:
-            hashes = {reply.get("labels_hash") for reply in answering.values()}
-            if len(hashes) != 1:
-                raise BadRequest(
-                    "these models have different label sets and cannot vote together",
-                    code="incompatible_members",
-                )
-            first = next(iter(answering))
-            labels = self.client.labels(first, str(hashes.pop()))
-
-        outcomes: list[dict[str, Any]] = [
-            {"index": i, "name": item.name, "error": {**item.error.to_dict(), "status": item.error.status}}
-            if item.error
-            else {"index": i, "name": item.name}
+        labels = self._shared_labels(selection, replies)
+        outcomes: list[Outcome] = [
+            Failed(i, item.name, item.error) if item.error else Failed(i, item.name, _UNANSWERED)
             for i, item in enumerate(items)
         ]
         for position, index in enumerate(valid):
             answers = {m: reply["results"][position] for m, reply in replies.items()}
-            answered = {m: a for m, a in answers.items() if "predictions" in a}
-            if not answered:
-                outcomes[index]["error"] = next(iter(answers.values())).get("error", {})
-            elif labels is None:
-                outcomes[index]["predictions"] = next(iter(answered.values()))["predictions"]
-            else:
-                vote = selection.vote or "soft"
-                vectors = [_probabilities(a, m, len(labels)) for m, a in answered.items()]
-                outcomes[index]["predictions"] = ensemble.merge(
-                    vote, vectors, [selection.weights[m] for m in answered], labels, top_k
-                )
-                outcomes[index]["member_predictions"] = {m: a["predictions"] for m, a in answered.items()}
-
-        return {
-            "outcomes": outcomes,
-            "replies": replies,
-            "failures": failures,
-            "timing_ms": {
+            outcomes[index] = self._merge(selection, index, items[index].name, answers, labels, top_k)
+        return Prediction(
+            selection,
+            tuple(outcomes),
+            {member: Served.from_reply(reply) for member, reply in replies.items()},
+            failures,
+            {
+                "ingest": round(prepared_ms, 2),
                 # the slowest member's own figures: the ensemble waits for it
                 **{
                     key: max((r.get("timing_ms", {}).get(key, 0) for r in replies.values()), default=0)
@@ -275,4 +248,45 @@ class Predictor:
                 },
                 "upstream": round(upstream_ms, 2),
             },
+        )
+
+    def _shared_labels(self, selection: Selection, replies: dict[str, dict[str, Any]]) -> Labels | None:
+        """For a vote: the one label set every answering member has (else they cannot vote)."""
+        answering = {  # a reply of only item errors (e.g. every image too large) votes on nothing
+            m: reply for m, reply in replies.items() if any("predictions" in r for r in reply["results"])
         }
+        if selection.vote is None or not answering:
+            return None
+        hashes = {reply.get("labels_hash") for reply in answering.values()}
+        if len(hashes) != 1:
+            raise BadRequest(
+                "these models have different label sets and cannot vote together", code="incompatible_members"
+            )
+        return self.client.labels(next(iter(answering)), str(hashes.pop()))
+
+    @staticmethod
+    def _merge(
+        selection: Selection,
+        index: int,
+        name: str,
+        answers: dict[str, dict[str, Any]],
+        labels: Labels | None,
+        top_k: int,
+    ) -> Outcome:
+        """One image's outcome from its members' results (each already checked well-formed)."""
+        answered = {m: a for m, a in answers.items() if "predictions" in a}
+        if not answered:  # every member refused the image: the first one's reason
+            return Failed(index, name, error_from_json(next(iter(answers.values())).get("error", {})))
+        if labels is None:
+            return Predicted(index, name, labels_from_json(next(iter(answered.values()))["predictions"]))
+        vectors = [_probabilities(a, m, len(labels)) for m, a in answered.items()]
+        merged = ensemble.merge(
+            selection.vote or "soft", vectors, [selection.weights[m] for m in answered], labels, top_k
+        )
+        return Predicted(
+            index, name, tuple(merged), {m: labels_from_json(a["predictions"]) for m, a in answered.items()}
+        )
+
+
+# Never seen: every image is either refused before the call or given its members' answer.
+_UNANSWERED = ServiceError("no answer", code="unanswered", status=500)

@@ -11,7 +11,7 @@ from flask import Flask, request
 
 from common import web
 from common.jobs.settings import JobSettings
-from common.tenancy.settings import AuthSettings
+from common.tenancy.settings import AuthSettings, QuotaSettings
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient, build_client
 from fleet.fetch import UrlFetcher
@@ -19,7 +19,7 @@ from fleet.predict import Predictor
 from fleet.registry import Registry
 from gateway import auth as access
 from gateway import cache as response_cache
-from gateway import docs, jobs, keys, models, rate_limits, training, v1, v2
+from gateway import docs, job_service, jobs, keys, models, rate_limits, training, v1, v2
 from gateway.classify import Classifier
 from gateway.inputs import InputReader, UrlGate
 from gateway.settings import GatewaySettings
@@ -34,6 +34,7 @@ def create_app(
     job_settings: JobSettings | None = None,
     training_settings: TrainingSettings | None = None,
     auth_settings: AuthSettings | None = None,
+    quota_settings: QuotaSettings | None = None,
 ) -> Flask:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
@@ -49,12 +50,14 @@ def create_app(
         max_image_bytes=settings.max_image_bytes,
         fetch_all=fetcher.fetch_all,
         gate=UrlGate(settings.url_requests, settings.url_requests_per_client),
-        caller=access.caller,
+        caller=auth.caller,
     )
     cache = response_cache.create(settings.cache_size, settings.cache_ttl_s, settings.cache_redis_url)
     policy = response_cache.Policy(cache, registry) if cache is not None else None
-    classify = Classifier(settings, predictor, reader, policy)
-    queued = jobs.Jobs(job_settings, training_settings.queue)
+    classify = Classifier(settings, predictor, reader, policy, auth.caller)
+    queued = job_service.Jobs(
+        job_settings, training_settings.queue, quota_settings or QuotaSettings.from_env(), auth
+    )
 
     app = Flask("gateway")
     app.config.update(

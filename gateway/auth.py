@@ -21,7 +21,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from common import web
@@ -125,6 +125,25 @@ class Auth:
             )
         raise Forbidden(f"this key lacks the {wanted} scope this route needs")
 
+    def rate_limit_key(self) -> str:
+        """Flask-Limiter's key, decided before the key check (which may ask Redis): the principal
+        of a key this process has already verified, else the client's address. A bad or made-up
+        key - each one would cost a Redis lookup - counts against its address, and so does a good
+        key's first request here."""
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        known = self.store.cached(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        return f"key:{known.id}" if known is not None else f"ip:{self.client_address()}"
+
+    def caller(self) -> str:
+        """Who the current request counts as, for what is shared out per client (its response-cache
+        entries, its URL fetches): its key's principal, or an anonymous caller's address."""
+        principal = self.principal()
+        return f"ip:{self.client_address()}" if principal.anonymous else f"key:{principal.id}"
+
+    def audit(self, action: str, target: str, outcome: str = "ok", **extra: Any) -> None:
+        """One audit line for the current request's principal (``common.tenancy.audit``)."""
+        audit_log.record(self.principal(), action, target, outcome, web.request_id(), **extra)
+
     def check_visible(self, names: list[str], registry: Registry) -> None:
         """A 404 for any custom model in ``names`` the principal may not see (as if it did not exist)."""
         principal = self.principal()
@@ -146,7 +165,6 @@ def named_models() -> list[str]:
 
 def install(app: Flask, auth: Auth, registry: Registry) -> None:
     """Check every request's key, scope and the custom models it names, before its body is read."""
-    app.extensions["imagerec.auth"] = auth
 
     @app.before_request
     def _authorize() -> None:
@@ -191,40 +209,3 @@ def nginx_path(raw: str) -> str:
     path = re.sub("/{2,}", "/", unquote(raw)) or "/"
     normal = posixpath.normpath(path)
     return normal + "/" if path.endswith("/") and normal != "/" else normal
-
-
-def rate_limit_key() -> str:
-    """Flask-Limiter's key, decided before the key check (which may ask Redis): the principal of
-    a key this process has already verified, else the client's address. A bad or made-up key -
-    each one would cost a Redis lookup - counts against its address, and so does a good key's
-    first request here."""
-    auth = _auth()
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    known = auth.store.cached(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-    return f"key:{known.id}" if known is not None else f"ip:{auth.client_address()}"
-
-
-def caller() -> str:
-    """Who the current request counts as, for what is shared out per client (its response-cache
-    entries, its URL fetches): its key's principal, or an anonymous caller's address."""
-    principal = current()
-    return f"ip:{_auth().client_address()}" if principal.anonymous else f"key:{principal.id}"
-
-
-def audit(action: str, target: str, outcome: str = "ok", **extra: Any) -> None:
-    """One audit line for the current request's principal (``common.tenancy.audit``)."""
-    audit_log.record(current(), action, target, outcome, web.request_id(), **extra)
-
-
-def current() -> Principal:
-    """The current request's principal."""
-    return _auth().principal()
-
-
-def owners() -> Owners:
-    """Who owns each custom model name."""
-    return _auth().owners
-
-
-def _auth() -> Auth:
-    return current_app.extensions["imagerec.auth"]

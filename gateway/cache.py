@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import cachetools
 
 from common import metrics
-from fleet.predict import Selection
+from common.outcomes import Selection, Served
 from fleet.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,6 @@ class TieredCache:
         return self.shared.drop(model)
 
 
-def served_as(answer: Mapping[str, Any]) -> str | None:
-    """What answered, for the key: the weights' hash and the precision they ran at."""
-    digest = answer.get("weights_hash")
-    return f"{digest}/{answer.get('precision') or 'fp32'}" if digest else None
-
-
 class Policy:
     """Which answers the cache holds, under which key: whole single-image answers, keyed by the
     digest of the client's bytes (before any re-encoding; ``digest``, once per request), the
@@ -177,7 +171,7 @@ class Policy:
 
     def lookup(self, selection: Selection, image_digest: str, top_k: int) -> dict[str, Any] | None:
         """The stored ``{"body", "outcomes"}`` for the weights each member serves now, or None."""
-        expected = {m: served_as(self.registry.metadata(m)) for m in selection.members}
+        expected = {m: Served.from_reply(self.registry.metadata(m)).answered_as for m in selection.members}
         found = self._key(selection, image_digest, top_k, expected)
         hit = self.cache.get(found) if found else None
         metrics.CACHE.labels("hit" if hit else "miss").inc()
@@ -188,12 +182,12 @@ class Policy:
         selection: Selection,
         image_digest: str,
         top_k: int,
-        replies: Mapping[str, Any],
+        served: Mapping[str, Served],
         entry: dict[str, Any],
     ) -> None:
-        """Keyed by the weights that actually answered (``replies``): during a rollout the replica
+        """Keyed by the weights that actually answered (``served``): during a rollout the replica
         that answered may not be the one the lookup's hashes came from."""
-        found = self._key(selection, image_digest, top_k, {m: served_as(r) for m, r in replies.items()})
+        found = self._key(selection, image_digest, top_k, {m: s.answered_as for m, s in served.items()})
         if found:
             self.cache.put(found, entry)
 

@@ -34,9 +34,9 @@ from common.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from common.jobs import archive
 from common.jobs.settings import JobSettings
 from common.tenancy.quotas import Reservation
+from gateway import archive
 from gateway.inputs import decode_base64
 
 READ_BYTES = 1024 * 1024

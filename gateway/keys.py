@@ -14,7 +14,7 @@ from common import web
 from common.errors import BadRequest, NotFound, ServiceError
 from common.tenancy.keys import SCOPES, KeysUnavailable, TooManyKeys
 from common.tenancy.settings import QUOTA_NAMES
-from gateway.auth import Auth, audit
+from gateway.auth import Auth
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]*$")
 MAX_QUOTA = 10**15
@@ -59,7 +59,7 @@ def create_blueprint(auth: Auth) -> Blueprint:
             made = _store_call(auth.store.create, name, scopes, quotas, auth.principal().id)
         except TooManyKeys as exc:
             raise ServiceError(str(exc), code="too_many_keys", status=409) from None
-        audit("key.create", made["id"], key_name=name, scopes=scopes)
+        auth.audit("key.create", made["id"], key_name=name, scopes=scopes)
         response = web.json_ok(made, status=201)
         response.headers["Location"] = f"/v1/keys/{made['id']}"
         return response
@@ -71,7 +71,7 @@ def create_blueprint(auth: Auth) -> Blueprint:
     @blueprint.delete("/v1/keys/<key_id>")
     def revoke(key_id: str) -> Response:
         gone = _store_call(auth.store.revoke, key_id)
-        audit("key.revoke", key_id[:32], "ok" if gone else "not_found")
+        auth.audit("key.revoke", key_id[:32], "ok" if gone else "not_found")
         if gone is None:
             raise NotFound(f"no key {key_id[:32]!r}", code="unknown_key")
         return web.json_ok({"revoked": gone})

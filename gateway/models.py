@@ -19,8 +19,8 @@ from common.tenancy.owners import LEGACY
 from common.training import removals
 from common.training.settings import TrainingSettings
 from fleet.registry import Registry
-from gateway.auth import Auth, audit, current, owners
-from gateway.jobs import Jobs, store_call
+from gateway.auth import Auth
+from gateway.job_service import Jobs, store_call
 from gateway.settings import GatewaySettings
 from gateway.training import models_dir
 
@@ -56,12 +56,12 @@ def create_blueprint(
         """The caller owns custom model ``name`` (or is the admin), or gets a missing model's 404."""
         if name in registry.bases:
             raise BadRequest(f"{name} is a model of the fleet, not a custom model", code="not_custom")
-        if repository.check_name(name) or not current().sees(owners().of(name).owner):
+        if repository.check_name(name) or not auth.principal().sees(auth.owners.of(name).owner):
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
 
     def on_disk_or_404(name: str) -> None:
         """A model from before keys (no owner recorded) exists while its folder does."""
-        if owners().of(name) is LEGACY and not (models_dir(training) / name).is_dir():
+        if auth.owners.of(name) is LEGACY and not (models_dir(training) / name).is_dir():
             raise NotFound(f"no custom model {name[:64]!r}", code="unknown_model")
 
     @models.get("/v1/models")
@@ -91,7 +91,7 @@ def create_blueprint(
         try:
             on_disk_or_404(name)
         except NotFound:
-            audit("model.delete", name, "not_found")
+            auth.audit("model.delete", name, "not_found")
             raise
         # A training of it in flight is cancelled, and the name stays its owner's until that
         # training has stopped: the trainer publishes nothing of it and then frees the name.
@@ -101,15 +101,15 @@ def create_blueprint(
             if job.get("kind") == "training" and job.get("model") == name
         ]
         if in_flight:
-            store_call(owners().mark_deleting, name)
+            store_call(auth.owners.mark_deleting, name)
         for job_id in in_flight:
             store_call(jobs.store.cancel, job_id)
-            audit("training.cancel", job_id, "model_deleted")
+            auth.audit("training.cancel", job_id, "model_deleted")
         # Not answered within TRAINING_REMOVE_WAIT_S, the removal stays queued for the trainer: a 202.
         removed = store_call(removals.ask, jobs.store.redis, name, training.remove_wait_s)
         if not in_flight:
-            store_call(owners().release, name)
-        audit("model.delete", name, "ok" if removed is not None else "queued")
+            store_call(auth.owners.release, name)
+        auth.audit("model.delete", name, "ok" if removed is not None else "queued")
         if removed is None:
             return web.json_ok({"deleted": name, "state": "queued"}, status=202)
         return web.json_ok({"deleted": name})
@@ -122,8 +122,8 @@ def create_blueprint(
         if not isinstance(body, dict) or not isinstance(body.get("public"), bool) or len(body) != 1:
             raise BadRequest('send JSON {"public": true} or {"public": false}', code="invalid_json")
         on_disk_or_404(name)
-        store_call(lambda: owners().set_public(name, body["public"]))
-        audit("model.share", name, public=body["public"])
+        store_call(lambda: auth.owners.set_public(name, body["public"]))
+        auth.audit("model.share", name, public=body["public"])
         return web.json_ok({"name": name, "public": body["public"]})
 
     return models

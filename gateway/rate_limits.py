@@ -1,6 +1,6 @@
 """Per-client rate limits (Flask-Limiter): one count per client across every limited route - per
 key when the request sent one this process has verified, else per address
-(``gateway.auth.rate_limit_key``). Checked before the key is, so a flood of bad keys is refused
+(``gateway.auth.Auth.rate_limit_key``). Checked before the key is, so a flood of bad keys is refused
 before each costs a Redis lookup.
 
 Counted in Redis when ``GATEWAY_RATE_LIMIT_STORAGE`` (or ``REDIS_URL``) names one, so every gateway
@@ -39,12 +39,11 @@ def install(app: Flask, settings: GatewaySettings, access: auth.Auth) -> Limiter
     """Limit every prediction route with one shared count per client, checked before the key is
     (installed first: Flask runs its before-request checks in order). Returns None when
     ``GATEWAY_RATE_LIMIT`` is empty (limits off)."""
-    app.extensions["imagerec.auth"] = access  # the limiter's key reads it
     if not settings.rate_limit:
         return None
     storage = settings.rate_limit_storage or "memory://"
     limiter = Limiter(
-        auth.rate_limit_key,
+        access.rate_limit_key,
         app=app,
         application_limits=[settings.rate_limit],
         application_limits_exempt_when=_exempt,

@@ -25,16 +25,14 @@ from flask import Blueprint, Response, request
 from common import imaging, repository, web
 from common.errors import BadRequest, ServiceError
 from common.jobs import queue
-from common.jobs.archive import Entry
 from common.models import BACKBONE_LAYERS, BASE_MODELS
 from common.tenancy.owners import LEGACY, NameTaken
 from common.tenancy.quotas import Reservation
-from common.training.dataset import Dataset, check
+from common.training.dataset import Dataset, Entry, check
 from common.training.settings import TrainingSettings
 from fleet.client import ModelClient
-from gateway.auth import current, owners
 from gateway.job_intake import Intake
-from gateway.jobs import Jobs, store_call
+from gateway.job_service import Jobs, store_call
 from gateway.settings import GatewaySettings
 
 FIELDS = ("name", "base", "epochs", "validation_split", "augment", "fine_tune_layers", "public")
@@ -149,14 +147,15 @@ def create_blueprint(
     job_settings = jobs.settings
     intake = Intake(job_settings, gateway.max_image_bytes, archive_field="dataset", fields=FIELDS)
     limits = imaging.ImageLimits(gateway.max_image_bytes, gateway.max_image_pixels)
+    auth = jobs.auth
     blueprint = Blueprint("training", __name__)
 
     def check_name_free(name: str) -> None:
         """Another principal's name is a 409 - a model from before keys (on disk, with no owner
         recorded) is the admin's."""
-        principal = current()
-        owners().check_free(name, principal)
-        legacy = owners().of(name) is LEGACY and (models_dir(settings) / name).is_dir()
+        principal = auth.principal()
+        auth.owners.check_free(name, principal)
+        legacy = auth.owners.of(name) is LEGACY and (models_dir(settings) / name).is_dir()
         if legacy and not principal.is_admin:
             raise NameTaken(f"the model name {name!r} belongs to another principal: choose another name")
 
@@ -166,11 +165,11 @@ def create_blueprint(
             client.registry.check_room_for_fine_tuned(chosen["base"], chosen["name"])
 
     def claim(chosen: dict[str, Any]) -> bool:
-        principal = current()
+        principal = auth.principal()
         quotas = None if principal.is_admin else jobs.quotas.quotas(principal)
         return bool(
             store_call(
-                lambda: owners().claim(
+                lambda: auth.owners.claim(
                     chosen["name"],
                     principal,
                     chosen["base"],
@@ -217,7 +216,7 @@ def create_blueprint(
             )
         except BaseException:
             if fresh:  # nothing was trained under it: the name is free again
-                owners().release(chosen["name"])
+                auth.owners.release(chosen["name"])
             raise
 
     return blueprint

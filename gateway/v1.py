@@ -11,8 +11,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, request
 
 from common import web
+from common.outcomes import Selection
 from fleet.client import ModelClient
-from fleet.predict import Selection, item_error, select
+from gateway import selection as selections
 from gateway import shaping
 from gateway.classify import Classifier
 from gateway.settings import GatewaySettings
@@ -24,7 +25,7 @@ def create_blueprint(settings: GatewaySettings, client: ModelClient, classify: C
 
     @v1.post("/v1/predict")
     def predict() -> Response:
-        selection = select(request.args, settings, client)
+        selection = selections.from_query(request.args, settings, client.registry)
         top_k = web.query_int("top_k", settings.default_top_k, 1, settings.max_top_k)
         answer = classify(selection, top_k)
         return web.json_ok(shaping.predictions(answer.body, answer.outcomes, answer.batch))
@@ -33,8 +34,6 @@ def create_blueprint(settings: GatewaySettings, client: ModelClient, classify: C
     def seed_predict() -> Response:
         """``file`` or form ``image`` (base64) -> the top 3 as ``label``/``prob``."""
         outcome = classify(legacy, settings.legacy_top_k).outcomes[0]
-        if "error" in outcome:
-            raise item_error(outcome)
         return web.json_ok({"predictions": shaping.seed(outcome)})
 
     @v1.post("/batch_predict")

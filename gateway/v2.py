@@ -26,12 +26,13 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common import web
 from common.errors import BadRequest, ModelUnavailable, ServiceError
-from fleet.predict import Predictor, Selection, item_error, select
+from common.outcomes import Predicted, Prediction, Selection
+from fleet.predict import Predictor
+from gateway import selection as selections
 from gateway import v2_request as read
 from gateway.settings import GatewaySettings
 
@@ -91,7 +92,7 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
     v2.app_errorhandler(MethodNotAllowed)(_routing_error)
 
     def selection(name: str, vote: str = "soft") -> Selection:
-        return select(MultiDict({"model": name, "vote": vote}), settings, predictor.client)
+        return selections.named(name, vote, settings, registry)
 
     def model_ready(name: str) -> bool:
         return all(registry.metadata(member) for member in selection(name).members)
@@ -187,14 +188,11 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
         wanted = read.outputs(body)
         deadline = web.deadline(settings.default_deadline_ms / 1000)
         items = read.images(tensor, blob, settings.max_request_images, settings.max_image_bytes)
-        predictor.validate(items)
-        for item in items:  # a tensor is answered whole or not at all: refuse before any decoding
-            if item.error is not None:
-                error = item.error
-                raise ServiceError(f"{item.name}: {error.message}", code=error.code, status=error.status)
-        predictor.canonicalize(chosen, items)
-        result = predictor.run(chosen, items, top_k=top_k, request_id=web.request_id(), deadline=deadline)
-        head, binary = answer(name, version, chosen, body, wanted, result)
+        # a tensor is answered whole or not at all: its first bad image refuses it before any decoding
+        prediction = predictor.predict(
+            chosen, items, top_k=top_k, request_id=web.request_id(), deadline=deadline, whole=True
+        )
+        head, binary = answer(name, version, body, wanted, prediction)
         if not binary:
             return web.json_ok(head)
         encoded = json.dumps(head, separators=(",", ":")).encode()
@@ -222,27 +220,25 @@ def read_body() -> tuple[dict[str, Any], bytes]:
 def answer(
     name: str,
     version: str | None,
-    chosen: Selection,
     body: dict[str, Any],
     wanted: list[tuple[str, bool]],
-    result: dict[str, Any],
+    prediction: Prediction,
 ) -> tuple[dict[str, Any], bytes]:
     """The inference response: the ``wanted`` outputs, ``[N, k]`` each, and the version that
     answered; with the binary data of the outputs asked for as binary (empty: none)."""
-    failed = next((o for o in result["outcomes"] if "error" in o), None)
-    if failed:
-        raise item_error(failed)
-    rows = [o["predictions"] for o in result["outcomes"]]
+    if error := prediction.first_error():
+        raise error
+    rows = [o.labels for o in prediction.outcomes if isinstance(o, Predicted)]
     k = min(len(row) for row in rows)
-    columns = {
-        "labels": [p["label"] for row in rows for p in row[:k]],
-        "scores": [p["score"] for row in rows for p in row[:k]],
-        "indices": [p["index"] for row in rows for p in row[:k]],
+    columns: dict[str, list[Any]] = {
+        "labels": [p.label for row in rows for p in row[:k]],
+        "scores": [p.score for row in rows for p in row[:k]],
+        "indices": [p.index for row in rows for p in row[:k]],
     }
-    replies = result["replies"]
+    served = prediction.served
     # a model served from a repository names the version that answered; others are "1"
-    answered = {str(reply.get("version") or VERSION) for reply in replies.values()}
-    answered_by = answered.pop() if chosen.vote is None and len(answered) == 1 else VERSION
+    answered = {s.version or VERSION for s in served.values()}
+    answered_by = answered.pop() if prediction.selection.vote is None and len(answered) == 1 else VERSION
     if version is not None and answered_by != version:  # the model moved on during the request
         raise VersionNotServed(f"{name} switched to version {answered_by}; version {version} is not served")
     outputs, binary = [], []
@@ -260,8 +256,8 @@ def answer(
         "model_version": answered_by,
         "id": body.get("id") or web.request_id(),
         "parameters": {
-            "weights": {m: r.get("weights") for m, r in replies.items()},
-            "degraded": bool(result["failures"]),
+            "weights": {m: s.weights for m, s in served.items()},
+            "degraded": prediction.degraded,
         },
         "outputs": outputs,
     }

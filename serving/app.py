@@ -129,6 +129,8 @@ def metadata(models: ModelManager, settings: ServiceSettings) -> dict[str, Any]:
         "max_fine_tuned": settings.custom_max_fine_tuned,
         "versions": [str(v) for v in models.versions()],
         "center_crop": settings.center_crop,
+        "max_image_bytes": settings.max_image_bytes,
+        "max_image_pixels": settings.max_image_pixels,
         "max_body_bytes": settings.max_body_bytes,
         "max_request_images": settings.max_request_images,
         "default_deadline_ms": settings.default_deadline_ms,

@@ -360,7 +360,7 @@ class FirstWorking:
 
     @property
     def pixels_in(self) -> bool:
-        return bool(getattr(self.active, "pixels_in", False))
+        return self.active is not None and self.active.pixels_in
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         assert self.active is not None, "predict() before load()"
@@ -368,7 +368,7 @@ class FirstWorking:
 
     def predict_features(self, batch: np.ndarray) -> Outputs:
         assert self.active is not None, "predict_features() before load()"
-        return self.active.predict_features(batch)  # type: ignore[attr-defined]
+        return self.active.predict_features(batch)
 
 
 def make_runtime(

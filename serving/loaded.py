@@ -60,14 +60,9 @@ class LoadedModel:
         float32) and are preprocessed a whole batch at a time - here, or inside a runtime that takes
         the pixels themselves (``pixels_in``: OpenVINO with the preprocessing in its graph)."""
         preprocess = self.preprocess
-        with_features = getattr(runtime, "predict_features", None)
 
         def predict(pixels: np.ndarray) -> Outputs:
-            batch = pixels if getattr(runtime, "pixels_in", False) else preprocess(pixels)
-            if with_features is not None:
-                outputs: Outputs = with_features(batch)
-                return outputs
-            return Outputs(runtime.predict(batch))
+            return runtime.predict_features(pixels if runtime.pixels_in else preprocess(pixels))
 
         return predict
 
@@ -145,6 +140,7 @@ class LoadedModel:
             "ready": info is not None,
             "input_size": self.spec.input_size,
             "preprocessing": self.spec.preprocessing,
+            "builder": self.spec.builder,  # what a trainer builds its copy with (None: a .keras file)
             "weights": info.weights if info else None,
             "weights_source": info.weights_source if info else None,
             "weights_hash": info.weights_hash if info else None,

@@ -86,7 +86,8 @@ def request_images() -> tuple[list[bytes], bool]:
 
 
 def request_priority() -> Priority:
-    """``X-Priority``: ``interactive`` when absent, ``batch`` for asynchronous jobs; else a 400."""
+    """``X-Priority``: ``interactive`` when absent, ``background`` for asynchronous jobs and
+    training (``batch``, its old name, too); else a 400."""
     raw = request.headers.get(PRIORITY_HEADER) or Priority.INTERACTIVE
     try:
         return Priority(raw)
@@ -122,7 +123,7 @@ class Predict:
         found, computed = self._compute(found, name, pixels, deadline, priority)
         finished = time.perf_counter()
         for n, (i, row) in enumerate(zip(decoded, computed.probabilities, strict=True)):
-            results[i]["predictions"] = found.labels.top_k(row, top_k)
+            results[i]["predictions"] = [label.to_json() for label in found.labels.top_k(row, top_k)]
             if with_probabilities:
                 results[i]["probabilities"] = encode_vector(row)
             if with_features and computed.outputs.features is not None:

@@ -53,15 +53,20 @@ class Outputs:
 
 
 class Runtime(Protocol):
-    """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities.
-    Runtimes whose ``RuntimeInfo.features`` is not 0 also have ``predict_features(batch) ->
-    Outputs`` (one model call for both). A runtime whose ``pixels_in`` is true once loaded takes the
-    uint8 pixels themselves and preprocesses them inside (``serving.loaded`` asks). One whose
-    ``RuntimeInfo.streams`` is N may be called from N threads at once."""
+    """``load()`` once, then ``predict()`` preprocessed float32 batches into probabilities, or
+    ``predict_features()`` into ``Outputs``: the probabilities and, when ``RuntimeInfo.features``
+    is not 0, the features custom heads learn from (one model call for both). A runtime whose
+    ``pixels_in`` is true once loaded takes the uint8 pixels themselves and preprocesses them
+    inside. One whose ``RuntimeInfo.streams`` is N may be called from N threads at once."""
+
+    @property
+    def pixels_in(self) -> bool: ...
 
     def load(self) -> RuntimeInfo: ...
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def predict_features(self, batch: np.ndarray) -> Outputs: ...
 
 
 def weights_digest(arrays: list[np.ndarray]) -> str:
@@ -97,6 +102,8 @@ def build_keras_model(spec: ModelSpec, plan: WeightsPlan) -> Any:
 
 class KerasRuntime:
     """Keras model behind a compiled direct call (never ``model.predict``, which is slow per call)."""
+
+    pixels_in = False  # it takes preprocessed float32 batches
 
     def __init__(
         self, spec: ModelSpec, plan: WeightsPlan, *, intra_op_threads: int = 0, inter_op_threads: int = 0

@@ -63,6 +63,24 @@ def test_the_fleet_library_loads_without_flask_or_tensorflow() -> None:
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("room", ["fleet", "workers"])
+def test_below_the_gateway_nothing_imports_the_web_framework(room: str) -> None:
+    """The fleet library and the job workers take the core's typed values (a job record's stored
+    ``Selection``), never a request to parse: no Flask or werkzeug there."""
+    wrong = {}
+    for path in sorted((ROOT / room).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            if web := {name.split(".")[0] for name in names} & {"flask", "werkzeug"}:
+                wrong[str(path.relative_to(ROOT))] = sorted(web)
+    assert wrong == {}
+
+
 def test_no_test_module_imports_another_or_a_conftest() -> None:
     """What tests share lives in helper modules (``tests/helpers.py``, ``<room>/fakes.py``) and
     fixtures in conftest.py files, which pytest loads: a test importing a test module runs its

@@ -70,7 +70,7 @@ def runner() -> ChunkRunner:
             fetcher = UrlFetcher.from_settings(gateway)
             keys = KeyStore(AuthSettings.from_env())  # a revoked key's jobs stop within its cache time
             _runner = ChunkRunner(
-                store(), Predictor(client, gateway), fetcher, SETTINGS, gateway, is_live=keys.is_live
+                store(), Predictor(client, gateway), fetcher, SETTINGS, is_live=keys.is_live
             )
         return _runner
 

@@ -2,7 +2,7 @@
 logic, write the results, record the chunk. No Celery here (``workers.app`` wraps it), so it is
 tested with a fake predictor and a real Redis.
 
-A chunk's images go to the models ``JOBS_BATCH_IMAGES`` at a time at *batch* priority: a model
+A chunk's images go to the models ``JOBS_BATCH_IMAGES`` at a time at *background* priority: a model
 service runs every waiting interactive request before them and never merges two of them, so an
 interactive client waits behind at most one small job call. Between calls the runner checks that
 the job was not cancelled. A model that answers 503 (overloaded, not ready, no quorum) or fails
@@ -19,18 +19,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
-
-from werkzeug.datastructures import MultiDict
 
 from common.errors import ServiceError
 from common.jobs.settings import JobSettings
 from common.jobs.store import ACTIVE, JobStore
+from common.outcomes import Failed, Outcome, Selection, error_from_json
 from common.wire import Priority
 from fleet.fetch import UrlFetcher
-from fleet.predict import ImageInput, Predictor, Selection, select
-from fleet.settings import FleetSettings
+from fleet.predict import ImageInput, Predictor
 from workers import callbacks
 
 log = logging.getLogger("imagerec.jobs")
@@ -50,7 +48,7 @@ class Cancelled(Exception):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ChunkOutcome:
     """What became of a chunk: ``recorded`` (its results were counted now), ``finished`` (it
     ended the job), or ``skipped`` with the reason."""
 
@@ -66,7 +64,6 @@ class ChunkRunner:
         predictor: Predictor,
         fetcher: UrlFetcher,
         settings: JobSettings,
-        gateway: FleetSettings,
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -79,34 +76,38 @@ class ChunkRunner:
         self.predictor = predictor
         self.fetcher = fetcher
         self.settings = settings
-        self.gateway = gateway
         self.sleep = sleep
         self.clock = clock
 
-    def run(self, job_id: str, chunk: int, *, final: bool = False) -> Outcome:
+    def run(self, job_id: str, chunk: int, *, final: bool = False) -> ChunkOutcome:
         """Classify chunk ``chunk`` of ``job_id``. With ``final`` (its retries are spent), models
         that stay down fail the remaining images instead of requeueing the chunk."""
         job = self.store.get(job_id)
         if job is None:
-            return Outcome(skipped="expired")
+            return ChunkOutcome(skipped="expired")
         if job["status"] not in ACTIVE:
-            return Outcome(skipped=job["status"])
+            return ChunkOutcome(skipped=job["status"])
         if not self.is_live(str(job.get("owner") or "admin")):
             self.store.finish(job_id, "cancelled", {"error": "key_revoked"})
-            return Outcome(skipped="key revoked")
+            return ChunkOutcome(skipped="key revoked")
         if self.store.chunk_done(job_id, chunk):
-            return Outcome(skipped="already recorded")
+            return ChunkOutcome(skipped="already recorded")
         self.store.mark_running(job_id)
         items = self.store.chunk_items(job_id, chunk)
         budget_end = self.clock() + self.settings.chunk_budget_s
-        outcomes: list[dict[str, Any]] = []
+        outcomes: list[Outcome] = []
         weights: dict[str, Any] = {}
         try:
-            selection: Selection | None = select(
-                MultiDict(job.get("selection") or {}), self.gateway, self.predictor.client
+            selection: Selection | None = Selection.from_json(job.get("selection") or {})
+        except ValueError:  # a record this version cannot read: every image fails with why
+            selection, failure = (
+                None,
+                ServiceError(
+                    "the job's record names its models in a form this worker cannot read; submit it again",
+                    code="unreadable_job",
+                    status=422,
+                ),
             )
-        except ServiceError as exc:  # its model is gone from the fleet: every image fails with why
-            selection, failure = None, exc
         size = self.settings.batch_images
         for start in range(0, len(items), size):
             batch = items[start : start + size]
@@ -117,11 +118,11 @@ class ChunkRunner:
                 continue
             outcomes += self._classify(job, selection, batch, budget_end, weights, final)
         self.store.write_results(job_id, chunk, outcomes)
-        failed = sum("error" in o for o in outcomes)
+        failed = sum(isinstance(o, Failed) for o in outcomes)
         recorded = self.store.record(job_id, chunk, len(outcomes) - failed, failed, weights or None)
         if recorded.finished:  # delivered outside the task: a slow callback host holds no worker
             callbacks.due(self.store.redis, job_id, self.settings.callback_queue_max)
-        return Outcome(recorded=recorded.first, finished=recorded.finished)
+        return ChunkOutcome(recorded=recorded.first, finished=recorded.finished)
 
     def _cancelled(self, job_id: str) -> bool:
         job = self.store.get(job_id)
@@ -142,7 +143,7 @@ class ChunkRunner:
         inputs = []
         for item in batch:
             if "error" in item:
-                inputs.append(ImageInput(item["name"], error=_error(item["error"])))
+                inputs.append(ImageInput(item["name"], error=error_from_json(item["error"])))
             elif "url" in item:
                 found = next(fetched)
                 if isinstance(found, ServiceError):
@@ -161,14 +162,12 @@ class ChunkRunner:
         budget_end: float,
         weights: dict[str, Any],
         final: bool,
-    ) -> list[dict[str, Any]]:
+    ) -> list[Outcome]:
         inputs = self._load(job["id"], batch, budget_end)
-        self.predictor.validate(inputs)
-        self.predictor.canonicalize(selection, inputs)
         backoff = 0.5
         while True:
             try:
-                result = self.predictor.run(
+                prediction = self.predictor.predict(
                     selection,
                     inputs,
                     top_k=job["top_k"],
@@ -190,19 +189,14 @@ class ChunkRunner:
                     )
                     raise Requeue(wait) from None
                 self.sleep(wait)
-        for member, reply in result["replies"].items():
-            weights.setdefault(member, reply.get("weights"))
+        for member, served in prediction.served.items():
+            weights.setdefault(member, served.weights)
+        # each outcome at its place in the whole job, not in this call
         return [
-            {**outcome, "index": item["index"], "name": item["name"]}
-            for outcome, item in zip(result["outcomes"], batch, strict=True)
+            replace(outcome, index=item["index"], name=item["name"])
+            for outcome, item in zip(prediction.outcomes, batch, strict=True)
         ]
 
 
-def _error(raw: dict[str, Any]) -> ServiceError:
-    return ServiceError(
-        str(raw.get("message", "")), code=str(raw.get("code")), status=int(raw.get("status", 400))
-    )
-
-
-def _failed(item: dict[str, Any], exc: ServiceError) -> dict[str, Any]:
-    return {"index": item["index"], "name": item["name"], "error": {**exc.to_dict(), "status": exc.status}}
+def _failed(item: dict[str, Any], exc: ServiceError) -> Failed:
+    return Failed(item["index"], item["name"], exc)

@@ -35,13 +35,14 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from common.jobs import scripts
+from common.outcomes import Outcome, outcome_from_json
+from common.tenancy.quotas import ACTIVE_JOBS
 
 ADMIN = "admin"  # the owner of jobs made before keys existed (common.tenancy.keys.ADMIN_ID)
 
 PREFIX = "imagerec:job:"
 INDEX = "imagerec:jobs"  # sorted set: job id by creation time
 OWNED = "imagerec:jobs:owner:"  # + owner: the same, one principal's jobs
-ACTIVE_SET = "imagerec:active"  # pending and running jobs (common.tenancy.quotas keeps it)
 ITEMS = "imagerec:jobs:items:"  # + done | failed: items finished, all jobs (for metrics)
 ACTIVE = ("pending", "running")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -179,7 +180,7 @@ class JobStore:
     def active(self, newest: int = 1000) -> list[dict[str, Any]]:
         """Every pending and running job (the set admission keeps, however many), and any among the
         ``newest`` that is not in it (made before it existed)."""
-        ids = set(call(self.redis.smembers, ACTIVE_SET))
+        ids = set(call(self.redis.smembers, ACTIVE_JOBS))  # common.tenancy.quotas keeps it
         ids |= set(call(self.redis.zrevrange, INDEX, 0, newest - 1))
         with self.redis.pipeline() as pipe:
             for job_id in ids:
@@ -207,7 +208,7 @@ class JobStore:
     def chunk_items(self, job_id: str, chunk: int) -> list[dict[str, Any]]:
         return list(json.loads((self.folder(job_id) / "chunks" / f"{chunk:06d}.json").read_text()))
 
-    def results(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def results(self, job: dict[str, Any]) -> Iterator[Outcome]:
         """Every recorded item's outcome, in input order (chunks not finished yet are skipped)."""
         folder = self.folder(job["id"]) / "results"
         for chunk in range(job["chunks"]):
@@ -215,7 +216,7 @@ class JobStore:
             if path.exists():
                 with path.open() as lines:
                     for line in lines:
-                        yield json.loads(line)
+                        yield outcome_from_json(json.loads(line))
 
     # --- working ----------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class JobStore:
     def chunk_done(self, job_id: str, chunk: int) -> bool:
         return bool(call(self.redis.sismember, self.key(job_id) + ":chunks", chunk))
 
-    def write_results(self, job_id: str, chunk: int, outcomes: list[dict[str, Any]]) -> None:
+    def write_results(self, job_id: str, chunk: int, outcomes: list[Outcome]) -> None:
         """Write a chunk's results whole, then rename into place: readers never see half a file,
         and a second writer (a redelivered task) replaces it with the same content."""
         folder = self.folder(job_id) / "results"
@@ -234,7 +235,7 @@ class JobStore:
         fd, temporary = tempfile.mkstemp(prefix=f".{chunk:06d}-", dir=folder)
         with os.fdopen(fd, "w") as out:
             for outcome in outcomes:
-                out.write(json.dumps(outcome, separators=(",", ":")) + "\n")
+                out.write(json.dumps(outcome.to_json(), separators=(",", ":")) + "\n")
         os.replace(temporary, folder / f"{chunk:06d}.jsonl")
 
     def record(

@@ -36,6 +36,9 @@ from common.errors import InsufficientStorage, QuotaExceeded, ServiceError, Uplo
 from common.tenancy.keys import Principal
 from common.tenancy.settings import Quotas, QuotaSettings
 
+ACTIVE_JOBS = "imagerec:active"  # + ":<owner>": pending and running jobs (and reservations)
+TRAININGS = "imagerec:trainings"  # + ":<owner>": pending and running trainings
+
 _LEDGER = """
 local function purge(now)
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', 'imagerec:held', '-inf', now, 'LIMIT', 0, 256)) do
@@ -192,25 +195,19 @@ class QuotaBook:
     def _active(self, principal: Principal, training: bool) -> list[_Limit]:
         quotas, total = self.quotas(principal), self.settings
         limits = [
-            _Limit("total_active_jobs", "imagerec:active", total.total_active_jobs, "the fleet's active jobs")
+            _Limit("total_active_jobs", ACTIVE_JOBS, total.total_active_jobs, "the fleet's active jobs")
         ]
         if not principal.is_admin:
             limits.append(
-                _Limit(
-                    "active_jobs", f"imagerec:active:{principal.id}", quotas.active_jobs, "your active jobs"
-                )
+                _Limit("active_jobs", f"{ACTIVE_JOBS}:{principal.id}", quotas.active_jobs, "your active jobs")
             )
         if training:
             limits.append(
-                _Limit(
-                    "total_trainings", "imagerec:trainings", total.total_trainings, "the fleet's trainings"
-                )
+                _Limit("total_trainings", TRAININGS, total.total_trainings, "the fleet's trainings")
             )
             if not principal.is_admin:
                 limits.append(
-                    _Limit(
-                        "trainings", f"imagerec:trainings:{principal.id}", quotas.trainings, "your trainings"
-                    )
+                    _Limit("trainings", f"{TRAININGS}:{principal.id}", quotas.trainings, "your trainings")
                 )
         return limits
 

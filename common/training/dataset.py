@@ -16,10 +16,19 @@ from typing import Any
 
 from common import imaging
 from common.errors import BadRequest, ServiceError
-from common.jobs.archive import Entry
 
 MANIFEST = "dataset.json"
 MAX_CLASS_NAME = 100
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of an uploaded archive, unpacked (``gateway.archive``)."""
+
+    name: str
+    """The normalised path inside the archive, '/'-separated, e.g. ``cats/1.jpg``."""
+    path: Path
+    """Where its bytes were written."""
 
 
 class InvalidDataset(BadRequest):

@@ -36,7 +36,7 @@ MODEL_SERVICES = BASE_MODELS
 
 
 @dataclass(frozen=True)
-class FleetSettings:
+class LocalFleetSettings:
     """Local fleet layout (``FLEET_<FIELD>``); model and gateway settings pass through unchanged.
     Nginx's limits are the shared ``deploy.settings.NginxSettings`` (``FLEET_NGINX_<FIELD>``)."""
 
@@ -111,7 +111,7 @@ class ExtraService:
 
 @dataclass
 class Fleet:
-    settings: FleetSettings
+    settings: LocalFleetSettings
     extra: list[ExtraService] = field(default_factory=list)
     nginx: NginxSettings = field(default_factory=NginxSettings)
 
@@ -383,7 +383,7 @@ class Fleet:
 
 
 def main() -> None:
-    settings = load(FleetSettings, ("FLEET_",))
+    settings = load(LocalFleetSettings, ("FLEET_",))
     fleet = Fleet(settings, nginx=load(NginxSettings, ("FLEET_NGINX_",)))
     command = fleet.command()
     os.environ.update(fleet.environment())

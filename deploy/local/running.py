@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 from common.models import BASE_MODELS
-from deploy.local.fleet import Fleet, FleetSettings
+from deploy.local.fleet import Fleet, LocalFleetSettings
 
 
 class PortReservations:
@@ -36,7 +36,7 @@ class PortReservations:
         self._given: set[int] = set()  # every port handed out, held or released since
         self._lock = threading.Lock()
 
-    def take(self, replicas: int = 3, stride: int = FleetSettings.replica_port_stride) -> int:
+    def take(self, replicas: int = 3, stride: int = LocalFleetSettings.replica_port_stride) -> int:
         """A port whose replica siblings (port + k x stride) are free too; all of them held."""
         with self._lock:
             while True:
@@ -85,19 +85,19 @@ RESERVED = PortReservations()
 atexit.register(RESERVED.release)
 
 
-def free_port(replicas: int = 3, stride: int = FleetSettings.replica_port_stride) -> int:
+def free_port(replicas: int = 3, stride: int = LocalFleetSettings.replica_port_stride) -> int:
     """A free port whose replica siblings (port + k x stride) are free too, held for this process
     (``PortReservations``): no later call, here or elsewhere, is given it."""
     return RESERVED.take(replicas, stride)
 
 
-def on_free_ports(run_dir: Path, **overrides: object) -> FleetSettings:
+def on_free_ports(run_dir: Path, **overrides: object) -> LocalFleetSettings:
     """Fleet settings for a throw-away fleet: every port free, logs to files in ``run_dir``."""
     ports = {
         f"{name}_port": free_port()
         for name in ("nginx", "gateway", "nginx_grpc", "gateway_grpc", *BASE_MODELS, "redis", "cache_redis")
     }
-    return FleetSettings(**{"run_dir": str(run_dir), "logs_to_console": False, **ports, **overrides})  # type: ignore[arg-type]
+    return LocalFleetSettings(**{"run_dir": str(run_dir), "logs_to_console": False, **ports, **overrides})  # type: ignore[arg-type]
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:

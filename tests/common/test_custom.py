@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from common import imaging, repository
-from common.jobs.archive import Entry
 from common.training import dataset
+from common.training.dataset import Entry
 from serving import custom
 from tests import colours
 from workers.training import fit

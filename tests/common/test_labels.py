@@ -38,8 +38,8 @@ def test_top_k_decodes_like_keras(keras_reads_the_shipped_index: list[str]) -> N
     index = labels.load()
     for row, expected in zip(scores, imagenet_utils.decode_predictions(scores, top=5), strict=True):
         ours = index.top_k(row, 5)
-        assert [(p["class_id"], p["label"]) for p in ours] == [(e[0], e[1]) for e in expected]
-        assert [p["score"] for p in ours] == pytest.approx([float(e[2]) for e in expected])
+        assert [(p.class_id, p.label) for p in ours] == [(e[0], e[1]) for e in expected]
+        assert [p.score for p in ours] == pytest.approx([float(e[2]) for e in expected])
 
 
 def test_label_layouts() -> None:

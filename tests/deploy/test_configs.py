@@ -21,7 +21,7 @@ from common.draining import DrainSettings
 from common.jobs.settings import JobSettings
 from common.training.settings import TrainingSettings
 from deploy.k8s import render
-from deploy.local.fleet import ROOT, ExtraService, Fleet, FleetSettings
+from deploy.local.fleet import ROOT, ExtraService, Fleet, LocalFleetSettings
 from deploy.nginx import render as nginx_config
 from deploy.settings import (
     CUSTOM_MODELS_DIR,
@@ -52,7 +52,7 @@ MODEL_PORTS = {"vgg16": 8501, "resnet50": 8502, "inceptionv3": 8503}
 @pytest.fixture
 def shapes_fleet(tmp_path: Path) -> Fleet:
     extra = ExtraService.custom("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
-    return Fleet(FleetSettings(run_dir=str(tmp_path / "run"), nginx_port=18080), [extra])
+    return Fleet(LocalFleetSettings(run_dir=str(tmp_path / "run"), nginx_port=18080), [extra])
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()), reason="needs nginx")
@@ -70,7 +70,7 @@ def test_rendered_nginx_config_is_valid(shapes_fleet: Fleet) -> None:
 
 def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Path) -> None:
     limits = NginxSettings(max_body_size="3m", proxy_read_timeout="90s")
-    fleet = Fleet(FleetSettings(run_dir=str(tmp_path)), nginx=limits)
+    fleet = Fleet(LocalFleetSettings(run_dir=str(tmp_path)), nginx=limits)
     fleet.render()
     rendered = (fleet.run_dir / "nginx" / "imagerec.conf").read_text()
     assert "client_max_body_size 3m;" in rendered and "proxy_read_timeout 90s;" in rendered
@@ -91,7 +91,7 @@ def test_the_local_nginx_takes_its_limits_from_the_shared_settings(tmp_path: Pat
 def test_the_edge_limit_for_requests_without_a_key_renders_valid_or_off(
     tmp_path: Path, edge: NginxSettings, directive: str
 ) -> None:
-    fleet = Fleet(FleetSettings(run_dir=str(tmp_path)), nginx=edge)
+    fleet = Fleet(LocalFleetSettings(run_dir=str(tmp_path)), nginx=edge)
     fleet.render()
     conf = fleet.run_dir / "nginx" / "nginx.conf"
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -170,7 +170,7 @@ def test_supervisord_runs_every_process_with_restarts(shapes_fleet: Fleet) -> No
 
 
 def test_redis_can_be_left_out(tmp_path: Path) -> None:
-    fleet = Fleet(FleetSettings(run_dir=str(tmp_path), redis=False))
+    fleet = Fleet(LocalFleetSettings(run_dir=str(tmp_path), redis=False))
     assert "redis" not in fleet.programs() and "REDIS_URL" not in fleet.environment()
     assert "worker" not in fleet.programs() and "trainer" not in fleet.programs()  # queues are in Redis
 
@@ -191,8 +191,8 @@ def test_gunicorn_threads_cover_the_queue_admission_can_see() -> None:
     cores - must have a thread of its own."""
     service = ServiceSettings()
     assert SERVICE_THREADS >= service.max_queue_images + 2 * service.max_batch_size
-    assert FleetSettings().service_threads == SERVICE_THREADS
-    assert FleetSettings().gateway_threads == GATEWAY_THREADS == GatewaySettings().request_threads
+    assert LocalFleetSettings().service_threads == SERVICE_THREADS
+    assert LocalFleetSettings().gateway_threads == GATEWAY_THREADS == GatewaySettings().request_threads
     assert GATEWAY_WORKERS * GATEWAY_THREADS >= SERVICE_THREADS  # the gateway can fill a model's queue
 
 
@@ -216,7 +216,9 @@ def test_the_gateway_image_can_run_the_job_worker() -> None:
 
 def test_replicas_get_their_own_programs_ports_and_urls(tmp_path: Path) -> None:
     extra = ExtraService.custom("shapes", 9600, "/m/shapes.keras", "/m/labels.json", 64)
-    settings = FleetSettings(run_dir=str(tmp_path), models=("resnet50",), replicas=("resnet50=2", "shapes=3"))
+    settings = LocalFleetSettings(
+        run_dir=str(tmp_path), models=("resnet50",), replicas=("resnet50=2", "shapes=3")
+    )
     fleet = Fleet(settings, [extra])
     programs = fleet.programs()
     assert [p for p in programs if p.startswith(("resnet50", "shapes"))] == [
@@ -235,7 +237,7 @@ def test_replicas_get_their_own_programs_ports_and_urls(tmp_path: Path) -> None:
 @pytest.mark.parametrize("pair", ["alexnet=2", "resnet50=0", "resnet50=two", "resnet50"])
 def test_bad_replica_counts_are_refused(tmp_path: Path, pair: str) -> None:
     with pytest.raises(ValueError, match="FLEET_REPLICAS"):
-        Fleet(FleetSettings(run_dir=str(tmp_path), replicas=(pair,))).programs()
+        Fleet(LocalFleetSettings(run_dir=str(tmp_path), replicas=(pair,))).programs()
 
 
 def test_compose_has_the_same_topology() -> None:

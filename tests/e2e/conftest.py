@@ -78,7 +78,10 @@ def fleet(trained_shapes: shapes.TrainedModel) -> Iterator[E2EFleet]:
         TRAINING_STALL_S="20",
     )
     try:
-        with serve_images() as image_server, running(Fleet(settings, extra, nginx=NginxSettings(anonymous_rate="1000r/s")), env) as handle:
+        with (
+            serve_images() as image_server,
+            running(Fleet(settings, extra, nginx=NginxSettings(anonymous_rate="1000r/s")), env) as handle,
+        ):
             yield E2EFleet(handle.fleet, handle.process, image_server, repository)
     finally:
         if os.environ.get("E2E_KEEP_LOGS"):  # a folder to copy every process's log into

@@ -6,7 +6,8 @@ with ``POST /chaos {"fault": ..., "delay_s": ...}``:
 - ``slow``: every prediction waits ``delay_s`` first (released early when the fault is cleared);
 - ``garbage``: 200 with HTML; ``nan``: 200 with NaN scores; ``short``: 200 with too few results.
 
-``GET /chaos`` reports the fault, how many predictions are in flight and how many it has received. Health probes are never
+``GET /chaos`` reports the fault, how many predictions are in flight and how many it has
+received. Health probes are never
 affected: the gateway must judge the member by its answers.
 """
 

@@ -66,7 +66,10 @@ class FakeModelClient:
         results = []
         for i, data in enumerate(images):
             vector = fake_vector(model, data)
-            result: dict[str, Any] = {"index": i, "predictions": self.index.top_k(vector, top_k)}
+            result: dict[str, Any] = {
+                "index": i,
+                "predictions": [p.to_json() for p in self.index.top_k(vector, top_k)],
+            }
             if probabilities:
                 result["probabilities"] = encode_vector(vector)
             results.append(result)

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import redis
 
+from common.errors import InvalidImage
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore, connect
+from common.outcomes import Failed, Label, Predicted
 from gateway.app import create_app
 from tests.gateway.fakes import FakeModelClient, redis_gateway
 from tests.helpers import gateway_settings, keyed_client, metric_value, photo
@@ -145,14 +147,13 @@ def test_results_read_in_input_order_in_three_formats(
         "/v1/jobs?model=vgg16&top_k=2", json={"urls": ["https://e.com/a.jpg"] * 6}
     ).json["job_id"]
     store = JobStore(connect(redis_url, retries=1), jobs_dir, 3600)
-    prediction = [{"label": "tabby", "score": 0.5}, {"label": "tiger_cat", "score": 0.25}]
-    store.write_results(job_id, 1, [{"index": i, "name": f"n{i}", "predictions": prediction} for i in (4, 5)])
+    prediction = (Label("tabby", 281, 0.5), Label("tiger_cat", 282, 0.25))
+    store.write_results(job_id, 1, [Predicted(i, f"n{i}", prediction) for i in (4, 5)])
     store.record(job_id, 1, 2, 0, {"vgg16": "random"})
     store.write_results(
         job_id,
         0,
-        [{"index": 0, "name": "n0", "error": {"code": "invalid_image", "message": "bad", "status": 400}}]
-        + [{"index": i, "name": f"n{i}", "predictions": prediction} for i in (1, 2, 3)],
+        [Failed(0, "n0", InvalidImage("bad"))] + [Predicted(i, f"n{i}", prediction) for i in (1, 2, 3)],
     )
     store.record(job_id, 0, 3, 1, None)
     status = jobs_gateway.get(f"/v1/jobs/{job_id}").json
@@ -184,7 +185,7 @@ def test_cancel_and_unknown_jobs(jobs_gateway: Any) -> None:
 def test_a_finished_job_cannot_be_cancelled(jobs_gateway: Any, redis_url: str, jobs_dir: Path) -> None:
     job_id = jobs_gateway.post("/v1/jobs?model=vgg16", json={"urls": ["https://e.com/a.jpg"]}).json["job_id"]
     store = JobStore(connect(redis_url, retries=1), jobs_dir, 3600)
-    store.write_results(job_id, 0, [{"index": 0, "name": "a", "predictions": []}])
+    store.write_results(job_id, 0, [Predicted(0, "a", ())])
     store.record(job_id, 0, 1, 0, None)
     answer = jobs_gateway.delete(f"/v1/jobs/{job_id}")
     assert answer.status_code == 409 and answer.json["error"]["code"] == "job_not_active"
@@ -233,7 +234,7 @@ def test_metrics_count_jobs_by_state_and_the_queue(jobs_gateway: Any) -> None:
 
 
 def test_csv_cells_that_look_like_formulas_are_defused() -> None:
-    from gateway.jobs import _cell
+    from gateway.job_results import _cell
 
     assert [_cell(v) for v in ("=SUM(A1)", "+1", "-x", "@cmd", "cat", 0.5, -0.5)] == [
         "'=SUM(A1)",

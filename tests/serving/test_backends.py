@@ -26,7 +26,7 @@ from serving.backends import (
     streams_for,
 )
 from serving.convert import compare
-from serving.runtime import KerasRuntime, RuntimeInfo
+from serving.runtime import KerasRuntime, Outputs, RuntimeInfo
 from serving.weights import WeightsPlan
 from tests.e2e import shapes
 from tests.helpers import photo
@@ -85,8 +85,13 @@ class Stub:
             raise BackendUnavailable(f"{self.name} refused")
         return RuntimeInfo(self.name, "random", "seed=5", "h", 1000, 0.0)
 
+    pixels_in = False
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return np.full((len(batch), 1), ord(self.name[0]), np.float32)
+
+    def predict_features(self, batch: np.ndarray) -> Outputs:
+        return Outputs(self.predict(batch))
 
 
 def test_auto_serves_with_the_first_backend_that_loads() -> None:

@@ -32,6 +32,8 @@ class Backbone:
         self.weights_hash = weights_hash
         self.batches: list[int] = []
 
+    pixels_in = False
+
     def load(self) -> RuntimeInfo:
         return RuntimeInfo("fake", "random", "seed=0", self.weights_hash, 1000, 0.0, features=FEATURES)
 

@@ -32,6 +32,8 @@ class Versioned:
         self.gate.set()
         self.started = threading.Event()
 
+    pixels_in = False
+
     def load(self) -> RuntimeInfo:
         if self.fails:
             raise ValueError("corrupt weights")

@@ -91,6 +91,12 @@ def test_metadata(service: FlaskClient) -> None:
     assert meta["name"] == "resnet50" and meta["ready"] is True
     assert (meta["input_size"], meta["preprocessing"], meta["classes"]) == (224, "caffe", 1000)
     assert (meta["weights"], meta["weights_hash"], meta["backend"]) == ("random", "abcd", "echo")
+    # what a trainer needs to build the same model and read photos the same way (no import of it)
+    assert meta["builder"] == "ResNet50"
+    assert (meta["max_image_bytes"], meta["max_image_pixels"]) == (
+        SETTINGS.max_image_bytes,
+        SETTINGS.max_image_pixels,
+    )
 
 
 @pytest.mark.parametrize("how", ["multipart", "raw"])

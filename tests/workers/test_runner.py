@@ -17,6 +17,7 @@ from common.jobs import upkeep
 from common.jobs.fair import FairQueue
 from common.jobs.settings import JobSettings
 from common.jobs.store import JobStore
+from common.outcomes import Predicted, Selection
 from common.tenancy.keys import KeyStore
 from deploy.local.running import wait_until
 from fleet.fetch import UrlFetcher
@@ -56,7 +57,6 @@ def make_runner(store: JobStore, clock: Clock, **settings: Any) -> tuple[ChunkRu
         Predictor(client, gateway),  # type: ignore[arg-type]
         UrlFetcher(allow_networks=("127.0.0.0/8",), allow_ports=()),
         jobs,
-        gateway,
         sleep=clock.sleep,
         clock=clock,
     )
@@ -83,7 +83,7 @@ def submit(store: JobStore, images: list[bytes], chunk_images: int = 4, **record
             "kind": "inference",
             "model": "vgg16",
             "members": ["vgg16"],
-            "selection": {"model": "vgg16"},
+            "selection": Selection("vgg16", ("vgg16",)).to_json(),
             "top_k": 3,
             "total": len(images),
             "chunks": len(chunks),
@@ -106,7 +106,7 @@ def test_chunks_in_any_order_give_every_image_once_in_input_order(store: JobStor
     assert job is not None
     assert (job["status"], job["done"], job["failed"]) == ("completed", 9, 1)
     assert job["weights"] == {"vgg16": "random"}
-    results = list(store.results(job))
+    results = [o.to_json() for o in store.results(job)]
     assert [r["index"] for r in results] == list(range(10))
     assert [r["name"] for r in results] == [f"photo-{i}.jpg" for i in range(10)]
     assert results[2]["error"]["code"] == "unsupported_media_type" and "predictions" not in results[2]
@@ -124,12 +124,12 @@ def test_a_redelivered_chunk_counts_once(store: JobStore) -> None:
     assert first.recorded and again.skipped == "already recorded"
     # Redelivered after its results were written but before they were recorded (the worker died
     # in between): written again with the same content, counted once.
-    store.write_results(job_id, 1, [{"index": 4, "name": "x", "predictions": []}])
+    store.write_results(job_id, 1, [Predicted(4, "x", ())])
     assert runner.run(job_id, 1).finished
     assert store.record(job_id, 1, 2, 0, None).first is False  # a second record changes nothing
     job = store.get(job_id)
     assert job is not None and (job["done"], job["failed"], job["status"]) == (6, 0, "completed")
-    assert [r["index"] for r in store.results(job)] == list(range(6))
+    assert [r.index for r in store.results(job)] == list(range(6))
 
 
 def test_a_cancelled_job_stops_between_calls_and_keeps_what_it_has(store: JobStore) -> None:
@@ -178,7 +178,7 @@ def test_a_chunk_of_slow_urls_ends_within_its_budget(store: JobStore) -> None:
         assert runner.run(job_id, 0).finished
         took = time.monotonic() - started
     assert took < 1.5, took
-    errors = [outcome["error"]["code"] for outcome in store.results(store.get(job_id))]  # type: ignore[arg-type]
+    errors = [outcome.to_json()["error"]["code"] for outcome in store.results(store.get(job_id))]  # type: ignore[arg-type]
     assert errors == ["url_fetch_timeout"] * 4
 
 
@@ -205,7 +205,7 @@ def test_a_chunk_out_of_time_is_requeued_and_its_last_run_fails_the_images(store
     runner.run(job_id, 0, final=True)
     job = store.get(job_id)
     assert job is not None and (job["status"], job["done"], job["failed"]) == ("failed", 0, 2)
-    assert {r["error"]["code"] for r in store.results(job)} == {"model_unavailable"}
+    assert {r.to_json()["error"]["code"] for r in store.results(job)} == {"model_unavailable"}
 
 
 def test_a_request_the_model_refuses_fails_its_images_at_once(store: JobStore) -> None:

@@ -18,12 +18,12 @@ from PIL import Image
 from common import imaging, repository
 from common.errors import InvalidImage, Overloaded, ServiceError
 from common.jobs import upkeep
-from common.jobs.archive import Entry
 from common.jobs.store import JobStore
 from common.jobs.views import describe
 from common.tenancy.keys import ADMIN, Principal
 from common.tenancy.owners import LEGACY, NameTaken, Owners
 from common.training import dataset
+from common.training.dataset import Entry
 from common.training.settings import TrainingSettings
 from serving import custom
 from tests import colours
@@ -378,14 +378,21 @@ def resnet50_hash() -> str:
 
 
 def serving_base(client: ColourFeatures, weights_hash: str, **fields: Any) -> None:
-    """The base as the registry would describe its ready replica."""
+    """The base as the registry would describe its ready replica (a ResNet50 service's ``/v1/model``)."""
+    from serving.settings import ServiceSettings
+
+    service = ServiceSettings()
     meta = {
         **fields,
         "weights": "random",
         "weights_source": "seed=0",
         "weights_hash": weights_hash,
         "input_size": 224,
-        "center_crop": 0.875,
+        "preprocessing": "caffe",
+        "builder": "ResNet50",
+        "center_crop": service.center_crop,
+        "max_image_bytes": service.max_image_bytes,
+        "max_image_pixels": service.max_image_pixels,
     }
     client.registry.refresh = lambda: None  # type: ignore[method-assign]
     client.registry.metadata = lambda model: meta  # type: ignore[method-assign]
@@ -454,3 +461,17 @@ def test_a_training_past_its_wall_clock_cap_fails_saying_so(store: JobStore, tmp
     assert runner.run(job_id) == "failed"
     assert "TRAINING_MAX_WALL_S" in describe(store.get(job_id))["error"]  # type: ignore[arg-type]
     assert client.calls_made == 1 and not (tmp_path / "models" / "colours").exists()
+
+
+def test_a_base_that_does_not_describe_its_model_fails_the_training_clearly() -> None:
+    from workers.training.learners import TrainingFailed, base_spec
+
+    spec = base_spec("resnet50", {"input_size": 224, "preprocessing": "caffe", "builder": "ResNet50"})
+    assert (spec.name, spec.input_size, spec.preprocessing, spec.builder) == (
+        "resnet50",
+        224,
+        "caffe",
+        "ResNet50",
+    )
+    with pytest.raises(TrainingFailed, match="does not describe its model"):
+        base_spec("resnet50", {"weights": "random"})  # a service from before it said

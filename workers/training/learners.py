@@ -12,7 +12,6 @@ Each says how a batch of photos becomes the inputs it learns from (``batch``), h
 
 from __future__ import annotations
 
-import importlib
 import logging
 import random
 import time
@@ -25,12 +24,12 @@ import numpy as np
 
 from common import imaging, repository, wire
 from common.errors import ServiceError, TooManyFineTuned
+from common.models import ModelSpec
 from common.training.settings import TrainingSettings
 from common.wire import Priority
 from fleet.client import ModelClient
 from serving import preprocessing
 from serving.runtime import build_keras_model
-from serving.settings import ServiceSettings
 from serving.weights import WeightsPlan
 from workers.training import fit
 
@@ -199,7 +198,7 @@ class TunedLearner:
         self.base = job["base"]
         self.base_meta = self._ready_base()
         check_room(self.client, job)
-        spec = importlib.import_module(f"services.{self.base}").SPEC
+        spec = base_spec(self.base, self.base_meta)
         plan = self._served_plan()
         model = build_keras_model(spec, plan)
         self.base_hash = weights_digest(model.get_weights())
@@ -304,15 +303,32 @@ class TunedLearner:
             )
         return WeightsPlan(kind, path)
 
-    def _decoder(self, spec: Any) -> tuple[Callable[[bytes], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-        """Photos to pixels as the base's service makes them (its size, crop and image limits),
-        and its preprocessing."""
-        service = ServiceSettings.from_env(spec.name)
-        limits = imaging.ImageLimits(service.max_image_bytes, service.max_image_pixels)
-        size = int(self.base_meta.get("input_size") or spec.input_size)
-        crop = float(self.base_meta.get("center_crop") or service.center_crop)
+    def _decoder(
+        self, spec: ModelSpec
+    ) -> tuple[Callable[[bytes], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+        """Photos to pixels as the base's service makes them (its size, crop and image limits, as
+        its metadata says), and its preprocessing."""
+        meta = self.base_meta
+        limits = imaging.ImageLimits(int(meta["max_image_bytes"]), int(meta["max_image_pixels"]))
+        size, crop = spec.input_size, float(meta["center_crop"])
         preprocess = preprocessing.get(spec.preprocessing)
         return (lambda data: imaging.load_pixels(data, size, limits, crop)), preprocess
+
+
+def base_spec(base: str, meta: dict[str, Any]) -> ModelSpec:
+    """The base's spec as its service describes itself (``/v1/model``): what the trainer needs to
+    build the same Keras model, without importing the service."""
+    try:
+        return ModelSpec(
+            name=base,
+            input_size=int(meta["input_size"]),
+            preprocessing=str(meta["preprocessing"]),
+            builder=None if meta.get("builder") is None else str(meta["builder"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise TrainingFailed(
+            f"{base}'s service does not describe its model; is it a current version?"
+        ) from None
 
 
 def check_room(client: ModelClient, job: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ evaluation, and the publication as the next version of the custom model. No Cele
 (``workers.app`` wraps it), so it is tested with a fake client and a real Redis.
 
 Features: every image once (and ``TRAINING_AUGMENT_VIEWS`` more views of each training image with
-``augment``), ``TRAINING_FEATURES_BATCH`` at a time at *batch* priority through the gateway's own
+``augment``), ``TRAINING_FEATURES_BATCH`` at a time at *background* priority through the gateway's own
 client, so interactive clients of the base model keep their latency. An image the service refuses
 is skipped and listed; a model that is down or overloaded is waited for (its ``Retry-After``) up to
 ``JOBS_RETRY_S``. Every batch and every epoch updates the record, which is also the heartbeat the

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from common.errors import BadRequest, PayloadTooLarge, ServiceError
-from common.jobs.archive import ArchiveLimits, Entry, unpack
+from common.training.dataset import Entry
+from gateway.archive import ArchiveLimits, unpack
 
 MiB = 1 << 20
 LIMITS = ArchiveLimits(max_images=10, max_uncompressed_bytes=64 * MiB, max_ratio=100, max_file_bytes=8 * MiB)

@@ -1,4 +1,4 @@
-"""Unpack a batch job's archive (zip or tar, plain or gzip/bzip2/xz) into a job folder, safely.
+"""Unpack a job's or a training's archive (zip or tar, plain or gzip/bzip2/xz) into a job folder, safely.
 
 Policy: the archive's listing is checked whole before anything is written (names, entry types,
 counts, declared sizes) and a hostile or oversized archive is refused with one error naming every
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
 from common.errors import BadRequest, PayloadTooLarge, ServiceError
+from common.training.dataset import Entry
 
 _CHUNK = 1 << 20
 _RATIO_FLOOR = 1 << 20
@@ -68,16 +69,6 @@ class ArchiveLimits:
     """Largest unpacked/compressed ratio, per zip entry and for the whole archive (above 1 MiB)."""
     max_file_bytes: int
     """Largest single file once unpacked (the gateway's max image bytes)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One unpacked file."""
-
-    name: str
-    """The normalised path inside the archive, '/'-separated, e.g. ``cats/1.jpg``."""
-    path: Path
-    """Where its bytes were written."""
 
 
 @dataclass(frozen=True)
