@@ -30,7 +30,7 @@ SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 
 REQUESTS = Counter(
     "imagerec_requests_total",
-    "HTTP requests answered, by component, route, model and status code",
+    "Requests answered, by component, route, model and status (HTTP's code; gRPC's code name and RPC)",
     ["component", "route", "model", "status"],
 )
 REQUEST_SECONDS = Histogram(

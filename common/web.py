@@ -26,9 +26,13 @@ RETRY_STATUSES = (429, 503)  # the only answers that say when to come back (RFC 
 def request_id() -> str:
     """The current request's id: the caller's ``X-Request-ID`` when sane, else a fresh one."""
     if "request_id" not in g:
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = safe_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
     return str(g.request_id)
+
+
+def safe_request_id(incoming: str) -> str:
+    """``incoming`` when it is safe to echo and log, else a fresh id."""
+    return incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
 
 def error_response(error: ServiceError) -> Response:
@@ -165,8 +169,13 @@ def arrived_at() -> float:
     """When the request reached the fleet, as ``time.monotonic()``: the ``X-Request-Start:
     t=<epoch seconds>`` that Nginx (or the gateway, towards a member) sets, when it is plausible;
     else now. Time spent queued for a thread or in a proxy then counts against the deadline."""
+    return arrived_from(request.headers.get(REQUEST_START_HEADER, ""))
+
+
+def arrived_from(started: str) -> float:
+    """:func:`arrived_at` from the header's value itself (a gRPC call's metadata)."""
     now = time.monotonic()
-    raw = request.headers.get(REQUEST_START_HEADER, "").strip().removeprefix("t=")
+    raw = started.strip().removeprefix("t=")
     try:
         stamp = float(raw)
     except ValueError:
@@ -187,7 +196,12 @@ def deadline(default_s: float) -> float:
 
 def deadline_s() -> float | None:
     """The time this request may still take, from ``X-Deadline-Ms`` or ``?timeout_ms=``, if given."""
-    raw = request.headers.get(DEADLINE_HEADER) or request.args.get("timeout_ms")
+    return budget_s(request.headers.get(DEADLINE_HEADER) or request.args.get("timeout_ms"))
+
+
+def budget_s(raw: str | None) -> float | None:
+    """A client's ``X-Deadline-Ms`` in seconds (None when absent); a 400 when it is not a sane
+    number of milliseconds."""
     if raw is None:
         return None
     try:

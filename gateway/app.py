@@ -1,11 +1,15 @@
 """The gateway: one public API in front of every model service. Never imports TensorFlow.
 
-``create_app`` builds the parts and registers the route tables; each blueprint's module handles
-its URLs (the route -> module table is in docs/architecture.md). ``serve`` is what Gunicorn runs in
-each worker: the app, and the v2 gRPC service beside it (``gateway.v2_grpc``).
+``build`` makes the parts and registers the route tables (``create_app``: its Flask app); each
+blueprint's module handles its URLs (the route -> module table is in docs/architecture.md).
+``serve`` is what Gunicorn runs in each worker: the app, and the v2 gRPC service beside it
+(``gateway.v2_grpc``), which calls the same parts directly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, request
 
@@ -23,9 +27,28 @@ from gateway import docs, job_service, jobs, keys, models, rate_limits, training
 from gateway.classify import Classifier
 from gateway.inputs import InputReader, UrlGate
 from gateway.settings import GatewaySettings
+from gateway.v2_service import V2Service
 
 
-def create_app(
+@dataclass(frozen=True)
+class Gateway:
+    """One gateway worker's parts: the Flask app (v1, v2 REST, jobs, training, keys) and what the
+    v2 gRPC service calls beside it - the same auth, rate limit, v2 operations and registry."""
+
+    app: Flask
+    settings: GatewaySettings
+    auth: access.Auth
+    limit: rate_limits.SharedLimit
+    protocol: V2Service
+    registry: Registry
+
+
+def create_app(*args: Any, **kwargs: Any) -> Flask:
+    """The gateway's Flask app (``build``'s): what Gunicorn serves and most tests call."""
+    return build(*args, **kwargs).app
+
+
+def build(
     settings: GatewaySettings | None = None,
     client: ModelClient | None = None,
     fetcher: UrlFetcher | None = None,
@@ -35,7 +58,7 @@ def create_app(
     training_settings: TrainingSettings | None = None,
     auth_settings: AuthSettings | None = None,
     quota_settings: QuotaSettings | None = None,
-) -> Flask:
+) -> Gateway:
     """Build the gateway; tests hand in a client (``responses``-backed) and ``poll_health=False``."""
     settings = settings or GatewaySettings.from_env()
     job_settings = job_settings or JobSettings.from_env()
@@ -55,6 +78,7 @@ def create_app(
     cache = response_cache.create(settings.cache_size, settings.cache_ttl_s, settings.cache_redis_url)
     policy = response_cache.Policy(cache, registry) if cache is not None else None
     classify = Classifier(settings, predictor, reader, policy, auth.caller)
+    protocol = V2Service(settings, predictor)  # v2 over REST and gRPC alike
     queued = job_service.Jobs(
         job_settings, training_settings.queue, quota_settings or QuotaSettings.from_env(), auth
     )
@@ -71,21 +95,21 @@ def create_app(
     )
     web.install_metrics(app, "gateway", lambda: model_label(registry))
     # The rate limit first: a flood of bad or made-up keys is refused before each costs a lookup.
-    rate_limits.install(app, settings, auth)
+    limiter = rate_limits.install(app, settings, auth)
     access.install(app, auth, registry)
 
     app.add_url_rule("/health/live", "live", lambda: web.json_ok({"status": "alive"}))
     app.add_url_rule("/health/ready", "ready", lambda: web.json_ok({"status": "ready"}))
     app.register_blueprint(v1.create_blueprint(settings, client, classify))
     app.register_blueprint(models.create_blueprint(settings, training_settings, auth, registry, queued))
-    app.register_blueprint(v2.create_blueprint(settings, predictor))
+    app.register_blueprint(v2.create_blueprint(settings, protocol))
     app.register_blueprint(jobs.create_blueprint(settings, client, queued))
     app.register_blueprint(training.create_blueprint(settings, training_settings, client, queued))
     app.register_blueprint(keys.create_blueprint(auth))
     app.register_blueprint(docs.create_blueprint())
     if poll_health:
         registry.start_polling(settings.health_interval_s)
-    return app
+    return Gateway(app, settings, auth, rate_limits.SharedLimit(limiter, settings), protocol, registry)
 
 
 def serve() -> Flask:
@@ -94,19 +118,23 @@ def serve() -> Flask:
     NOTE: started here, in the worker, never before Gunicorn forks: gRPC's threads do not survive
     a fork."""
     settings = GatewaySettings.from_env()
-    app = create_app(settings)
+    gateway = build(settings)
     if settings.grpc_bind:
         from gateway import v2_grpc  # gRPC and protoc load only where the service runs
 
-        v2_grpc.serve(app, settings)
-    return app
+        v2_grpc.serve(gateway)
+    return gateway.app
 
 
 def model_label(registry: Registry) -> str:
     """The request's model as a metrics label: known names only, never what a client typed."""
     if request.args.get("models"):
         return "ensemble"
-    name = request.args.get("model") or (request.view_args or {}).get("name", "")
+    return known_model(request.args.get("model") or (request.view_args or {}).get("name", ""), registry)
+
+
+def known_model(name: str, registry: Registry) -> str:
+    """``name`` as a metrics label: a base model or ``ensemble``, else ``custom`` or ``other``."""
     if not name:
         return ""
     if name in registry.bases or name == "ensemble":

@@ -82,20 +82,24 @@ class Auth:
 
     def client_address(self) -> str:
         """The caller's address: ``X-Real-IP`` when the peer is a trusted proxy, else the peer."""
-        peer = request.remote_addr or "unknown"
+        return self.address_of(request.remote_addr or "unknown", request.headers.get("X-Real-IP"))
+
+    def address_of(self, peer: str, real_ip: str | None) -> str:
+        """``real_ip`` (what the proxy says) when ``peer`` is a trusted proxy and said it, else the peer."""
         try:
             proxied = any(ipaddress.ip_address(peer) in network for network in self.proxies)
         except ValueError:
             proxied = False
-        return request.headers.get("X-Real-IP", peer) if proxied else peer
+        return real_ip if proxied and real_ip else peer
 
     def principal(self) -> Principal:
         """The current request's principal (authenticated once per request)."""
         if "principal" not in g:
-            g.principal = self._authenticate(request.headers.get("Authorization", ""))
+            g.principal = self.authenticate(request.headers.get("Authorization", ""))
         return g.principal
 
-    def _authenticate(self, header: str) -> Principal:
+    def authenticate(self, header: str) -> Principal:
+        """The principal an ``Authorization`` header names (anonymous when empty); 401 or 503."""
         if not header:
             return self.anonymous
         scheme, _, key = header.partition(" ")
@@ -109,10 +113,11 @@ class Auth:
             raise Unauthorized("the API key is not valid (revoked, mistyped or never issued)")
         return found
 
-    def require(self, endpoint: str) -> None:
-        """Raise 401/403 unless the current principal holds the scope ``endpoint`` needs."""
+    def require(self, endpoint: str, principal: Principal | None = None) -> None:
+        """Raise 401/403 unless ``principal`` (default: the current request's) holds the scope
+        ``endpoint`` needs."""
         needed = SCOPES.get(endpoint)
-        principal = self.principal()
+        principal = self.principal() if principal is None else principal
         if needed is None:
             return
         options = needed.split("|")
@@ -130,9 +135,13 @@ class Auth:
         of a key this process has already verified, else the client's address. A bad or made-up
         key - each one would cost a Redis lookup - counts against its address, and so does a good
         key's first request here."""
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        return self.limit_key(request.headers.get("Authorization", ""), self.client_address())
+
+    def limit_key(self, header: str, address: str) -> str:
+        """:meth:`rate_limit_key` for this ``Authorization`` header and client address."""
+        scheme, _, key = header.partition(" ")
         known = self.store.cached(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-        return f"key:{known.id}" if known is not None else f"ip:{self.client_address()}"
+        return f"key:{known.id}" if known is not None else f"ip:{address}"
 
     def caller(self) -> str:
         """Who the current request counts as, for what is shared out per client (its response-cache
@@ -144,9 +153,10 @@ class Auth:
         """One audit line for the current request's principal (``common.tenancy.audit``)."""
         audit_log.record(self.principal(), action, target, outcome, web.request_id(), **extra)
 
-    def check_visible(self, names: list[str], registry: Registry) -> None:
-        """A 404 for any custom model in ``names`` the principal may not see (as if it did not exist)."""
-        principal = self.principal()
+    def check_visible(self, names: list[str], registry: Registry, principal: Principal | None = None) -> None:
+        """A 404 for any custom model in ``names`` ``principal`` (default: the current request's) may
+        not see, as if it did not exist."""
+        principal = self.principal() if principal is None else principal
         for name in names:
             if name in BUILTIN or not registry.is_custom(name):
                 continue

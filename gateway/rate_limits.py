@@ -10,15 +10,21 @@ before the request body is read: a refusal is a JSON 429 whose ``Retry-After`` s
 client's window frees a request, and its unread body is drained (``common.web.DrainBody``) so the
 connection stays usable. Only a 429 carries that ``Retry-After``: other answers keep theirs (a 503's
 comes from the model's drain time) or have none; every limited answer has ``X-RateLimit-*``.
+
+Callers outside Flask (the gRPC service) count through ``SharedLimit``: the same storage, strategy
+and bucket as Flask-Limiter's application limit, so one client has one count whichever protocol it
+calls.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 from flask import Flask, Response, request
 from flask_limiter import Limiter
+from limits import parse_many
 
 from gateway import auth
 from gateway.settings import GatewaySettings
@@ -26,6 +32,8 @@ from gateway.settings import GatewaySettings
 # Health, metadata, metrics and docs are never limited; every prediction route is.
 EXEMPT = ("live", "ready", "models.listing", "metrics", "static", "auth_check")
 REDIS_TIMEOUTS: dict[str, str | int] = {"socket_connect_timeout": 1, "socket_timeout": 1}
+SCOPE = "global"  # Flask-Limiter's bucket for an application limit (its ApplicationLimit.scope)
+log = logging.getLogger(__name__)
 
 
 def _exempt() -> bool:
@@ -68,3 +76,28 @@ def install(app: Flask, settings: GatewaySettings, access: auth.Auth) -> Limiter
         return response
 
     return limiter
+
+
+class SharedLimit:
+    """The application limit for a caller outside Flask: ``hit(key)`` counts one request of the
+    client ``key`` (``Auth.limit_key``) in Flask-Limiter's own bucket for it."""
+
+    def __init__(self, limiter: Limiter | None, settings: GatewaySettings) -> None:
+        self.limiter = limiter
+        self.items = sorted(parse_many(settings.rate_limit)) if limiter is not None else []
+
+    def hit(self, key: str) -> int | None:
+        """None when the request may go on; else the seconds until the client's window frees one.
+        Like Flask-Limiter's, the strategy is its fallback in memory while Redis is down, and an
+        error of the storage lets the request through."""
+        if self.limiter is None:
+            return None
+        strategy = self.limiter.limiter
+        try:
+            for item in self.items:
+                if not strategy.hit(item, key, SCOPE):
+                    reset, _ = strategy.get_window_stats(item, key, SCOPE)
+                    return max(1, math.ceil(reset - time.time()))
+        except Exception as exc:  # noqa: BLE001 - swallow_errors, as the routes' limiter is set up
+            log.warning("rate limit storage failed; request let through: %r", exc)
+        return None

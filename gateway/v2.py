@@ -8,10 +8,8 @@ extension (``gateway.v2_request``, both ways); parameters ``top_k`` and, for ens
 Outputs, all ``[N, top_k]``: ``labels`` (BYTES), ``scores`` (FP32), ``indices`` (INT64); ask for a
 subset with ``outputs``.
 
-Versions: a model served from a repository lists its versions; the others, and the ensemble, have
-one, "1". The fleet serves only a model's newest version: that one answers on the versioned routes
-as on the unversioned ones; a listed older version is a known model version that is not ready
-(503 ``version_not_served``, naming the served one); any other version is a 404.
+Each route translates its request into a call of ``gateway.v2_service`` (what the gRPC service
+calls too) and the answer back; versions are explained there.
 
 Every error under ``/v2`` is in the protocol's shape, ``{"error": "<message>"}``, with the fleet's
 ``code`` and ``request_id`` beside it: those of the views, the rate limiter's 429 and a body over
@@ -29,26 +27,12 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common import web
-from common.errors import BadRequest, ModelUnavailable, ServiceError
-from common.outcomes import Predicted, Prediction, Selection
-from fleet.predict import Predictor
-from gateway import selection as selections
+from common.errors import BadRequest, ServiceError
 from gateway import v2_request as read
 from gateway.settings import GatewaySettings
+from gateway.v2_service import V2Service
 
 log = logging.getLogger(__name__)
-VERSION = "1"
-
-
-class UnknownVersion(ServiceError):
-    status, code = 404, "unknown_version"
-
-
-class VersionNotServed(ServiceError):
-    """A version the model has, but not the one the fleet serves (no Retry-After: waiting will not
-    bring it back)."""
-
-    status, code = 503, "version_not_served"
 
 
 def _error(exc: ServiceError) -> Response:
@@ -79,11 +63,10 @@ def _routing_error(exc: HTTPException) -> Response:
     return response
 
 
-def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Blueprint:
-    """The ``/v2`` routes over ``predictor``. NOTE: registering it also installs app-wide 404 and 405
+def create_blueprint(settings: GatewaySettings, service: V2Service) -> Blueprint:
+    """The ``/v2`` routes over ``service``. NOTE: registering it also installs app-wide 404 and 405
     handlers (routing errors never reach a blueprint's own): ``/v2`` paths get the protocol's shape,
     every other path the fleet's, as before."""
-    registry = predictor.client.registry
     v2 = Blueprint("v2", __name__, url_prefix="/v2")
     v2.register_error_handler(ServiceError, _error)
     v2.register_error_handler(HTTPException, _http_error)
@@ -91,41 +74,9 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
     v2.app_errorhandler(NotFound)(_routing_error)
     v2.app_errorhandler(MethodNotAllowed)(_routing_error)
 
-    def selection(name: str, vote: str = "soft") -> Selection:
-        return selections.named(name, vote, settings, registry)
-
-    def model_ready(name: str) -> bool:
-        return all(registry.metadata(member) for member in selection(name).members)
-
-    def versions(chosen: Selection) -> tuple[str, list[str]]:
-        """The version ``chosen`` serves, and every version it has."""
-        if chosen.vote is not None:
-            return VERSION, [VERSION]
-        meta = registry.metadata(chosen.name)
-        if not meta:
-            raise ModelUnavailable(f"{chosen.name} has no ready replica to say which versions it has")
-        served = str(meta.get("version") or VERSION)
-        return served, [str(v) for v in meta.get("versions") or [served]]
-
-    def check_version(chosen: Selection, version: str | None) -> None:
-        """Nothing when ``version`` is absent or the one served; else why it cannot be used."""
-        if version is None:
-            return
-        served, known = versions(chosen)
-        if version == served:
-            return
-        if version in known:
-            raise VersionNotServed(
-                f"{chosen.name} version {version} is not served: "
-                f"the fleet serves only its newest version, {served}"
-            )
-        raise UnknownVersion(
-            f"{chosen.name} has no version {version[:64]!r}; it has {', '.join(known)} (serving {served})"
-        )
-
     @v2.get("")
     def server() -> Response:
-        return web.json_ok({"name": "imagerec", "version": VERSION, "extensions": []})
+        return web.json_ok(service.server())
 
     @v2.get("/health/live")
     def live() -> Response:
@@ -133,66 +84,29 @@ def create_blueprint(settings: GatewaySettings, predictor: Predictor) -> Bluepri
 
     @v2.get("/health/ready")
     def ready() -> Response:
-        """Ready when every base model has a ready replica (the protocol's server readiness); a
-        custom model is ready with its base, and is never named here (it may be private)."""
-        missing = [name for name in registry.bases if not registry.metadata(name)]
-        if missing:
-            raise ModelUnavailable(f"not ready: {', '.join(missing)}")
+        service.check_ready()
         return web.json_ok({"ready": True})
 
     @v2.get("/models/<name>", defaults={"version": None})
     @v2.get("/models/<name>/versions/<version>")
     def metadata(name: str, version: str | None) -> Response:
-        chosen = selection(name)
-        check_version(chosen, version)
-        members = chosen.members
-        meta = registry.metadata(members[0])
-        single = chosen.vote is None
-        return web.json_ok(
-            {
-                "name": name,
-                # a model served from a repository lists its versions; others have one, "1"
-                "versions": (meta.get("versions") or [VERSION]) if single else [VERSION],
-                "platform": f"imagerec-{meta.get('backend') or 'unavailable'}"
-                if single
-                else "imagerec-ensemble",
-                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": n, "datatype": t, "shape": [-1, -1]} for n, t in read.OUTPUTS.items()],
-                "parameters": {
-                    "members": list(members),
-                    "weights": {m: registry.metadata(m).get("weights") for m in members},
-                    "precision": {m: registry.metadata(m).get("precision") for m in members},
-                },
-            }
-        )
+        return web.json_ok(service.metadata(name, version))
 
     @v2.get("/models/<name>/ready", defaults={"version": None})
     @v2.get("/models/<name>/versions/<version>/ready")
     def ready_model(name: str, version: str | None) -> Response:
-        check_version(selection(name), version)
-        if not model_ready(name):
-            raise ModelUnavailable(f"{name} is not ready")
+        service.check_model_ready(name, version)
         return web.json_ok({"name": name, "ready": True})
 
     @v2.post("/models/<name>/infer", defaults={"version": None})
     @v2.post("/models/<name>/versions/<version>/infer")
     def infer(name: str, version: str | None) -> Response:
-        check_version(selection(name), version)
+        service.check_version(service.selection(name), version)  # before the body is read
         body, blob = read_body()
-        tensor = read.tensor(body)
-        parameters = read.parameters(body, "the request's")
-        chosen = selection(name, str(parameters.get("vote", "soft")))
-        top_k = parameters.get("top_k", settings.default_top_k)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= settings.max_top_k:
-            raise BadRequest(f"parameter top_k must be an integer between 1 and {settings.max_top_k}")
-        wanted = read.outputs(body)
         deadline = web.deadline(settings.default_deadline_ms / 1000)
-        items = read.images(tensor, blob, settings.max_request_images, settings.max_image_bytes)
-        # a tensor is answered whole or not at all: its first bad image refuses it before any decoding
-        prediction = predictor.predict(
-            chosen, items, top_k=top_k, request_id=web.request_id(), deadline=deadline, whole=True
+        head, binary = service.infer(
+            name, version, body, blob, request_id=web.request_id(), deadline=deadline
         )
-        head, binary = answer(name, version, body, wanted, prediction)
         if not binary:
             return web.json_ok(head)
         encoded = json.dumps(head, separators=(",", ":")).encode()
@@ -215,50 +129,3 @@ def read_body() -> tuple[dict[str, Any], bytes]:
     if not isinstance(body.get("id"), str | None):
         raise BadRequest("'id' must be a string")
     return body, blob
-
-
-def answer(
-    name: str,
-    version: str | None,
-    body: dict[str, Any],
-    wanted: list[tuple[str, bool]],
-    prediction: Prediction,
-) -> tuple[dict[str, Any], bytes]:
-    """The inference response: the ``wanted`` outputs, ``[N, k]`` each, and the version that
-    answered; with the binary data of the outputs asked for as binary (empty: none)."""
-    if error := prediction.first_error():
-        raise error
-    rows = [o.labels for o in prediction.outcomes if isinstance(o, Predicted)]
-    k = min(len(row) for row in rows)
-    columns: dict[str, list[Any]] = {
-        "labels": [p.label for row in rows for p in row[:k]],
-        "scores": [p.score for row in rows for p in row[:k]],
-        "indices": [p.index for row in rows for p in row[:k]],
-    }
-    served = prediction.served
-    # a model served from a repository names the version that answered; others are "1"
-    answered = {s.version or VERSION for s in served.values()}
-    answered_by = answered.pop() if prediction.selection.vote is None and len(answered) == 1 else VERSION
-    if version is not None and answered_by != version:  # the model moved on during the request
-        raise VersionNotServed(f"{name} switched to version {answered_by}; version {version} is not served")
-    outputs, binary = [], []
-    for output, as_binary in wanted:
-        datatype = read.OUTPUTS[output]
-        entry: dict[str, Any] = {"name": output, "datatype": datatype, "shape": [len(rows), k]}
-        if as_binary:
-            binary.append(read.encode(datatype, columns[output]))
-            entry["parameters"] = {"binary_data_size": len(binary[-1])}
-        else:
-            entry["data"] = columns[output]
-        outputs.append(entry)
-    head = {
-        "model_name": name,
-        "model_version": answered_by,
-        "id": body.get("id") or web.request_id(),
-        "parameters": {
-            "weights": {m: s.weights for m, s in served.items()},
-            "degraded": prediction.degraded,
-        },
-        "outputs": outputs,
-    }
-    return head, b"".join(binary)

@@ -1,22 +1,25 @@
 """The Open Inference Protocol v2 over gRPC: KServe's ``GRPCInferenceService`` (``gateway/proto``),
 served in each gateway worker beside its HTTP routes, behind Nginx's ``grpc_pass``.
 
-Every RPC is answered by the v2 REST route it stands for, run in this process on the gateway's own
-Flask app (``Transcoder``): ``ModelInfer`` becomes ``POST /v2/models/{name}[/versions/{v}]/infer``
-with the binary tensor extension - the image files travel as they came, with no JSON or base64 -
-so keys, scopes, the rate limits, admission, deadlines, the metrics and the access log are the
-REST path's, not a copy of them. What crosses over:
+Each RPC calls the gateway's own parts directly, as its REST route does: the v2 operations
+(``gateway.v2_service``, over the one prediction core), the keys and scopes (``gateway.auth``) and
+the per-client rate limit, counted in the REST routes' own bucket (``rate_limits.SharedLimit``).
+``ModelInfer``'s image files go from the message to the core as they came (no JSON, no base64, no
+WSGI request). What a call carries:
 
-- metadata ``authorization``, ``x-request-id``, ``x-deadline-ms`` and what Nginx
-  sets (``x-real-ip``, ``x-request-start``) become the same HTTP headers; the peer is the caller's
-  address, so ``x-real-ip`` is believed only from a trusted proxy, as on HTTP;
-- the call's gRPC deadline, when it has one, is the request's ``X-Deadline-Ms`` (the shorter of the
-  two when both are sent);
-- an error's status becomes its gRPC code (``CODES``), its message the details, and its ``code``,
-  ``request_id`` and ``retry-after`` go in the trailing metadata (``imagerec-code``,
+- metadata ``authorization``, ``x-request-id``, ``x-deadline-ms`` and what Nginx sets
+  (``x-real-ip``, ``x-request-start``), read as the HTTP headers of those names are; the peer is the
+  caller's address, so ``x-real-ip`` is believed only from a trusted proxy, as on HTTP;
+- the call's gRPC deadline, when it has one, is the request's budget (the shorter of the two when
+  ``x-deadline-ms`` is sent too);
+- an error's HTTP status becomes its gRPC code (``CODES``), its message the details, and its
+  ``code``, the request id and ``retry-after`` go in the trailing metadata (``imagerec-code``,
   ``x-request-id``, ``retry-after``);
-- a 503 of the readiness routes is ``ready: false``, not an error, and so is ``ModelReady``'s
-  404 (a model or version it does not have), as Triton's HTTP client reads that route.
+- readiness that fails is ``ready: false``, not an error, and so is ``ModelReady`` for a model or
+  version it does not have, as Triton's HTTP client reads that route.
+
+Every call is counted and timed in the request metrics under ``component="gateway-grpc"``, the
+RPC's name as the route and its gRPC code as the status, and logged as one JSON line.
 
 The service's own bounds: ``GATEWAY_GRPC_THREADS`` threads answer at once,
 ``GATEWAY_GRPC_MAX_CONCURRENT`` calls are held at most (more: ``RESOURCE_EXHAUSTED`` at once), a
@@ -29,24 +32,25 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
 
 import grpc
-from flask import Flask
-from werkzeug.datastructures import Headers
-from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from common.web import MAX_DEADLINE_MS
+from common import metrics, web
+from common.errors import BadRequest, ServiceError
+from common.tenancy.keys import Principal
 from common.wire import DEADLINE_HEADER
 from gateway import v2_proto as proto
+from gateway.app import Gateway, known_model
 from gateway.settings import GatewaySettings
-from gateway.v2_request import BINARY_CONTENT_TYPE, HEADER_LENGTH, pack_bytes
+from gateway.v2_request import pack_bytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Code = grpc.StatusCode
 CODES = {
     400: Code.INVALID_ARGUMENT,
@@ -64,97 +68,35 @@ CODES = {
     503: Code.UNAVAILABLE,
     504: Code.DEADLINE_EXCEEDED,
 }
-# Call metadata (gRPC keys are lower case) that travels on as the HTTP header of the same name.
-FORWARDED = {
-    "authorization": "Authorization",
-    "x-request-id": "X-Request-ID",
-    DEADLINE_HEADER.lower(): DEADLINE_HEADER,
-    "x-real-ip": "X-Real-IP",
-    "x-request-start": "X-Request-Start",
-}
+COMPONENT = "gateway-grpc"  # the request metrics' label for calls of this service
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What the REST route answered: its status, headers and body."""
-
-    status: int
-    headers: Headers
-    body: bytes
-
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.body)
+class TooManyRequests(ServiceError):
+    status, code = 429, "too_many_requests"
 
 
-class Transcoder:
-    """Runs an RPC's REST request on ``app`` in this thread, and turns a REST error into the RPC's."""
+@dataclass
+class Call:
+    """One RPC as the gateway sees a request: its metadata, id, caller's address and start, and
+    its principal once the key is checked."""
 
-    def __init__(self, app: Flask) -> None:
-        self.app = app
+    metadata: dict[str, str]
+    request_id: str
+    address: str
+    started: float
+    principal: Principal | None = None
 
-    def call(
-        self,
-        context: grpc.ServicerContext,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        headers: dict[str, str] | None = None,
-    ) -> Answer:
-        sent = dict(context.invocation_metadata())
-        forwarded = {header: str(sent[key]) for key, header in FORWARDED.items() if key in sent}
+    def deadline(self, context: grpc.ServicerContext, default_s: float) -> float:
+        """The request's deadline (``time.monotonic()``): from its arrival, the client's
+        ``x-deadline-ms`` or the call's own gRPC deadline (the shorter), else ``default_s``."""
+        budget = web.budget_s(self.metadata.get(DEADLINE_HEADER.lower()))
         remaining = context.time_remaining()
         if remaining is not None:
-            forwarded[DEADLINE_HEADER] = _budget_ms(remaining, forwarded.get(DEADLINE_HEADER))
-        environ = EnvironBuilder(
-            path=path,
-            method=method,
-            headers=Headers([*forwarded.items(), *(headers or {}).items()]),
-            data=body,
-            environ_base={"REMOTE_ADDR": peer_address(context.peer())},
-        ).get_environ()
-        chunks, status, response_headers = run_wsgi_app(self.app, environ, buffered=True)
-        try:
-            answered = b"".join(chunks)
-        finally:
-            getattr(chunks, "close", lambda: None)()
-        return Answer(int(status.split()[0]), Headers(response_headers), answered)
-
-    def ok(self, context: grpc.ServicerContext, answer: Answer, not_ready: tuple[int, ...] = ()) -> bool:
-        """True when the route answered 200; False for a status in ``not_ready``; else the RPC
-        fails with the route's error (``context.abort`` raises)."""
-        if answer.status == 200:
-            return True
-        if answer.status in not_ready:
-            return False
-        try:
-            error = answer.json()
-        except ValueError:
-            error = {}
-        trailers = [("x-request-id", answer.headers.get("X-Request-ID", ""))]
-        if error.get("code"):
-            trailers.append(("imagerec-code", str(error["code"])))
-        if answer.headers.get("Retry-After"):
-            trailers.append(("retry-after", answer.headers["Retry-After"]))
-        context.set_trailing_metadata(tuple(trailers))
-        message = error.get("error")
-        if isinstance(message, dict):  # the fleet's shape, from a route outside /v2
-            message = message.get("message")
-        context.abort(CODES.get(answer.status, Code.INTERNAL), str(message or f"HTTP {answer.status}"))
-        raise AssertionError("unreachable: abort raises")
-
-
-def _budget_ms(remaining_s: float, sent: str | None) -> str:
-    """``X-Deadline-Ms`` for a call with ``remaining_s`` of its gRPC deadline left: the shorter of
-    that and what the client sent; what the client sent as it is when it is not a positive number,
-    so the route refuses it as on HTTP."""
-    budget = max(1.0, min(remaining_s * 1000, MAX_DEADLINE_MS))
-    if sent is None:
-        return f"{budget:.0f}"
-    try:
-        asked = float(sent)
-    except ValueError:
-        return sent
-    return f"{min(budget, asked):.0f}" if asked > 0 else sent
+            call_budget = max(0.001, min(remaining, web.MAX_DEADLINE_MS / 1000))
+            budget = call_budget if budget is None else min(budget, call_budget)
+        return web.arrived_from(self.metadata.get("x-request-start", "")) + (
+            default_s if budget is None else budget
+        )
 
 
 def peer_address(peer: str) -> str:
@@ -165,12 +107,6 @@ def peer_address(peer: str) -> str:
     if kind == "ipv6":
         return rest.rpartition(":")[0].strip("[]")
     return peer
-
-
-def model_path(name: str, version: str) -> str:
-    """``/v2/models/{name}[/versions/{version}]``, each part one path segment whatever it holds."""
-    path = f"/v2/models/{quote(name, safe='')}"
-    return f"{path}/versions/{quote(version, safe='')}" if version else path
 
 
 def parameters_json(parameters: Any) -> dict[str, Any]:
@@ -199,12 +135,13 @@ def parameters_proto(target: Any, values: dict[str, Any]) -> None:
             entry.string_param = json.dumps(value, separators=(",", ":"))
 
 
-def infer_body(request: Any) -> tuple[bytes, dict[str, str]]:
-    """A ``ModelInferRequest`` as the REST route's binary-extension request: the JSON header, then
-    every input's bytes (``raw_input_contents``, or BYTES ``contents`` packed the same way)."""
+def infer_body(request: Any) -> tuple[dict[str, Any], bytes]:
+    """A ``ModelInferRequest`` as the protocol's JSON request object with the binary tensor data
+    after it (``gateway.v2_service`` reads both): every input's bytes are its
+    ``raw_input_contents``, or its BYTES ``contents`` packed the same way."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise ValueError(
+        raise BadRequest(
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per input"
         )
     inputs, blobs = [], []
@@ -220,27 +157,23 @@ def infer_body(request: Any) -> tuple[bytes, dict[str, str]]:
             entry["parameters"]["binary_data_size"] = len(blob)
             blobs.append(blob)
         else:
-            entry["data"] = []  # no BYTES contents: the route says what the input lacks
+            entry["data"] = []  # no BYTES contents: the core says what the input lacks
         inputs.append(entry)
-    header: dict[str, Any] = {"inputs": inputs, "parameters": parameters_json(request.parameters)}
+    body: dict[str, Any] = {"inputs": inputs, "parameters": parameters_json(request.parameters)}
     if request.id:
-        header["id"] = request.id
+        body["id"] = request.id
     if request.outputs:
-        header["outputs"] = [
+        body["outputs"] = [
             {"name": output.name, "parameters": {**parameters_json(output.parameters), "binary_data": True}}
             for output in request.outputs
         ]
     else:
-        header["parameters"]["binary_data_output"] = True
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(encoded))}
-    return encoded + b"".join(blobs), headers
+        body["parameters"]["binary_data_output"] = True
+    return body, b"".join(blobs)
 
 
-def infer_response(answer: Answer) -> Any:
-    """The REST route's binary-extension answer as a ``ModelInferResponse``."""
-    length = int(answer.headers.get(HEADER_LENGTH) or len(answer.body))
-    head, blob = json.loads(answer.body[:length]), answer.body[length:]
+def infer_response(head: dict[str, Any], blob: bytes) -> Any:
+    """The core's answer (every output as binary data) as a ``ModelInferResponse``."""
     response = proto.METHODS["ModelInfer"][1](
         model_name=head["model_name"], model_version=head["model_version"], id=head["id"]
     )
@@ -256,55 +189,158 @@ def infer_response(answer: Answer) -> Any:
 
 
 class Servicer:
-    """Each RPC of ``GRPCInferenceService`` as its REST request."""
+    """Each RPC of ``GRPCInferenceService``: the caller checked as on HTTP, then the v2 operation."""
 
-    def __init__(self, app: Flask) -> None:
-        self.rest = Transcoder(app)
+    def __init__(self, gateway: Gateway) -> None:
+        self.auth, self.limit, self.v2 = gateway.auth, gateway.limit, gateway.protocol
+        self.registry = gateway.registry
+        self.default_deadline_s = gateway.settings.default_deadline_ms / 1000
         messages = proto.METHODS
-        self._live, self._ready = messages["ServerLive"][1], messages["ServerReady"][1]
+        self._live, self._server_ready = messages["ServerLive"][1], messages["ServerReady"][1]
         self._model_ready, self._server = messages["ModelReady"][1], messages["ServerMetadata"][1]
         self._metadata = messages["ModelMetadata"][1]
 
+    def _run(
+        self,
+        context: grpc.ServicerContext,
+        rpc: str,
+        endpoint: str,
+        work: Callable[[Call], T],
+        *,
+        model: str = "",
+        limited: bool = False,
+        visible: bool = True,
+    ) -> T:
+        """``work`` for this call once its caller may make it (the rate limit first, when
+        ``limited``: a flood of bad keys costs no lookups; then the key, its scope and the model's
+        visibility, unless ``work`` checks that itself), with its error as the call's status,
+        counted, timed and logged."""
+        sent = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
+        peer = peer_address(context.peer())
+        call = Call(
+            sent,
+            web.safe_request_id(sent.get("x-request-id", "")),
+            self.auth.address_of(peer, sent.get("x-real-ip")),
+            time.perf_counter(),
+        )
+        code = Code.OK
+        try:
+            header = sent.get("authorization", "")
+            if limited and (wait := self.limit.hit(self.auth.limit_key(header, call.address))) is not None:
+                raise TooManyRequests(f"over the rate limit; retry in {wait} s", retry_after=wait)
+            call.principal = principal = self.auth.authenticate(header)
+            self.auth.require(endpoint, principal)
+            if model and visible:
+                self.auth.check_visible([model], self.registry, principal)
+            return work(call)
+        except ServiceError as exc:
+            code = CODES.get(exc.status, Code.INTERNAL)
+            self._abort(context, call, exc, code)
+        except Exception:
+            code = Code.INTERNAL
+            log.exception("unhandled error (request_id=%s)", call.request_id)
+            self._abort(
+                context, call, ServiceError("internal error; see the server log for this request id"), code
+            )
+        finally:
+            self._account(rpc, model, call, code)
+        raise AssertionError("unreachable: abort raises")
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, call: Call, error: ServiceError, code: grpc.StatusCode) -> None:
+        trailers = [("x-request-id", call.request_id), ("imagerec-code", error.code)]
+        if error.retry_after is not None and error.status in web.RETRY_STATUSES:
+            trailers.append(("retry-after", str(error.retry_after)))
+        context.set_trailing_metadata(tuple(trailers))
+        context.abort(code, error.message)
+
+    def _account(self, rpc: str, model: str, call: Call, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - call.started
+        label = known_model(model, self.registry)
+        metrics.REQUESTS.labels(COMPONENT, rpc, label, code.name).inc()
+        metrics.REQUEST_SECONDS.labels(COMPONENT, rpc, label).observe(elapsed)
+        level = logging.INFO if rpc == "ModelInfer" else logging.DEBUG  # probes come every few seconds
+        if web.request_log.isEnabledFor(level):
+            web.request_log.log(
+                level,
+                "request",
+                extra={
+                    "component": COMPONENT,
+                    "request_id": call.request_id,
+                    "method": "grpc",
+                    "path": rpc,
+                    "model": model[:100],
+                    "status": code.name,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": call.address,
+                },
+            )
+
+    @staticmethod
+    def _ready_flag(check: Callable[[], None], not_ready: tuple[int, ...]) -> bool:
+        try:
+            check()
+        except ServiceError as exc:
+            if exc.status in not_ready:
+                return False
+            raise
+        return True
+
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (the RPC's name)
-        answer = self.rest.call(context, "GET", "/v2/health/live")
-        return self._live(live=self.rest.ok(context, answer, not_ready=(503,)))
+        return self._run(context, "ServerLive", "v2.live", lambda call: self._live(live=True))
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        answer = self.rest.call(context, "GET", "/v2/health/ready")
-        return self._ready(ready=self.rest.ok(context, answer, not_ready=(503,)))
+        def ready(call: Call) -> Any:
+            return self._server_ready(ready=self._ready_flag(self.v2.check_ready, (503,)))
+
+        return self._run(context, "ServerReady", "v2.ready", ready)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        answer = self.rest.call(context, "GET", model_path(request.name, request.version) + "/ready")
-        # a model it does not know is not ready, as Triton's HTTP client reads the route's 404
-        return self._model_ready(ready=self.rest.ok(context, answer, not_ready=(404, 503)))
+        def ready(call: Call) -> Any:
+            def check() -> None:
+                self.auth.check_visible([request.name], self.registry, call.principal)
+                self.v2.check_model_ready(request.name, request.version or None)
+
+            # a model it does not know (or may not see) is not ready, as Triton's HTTP client reads
+            # the route's 404
+            return self._model_ready(ready=self._ready_flag(check, (404, 503)))
+
+        return self._run(context, "ModelReady", "v2.ready_model", ready, model=request.name, visible=False)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        answer = self.rest.call(context, "GET", "/v2")
-        self.rest.ok(context, answer)
-        body = answer.json()
-        return self._server(name=body["name"], version=body["version"], extensions=body["extensions"])
+        def server(call: Call) -> Any:
+            body = self.v2.server()
+            return self._server(name=body["name"], version=body["version"], extensions=body["extensions"])
+
+        return self._run(context, "ServerMetadata", "v2.server", server)
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        answer = self.rest.call(context, "GET", model_path(request.name, request.version))
-        self.rest.ok(context, answer)
-        body = answer.json()
-        response = self._metadata(name=body["name"], versions=body["versions"], platform=body["platform"])
-        for field in ("inputs", "outputs"):
-            for tensor in body[field]:
-                getattr(response, field).add(
-                    name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
-                )
-        return response
+        def metadata(call: Call) -> Any:
+            body = self.v2.metadata(request.name, request.version or None)
+            response = self._metadata(name=body["name"], versions=body["versions"], platform=body["platform"])
+            for field in ("inputs", "outputs"):
+                for tensor in body[field]:
+                    getattr(response, field).add(
+                        name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
+                    )
+            return response
+
+        return self._run(context, "ModelMetadata", "v2.metadata", metadata, model=request.name)
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        try:
-            body, headers = infer_body(request)
-        except ValueError as exc:
-            context.abort(Code.INVALID_ARGUMENT, str(exc))
-        path = model_path(request.model_name, request.model_version) + "/infer"
-        answer = self.rest.call(context, "POST", path, body, headers)
-        self.rest.ok(context, answer)
-        return infer_response(answer)
+        def infer(call: Call) -> Any:
+            body, blob = infer_body(request)
+            head, binary = self.v2.infer(
+                request.model_name,
+                request.model_version or None,
+                body,
+                blob,
+                request_id=call.request_id,
+                deadline=call.deadline(context, self.default_deadline_s),
+            )
+            return infer_response(head, binary)
+
+        return self._run(context, "ModelInfer", "v2.infer", infer, model=request.model_name, limited=True)
 
 
 def handler(servicer: Servicer) -> grpc.GenericRpcHandler:
@@ -320,14 +356,15 @@ def handler(servicer: Servicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(proto.SERVICE, methods)
 
 
-def serve(app: Flask, settings: GatewaySettings, bind: str | None = None) -> tuple[grpc.Server, int]:
-    """Start the service for ``app`` on ``bind`` (default ``GATEWAY_GRPC_BIND``; port 0: any free
-    one) and return it with its port. It stops when the process exits, letting its calls finish for
-    up to ``GATEWAY_GRPC_GRACE_S``."""
+def serve(gateway: Gateway, bind: str | None = None) -> tuple[grpc.Server, int]:
+    """Start the service for ``gateway`` on ``bind`` (default ``GATEWAY_GRPC_BIND``; port 0: any
+    free one) and return it with its port. It stops when the process exits, letting its calls
+    finish for up to ``GATEWAY_GRPC_GRACE_S``."""
+    settings = gateway.settings
     address = bind or settings.grpc_bind
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
-        handlers=[handler(Servicer(app))],
+        handlers=[handler(Servicer(gateway))],
         maximum_concurrent_rpcs=settings.grpc_max_concurrent,
         options=_options(settings),
     )

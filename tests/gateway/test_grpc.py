@@ -4,20 +4,23 @@ Nginx, is in tests/e2e/test_protocol.py."""
 
 from __future__ import annotations
 
+import ast
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 
 from gateway import v2_grpc
 from gateway import v2_proto as proto
-from gateway.app import create_app
+from gateway.app import Gateway, build
 from tests.gateway.fakes import FakeModelClient, StubFetcher
 from tests.helpers import gateway_settings, photo
 
@@ -83,18 +86,27 @@ def make_ready(fake: FakeModelClient) -> None:
             replica.metadata = {"ready": True, "backend": "openvino-fp32", "weights": "random"}
 
 
-@pytest.fixture
-def grpc_app(fake: FakeModelClient, stub_fetcher: StubFetcher) -> Any:
-    """The gateway's app on the fake fleet; limits as the tests below need them."""
-    settings = gateway_settings(max_request_images=4, max_body_bytes=MAX_BODY, rate_limit="5/minute")
-    return create_app(settings, client=fake, fetcher=stub_fetcher, poll_health=False)  # type: ignore[arg-type]
+def gateway_on(fake: FakeModelClient, fetcher: StubFetcher, **settings: Any) -> Gateway:
+    """The gateway's parts on the fake fleet; limits as the tests below need them."""
+    limits = {
+        "max_request_images": 4,
+        "max_body_bytes": MAX_BODY,
+        "rate_limit": "5/minute",
+        "grpc_threads": 4,
+    }
+    chosen = gateway_settings(**{**limits, **settings})
+    return build(chosen, client=fake, fetcher=fetcher, poll_health=False)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def stub(grpc_app: Any) -> Iterator[Stub]:
-    """The service for ``grpc_app`` on a free port, and a channel to it."""
-    settings = gateway_settings(max_body_bytes=MAX_BODY, grpc_threads=4)
-    server, port = v2_grpc.serve(grpc_app, settings, bind="127.0.0.1:0")
+def grpc_gateway(fake: FakeModelClient, stub_fetcher: StubFetcher) -> Gateway:
+    return gateway_on(fake, stub_fetcher)
+
+
+@pytest.fixture
+def stub(grpc_gateway: Gateway) -> Iterator[Stub]:
+    """The service for ``grpc_gateway`` on a free port, and a channel to it."""
+    server, port = v2_grpc.serve(grpc_gateway, bind="127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield Stub(channel)
     channel.close()
@@ -102,8 +114,8 @@ def stub(grpc_app: Any) -> Iterator[Stub]:
 
 
 @pytest.fixture
-def rest(grpc_app: Any) -> FlaskClient:
-    return grpc_app.test_client()
+def rest(grpc_gateway: Gateway) -> FlaskClient:
+    return grpc_gateway.app.test_client()
 
 
 def test_the_messages_are_the_protocol_tritonclient_speaks() -> None:
@@ -181,7 +193,8 @@ def test_bytes_contents_and_chosen_outputs(stub: Stub) -> None:
     ("fields", "code", "imagerec_code"),
     [
         ({"model": "alexnet"}, grpc.StatusCode.NOT_FOUND, "unknown_model"),
-        ({"model": "../v1/keys"}, grpc.StatusCode.NOT_FOUND, "not_found"),  # one segment: no route
+        # a name, never a path: it reaches no other route
+        ({"model": "../v1/keys"}, grpc.StatusCode.NOT_FOUND, "unknown_model"),
         ({"top_k": 0}, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"),
     ],
 )
@@ -244,7 +257,7 @@ def test_peer_addresses() -> None:
 
 
 def test_calls_past_the_bound_are_refused_at_once_and_the_rest_answered(
-    grpc_app: Any, fake: FakeModelClient
+    fake: FakeModelClient, stub_fetcher: StubFetcher
 ) -> None:
     """Clients that all call at once, and call again when refused: past GATEWAY_GRPC_MAX_CONCURRENT
     they get RESOURCE_EXHAUSTED without waiting; the calls held are answered; it keeps serving."""
@@ -257,8 +270,8 @@ def test_calls_past_the_bound_are_refused_at_once_and_the_rest_answered(
         return answer(*args, **kwargs)
 
     fake.predict = held  # type: ignore[method-assign]
-    settings = gateway_settings(grpc_threads=2, grpc_max_concurrent=2)
-    server, port = v2_grpc.serve(grpc_app, settings, bind="127.0.0.1:0")
+    bounded = gateway_on(fake, stub_fetcher, grpc_threads=2, grpc_max_concurrent=2)
+    server, port = v2_grpc.serve(bounded, bind="127.0.0.1:0")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             request_class, response_class = proto.METHODS["ModelInfer"]
@@ -280,3 +293,42 @@ def test_calls_past_the_bound_are_refused_at_once_and_the_rest_answered(
     finally:
         release.set()
         server.stop(None)
+
+
+def test_rest_and_grpc_count_against_one_rate_limit(stub: Stub, rest: FlaskClient) -> None:
+    """A client has one count (5 a minute here), whichever protocol it calls."""
+    for _ in range(3):
+        assert rest.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg").status_code == 200
+    stub("ModelInfer", **infer_request(CAT))
+    stub("ModelInfer", **infer_request(CAT))
+    assert stub.error("ModelInfer", **infer_request(CAT)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rest.post("/v1/predict?model=resnet50", data=CAT, content_type="image/jpeg").status_code == 429
+
+
+def test_calls_are_counted_under_their_own_labels(stub: Stub) -> None:
+    def counted(route: str, status: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "imagerec_requests_total",
+            {"component": "gateway-grpc", "route": route, "model": "resnet50", "status": status},
+        )
+        return value or 0.0
+
+    before = counted("ModelInfer", "OK"), counted("ModelInfer", "INVALID_ARGUMENT")
+    stub("ModelInfer", **infer_request(CAT))
+    stub.error("ModelInfer", **infer_request(CAT, top_k=0))
+    assert (counted("ModelInfer", "OK"), counted("ModelInfer", "INVALID_ARGUMENT")) == (
+        before[0] + 1,
+        before[1] + 1,
+    )
+
+
+def test_the_service_calls_the_core_not_the_web_app() -> None:
+    """No WSGI request is built per call: the module has no web framework to build one with."""
+    tree = ast.parse(Path(v2_grpc.__file__).read_text())
+    imported = {
+        (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert not imported & {"flask", "werkzeug"}
