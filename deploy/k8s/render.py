@@ -165,9 +165,10 @@ def model_pods() -> list[dict[str, Any]]:
     return docs
 
 
-def job_pods() -> list[dict[str, Any]]:
-    """The gateway, the job worker and the trainer: one environment, the jobs' folders."""
-    gateway_env: dict[str, Any] = {
+def gateway_environment() -> dict[str, Any]:
+    """What the gateway, the job worker and the trainer share: the replicas, Redis, the secrets
+    and the folders."""
+    return {
         **{f"{name.upper()}_URLS": f"http://{name}-pods:{port}" for name, (port, _, _) in MODELS.items()},
         "GATEWAY_DNS_REFRESH_S": str(GATEWAY_DNS_REFRESH_S),
         "REDIS_URL": f"redis://redis:{REDIS_PORT}/0",
@@ -184,6 +185,11 @@ def job_pods() -> list[dict[str, Any]]:
         "JOBS_DIR": JOBS_DIR,
         "CUSTOM_MODELS_DIR": CUSTOM_MODELS_DIR,
     }
+
+
+def job_pods() -> list[dict[str, Any]]:
+    """The gateway, the job worker and the trainer: one environment, the jobs' folders."""
+    gateway_env = gateway_environment()
     jobs_volume = [{"name": "jobs", "persistentVolumeClaim": {"claimName": "imagerec-jobs"}}, CUSTOM_VOLUME]
     # The trainer is the model repository's one writer (it removes models too, when the gateway
     # asks): the gateway and the job worker read it.
