@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from bench import load
-from bench.fleets import NO_EDGE_LIMIT, base_env, batching, cpu_seconds, processes, settle
+from bench.fleets import NO_EDGE_LIMIT, base_env, batching, cpu_name, cpu_seconds, processes, settle
 from deploy.local.fleet import Fleet
 from deploy.local.running import on_free_ports, running
 from gateway import v2_proto as proto
@@ -181,7 +181,8 @@ def write(results: dict[str, Any]) -> None:
     lines = [
         "# Goodput by protocol (ResNet50, one fleet, one run)",
         "",
-        f"Measured {results['measured']} on {results['cpus']} CPUs; precision {results['precision']}, "
+        f"Measured {results['measured']} on {results.get('cpu', 'a CPU not recorded')} ({results['cpus']} "
+        f"cores); precision {results['precision']}, "
         f"{results['clients']} closed-loop clients, new bytes every request, {rounds} "
         f"interleaved rounds of {results['seconds']} s; medians.",
         "",
@@ -229,7 +230,7 @@ def main() -> int:
     args = parser.parse_args()
     cache = Path(os.environ.get("MODEL_CACHE") or Path.home() / ".cache" / "imagerec" / "converted")
     results = measure(cache, args.precision, args.seconds, args.rounds)
-    results.update(measured=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpus=os.cpu_count())
+    results.update(measured=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpu=cpu_name(), cpus=os.cpu_count())
     write(results)
     print(f"[protocols] wrote {RESULTS}/protocols.md", flush=True)
     return 0
