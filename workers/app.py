@@ -3,9 +3,10 @@ training`` (one process, a fresh one per task: ``--max-tasks-per-child 1``, so T
 goes back after each training) for training jobs.
 
 Each pool process builds, on its first task, the gateway's own client (replicas, failover,
-breakers, readiness probes) and a ``ChunkRunner``; the settings are the gateway's (``<MODEL>_URLS``,
-``GATEWAY_*``) and the jobs' (``JOBS_*``). The main process sweeps expired job folders. Logs are
-the fleet's JSON lines, with the job id.
+breakers, readiness probes) and a ``ChunkRunner``; the settings - the gateway's (``<MODEL>_URLS``,
+``GATEWAY_*``), the jobs' (``JOBS_*``), the trainer's (``TRAINING_*``) and the keys' - are read once,
+when Celery imports this module (``WorkerSettings``), and passed down. The main process sweeps
+expired job folders. Logs are the fleet's JSON lines, with the job id.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +45,41 @@ log = logging.getLogger("imagerec.jobs")
 # before the first one: Gunicorn makes the gateway's, and a container's /tmp starts empty.
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-SETTINGS = JobSettings.from_env()
-TRAINING = TrainingSettings.from_env()
-app = queue.create(SETTINGS, TRAINING.queue)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker process reads from its environment, read once (``from_env``, when
+    Celery imports this module) and passed down from here."""
+
+    jobs: JobSettings
+    training: TrainingSettings
+    fleet: FleetSettings  # the gateway's: replicas, failover, URL fetching
+    auth: AuthSettings
+
+    @classmethod
+    def from_env(cls) -> WorkerSettings:
+        return cls(
+            JobSettings.from_env(),
+            TrainingSettings.from_env(),
+            FleetSettings.from_env(),
+            AuthSettings.from_env(),
+        )
+
+
+SETTINGS = WorkerSettings.from_env()
+JOBS, TRAINING = SETTINGS.jobs, SETTINGS.training
+app = queue.create(JOBS, TRAINING.queue)
 # A chunk that keeps running out of time is requeued until JOBS_RETRY_S is spent; its last run
 # fails what is left instead.
-MAX_REQUEUES = max(1, math.ceil(SETTINGS.retry_s / SETTINGS.chunk_budget_s))
+MAX_REQUEUES = max(1, math.ceil(JOBS.retry_s / JOBS.chunk_budget_s))
 _runner: ChunkRunner | None = None
 _lock = threading.Lock()
 
 
 def store() -> JobStore:
     # Up to ~60 s of reconnecting: a worker rides out a Redis restart mid-chunk.
-    return JobStore(connect(SETTINGS.redis_url, retries=40), Path(SETTINGS.dir), SETTINGS.retention_s)
+    return JobStore(connect(JOBS.redis_url, retries=40), Path(JOBS.dir), JOBS.retention_s)
 
 
 def runner() -> ChunkRunner:
@@ -63,27 +87,27 @@ def runner() -> ChunkRunner:
     global _runner
     with _lock:
         if _runner is None:
-            gateway = FleetSettings.from_env()
+            gateway = SETTINGS.fleet
             client = build_client(gateway)
             client.registry.refresh()  # sizes and body limits known before the first call
             client.registry.start_polling(gateway.health_interval_s)
             fetcher = UrlFetcher.from_settings(gateway)
-            keys = KeyStore(AuthSettings.from_env())  # a revoked key's jobs stop within its cache time
+            keys = KeyStore(SETTINGS.auth)  # a revoked key's jobs stop within its cache time
             _runner = ChunkRunner(
-                store(), Predictor(client, gateway), fetcher, SETTINGS, is_live=keys.is_live
+                store(), Predictor(client, gateway), fetcher, JOBS, is_live=keys.is_live
             )
         return _runner
 
 
 def training_runner() -> TrainingRunner:
     """A runner for one training task (the process ends after it: ``--max-tasks-per-child 1``)."""
-    gateway = FleetSettings.from_env()
+    gateway = SETTINGS.fleet
     client = build_client(gateway)
     client.registry.refresh()
     jobs = store()
-    keys = KeyStore(AuthSettings.from_env())  # a revoked key's training stops at its next step
+    keys = KeyStore(SETTINGS.auth)  # a revoked key's training stops at its next step
     return TrainingRunner(
-        jobs, client, TRAINING, retry_s=SETTINGS.retry_s, removals=jobs.redis, is_live=keys.is_live
+        jobs, client, TRAINING, retry_s=JOBS.retry_s, removals=jobs.redis, is_live=keys.is_live
     )
 
 
@@ -128,7 +152,7 @@ def hand_over(job_id: str, index: int) -> None:
     jobs = runner().store
     try:
         owner = str(jobs.redis.hget(jobs.key(job_id), "owner") or ADMIN)
-        fair = FairQueue.of(jobs.redis, SETTINGS)
+        fair = FairQueue.of(jobs.redis, JOBS)
         queue.send(app, fair.done(owner, job_id, index, time.time()))
     except Exception as exc:  # noqa: BLE001 - never lose the chunk's own outcome to this
         log.warning("could not hand over to the next chunk", extra={"job_id": job_id, "error": repr(exc)})
@@ -148,11 +172,11 @@ def watch(jobs: JobStore) -> None:
     """Queue again the unrecorded chunks of jobs that stalled: a task lost with Redis's data, or
     one whose retry could not be published while Redis was down. Duplicates are harmless: a
     recorded chunk is skipped."""
-    waiting = int(jobs.redis.llen(SETTINGS.queue))  # type: ignore[arg-type]
-    fair = FairQueue.of(jobs.redis, SETTINGS)
+    waiting = int(jobs.redis.llen(JOBS.queue))  # type: ignore[arg-type]
+    fair = FairQueue.of(jobs.redis, JOBS)
     for job_id, chunks in upkeep.stalled(
         jobs,
-        SETTINGS.stall_s,
+        JOBS.stall_s,
         pending_too=waiting == 0,
         waiting=lambda job: fair.waiting(str(job.get("owner") or ADMIN), job["id"]),
     ):
@@ -194,11 +218,11 @@ def _housekeeping(sender: Any = None, **_: Any) -> None:
 
     else:  # a job worker: callbacks are delivered here, never inside a chunk task
         jobs = store()
-        fetcher = UrlFetcher.from_settings(FleetSettings.from_env())
-        deliverer = callbacks.Deliverer(jobs, fetcher, SETTINGS)
+        fetcher = UrlFetcher.from_settings(SETTINGS.fleet)
+        deliverer = callbacks.Deliverer(jobs, fetcher, JOBS)
         threading.Thread(
             target=callbacks.serve,
-            args=(jobs.redis, deliverer, SETTINGS.callback_threads, threading.Event()),
+            args=(jobs.redis, deliverer, JOBS.callback_threads, threading.Event()),
             name="job-callbacks",
             daemon=True,
         ).start()
@@ -210,13 +234,13 @@ def _housekeeping(sender: Any = None, **_: Any) -> None:
             try:
                 watch(jobs)
                 if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + SETTINGS.sweep_interval_s
+                    next_sweep = time.monotonic() + JOBS.sweep_interval_s
                     if removed := upkeep.sweep(jobs.root):
                         log.info("expired job folders removed", extra={"removed": removed})
                     if trainer:  # the repository's one writer sweeps what a killed publisher left
                         repository.sweep_staging(Path(TRAINING.models_dir))
             except Exception:  # noqa: BLE001 - housekeeping must outlive any one failure
                 log.exception("job housekeeping failed")
-            time.sleep(SETTINGS.watch_interval_s)
+            time.sleep(JOBS.watch_interval_s)
 
     threading.Thread(target=loop, name="job-housekeeping", daemon=True).start()
