@@ -1,18 +1,72 @@
-"""Strict reading of a model service's answer: its verdict on the request, or well-formed results.
+"""Strict reading of a model service's answer: its verdict on the request, or well-formed results,
+read into a ``MemberReply``.
 
 Nothing a member sends is trusted: a body that is not the documented shape - not JSON, the wrong
-number of results, a NaN or out-of-range score - is a ``BadUpstreamResponse`` (502), never passed on.
+number of results, a NaN or out-of-range score, an undecodable vector - is a
+``BadUpstreamResponse`` (502), never passed on.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import requests
 
+from common import wire
 from common.errors import BadUpstreamResponse, ServiceError
+from common.outcomes import Label, Served, error_from_json, labels_from_json
 from common.wire import whole_number
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    """One image's result in a member's answer: its labels, or the member's error for it; and the
+    vectors asked for (``probabilities=true``, ``features=true``)."""
+
+    labels: tuple[Label, ...] | None = None
+    error: ServiceError | None = None
+    probabilities: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> MemberResult:
+        if "error" in raw:
+            return cls(error=error_from_json(raw["error"]))
+        vectors = {
+            name: wire.decode_vector(raw[name]) if name in raw else None
+            for name in ("probabilities", "features")
+        }
+        return cls(labels_from_json(raw["predictions"]), None, vectors["probabilities"], vectors["features"])
+
+
+@dataclass(frozen=True)
+class MemberReply:
+    """A member's answer to one call: what served it, a result per image in order, its timings."""
+
+    served: Served
+    results: tuple[MemberResult, ...]
+    labels_hash: str | None = None
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> MemberReply:
+        """A member's body (``results``, or a single image's fields at the top), read as it is."""
+        results = body.get("results")
+        if results is None and "predictions" in body:  # a raw-body answer: one image, inline
+            results = [
+                {k: body[k] for k in ("predictions", "probabilities", "features", "error") if k in body}
+            ]
+        timing = body.get("timing_ms") or {}
+        return cls(
+            Served.from_reply(body),
+            tuple(MemberResult.from_json(result) for result in results or ()),
+            None if body.get("labels_hash") is None else str(body["labels_hash"]),
+            {str(k): float(v) for k, v in timing.items() if isinstance(v, int | float)},
+        )
 
 
 def error_code(response: requests.Response) -> str:
@@ -52,7 +106,7 @@ def _valid_result(result: object) -> bool:
     return isinstance(predictions, list) and bool(predictions) and all(map(_valid_prediction, predictions))
 
 
-def parse(model: str, response: requests.Response, count: int) -> dict[str, Any]:
+def parse(model: str, response: requests.Response, count: int) -> MemberReply:
     """The member's answer for ``count`` images, with ``results`` in image order.
 
     Raises:
@@ -81,4 +135,7 @@ def parse(model: str, response: requests.Response, count: int) -> dict[str, Any]
         raise BadUpstreamResponse(f"{model} answered {response.status_code} with an unexpected body")
     if not all(_valid_result(result) for result in results):
         raise BadUpstreamResponse(f"{model} answered with malformed predictions")
-    return body
+    try:
+        return MemberReply.from_json(body)
+    except (KeyError, TypeError, ValueError):
+        raise BadUpstreamResponse(f"{model} answered with an unreadable vector or field") from None

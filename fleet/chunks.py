@@ -8,10 +8,11 @@ whose multipart bodies each fit; an image that cannot fit even alone gets its ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 from common.errors import ImageTooLarge
+from common.outcomes import Served
+from fleet.answers import MemberReply, MemberResult
 
 PART_OVERHEAD = 256  # one multipart part's boundary and headers (~150 bytes), with room to spare
 BODY_OVERHEAD = 64  # the closing boundary
@@ -56,24 +57,20 @@ def split(sizes: list[int], limit: int) -> Split:
     return Split(parts, too_large)
 
 
-def merge(model: str, count: int, plan: Split, replies: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """One answer for all ``count`` images: the first reply's fields, every result at its index.
-
-    Timings add up: the calls ran one after another.
-    """
-    results: list[dict[str, Any]] = [{"index": i} for i in range(count)]
+def merge(model: str, count: int, plan: Split, replies: list[MemberReply], limit: int) -> MemberReply:
+    """One answer for all ``count`` images: the first reply's serving fields, every result at its
+    index. Timings add up: the calls ran one after another."""
+    results = [MemberResult()] * count
     for part, reply in zip(plan.parts, replies, strict=True):
-        for index, result in zip(part, reply["results"], strict=True):
-            results[index] = {**result, "index": index}
+        for index, result in zip(part, reply.results, strict=True):
+            results[index] = result
     for index in plan.too_large:
         error = ImageTooLarge(f"image {index} is over the {limit} bytes {model} accepts in one request")
-        results[index] = {"index": index, "error": {**error.to_dict(), "status": error.status}}
-    merged = {key: value for key, value in replies[0].items() if key != "results"} if replies else {}
-    timings = [reply.get("timing_ms") or {} for reply in replies]
-    if len(timings) > 1:
-        keys = dict.fromkeys(key for timing in timings for key in timing)
-        merged["timing_ms"] = {
-            key: round(sum(t.get(key, 0) for t in timings if isinstance(t.get(key, 0), int | float)), 2)
-            for key in keys
-        }
-    return {**merged, "results": results}
+        results[index] = MemberResult(error=error)
+    timing: dict[str, float] = {}
+    for reply in replies:
+        for key, value in reply.timing_ms.items():
+            timing[key] = round(timing.get(key, 0.0) + value, 2)
+    if not replies:  # every image too large: nothing was sent
+        return MemberReply(Served(), tuple(results))
+    return replace(replies[0], results=tuple(results), timing_ms=timing)

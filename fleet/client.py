@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import requests
 
@@ -20,6 +19,7 @@ from common.errors import ModelUnavailable
 from common.labels import Labels, from_json
 from common.wire import PRIORITY_HEADER, REQUEST_ID_HEADER, Priority
 from fleet import accounting, chunks
+from fleet.answers import MemberReply
 from fleet.breaker import Breaker
 from fleet.failover import Failover
 from fleet.registry import Registry
@@ -99,7 +99,7 @@ class ModelClient:
         deadline: float = float("inf"),
         priority: Priority = Priority.INTERACTIVE,
         features: bool = False,
-    ) -> dict[str, Any]:
+    ) -> MemberReply:
         """The member's answer for ``images``: one result per image, in order.
 
         Usually one call; a batch over the member's body limit goes out as several calls, one
@@ -134,7 +134,7 @@ class ModelClient:
         params: dict[str, str],
         headers: dict[str, str],
         deadline: float,
-    ) -> dict[str, Any]:
+    ) -> MemberReply:
         """One member call, over as many replicas as failover allows."""
         failover = Failover(
             self.registry, model, connect_retries=self.connect_retries, backoff_s=self.retry_backoff_s

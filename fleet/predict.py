@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from common import imaging, wire
+from common import imaging
 from common.errors import BadRequest, BadUpstreamResponse, ServiceError, UpstreamTimeout
 from common.imaging import ImageInfo
 from common.labels import Labels
@@ -23,12 +23,10 @@ from common.outcomes import (
     Predicted,
     Prediction,
     Selection,
-    Served,
-    error_from_json,
-    labels_from_json,
 )
 from common.wire import Priority
 from fleet import ensemble
+from fleet.answers import MemberReply, MemberResult
 from fleet.client import ModelClient, fanout_size
 from fleet.settings import FleetSettings
 
@@ -43,11 +41,10 @@ class ImageInput:
     info: ImageInfo | None = None  # format and size, once the header has been checked
 
 
-def _probabilities(result: dict[str, Any], model: str, classes: int) -> np.ndarray:
-    try:
-        vector = wire.decode_vector(result["probabilities"])
-    except (KeyError, TypeError, ValueError):
-        raise BadUpstreamResponse(f"{model} sent no usable probability vector") from None
+def _probabilities(result: MemberResult, model: str, classes: int) -> np.ndarray:
+    vector = result.probabilities
+    if vector is None:
+        raise BadUpstreamResponse(f"{model} sent no usable probability vector")
     if vector.shape != (classes,) or not np.all(np.isfinite(vector)):
         raise BadUpstreamResponse(f"{model} sent a malformed probability vector")
     return vector
@@ -134,7 +131,7 @@ class Predictor:
         request_id: str,
         deadline: float,
         priority: Priority,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, ServiceError]]:
+    ) -> tuple[dict[str, MemberReply], dict[str, ServiceError]]:
         if len(selection.members) == 1:  # no fan-out: call in this thread, skip the hand-off
             member = selection.members[0]
             try:
@@ -168,7 +165,7 @@ class Predictor:
             max(0.0, deadline - time.monotonic()),
         )
         wait(futures.values(), timeout=budget)
-        replies: dict[str, dict[str, Any]] = {}
+        replies: dict[str, MemberReply] = {}
         failures: dict[str, ServiceError] = {}
         for member, future in futures.items():
             if not future.done():
@@ -232,32 +229,32 @@ class Predictor:
             for i, item in enumerate(items)
         ]
         for position, index in enumerate(valid):
-            answers = {m: reply["results"][position] for m, reply in replies.items()}
+            answers = {m: reply.results[position] for m, reply in replies.items()}
             outcomes[index] = self._merge(selection, index, items[index].name, answers, labels, top_k)
         return Prediction(
             selection,
             tuple(outcomes),
-            {member: Served.from_reply(reply) for member, reply in replies.items()},
+            {member: reply.served for member, reply in replies.items()},
             failures,
             {
                 "ingest": round(prepared_ms, 2),
                 # the slowest member's own figures: the ensemble waits for it
                 **{
-                    key: max((r.get("timing_ms", {}).get(key, 0) for r in replies.values()), default=0)
+                    key: max((r.timing_ms.get(key, 0) for r in replies.values()), default=0)
                     for key in ("decode", "queue", "inference")
                 },
                 "upstream": round(upstream_ms, 2),
             },
         )
 
-    def _shared_labels(self, selection: Selection, replies: dict[str, dict[str, Any]]) -> Labels | None:
+    def _shared_labels(self, selection: Selection, replies: dict[str, MemberReply]) -> Labels | None:
         """For a vote: the one label set every answering member has (else they cannot vote)."""
         answering = {  # a reply of only item errors (e.g. every image too large) votes on nothing
-            m: reply for m, reply in replies.items() if any("predictions" in r for r in reply["results"])
+            m: reply for m, reply in replies.items() if any(r.labels is not None for r in reply.results)
         }
         if selection.vote is None or not answering:
             return None
-        hashes = {reply.get("labels_hash") for reply in answering.values()}
+        hashes = {reply.labels_hash for reply in answering.values()}
         if len(hashes) != 1:
             raise BadRequest(
                 "these models have different label sets and cannot vote together", code="incompatible_members"
@@ -269,24 +266,23 @@ class Predictor:
         selection: Selection,
         index: int,
         name: str,
-        answers: dict[str, dict[str, Any]],
+        answers: dict[str, MemberResult],
         labels: Labels | None,
         top_k: int,
     ) -> Outcome:
         """One image's outcome from its members' results (each already checked well-formed)."""
-        answered = {m: a for m, a in answers.items() if "predictions" in a}
+        answered = {m: a.labels for m, a in answers.items() if a.labels is not None}
         if not answered:  # every member refused the image: the first one's reason
-            return Failed(index, name, error_from_json(next(iter(answers.values())).get("error", {})))
+            return Failed(index, name, next(iter(answers.values())).error or _UNANSWERED)
         if labels is None:
-            return Predicted(index, name, labels_from_json(next(iter(answered.values()))["predictions"]))
-        vectors = [_probabilities(a, m, len(labels)) for m, a in answered.items()]
+            return Predicted(index, name, next(iter(answered.values())))
+        vectors = [_probabilities(answers[m], m, len(labels)) for m in answered]
         merged = ensemble.merge(
             selection.vote or "soft", vectors, [selection.weights[m] for m in answered], labels, top_k
         )
-        return Predicted(
-            index, name, tuple(merged), {m: labels_from_json(a["predictions"]) for m, a in answered.items()}
-        )
+        return Predicted(index, name, tuple(merged), answered)
 
 
-# Never seen: every image is either refused before the call or given its members' answer.
+# Never seen: every image is either refused before the call or given its members' answer (a
+# member's result without labels carries its error).
 _UNANSWERED = ServiceError("no answer", code="unanswered", status=500)

@@ -23,6 +23,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, Protocol
 from common.errors import DeadlineExceeded, Overloaded
 from common.wire import DEADLINE_HEADER, REQUEST_START_HEADER
 from fleet import answers as replies
+from fleet.answers import MemberReply
 from fleet.replica import Replica
 
 MEMBER_DEADLINE_CODES = frozenset({"deadline_exceeded", "inference_timeout"})
@@ -120,7 +121,7 @@ class Transport:
         headers: dict[str, str],
         deadline: float,
         fresh: bool = False,
-    ) -> dict[str, Any]:
+    ) -> MemberReply:
         """One exchange; the member's answer with one result per image, or an outcome (see module).
 
         ``fresh``: on a new connection, not a pooled one. The retry of a lost reply goes out so: a
@@ -158,7 +159,7 @@ class Transport:
         return self._read(model, replica, response, len(images))
 
     @staticmethod
-    def _read(model: str, replica: Replica, response: requests.Response, count: int) -> dict[str, Any]:
+    def _read(model: str, replica: Replica, response: requests.Response, count: int) -> MemberReply:
         if response.status_code == 503:
             if replies.error_code(response) == Overloaded.code:
                 raise Overloaded(

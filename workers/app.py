@@ -93,9 +93,7 @@ def runner() -> ChunkRunner:
             client.registry.start_polling(gateway.health_interval_s)
             fetcher = UrlFetcher.from_settings(gateway)
             keys = KeyStore(SETTINGS.auth)  # a revoked key's jobs stop within its cache time
-            _runner = ChunkRunner(
-                store(), Predictor(client, gateway), fetcher, JOBS, is_live=keys.is_live
-            )
+            _runner = ChunkRunner(store(), Predictor(client, gateway), fetcher, JOBS, is_live=keys.is_live)
         return _runner
 
 

@@ -24,6 +24,7 @@ from common.errors import (
     UpstreamTimeout,
 )
 from common.labels import load
+from common.outcomes import labels_from_json
 from fleet.client import ModelClient, build_client, new_session
 from fleet.registry import Registry
 from tests.fleet.fakes import R1, R2, reply
@@ -65,7 +66,7 @@ def test_sends_images_as_multipart_with_params_and_request_id(model_client: Mode
         ],
     )
     body = model_client.predict("resnet50", [b"a", b"b"], top_k=3, probabilities=True, request_id="rid-1")
-    assert len(body["results"]) == 2
+    assert len(body.results) == 2
     sent = call.calls[0].request
     assert sent.headers["Content-Type"].startswith("multipart/form-data")
     assert sent.body.count(b'name="files"') == 2
@@ -77,7 +78,7 @@ def test_connect_error_fails_over_to_next_replica_and_marks_it_down(model_client
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     first, second = model_client.registry.replicas("resnet50")
     assert (first.ready, second.ready) == (False, True)
     # The failed replica now goes last, so the next request goes straight to r2.
@@ -213,7 +214,7 @@ def test_one_image_travels_as_the_raw_body_and_its_answer_is_read_as_one_result(
     )
     body = model_client.predict("resnet50", [b"jpeg-bytes"], top_k=1)
     assert call.calls[0].request.body == b"jpeg-bytes"
-    assert body["results"] == [{"index": 0, "predictions": single["predictions"]}]
+    assert [result.labels for result in body.results] == [labels_from_json(single["predictions"])]
 
 
 @responses.activate
@@ -221,7 +222,7 @@ def test_connection_failures_are_retried_once_after_a_jittered_backoff() -> None
     model_client = one_replica(connect_retries=1, retry_backoff_s=0.01)
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("restarting"))
     responses.post(f"{R1}/v1/predict", json=reply())
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert len(responses.calls) == 2
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("down"))
     responses.post(f"{R1}/v1/predict", body=requests.ConnectionError("still down"))
@@ -259,8 +260,8 @@ def test_a_failing_replica_opens_its_circuit_and_is_probed_back() -> None:
     with pytest.raises(ModelUnavailable, match="circuit open"):
         model_client.predict("resnet50", [b"a"], top_k=1)  # half the reset time: still open
     clock.now += 0.25
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]  # the trial call closes the circuit
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results  # the trial call closes the circuit
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
 
 
 @responses.activate
@@ -284,7 +285,7 @@ def test_an_overloaded_replica_passes_the_call_on_and_stays_in_rotation(model_cl
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert busy.call_count == 1  # r1 was asked first and said it was full
     assert all(r.ready for r in model_client.registry.replicas("resnet50"))
 
@@ -311,7 +312,7 @@ def test_an_answer_cut_off_in_transit_moves_to_the_next_replica(model_client: Mo
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert all(r.ready for r in model_client.registry.replicas("resnet50"))  # still in rotation
     responses.replace(responses.POST, f"{R2}/v1/predict", body=requests.exceptions.ChunkedEncodingError("x"))
     with pytest.raises(ModelUnavailable, match="broken response"):
@@ -359,7 +360,7 @@ def test_a_reply_lost_after_sending_is_asked_again_elsewhere_and_the_replica_sta
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert first.call_count == 1
     assert all(r.ready for r in model_client.registry.replicas("resnet50"))  # not a connect failure
 
@@ -380,7 +381,7 @@ def test_the_retry_of_a_lost_reply_goes_out_on_a_new_connection(model_client: Mo
         return post(url, **options)
 
     pooled.post = counted  # type: ignore[method-assign]
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert [call.request.url.split("/v1")[0] for call in responses.calls] == [R1, R2]
     assert sent == [f"{R1}/v1/predict"]  # the retry to R2 did not use the pool
 
@@ -392,7 +393,7 @@ def test_a_lost_reply_is_retried_exactly_once_even_on_the_only_replica(lost: Exc
     model_client.registry.replicas("resnet50")[0].ready = True
     responses.post(f"{R1}/v1/predict", body=lost)
     responses.post(f"{R1}/v1/predict", json=reply())
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert len(responses.calls) == 2
     responses.replace(responses.POST, f"{R1}/v1/predict", body=lost)
     with pytest.raises(ModelUnavailable, match="broken response"):
@@ -416,7 +417,7 @@ def test_the_retry_of_a_lost_reply_refused_unsent_goes_on_to_the_next_ready_repl
     lost = responses.post(f"{R1}/v1/predict", body=SENT_THEN_LOST["closed"])
     refused = responses.post(f"{R2}/v1/predict", body=refusal)
     stays = responses.post(f"{r3}/v1/predict", json=reply())
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert (lost.call_count, refused.call_count, stays.call_count) == (1, 1, 1)
     assert [r.ready for r in model_client.registry.replicas("resnet50")] == [True, False, True]
     responses.replace(responses.POST, f"{r3}/v1/predict", body=SENT_THEN_LOST["reset"])
@@ -435,7 +436,7 @@ def test_nothing_sent_marks_the_replica_down_and_fails_over(
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert [r.ready for r in model_client.registry.replicas("resnet50")] == [False, True]
 
 
@@ -465,7 +466,7 @@ def test_an_overloaded_trial_call_leaves_the_next_call_to_be_the_trial() -> None
     clock.now += 0.5
     with pytest.raises(Overloaded):
         model_client.predict("resnet50", [b"a"], top_k=1)  # the trial: busy, no verdict
-    assert model_client.predict("resnet50", [b"a"], top_k=1)["results"]  # the next trial goes out
+    assert model_client.predict("resnet50", [b"a"], top_k=1).results  # the next trial goes out
     assert model_client._breaker(R1).state == "closed"
 
 
@@ -528,13 +529,14 @@ def test_a_batch_over_the_members_body_limit_is_split_in_order_and_a_huge_image_
     images = [bytes([ord("A") + i]) * 600 for i in range(6)]
     images.insert(3, b"Z" * 2500)  # alone over the member's limit
     body = model_client.predict("resnet50", images, top_k=1)
-    results = body["results"]
-    assert [r["index"] for r in results] == list(range(7))
-    labels = [r["predictions"][0]["label"] if "predictions" in r else None for r in results]
+    results = body.results
+    assert len(results) == 7
+    labels = [r.labels[0].label if r.labels else None for r in results]
     assert labels == ["A", "B", "C", None, "D", "E", "F"]
-    assert (results[3]["error"]["code"], results[3]["error"]["status"]) == ("image_too_large", 413)
+    error = results[3].error
+    assert error is not None and (error.code, error.status) == ("image_too_large", 413)
     assert len(bodies) >= 3 and max(bodies) <= 2000  # every call fits, the huge image never left
-    assert body["weights_hash"] == "w1"
+    assert body.served.weights_hash == "w1"
 
 
 @responses.activate
@@ -544,7 +546,7 @@ def test_a_member_that_states_no_body_limit_is_assumed_to_take_16_mib(model_clie
     responses.add_callback(responses.POST, f"{R2}/v1/predict", callback=echo_member(bodies))
     nine_mib = 9 * 1024 * 1024
     body = model_client.predict("resnet50", [b"A" * nine_mib, b"B" * nine_mib], top_k=1)
-    assert [r["predictions"][0]["label"] for r in body["results"]] == ["A", "B"]
+    assert [r.labels[0].label for r in body.results if r.labels] == ["A", "B"]
     assert len(bodies) == 2 and max(bodies) <= 16 * 1024 * 1024
 
 

@@ -123,7 +123,7 @@ def test_probes_and_predictions_reach_each_address_with_the_name_as_host() -> No
     registry.refresh()
     assert registry.replicas("resnet50")[0].ready
     client = ModelClient(registry, new_session(2), connect_retries=0)
-    assert client.predict("resnet50", [b"a"], top_k=1)["results"] and call.call_count == 1
+    assert client.predict("resnet50", [b"a"], top_k=1).results and call.call_count == 1
 
 
 @responses.activate

@@ -14,6 +14,7 @@ from common.jobs.settings import JobSettings
 from common.labels import Labels, load
 from common.training.settings import TrainingSettings
 from common.wire import encode_vector
+from fleet.answers import MemberReply
 from fleet.client import new_session
 from fleet.registry import Registry
 from gateway.app import create_app
@@ -57,7 +58,7 @@ class FakeModelClient:
         request_id: str = "",
         deadline: float = float("inf"),
         priority: str = "interactive",
-    ) -> dict[str, Any]:
+    ) -> MemberReply:
         self.calls.append((model, len(images), probabilities))
         self.priorities.append(priority)
         self.deadlines.append(deadline)
@@ -73,15 +74,17 @@ class FakeModelClient:
             if probabilities:
                 result["probabilities"] = encode_vector(vector)
             results.append(result)
-        return {
-            "model": model,
-            "weights": "random",
-            "weights_hash": f"hash-{model}",
-            "backend": "fake",
-            "labels_hash": self.index.digest,
-            "results": results,
-            "timing_ms": {"decode": 1.0, "preprocess": 0.5, "inference": 10.0, "total": 12.0},
-        }
+        return MemberReply.from_json(
+            {
+                "model": model,
+                "weights": "random",
+                "weights_hash": f"hash-{model}",
+                "backend": "fake",
+                "labels_hash": self.index.digest,
+                "results": results,
+                "timing_ms": {"decode": 1.0, "preprocess": 0.5, "inference": 10.0, "total": 12.0},
+            }
+        )
 
     def labels(self, model: str, labels_hash: str) -> Labels:
         assert labels_hash == self.index.digest

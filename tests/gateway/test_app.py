@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from common.errors import ModelUnavailable, UpstreamTimeout
+from fleet.answers import MemberReply
 from fleet.client import ModelClient, new_session
 from fleet.registry import Registry
 from gateway.app import create_app
@@ -407,7 +408,9 @@ def test_an_ensemble_whose_members_answered_only_item_errors_passes_the_error_on
 
     def too_large(model: str, images: list[bytes], **kwargs):  # type: ignore[no-untyped-def]
         error = {"code": "image_too_large", "message": "over the member's limit", "status": 413}
-        return {"model": model, "results": [{"index": i, "error": error} for i in range(len(images))]}
+        return MemberReply.from_json(
+            {"model": model, "results": [{"index": i, "error": error} for i in range(len(images))]}
+        )
 
     fake.predict = too_large  # type: ignore[method-assign]
     response = gateway.post("/v1/predict?model=ensemble", data=CAT, content_type="image/jpeg")

@@ -6,12 +6,14 @@ import base64
 import json
 import re
 import struct
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
+from fleet.answers import MemberReply
 from gateway import docs
 from gateway.app import create_app
 from tests.gateway.fakes import FakeModelClient
@@ -200,8 +202,9 @@ def test_versions_come_from_the_model_repository(gateway: FlaskClient, fake: Fak
     assert gateway.get("/v2/models/resnet50").get_json()["versions"] == ["1", "2"]
     answer = fake.predict
 
-    def versioned(*args: object, **kwargs: object) -> dict:
-        return {**answer(*args, **kwargs), "version": "2"}  # type: ignore[arg-type]
+    def versioned(*args: object, **kwargs: object) -> MemberReply:
+        reply = answer(*args, **kwargs)  # type: ignore[arg-type]
+        return replace(reply, served=replace(reply.served, version="2"))
 
     fake.predict = versioned  # type: ignore[method-assign]
     body = gateway.post("/v2/models/resnet50/infer", json={"inputs": [tensor(CAT)]}).get_json()
@@ -215,9 +218,9 @@ def served(fake: FakeModelClient, model: str, version: str, versions: list[str])
         replica.metadata.update(version=version, versions=versions)
     answer = fake.predict
 
-    def versioned(name: str, *args: object, **kwargs: object) -> dict:
+    def versioned(name: str, *args: object, **kwargs: object) -> MemberReply:
         reply = answer(name, *args, **kwargs)  # type: ignore[arg-type]
-        return {**reply, "version": version} if name == model else reply
+        return replace(reply, served=replace(reply.served, version=version)) if name == model else reply
 
     fake.predict = versioned  # type: ignore[method-assign]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import ServiceError
+from fleet.answers import MemberReply
 from tests.gateway.fakes import FakeModelClient
 
 
@@ -18,7 +19,7 @@ class ScriptedClient(FakeModelClient):
         self.after_call = lambda: None
         self.calls_made = 0
 
-    def predict(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+    def predict(self, model: str, images: list[bytes], **kwargs: Any) -> MemberReply:
         self.calls_made += 1
         try:
             if self.script:
@@ -27,5 +28,5 @@ class ScriptedClient(FakeModelClient):
         finally:
             self.after_call()
 
-    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> MemberReply:
         return super().predict(model, images, **kwargs)

@@ -4,6 +4,7 @@ Keras, and a fake base model whose features are the photos' colours (so a head c
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import time
@@ -25,6 +26,7 @@ from common.tenancy.owners import LEGACY, NameTaken, Owners
 from common.training import dataset
 from common.training.dataset import Entry
 from common.training.settings import TrainingSettings
+from fleet.answers import MemberReply
 from serving import custom
 from tests import colours
 from tests.helpers import gateway_settings
@@ -38,7 +40,7 @@ class ColourFeatures(ScriptedClient):
     def __init__(self) -> None:
         super().__init__(gateway_settings())
 
-    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> MemberReply:
         assert kwargs["features"] and kwargs["priority"] == "background"
         results: list[dict[str, Any]] = []
         for i, data in enumerate(images):
@@ -59,7 +61,9 @@ class ColourFeatures(ScriptedClient):
                     "features": {"data": base64.b64encode(vector.tobytes()).decode()},
                 }
             )
-        return {"model": model, "weights": "random", "weights_hash": "base-hash", "results": results}
+        return MemberReply.from_json(
+            {"model": model, "weights": "random", "weights_hash": "base-hash", "results": results}
+        )
 
 
 class SwappedMidway(ColourFeatures):
@@ -69,10 +73,11 @@ class SwappedMidway(ColourFeatures):
         super().__init__()
         self.answered = 0
 
-    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> dict[str, Any]:
+    def answer(self, model: str, images: list[bytes], **kwargs: Any) -> MemberReply:
         self.answered += 1
         reply = super().answer(model, images, **kwargs)
-        return {**reply, "weights_hash": "base-hash" if self.answered == 1 else "new-hash"}
+        weights_hash = "base-hash" if self.answered == 1 else "new-hash"
+        return dataclasses.replace(reply, served=dataclasses.replace(reply.served, weights_hash=weights_hash))
 
 
 def settings(tmp_path: Path, **overrides: Any) -> TrainingSettings:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common import imaging, repository, wire
+from common import imaging, repository
 from common.errors import ServiceError, TooManyFineTuned
 from common.models import ModelSpec
 from common.training.settings import TrainingSettings
@@ -171,16 +171,16 @@ class HeadLearner:
                         f"{self.base} stayed unavailable for {retry_s:g}s: {exc.message}"
                     ) from None
                 self.run.sleep(wait)
-        self.hashes.add(str(reply.get("weights_hash", "")))
+        self.hashes.add(reply.served.weights_hash or "")
         vectors: list[np.ndarray | None] = []
         errors: list[str] = []
-        for result in reply["results"]:
-            if "features" in result:
-                vectors.append(wire.decode_vector(result["features"]).copy())
+        for result in reply.results:
+            if result.features is not None:
+                vectors.append(result.features.copy())
                 errors.append("")
             else:
                 vectors.append(None)
-                errors.append(str(result.get("error", {}).get("message", "not readable")))
+                errors.append(result.error.message if result.error else "not readable")
         return vectors, errors
 
 
