@@ -35,6 +35,7 @@ from common.errors import (
     UnsupportedMediaType,
 )
 from common.jobs.settings import JobSettings
+from common.outcomes import error_json
 from common.tenancy.quotas import Reservation
 from gateway import archive
 from gateway.inputs import decode_base64
@@ -288,7 +289,7 @@ class Intake:
                 raise BadRequest("each image must be a base64 string or an object with 'image' or 'url'")
             data = decode_base64(raw, self.max_image_bytes)
         except ServiceError as exc:
-            return {"name": name, "error": {**exc.to_dict(), "status": exc.status}}
+            return {"name": name, "error": error_json(exc)}
         self._meter(len(data))
         relative = f"inputs/{index:06d}"
         (staging / relative).write_bytes(data)

@@ -24,6 +24,7 @@ from common import imaging, metrics, web
 from common import labels as labels_mod
 from common.errors import BadRequest, DeadlineExceeded, ServiceError, UnknownModel
 from common.models import ModelSpec
+from common.outcomes import error_json
 from common.wire import PRIORITY_HEADER, Priority, encode_vector
 from serving.batching import BatcherClosed
 from serving.custom import Custom, FineTuned, Head
@@ -167,7 +168,7 @@ class Predict:
             except ServiceError as exc:
                 if not batch:
                     raise
-                results[i]["error"] = {**exc.to_dict(), "status": exc.status}
+                results[i]["error"] = error_json(exc)
         return pixels, decoded, results, batch
 
     def _compute(
