@@ -24,26 +24,45 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import DeadlineExceeded, Overloaded
+from common.wire import timestamp
 
 
 class BatchTimes:
     """Seconds per model call by batch size: moving averages of what was measured.
 
-    A size never measured is estimated from the nearest measured size at the same time per image
-    (a conservative guess on a CPU, where bigger batches cost at most proportionally more).
+    Warm-up figures (``seed``) stand until that size is served: its first measured call replaces
+    the seed outright rather than being averaged into it, since a warm-up runs while the other
+    services of the machine warm up too and can only have been slowed. A size never measured is
+    estimated from the nearest measured size at the same time per image (a conservative guess on a
+    CPU, where bigger batches cost at most proportionally more). ``taken`` says, per size, whether
+    its figure is a warm-up's or served calls', and when it was last taken.
     """
 
-    def __init__(self, max_batch: int, smoothing: float = 0.2) -> None:
+    def __init__(
+        self, max_batch: int, smoothing: float = 0.2, clock: Callable[[], float] = time.time
+    ) -> None:
         self.max_batch = max_batch
         self.smoothing = smoothing
+        self.clock = clock
         self._seconds: dict[int, float] = {}
+        self._seeded: set[int] = set()  # sizes whose figure is still the warm-up's
+        self._taken_at: dict[int, float] = {}
+
+    def seed(self, size: int, seconds: float) -> None:
+        """A warm-up's figure for ``size``, until a served call of that size is measured."""
+        size = max(1, min(size, self.max_batch))
+        self._seconds[size] = seconds
+        self._seeded.add(size)
+        self._taken_at[size] = self.clock()
 
     def observe(self, size: int, seconds: float) -> None:
         size = max(1, min(size, self.max_batch))
-        previous = self._seconds.get(size)
+        previous = None if size in self._seeded else self._seconds.get(size)
+        self._seeded.discard(size)
         self._seconds[size] = (
             seconds if previous is None else (1 - self.smoothing) * previous + self.smoothing * seconds
         )
+        self._taken_at[size] = self.clock()
 
     @property
     def known(self) -> bool:
@@ -67,6 +86,16 @@ class BatchTimes:
     def snapshot(self) -> dict[str, float]:
         """Milliseconds per call by batch size, for ``/v1/model``."""
         return {str(size): round(s * 1000, 2) for size, s in sorted(self._seconds.items())}
+
+    def taken(self) -> dict[str, dict[str, str | None]]:
+        """Per batch size, for ``/v1/model``: ``warm-up`` or ``served`` calls, and when (RFC 3339)."""
+        return {
+            str(size): {
+                "from": "warm-up" if size in self._seeded else "served",
+                "at": timestamp(self._taken_at.get(size)),
+            }
+            for size in sorted(self._seconds)
+        }
 
 
 @dataclass(frozen=True)

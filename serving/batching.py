@@ -328,6 +328,7 @@ class Batcher:
             "queued_background_images": queued_background_images,
             "running_images": load.running_images,
             "batch_ms": self.times.snapshot(),
+            "batch_ms_taken": self.times.taken(),
             "requests": self.stats.requests,
             "images": self.stats.images,
             "batches": self.stats.batches,

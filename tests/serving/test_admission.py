@@ -47,6 +47,24 @@ def test_batch_times_are_moving_averages() -> None:
     assert times.seconds(4) == pytest.approx(0.150)
 
 
+def test_a_warm_up_figure_stands_until_its_size_is_served_then_gives_way_at_once() -> None:
+    """Warm-ups run while the machine's other services warm up: a slowed seed (5x here) must not
+    linger in the average once real calls of that size are measured."""
+    clock = iter(range(1_700_000_000, 1_800_000_000))
+    times = BatchTimes(max_batch=8, smoothing=0.2, clock=lambda: float(next(clock)))
+    times.seed(4, 1.000)
+    times.seed(8, 0.400)
+    assert times.seconds(4) == pytest.approx(1.000)
+    assert times.taken()["4"]["from"] == "warm-up"
+    times.observe(4, 0.200)  # the first served call of 4 replaces the seed outright
+    assert times.seconds(4) == pytest.approx(0.200)
+    times.observe(4, 0.100)  # later ones are averaged as ever
+    assert times.seconds(4) == pytest.approx(0.180)
+    taken = times.taken()
+    assert (taken["4"]["from"], taken["8"]["from"]) == ("served", "warm-up")
+    assert taken["4"]["at"] > taken["8"]["at"]  # RFC 3339 strings sort by time
+
+
 def test_an_idle_model_admits_a_request_whose_deadline_it_can_meet() -> None:
     gate, clock = admission(max_queue_images=4)
     gate.check(32, clock.now + 10)  # more images than the queue bound: idle, so taken

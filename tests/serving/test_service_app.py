@@ -20,6 +20,7 @@ from common import draining
 from common.wire import Priority
 from services import resnet50
 from serving.app import ServiceSettings, create_app
+from serving.loaded import WARM_TIMINGS
 from serving.runtime import RuntimeInfo
 from tests.helpers import assert_error, encode, photo
 from tests.serving.fakes import EchoRuntime
@@ -277,10 +278,15 @@ def test_every_batch_size_is_warmed_and_timed_before_the_service_is_ready() -> N
     runtime = EchoRuntime()
     app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
     sizes = [shape[0] for shape in runtime.batches]
-    assert sizes == [n for n in range(1, 9) for _ in (0, 1)]  # each size twice: warmed, then timed
+    # each size warmed (its compiling call), then timed WARM_TIMINGS times, the fastest kept
+    assert sizes == [n for n in range(1, 9) for _ in range(1 + WARM_TIMINGS)]
     batching = app.test_client().get("/v1/model").get_json()["batching"]
     assert set(batching["batch_ms"]) == {str(n) for n in range(1, 9)}
     assert batching["streams"] == 1
+    # /v1/model says each figure is the warm-up's, and when it was taken
+    taken = batching["batch_ms_taken"]
+    assert set(taken) == set(batching["batch_ms"]) and {t["from"] for t in taken.values()} == {"warm-up"}
+    assert all(t["at"].endswith("Z") for t in taken.values())
 
 
 class TwoStreamRuntime(EchoRuntime):
@@ -305,10 +311,11 @@ class TwoStreamRuntime(EchoRuntime):
 
 
 def test_with_two_streams_every_size_is_warmed_on_both_at_once_and_two_batchers_run() -> None:
-    runtime = TwoStreamRuntime(warm_calls=8 * 4)
+    calls = 2 * (1 + WARM_TIMINGS)  # on each stream: its compiling call, then the timed ones
+    runtime = TwoStreamRuntime(warm_calls=8 * calls)
     app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
     sizes = [shape[0] for shape in runtime.batches]
-    assert sizes == [n for n in range(1, 9) for _ in range(4)]  # twice on each stream: warm, timed
+    assert sizes == [n for n in range(1, 9) for _ in range(calls)]
     assert len(runtime.threads) == 2
     model = app.test_client().get("/v1/model").get_json()
     assert model["state"] == "ready" and model["streams"] == 2 and model["batching"]["streams"] == 2
