@@ -37,7 +37,7 @@ import requests
 from bench.fleets import admin_session, base_env, cpu_name
 from deploy.local.fleet import ROOT, Fleet
 from deploy.local.running import on_free_ports, running, wait_until
-from tests.http_fixtures import silent_host
+from tests.http_fixtures import from_address, silent_host
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()
@@ -87,15 +87,6 @@ def photo_p50(fleet: Any, key: dict[str, str], seconds: float) -> dict[str, Any]
         "p99_ms": round(times[int(len(times) * 0.99) - 1], 1) if times else None,
         "statuses": dict(statuses),
     }
-
-
-def from_address(source: str) -> requests.Session:
-    """A client with an address of its own (any 127.x.y.z is this machine)."""
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter()
-    adapter.init_poolmanager(1, 1, source_address=(source, 0))
-    session.mount("http://", adapter)
-    return session
 
 
 def url_flood(fleet: Any, silent: str, seconds: float, keys: str, clients: int = 300) -> dict[str, Any]:

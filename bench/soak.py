@@ -45,12 +45,12 @@ import redis
 import requests
 
 from bench import jobs
-from bench.fairness import from_address, make_key, nudged
+from bench.fairness import make_key, nudged
 from bench.fleets import admin_session, base_env, cpu_name, processes
 from deploy.local.fleet import ROOT, Fleet
 from deploy.local.running import on_free_ports, rss_mb, running
 from tests import colours
-from tests.http_fixtures import silent_host
+from tests.http_fixtures import from_address, silent_host
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()

@@ -224,13 +224,15 @@ class Predictor:
         if valid:  # a batch of only bad images asks nobody, so it cannot miss a quorum
             self._check_quorum(selection, replies, failures)
         labels = self._shared_labels(selection, replies)
-        outcomes: list[Outcome] = [
-            Failed(i, item.name, item.error) if item.error else Failed(i, item.name, _UNANSWERED)
+        sent = {index: position for position, index in enumerate(valid)}  # where each went in the call
+        outcomes = [
+            Failed(i, item.name, item.error)
+            if item.error
+            else self._merge(
+                selection, i, item.name, {m: r.results[sent[i]] for m, r in replies.items()}, labels, top_k
+            )
             for i, item in enumerate(items)
         ]
-        for position, index in enumerate(valid):
-            answers = {m: reply.results[position] for m, reply in replies.items()}
-            outcomes[index] = self._merge(selection, index, items[index].name, answers, labels, top_k)
         return Prediction(
             selection,
             tuple(outcomes),
@@ -283,6 +285,5 @@ class Predictor:
         return Predicted(index, name, tuple(merged), answered)
 
 
-# Never seen: every image is either refused before the call or given its members' answer (a
-# member's result without labels carries its error).
+# Never seen: a member's result without labels carries its error.
 _UNANSWERED = ServiceError("no answer", code="unanswered", status=500)

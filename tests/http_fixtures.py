@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import requests
+
 from tests.helpers import photo
 
 CAT = photo("chelsea.jpg")
@@ -123,3 +125,12 @@ def silent_host() -> Iterator[tuple[str, list[socket.socket]]]:
         for connection in taken:
             connection.close()
         listener.close()
+
+
+def from_address(source: str) -> requests.Session:
+    """A client with an address of its own: ``source`` may be any 127.x.y.z, all of it loopback."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter()
+    adapter.init_poolmanager(1, 1, source_address=(source, 0))
+    session.mount("http://", adapter)
+    return session

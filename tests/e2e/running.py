@@ -4,15 +4,20 @@ it), and the calls every test module makes of it."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from deploy.local.running import RunningFleet, wait_until
-from tests.helpers import ADMIN_KEY
+from deploy.local.fleet import ExtraService, Fleet
+from deploy.local.running import RunningFleet, free_port, on_free_ports, running, wait_until
+from deploy.settings import NginxSettings
+from tests.helpers import ADMIN_KEY, is_project_variable
 
 ADMIN_TOKEN = "e2e-admin-token"
 
@@ -33,6 +38,26 @@ class E2EFleet(RunningFleet):
 
 
 JPEG = {"Content-Type": "image/jpeg"}
+
+
+@contextmanager
+def stub_fleet(
+    prefix: str, gateway_workers: int, nginx: NginxSettings | None = None, **env: str
+) -> Iterator[RunningFleet]:
+    """A small fleet of its own (Nginx, the gateway, Redis, one stub model, ``flaky``:
+    ``tests.e2e.faulty_service``) with ``env`` over the test environment; removed afterwards."""
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    run_dir.chmod(0o755)
+    settings = on_free_ports(run_dir, models=(), gateway_workers=gateway_workers)
+    stub = ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()")
+    environment = {k: v for k, v in os.environ.items() if not is_project_variable(k)} | env
+    try:
+        with running(
+            Fleet(settings, [stub], nginx=nginx or NginxSettings()), environment, timeout_s=120
+        ) as handle:
+            yield handle
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def post(fleet: E2EFleet, query: str, **kwargs) -> requests.Response:

@@ -8,24 +8,21 @@ the gateway's own rate limit off, so every 429 here is the edge's.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 import tritonclient.grpc as triton_grpc
 
-from deploy.local.fleet import ExtraService, Fleet
-from deploy.local.running import RunningFleet, free_port, on_free_ports, running
+from deploy.local.running import RunningFleet
 from deploy.settings import NginxSettings
-from tests.helpers import ADMIN_KEY, is_project_variable, photo
+from tests.e2e.running import stub_fleet
+from tests.helpers import ADMIN_KEY, photo
+from tests.http_fixtures import from_address
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 EDGE = NginxSettings(anonymous_rate="2r/s", anonymous_burst=4, anonymous_no_delay=0)
@@ -34,32 +31,14 @@ CAT = photo("chelsea.jpg")
 
 @pytest.fixture(scope="module")
 def edge_fleet() -> Iterator[RunningFleet]:
-    run_dir = Path(tempfile.mkdtemp(prefix="imagerec-edge-"))
-    run_dir.chmod(0o755)
-    settings = on_free_ports(run_dir, models=(), gateway_workers=1)
-    stub = ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()")
-    env = {k: v for k, v in os.environ.items() if not is_project_variable(k)}
-    env.update(GATEWAY_RATE_LIMIT="", GATEWAY_CACHE_SIZE="0", IMAGEREC_ADMIN_KEY=ADMIN_KEY)
-    try:
-        with running(Fleet(settings, [stub], nginx=EDGE), env, timeout_s=120) as handle:
-            yield handle
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    env = {"GATEWAY_RATE_LIMIT": "", "GATEWAY_CACHE_SIZE": "0", "IMAGEREC_ADMIN_KEY": ADMIN_KEY}
+    with stub_fleet("imagerec-edge-", 1, EDGE, **env) as handle:
+        yield handle
 
 
 def received(fleet: RunningFleet) -> int:
     """Predictions the stub model has been sent so far."""
     return int(requests.get(f"{fleet.service_url('flaky')}/chaos", timeout=5).json()["received"])
-
-
-def session_from(source: str, headers: dict[str, str] | None = None) -> requests.Session:
-    """A client with an address of its own (any 127.x.y.z is loopback)."""
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter()
-    adapter.init_poolmanager(1, 1, source_address=(source, 0))
-    session.mount("http://", adapter)
-    session.headers.update(headers or {})
-    return session
 
 
 def burst(fleet: RunningFleet, source: str, n: int, headers: dict[str, str] | None = None) -> Counter[str]:
@@ -69,7 +48,8 @@ def burst(fleet: RunningFleet, source: str, n: int, headers: dict[str, str] | No
     lock = threading.Lock()
 
     def one(_: int) -> None:
-        with session_from(source, headers) as session:
+        with from_address(source) as session:
+            session.headers.update(headers or {})
             answer = session.post(
                 f"{fleet.url}/v1/predict?model=flaky&top_k=1",
                 data=CAT,
@@ -118,7 +98,7 @@ def test_another_address_and_a_key_from_the_same_address_are_not_held(edge_fleet
         # the key's requests are counted per key by the gateway (its limit is off here), not by address
         assert burst(edge_fleet, flooded, 12, key) == {"200": 12}
         # another address without a key has a count of its own
-        with session_from("127.0.0.33") as other:
+        with from_address("127.0.0.33") as other:
             started = time.monotonic()
             answer = other.post(
                 f"{edge_fleet.url}/v1/predict?model=flaky",

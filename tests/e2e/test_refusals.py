@@ -13,24 +13,19 @@ the limit is reached without thousands of requests; the model service path uses 
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from deploy.local.fleet import ExtraService, Fleet
-from deploy.local.running import RunningFleet, free_port, on_free_ports, running
-from tests.e2e.running import E2EFleet
-from tests.helpers import is_project_variable
+from deploy.local.running import RunningFleet
+from tests.e2e.running import E2EFleet, stub_fleet
+from tests.http_fixtures import from_address
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LIMIT_PER_MINUTE = 40
@@ -51,19 +46,9 @@ PHOTOS = [big_photo(seed) for seed in range(4)]
 
 @pytest.fixture(scope="module")
 def small_fleet() -> Iterator[RunningFleet]:
-    run_dir = Path(tempfile.mkdtemp(prefix="imagerec-refusals-"))
-    run_dir.chmod(0o755)
-    settings = on_free_ports(run_dir, models=(), gateway_workers=2)
-    stub = ExtraService("flaky", free_port(), "tests.e2e.faulty_service:create_app()")
-    env = {k: v for k, v in os.environ.items() if not is_project_variable(k)}
-    env.update(
-        GATEWAY_RATE_LIMIT=f"{LIMIT_PER_MINUTE}/minute", GATEWAY_CACHE_SIZE="0", GATEWAY_LEGACY_MODEL="flaky"
-    )
-    try:
-        with running(Fleet(settings, [stub]), env, timeout_s=120) as handle:
-            yield handle
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    env = {"GATEWAY_RATE_LIMIT": f"{LIMIT_PER_MINUTE}/minute", "GATEWAY_CACHE_SIZE": "0"}
+    with stub_fleet("imagerec-refusals-", 2, GATEWAY_LEGACY_MODEL="flaky", **env) as handle:
+        yield handle
 
 
 _sources = (f"127.0.0.{n}" for n in range(10, 250))
@@ -78,11 +63,7 @@ def hammer(
     lock = threading.Lock()
 
     def client(number: int) -> None:
-        with requests.Session() as session:
-            if source:  # a client address of its own (any 127.x.y.z is loopback)
-                adapter = requests.adapters.HTTPAdapter()
-                adapter.init_poolmanager(1, 1, source_address=(source, 0))
-                session.mount("http://", adapter)
+        with from_address(source) if source else requests.Session() as session:
             for i in range(each):
                 photo = PHOTOS[(number + i) % len(PHOTOS)]
                 try:
