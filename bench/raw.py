@@ -1,5 +1,6 @@
 """Part 1: raw in-process throughput per model and backend, batch 1 and 8 (no HTTP, no decoding);
-int8 is the PRECISION=int8 model (it says fp32 when the quality gate refused it).
+``PRECISION=auto`` is bf16 where this CPU computes it natively and it passed its gate (it says fp32
+where not); int8 is the PRECISION=int8 model (it says fp32 when the quality gate refused it).
 
 Each OpenVINO form is measured twice: one call at a time on the latency hint (one stream on every
 core), and as the model services can run it, the throughput hint's streams each fed by a thread
@@ -82,6 +83,8 @@ def main() -> None:
         keras_runtime.load()
         openvino = OpenVINORuntime(spec, PLAN, cache_dir=args.cache, streams=1)
         openvino.load()
+        auto = OpenVINORuntime(spec, PLAN, cache_dir=args.cache, precision="auto", streams=1)
+        auto_info = auto.load()
         int8 = OpenVINORuntime(spec, PLAN, cache_dir=args.cache, precision="int8", streams=1)
         int8_info = int8.load()
         model = build_keras_model(spec, PLAN)
@@ -89,6 +92,7 @@ def main() -> None:
             "keras model.predict (seed's path)": lambda x, m=model: m.predict(x, verbose=0),
             "keras compiled call": keras_runtime.predict,
             "openvino fp32 (latency hint)": openvino.predict,
+            f"openvino {auto_info.precision} (PRECISION=auto, latency hint)": auto.predict,
             f"openvino {int8_info.precision} (PRECISION=int8)": int8.predict,
         }
         for backend, call in backends.items():

@@ -69,7 +69,8 @@ MODEL_READY = Gauge(
 )
 MODEL_PRECISION_BITS = Gauge(
     "imagerec_model_precision_bits",
-    "Bits of the weights the model serves: 32 (fp32) or 8 (int8 or int8-weights, past the quality gate)",
+    "Bits of the numbers the model serves with: 32 (fp32), 16 (bf16) or 8 (int8 or int8-weights), past "
+    "their quality gates",
     ["model"],
     multiprocess_mode="livemax",
 )

@@ -28,7 +28,7 @@ import numpy as np
 
 from common.errors import ServiceError
 from common.models import ModelSpec
-from serving import preprocessing
+from serving import bf16, preprocessing
 from serving.convert import to_json
 from serving.quantize import LAYOUT, Gate, choose
 from serving.runtime import KerasRuntime, Outputs, Runtime, RuntimeInfo
@@ -36,18 +36,22 @@ from serving.weights import WeightsPlan
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "keras", "openvino")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+"""``auto``: bf16 where the CPU computes it natively, it passes its gate and it measures faster here
+(``serving.bf16``), else fp32."""
 
 
 @dataclass(frozen=True)
 class Quantization:
-    """Where int8 calibrates and is judged (None: the shipped photos' views), the gate, and
-    whether int8 weights alone may serve when full int8 fails it (``serving.quantize``)."""
+    """Where int8 calibrates and where int8 and bf16 are judged (None: the shipped photos' views),
+    their gates, and whether int8 weights alone may serve when full int8 fails its gate
+    (``serving.quantize``, ``serving.bf16``)."""
 
     calibration: Path | None = None
     validation: Path | None = None
     gate: Gate = Gate()
     weights_fallback: bool = True
+    bf16_gate: Gate = Gate(min_top1=0.99, min_top5=0.9)
 
     def key(self) -> str:
         """Names the image sets in the cache key: the shipped set, or the folders' listings."""
@@ -96,7 +100,8 @@ def fingerprint(plan: WeightsPlan) -> str:
 class OpenVINORuntime:
     """OpenVINO IR on the CPU, fp32 arithmetic (parity with Keras depends on it); with
     ``precision="int8"``, the fp32 IR quantized (``serving.quantize``): the first int8 form the gate
-    admits, else fp32.
+    admits, else fp32; with ``"bf16"``, bf16 arithmetic where the CPU has it natively and it passes
+    its gate, and with ``"auto"`` only where it is also faster (``serving.bf16``), else fp32.
 
     ``streams``: batches computed at once, each on an OpenVINO stream of its own (its share of the
     cores; Triton's instance count). 1 is the latency hint, one batch on every core; 0 chooses by
@@ -138,6 +143,59 @@ class OpenVINORuntime:
         return self.cache_path().with_name(
             f"{self.cache_path().name}-int8v{LAYOUT}-nncf{_version('nncf')}-{self.quantization.key()}"
         )
+
+    def bf16_path(self, core: Any) -> Path:
+        form = "fused" if self.fused_preprocessing else "plain"
+        return self.cache_path().with_name(
+            f"{self.cache_path().name}-bf16v{bf16.LAYOUT}-{bf16.cpu_key(core)}-{form}-{self.quantization.key()}"
+        )
+
+    def ensure_bf16_measured(self, core: Any) -> dict[str, Any]:
+        """The bf16 record of this CPU (gate figures and timings), measuring first (child process)
+        when none is cached."""
+        path = self.bf16_path(core)
+        if not (path / "record.json").is_file():
+            log.info(
+                "%s: measuring bf16 against fp32 into %s (once per CPU and weights)", self.spec.name, path
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "serving.bf16",
+                "--spec",
+                to_json(self.spec),
+                "--fp32",
+                str(self.cache_path() / "model.xml"),
+                "--out",
+                str(path),
+                *(["--fused"] if self.fused_preprocessing else []),
+            ]
+            if self.quantization.validation is not None:
+                command += ["--validation", str(self.quantization.validation)]
+            self._run_child(command, path, "bf16 measurement")
+        record: dict[str, Any] = json.loads((path / "record.json").read_text())
+        return record
+
+    def _bf16_verdict(self, core: Any) -> tuple[str, str]:
+        """(precision to serve, why not the one asked for if not) for ``bf16`` and ``auto``."""
+        if not bf16.native(core):
+            listed = ", ".join(bf16.capabilities(core))
+            return (
+                "fp32",
+                f"{self.precision}: this CPU computes no bf16 natively (it has {listed}); serving fp32",
+            )
+        try:
+            record = self.ensure_bf16_measured(core)
+        except Exception as exc:  # noqa: BLE001 - any failure to measure: serve fp32, say why
+            note = f"bf16 unavailable, serving fp32: {exc}"
+            log.warning("%s: %s", self.spec.name, note)
+            return "fp32", note[:500]
+        precision, note = bf16.choose(
+            record, self.quantization.bf16_gate, must_be_faster=self.precision == "auto"
+        )
+        if note:
+            log.warning("%s: %s", self.spec.name, note)
+        return precision, note
 
     def ensure_quantized(self) -> dict[str, Any]:
         """The int8 record (gate figures included), quantizing first (child process) when none is
@@ -227,15 +285,17 @@ class OpenVINORuntime:
             )
         import openvino as ov
 
-        model, precision, note = self.cache_path() / "model.xml", "fp32", ""
-        if self.precision != "fp32":
-            model, precision, note = self._int8_verdict()
-        config = compile_config(self.streams or streams_for(precision), self.threads)
         core = ov.Core()
+        model, precision, note = self.cache_path() / "model.xml", "fp32", ""
+        if self.precision == "int8":
+            model, precision, note = self._int8_verdict()
+        elif self.precision in ("bf16", "auto"):
+            precision, note = self._bf16_verdict(core)
+        config = compile_config(self.streams or streams_for(precision), self.threads, precision)
         graph = core.read_model(model)
         features = _expose_features(graph)
         if self.fused_preprocessing:
-            graph = _fold_preprocessing(graph, self.spec.preprocessing)
+            graph = fold_preprocessing(graph, self.spec.preprocessing)
         self._compiled = core.compile_model(graph, "CPU", config)
         self.pixels_in = self.fused_preprocessing
         streams = int(self._compiled.get_property("NUM_STREAMS"))
@@ -283,10 +343,11 @@ def streams_for(precision: str) -> int:
     return 0 if precision == "int8" else 1
 
 
-def compile_config(streams: int, threads: int) -> dict[str, Any]:
+def compile_config(streams: int, threads: int, precision: str = "fp32") -> dict[str, Any]:
     """OpenVINO's CPU settings for ``streams`` batches at once (1: the latency hint; 0: the
-    throughput hint's choice) on ``threads`` threads in all (0: every core)."""
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    throughput hint's choice) on ``threads`` threads in all (0: every core), computing in the
+    served ``precision``'s arithmetic."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": bf16.precision_hint(precision)}
     if streams == 1:
         config["PERFORMANCE_HINT"] = "LATENCY"
     else:
@@ -298,7 +359,7 @@ def compile_config(streams: int, threads: int) -> dict[str, Any]:
     return config
 
 
-def _fold_preprocessing(graph: Any, mode: str) -> Any:
+def fold_preprocessing(graph: Any, mode: str) -> Any:
     """The model's Keras preprocessing as the graph's first operations: uint8 NHWC pixels in, made
     float32, then (caffe) channels reversed and the ImageNet mean subtracted, or (tf) divided by
     127.5 and 1 subtracted - the float32 operations of ``serving.preprocessing``, so the answers are

@@ -108,9 +108,7 @@ class LoadedModel:
         self.info, self.state = info, "ready"
         metrics.MODEL_LOAD_SECONDS.labels(self.spec.name, info.backend).set(info.load_seconds)
         metrics.MODEL_READY.labels(self.spec.name).set(1)
-        metrics.MODEL_PRECISION_BITS.labels(self.spec.name).set(
-            8 if info.precision.startswith("int8") else 32
-        )
+        metrics.MODEL_PRECISION_BITS.labels(self.spec.name).set(info.precision_bits)
         log.info(
             "%s ready: weights=%s (%s) hash=%s backend=%s precision=%s streams=%d in %.1fs; ms per batch %s",
             self.spec.name,

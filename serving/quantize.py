@@ -105,13 +105,21 @@ def image_sets(
     spec: ModelSpec, calibration: Path | None, validation: Path | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(calibration, validation) uint8 pixels: the named folders, else views of the shipped photos."""
-    shipped = [p.read_bytes() for p in sorted(SHIPPED_PHOTOS.glob("*.jpg"))]
     size = spec.input_size
     calib = (
-        folder_pixels(calibration, size, 300) if calibration else views(shipped, CALIBRATION_VIEWS, 1, size)
+        folder_pixels(calibration, size, 300) if calibration else views(shipped(), CALIBRATION_VIEWS, 1, size)
     )
-    valid = folder_pixels(validation, size, 500) if validation else views(shipped, VALIDATION_VIEWS, 2, size)
-    return calib, valid
+    return calib, validation_set(spec, validation)
+
+
+def validation_set(spec: ModelSpec, validation: Path | None) -> np.ndarray:
+    """The validation uint8 pixels a reduced precision is judged on (int8's and bf16's gates)."""
+    size = spec.input_size
+    return folder_pixels(validation, size, 500) if validation else views(shipped(), VALIDATION_VIEWS, 2, size)
+
+
+def shipped() -> list[bytes]:
+    return [p.read_bytes() for p in sorted(SHIPPED_PHOTOS.glob("*.jpg"))]
 
 
 def digest(*arrays: np.ndarray) -> str:

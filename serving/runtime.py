@@ -35,6 +35,11 @@ class RuntimeInfo:
     features: int = 0  # numbers per image predict_features gives (custom heads); 0: none
     streams: int = 1  # batches it computes at once, each from its own thread (OpenVINO streams)
 
+    @property
+    def precision_bits(self) -> int:
+        """Bits of the numbers the model computes with: 8 (int8, int8-weights), 16 (bf16), 32."""
+        return 8 if self.precision.startswith("int8") else 16 if self.precision == "bf16" else 32
+
 
 @dataclass(frozen=True)
 class Outputs:

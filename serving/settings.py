@@ -45,13 +45,18 @@ class ServiceSettings:
     backend: str = setting("auto", "auto | keras | openvino (auto: the fastest that loads and passes parity)")
     model_cache: str = setting("", "folder for converted backends (default ~/.cache/imagerec/converted)")
     precision: str = setting(
-        "fp32",
-        "fp32 | int8 (NNCF post-training quantization of the OpenVINO model, served if it passes the gate)",
+        "auto",
+        "auto | fp32 | bf16 | int8. fp32: f32 arithmetic (Keras parity); bf16: OpenVINO's bf16 where "
+        "the CPU computes it natively (AVX-512 BF16 or AMX) and it passes its gate, else fp32; auto: "
+        "bf16 only where it is also measured faster here, else fp32; int8: NNCF post-training "
+        "quantization, served if it passes its gate",
     )
     calibration_dir: str = setting("", "images to calibrate int8 on (default: views of the shipped photos)")
     validation_dir: str = setting("", "images the int8 gate compares on (default: other views of them)")
     int8_min_top1: float = setting(0.9, "int8 gate: least share of validation images with fp32's top-1")
     int8_min_top5: float = setting(0.8, "int8 gate: least mean share of fp32's top-5 in int8's top-5")
+    bf16_min_top1: float = setting(0.99, "bf16 gate: least share of validation images with fp32's top-1")
+    bf16_min_top5: float = setting(0.9, "bf16 gate: least mean share of fp32's top-5 in bf16's top-5")
     int8_weights_fallback: bool = setting(
         True,
         "when full int8 fails the gate, serve int8 weights with fp32 activations if they pass it "
@@ -139,8 +144,10 @@ class ServiceSettings:
         if self.inference_streams < 0:
             streams = self.inference_streams
             raise ValueError(f"INFERENCE_STREAMS must be 0 (by precision) or more, got {streams}")
-        if self.precision == "int8" and self.backend == "keras":
-            raise ValueError("PRECISION=int8 needs the OpenVINO backend (BACKEND=auto or openvino)")
+        if self.precision in ("int8", "bf16") and self.backend == "keras":
+            raise ValueError(
+                f"PRECISION={self.precision} needs the OpenVINO backend (BACKEND=auto or openvino)"
+            )
 
     @property
     def quantization(self) -> Quantization:
@@ -149,6 +156,7 @@ class ServiceSettings:
             Path(self.validation_dir) if self.validation_dir else None,
             Gate(self.int8_min_top1, self.int8_min_top5),
             self.int8_weights_fallback,
+            Gate(self.bf16_min_top1, self.bf16_min_top5),
         )
 
     @property

@@ -42,7 +42,7 @@ def converted_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.mark.parametrize("spec", [vgg16.SPEC, resnet50.SPEC, inceptionv3.SPEC], ids=lambda s: s.name)
 def test_service_probabilities_equal_keras_reference(spec, backend: str, converted_cache: str) -> None:
     settings = ServiceSettings(
-        weights="random", weights_seed=SEED, backend=backend, model_cache=converted_cache
+        weights="random", weights_seed=SEED, backend=backend, model_cache=converted_cache, precision="fp32"
     )
     app = create_app(spec, settings, background_load=False)
     assert app.extensions["models"].base.info.backend.startswith(backend)

@@ -11,25 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.models import ModelSpec
 from serving import preprocessing
 from serving.backends import OpenVINORuntime, Quantization
 from serving.quantize import Gate, agreement, choose, views
 from serving.weights import WeightsPlan
 from tests.e2e import shapes
+from tests.serving.reduced import accuracy, spec_of, write_images
 
 pytestmark = pytest.mark.slow
-
-
-def spec_of(model: shapes.TrainedModel) -> ModelSpec:
-    return ModelSpec("shapes", shapes.INPUT_SIZE, shapes.MODE, labels_path=model.labels_path)
-
-
-def write_images(folder: Path, images: list[bytes]) -> Path:
-    folder.mkdir(parents=True)
-    for n, data in enumerate(images):
-        (folder / f"{n:04d}.png").write_bytes(data)
-    return folder
 
 
 def runtime(
@@ -39,11 +28,6 @@ def runtime(
     return OpenVINORuntime(
         spec_of(model), plan, cache_dir=cache, precision=precision, quantization=quantization
     )
-
-
-def accuracy(served: OpenVINORuntime, images: list[bytes], labels: np.ndarray) -> float:
-    predicted = served.predict(shapes.to_inputs(images)).argmax(axis=1)
-    return float((predicted == labels).mean())
 
 
 def test_agreement_counts_top1_and_top5() -> None:
