@@ -56,7 +56,7 @@ SCOPES = {
 # Metadata and health: a key is checked when one is sent, but no scope is needed.
 PUBLIC = frozenset(
     {"models.listing", "models.model", "metrics", "v2.server", "v2.live", "v2.ready", "v2.metadata"}
-    | {"v2.ready_model"}
+    | {"v2.ready_model", "v2.config"}
 )
 OPEN = ("live", "ready", "auth_check")  # never asks for a key, even a bad one
 # The status the key check gives a route or method the gateway does not serve (Nginx answers it).

@@ -92,6 +92,11 @@ def create_blueprint(settings: GatewaySettings, service: V2Service) -> Blueprint
     def metadata(name: str, version: str | None) -> Response:
         return web.json_ok(service.metadata(name, version))
 
+    @v2.get("/models/<name>/config", defaults={"version": None})
+    @v2.get("/models/<name>/versions/<version>/config")
+    def config(name: str, version: str | None) -> Response:
+        return web.json_ok(service.config(name, version))
+
     @v2.get("/models/<name>/ready", defaults={"version": None})
     @v2.get("/models/<name>/versions/<version>/ready")
     def ready_model(name: str, version: str | None) -> Response:

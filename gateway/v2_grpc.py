@@ -199,6 +199,7 @@ class Servicer:
         self._live, self._server_ready = messages["ServerLive"][1], messages["ServerReady"][1]
         self._model_ready, self._server = messages["ModelReady"][1], messages["ServerMetadata"][1]
         self._metadata = messages["ModelMetadata"][1]
+        self._config = messages["ModelConfig"][1]
 
     def _run(
         self,
@@ -326,6 +327,12 @@ class Servicer:
             return response
 
         return self._run(context, "ModelMetadata", "v2.metadata", metadata, model=request.name)
+
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        def config(call: Call) -> Any:
+            return self._config(config=self.v2.config(request.name, request.version or None))
+
+        return self._run(context, "ModelConfig", "v2.config", config, model=request.name)
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         def infer(call: Call) -> Any:

@@ -26,7 +26,12 @@ SERVICE = f"{PACKAGE}.GRPCInferenceService"
 def _compile(proto: Path) -> descriptor_pool.DescriptorPool:
     with tempfile.TemporaryDirectory() as folder:
         compiled = Path(folder) / "descriptors.pb"
-        args = [f"--proto_path={proto.parent}", f"--descriptor_set_out={compiled}", str(proto)]
+        args = [
+            f"--proto_path={proto.parent}",
+            f"--descriptor_set_out={compiled}",
+            "--include_imports",  # model_config.proto's messages with the service's
+            str(proto),
+        ]
         done = subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True, timeout=60
         )

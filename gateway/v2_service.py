@@ -21,6 +21,8 @@ from gateway import v2_request as read
 from gateway.settings import GatewaySettings
 
 VERSION = "1"
+EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration")
+"""Triton's protocol extensions the fleet serves, by Triton's names."""
 
 
 class UnknownVersion(ServiceError):
@@ -46,7 +48,7 @@ class V2Service:
         return selections.named(name, vote, self.settings, self.registry)
 
     def server(self) -> dict[str, Any]:
-        return {"name": "imagerec", "version": VERSION, "extensions": []}
+        return {"name": "imagerec", "version": VERSION, "extensions": list(EXTENSIONS)}
 
     def check_ready(self) -> None:
         """Ready when every base model has a ready replica (the protocol's server readiness); a
@@ -105,6 +107,27 @@ class V2Service:
                 "weights": {m: self.registry.metadata(m).get("weights") for m in members},
                 "precision": {m: self.registry.metadata(m).get("precision") for m in members},
             },
+        }
+
+    def config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration extension (``GET /v2/models/<name>/config``, gRPC
+        ``ModelConfig``), the fields a client reads before it sends a request: the tensors of
+        ``metadata`` in the configuration's own types, and ``max_batch_size`` 0 (a request's
+        tensor is a batch of any size; the fleet batches images across requests at each model
+        service, where a client does not see it)."""
+        meta = self.metadata(name, version)
+
+        def tensor(spec: dict[str, Any]) -> dict[str, Any]:
+            datatype = "STRING" if spec["datatype"] == "BYTES" else spec["datatype"]
+            return {"name": spec["name"], "data_type": f"TYPE_{datatype}", "dims": spec["shape"]}
+
+        return {
+            "name": name,
+            "platform": meta["platform"],
+            "backend": "imagerec",
+            "max_batch_size": 0,
+            "input": [tensor(t) for t in meta["inputs"]],
+            "output": [tensor(t) for t in meta["outputs"]],
         }
 
     def infer(

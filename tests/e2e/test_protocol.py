@@ -26,6 +26,13 @@ def test_the_triton_client_works_unchanged(fleet: E2EFleet) -> None:
     assert not client.is_model_ready("alexnet")
     metadata = client.get_model_metadata("resnet50")
     assert metadata["inputs"][0]["datatype"] == "BYTES"
+    # Triton's model configuration extension, through Nginx, over both protocols (perf_analyzer's
+    # first question)
+    config = client.get_model_config("resnet50")
+    assert (config["max_batch_size"], config["input"][0]["data_type"]) == (0, "TYPE_STRING")
+    over_grpc = triton_grpc.InferenceServerClient(url=fleet.fleet.grpc_address)
+    config = over_grpc.get_model_config("resnet50", as_json=True)["config"]
+    assert config["input"][0]["data_type"] == "TYPE_STRING"
 
     image = triton.InferInput("image", [2], "BYTES")
     image.set_data_from_numpy(

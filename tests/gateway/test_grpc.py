@@ -139,6 +139,16 @@ def test_the_messages_are_the_protocol_tritonclient_speaks() -> None:
         assert fields(proto.POOL.FindMessageTypeByName(f"inference.{shared}")) == fields(
             service_pb2.DESCRIPTOR.message_types_by_name[shared]
         )
+    # Triton's model configuration: a subset of its fields, each as Triton numbers and types it
+    from tritonclient.grpc import model_config_pb2
+
+    for subset in ("ModelConfig", "ModelInput", "ModelOutput"):
+        mine = fields(proto.POOL.FindMessageTypeByName(f"inference.{subset}"))["fields"]
+        theirs = fields(model_config_pb2.DESCRIPTOR.message_types_by_name[subset])["fields"]
+        assert mine.items() <= theirs.items(), subset
+    datatype = proto.POOL.FindEnumTypeByName("inference.DataType")
+    triton_datatype = model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"]
+    assert {v.name: v.number for v in datatype.values} == {v.name: v.number for v in triton_datatype.values}
 
 
 def test_health_readiness_and_metadata(stub: Stub, fake: FakeModelClient) -> None:
@@ -154,6 +164,10 @@ def test_health_readiness_and_metadata(stub: Stub, fake: FakeModelClient) -> Non
     assert (meta.name, list(meta.versions), meta.platform) == ("resnet50", ["1"], "imagerec-openvino-fp32")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("image", "BYTES", [-1])]
     assert [t.name for t in meta.outputs] == ["labels", "scores", "indices"]
+    config = stub("ModelConfig", name="resnet50").config
+    assert (config.name, config.platform, config.max_batch_size) == ("resnet50", "imagerec-openvino-fp32", 0)
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("image", 13, [-1])]  # TYPE_STRING
+    assert [t.name for t in config.output] == ["labels", "scores", "indices"]
     error = stub.error("ModelMetadata", name="alexnet")
     assert error.code() == grpc.StatusCode.NOT_FOUND and trailers(error)["imagerec-code"] == "unknown_model"
     assert stub("ModelReady", name="resnet50", version="7").ready is False  # one it never had

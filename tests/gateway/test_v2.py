@@ -77,6 +77,29 @@ def test_model_metadata(gateway: FlaskClient, fake: FakeModelClient) -> None:
     assert_v2_error(gateway.get("/v2/models/alexnet"), 404, "unknown_model")
 
 
+def test_model_configuration_is_tritons_extension(gateway: FlaskClient, fake: FakeModelClient) -> None:
+    """What perf_analyzer reads before it sends a request: the metadata's tensors in Triton's
+    configuration types, a whole tensor per request (max_batch_size 0)."""
+    make_ready(fake)
+    assert gateway.get("/v2/models/resnet50/config").get_json() == {
+        "name": "resnet50",
+        "platform": "imagerec-openvino-fp32",
+        "backend": "imagerec",
+        "max_batch_size": 0,
+        "input": [{"name": "image", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "output": [
+            {"name": "labels", "data_type": "TYPE_STRING", "dims": [-1, -1]},
+            {"name": "scores", "data_type": "TYPE_FP32", "dims": [-1, -1]},
+            {"name": "indices", "data_type": "TYPE_INT64", "dims": [-1, -1]},
+        ],
+    }
+    assert gateway.get("/v2/models/resnet50/versions/1/config").status_code == 200
+    assert gateway.get("/v2/models/ensemble/config").get_json()["platform"] == "imagerec-ensemble"
+    assert_v2_error(gateway.get("/v2/models/alexnet/config"), 404, "unknown_model")
+    assert_v2_error(gateway.get("/v2/models/resnet50/versions/7/config"), 404, "unknown_version")
+    assert "model_configuration" in gateway.get("/v2").get_json()["extensions"]
+
+
 def test_infer_answers_as_v1_does(gateway: FlaskClient) -> None:
     response = gateway.post(
         "/v2/models/resnet50/infer",
