@@ -15,9 +15,12 @@ import contextlib
 import http.client
 import time
 from collections.abc import Iterator
-from typing import Any
+from urllib.parse import urlencode
 
 import requests
+from requests import PreparedRequest
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
 
 from common.errors import DeadlineExceeded, Overloaded
@@ -96,12 +99,24 @@ def sent_nothing(exc: requests.ConnectionError) -> bool:
     return not any(isinstance(c, _CONNECTION_USED) for c in causes)
 
 
-def _body(images: list[bytes], headers: dict[str, str]) -> dict[str, Any]:
-    """One image travels as the raw body (cheapest for both sides), several as multipart ``files``."""
-    if len(images) == 1:
-        return {"data": images[0], "headers": {**headers, "Content-Type": "application/octet-stream"}}
-    files = [("files", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
-    return {"files": files, "headers": headers}
+def prepared(
+    url: str, params: dict[str, str], images: list[bytes], headers: dict[str, str]
+) -> PreparedRequest:
+    """The member request, ready for an adapter. One image travels as the raw body (cheapest for
+    both sides), set down as it is: a URL, its headers and the bytes need none of ``prepare``'s
+    checks (0.08 ms a call); several as multipart ``files``."""
+    request = PreparedRequest()
+    if len(images) != 1:
+        files = [("files", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+        request.prepare(method="POST", url=url, params=params, headers=headers, files=files)
+        return request
+    request.method = "POST"
+    request.url = f"{url}?{urlencode(params)}" if params else url
+    request.headers = CaseInsensitiveDict(headers)
+    request.headers["Content-Type"] = "application/octet-stream"
+    request.headers["Content-Length"] = str(len(images[0]))
+    request.body = images[0]
+    return request
 
 
 class Transport:
@@ -109,6 +124,7 @@ class Transport:
 
     def __init__(self, session: requests.Session, connect_timeout_s: float, read_timeout_s: float) -> None:
         self.session = session
+        self.adapter = session.get_adapter("http://")
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
 
@@ -136,14 +152,15 @@ class Transport:
             headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
             # from now: time the call then waits for one of the member's threads counts against it
             headers[REQUEST_START_HEADER] = f"t={time.time():.3f}"
+        request = prepared(f"{replica.url}/v1/predict", params, images, headers)
         try:
-            with requests.Session() if fresh else contextlib.nullcontext(self.session) as session:
-                response = session.post(
-                    f"{replica.url}/v1/predict",
-                    params=params,
-                    timeout=(self.connect_timeout_s, read_s),
-                    **_body(images, headers),
-                )
+            # NOTE: straight to the session's adapter (its connection pool), not session.post: the
+            # session's cookies, hooks, redirects and settings merging cost ~0.1 ms a call, of no
+            # use between the gateway and its replicas; read whole here, as session.post would.
+            new = contextlib.closing(HTTPAdapter(max_retries=0)) if fresh else None
+            with new or contextlib.nullcontext(self.adapter) as adapter:
+                response = adapter.send(request, timeout=(self.connect_timeout_s, read_s))
+                response.content  # noqa: B018 - the body is read here, its errors caught below
         except requests.ConnectionError as exc:  # ConnectTimeout included
             if any(isinstance(c, ReadTimeoutError) for c in _causes(exc)):  # while reading the body
                 raise NoAnswer(f"{model} stopped answering", clipped=read_s < self.read_timeout_s) from exc

@@ -373,14 +373,14 @@ def test_the_retry_of_a_lost_reply_goes_out_on_a_new_connection(model_client: Mo
     responses.post(f"{R2}/v1/predict", json=reply())
     for replica in model_client.registry.replicas("resnet50"):
         replica.ready = True
-    pooled, sent = model_client.transport.session, []
-    post = pooled.post
+    pooled, sent = model_client.transport.adapter, []
+    send = pooled.send
 
-    def counted(url: str, **options: Any) -> requests.Response:
-        sent.append(url)
-        return post(url, **options)
+    def counted(request: requests.PreparedRequest, **options: Any) -> requests.Response:
+        sent.append(str(request.url).split("?")[0])
+        return send(request, **options)
 
-    pooled.post = counted  # type: ignore[method-assign]
+    pooled.send = counted  # type: ignore[method-assign]
     assert model_client.predict("resnet50", [b"a"], top_k=1).results
     assert [call.request.url.split("/v1")[0] for call in responses.calls] == [R1, R2]
     assert sent == [f"{R1}/v1/predict"]  # the retry to R2 did not use the pool
