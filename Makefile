@@ -5,8 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PEERS  := bench/.venv-bento/.installed bench/.venv-litserve/.installed bench/.venv-mlserver/.installed
 
-.PHONY: run test test-fast lint bench profile convert weights nginx redis chromium docker secrets clean docs
+.PHONY: run test test-fast lint bench profile perf-analyzer convert weights nginx redis chromium docker secrets clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,7 +61,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy common serving fleet gateway deploy client workers
 
 ## Speed and memory, measured (not asserted): results in bench/results/ (about an hour, a 30-minute soak included).
-bench: $(STAMP) nginx redis docker bench/.venv-bento/.installed
+bench: $(STAMP) nginx redis docker $(PEERS) perf-analyzer
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
 
@@ -69,11 +70,32 @@ profile: $(STAMP) nginx redis
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.profile
 
-# BentoML, the comparison point, in a virtualenv of its own (its pins are not ours); if it does not
-# install, make bench runs without it and says so.
-bench/.venv-bento/.installed:
+# The peers make bench compares the fleet with - BentoML, LitServe, MLServer - each in a virtualenv
+# of its own (their pins are not ours), each serving the fleet's ResNet50 IR on the OpenVINO that
+# .venv runs (the same version: the same IR, the same runtime). One that does not install is
+# skipped by make bench, which says so. Reinstalled when .venv or the Makefile changes (pip keeps
+# what is already there, so that takes seconds).
+PEER_OPENVINO = $(shell $(PY) -c "import importlib.metadata as m; print(m.version('openvino'))" 2>/dev/null)
+PEER_COMMON = "openvino==$(PEER_OPENVINO)" "pillow>=11,<14" "numpy>=1.26,<3"
+bench/.venv-bento/.installed: $(STAMP) Makefile
 	-$(PYTHON) -m venv bench/.venv-bento && bench/.venv-bento/bin/pip install --quiet "bentoml==1.4.*" \
-	  "tensorflow-cpu==2.21.*" pillow && touch $@
+	  $(PEER_COMMON) && touch $@
+bench/.venv-litserve/.installed: $(STAMP) Makefile
+	-$(PYTHON) -m venv bench/.venv-litserve && bench/.venv-litserve/bin/pip install --quiet \
+	  "litserve==0.2.*" "python-multipart<1" $(PEER_COMMON) && touch $@
+# uvloop<0.22: with 0.22, MLServer 1.7's inference workers die at start (SeldonIO/MLServer#2286).
+bench/.venv-mlserver/.installed: $(STAMP) Makefile
+	-$(PYTHON) -m venv bench/.venv-mlserver && bench/.venv-mlserver/bin/pip install --quiet \
+	  "mlserver==1.7.*" "uvloop<0.22" $(PEER_COMMON) && touch $@
+
+# NVIDIA's perf_analyzer (in the tritonclient wheel .venv has) links libb64.so.0d (Debian's
+# libb64-0d) and libcudart.so.12 even against a CPU server: the latter from the
+# nvidia-cuda-runtime-cu12 wheel, installed into bench/.perf-analyzer (bench.perf_analyzer puts
+# it on LD_LIBRARY_PATH). If it does not install, make bench runs without perf_analyzer, saying so.
+perf-analyzer: $(STAMP)
+	-$(call need,test -e /usr/lib/x86_64-linux-gnu/libb64.so.0d || ldconfig -p | grep -q libb64.so.0d,libb64-0d)
+	-test -e bench/.perf-analyzer/nvidia/cuda_runtime/lib/libcudart.so.12 || \
+	  $(PY) -m pip install --quiet --no-deps --target bench/.perf-analyzer "nvidia-cuda-runtime-cu12==12.*"
 
 ## Convert the three models to OpenVINO ahead of serving (same weights setting as the fleet).
 convert: $(STAMP)

@@ -3,12 +3,14 @@ soon as the previous answer arrives - refused or not, wrk never honours Retry-Af
 
 Every request carries different bytes unless ``same_bytes`` is set: a per-run nonce and a counter are
 appended after the body (after a JPEG's end marker, which decoders ignore), so a response cache
-cannot answer it, in this run or from an earlier one.
+cannot answer it, in this run or from an earlier one. In the JSON form the image is base64 text, and
+so is what is appended to it.
 Reports answered img/s (200s only), p50/p95/p99 of every answer, and the answers by status.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -40,6 +42,28 @@ local function le32(n)
   local b = math.floor
   return string.char(n % 256, b(n / 256) % 256, b(n / 65536) % 256, b(n / 16777216) % 256)
 end
+-- The JSON form (BENCH_JSON=1): the body file is the image's base64 text, sent between
+-- BENCH_JSON_BEFORE and BENCH_JSON_AFTER. The image is padded to whole 3-byte groups and nonce and
+-- counter are 48 bytes, so their base64 joins the image's as the base64 of the two together.
+local json = os.getenv("BENCH_JSON") == "1"
+local before, after = os.getenv("BENCH_JSON_BEFORE"), os.getenv("BENCH_JSON_AFTER")
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = a * 65536 + b * 256 + c
+    for shift = 18, 0, -6 do
+      local k = math.floor(n / 2 ^ shift) % 64 + 1
+      out[#out + 1] = B64:sub(k, k)
+    end
+  end
+  return table.concat(out)
+end
+if json then
+  assert(#nonce + 16 == 48, "the nonce and counter must be whole 3-byte groups")
+  wrk.body = before .. body .. after
+end
 if v2 then
   local size = #body + (unique and (#nonce + 16) or 0)
   v2_header = '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":' ..
@@ -61,7 +85,11 @@ function request()
     return wrk.format()
   end
   counter = counter + 1
-  local image = body .. nonce .. string.format("%016d", counter)
+  local suffix = nonce .. string.format("%016d", counter)
+  if json then
+    return wrk.format(nil, nil, nil, before .. body .. base64(suffix) .. after)
+  end
+  local image = body .. suffix
   if v2 then
     return wrk.format(nil, nil, nil, v2_header .. le32(#image) .. image)
   end
@@ -98,6 +126,7 @@ class Payload:
     body: bytes
     content_type: str
     v2_binary: bool = False  # the image as the v2 binary tensor extension carries it
+    around: tuple[str, str] | None = None  # JSON: ``body`` is base64 text, sent between these
 
     @staticmethod
     def raw(image: bytes) -> Payload:
@@ -107,6 +136,36 @@ class Payload:
     def v2(image: bytes) -> Payload:
         """A v2 infer request in the binary form: a JSON header, then the image file as it is."""
         return Payload(image, "application/octet-stream", v2_binary=True)
+
+    @staticmethod
+    def v2_json(image: bytes, name: str = "image") -> Payload:
+        """A v2 infer request in JSON, the image one BYTES element in base64 (MLServer's
+        ``content_type: base64``). The image is padded with zeros after its end marker to whole
+        3-byte groups, so that the base64 of each request's suffix joins its own."""
+        padded = image + b"\0" * (-len(image) % 3)
+        head, tail = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": name,
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"content_type": "base64"},
+                        "data": ["IMAGE"],
+                    }
+                ]
+            }
+        ).split("IMAGE")
+        return Payload(base64.b64encode(padded), "application/json", around=(head, tail))
+
+    def whole(self) -> bytes:
+        """One request's body as wrk sends it with ``same_bytes`` (not the binary v2 form, whose
+        header wrk's script writes)."""
+        if self.v2_binary:
+            raise ValueError("the binary v2 body is made by wrk's script")
+        if self.around:
+            return self.around[0].encode() + self.body + self.around[1].encode()
+        return self.body
 
     @staticmethod
     def multipart(image: bytes, field: str = "file", filename: str = "photo.jpg") -> Payload:
@@ -150,6 +209,9 @@ def run(
             "BENCH_NONCE": uuid.uuid4().hex,
             "BENCH_AUTHORIZATION": f"Bearer {api_key}" if api_key else "",
             "BENCH_V2": "1" if payload.v2_binary else "0",
+            "BENCH_JSON": "1" if payload.around else "0",
+            "BENCH_JSON_BEFORE": payload.around[0] if payload.around else "",
+            "BENCH_JSON_AFTER": payload.around[1] if payload.around else "",
             "PATH": "/usr/bin:/bin",
         }
         done = subprocess.run(

@@ -73,10 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=6.0, help="seconds per measurement")
+    parser.add_argument("--models", default="", help="comma-separated names (default: every model)")
     args = parser.parse_args()
+    chosen = [s for s in SPECS if not args.models or s.name in args.models.split(",")]
     rng = np.random.default_rng(0)
     results = []
-    for spec in SPECS:
+    for spec in chosen:
         size = spec.input_size
         batches = {n: rng.uniform(-120, 120, (n, size, size, 3)).astype(np.float32) for n in (1, 8)}
         keras_runtime = KerasRuntime(spec, PLAN)

@@ -8,15 +8,16 @@ from typing import Any
 from serving.quantize import Gate
 
 
-def _raw_rows(results: dict[str, Any], model: str, int8: bool) -> list[dict[str, Any]]:
-    """``model``'s raw rows of the runtimes the fleet can serve with (not Keras' ``model.predict``),
-    fp32 or ``PRECISION=int8``."""
+def _raw_rows(results: dict[str, Any], model: str, int8: bool, bf16: bool = False) -> list[dict[str, Any]]:
+    """``model``'s raw rows of the runtimes the fleet can serve with (not Keras' ``model.predict``):
+    fp32, ``PRECISION=int8``, or (``bf16``) the bf16 form ``PRECISION=auto`` serves."""
     return [
         r
         for r in results["raw"]
         if r["model"] == model
         and "model.predict" not in r["backend"]
         and ("PRECISION=int8" in r["backend"]) == int8
+        and r["backend"].startswith("openvino bf16") == bf16
     ]
 
 
@@ -26,10 +27,10 @@ def _raw_best(results: dict[str, Any], model: str, batch: int) -> dict[str, Any]
     return max(single, key=lambda r: r["img_per_s"])
 
 
-def _raw_top(results: dict[str, Any], model: str, int8: bool) -> dict[str, Any]:
+def _raw_top(results: dict[str, Any], model: str, int8: bool, bf16: bool = False) -> dict[str, Any]:
     """The runtime's best rate in any form measured (batch 1 or 8, one call at a time or its
-    streams at once), fp32 or PRECISION=int8: issue 19's reference."""
-    return max(_raw_rows(results, model, int8), key=lambda r: r["img_per_s"])
+    streams at once), fp32, bf16 or PRECISION=int8: issue 19's reference."""
+    return max(_raw_rows(results, model, int8, bf16), key=lambda r: r["img_per_s"])
 
 
 def _raw_form(row: dict[str, Any]) -> str:
@@ -54,10 +55,11 @@ def plumbing_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 served >= 0.75 * raw["img_per_s"],
             )
         )
-    raw = _raw_top(results, "resnet50", False)
+    served = results["e2e"].get("precision", {}).get("resnet50") or "fp32"
+    raw = _raw_top(results, "resnet50", False, served == "bf16")
     rows.append(
         (
-            "fp32 fleet at 8 clients >= 90% of the raw fp32 runtime's best (issue #19)",
+            f"The default fleet ({served}) at 8 clients >= 90% of the raw {served} runtime's best (#19)",
             f"{ours[8]['img_per_s']} vs {raw['img_per_s']} img/s ({_raw_form(raw)}): "
             f"{ours[8]['img_per_s'] / raw['img_per_s']:.0%}",
             ours[8]["img_per_s"] >= 0.9 * raw["img_per_s"],
@@ -97,15 +99,46 @@ def plumbing_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def _resnet50(results: dict[str, Any], section: str = "e2e") -> dict[int, dict[str, Any]]:
-    runs = (results.get(section) or {}).get("runs", [])
-    return {r["connections"]: r for r in runs if section != "e2e" or r["target"] == "resnet50"}
+def _resnet50(results: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The fleet's fp32 ResNet50 runs by clients."""
+    return {r["connections"]: r for r in results["e2e"]["runs"] if r["target"] == "resnet50"}
+
+
+PEER_NAMES = {"bentoml": "BentoML", "litserve": "LitServe", "mlserver": "MLServer"}
+
+
+def _peers(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each installed peer's results: its version and a sweep per precision (``bench.baselines``).
+    Results from before the peers (BentoML alone, on TensorFlow) read as BentoML's fp32."""
+    if "peers" in results:
+        return {name: peer for name, peer in results["peers"].items() if peer}
+    legacy = {"version": "1.4 on TensorFlow", "fp32": results.get("bentoml")}
+    return {"bentoml": legacy} if legacy["fp32"] else {}
+
+
+def _peer_sweeps(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(peer's name and version, precision, its sweep) for every sweep measured."""
+    return [
+        (f"{PEER_NAMES[name]} {peer['version']}".strip(), precision, peer[precision])
+        for name, peer in _peers(results).items()
+        for precision in ("fp32", "bf16", "int8")
+        if precision in peer
+    ]
+
+
+def _peer_runs(
+    results: dict[str, Any], precisions: tuple[str, ...] = ("fp32", "bf16", "int8")
+) -> list[dict[str, Any]]:
+    return [
+        r for _, precision, sweep in _peer_sweeps(results) if precision in precisions for r in sweep["runs"]
+    ]
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """The issue's targets, each with what was measured in this run and whether it was met."""
     best = _raw_best(results, "resnet50", 1)
-    ours, bento = _resnet50(results), _resnet50(results, "bentoml")
+    ours = _resnet50(results)
+    bento = {r["connections"]: r for r in _peers(results).get("bentoml", {}).get("fp32", {}).get("runs", [])}
     top = max(r["img_per_s"] for r in ours.values())
     weakest = min((c for c in ours if c >= 2), key=lambda c: ours[c]["img_per_s"])
     refused = {c: ours[c]["refused"] + ours[c]["errors"] for c in ours if c <= 32}
@@ -243,6 +276,50 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows + plumbing_targets(results)
 
 
+def _cpu(results: dict[str, Any]) -> str:
+    """The CPUs every figure was measured on: how many, and their name where the run recorded it."""
+    name = results["machine"].get("cpu")
+    return f"{results['machine']['cpus']} CPUs" + (f", {name}" if name else "")
+
+
+def _peers_section(results: dict[str, Any]) -> list[str]:
+    """The fleet beside each peer serving its ResNet50 IR, at 1 and 8 clients, fp32 and int8."""
+    sweeps = _peer_sweeps(results)
+    if not sweeps:
+        return ["", "## 3b. The peers: none was installed (bench/.venv-*), none measured."]
+    served = results["e2e"].get("precision", {}).get("resnet50", "fp32")  # PRECISION=auto: bf16 or fp32
+    fleet = [("fleet", served, "nginx -> gateway -> service, JPEG body (the defaults)", _resnet50(results))]
+    q = results.get("int8")
+    if q:
+        served = q["precision"].get("resnet50", "int8")
+        path = f"nginx -> gateway -> service, JPEG body (served as {served})"
+        fleet.append(("fleet", "int8", path, {r["connections"]: r for r in q["runs"]}))
+    rows = fleet + [
+        (name, precision, sweep["runs"][0]["path"], {r["connections"]: r for r in sweep["runs"]})
+        for name, precision, sweep in sweeps
+    ]
+    lines = [
+        "",
+        f"## 3b. The peers serving the fleet's ResNet50 IR, in the same run ({_cpu(results)})",
+        "",
+        "Each peer serves the IR the fleet serves the way its docs show (bench/peer_model.py): Pillow "
+        "decodes and resizes, NumPy does Keras' caffe preprocessing, the framework batches up to 8 "
+        "(LitServe and MLServer within 5 ms, BentoML as its adaptive batching decides); OpenVINO with "
+        "the arithmetic of the fleet's form it is compared with (f32 for fp32 and int8, bf16 for bf16, "
+        "where this CPU computes it natively), on the latency hint (one batch at a time).",
+        "",
+        "| server | path | precision | 1 client img/s | p50 ms | 8 clients img/s | p50 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, precision, path, runs in rows:
+        one, eight = runs.get(1, {}), runs.get(8, {})
+        lines.append(
+            f"| {name} | {path} | {precision} | {one.get('img_per_s', '')} | {one.get('p50_ms', '')} | "
+            f"{eight.get('img_per_s', '')} | {eight.get('p50_ms', '')} |"
+        )
+    return lines
+
+
 def _jobs_section(results: dict[str, Any]) -> list[str]:
     j = results.get("jobs")
     if not j:
@@ -357,7 +434,7 @@ def _overload_section(results: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"# Benchmark ({results['started']}, {results['machine']['cpus']} CPUs, "
+        f"# Benchmark ({results['started']}, {_cpu(results)}, "
         f"{results['seconds_per_run']} s per load run, random weights)",
         "",
         "## Targets",
@@ -391,9 +468,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| target | path | clients | img/s | p50 ms | p95 ms | p99 ms | refused | errors | average batch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in (
-        results["e2e"]["runs"] + results["seed"]["runs"] + (results.get("bentoml") or {}).get("runs", [])
-    ):
+    for r in results["e2e"]["runs"] + results["seed"]["runs"] + _peer_runs(results):
         lines.append(
             f"| {r['target']} | {r['path']} | {r['connections']} | {r['img_per_s']} | {r['p50_ms']} | "
             f"{r['p95_ms']} | {r['p99_ms']} | {r['refused']} | {r['errors']} | {r.get('average_batch', '')} |"
@@ -412,6 +487,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{stats['shed']} refused, {stats['expired']} expired; ms per call by batch size "
             f"{stats['batch_ms']}"
         )
+    lines += _peers_section(results)
     o = results["overhead"]
     lines += [
         "",
@@ -444,11 +520,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"| seed-style server (4 workers) | | {results['seed']['memory_idle_mb']} | "
         f"{results['seed']['memory_after_mb']} |"
     )
-    if results.get("bentoml"):
-        lines.append(
-            f"| BentoML (1 worker) | | {results['bentoml']['memory_idle_mb']} | "
-            f"{results['bentoml']['memory_after_mb']} |"
-        )
+    for name, precision, sweep in _peer_sweeps(results):
+        lines.append(f"| {name}, {precision} | | {sweep['memory_idle_mb']} | {sweep['memory_after_mb']} |")
     lines += _overload_section(results)
     lines += _jobs_section(results)
     lines += _int8_section(results)
@@ -463,7 +536,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["e2e"]["runs"] + results["seed"]["runs"] + (results.get("bentoml") or {}).get("runs", [])
+    runs = results["e2e"]["runs"] + results["seed"]["runs"] + _peer_runs(results, ("fp32",))
     targets_ = list(dict.fromkeys(r["target"] for r in runs))
     concurrencies = sorted({r["connections"] for r in runs})
     figure, axis = plt.subplots(figsize=(9, 4.5))
@@ -480,7 +553,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
     axis.axhline(best, color="gray", linestyle="--", linewidth=1, label=f"ResNet50 raw batch 1 ({best})")
     axis.set_xticks([x + width for x in range(len(targets_))], [t.replace(" ", "\n") for t in targets_])
     axis.set_ylabel("images / second")
-    axis.set_title("Through Nginx -> gateway -> service, vs a seed-style server and BentoML (ResNet50)")
+    axis.set_title(
+        "Through Nginx -> gateway -> service, vs a seed-style server and the peers (ResNet50 fp32)"
+    )
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -4,7 +4,9 @@
 2. end to end through Nginx -> gateway -> service on the default settings: ResNet50 at 1, 2, 8, 32
    and 64 clients, the other models and the ensemble at 1, 8 and 32; clients never honour
    Retry-After and every request has new bytes (wrk), so the response cache never answers;
-3. the seed-style server (bench/seed_server.py) and BentoML under the same load;
+3. the seed-style server (bench/seed_server.py) under the same load, and the peers - BentoML, LitServe
+   and MLServer, each serving the fleet's own ResNet50 IR, fp32 and int8, batching up to 8 - under
+   the same sweep (bench/baselines.py);
 4. gateway + Nginx overhead with stub model services, and cache hits (the same photo again);
 5. 12 MP JPEG ingestion, plain Pillow vs ours (bench/ingest.py);
 6. resident memory of every process, idle and after the load;
@@ -24,7 +26,11 @@
    (bench/fairness.py, bench/results/fairness.md; the fetcher may reach loopback there).
 14. a soak: 30 minutes (``BENCH_SOAK_S``) of mixed traffic on the whole default fleet, every
    process's memory and descriptors, Redis memory, the run folder's bytes and the interactive
-   p50/p99 per five minutes (bench/soak.py, bench/results/soak.md).
+   p50/p99 per five minutes (bench/soak.py, bench/results/soak.md), measured last;
+15. speed (issue 29): ResNet50's raw runtime per precision, the fleet with PRECISION=auto (the
+   default), fp32 and int8 at 1 and 8 clients with every process's CPU per image and the batch
+   times at start-up and after the load, perf_analyzer over v2 HTTP and gRPC, and the peers at
+   1 and 8 clients (bench/speed.py, bench/results/speed.md).
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Settings differ from ``make run`` only in WEIGHTS=random; no rate limits (the gateway's, and
 Nginx's for requests without a key) in part 4's cache run and part 9's int8 run (wrk's connections
@@ -39,7 +45,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,15 +54,29 @@ from typing import Any
 
 import requests
 
-from bench import auth, containers, custom, fairness, ingest, jobs, load, overload, protocols, report, soak
-from bench.fleets import MODELS, NO_EDGE_LIMIT, base_env, batching, settle
+from bench import (
+    auth,
+    baselines,
+    containers,
+    custom,
+    fairness,
+    ingest,
+    jobs,
+    load,
+    overload,
+    protocols,
+    report,
+    soak,
+    speed,
+)
+from bench.fleets import MODELS, NO_EDGE_LIMIT, base_env, batching, cpu_name, settle
 from deploy.local.fleet import ROOT, ExtraService, Fleet
-from deploy.local.running import free_port, on_free_ports, rss_mb, running, wait_until
+from deploy.local.running import free_port, on_free_ports, running
 from serving.quantize import LAYOUT
 
 RESULTS = ROOT / "bench" / "results"
 PHOTO = (ROOT / "tests" / "fixtures" / "coffee.jpg").read_bytes()  # 600x400, as a phone thumbnail
-SWEEP = (1, 2, 8, 32, 64)  # ResNet50 and the baselines
+SWEEP = (1, 2, 8, 32, 64)  # ResNet50, the seed-style server and the peers
 OTHERS = (1, 8, 32)  # the other models and the ensemble
 JOB_IMAGES = 2000
 
@@ -156,10 +175,8 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
                 f"{pressure['refusal_latency']['p99_ms']} ms, {pressure['connection_errors']} connection "
                 f"errors, {pressure['bad_gateway']} 502s, {pressure['missed_deadline']} missed deadlines"
             )
-            backends = {
-                m["name"]: m["backend"]
-                for m in requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
-            }
+            listed = requests.get(f"{fleet.url}/v1/models", timeout=10).json()["models"]
+            backends = {m["name"]: m["backend"] for m in listed}
             return {
                 "runs": runs,
                 "auth": authentication,
@@ -170,6 +187,7 @@ def end_to_end(cache: Path, seconds: int) -> dict[str, Any]:
                 "memory_warm_mb": warm,
                 "memory_after_mb": fleet.memory_mb(),
                 "backends": backends,
+                "precision": {m["name"]: m.get("precision") for m in listed},
                 "batching": {name: batching(fleet, name) for name in MODELS},
             }
 
@@ -202,97 +220,6 @@ def int8_fleet(cache: Path, seconds: int) -> dict[str, Any]:
         "memory_loaded_mb": loaded,
         "memory_after_mb": after,
     }
-
-
-BENTOML = ROOT / "bench" / ".venv-bento" / "bin" / "bentoml"
-
-
-def baseline(
-    target: str,
-    path: str,
-    command: list[str],
-    url: str,
-    field: str,
-    seconds: int,
-    concurrencies: tuple[int, ...],
-) -> dict[str, Any]:
-    """Start another server, warm it, load it like the fleet, and stop it."""
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: requests.post(url, files={field: PHOTO}, timeout=60).ok, 300, target)
-        for _ in range(8):  # several workers each load their model on their first requests
-            requests.post(url, files={field: PHOTO}, timeout=120)
-        idle = rss_mb(process.pid)
-        runs = []
-        for connections in concurrencies:
-            payload = load.Payload.multipart(PHOTO, field=field)
-            result = load.run(url, payload, connections=connections, seconds=seconds)
-            runs.append({"target": target, "path": path, **result})
-            requests.post(url, files={field: PHOTO}, timeout=300)  # settle the backlog
-            log(f"{target} c={connections}: {result['img_per_s']} img/s, p50 {result['p50_ms']} ms")
-        return {"runs": runs, "memory_idle_mb": idle, "memory_after_mb": rss_mb(process.pid)}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
-
-
-def seed_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any]:
-    """The article's approach (bench/seed_server.py) under gunicorn -w 4."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-w",
-        "4",
-        "--timeout",
-        "300",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "bench.seed_server:app",
-    ]
-    return baseline(
-        "seed-style resnet50",
-        "gunicorn -w 4, model.predict",
-        command,
-        f"http://127.0.0.1:{port}/predict",
-        "file",
-        seconds,
-        concurrencies,
-    )
-
-
-def bentoml_baseline(seconds: int, concurrencies: tuple[int, ...]) -> dict[str, Any] | None:
-    """BentoML serving the same ResNet50 (bench/bento_service.py), when its virtualenv exists."""
-    if not BENTOML.exists():
-        log("BentoML is not installed (bench/.venv-bento): skipped")
-        return None
-    port = free_port()
-    command = [
-        str(BENTOML),
-        "serve",
-        "bench.bento_service:ResNet50",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-    ]
-    return baseline(
-        "bentoml resnet50",
-        "bentoml serve, adaptive batching",
-        command,
-        f"http://127.0.0.1:{port}/predict",
-        "images",
-        seconds,
-        concurrencies,
-    )
 
 
 def overhead(cache: Path, seconds: int) -> dict[str, Any]:
@@ -363,6 +290,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu": cpu_name(),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
@@ -384,9 +312,17 @@ def main() -> int:
     results["protocols"] = protocols.measure(cache, "int8", seconds, rounds=3)
     protocols.write({**results["protocols"], "measured": results["started"], "cpus": os.cpu_count()})
     log("3/7 seed-style baseline")
-    results["seed"] = seed_baseline(seconds, SWEEP)
-    log("3b/7 BentoML serving the same model")
-    results["bentoml"] = bentoml_baseline(seconds, SWEEP)
+    results["seed"] = baselines.seed_baseline(PHOTO, seconds, SWEEP)
+    log("3b/7 the peers serving the fleet's ResNet50 IR: BentoML, LitServe, MLServer")
+    irs = baselines.peer_irs(cache)
+    log(f"peers: serving {', '.join(f'{p} {ir}' for p, ir in irs.items())}")
+    if "int8" not in irs:
+        log("peers: no int8 IR admitted by the quality gate in the cache: their int8 sweeps skipped")
+    results["peers"] = {
+        "bentoml": baselines.bentoml_baseline(PHOTO, irs, seconds, SWEEP),
+        "litserve": baselines.litserve_baseline(PHOTO, irs, seconds, SWEEP),
+        "mlserver": baselines.mlserver_baseline(PHOTO, irs, seconds, SWEEP),
+    }
     log("4/7 gateway + Nginx overhead with stub services, cache hits")
     results["overhead"] = overhead(cache, seconds)
     log("12: the compose fleet against make run's (bench/results/containers.md)")
@@ -397,6 +333,8 @@ def main() -> int:
         containers.write(containers.measure(seconds, int(os.environ.get("BENCH_ROUNDS", "3"))))
     log("13: fair sharing under hostile load (bench/results/fairness.md)")
     fairness.write(fairness.measure(seconds))
+    log("15: speed: the fleet per precision, perf_analyzer, the peers (bench/results/speed.md)")
+    speed.write(speed.measure(seconds))
     log("14: a soak of mixed traffic (bench/results/soak.md)")
     soak.write(soak.measure(float(os.environ.get("BENCH_SOAK_S", "1800")), 20.0))
     results["duration_s"] = round(time.time() - started)
