@@ -88,10 +88,13 @@ def served_run(fleet: Any, clients: int, seconds: int) -> dict[str, Any]:
     return result
 
 
-def fleet_runs(cache: Path, precision: str, seconds: int, with_analyzer: bool) -> dict[str, Any]:
+def fleet_runs(
+    cache: Path, precision: str, seconds: int, with_analyzer: bool, **settings: str
+) -> dict[str, Any]:
+    """The fleet (ResNet50 alone) with ``PRECISION=precision`` and ``settings`` over the defaults."""
     with tempfile.TemporaryDirectory(prefix="imagerec-speed-") as folder:
         Path(folder).chmod(0o755)
-        env = {**base_env(cache), "PRECISION": precision, "GATEWAY_RATE_LIMIT": ""}
+        env = {**base_env(cache), "PRECISION": precision, "GATEWAY_RATE_LIMIT": "", **settings}
         started = time.monotonic()
         fleet_settings = on_free_ports(Path(folder), models=("resnet50",))
         with running(Fleet(fleet_settings, nginx=NO_EDGE_LIMIT), env, timeout_s=1200) as fleet:

@@ -157,6 +157,7 @@ def _manager(spec: ModelSpec, settings: ServiceSettings, given: Runtime | None) 
             precision=settings.precision,
             quantization=settings.quantization,
             fused_preprocessing=settings.fused_preprocessing,
+            latency_form=settings.latency_form,
         )
 
     def batcher_for(name: str) -> Callable[[Callable[[np.ndarray], Outputs]], Batcher]:

@@ -121,8 +121,10 @@ class OpenVINORuntime:
         precision: str = "fp32",
         quantization: Quantization = Quantization(),
         fused_preprocessing: bool = False,
+        latency_form: bool = False,
     ) -> None:
         self.spec, self.plan, self.cache_dir = spec, plan, cache_dir
+        self.latency_form = latency_form
         self.threads = threads
         self.streams = streams
         self.fused_preprocessing = fused_preprocessing
@@ -131,7 +133,10 @@ class OpenVINORuntime:
         self.precision = precision
         self.quantization = quantization
         self._compiled: Any = None
-        self._requests = threading.local()  # each calling thread's infer request
+        self._alone: Any = None  # the latency form, beside several streams (``latency_form``)
+        self._requests = threading.local()  # each calling thread's infer request, per form
+        self._in_flight = 0
+        self._counting = threading.Lock()
 
     def cache_path(self) -> Path:
         versions = (
@@ -299,6 +304,8 @@ class OpenVINORuntime:
         self._compiled = core.compile_model(graph, "CPU", config)
         self.pixels_in = self.fused_preprocessing
         streams = int(self._compiled.get_property("NUM_STREAMS"))
+        if self.latency_form and streams > 1:
+            self._alone = core.compile_model(graph, "CPU", compile_config(1, self.threads, precision))
         del graph
         size = self.spec.input_size
         self.predict(np.zeros((1, size, size, 3), np.uint8 if self.pixels_in else np.float32))
@@ -314,15 +321,29 @@ class OpenVINORuntime:
             precision_note=note,
             features=features,
             streams=max(1, streams),
+            latency_form=self._alone is not None,
         )
 
     def _infer(self, batch: np.ndarray) -> Any:
         """One call on this thread's own infer request: OpenVINO runs the requests of several
-        threads at once, each on a free stream (one request must not be used by two threads)."""
-        request = getattr(self._requests, "request", None)
-        if request is None:
-            request = self._requests.request = self._compiled.create_infer_request()
-        return request.infer(batch)
+        threads at once, each on a free stream (one request must not be used by two threads).
+        With a latency form, a call that starts while no other runs takes it (every core for
+        one batch: one client's request), else the streams (many clients')."""
+        with self._counting:
+            alone = self._in_flight == 0 and self._alone is not None
+            self._in_flight += 1
+        try:
+            requests = getattr(self._requests, "by_form", None)
+            if requests is None:
+                requests = self._requests.by_form = {}
+            compiled = self._alone if alone else self._compiled
+            request = requests.get(alone)
+            if request is None:
+                request = requests[alone] = compiled.create_infer_request()
+            return request.infer(batch)
+        finally:
+            with self._counting:
+                self._in_flight -= 1
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         # NOTE: the result views the infer request's buffer, which the next call overwrites.
@@ -444,9 +465,10 @@ def make_runtime(
     precision: str = "fp32",
     quantization: Quantization = Quantization(),
     fused_preprocessing: bool = True,
+    latency_form: bool = True,
 ) -> Runtime:
-    """The runtime the ``BACKEND``, ``PRECISION``, ``INFERENCE_STREAMS`` and ``FUSED_PREPROCESSING``
-    settings ask for."""
+    """The runtime the ``BACKEND``, ``PRECISION``, ``INFERENCE_STREAMS``, ``LATENCY_FORM`` and
+    ``FUSED_PREPROCESSING`` settings ask for."""
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
     keras = KerasRuntime(spec, plan, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
@@ -459,6 +481,7 @@ def make_runtime(
         precision=precision,
         quantization=quantization,
         fused_preprocessing=fused_preprocessing,
+        latency_form=latency_form,
     )
     if backend == "keras":
         return keras

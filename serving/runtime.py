@@ -34,6 +34,7 @@ class RuntimeInfo:
     precision_note: str = ""  # why the precision served is not the one asked for, if it is not
     features: int = 0  # numbers per image predict_features gives (custom heads); 0: none
     streams: int = 1  # batches it computes at once, each from its own thread (OpenVINO streams)
+    latency_form: bool = False  # beside its streams, one form on every core for a batch alone
 
     @property
     def precision_bits(self) -> int:

@@ -111,6 +111,12 @@ class ServiceSettings:
         "choice for the machine (2 on 2 cores), fp32 one; 1: one batch at a time on every core (the "
         "latency hint). The Keras backend computes one",
     )
+    latency_form: bool = setting(
+        True,
+        "with several streams, also compile the model as one stream on every core (OpenVINO's "
+        "latency hint) for a batch that starts while no other runs: one client's request gets "
+        "every core, many clients' the streams (costs a second copy of the compiled model)",
+    )
     fused_preprocessing: bool = setting(
         True,
         "OpenVINO runs the model's preprocessing (uint8 pixels in) as its graph's first operations; "

@@ -204,6 +204,58 @@ def test_two_streams_answer_two_threads_at_once_as_one_stream_answers_each(
             np.testing.assert_allclose(probabilities, expected[which], rtol=1e-5, atol=1e-6)
 
 
+class Counted:
+    """A compiled model whose infer requests count the calls made on them."""
+
+    def __init__(self, compiled: object) -> None:
+        self.compiled, self.calls = compiled, 0
+
+    def create_infer_request(self) -> object:
+        request = self.compiled.create_infer_request()  # type: ignore[attr-defined]
+        counted = self
+
+        class Request:
+            def infer(self, batch: np.ndarray) -> object:
+                counted.calls += 1
+                return request.infer(batch)
+
+        return Request()
+
+
+@pytest.mark.slow
+def test_a_batch_alone_gets_the_latency_form_and_batches_at_once_the_streams(
+    tmp_path: Path, trained_shapes: shapes.TrainedModel
+) -> None:
+    """LATENCY_FORM beside two streams: a call that starts while no other runs is computed on
+    every core (the latency form), calls that overlap on the streams; both answer the same."""
+    spec = ModelSpec("shapes", shapes.INPUT_SIZE, "caffe", labels_path=trained_shapes.labels_path)
+    plan = WeightsPlan("file", trained_shapes.model_path)
+    batch = np.stack([imaging.load_pixels(photo("chelsea.jpg"), spec.input_size, imaging.ImageLimits())] * 2)
+    runtime = OpenVINORuntime(
+        spec, plan, cache_dir=tmp_path, fused_preprocessing=True, streams=2, latency_form=True
+    )
+    info = runtime.load()
+    assert (info.streams, info.latency_form) == (2, True)
+    alone, streams = Counted(runtime._alone), Counted(runtime._compiled)
+    runtime._alone, runtime._compiled = alone, streams
+    runtime._requests = threading.local()  # forget the infer requests load() made on this thread
+    expected = runtime.predict(batch)
+    assert (alone.calls, streams.calls) == (1, 0)
+    together = threading.Barrier(2, timeout=30)
+
+    def calls(_: int) -> list[np.ndarray]:
+        together.wait()
+        return [runtime.predict(batch) for _ in range(30)]
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = [a for answered in pool.map(calls, (0, 1)) for a in answered]
+    assert streams.calls > 0 and alone.calls + streams.calls == 61  # overlapping calls took the streams
+    for probabilities in answers:
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    off = OpenVINORuntime(spec, plan, cache_dir=tmp_path, fused_preprocessing=True, streams=2)
+    assert off.load().latency_form is False  # off unless asked (make_runtime asks, by the setting)
+
+
 def test_streams_by_default_follow_the_precision_served() -> None:
     """INFERENCE_STREAMS=0: full int8 gets the throughput hint's streams, fp32 arithmetic (int8
     weights included) the latency hint's one; a number set is compiled as it is."""

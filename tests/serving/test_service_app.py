@@ -278,8 +278,9 @@ def test_every_batch_size_is_warmed_and_timed_before_the_service_is_ready() -> N
     runtime = EchoRuntime()
     app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
     sizes = [shape[0] for shape in runtime.batches]
-    # each size warmed (its compiling call), then timed WARM_TIMINGS times, the fastest kept
-    assert sizes == [n for n in range(1, 9) for _ in range(1 + WARM_TIMINGS)]
+    # each size warmed (its compiling call), then every size timed in WARM_TIMINGS passes, the
+    # fastest kept
+    assert sizes == [*range(1, 9)] * (1 + WARM_TIMINGS)
     batching = app.test_client().get("/v1/model").get_json()["batching"]
     assert set(batching["batch_ms"]) == {str(n) for n in range(1, 9)}
     assert batching["streams"] == 1
@@ -315,7 +316,7 @@ def test_with_two_streams_every_size_is_warmed_on_both_at_once_and_two_batchers_
     runtime = TwoStreamRuntime(warm_calls=8 * calls)
     app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
     sizes = [shape[0] for shape in runtime.batches]
-    assert sizes == [n for n in range(1, 9) for _ in range(calls)]
+    assert sizes == [n for _ in range(1 + WARM_TIMINGS) for n in range(1, 9) for _ in range(2)]
     assert len(runtime.threads) == 2
     model = app.test_client().get("/v1/model").get_json()
     assert model["state"] == "ready" and model["streams"] == 2 and model["batching"]["streams"] == 2
@@ -328,3 +329,36 @@ def test_a_negative_stream_count_is_refused_at_start_up() -> None:
     with pytest.raises(ValueError, match="INFERENCE_STREAMS"):
         ServiceSettings.from_env("resnet50", {"INFERENCE_STREAMS": "-1"})
     assert ServiceSettings.from_env("resnet50", {"RESNET50_INFERENCE_STREAMS": "2"}).inference_streams == 2
+
+
+class LatencyFormRuntime(EchoRuntime):
+    """Two streams and a latency form beside them: records how many calls ran beside each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running, self.beside = 0, []
+        self.lock = threading.Lock()
+
+    def load(self) -> RuntimeInfo:
+        return replace(super().load(), streams=2, latency_form=True)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.beside.append((len(batch), self.running))
+            self.running += 1
+        try:
+            return super().predict(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_a_latency_form_is_warmed_at_every_size_by_a_call_alone() -> None:
+    runtime = LatencyFormRuntime()
+    create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
+    firsts: dict[int, int] = {}
+    for size, beside in runtime.beside:
+        firsts.setdefault(size, beside)
+    assert firsts == {n: 0 for n in range(1, 9)}  # each size's first call ran alone
+    per_size = [sum(1 for size, _ in runtime.beside if size == n) for n in range(1, 9)]
+    assert per_size == [1 + 2 * (1 + WARM_TIMINGS)] * 8  # then both streams, as without the form
