@@ -60,7 +60,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy common serving fleet gateway deploy client workers
 
-## Speed and memory, measured (not asserted): results in bench/results/ (about an hour, a 30-minute soak included).
+## Speed and memory, measured (not asserted): results in bench/results/ (about 80 minutes, a 30-minute soak included).
 bench: $(STAMP) nginx redis docker $(PEERS) perf-analyzer
 	$(call need,command -v wrk,wrk)
 	$(PY) -m bench.run
