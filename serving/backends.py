@@ -158,28 +158,10 @@ class OpenVINORuntime:
     def ensure_bf16_measured(self, core: Any) -> dict[str, Any]:
         """The bf16 record of this CPU (gate figures and timings), measuring first (child process)
         when none is cached."""
-        path = self.bf16_path(core)
-        if not (path / "record.json").is_file():
-            log.info(
-                "%s: measuring bf16 against fp32 into %s (once per CPU and weights)", self.spec.name, path
-            )
-            command = [
-                sys.executable,
-                "-m",
-                "serving.bf16",
-                "--spec",
-                to_json(self.spec),
-                "--fp32",
-                str(self.cache_path() / "model.xml"),
-                "--out",
-                str(path),
-                *(["--fused"] if self.fused_preprocessing else []),
-            ]
-            if self.quantization.validation is not None:
-                command += ["--validation", str(self.quantization.validation)]
-            self._run_child(command, path, "bf16 measurement")
-        record: dict[str, Any] = json.loads((path / "record.json").read_text())
-        return record
+        options = ["--fused"] if self.fused_preprocessing else []
+        if self.quantization.validation is not None:
+            options += ["--validation", str(self.quantization.validation)]
+        return self._child_record("serving.bf16", self.bf16_path(core), "bf16 measurement", options)
 
     def _bf16_verdict(self, core: Any) -> tuple[str, str]:
         """(precision to serve, why not the one asked for if not) for ``bf16`` and ``auto``."""
@@ -205,27 +187,23 @@ class OpenVINORuntime:
     def ensure_quantized(self) -> dict[str, Any]:
         """The int8 record (gate figures included), quantizing first (child process) when none is
         cached. Quantizing a new version happens here too, before the swap, like its conversion."""
-        path = self.int8_path()
+        options = []
+        for flag, folder in (
+            ("--calibration", self.quantization.calibration),
+            ("--validation", self.quantization.validation),
+        ):
+            if folder is not None:
+                options += [flag, str(folder)]
+        return self._child_record("serving.quantize", self.int8_path(), "int8 quantization", options)
+
+    def _child_record(self, module: str, path: Path, what: str, options: list[str]) -> dict[str, Any]:
+        """``path/record.json``, made first by ``python -m <module>`` from the fp32 IR (a child
+        process: NNCF, and a second compiled form, stay out of this one) when none is cached."""
         if not (path / "record.json").is_file():
-            log.info("%s: quantizing to int8 into %s (once per weights and image sets)", self.spec.name, path)
-            command = [
-                sys.executable,
-                "-m",
-                "serving.quantize",
-                "--spec",
-                to_json(self.spec),
-                "--fp32",
-                str(self.cache_path() / "model.xml"),
-                "--out",
-                str(path),
-            ]
-            for flag, folder in (
-                ("--calibration", self.quantization.calibration),
-                ("--validation", self.quantization.validation),
-            ):
-                if folder is not None:
-                    command += [flag, str(folder)]
-            self._run_child(command, path, "int8 quantization")
+            log.info("%s: %s into %s (once, then cached)", self.spec.name, what, path)
+            fp32 = str(self.cache_path() / "model.xml")
+            command = [sys.executable, "-m", module, "--spec", to_json(self.spec), "--fp32", fp32]
+            self._run_child([*command, "--out", str(path), *options], path, what)
         record: dict[str, Any] = json.loads((path / "record.json").read_text())
         return record
 
@@ -329,21 +307,26 @@ class OpenVINORuntime:
         threads at once, each on a free stream (one request must not be used by two threads).
         With a latency form, a call that starts while no other runs takes it (every core for
         one batch: one client's request), else the streams (many clients')."""
+        if self._alone is None:
+            return self._request(False).infer(batch)
         with self._counting:
-            alone = self._in_flight == 0 and self._alone is not None
+            alone = self._in_flight == 0
             self._in_flight += 1
         try:
-            requests = getattr(self._requests, "by_form", None)
-            if requests is None:
-                requests = self._requests.by_form = {}
-            compiled = self._alone if alone else self._compiled
-            request = requests.get(alone)
-            if request is None:
-                request = requests[alone] = compiled.create_infer_request()
-            return request.infer(batch)
+            return self._request(alone).infer(batch)
         finally:
             with self._counting:
                 self._in_flight -= 1
+
+    def _request(self, alone: bool) -> Any:
+        """This thread's infer request on the latency form (``alone``) or on the streams."""
+        requests = getattr(self._requests, "by_form", None)
+        if requests is None:
+            requests = self._requests.by_form = {}
+        request = requests.get(alone)
+        if request is None:
+            request = requests[alone] = (self._alone if alone else self._compiled).create_infer_request()
+        return request
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         # NOTE: the result views the infer request's buffer, which the next call overwrites.

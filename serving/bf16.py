@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from common.models import ModelSpec
 from serving import preprocessing
+from serving.convert import spec_from_json
 from serving.quantize import Gate, agreement, validation_set
 
 LAYOUT = 1
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.backends import fold_preprocessing
 
-    fields = json.loads(args.spec)
-    spec = ModelSpec(**{**fields, "labels_path": Path(fields["labels_path"])})
+    spec = spec_from_json(args.spec)
     started = time.perf_counter()
     core = ov.Core()
     pixels = validation_set(spec, args.validation)

@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", required=True, help="WeightsPlan as JSON")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    spec_fields = json.loads(args.spec)
-    spec = ModelSpec(**{**spec_fields, "labels_path": Path(spec_fields["labels_path"])})
+    spec = spec_from_json(args.spec)
     plan_fields = json.loads(args.plan)
     plan = WeightsPlan(
         plan_fields["kind"], Path(plan_fields["path"]) if plan_fields["path"] else None, plan_fields["seed"]
@@ -106,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 def to_json(value: Any) -> str:
     """Dataclasses (with paths) as JSON, for the command line above."""
     return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(value).items()})
+
+
+def spec_from_json(text: str) -> ModelSpec:
+    """The ``ModelSpec`` ``to_json`` wrote, for the child processes' command lines."""
+    fields = json.loads(text)
+    return ModelSpec(**{**fields, "labels_path": Path(fields["labels_path"])})
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from PIL import Image, ImageEnhance
 from common import imaging
 from common.models import ModelSpec
 from serving import preprocessing
+from serving.convert import spec_from_json
 
 SHIPPED_PHOTOS = Path(__file__).parent / "data" / "parity"
 CALIBRATION_VIEWS, VALIDATION_VIEWS = 64, 48
@@ -212,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=Path, default=None)
     parser.add_argument("--validation", type=Path, default=None)
     args = parser.parse_args(argv)
-    fields = json.loads(args.spec)
-    spec = ModelSpec(**{**fields, "labels_path": Path(fields["labels_path"])})
+    spec = spec_from_json(args.spec)
     calibration, validation = image_sets(spec, args.calibration, args.validation)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = quantize(args.fp32, args.out, spec, calibration, validation)
