@@ -285,6 +285,10 @@ def test_a_custom_model_name_belongs_to_its_owner(keyed_gateway: Any, trainer_re
     listed = lambda key: [m["name"] for m in client.get("/v1/models", headers=key).json["models"]]  # noqa: E731
     assert "pets" in listed(alice) and "pets" not in listed(bob) and "pets" not in listed({})
     assert code(client.get("/v1/models/pets", headers=bob)) == (404, "unknown_model")
+    # nor its v2 metadata or Triton configuration (perf_analyzer's first question)
+    for route in ("/v2/models/pets", "/v2/models/pets/config"):
+        assert client.get(route, headers=bob).status_code == 404, route
+        assert client.get(route, headers=alice).status_code == 200, route
     refused = client.post("/v1/predict?model=pets", data=CAT, content_type="image/jpeg", headers=bob)
     assert code(refused) == (404, "unknown_model") and "pets" in refused.json["error"]["message"]
     assert client.patch("/v1/models/pets", json={"public": True}, headers=alice).json == {
