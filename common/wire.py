@@ -18,6 +18,10 @@ REQUEST_ID_HEADER = "X-Request-ID"
 DEADLINE_HEADER = "X-Deadline-Ms"
 PRIORITY_HEADER = "X-Priority"
 REQUEST_START_HEADER = "X-Request-Start"
+IMAGE_LENGTHS_HEADER = "X-Image-Lengths"
+"""Several images in one body, one after another: their lengths in bytes, comma-separated, in order
+(what the gateway sends a member; a multipart body costs both ends ~0.2 ms per image to write and
+parse in Python)."""
 
 
 class Priority(StrEnum):
@@ -58,3 +62,17 @@ def whole_number(text: str) -> int | None:
     which ``int`` refuses or reads."""
     text = text.strip()
     return int(text) if text.isascii() and text.isdigit() else None
+
+
+def split_images(body: bytes, lengths: str) -> list[bytes]:
+    """The images of a framed body (``IMAGE_LENGTHS_HEADER``); ValueError for lengths that are not
+    whole numbers or do not add up to the body's length (the header's own size bounds their count)."""
+    sizes = [whole_number(field) for field in lengths.split(",")]
+    if any(size is None for size in sizes) or sum(sizes) != len(body):  # type: ignore[arg-type]
+        raise ValueError(f"{IMAGE_LENGTHS_HEADER} must be lengths adding up to the body's {len(body)} bytes")
+    view, images, at = memoryview(body), [], 0
+    for size in sizes:
+        assert size is not None
+        images.append(bytes(view[at : at + size]))
+        at += size
+    return images

@@ -2,7 +2,7 @@
 
 The gateway may gather more bytes than a model service reads in one request (32 images of 10 MB
 against its ``max_body_bytes``, 16 MiB by default). The images then go out in consecutive groups
-whose multipart bodies each fit; an image that cannot fit even alone gets its own 413
+whose bodies each fit; an image that cannot fit even alone gets its own 413
 ``image_too_large`` result and is never sent. Results come back in image order either way.
 """
 
@@ -14,8 +14,8 @@ from common.errors import ImageTooLarge
 from common.outcomes import Served
 from fleet.answers import MemberReply, MemberResult
 
-PART_OVERHEAD = 256  # one multipart part's boundary and headers (~150 bytes), with room to spare
-BODY_OVERHEAD = 64  # the closing boundary
+PART_OVERHEAD = 256  # per image (its length in X-Image-Lengths), with room to spare
+BODY_OVERHEAD = 64  # the request's own lines
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def split(sizes: list[int], limit: int) -> Split:
     Args:
         sizes: each image's length in bytes, in request order.
         limit: the largest body the member accepts. One image travels as the raw body, so it fits
-            when its own size does; several travel as multipart, each part costing its overhead.
+            when its own size does; several travel framed, each image counted with an overhead.
     """
     parts: list[list[int]] = []
     too_large: list[int] = []

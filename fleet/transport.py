@@ -24,7 +24,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
 
 from common.errors import DeadlineExceeded, Overloaded
-from common.wire import DEADLINE_HEADER, REQUEST_START_HEADER
+from common.wire import DEADLINE_HEADER, IMAGE_LENGTHS_HEADER, REQUEST_START_HEADER
 from fleet import answers as replies
 from fleet.answers import MemberReply
 from fleet.replica import Replica
@@ -103,19 +103,20 @@ def prepared(
     url: str, params: dict[str, str], images: list[bytes], headers: dict[str, str]
 ) -> PreparedRequest:
     """The member request, ready for an adapter. One image travels as the raw body (cheapest for
-    both sides), set down as it is: a URL, its headers and the bytes need none of ``prepare``'s
-    checks (0.08 ms a call); several as multipart ``files``."""
+    both sides), several one after another with their lengths in ``X-Image-Lengths`` (a multipart
+    body costs ~0.2 ms per image to write here and to parse there), set down as they are: a URL, its
+    headers and the bytes need none of ``prepare``'s checks (0.08 ms a call)."""
     request = PreparedRequest()
-    if len(images) != 1:
-        files = [("files", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
-        request.prepare(method="POST", url=url, params=params, headers=headers, files=files)
-        return request
     request.method = "POST"
     request.url = f"{url}?{urlencode(params)}" if params else url
     request.headers = CaseInsensitiveDict(headers)
     request.headers["Content-Type"] = "application/octet-stream"
-    request.headers["Content-Length"] = str(len(images[0]))
-    request.body = images[0]
+    if len(images) == 1:
+        request.body = images[0]
+    else:
+        request.headers[IMAGE_LENGTHS_HEADER] = ",".join(str(len(image)) for image in images)
+        request.body = b"".join(images)
+    request.headers["Content-Length"] = str(len(request.body))
     return request
 
 

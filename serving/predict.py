@@ -25,7 +25,7 @@ from common import labels as labels_mod
 from common.errors import BadRequest, DeadlineExceeded, ServiceError, UnknownModel
 from common.models import ModelSpec
 from common.outcomes import error_json
-from common.wire import PRIORITY_HEADER, Priority, encode_vector
+from common.wire import IMAGE_LENGTHS_HEADER, PRIORITY_HEADER, Priority, encode_vector, split_images
 from serving.batching import BatcherClosed
 from serving.custom import Custom, FineTuned, Head
 from serving.loaded import LoadedModel
@@ -75,7 +75,14 @@ def route(models: ModelManager, spec: ModelSpec, name: str) -> Route:
 
 
 def request_images() -> tuple[list[bytes], bool]:
-    """Images from multipart ``file``/``files`` or a raw body; the flag says "batch answer"."""
+    """Images from multipart ``file``/``files``, a framed body (``X-Image-Lengths``, the gateway's)
+    or a raw body; the flag says "batch answer"."""
+    lengths = request.headers.get(IMAGE_LENGTHS_HEADER)
+    if lengths is not None:
+        try:
+            return split_images(request.get_data(cache=False), lengths), True
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="bad_image_lengths") from None
     if request.mimetype == "multipart/form-data":
         parts = request.files.getlist("files")
         batch = bool(parts)

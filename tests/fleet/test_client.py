@@ -25,6 +25,7 @@ from common.errors import (
 )
 from common.labels import load
 from common.outcomes import labels_from_json
+from common.wire import split_images
 from fleet.client import ModelClient, build_client, new_session
 from fleet.registry import Registry
 from tests.fleet.fakes import R1, R2, reply
@@ -56,7 +57,7 @@ def model_client() -> ModelClient:
 
 
 @responses.activate
-def test_sends_images_as_multipart_with_params_and_request_id(model_client: ModelClient) -> None:
+def test_sends_images_framed_with_params_and_request_id(model_client: ModelClient) -> None:
     call = responses.post(
         f"{R1}/v1/predict",
         json=reply(2),
@@ -68,8 +69,8 @@ def test_sends_images_as_multipart_with_params_and_request_id(model_client: Mode
     body = model_client.predict("resnet50", [b"a", b"b"], top_k=3, probabilities=True, request_id="rid-1")
     assert len(body.results) == 2
     sent = call.calls[0].request
-    assert sent.headers["Content-Type"].startswith("multipart/form-data")
-    assert sent.body.count(b'name="files"') == 2
+    assert sent.headers["Content-Type"] == "application/octet-stream"
+    assert (sent.headers["X-Image-Lengths"], sent.body) == ("1,1", b"ab")
 
 
 @responses.activate
@@ -493,23 +494,21 @@ def test_the_connection_pool_holds_every_member_call_of_every_request_thread() -
 
 
 def sent_images(request: requests.PreparedRequest) -> list[bytes]:
-    """The images of one member call: the raw body, or each part of a multipart body."""
-    content_type = request.headers["Content-Type"]
+    """The images of one member call: the raw body, or each image of a framed body."""
     assert isinstance(request.body, bytes)
-    if not content_type.startswith("multipart/"):
+    if "X-Image-Lengths" not in request.headers:
         return [request.body]
-    boundary = b"--" + content_type.split("boundary=")[1].encode()
-    return [part.split(b"\r\n\r\n", 1)[1][:-2] for part in request.body.split(boundary)[1:-1]]
+    return split_images(request.body, request.headers["X-Image-Lengths"])
 
 
 def echo_member(bodies: list[int]) -> Callable[[requests.PreparedRequest], tuple[int, dict[str, str], str]]:
-    """A member that labels each image with its first byte, answering raw and multipart calls."""
+    """A member that labels each image with its first byte, answering raw and framed calls."""
 
     def answer(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         images = sent_images(request)
         bodies.append(len(request.body or b""))
         predictions = [[{"label": image[:1].decode(), "index": 1, "score": 0.5}] for image in images]
-        if len(images) == 1 and not request.headers["Content-Type"].startswith("multipart/"):
+        if "X-Image-Lengths" not in request.headers:
             return 200, {}, json.dumps({"weights_hash": "w1", "predictions": predictions[0]})
         results = [{"index": i, "predictions": p} for i, p in enumerate(predictions)]
         return 200, {}, json.dumps({"weights_hash": "w1", "results": results})

@@ -9,6 +9,7 @@ import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,6 +129,37 @@ def test_batch_keeps_order_and_isolates_a_bad_image(service: FlaskClient, runtim
     assert results[1]["error"]["code"] == "unsupported_media_type" and results[1]["error"]["status"] == 415
     assert results[0]["predictions"][0]["index"] != results[2]["predictions"][0]["index"]
     assert runtime.batches == [(2, 224, 224, 3)]  # the two good images ran as one batch
+
+
+def test_a_framed_body_answers_like_multipart(service: FlaskClient, runtime: EchoRuntime) -> None:
+    black, white = (encode(Image.new("RGB", (50, 50), c)) for c in ("black", "white"))
+    images = [black, b"nope", white]
+    framed = service.post(
+        "/v1/predict",
+        data=b"".join(images),
+        content_type="application/octet-stream",
+        headers={"X-Image-Lengths": ",".join(str(len(i)) for i in images)},
+    )
+    multipart = service.post("/v1/predict", data={"files": [upload(i, f"{n}") for n, i in enumerate(images)]})
+    assert framed.status_code == 200
+
+    def strip(response: Any) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "timing_ms"} for r in response.get_json()["results"]]
+
+    assert strip(framed) == strip(multipart)
+    assert strip(framed)[1]["error"]["code"] == "unsupported_media_type"
+    assert runtime.batches == [(2, 224, 224, 3)] * 2
+
+
+@pytest.mark.parametrize("lengths", ["3,5", "1,x", "", "2,-1", "5,3,0,1", "٣,4", ",".join(["0"] * 5 + ["7"])])
+def test_framed_lengths_that_do_not_add_up_or_are_too_many_are_400s(
+    service: FlaskClient, runtime: EchoRuntime, lengths: str
+) -> None:
+    framing = {"X-Image-Lengths": lengths}
+    response = service.post("/v1/predict", data=b"1234567", content_type="image/jpeg", headers=framing)
+    code = "too_many_images" if lengths.count(",") >= 4 else "bad_image_lengths"
+    assert_error(response, 400, code)
+    assert runtime.batches == []
 
 
 def test_probabilities_are_returned_compactly(service: FlaskClient) -> None:
