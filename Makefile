@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PEERS  := bench/.venv-bento/.installed bench/.venv-litserve/.installed bench/.venv-mlserver/.installed
 
-.PHONY: run test test-fast lint bench profile perf-analyzer convert weights nginx redis chromium docker secrets clean docs
+.PHONY: run test test-fast lint bench profile perf-analyzer convert weights hierarchy nginx redis chromium docker wordnet secrets clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ chromium:
 	$(call need,command -v chromedriver,chromium chromium-driver)
 # Debian's Docker engine, Compose v1 and debootstrap for the compose tests (tests/e2e/test_compose.py
 # starts its own dockerd and makes the images' base from Debian's packages).
+# WordNet 3.0's database, the source of the ImageNet label hierarchy (make hierarchy; its test).
+wordnet:
+	$(call need,test -f /usr/share/wordnet/data.noun,wordnet-base)
 docker:
 	$(call need,test -x /usr/sbin/dockerd && test -x /usr/bin/docker-compose && test -x /usr/sbin/debootstrap,docker.io docker-compose debootstrap)
 
@@ -43,7 +46,7 @@ run: $(STAMP) nginx redis
 
 ## The whole suite, end-to-end tests and the compose fleet included (~20 minutes on 2 cores); the
 ## docs build first.
-test: $(STAMP) nginx redis chromium docker
+test: $(STAMP) nginx redis chromium docker wordnet
 	$(VENV)/bin/mkdocs build --strict -q --site-dir run/site
 	$(PY) -m pytest
 
@@ -100,6 +103,10 @@ perf-analyzer: $(STAMP)
 ## Convert the three models to OpenVINO ahead of serving (same weights setting as the fleet).
 convert: $(STAMP)
 	$(PY) -m services.convert_all
+
+## The ImageNet classes' hypernym graph, derived from WordNet 3.0 into common/data/imagenet_hierarchy.json.
+hierarchy: $(STAMP) wordnet
+	$(PY) -m common.wordnet
 
 ## On a machine with internet: the three ImageNet weight files into the Keras cache.
 weights: $(STAMP)

@@ -47,6 +47,52 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class Node:
+    """A node of the label hierarchy (a WordNet synset for ImageNet): its id, its name, and its
+    probability - the sum of the classes' under it - where the full distribution was at hand."""
+
+    class_id: str
+    name: str
+    score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"class_id": self.class_id, "name": self.name}
+        if self.score is not None:
+            found["score"] = self.score
+        return found
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Node:
+        score = raw.get("score")
+        return cls(str(raw["class_id"]), str(raw["name"]), None if score is None else float(score))
+
+
+@dataclass(frozen=True)
+class Hedged:
+    """The most specific node whose probability meets the confidence asked (``common.hierarchy``):
+    how many classes it covers and the information gain, in bits, of answering with it."""
+
+    node: Node
+    classes: int
+    bits: float
+    confidence: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.node.to_json(),
+            "classes": self.classes,
+            "information_bits": round(self.bits, 3),
+            "confidence": self.confidence,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Hedged:
+        return cls(
+            Node.from_json(raw), int(raw["classes"]), float(raw["information_bits"]), float(raw["confidence"])
+        )
+
+
+@dataclass(frozen=True)
 class Label:
     """One ranked answer for an image; a hard or weighted vote adds its votes and mean probability."""
 
@@ -56,6 +102,8 @@ class Label:
     class_id: str | None = None
     votes: float | None = None
     mean_probability: float | None = None
+    parents: tuple[Node, ...] | None = None  # nearest first, up to the root (parents=true)
+    categories: tuple[str, ...] | None = None  # the broad categories it is in (parents=true)
 
     def to_json(self) -> dict[str, Any]:
         found: dict[str, Any] = {"label": self.label}
@@ -66,6 +114,9 @@ class Label:
         if self.votes is not None:
             found["votes"] = self.votes
             found["mean_probability"] = self.mean_probability
+        if self.parents is not None:
+            found["parents"] = [parent.to_json() for parent in self.parents]
+            found["categories"] = list(self.categories or ())
         return found
 
     @classmethod
@@ -78,6 +129,8 @@ class Label:
             None if class_id is None else str(class_id),
             None if votes is None else float(votes),
             None if mean is None else float(mean),
+            None if "parents" not in raw else tuple(Node.from_json(p) for p in raw["parents"]),
+            None if "categories" not in raw else tuple(str(c) for c in raw["categories"]),
         )
 
 
@@ -89,6 +142,8 @@ class Predicted:
     name: str
     labels: tuple[Label, ...]
     members: dict[str, tuple[Label, ...]] | None = None
+    hedged: Hedged | None = None  # the answer as specific as the model is sure (confidence=)
+    flat: str | None = None  # why parents or a hedged answer could not be given (flat classes)
 
     def to_json(self) -> dict[str, Any]:
         found: dict[str, Any] = {"index": self.index, "name": self.name, **self.answer()}
@@ -96,7 +151,12 @@ class Predicted:
 
     def answer(self) -> dict[str, Any]:
         """The image's answer without its place in the request (a single image's v1 body)."""
-        found: dict[str, Any] = {"predictions": [label.to_json() for label in self.labels]}
+        found: dict[str, Any] = {}
+        if self.hedged is not None:
+            found["hedged"] = self.hedged.to_json()
+        if self.flat is not None:
+            found["hierarchy"] = self.flat
+        found["predictions"] = [label.to_json() for label in self.labels]
         if self.members is not None:
             found["member_predictions"] = {
                 member: [label.to_json() for label in labels] for member, labels in self.members.items()
@@ -148,6 +208,8 @@ def outcome_from_json(raw: Mapping[str, Any]) -> Outcome:
         name,
         labels_from_json(raw["predictions"]),
         None if members is None else {str(m): labels_from_json(p) for m, p in members.items()},
+        None if raw.get("hedged") is None else Hedged.from_json(raw["hedged"]),
+        None if raw.get("hierarchy") is None else str(raw["hierarchy"]),
     )
 
 

@@ -158,6 +158,25 @@ def query_int(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def query_float(name: str) -> float | None:
+    """A finite number query parameter (None when absent), or a 400 naming it."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number, got {raw[:40]!r}") from None
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number, got {raw[:40]!r}")
+    return value
+
+
+def query_list(name: str) -> tuple[str, ...]:
+    """A comma-separated query parameter, repeated or not: its non-empty entries, trimmed."""
+    return tuple(e.strip() for raw in request.args.getlist(name) for e in raw.split(",") if e.strip())
+
+
 def query_flag(name: str) -> bool:
     return request.args.get(name, "").lower() in {"1", "true", "yes"}
 

@@ -25,9 +25,10 @@ from common.outcomes import (
     Selection,
 )
 from common.wire import Priority
-from fleet import ensemble
+from fleet import ensemble, refine
 from fleet.answers import MemberReply, MemberResult
 from fleet.client import ModelClient, fanout_size
+from fleet.refine import PLAIN, Refinement
 from fleet.settings import FleetSettings
 
 
@@ -68,6 +69,7 @@ class Predictor:
         deadline: float = float("inf"),
         priority: Priority = Priority.INTERACTIVE,
         whole: bool = False,
+        refinement: Refinement = PLAIN,
     ) -> Prediction:
         """Answer ``items`` with ``selection``: an outcome per image, in order.
 
@@ -75,12 +77,14 @@ class Predictor:
         ``priority`` ``background`` (the job workers') lets every interactive request go first.
         ``whole``: the request is answered whole or not at all (a v2 tensor): its first image that
         is not one refuses it, named, before any member is called or any photo decoded.
+        ``refinement``: parents, filters and the hedged answer (``fleet.refine``).
 
         Raises:
             UnknownModel: a member the fleet no longer serves.
             ServiceError: what the request itself met (a member's 4xx verdict, no quorum, no replica).
         """
         started = time.perf_counter()
+        refinement.check_vote(selection.vote)
         for member in selection.members:  # a stored selection's model may be gone since
             self.client.registry.replicas(member)
         self._validate(items)
@@ -90,7 +94,7 @@ class Predictor:
             raise ServiceError(f"{bad.name}: {error.message}", code=error.code, status=error.status)
         self._canonicalize(selection, items)
         prepared_ms = (time.perf_counter() - started) * 1000
-        return self._run(selection, items, top_k, request_id, deadline, priority, prepared_ms)
+        return self._run(selection, items, top_k, request_id, deadline, priority, prepared_ms, refinement)
 
     def _validate(self, items: list[ImageInput]) -> None:
         """Reject non-images and oversized images from their headers, before any member sees them."""
@@ -131,7 +135,9 @@ class Predictor:
         request_id: str,
         deadline: float,
         priority: Priority,
+        vectors: bool,
     ) -> tuple[dict[str, MemberReply], dict[str, ServiceError]]:
+        """Each member's answer or failure; ``vectors``: with each image's probability vector."""
         if len(selection.members) == 1:  # no fan-out: call in this thread, skip the hand-off
             member = selection.members[0]
             try:
@@ -139,7 +145,7 @@ class Predictor:
                     member,
                     images,
                     top_k=top_k,
-                    probabilities=selection.vote is not None,
+                    probabilities=vectors,
                     request_id=request_id,
                     deadline=deadline,
                     priority=priority,
@@ -153,7 +159,7 @@ class Predictor:
                 m,
                 images,
                 top_k=top_k,
-                probabilities=selection.vote is not None,
+                probabilities=vectors,
                 request_id=request_id,
                 deadline=deadline,
                 priority=priority,
@@ -209,13 +215,15 @@ class Predictor:
         deadline: float,
         priority: Priority,
         prepared_ms: float,
+        refinement: Refinement,
     ) -> Prediction:
         """Call the members for every valid item and merge; item errors stay on their items."""
         started = time.perf_counter()
         valid = [i for i, item in enumerate(items) if item.error is None]
+        vectors = selection.vote is not None or refinement.needs_distribution
         replies, failures = (
             self._call_members(
-                selection, [items[i].data for i in valid], top_k, request_id, deadline, priority
+                selection, [items[i].data for i in valid], top_k, request_id, deadline, priority, vectors
             )
             if valid
             else ({}, {})
@@ -224,12 +232,20 @@ class Predictor:
         if valid:  # a batch of only bad images asks nobody, so it cannot miss a quorum
             self._check_quorum(selection, replies, failures)
         labels = self._shared_labels(selection, replies)
+        if labels is None and refinement.asked:
+            labels = self._own_labels(selection, replies)
         sent = {index: position for position, index in enumerate(valid)}  # where each went in the call
         outcomes = [
             Failed(i, item.name, item.error)
             if item.error
             else self._merge(
-                selection, i, item.name, {m: r.results[sent[i]] for m, r in replies.items()}, labels, top_k
+                selection,
+                i,
+                item.name,
+                {m: r.results[sent[i]] for m, r in replies.items()},
+                labels,
+                top_k,
+                refinement,
             )
             for i, item in enumerate(items)
         ]
@@ -263,6 +279,15 @@ class Predictor:
             )
         return self.client.labels(next(iter(answering)), str(hashes.pop()))
 
+    def _own_labels(self, selection: Selection, replies: dict[str, MemberReply]) -> Labels | None:
+        """A single model's classes, for a refinement: ImageNet's shipped, else fetched once."""
+        reply = replies.get(selection.members[0])
+        if reply is None or reply.labels_hash is None:
+            return None
+        if reply.labels_hash == refine.imagenet_labels().digest:
+            return refine.imagenet_labels()
+        return self.client.labels(selection.members[0], reply.labels_hash)
+
     @staticmethod
     def _merge(
         selection: Selection,
@@ -271,18 +296,33 @@ class Predictor:
         answers: dict[str, MemberResult],
         labels: Labels | None,
         top_k: int,
+        refinement: Refinement,
     ) -> Outcome:
         """One image's outcome from its members' results (each already checked well-formed)."""
         answered = {m: a.labels for m, a in answers.items() if a.labels is not None}
         if not answered:  # every member refused the image: the first one's reason
             return Failed(index, name, next(iter(answers.values())).error or _UNANSWERED)
-        if labels is None:
-            return Predicted(index, name, next(iter(answered.values())))
+        if selection.vote is None:
+            predicted = Predicted(index, name, next(iter(answered.values())))
+            if not refinement.asked:
+                return predicted
+            member = next(iter(answered))
+            vector = None
+            if refinement.needs_distribution and labels is not None:
+                vector = _probabilities(answers[member], member, len(labels))
+            return refine.refine(predicted, vector, labels, refinement, top_k, model=member)
+        assert labels is not None
         vectors = [_probabilities(answers[m], m, len(labels)) for m in answered]
-        merged = ensemble.merge(
-            selection.vote or "soft", vectors, [selection.weights[m] for m in answered], labels, top_k
+        weights = [selection.weights[m] for m in answered]
+        merged = ensemble.merge(selection.vote, vectors, weights, labels, top_k)
+        predicted = Predicted(index, name, tuple(merged), answered)
+        if not refinement.asked:
+            return predicted
+        distribution = ensemble.distribution(selection.vote, vectors, weights)
+        ranked = selection.vote != "hard"
+        return refine.refine(
+            predicted, distribution, labels, refinement, top_k, ranked=ranked, model=selection.name
         )
-        return Predicted(index, name, tuple(merged), answered)
 
 
 # Never seen: a member's result without labels carries its error.

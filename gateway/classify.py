@@ -13,6 +13,7 @@ from flask import g, request
 from common import web
 from common.outcomes import Failed, Outcome, Selection, outcome_from_json
 from fleet.predict import ImageInput, Predictor
+from fleet.refine import PLAIN, Refinement
 from gateway import cache as response_cache
 from gateway import shaping
 from gateway.cache import Policy
@@ -43,19 +44,25 @@ class Classifier:
         self.cache = cache
         self.caller = caller
 
-    def __call__(self, selection: Selection, top_k: int) -> Classified:
-        """The request's images answered by ``selection``; a single image's error is the request's."""
+    def __call__(self, selection: Selection, top_k: int, refinement: Refinement = PLAIN) -> Classified:
+        """The request's images answered by ``selection``; a single image's error is the request's.
+        A refined answer (``fleet.refine``) is computed each time, never cached."""
         started = time.perf_counter()
         deadline = web.deadline(self.settings.default_deadline_ms / 1000)
         items, batch = self._read()
-        cacheable = self.cache is not None and not batch
+        cacheable = self.cache is not None and not batch and not refinement.asked
         # The key is the caller and the client's bytes, before any canonical re-encoding, hashed once.
         image = response_cache.digest(items[0].data, self.caller()) if cacheable else ""
         if cacheable and (hit := self._cached(selection, image, top_k, started)):
             return hit
         read_ms = (time.perf_counter() - started) * 1000
         prediction = self.predictor.predict(
-            selection, items, top_k=top_k, request_id=web.request_id(), deadline=deadline
+            selection,
+            items,
+            top_k=top_k,
+            request_id=web.request_id(),
+            deadline=deadline,
+            refinement=refinement,
         )
         if not batch and isinstance(prediction.outcomes[0], Failed):
             raise prediction.outcomes[0].error

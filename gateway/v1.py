@@ -1,9 +1,10 @@
 """The v1 prediction routes, and the seed article's two routes kept for its clients.
 
 ``POST /v1/predict?model=<name>|models=<a,b,c>&top_k=``: every input kind (``gateway.inputs``);
-one image answers inline, several (or ``files``) as ``results``. ``POST /predict`` and
-``POST /batch_predict`` answer in the seed's shape from ``GATEWAY_LEGACY_MODEL``. The models'
-own URLs are in ``gateway.models``.
+one image answers inline, several (or ``files``) as ``results``; ``parents``, ``min_score``,
+``include``, ``exclude`` and ``confidence`` ask for more than the flat top-k (``fleet.refine``).
+``POST /predict`` and ``POST /batch_predict`` answer in the seed's shape from
+``GATEWAY_LEGACY_MODEL``. The models' own URLs are in ``gateway.models``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ from flask import Blueprint, Response, g, request
 from common import web
 from common.outcomes import Selection
 from fleet.client import ModelClient
+from fleet.refine import Refinement
 from gateway import selection as selections
 from gateway import shaping
 from gateway.classify import Classifier
 from gateway.settings import GatewaySettings
+
+
+def refinement_from_query() -> Refinement:
+    """``parents``, ``min_score``, ``include``, ``exclude``, ``confidence`` (``fleet.refine``)."""
+    return Refinement(
+        parents=web.query_flag("parents"),
+        min_score=web.query_float("min_score") or 0.0,
+        include=web.query_list("include"),
+        exclude=web.query_list("exclude"),
+        confidence=web.query_float("confidence"),
+    )
 
 
 def create_blueprint(settings: GatewaySettings, client: ModelClient, classify: Classifier) -> Blueprint:
@@ -27,7 +40,7 @@ def create_blueprint(settings: GatewaySettings, client: ModelClient, classify: C
     def predict() -> Response:
         selection = selections.from_query(request.args, settings, client.registry)
         top_k = web.query_int("top_k", settings.default_top_k, 1, settings.max_top_k)
-        answer = classify(selection, top_k)
+        answer = classify(selection, top_k, refinement_from_query())
         return web.json_ok(shaping.predictions(answer.body, answer.outcomes, answer.batch))
 
     @v1.post("/predict")
