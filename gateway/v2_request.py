@@ -13,6 +13,7 @@ answered the same way (``encode``).
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from common.errors import BadRequest, ImageTooLarge
 from common.wire import whole_number
 from fleet.predict import ImageInput
+from fleet.refine import Refinement
 from gateway.inputs import decode_base64
 
 OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}
@@ -175,3 +177,33 @@ def outputs(body: dict[str, Any]) -> list[tuple[str, bool]]:
     if unknown:
         raise BadRequest(f"unknown outputs {unknown}; available: {', '.join(OUTPUTS)}")
     return chosen or [(name, every) for name in OUTPUTS]
+
+
+def refinement(parameters: dict[str, Any]) -> Refinement:
+    """The request parameters ``parents`` (bool), ``confidence`` and ``min_score`` (numbers),
+    ``include`` and ``exclude`` (comma-separated strings), as ``fleet.refine`` reads them."""
+
+    def number(name: str) -> float | None:
+        value = parameters.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise BadRequest(f"parameter {name} must be a number")
+        return float(value)
+
+    def names(name: str) -> tuple[str, ...]:
+        value = parameters.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"parameter {name} must be a comma-separated string")
+        return tuple(e.strip() for e in value.split(",") if e.strip())
+
+    parents = parameters.get("parents", False)
+    if not isinstance(parents, bool):
+        raise BadRequest("parameter parents must be a boolean")
+    return Refinement(
+        parents=parents,
+        min_score=number("min_score") or 0.0,
+        include=names("include"),
+        exclude=names("exclude"),
+        confidence=number("confidence"),
+    )

@@ -150,10 +150,17 @@ class V2Service:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.settings.max_top_k:
             raise BadRequest(f"parameter top_k must be an integer between 1 and {self.settings.max_top_k}")
         wanted = read.outputs(body)
+        refinement = read.refinement(parameters)
         items = read.images(tensor, blob, self.settings.max_request_images, self.settings.max_image_bytes)
         # a tensor is answered whole or not at all: its first bad image refuses it before any decoding
         prediction = self.predictor.predict(
-            chosen, items, top_k=top_k, request_id=request_id, deadline=deadline, whole=True
+            chosen,
+            items,
+            top_k=top_k,
+            request_id=request_id,
+            deadline=deadline,
+            whole=True,
+            refinement=refinement,
         )
         return answer(name, version, body.get("id") or request_id, wanted, prediction)
 
@@ -199,7 +206,25 @@ def answer(
         "parameters": {
             "weights": {m: s.weights for m, s in served.items()},
             "degraded": prediction.degraded,
+            **refined(prediction, k),
         },
         "outputs": outputs,
     }
     return head, b"".join(binary)
+
+
+def refined(prediction: Prediction, k: int) -> dict[str, Any]:
+    """What a refinement added, per image, as response parameters (JSON text over gRPC):
+    ``hedged`` (the hedged answer of each image), ``parents`` (each of the k labels' ancestors),
+    ``hierarchy`` (why neither could be given)."""
+    rows = [o for o in prediction.outcomes if isinstance(o, Predicted)]
+    found: dict[str, Any] = {}
+    if any(o.hedged is not None for o in rows):
+        found["hedged"] = [o.hedged.to_json() if o.hedged else None for o in rows]
+    if any(label.parents is not None for o in rows for label in o.labels):
+        found["parents"] = [
+            [[n.to_json() for n in label.parents or ()] for label in o.labels[:k]] for o in rows
+        ]
+    if rows and rows[0].flat:
+        found["hierarchy"] = rows[0].flat
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -154,3 +155,40 @@ def test_refined_outcomes_survive_their_json() -> None:
     refined = refine(plain, p, GRAPH.labels, Refinement(parents=True, confidence=0.3), 2)
     assert outcome_from_json(refined.to_json()).to_json() == refined.to_json()
     assert isinstance(refined.labels[0], Label) and refined.labels[0].parents
+
+
+def v2(gateway: FlaskClient, model: str, parameters: dict, *images: bytes):  # type: ignore[no-untyped-def]
+    data = [base64.b64encode(image).decode() for image in images]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [len(data)], "data": data}
+    return gateway.post(f"/v2/models/{model}/infer", json={"inputs": [tensor], "parameters": parameters})
+
+
+def test_v2_takes_the_same_refinements_as_parameters(gateway: FlaskClient) -> None:
+    coffee = photo("coffee.jpg")
+    parameters = {"top_k": 3, "parents": True, "confidence": 0.5, "include": "animal,food"}
+    body = v2(gateway, "resnet50", parameters, CAT, coffee).get_json()
+    v1 = [
+        post(gateway, "model=resnet50&top_k=3&parents=true&confidence=0.5&include=animal,food", data)
+        for data in (CAT, coffee)
+    ]
+    assert body["parameters"]["hedged"] == [answer["hedged"] for answer in v1]
+    assert body["parameters"]["parents"] == [[p["parents"] for p in answer["predictions"]] for answer in v1]
+    labels = next(o for o in body["outputs"] if o["name"] == "labels")["data"]
+    assert labels == [p["label"] for answer in v1 for p in answer["predictions"]]
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"parents": "yes"},
+        {"confidence": "high"},
+        {"confidence": 2},
+        {"min_score": True},
+        {"include": 5},
+        {"include": "unicorn"},
+    ],
+)
+def test_v2_refuses_bad_refinements_in_its_own_shape(gateway: FlaskClient, parameters: dict) -> None:
+    response = v2(gateway, "resnet50", parameters, CAT)
+    assert response.status_code == 400 and isinstance(response.get_json()["error"], str)
+    assert next(iter(parameters)) in response.get_json()["error"]
