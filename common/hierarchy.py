@@ -10,7 +10,8 @@ Hedging follows Deng, Krause, Berg and Fei-Fei, "Hedging Your Bets: Optimizing
 Accuracy-Specificity Trade-offs in Large Scale Visual Recognition" (CVPR 2012), in its simple
 threshold form: the answer is the most informative node whose probability meets the requested
 confidence, informative as their reward measures it, the information gain
-``log2(classes) - log2(classes under the node)``; ties go to the more probable node. The root
+``log2(classes) - log2(classes under the node)``; ties go to the more probable node, then the
+deeper one (a class before the parents that hold only it: "fox squirrel", not "tree squirrel"). The root
 (``entity``, probability 1) always qualifies, so there is always an answer. Their DARTS, which
 picks the threshold that guarantees an accuracy on held-out data, needs a calibration set scored
 with real weights: not done here.
@@ -73,6 +74,7 @@ class Hierarchy:
         self._members = np.nonzero(self.under)[1]
         self.counts = self.under.sum(axis=1)
         self._starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.depth = np.array([len(self._ancestors[s]) for s in self.ids])
         self.bits = np.log2(len(labels)) - np.log2(self.counts.astype(np.float64))
         self._categories = {
             index: tuple(
@@ -124,7 +126,8 @@ class Hierarchy:
         scores = self.node_probabilities(probabilities)
         # a distribution's sum falls a little short of 1 at the root: it qualifies all the same
         eligible = scores >= min(confidence, float(scores[self.position[self.root]]))
-        order = np.lexsort((-scores, -self.bits))  # most bits first, then most probable
+        # most bits first, then most probable, then the deepest (a class before its one-class parents)
+        order = np.lexsort((-self.depth, -scores, -self.bits))
         best = int(next(i for i in order if eligible[i]))
         node = self.nodes[self.ids[best]]
         scored = Node(node.class_id, node.name, float(scores[best]))

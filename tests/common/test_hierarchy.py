@@ -148,3 +148,10 @@ def test_filters_by_ancestor() -> None:
     assert (animals & ~GRAPH.allowed(["n00015388"], ["n02084071"])).sum() == dogs.sum() == 118
     with pytest.raises(KeyError):
         GRAPH.allowed(["n99999999"], [])
+
+
+def test_a_class_is_answered_before_the_parents_that_hold_only_it() -> None:
+    p = np.full(1000, 0.0001, np.float32)
+    p[LABELS.class_ids.index("n02356798")] = 0.9  # fox squirrel: tree squirrel and squirrel hold only it
+    p /= p.sum()
+    assert GRAPH.hedge(p, 0.5).node.class_id == "n02356798"

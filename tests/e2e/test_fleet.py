@@ -13,6 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
+from common import hierarchy
 from deploy.local.running import wait_until
 from tests.e2e.running import JPEG, E2EFleet, assert_json_error, post
 from tests.helpers import encode, metric_value, photo
@@ -312,3 +313,31 @@ def test_every_process_writes_one_json_line_per_request(fleet: E2EFleet) -> None
     # The gateway never imports TensorFlow: everything it writes, Gunicorn's own lines included, is JSON.
     for text in (folder / "gateway.log").read_text().splitlines():
         assert isinstance(json.loads(text), dict), text
+
+
+def test_answers_carry_parents_and_a_hedged_node_whose_probabilities_are_the_services(
+    fleet: E2EFleet,
+) -> None:
+    """Real services, through Nginx: a node's probability is the sum of its classes' in the
+    distribution the service computed, for every node on the path, single model and ensemble."""
+    graph = hierarchy.imagenet()
+
+    def node_sum(synset: str, p: np.ndarray) -> float:
+        return float(p.astype(np.float64)[graph.under[graph.position[synset]]].sum())
+
+    single = probabilities(fleet, "resnet50", CAT)
+    merged = np.mean([probabilities(fleet, m, CAT).astype(np.float64) for m in IMAGENET_MODELS], axis=0)
+    for query, p in (("model=resnet50", single), ("model=ensemble", merged)):
+        response = post(fleet, f"{query}&parents=true&confidence=0.3&top_k=3", data=CAT, headers=JPEG)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        hedged = body["hedged"]
+        assert hedged["score"] >= 0.3 and hedged["score"] == pytest.approx(
+            node_sum(hedged["class_id"], p), abs=1e-6
+        )
+        assert hedged == graph.hedge(p, 0.3).to_json() | {"score": hedged["score"]}
+        for prediction in body["predictions"]:
+            assert prediction["parents"][-1]["class_id"] == "n00001740"
+            for node in prediction["parents"]:
+                assert node["score"] == pytest.approx(node_sum(node["class_id"], p), abs=1e-6), node
+        assert body["weights"] in ("random", {m: "random" for m in IMAGENET_MODELS})
