@@ -25,6 +25,7 @@ from common.models import ModelSpec
 from serving.backends import make_runtime
 from serving.batching import Batcher
 from serving.custom import FineTuned, StaleCustomModel
+from serving.explain import Explain
 from serving.loaded import LoadedModel
 from serving.manager import ModelManager
 from serving.predict import Predict
@@ -47,6 +48,7 @@ def create_app(
     settings = settings or ServiceSettings.from_env(spec.name)
     models = _manager(spec, settings, runtime)
     predict = Predict(spec, settings, models)
+    explain = Explain(predict)
 
     app = Flask(spec.name)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -66,7 +68,7 @@ def create_app(
     @app.before_request
     def _drain() -> None:
         """Stopping: predictions and readiness say not ready, so gateways go elsewhere."""
-        if request.endpoint in ("predict", "ready", "v2_ready") and draining.draining():
+        if request.endpoint in ("predict", "explain", "ready", "v2_ready") and draining.draining():
             raise ModelNotReady(f"{spec.name} is stopping (draining); ask another replica")
 
     def reload() -> Response:
@@ -96,6 +98,7 @@ def create_app(
         ("/v1/admin/reload", "admin_reload", reload, ["POST"]),
         ("/v1/labels", "labels", labels, ["GET"]),
         ("/v1/predict", "predict", lambda: web.json_ok(predict()), ["POST"]),
+        ("/v1/explain", "explain", lambda: web.json_ok(explain()), ["POST"]),
     ):
         app.add_url_rule(rule, endpoint, view, methods=methods)
 

@@ -136,7 +136,7 @@ class Predict:
                 results[i]["probabilities"] = encode_vector(row)
             if with_features and computed.outputs.features is not None:
                 results[i]["features"] = encode_vector(computed.outputs.features[n])
-        body = self._served_by(found)
+        body = self.served_by(found)
         if batch:
             body["results"] = results
         else:
@@ -205,7 +205,7 @@ class Predict:
             probabilities = found.head.apply(outputs.features)
         return found, Computed(outputs, probabilities, waiting.queue_ms)
 
-    def _served_by(self, found: Route) -> dict[str, Any]:
+    def served_by(self, found: Route) -> dict[str, Any]:
         """What answered: the model, its weights, backend, precision and version."""
         info, custom, head = found.info, found.custom, found.head
         body: dict[str, Any] = {

@@ -34,7 +34,23 @@ class ServiceSettings:
 
     weights: str = setting("auto", "imagenet | random | auto | path to a .keras or weights file")
     weights_seed: int = setting(0, "seed used when the weights are random")
-    weights_download: bool = setting(True, "with WEIGHTS=imagenet, let Keras download a missing file")
+    explain_grid: int = setting(
+        7, "cells per side of an explanation's occlusion grid when the request names none"
+    )
+    explain_max_passes: int = setting(
+        101, "most forward passes one explanation may cost (grid² + 1: a 10 x 10 grid at most by default)"
+    )
+    weights_download: bool = setting(
+        True, "with WEIGHTS=imagenet or auto, let Keras download a missing ImageNet file (hash-checked)"
+    )
+    weights_base_url: str = setting(
+        "", "where that download comes from: a mirror holding Keras' paths (empty: Keras' own address)"
+    )
+    weights_download_timeout_s: float = setting(
+        3.0,
+        "the download's connect time-out (name lookup included) and read time-out; offline, WEIGHTS=auto "
+        "falls back to random weights after about this long",
+    )
     keras_home: str = setting("", "Keras cache root (weights in $KERAS_HOME/models); default ~/.keras")
     max_body_bytes: int = setting(16 * 1024 * 1024, "largest request body the service reads (413 above)")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image (413 above)")
@@ -142,6 +158,8 @@ class ServiceSettings:
             seed=self.weights_seed,
             keras_home=self.keras_home,
             allow_download=self.weights_download,
+            base_url=self.weights_base_url,
+            timeout_s=self.weights_download_timeout_s,
         )
 
     def __post_init__(self) -> None:
