@@ -134,17 +134,57 @@ class Client:
         top_k: int = 5,
         vote: str | None = None,
         deadline_ms: int | None = None,
+        parents: bool = False,
+        confidence: float | None = None,
+        min_score: float | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """Classify one image (bytes or a path) with a model or ``ensemble``."""
+        """Classify one image (bytes or a path) with a model or ``ensemble``. ``parents``: each
+        label's ancestors and categories; ``confidence``: the hedged answer (``hedged``);
+        ``include`` / ``exclude``: class ids, ancestor ids, class names or categories."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        params: dict[str, str | int] = {"model": model, "top_k": top_k}
+        params: dict[str, str | int | float] = {"model": model, "top_k": top_k}
         if vote:
             params["vote"] = vote
+        if parents:
+            params["parents"] = "true"
+        for key, value in (("confidence", confidence), ("min_score", min_score)):
+            if value is not None:
+                params[key] = value
+        for key, names in (("include", include), ("exclude", exclude)):
+            if names:
+                params[key] = ",".join(names)
         headers = {"Content-Type": "application/octet-stream"}
         if deadline_ms:
             headers["X-Deadline-Ms"] = str(deadline_ms)
         response = self.session.post(
             f"{self.url}/v1/predict", params=params, data=data, headers=headers, timeout=self.timeout_s
+        )
+        return self._json(response)
+
+    def explain(
+        self,
+        image: bytes | str | Path,
+        *,
+        model: str = "resnet50",
+        grid: int | None = None,
+        class_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Where in the photo the score of ``class_id`` (default: the top class) comes from: the
+        grid of score drops, the forward passes it cost and ``overlay_png`` (base64)."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        params: dict[str, str | int] = {"model": model}
+        if grid:
+            params["grid"] = grid
+        if class_id:
+            params["class_id"] = class_id
+        response = self.session.post(
+            f"{self.url}/v1/explain",
+            params=params,
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=self.timeout_s,
         )
         return self._json(response)
 

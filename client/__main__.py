@@ -1,6 +1,8 @@
 """``python -m client``: classify photos with the imagerec fleet from a terminal.
 
 python -m client predict photo.jpg --model ensemble
+python -m client predict photo.jpg --parents --confidence 0.8 --include animal
+python -m client explain photo.jpg --model resnet50 --grid 7 --out heatmap.png
 python -m client classify-dir photos/ --out results.csv --model resnet50 --concurrency 8
 python -m client models
 python -m client job submit photos/ --model resnet50 --wait   # a batch job (see client/job_commands.py)
@@ -12,6 +14,7 @@ python -m client keys create alice --scope jobs                # API keys (admin
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import json
 import os
@@ -27,7 +30,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 def _predict(client: Client, args: argparse.Namespace) -> int:
     try:
-        body = client.predict(args.image, model=args.model, top_k=args.top_k, vote=args.vote)
+        body = client.predict(
+            args.image,
+            model=args.model,
+            top_k=args.top_k,
+            vote=args.vote,
+            parents=args.parents,
+            confidence=args.confidence,
+            include=[e for e in (args.include or "").split(",") if e],
+            exclude=[e for e in (args.exclude or "").split(",") if e],
+        )
     except ImagerecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -37,8 +49,31 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
     weights = body.get("weights")
     note = "  (RANDOM weights: labels are meaningless)" if "random" in json.dumps(weights) else ""
     print(f"{args.image}  model={body['model']}{note}")
+    if "hedged" in body:
+        hedged = body["hedged"]
+        print(f"  at least {hedged['confidence']:.0%} sure: {hedged['name']} ({hedged['score']:.2%})")
     for prediction in body["predictions"]:
         print(f"  {prediction['score']:7.2%}  {prediction['label']}")
+        if "parents" in prediction:
+            print("           " + " > ".join(parent["name"] for parent in prediction["parents"]))
+    return 0
+
+
+def _explain(client: Client, args: argparse.Namespace) -> int:
+    try:
+        body = client.explain(args.image, model=args.model, grid=args.grid, class_id=args.class_id)
+    except ImagerecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    Path(args.out).write_bytes(base64.b64decode(body["overlay_png"]))
+    chosen = body["class"]
+    print(f"{args.image}  model={body['model']}  class={chosen['label']} ({chosen['score']:.2%})")
+    print(f"  {body['passes']} forward passes; score drop per cell (hiding it):")
+    for row in body["drops"]:
+        print("  " + " ".join(f"{value:+.3f}" for value in row))
+    if "note" in body:
+        print(f"  note: {body['note']}")
+    print(f"  overlay -> {args.out}")
     return 0
 
 
@@ -92,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--vote", choices=("soft", "hard", "weighted"))
     predict.add_argument("--json", action="store_true", help="print the whole answer")
+    predict.add_argument("--parents", action="store_true", help="each label's ancestors (ImageNet)")
+    predict.add_argument("--confidence", type=float, help="add the most specific answer this sure")
+    predict.add_argument("--include", help="only classes under these (ids, names, categories: animal,...)")
+    predict.add_argument("--exclude", help="no classes under these")
+
+    explain = commands.add_parser("explain", help="where in a photo a class's score comes from")
+    explain.add_argument("image")
+    explain.add_argument("--model", default="resnet50")
+    explain.add_argument("--grid", type=int, help="cells per side (the service's default: 7)")
+    explain.add_argument("--class-id", help="the class to explain (default: the top one)")
+    explain.add_argument("--out", default="explanation.png", help="where the PNG overlay goes")
 
     folder = commands.add_parser("classify-dir", help="classify every image under a folder into a CSV")
     folder.add_argument("folder")
@@ -108,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.url, timeout_s=args.timeout, retries=args.retries, api_key=args.key or find_key())
     if args.command == "predict":
         return _predict(client, args)
+    if args.command == "explain":
+        return _explain(client, args)
     if args.command == "classify-dir":
         return _classify_dir(client, args)
     if args.command == "job":

@@ -139,3 +139,41 @@ def parse(model: str, response: requests.Response, count: int) -> MemberReply:
         return MemberReply.from_json(body)
     except (KeyError, TypeError, ValueError):
         raise BadUpstreamResponse(f"{model} answered with an unreadable vector or field") from None
+
+
+def explanation(model: str, response: requests.Response) -> dict[str, Any]:
+    """A member's explanation (``POST /v1/explain``): its 4xx verdict raised as it is, else a 200
+    with a class, a square grid of finite score drops and the passes it cost; anything else is a
+    ``BadUpstreamResponse``."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise BadUpstreamResponse(f"{model} answered {response.status_code} without a JSON object")
+    if 400 <= response.status_code < 500 and isinstance(body.get("error"), dict):
+        error = body["error"]
+        raise ServiceError(
+            str(error.get("message", "rejected")),
+            status=response.status_code,
+            code=str(error.get("code", "bad_request")),
+        )
+    grid, drops, chosen = body.get("grid"), body.get("drops"), body.get("class")
+    well_formed = (
+        response.status_code == 200
+        and isinstance(grid, int)
+        and isinstance(body.get("passes"), int)
+        and isinstance(chosen, dict)
+        and isinstance(chosen.get("index"), int)
+        and isinstance(drops, list)
+        and len(drops) == grid
+        and all(
+            isinstance(row, list)
+            and len(row) == grid
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in row)
+            for row in drops
+        )
+    )
+    if not well_formed:
+        raise BadUpstreamResponse(f"{model} answered {response.status_code} with a malformed explanation")
+    return body

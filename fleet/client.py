@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import requests
 
@@ -127,6 +128,16 @@ class ModelClient:
         ]
         return chunks.merge(model, len(images), plan, replies, limit)
 
+    def explain(
+        self, model: str, image: bytes, params: dict[str, str], *, request_id: str = "", deadline: float
+    ) -> dict[str, Any]:
+        """The member's occlusion explanation of one image (``serving.explain``; ``params``:
+        ``grid``, ``class_id`` or ``index``), with the failover and breakers of a prediction."""
+        if self.registry.is_custom(model):
+            params = {**params, "model": model}
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+        return self._call(model, [image], params, headers, deadline, exchange=self.transport.explain)
+
     def _call(
         self,
         model: str,
@@ -134,8 +145,11 @@ class ModelClient:
         params: dict[str, str],
         headers: dict[str, str],
         deadline: float,
-    ) -> MemberReply:
-        """One member call, over as many replicas as failover allows."""
+        exchange: Callable[..., Any] | None = None,
+    ) -> Any:
+        """One member call, over as many replicas as failover allows (``exchange``: the
+        transport's call, ``Transport.predict`` unless named)."""
+        exchange = exchange or self.transport.predict
         failover = Failover(
             self.registry, model, connect_retries=self.connect_retries, backoff_s=self.retry_backoff_s
         )
@@ -148,7 +162,7 @@ class ModelClient:
                 continue
             started = time.perf_counter()
             try:
-                reply = self.transport.predict(
+                reply = exchange(
                     replica, model, images, params, headers, deadline, fresh=failover.retrying_lost_reply
                 )
             except BaseException as exc:

@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlencode
 
 import requests
@@ -144,6 +145,36 @@ class Transport:
         ``fresh``: on a new connection, not a pooled one. The retry of a lost reply goes out so: a
         replica shutting down closes its idle keep-alive connections, and a request written onto one
         of those is lost, where a new connection is refused unsent and the next replica asked."""
+        response = self._exchange(replica, model, "/v1/predict", images, params, headers, deadline, fresh)
+        self._verdict(model, replica, response)
+        return replies.parse(model, response, len(images))
+
+    def explain(
+        self,
+        replica: Replica,
+        model: str,
+        images: list[bytes],
+        params: dict[str, str],
+        headers: dict[str, str],
+        deadline: float,
+        fresh: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /v1/explain`` of one image: the member's checked explanation (``replies.explanation``)."""
+        response = self._exchange(replica, model, "/v1/explain", images, params, headers, deadline, fresh)
+        self._verdict(model, replica, response)
+        return replies.explanation(model, response)
+
+    def _exchange(
+        self,
+        replica: Replica,
+        model: str,
+        path: str,
+        images: list[bytes],
+        params: dict[str, str],
+        headers: dict[str, str],
+        deadline: float,
+        fresh: bool,
+    ) -> requests.Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"the request's deadline passed before {model} answered")
@@ -153,7 +184,7 @@ class Transport:
             headers[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
             # from now: time the call then waits for one of the member's threads counts against it
             headers[REQUEST_START_HEADER] = f"t={time.time():.3f}"
-        request = prepared(f"{replica.url}/v1/predict", params, images, headers)
+        request = prepared(f"{replica.url}{path}", params, images, headers)
         try:
             # NOTE: straight to the session's adapter (its connection pool), not session.post: the
             # session's cookies, hooks, redirects and settings merging cost ~0.1 ms a call, of no
@@ -174,10 +205,11 @@ class Transport:
             ) from exc
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
             raise ReplyLost(f"replica answered with a broken response ({type(exc).__name__})") from exc
-        return self._read(model, replica, response, len(images))
+        return response
 
     @staticmethod
-    def _read(model: str, replica: Replica, response: requests.Response, count: int) -> MemberReply:
+    def _verdict(model: str, replica: Replica, response: requests.Response) -> None:
+        """Raise what a 503 or a deadline 504 says; other answers are read by the caller."""
         if response.status_code == 503:
             if replies.error_code(response) == Overloaded.code:
                 raise Overloaded(
@@ -186,4 +218,3 @@ class Transport:
             raise NotReady(f"{model} replica {replica.url} is not ready")
         if response.status_code == 504 and replies.error_code(response) in MEMBER_DEADLINE_CODES:
             raise DeadlineExceeded(f"{model} could not answer within the request's deadline")
-        return replies.parse(model, response, count)

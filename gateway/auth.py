@@ -38,6 +38,7 @@ from fleet.registry import Registry
 # tests/gateway/test_tenancy.py fails on a route named in neither.
 SCOPES = {
     "v1.predict": "predict",
+    "v1.explain": "predict",
     "v1.seed_predict": "predict",
     "v1.seed_batch_predict": "predict",
     "v2.infer": "predict",

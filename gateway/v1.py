@@ -15,6 +15,7 @@ from common import web
 from common.outcomes import Selection
 from fleet.client import ModelClient
 from fleet.refine import Refinement
+from gateway import explain as explaining
 from gateway import selection as selections
 from gateway import shaping
 from gateway.classify import Classifier
@@ -42,6 +43,12 @@ def create_blueprint(settings: GatewaySettings, client: ModelClient, classify: C
         top_k = web.query_int("top_k", settings.default_top_k, 1, settings.max_top_k)
         answer = classify(selection, top_k, refinement_from_query())
         return web.json_ok(shaping.predictions(answer.body, answer.outcomes, answer.batch))
+
+    @v1.post("/v1/explain")
+    def explain() -> Response:
+        """One photo, one model: where the score of a class comes from (``gateway.explain``)."""
+        selection = selections.from_query(request.args, settings, client.registry)
+        return explaining.explain(settings, client, classify.reader, selection)
 
     @v1.post("/predict")
     def seed_predict() -> Response:

@@ -3,6 +3,7 @@ bytes on the wire matter), or ``responses`` (scripted answers to the job command
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -294,3 +295,68 @@ def test_job_commands_print_the_fleets_error_message(
     assert main(["--url", URL, *(arg.format(out=out) for arg in argv)]) == 1
     assert capsys.readouterr().err == f"error: {message}\n"
     assert list(tmp_path.iterdir()) == []  # no results file, not even a partial one
+
+
+def test_predict_asks_for_parents_a_hedged_answer_and_filters(
+    fleet_url: str, capsys: pytest.CaptureFixture
+) -> None:
+    hedged = {"class_id": "n02121620", "name": "cat", "score": 0.95, "confidence": 0.9, "classes": 13}
+    parents = [{"class_id": "n02121808", "name": "domestic cat"}, {"class_id": "n00001740", "name": "entity"}]
+    answer = {**ANSWER, "hedged": hedged, "predictions": [{**ANSWER["predictions"][0], "parents": parents}]}
+    Fleet.script = [(200, {}, answer)]
+    image = Path(__file__).parents[1] / "fixtures" / "chelsea.jpg"
+    code = main(
+        [
+            "--url",
+            fleet_url,
+            "predict",
+            str(image),
+            "--parents",
+            "--confidence",
+            "0.9",
+            "--include",
+            "animal,n02084071",
+        ]
+    )
+    assert code == 0
+    [(_, path, _)] = Fleet.seen
+    assert path == "/v1/predict?model=resnet50&top_k=5&parents=true&confidence=0.9&include=animal%2Cn02084071"
+    printed = capsys.readouterr().out
+    assert "at least 90% sure: cat (95.00%)" in printed and "domestic cat > entity" in printed
+
+
+def test_explain_writes_the_overlay_and_prints_the_grid(
+    fleet_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    png = b"\x89PNG\r\n\x1a\n-stand-in"
+    answer = {
+        "model": "resnet50",
+        "class": {"label": "tabby", "class_id": "n02123045", "index": 281, "score": 0.5},
+        "grid": 2,
+        "drops": [[0.25, 0.0], [-0.125, 0.5]],
+        "passes": 5,
+        "overlay_png": base64.b64encode(png).decode(),
+        "note": "random weights: ...",
+    }
+    Fleet.script = [(200, {}, answer)]
+    out = tmp_path / "heat.png"
+    code = main(
+        [
+            "--url",
+            fleet_url,
+            "explain",
+            str(Path(__file__).parents[1] / "fixtures" / "chelsea.jpg"),
+            "--grid",
+            "2",
+            "--class-id",
+            "n02123045",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and out.read_bytes() == png
+    [(_, path, _)] = Fleet.seen
+    assert path == "/v1/explain?model=resnet50&grid=2&class_id=n02123045"
+    printed = capsys.readouterr().out
+    assert "5 forward passes" in printed and "+0.250 +0.000" in printed and "-0.125 +0.500" in printed
+    assert "note: random weights" in printed

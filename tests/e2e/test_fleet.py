@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -341,3 +342,27 @@ def test_answers_carry_parents_and_a_hedged_node_whose_probabilities_are_the_ser
             for node in prediction["parents"]:
                 assert node["score"] == pytest.approx(node_sum(node["class_id"], p), abs=1e-6), node
         assert body["weights"] in ("random", {m: "random" for m in IMAGENET_MODELS})
+
+
+def test_an_explanation_through_the_edge_costs_exactly_its_stated_passes(fleet: E2EFleet) -> None:
+    """Real Nginx, gateway and ResNet50 service: the grid and the overlay come back, and the
+    service computed exactly the forward passes the answer states (the fleet is idle otherwise)."""
+    url = f"{fleet.service_url('resnet50')}/metrics"
+
+    def computed() -> float:
+        return metric_value(
+            requests.get(url, timeout=10).text, "imagerec_inference_images_total", model="resnet50"
+        )
+
+    before = computed()
+    response = requests.post(
+        f"{fleet.url}/v1/explain?model=resnet50&grid=4", data=CAT, headers=JPEG, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["passes"] == 17 and np.array(body["drops"]).shape == (4, 4)
+    assert computed() - before == 17
+    assert body["weights"] == "random" and "untrained" in body["note"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.size == (448, 448)
+    assert body["class"]["index"] == int(probabilities(fleet, "resnet50", CAT).argmax())

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 # Excluded everywhere: the generic 5xx check (replaced by no_internal_error) and "schema-valid data
 # must be accepted" - a schema cannot say "a decodable image", so random bytes get 415.
 EXCLUDED = [not_a_server_error, positive_data_acceptance]
-OPERATIONS = 30
+OPERATIONS = 31
 
 
 @schemathesis.check

@@ -584,3 +584,50 @@ def test_member_call_metrics_name_the_base_never_a_custom_model() -> None:
     exposed = prometheus_client.generate_latest().decode()
     assert 'imagerec_gateway_member_failures_total{model="resnet50",reason="unreachable"}' in exposed
     assert "alices-secret-pets" not in exposed
+
+
+def explanation(grid: int = 2, **overrides: object) -> dict:
+    return {
+        "model": "resnet50",
+        "class": {"label": "x", "class_id": "n0", "index": 3, "score": 0.5},
+        "grid": grid,
+        "drops": [[0.1] * grid for _ in range(grid)],
+        "passes": grid * grid + 1,
+        **overrides,
+    }
+
+
+@responses.activate
+def test_the_client_sends_the_photo_and_parameters_and_checks_the_answer(model_client: ModelClient) -> None:
+    call = responses.post(f"{R1}/v1/explain", json=explanation())
+    found = model_client.explain("resnet50", b"img", {"grid": "2"}, request_id="rid-9", deadline=float("inf"))
+    assert found["grid"] == 2
+    sent = call.calls[0].request
+    assert sent.body == b"img" and "grid=2" in sent.url and sent.headers["X-Request-ID"] == "rid-9"
+    for bad in (
+        explanation(drops=[[0.1, float("nan")], [0.1, 0.1]]),
+        explanation(drops=[[0.1]]),
+        explanation(passes="5"),
+        {"error": "nope"},
+    ):
+        responses.replace(responses.POST, f"{R1}/v1/explain", json=bad)
+        with pytest.raises(BadUpstreamResponse):
+            model_client.explain("resnet50", b"img", {}, deadline=float("inf"))
+    responses.replace(
+        responses.POST,
+        f"{R1}/v1/explain",
+        status=400,
+        json={"error": {"code": "unknown_class", "message": "no"}},
+    )
+    with pytest.raises(ServiceError) as refused:
+        model_client.explain("resnet50", b"img", {"class_id": "n9"}, deadline=float("inf"))
+    assert refused.value.code == "unknown_class" and refused.value.status == 400
+
+
+@responses.activate
+def test_the_explanation_fails_over_like_a_prediction(model_client: ModelClient) -> None:
+    responses.post(f"{R1}/v1/explain", body=requests.ConnectionError("refused"))
+    responses.post("http://r2:8502/v1/explain", json=explanation(3))
+    for replica in model_client.registry.replicas("resnet50"):
+        replica.ready = True
+    assert model_client.explain("resnet50", b"img", {}, deadline=float("inf"))["grid"] == 3

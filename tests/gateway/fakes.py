@@ -47,6 +47,7 @@ class FakeModelClient:
         self.calls: list[tuple[str, int, bool]] = []
         self.deadlines: list[float] = []
         self.priorities: list[str] = []
+        self.explained: list[dict[str, str]] = []
 
     def predict(
         self,
@@ -85,6 +86,30 @@ class FakeModelClient:
                 "timing_ms": {"decode": 1.0, "preprocess": 0.5, "inference": 10.0, "total": 12.0},
             }
         )
+
+    def explain(
+        self, model: str, image: bytes, params: dict[str, str], *, request_id: str = "", deadline: float
+    ) -> dict[str, Any]:
+        """A member's explanation: the top-left cell matters most, the rest by the image's bytes."""
+        self.calls.append((f"explain:{model}", 1, False))
+        self.explained.append(dict(params))
+        if model in self.failures:
+            raise self.failures[model]
+        grid = int(params.get("grid", 7))
+        drops = fake_vector(model, image)[: grid * grid].reshape(grid, grid) * 0.01
+        drops[0, 0] = 0.5
+        return {
+            "model": model,
+            "weights": "random",
+            "weights_hash": f"hash-{model}",
+            "backend": "fake",
+            "precision": "fp32",
+            "class": {"label": "tabby", "class_id": "n02123045", "index": 281, "score": 0.6},
+            "grid": grid,
+            "drops": drops.round(6).tolist(),
+            "passes": grid * grid + 1,
+            "timing_ms": {"total": 3.0},
+        }
 
     def labels(self, model: str, labels_hash: str) -> Labels:
         assert labels_hash == self.index.digest
