@@ -31,6 +31,9 @@
    default), fp32 and int8 at 1 and 8 clients with every process's CPU per image and the batch
    times at start-up and after the load, perf_analyzer over v2 HTTP and gRPC, and the peers at
    1 and 8 clients (bench/speed.py, bench/results/speed.md).
+16. explanations (issue 30): one interactive client's p50 and p99 alone and while another client
+   asks for explanations back to back, and the forward passes each cost (bench/explain.py,
+   bench/results/explain.md).
 Random weights throughout (the ImageNet files cannot be had here); speed does not depend on them.
 Settings differ from ``make run`` only in WEIGHTS=random; no rate limits (the gateway's, and
 Nginx's for requests without a key) in part 4's cache run and part 9's int8 run (wrk's connections
@@ -59,6 +62,7 @@ from bench import (
     baselines,
     containers,
     custom,
+    explain,
     fairness,
     ingest,
     jobs,
@@ -335,6 +339,8 @@ def main() -> int:
     fairness.write(fairness.measure(seconds))
     log("15: speed: the fleet per precision, perf_analyzer, the peers (bench/results/speed.md)")
     speed.write(speed.measure(seconds))
+    log("16: an interactive client while explanations run (bench/results/explain.md)")
+    explain.write(explain.measure(seconds))
     log("14: a soak of mixed traffic (bench/results/soak.md)")
     soak.write(soak.measure(float(os.environ.get("BENCH_SOAK_S", "1800")), 20.0))
     results["duration_s"] = round(time.time() - started)

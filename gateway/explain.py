@@ -34,12 +34,14 @@ PARAMETERS = ("grid", "class_id", "index")
 
 
 def overlay(photo: bytes, drops: list[list[float]], center_crop: float, limits: imaging.ImageLimits) -> bytes:
-    """The photo's centre crop (what the model saw), ``VIEW_SIDE`` square, with each cell's
-    positive drop in red, strongest opaque at 70 %; PNG."""
+    """The photo's centre crop (what the model saw), ``VIEW_SIDE`` square, red over the cells
+    whose drop is above the median cell's (and above 0), the largest at 70 % opacity; PNG."""
     view = Image.fromarray(imaging.load_pixels(photo, VIEW_SIDE, limits, center_crop)).convert("RGBA")
-    heat = np.clip(np.asarray(drops, np.float64), 0.0, None)
-    peak = float(heat.max())
-    strength = heat / peak if peak > 0 else heat
+    drop = np.asarray(drops, np.float64)
+    # red where a cell matters more than the typical one: from the median drop (or 0) up to the largest
+    floor = max(0.0, float(np.median(drop)))
+    span = float(drop.max()) - floor
+    strength = np.clip((drop - floor) / span, 0.0, 1.0) if span > 0 else np.zeros_like(drop)
     alpha = Image.fromarray((strength * 0.7 * 255).astype(np.uint8), "L").resize(
         (VIEW_SIDE, VIEW_SIDE), Image.Resampling.BICUBIC
     )

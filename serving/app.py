@@ -171,6 +171,7 @@ def _manager(spec: ModelSpec, settings: ServiceSettings, given: Runtime | None) 
             policy=settings.admission,
             name=name,
             background_max_wait_ms=settings.background_max_wait_ms,
+            background_idle_ms=settings.background_idle_ms,
         )
 
     def build_base(version: int | None) -> LoadedModel:

@@ -98,10 +98,14 @@ class Batcher:
         policy: AdmissionPolicy | None = None,
         name: str = "model",
         background_max_wait_ms: float = 1000.0,
+        background_idle_ms: float = 20.0,
     ) -> None:
         self._predict = predict
         self.name = name
         self.background_max_wait_s = background_max_wait_ms / 1000
+        self.background_idle_s = background_idle_ms / 1000
+        self._interactive_done = float("-inf")  # when the last interactive batch finished
+        self._aged_at = float("-inf")  # when a background call last went first by aging
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self.times = BatchTimes(max_batch)
@@ -202,15 +206,25 @@ class Batcher:
     def _take(self) -> Waiting | None:
         """The oldest interactive request waiting, else the oldest background one (blocks till one;
         None once closed and empty); a background one first when it has waited
-        ``background_max_wait_s``."""
+        ``background_max_wait_s``, and not before interactive batches have paused for
+        ``background_idle_s``."""
         with self._arrived:
             while True:
                 jobs = self._waiting[Priority.BACKGROUND]
-                if jobs and time.monotonic() - jobs[0].enqueued_at >= self.background_max_wait_s:
+                # aging: one call per period, counted from the later of its arrival and the last aged call
+                waited_since = max(jobs[0].enqueued_at, self._aged_at) if jobs else 0.0
+                if jobs and time.monotonic() - waited_since >= self.background_max_wait_s:
+                    self._aged_at = time.monotonic()
                     return jobs.popleft()
-                for priority in (Priority.INTERACTIVE, Priority.BACKGROUND):
-                    if self._waiting[priority]:
-                        return self._waiting[priority].popleft()
+                if self._waiting[Priority.INTERACTIVE]:
+                    return self._waiting[Priority.INTERACTIVE].popleft()
+                if jobs:
+                    quiet = time.monotonic() - self._interactive_done
+                    if quiet >= self.background_idle_s:
+                        return jobs.popleft()
+                    aged = self.background_max_wait_s - (time.monotonic() - waited_since)
+                    self._arrived.wait(max(0.0, min(self.background_idle_s - quiet, aged)))
+                    continue
                 if self._closed:
                     return None
                 self._arrived.wait()
@@ -304,6 +318,8 @@ class Batcher:
             self.stats.images += size
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, size)
+        if batch[0].priority is Priority.INTERACTIVE:
+            self._interactive_done = time.monotonic()
         metrics.INFERENCE_SECONDS.labels(self.name).observe(elapsed)
         metrics.BATCH_SIZE.labels(self.name).observe(size)
         metrics.INFERENCES.labels(self.name).inc(size)

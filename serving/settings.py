@@ -89,6 +89,11 @@ class ServiceSettings:
         "a job or training request (X-Priority: background) waiting this long goes before interactive "
         "ones, so a saturated model still serves them one call per period",
     )
+    background_idle_ms: float = setting(
+        20.0,
+        "a background call (jobs, training, explanations) starts only once no interactive batch has "
+        "finished for this long: a client sending its next photo straight away never waits behind one",
+    )
     max_queue_images: int = setting(
         64, "images waiting for the model (besides the batch running); beyond it, 503 + Retry-After"
     )

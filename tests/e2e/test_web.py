@@ -1,8 +1,9 @@
 """The web page in a real headless Chromium (Debian's, driven by Selenium) against the fleet:
-choose a photo, pick a model, see the labels as bars; the random-weights banner when it applies;
+choose a photo, pick a model, see the labels as bars, the hedged answer, each label's parents and
+the heatmap of an explanation; the random-weights banner when it applies;
 a batch job on a folder, watched to the end, its CSV downloaded; custom classes trained on a folder,
 their evaluation shown, the new model offered in the picker. The tests save screenshots to
-run/screenshots/ (web-page.png, web-job.png, web-training.png)."""
+run/screenshots/ (web-page.png, web-explain.png, web-job.png, web-training.png)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,47 @@ def test_upload_a_photo_and_see_its_labels(
     browser.find_element(By.ID, "go").click()
     wait.until(lambda b: "resnet50" in b.find_element(By.ID, "meta").text)
     assert banner.is_displayed() and len(bars(browser)) == 5
+
+
+def test_the_hedged_answer_the_parents_and_the_heatmap_are_shown(
+    fleet: E2EFleet, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    cat = ROOT / "tests" / "fixtures" / "chelsea.jpg"
+    expected = requests.post(
+        f"{fleet.url}/v1/predict?model=resnet50&top_k=5&parents=true&confidence=0.8",
+        files={"file": ("chelsea.jpg", cat.read_bytes())},
+        timeout=60,
+    ).json()
+    browser.get(f"{fleet.url}/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) >= 6)
+    Select(browser.find_element(By.ID, "model")).select_by_value("resnet50")
+    browser.find_element(By.ID, "file").send_keys(str(cat))
+    wait.until(lambda b: b.find_element(By.ID, "go").is_enabled())
+    browser.find_element(By.ID, "go").click()
+    wait.until(lambda b: bars(b))
+    hedged = browser.find_element(By.ID, "hedged").text
+    assert hedged.startswith("At least 80% sure: ") and expected["hedged"]["name"] in hedged
+    chains = [element.text for element in browser.find_elements(By.CSS_SELECTOR, "#bars .parents")]
+    assert chains[0] == " › ".join(parent["name"] for parent in expected["predictions"][0]["parents"])
+    assert chains[0].endswith("entity") and len(chains) == 5
+
+    browser.find_element(By.ID, "explain-go").click()
+    wait.until(lambda b: b.find_element(By.ID, "explanation").is_displayed())
+    wait.until(
+        lambda b: b.execute_script("return document.getElementById('explanation-image').naturalWidth") == 448
+    )
+    caption = browser.find_element(By.ID, "explanation-caption").text
+    assert "7 x 7 grid, 50 forward passes" in caption and expected["predictions"][0]["label"] in caption
+    assert "Random weights" in browser.find_element(By.ID, "explanation-note").text
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.execute_script("document.getElementById('hedged').scrollIntoView()")
+    assert browser.save_screenshot(str(SCREENSHOTS / "web-explain.png"))
+
+    Select(browser.find_element(By.ID, "model")).select_by_value("shapes")  # flat classes of its own
+    browser.find_element(By.ID, "go").click()
+    wait.until(lambda b: "flat classes" in b.find_element(By.ID, "hedged").text)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#bars .parents")
 
 
 def test_a_bad_url_shows_the_fleets_error(fleet: E2EFleet, browser: webdriver.Chrome) -> None:

@@ -276,6 +276,46 @@ def test_a_background_request_that_waited_long_enough_goes_first() -> None:
     assert model.values == [[0], [10], [1, 2]]
 
 
+def test_aging_gives_background_work_one_call_per_period_however_many_waited_as_long() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_batch=8, window_ms=0, background_max_wait_ms=100)
+    blocker = batcher.submit(images(1, 0))
+    assert model.started.wait(5)
+    jobs = [batcher.submit(images(1, 10 + i), priority=Priority.BACKGROUND) for i in range(2)]
+    interactive = [batcher.submit(images(1, i)) for i in (1, 2)]
+    while time.monotonic() - jobs[1].enqueued_at <= 0.1:  # both jobs have waited their period
+        time.sleep(0.01)
+    model.release.set()
+    for request in [blocker, *jobs, *interactive]:
+        request.future.result(5)
+    # the first job goes first by aging; the second, as old, does not: the interactive batch does
+    assert model.values[:3] == [[0], [10], [1, 2]]
+
+
+def test_a_background_call_waits_until_interactive_batches_pause() -> None:
+    """A client that sends its next photo as soon as it has the last answer never finds a
+    background call started in between; background work runs once interactive batches pause."""
+    model = GatedModel()
+    model.release.set()  # answers at once
+    batcher = Batcher(model, max_batch=8, window_ms=0, background_idle_ms=200)
+    batcher.submit(images(1, 1)).future.result(5)
+    job = batcher.submit(images(1, 10), priority=Priority.BACKGROUND)
+    follow_up = batcher.submit(images(1, 2))  # well within the 200 ms since the last batch
+    follow_up.future.result(5)
+    job.future.result(5)
+    assert model.values == [[1], [2], [10]]
+    assert job.started_at - follow_up.started_at >= 0.19
+
+
+def test_background_work_starts_at_once_when_no_interactive_client_is_about() -> None:
+    model = GatedModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch=8, window_ms=0, background_idle_ms=5000)
+    job = batcher.submit(images(1, 10), priority=Priority.BACKGROUND)
+    job.future.result(5)
+    assert job.started_at - job.enqueued_at < 1.0  # never waited its 5 s: nothing interactive ran
+
+
 def test_a_closed_batcher_answers_what_it_queued_then_stops_and_refuses_more() -> None:
     model = GatedModel()
     batcher = Batcher(model, max_batch=2, window_ms=0)
