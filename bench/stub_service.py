@@ -7,7 +7,7 @@ import numpy as np
 from flask import Flask, Response, request
 
 from common import labels, web
-from common.wire import encode_vector
+from common.wire import IMAGE_LENGTHS_HEADER, encode_vector
 
 INDEX = labels.load()
 VECTOR = np.full(len(INDEX), 1 / len(INDEX), np.float32)
@@ -45,7 +45,8 @@ def create_app(name: str = "stub") -> Flask:
     @app.post("/v1/predict")
     def predict() -> Response:
         parts = request.files.getlist("files") or request.files.getlist("file")
-        count = len(parts) or 1
+        framed = request.headers.get(IMAGE_LENGTHS_HEADER)  # the gateway's several images in one body
+        count = len(framed.split(",")) if framed else len(parts) or 1
         top = INDEX.top_k(VECTOR, 5)
         results = [
             {
@@ -63,7 +64,7 @@ def create_app(name: str = "stub") -> Flask:
             "labels_hash": INDEX.digest,
             "timing_ms": {"decode": 0, "queue": 0, "inference": 0, "total": 0},
         }
-        if request.files.getlist("files"):
+        if framed or request.files.getlist("files"):
             body["results"] = results
         else:
             body.update(results[0])

@@ -129,8 +129,8 @@ class Label:
             None if class_id is None else str(class_id),
             None if votes is None else float(votes),
             None if mean is None else float(mean),
-            None if "parents" not in raw else tuple(Node.from_json(p) for p in raw["parents"]),
-            None if "categories" not in raw else tuple(str(c) for c in raw["categories"]),
+            None if raw.get("parents") is None else tuple(Node.from_json(p) for p in raw["parents"]),
+            None if raw.get("categories") is None else tuple(str(c) for c in raw["categories"]),
         )
 
 

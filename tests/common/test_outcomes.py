@@ -72,3 +72,18 @@ def test_a_prediction_says_what_failed_and_its_first_error() -> None:
     )
     assert prediction.degraded and prediction.first_error() is failed.error
     assert Selection.from_json(selection.to_json()) == selection
+
+
+def test_a_label_with_null_parents_reads_as_one_without() -> None:
+    """A member that serialises the dataclass as it is (Flask's JSON provider does) sends nulls."""
+    raw = {
+        "label": "tabby",
+        "index": 281,
+        "score": 0.5,
+        "class_id": "n02123045",
+        "parents": None,
+        "categories": None,
+    }
+    label = Label.from_json(raw)
+    assert label.parents is None and label.categories is None
+    assert "parents" not in label.to_json()

@@ -326,6 +326,9 @@ def test_answers_carry_parents_and_a_hedged_node_whose_probabilities_are_the_ser
     def node_sum(synset: str, p: np.ndarray) -> float:
         return float(p.astype(np.float64)[graph.under[graph.position[synset]]].sum())
 
+    for model in IMAGENET_MODELS:  # an earlier test may have stopped one and let it restart
+        url = f"{fleet.service_url(model)}/health/ready"
+        wait_until(lambda url=url: requests.get(url, timeout=5).ok, 120, f"{model} to be ready")
     single = probabilities(fleet, "resnet50", CAT)
     merged = np.mean([probabilities(fleet, m, CAT).astype(np.float64) for m in IMAGENET_MODELS], axis=0)
     for query, p in (("model=resnet50", single), ("model=ensemble", merged)):
