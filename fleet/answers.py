@@ -106,13 +106,9 @@ def _valid_result(result: object) -> bool:
     return isinstance(predictions, list) and bool(predictions) and all(map(_valid_prediction, predictions))
 
 
-def parse(model: str, response: requests.Response, count: int) -> MemberReply:
-    """The member's answer for ``count`` images, with ``results`` in image order.
-
-    Raises:
-        ServiceError: the member's own 4xx verdict on the request, passed on as it is.
-        BadUpstreamResponse: anything else that is not a 200 with ``count`` well-formed results.
-    """
+def _body(model: str, response: requests.Response) -> dict[str, Any]:
+    """A member's JSON object; its own 4xx verdict on the request raised as it is, a body that is
+    not a JSON object a ``BadUpstreamResponse``."""
     try:
         body = response.json()
     except ValueError:
@@ -126,6 +122,17 @@ def parse(model: str, response: requests.Response, count: int) -> MemberReply:
             status=response.status_code,
             code=str(error.get("code", "bad_request")),
         )
+    return body
+
+
+def parse(model: str, response: requests.Response, count: int) -> MemberReply:
+    """The member's answer for ``count`` images, with ``results`` in image order.
+
+    Raises:
+        ServiceError: the member's own 4xx verdict on the request, passed on as it is.
+        BadUpstreamResponse: anything else that is not a 200 with ``count`` well-formed results.
+    """
+    body = _body(model, response)
     if count == 1 and "results" not in body and "predictions" in body:  # a raw-body answer
         body["results"] = [
             {"index": 0, **{k: body[k] for k in ("predictions", "probabilities", "features") if k in body}}
@@ -145,19 +152,7 @@ def explanation(model: str, response: requests.Response) -> dict[str, Any]:
     """A member's explanation (``POST /v1/explain``): its 4xx verdict raised as it is, else a 200
     with a class, a square grid of finite score drops and the passes it cost; anything else is a
     ``BadUpstreamResponse``."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise BadUpstreamResponse(f"{model} answered {response.status_code} without a JSON object")
-    if 400 <= response.status_code < 500 and isinstance(body.get("error"), dict):
-        error = body["error"]
-        raise ServiceError(
-            str(error.get("message", "rejected")),
-            status=response.status_code,
-            code=str(error.get("code", "bad_request")),
-        )
+    body = _body(model, response)
     grid, drops, chosen = body.get("grid"), body.get("drops"), body.get("class")
     well_formed = (
         response.status_code == 200

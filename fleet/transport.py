@@ -146,7 +146,6 @@ class Transport:
         replica shutting down closes its idle keep-alive connections, and a request written onto one
         of those is lost, where a new connection is refused unsent and the next replica asked."""
         response = self._exchange(replica, model, "/v1/predict", images, params, headers, deadline, fresh)
-        self._verdict(model, replica, response)
         return replies.parse(model, response, len(images))
 
     def explain(
@@ -161,7 +160,6 @@ class Transport:
     ) -> dict[str, Any]:
         """``POST /v1/explain`` of one image: the member's checked explanation (``replies.explanation``)."""
         response = self._exchange(replica, model, "/v1/explain", images, params, headers, deadline, fresh)
-        self._verdict(model, replica, response)
         return replies.explanation(model, response)
 
     def _exchange(
@@ -175,6 +173,7 @@ class Transport:
         deadline: float,
         fresh: bool,
     ) -> requests.Response:
+        """One request to ``path``; the answer, once a 503 or a deadline 504 has been raised."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"the request's deadline passed before {model} answered")
@@ -205,6 +204,7 @@ class Transport:
             ) from exc
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
             raise ReplyLost(f"replica answered with a broken response ({type(exc).__name__})") from exc
+        self._verdict(model, replica, response)
         return response
 
     @staticmethod

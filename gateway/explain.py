@@ -53,7 +53,11 @@ def overlay(photo: bytes, drops: list[list[float]], center_crop: float, limits: 
 
 
 def explain(
-    settings: GatewaySettings, client: ModelClient, reader: InputReader, selection: Selection
+    settings: GatewaySettings,
+    client: ModelClient,
+    reader: InputReader,
+    limits: imaging.ImageLimits,
+    selection: Selection,
 ) -> Response:
     """The explanation of the request's one photo by ``selection``'s one model."""
     if selection.vote is not None:
@@ -66,7 +70,6 @@ def explain(
     item = items[0]
     if item.error:
         raise item.error
-    limits = imaging.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     imaging.probe(item.data, limits)  # a non-image never reaches a member
     params = {name: request.args[name] for name in PARAMETERS if request.args.get(name)}
     found = client.explain(model, item.data, params, request_id=web.request_id(), deadline=deadline)

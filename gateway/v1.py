@@ -48,7 +48,7 @@ def create_blueprint(settings: GatewaySettings, client: ModelClient, classify: C
     def explain() -> Response:
         """One photo, one model: where the score of a class comes from (``gateway.explain``)."""
         selection = selections.from_query(request.args, settings, client.registry)
-        return explaining.explain(settings, client, classify.reader, selection)
+        return explaining.explain(settings, client, classify.reader, classify.predictor.limits, selection)
 
     @v1.post("/predict")
     def seed_predict() -> Response:

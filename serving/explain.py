@@ -26,7 +26,7 @@ from common import imaging, web
 from common.errors import BadRequest, DeadlineExceeded, ModelNotReady
 from common.wire import Priority
 from serving.batching import BatcherClosed
-from serving.predict import Predict, request_images, route
+from serving.predict import Predict, Route, request_images, route
 
 GREY = 128
 
@@ -104,7 +104,7 @@ class Explain:
             return web.query_int("index", 0, 0, classes - 1)
         return int(np.argmax(scores))
 
-    def _run(self, found: Any, name: str, copies: np.ndarray, deadline: float) -> np.ndarray:
+    def _run(self, found: Route, name: str, copies: np.ndarray, deadline: float) -> np.ndarray:
         """Every copy's probabilities, in calls of at most the batch size at background priority."""
         batcher = found.target.batcher
         size = batcher.max_batch
@@ -125,9 +125,5 @@ class Explain:
                 raise DeadlineExceeded(
                     "the explanation did not finish before the request's deadline"
                 ) from None
-            if found.head is not None:
-                assert outputs.features is not None
-                rows.append(found.head.apply(outputs.features))
-            else:
-                rows.append(outputs.probabilities)
+            rows.append(found.probabilities(outputs))
         return np.concatenate(rows)

@@ -50,6 +50,14 @@ class Route:
     def head(self) -> Head | None:
         return self.custom if isinstance(self.custom, Head) else None
 
+    def probabilities(self, outputs: Outputs) -> np.ndarray:
+        """What the route's model says of ``outputs``: a head's classes on the features, else the
+        model's own probabilities."""
+        if self.head is None:
+            return outputs.probabilities
+        assert outputs.features is not None
+        return self.head.apply(outputs.features)
+
 
 @dataclass
 class Computed:
@@ -199,11 +207,7 @@ class Predict:
         except FutureTimeout:
             raise DeadlineExceeded("the model did not answer before the request's deadline") from None
         metrics.QUEUE_SECONDS.labels(self.spec.name).observe(waiting.queue_ms / 1000)
-        probabilities = outputs.probabilities
-        if found.head is not None:
-            assert outputs.features is not None
-            probabilities = found.head.apply(outputs.features)
-        return found, Computed(outputs, probabilities, waiting.queue_ms)
+        return found, Computed(outputs, found.probabilities(outputs), waiting.queue_ms)
 
     def served_by(self, found: Route) -> dict[str, Any]:
         """What answered: the model, its weights, backend, precision and version."""

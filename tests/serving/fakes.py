@@ -11,6 +11,10 @@ import numpy as np
 from common.errors import WeightsUnavailable
 from services import inceptionv3, resnet50, vgg16
 from serving.runtime import Outputs, RuntimeInfo
+from serving.settings import ServiceSettings
+
+SETTINGS = ServiceSettings(max_request_images=4, max_body_bytes=2_000_000, explain_max_passes=50)
+"""The service tests' settings: small limits, so refusals are cheap to reach."""
 
 KERAS_MODULES = {
     vgg16.SPEC.name: keras.applications.vgg16,

@@ -14,26 +14,11 @@ from PIL import Image, ImageDraw
 
 from common import imaging
 from common.models import ModelSpec
-from services import resnet50
 from serving import preprocessing
 from serving.app import ServiceSettings, create_app
 from serving.explain import GREY, occluded
 from tests.helpers import assert_error, encode, photo
 from tests.serving.fakes import EchoRuntime
-
-SETTINGS = ServiceSettings(max_request_images=4, max_body_bytes=2_000_000, explain_max_passes=50)
-
-
-@pytest.fixture
-def runtime() -> EchoRuntime:
-    return EchoRuntime()
-
-
-@pytest.fixture
-def service(runtime: EchoRuntime) -> FlaskClient:
-    app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
-    runtime.batches.clear()  # the warm-up's timing calls
-    return app.test_client()
 
 
 def test_each_copy_greys_a_square_twice_a_cell_centred_on_its_cell_row_by_row() -> None:
@@ -89,7 +74,7 @@ def test_bad_explanations_are_400s_before_any_pass(
     response = service.post(f"/v1/explain?{query}", data=photo(), content_type="image/jpeg")
     assert_error(response, 400, code)
     if query.startswith("grid"):
-        assert runtime.batches == []  # 8 x 8 + 1 = 65 passes: over EXPLAIN_MAX_PASSES=50
+        assert runtime.batches == []  # 8 x 8 + 1 = 65 passes: over the tests' 50
 
 
 def test_an_explanation_is_of_one_image(service: FlaskClient, runtime: EchoRuntime) -> None:

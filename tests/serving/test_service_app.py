@@ -24,26 +24,11 @@ from serving.app import ServiceSettings, create_app
 from serving.loaded import WARM_TIMINGS
 from serving.runtime import RuntimeInfo
 from tests.helpers import assert_error, encode, photo
-from tests.serving.fakes import EchoRuntime
+from tests.serving.fakes import SETTINGS, EchoRuntime
 
 
 def upload(data: bytes, name: str) -> tuple[io.BytesIO, str]:
     return io.BytesIO(data), name
-
-
-SETTINGS = ServiceSettings(max_request_images=4, max_body_bytes=2_000_000)
-
-
-@pytest.fixture
-def runtime() -> EchoRuntime:
-    return EchoRuntime()
-
-
-@pytest.fixture
-def service(runtime: EchoRuntime) -> FlaskClient:
-    app = create_app(resnet50.SPEC, SETTINGS, runtime, background_load=False)
-    runtime.batches.clear()  # the warm-up's timing calls
-    return app.test_client()
 
 
 def test_not_ready_until_loaded_then_ready() -> None:

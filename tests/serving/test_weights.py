@@ -19,6 +19,7 @@ from common.models import KERAS_WEIGHTS_BASE, ModelSpec
 from services import inceptionv3, resnet50, vgg16
 from serving import weights
 from serving.weights import WeightsPlan, resolve
+from tests.http_fixtures import silent_host
 
 
 def cache_with(tmp_path: Path, *specs: ModelSpec) -> str:
@@ -213,27 +214,23 @@ def test_a_file_that_fails_its_hash_is_never_kept_and_auto_serves_random(
 
 
 def test_offline_auto_gives_up_within_its_time_out_on_a_host_that_never_answers(tmp_path: Path) -> None:
-    """A listening socket that never accepts or answers: the connect may complete in the kernel,
-    the reply never comes."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(1)
+    """A host that accepts connections and never answers, and a port that refuses them."""
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
     try:
-        for port in (silent.getsockname()[1], refused.getsockname()[1]):
-            started = time.monotonic()
-            plan = resolve(
-                TINY,
-                "auto",
-                keras_home=str(tmp_path),
-                allow_download=True,
-                base_url=f"http://127.0.0.1:{port}/",
-                timeout_s=0.5,
-            )
-            assert plan.kind == "random"
-            assert time.monotonic() - started < 5  # the setting bounds it; nothing waits on the network
+        with silent_host() as (silent, _):
+            for base_url in (f"{silent}/", f"http://127.0.0.1:{refused.getsockname()[1]}/"):
+                started = time.monotonic()
+                plan = resolve(
+                    TINY,
+                    "auto",
+                    keras_home=str(tmp_path),
+                    allow_download=True,
+                    base_url=base_url,
+                    timeout_s=0.5,
+                )
+                assert plan.kind == "random"
+                assert time.monotonic() - started < 5  # the setting bounds it; nothing waits on the network
     finally:
-        silent.close()
         refused.close()
     assert not any((tmp_path / "models").glob("*"))
