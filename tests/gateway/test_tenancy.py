@@ -291,6 +291,16 @@ def test_a_custom_model_name_belongs_to_its_owner(keyed_gateway: Any, trainer_re
         assert client.get(route, headers=alice).status_code == 200, route
     refused = client.post("/v1/predict?model=pets", data=CAT, content_type="image/jpeg", headers=bob)
     assert code(refused) == (404, "unknown_model") and "pets" in refused.json["error"]["message"]
+    # nor explain with it, nor ask for its parents or a hedged answer; its owner may
+    calls = len(fake.explained)
+    for route in ("/v1/explain?model=pets", "/v1/predict?model=pets&parents=true&confidence=0.5"):
+        hidden = client.post(route, data=CAT, content_type="image/jpeg", headers=bob)
+        assert code(hidden) == (404, "unknown_model"), route
+    assert len(fake.explained) == calls  # refused before any member was called
+    assert (
+        client.post("/v1/explain?model=pets", data=CAT, content_type="image/jpeg", headers=alice).status_code
+        == 200
+    )
     assert client.patch("/v1/models/pets", json={"public": True}, headers=alice).json == {
         "name": "pets",
         "public": True,
